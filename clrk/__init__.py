@@ -1,0 +1,1 @@
+"""clrk: an egress gateway for AI agents, built as a mitmproxy addon."""

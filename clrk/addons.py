@@ -1,0 +1,452 @@
+"""clrk's mitmproxy addons, one job each, composed in `clrk.mitmaddon.addons`:
+
+  PolicyLoader   options, policy load and hot reload, the mitmproxy settings clrk relies on
+  ProxyAuth      who is asking (Proxy-Authorization on CONNECT or per request)
+  EgressControl  the decision; denials answered here; the last guard before any upstream connection
+  Capture        bounded body capture on the pass-through
+  Recording      one record per transaction, handed to the recorder process
+
+The data path reads top to bottom in that order; the addons share one `Runtime` and, per request, the
+`Transaction` in `flow.metadata`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import certifi
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.net.http import url as mitm_url
+from mitmproxy.proxy import server_hooks
+
+from clrk.ca import ensure_ca
+from clrk.capture import BodyCapture
+from clrk.decision import AuthResult, Decision, RequestFacts, decide, norm_host
+from clrk.identity import authenticate, invocation_from_baggage, trace_context
+from clrk.policy import CompiledPolicy, PolicyError, load_policy
+from clrk.policy.compiled import AgentIdentity
+from clrk.policy.loader import policy_files
+from clrk.settings import Settings
+from clrk.sink import RecordSink
+from clrk.transaction import METADATA_KEY, Transaction, build_record
+
+log = logging.getLogger("clrk")
+
+RELOAD_POLL_SECONDS = 0.25
+MITMPROXY_DEFAULT_CONFDIR = "~/.mitmproxy"
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """What a successful CONNECT established: who, and to where."""
+
+    agent: AgentIdentity
+    digest: bytes
+    host: str
+    port: int
+
+
+class Runtime:
+    """State shared by the addons: the current policy, the record sink, per-connection facts."""
+
+    def __init__(self) -> None:
+        self.policy: CompiledPolicy | None = None
+        self.sink: RecordSink | None = None
+        self.tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        # Upstream addresses a decision allowed for a client connection; nothing else may be dialled.
+        self.allowed: weakref.WeakKeyDictionary[connection.Client, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
+        self.aliased: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = weakref.WeakKeyDictionary()
+        self.unsent: list[dict] = []
+
+    def finish(self, flow: http.HTTPFlow, tx: Transaction) -> None:
+        """Builds the transaction's record and hands it to the recorder (once)."""
+        if tx.recorded or self.policy is None:
+            return
+        tx.recorded = True
+        rec = build_record(tx, flow, self.policy)
+        if self.sink is not None:
+            self.sink.submit(rec)
+        else:  # before the sink started: kept for it
+            self.unsent.append(rec)
+
+
+def deny_response(d: Decision) -> http.Response:
+    headers = {"content-type": "application/json", "cache-control": "no-store"}
+    if d.status == 407:
+        headers["proxy-authenticate"] = 'Basic realm="clrk"'
+    body = json.dumps({"error": f"clrk: {d.reason}"}).encode()
+    return http.Response.make(d.status, body, headers)
+
+
+def _listener_port(client: connection.Client) -> int | None:
+    return client.sockname[1] if client.sockname else None
+
+
+# --------------------------------------------------------------------------- PolicyLoader
+
+
+class PolicyLoader:
+    """Declares clrk's options, loads the policy, reloads it when its files change."""
+
+    name = "clrk_policy"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self._watch: asyncio.Task | None = None
+        self._signature: tuple | None = None
+        self._configured_mitmproxy = False
+
+    def load(self, loader) -> None:
+        s = Settings()
+        loader.add_option("clrk_policies", str, s.policies, "clrk: policy file or directory (env CLRK_POLICIES).")
+        loader.add_option("clrk_db", str, s.db, "clrk: DuckDB file for records (env CLRK_DB).")
+        loader.add_option(
+            "clrk_dev_otlp_fallback_endpoint",
+            str,
+            s.dev_otlp_fallback_endpoint,
+            "clrk: dev tee; every span and log record is also sent to this OTLP/HTTP base URL (empty = off).",
+        )
+        loader.add_option("clrk_certs", str, s.certs, "clrk: directory of the gateway's CA (env CLRK_CERTS).")
+
+    def configure(self, updated: set[str]) -> None:
+        if not self._configured_mitmproxy:
+            self._configured_mitmproxy = True
+            self._configure_mitmproxy()
+        if "clrk_policies" in updated:
+            try:
+                policy = load_policy(ctx.options.clrk_policies)
+            except PolicyError as e:
+                raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} is invalid:\n{e}") from None
+            self._apply(policy)
+            self._signature = None
+        if "clrk_dev_otlp_fallback_endpoint" in updated and self.rt.sink is not None:
+            self.rt.sink.send_config(export_config(self.rt.policy))
+
+    def _configure_mitmproxy(self) -> None:
+        changes: dict = {}
+        # Never touch an upstream before the decision: the default "eager" dials on CONNECT.
+        if ctx.options.connection_strategy != "lazy":
+            changes["connection_strategy"] = "lazy"
+        # mitmproxy's own flow log prints URLs with their query secrets; clrk logs redacted lines instead.
+        if ctx.options.flow_detail != 0:
+            changes["flow_detail"] = 0
+        if ctx.options.confdir == MITMPROXY_DEFAULT_CONFDIR:
+            ensure_ca(ctx.options.clrk_certs)
+            changes["confdir"] = str(Path(ctx.options.clrk_certs).resolve())
+        if changes:
+            ctx.options.update(**changes)
+
+    def _apply(self, policy: CompiledPolicy) -> None:
+        self.rt.policy = policy
+        for g in policy.gateways:
+            for name in g.passthrough_listeners:
+                log.warning(
+                    "clrk: listener %s of %s asks for TLS Passthrough, which is not implemented yet; its traffic "
+                    "is terminated and judged at L7 (stricter, not looser)", name, g.name,
+                )
+        self._apply_upstream_trust(policy)
+        if self.rt.sink is not None:
+            self.rt.sink.send_config(export_config(policy))
+
+    def _apply_upstream_trust(self, policy: CompiledPolicy) -> None:
+        """caBundle adds to the default trust store: mitmproxy takes one file, so write the union."""
+        bundles = sorted({g.ca_bundle for g in policy.gateways if g.ca_bundle})
+        if not bundles:
+            if ctx.options.ssl_verify_upstream_trusted_ca and "clrk-upstream-trust" in ctx.options.ssl_verify_upstream_trusted_ca:
+                ctx.options.update(ssl_verify_upstream_trusted_ca=None)
+            return
+        pem = Path(certifi.where()).read_bytes()
+        for b in bundles:
+            pem += b"\n" + Path(b).read_bytes()
+        digest = hashlib.sha256(pem).hexdigest()[:16]
+        out = Path(ctx.options.clrk_db).resolve().parent / f"clrk-upstream-trust-{digest}.pem"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_bytes(pem)
+            os.replace(tmp, out)
+        if ctx.options.ssl_verify_upstream_trusted_ca != str(out):
+            ctx.options.update(ssl_verify_upstream_trusted_ca=str(out))
+
+    def running(self) -> None:
+        self._watch = asyncio.create_task(self._watch_loop())
+
+    def done(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def _current_signature(self) -> tuple:
+        files = [str(p) for p in policy_files(ctx.options.clrk_policies)]
+        extra = []
+        if self.rt.policy is not None:
+            extra = [g.ca_bundle for g in self.rt.policy.gateways if g.ca_bundle]
+        sig = []
+        for f in files + extra:
+            try:
+                st = os.stat(f)
+                sig.append((f, st.st_mtime_ns, st.st_size))
+            except OSError:
+                sig.append((f, None, None))
+        return tuple(sig)
+
+    async def _watch_loop(self) -> None:
+        """Polls the policy files; a change is loaded off the event loop and swapped in whole."""
+        while True:
+            await asyncio.sleep(RELOAD_POLL_SECONDS)
+            try:
+                sig = await asyncio.to_thread(self._current_signature)
+            except PolicyError as e:
+                sig = (str(e),)
+            except Exception:
+                log.exception("clrk: cannot read the policy files")
+                continue
+            if self._signature is None:
+                self._signature = sig
+                continue
+            if sig == self._signature:
+                continue
+            self._signature = sig
+            try:
+                policy = await asyncio.to_thread(load_policy, ctx.options.clrk_policies)
+            except PolicyError as e:
+                log.error("clrk: policy reload failed; the last good policy stays in force:\n%s", e)
+                continue
+            except Exception as e:
+                log.error("clrk: policy reload failed (%s); the last good policy stays in force", e)
+                continue
+            self._apply(policy)
+            log.info("clrk: policy reloaded from %s (%d documents)", ctx.options.clrk_policies, len(policy.documents))
+
+
+def export_config(policy: CompiledPolicy | None) -> dict:
+    gateways = {}
+    if policy is not None:
+        for g in policy.gateways:
+            gateways[g.name] = {"endpoint": g.otlp_endpoint, "headers": dict(g.otlp_headers)}
+    return {"gateways": gateways, "fallback": ctx.options.clrk_dev_otlp_fallback_endpoint or ""}
+
+
+# --------------------------------------------------------------------------- ProxyAuth
+
+
+class ProxyAuth:
+    """Authenticates agents: once per CONNECT tunnel, or per request for plain-HTTP proxying."""
+
+    name = "clrk_auth"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        policy = self.rt.policy
+        assert policy is not None
+        header = flow.request.headers.pop("proxy-authorization", None)
+        auth = authenticate(policy, header)
+        if auth.agent is not None:
+            digest = policy.agents[auth.agent.username][1]
+            self.rt.tunnels[flow.client_conn] = Tunnel(auth.agent, digest, norm_host(flow.request.host), flow.request.port)
+            return
+        # No tunnel without credentials; the refusal is a transaction of its own.
+        tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth.failure)
+        tx.gateway = policy.gateway_for_port(_listener_port(flow.client_conn))
+        tx.dst_name = norm_host(flow.request.host)
+        tx.decision = decide(policy, tx.gateway, auth, RequestFacts(tx.dst_name, flow.request.port))
+        flow.response = deny_response(tx.decision)
+        log.info("clrk: denied CONNECT %s:%s: %s", flow.request.host, flow.request.port, tx.decision.reason)
+        self.rt.finish(flow, tx)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        policy = self.rt.policy
+        assert policy is not None
+        req = flow.request
+        tx = Transaction(start=req.timestamp_start, trace=trace_context(req.headers.get("traceparent")))
+        flow.metadata[METADATA_KEY] = tx
+        tunnel = self.rt.tunnels.get(flow.client_conn)
+        if tunnel is not None:
+            req.headers.pop("proxy-authorization", None)
+            # Re-check on every request so that revoking an agent also closes its open tunnels' doors.
+            entry = policy.agents.get(tunnel.agent.username)
+            if entry is not None and entry[1] == tunnel.digest:
+                tx.agent = entry[0]
+            else:
+                tx.auth_failure = f"credentials of agent {tunnel.agent.ref} are no longer valid"
+        else:
+            auth = authenticate(policy, req.headers.pop("proxy-authorization", None))
+            tx.agent, tx.auth_failure = auth.agent, auth.failure
+
+
+# --------------------------------------------------------------------------- EgressControl
+
+
+class EgressControl:
+    """Decides each request; answers denials; lets mitmproxy dial only what a decision allowed."""
+
+    name = "clrk_egress"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or flow.response or flow.error:
+            return
+        policy = self.rt.policy
+        assert policy is not None
+        req = flow.request
+        client = flow.client_conn
+        tx.gateway = gateway = policy.gateway_for_port(_listener_port(client))
+        tunnel = self.rt.tunnels.get(client)
+        if tunnel is not None:
+            host, port, sni = tunnel.host, tunnel.port, (norm_host(client.sni) if client.sni else None)
+        else:
+            host, port, sni = norm_host(req.host), req.port, None
+        authority = authority_port = None
+        if req.host_header:
+            try:
+                a_host, a_port = mitm_url.parse_authority(req.host_header, check=False)
+            except ValueError:
+                a_host, a_port = req.host_header, None
+            authority = norm_host(a_host)
+            authority_port = a_port if a_port is not None else (443 if client.tls_established or req.scheme == "https" else 80)
+        path = req.path.split("?", 1)[0]
+        facts = RequestFacts(host, port, req.method, path, sni, authority, authority_port)
+        tx.dst_name = host
+        if gateway is not None:
+            inv = req.headers.pop(gateway.invocation_header, None)
+            tx.invocation_id = inv[:256] if inv else invocation_from_baggage(req.headers.get("baggage"))
+        d = tx.decision = decide(policy, gateway, AuthResult(tx.agent, tx.auth_failure), facts)
+        if not d.allow:
+            flow.response = deny_response(d)
+            log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, host, port, path,
+                     tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
+            return
+        if "traceparent" in req.headers:
+            req.headers["traceparent"] = tx.trace.traceparent()
+        self.rt.allowed.setdefault(client, set()).add((req.host, req.port))
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        addr = data.server.address
+        if addr is None:
+            return
+        if addr not in self.rt.allowed.get(data.client, ()):
+            # Defence in depth: whatever path led here (raw TCP in a tunnel, a protocol upgrade we did not
+            # judge), no decision allowed this destination.
+            data.server.error = f"clrk: connection to {addr[0]}:{addr[1]} is not allowed by policy"
+            log.warning("clrk: blocked an upstream connection to %s:%s that no decision allowed", *addr)
+            return
+        policy = self.rt.policy
+        gateway = policy.gateway_for_port(_listener_port(data.client)) if policy else None
+        alias = gateway.host_aliases.get(norm_host(addr[0])) if gateway else None
+        if alias is not None:
+            # Dial the alias but keep the real name for SNI and certificate checks; the address is put back
+            # once connected so that mitmproxy's connection reuse still matches on the real destination.
+            if data.server.sni is None:
+                data.server.sni = addr[0]
+            self.rt.aliased[data.server] = addr
+            data.server.address = alias
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        original = self.rt.aliased.pop(data.server, None)
+        if original is not None:
+            # mitmproxy refuses address changes on open connections (a guard against redirecting a live
+            # one); this restores the destination the connection stands for, it does not redirect it.
+            object.__setattr__(data.server, "address", original)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.server_connected(data)
+
+
+# --------------------------------------------------------------------------- Capture
+
+
+class Capture:
+    """Streams bodies through bounded captures; nothing is buffered whole (SSE reaches the agent live)."""
+
+    name = "clrk_capture"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or flow.response or flow.error or tx.gateway is None:
+            return
+        cfg = tx.gateway.capture
+        h = flow.request.headers
+        tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
+        flow.request.stream = tx.req_capture.feed
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        resp = flow.response
+        if tx is None or resp is None or flow.error or tx.gateway is None or tx.decision is None or not tx.decision.allow:
+            return
+        tx.upstream_response = True
+        cfg = tx.gateway.capture
+        tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(resp.headers.get("content-type")), resp.headers.get("content-encoding"))
+        resp.stream = tx.resp_capture.feed
+
+
+# --------------------------------------------------------------------------- Recording
+
+
+class Recording:
+    """Ends each transaction with a record; owns the connection to the recorder process."""
+
+    name = "clrk_recording"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    async def running(self) -> None:
+        sink = RecordSink(ctx.options.clrk_db)
+        self.rt.sink = sink
+        sink.send_config(export_config(self.rt.policy))
+        for rec in self.rt.unsent:
+            sink.submit(rec)
+        self.rt.unsent.clear()
+        await sink.start()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.recorded:
+            return
+        if not tx.upstream_response:
+            self._capture_local(flow, tx)
+        self.rt.finish(flow, tx)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.recorded:
+            return
+        self.rt.finish(flow, tx)
+
+    def _capture_local(self, flow: http.HTTPFlow, tx: Transaction) -> None:
+        """A response the gateway made (a denial): the bodies are in memory, capture them the same way."""
+        if tx.gateway is None:
+            return
+        cfg = tx.gateway.capture
+        req, resp = flow.request, flow.response
+        if tx.req_capture is None:
+            tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(req.headers.get("content-type")), req.headers.get("content-encoding"))
+            tx.req_capture.feed(req.raw_content or b"")
+        if resp is not None and tx.resp_capture is None:
+            tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(resp.headers.get("content-type")))
+            tx.resp_capture.feed(resp.raw_content or b"")
+
+    async def done(self) -> None:
+        if self.rt.sink is not None:
+            with contextlib.suppress(Exception):
+                await self.rt.sink.stop()

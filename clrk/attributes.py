@@ -1,0 +1,160 @@
+"""Every attribute name clrk emits, in one place: the record contract of PRODUCT.md §3.
+
+The same names are the keys of `clrk records --json`, the span attributes, the log record attributes and
+the DuckDB column names. `COLUMNS` is the whole record, in storage order, with its type; the store, the
+exporter and the CLI all derive their shape from it, so adding an attribute is one line here (plus a store
+migration).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- gen_ai.* (OpenTelemetry GenAI semantic conventions; the seed's names) ---
+GEN_AI_SYSTEM: Final = "gen_ai.system"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: Final = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
+GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tokens"
+GEN_AI_RESPONSE_STREAM: Final = "gen_ai.response.stream"
+
+# --- HTTP / URL / server (OpenTelemetry HTTP semantic conventions) ---
+HTTP_REQUEST_METHOD: Final = "http.request.method"
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+URL_FULL: Final = "url.full"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+
+# --- clrk.* ---
+CLRK_COMPONENT: Final = "clrk.component"
+CLRK_GATEWAY_NAME: Final = "clrk.gateway.name"
+CLRK_APR_NAME: Final = "clrk.aiproviderroute.name"
+CLRK_APR_NAMESPACE: Final = "clrk.aiproviderroute.namespace"
+CLRK_APR_MATCHED: Final = "clrk.aiproviderroute.matched"
+CLRK_DST_NAME: Final = "clrk.dst.name"
+CLRK_REQ_BYTES: Final = "clrk.req.bytes"
+CLRK_RESP_BYTES: Final = "clrk.resp.bytes"
+CLRK_REQ_TRUNCATED: Final = "clrk.req.truncated"
+CLRK_RESP_TRUNCATED: Final = "clrk.resp.truncated"
+CLRK_BODY_BYTES: Final = "clrk.body.bytes"
+CLRK_BODY_B64: Final = "clrk.body.b64"
+CLRK_BODY_TRUNCATED: Final = "clrk.body.truncated"
+CLRK_BODY_USAGE_VISIBLE: Final = "clrk.body.usage_visible"
+CLRK_BODY_REQUEST_REWRITTEN: Final = "clrk.body.request_rewritten"
+CLRK_DURATION_MS: Final = "clrk.duration_ms"
+CLRK_BUDGET_DENIED: Final = "clrk.budget.denied"
+CLRK_BUDGET_DAILY_USED: Final = "clrk.budget.daily_used"
+CLRK_BUDGET_DAILY_MAX: Final = "clrk.budget.daily_max"
+CLRK_L4_BYTES_UPSTREAM: Final = "clrk.l4.bytes_upstream"
+CLRK_DECISION: Final = "clrk.decision"
+CLRK_DECISION_RULE: Final = "clrk.decision.rule"
+CLRK_DECISION_REASON: Final = "clrk.decision.reason"
+
+# --- agent identity ---
+AGENT_KIND: Final = "agent.kind"
+AGENT_NAMESPACE: Final = "agent.namespace"
+AGENT_NAME: Final = "agent.name"
+AGENT_UID: Final = "agent.uid"
+AGENT_REVISION: Final = "agent.revision"
+INVOCATION_ID: Final = "invocation.id"
+
+ERROR_TYPE: Final = "error.type"
+
+# --- record-only keys (JSON lines and the log record body; never span attributes) ---
+TIME: Final = "time"
+TRACE_ID: Final = "trace_id"
+SPAN_ID: Final = "span_id"
+PARENT_SPAN_ID: Final = "parent_span_id"
+END_TIME: Final = "end_time"
+REQUEST_HEADERS: Final = "request.headers"
+RESPONSE_HEADERS: Final = "response.headers"
+REQUEST_BODY: Final = "request.body"
+RESPONSE_BODY: Final = "response.body"
+
+COMPONENT_EGRESS: Final = "egress-extproc"
+
+# Column name -> DuckDB type, in storage order. `time`/`end_time` are epoch seconds in the proxy and
+# TIMESTAMPTZ in the store; headers are JSON text.
+COLUMNS: Final[dict[str, str]] = {
+    TIME: "TIMESTAMPTZ",
+    END_TIME: "TIMESTAMPTZ",
+    TRACE_ID: "VARCHAR",
+    SPAN_ID: "VARCHAR",
+    PARENT_SPAN_ID: "VARCHAR",
+    GEN_AI_SYSTEM: "VARCHAR",
+    GEN_AI_PROVIDER_NAME: "VARCHAR",
+    GEN_AI_OPERATION_NAME: "VARCHAR",
+    GEN_AI_REQUEST_MODEL: "VARCHAR",
+    GEN_AI_RESPONSE_MODEL: "VARCHAR",
+    GEN_AI_RESPONSE_ID: "VARCHAR",
+    GEN_AI_RESPONSE_FINISH_REASONS: "VARCHAR[]",
+    GEN_AI_USAGE_INPUT_TOKENS: "BIGINT",
+    GEN_AI_USAGE_OUTPUT_TOKENS: "BIGINT",
+    GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: "BIGINT",
+    GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: "BIGINT",
+    GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: "BIGINT",
+    GEN_AI_RESPONSE_STREAM: "BOOLEAN",
+    HTTP_REQUEST_METHOD: "VARCHAR",
+    HTTP_RESPONSE_STATUS_CODE: "INTEGER",
+    URL_FULL: "VARCHAR",
+    SERVER_ADDRESS: "VARCHAR",
+    SERVER_PORT: "INTEGER",
+    CLRK_COMPONENT: "VARCHAR",
+    CLRK_GATEWAY_NAME: "VARCHAR",
+    CLRK_APR_NAME: "VARCHAR",
+    CLRK_APR_NAMESPACE: "VARCHAR",
+    CLRK_APR_MATCHED: "BOOLEAN",
+    CLRK_DST_NAME: "VARCHAR",
+    CLRK_REQ_BYTES: "BIGINT",
+    CLRK_RESP_BYTES: "BIGINT",
+    CLRK_REQ_TRUNCATED: "BOOLEAN",
+    CLRK_RESP_TRUNCATED: "BOOLEAN",
+    CLRK_BODY_BYTES: "BIGINT",
+    CLRK_BODY_B64: "BOOLEAN",
+    CLRK_BODY_TRUNCATED: "BOOLEAN",
+    CLRK_BODY_USAGE_VISIBLE: "BOOLEAN",
+    CLRK_BODY_REQUEST_REWRITTEN: "BOOLEAN",
+    CLRK_DURATION_MS: "DOUBLE",
+    CLRK_BUDGET_DENIED: "BOOLEAN",
+    CLRK_BUDGET_DAILY_USED: "BIGINT",
+    CLRK_BUDGET_DAILY_MAX: "BIGINT",
+    CLRK_L4_BYTES_UPSTREAM: "BIGINT",
+    CLRK_DECISION: "VARCHAR",
+    CLRK_DECISION_RULE: "VARCHAR",
+    CLRK_DECISION_REASON: "VARCHAR",
+    AGENT_KIND: "VARCHAR",
+    AGENT_NAMESPACE: "VARCHAR",
+    AGENT_NAME: "VARCHAR",
+    AGENT_UID: "VARCHAR",
+    AGENT_REVISION: "VARCHAR",
+    INVOCATION_ID: "VARCHAR",
+    ERROR_TYPE: "VARCHAR",
+    REQUEST_HEADERS: "JSON",
+    RESPONSE_HEADERS: "JSON",
+    REQUEST_BODY: "VARCHAR",
+    RESPONSE_BODY: "VARCHAR",
+}
+
+# Keys that describe the record itself rather than the transaction: not span/log attributes.
+NON_ATTRIBUTE_KEYS: Final = frozenset(
+    {TIME, END_TIME, TRACE_ID, SPAN_ID, PARENT_SPAN_ID, REQUEST_HEADERS, RESPONSE_HEADERS, REQUEST_BODY, RESPONSE_BODY}
+)
+ATTRIBUTE_KEYS: Final = tuple(k for k in COLUMNS if k not in NON_ATTRIBUTE_KEYS)
+
+# Headers whose values never leave the proxy in any output (PRODUCT.md §3); injected credential
+# headers are added to this per policy.
+SENSITIVE_HEADERS: Final = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "cookie", "set-cookie"}
+)
+# Query parameters redacted in url.full; injected QueryParam credentials are added per policy.
+SENSITIVE_QUERY_PARAMS: Final = frozenset(
+    {"key", "api_key", "apikey", "api-key", "access_token", "token", "client_secret", "password", "sig", "signature"}
+)
+REDACTED: Final = "[REDACTED]"

@@ -1,0 +1,181 @@
+"""Bounded body capture on the pass-through: every chunk is counted and forwarded untouched; at most
+`limit` bytes of the *decoded* body are kept.
+
+Runs inside mitmproxy's stream callables, i.e. on the event loop, once per chunk: the work is O(chunk) and
+stops as soon as nothing more is needed (capture full, nobody else listening). Content-Encoding is undone
+for the capture only, in pieces of bounded size, so a compression bomb costs at most `limit` bytes of
+memory; the agent always receives the upstream's bytes exactly.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+
+import brotli
+
+try:  # Python 3.14+
+    from compression import zstd  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the interpreter
+    from backports import zstd  # type: ignore[no-redef]
+
+PIECE = 64 * 1024  # largest decoded piece held at once
+
+
+class DecodeError(Exception):
+    pass
+
+
+class StreamDecoder:
+    """Incremental Content-Encoding decoder (gzip, deflate, br, zstd) yielding bounded pieces."""
+
+    SUPPORTED = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
+
+    def __init__(self, encoding: str):
+        self.encoding = encoding
+        self._z: zlib._Decompress | None = None
+        self._br = None
+        self._zstd = None
+        self._first = True
+        if encoding in ("gzip", "x-gzip"):
+            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "br":
+            self._br = brotli.Decompressor()
+        elif encoding == "zstd":
+            self._zstd = zstd.ZstdDecompressor()
+        elif encoding != "deflate":
+            raise DecodeError(f"unsupported content-encoding {encoding!r}")
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            if self.encoding == "deflate" and self._first and data:
+                # RFC 9110 deflate is zlib-wrapped, but servers also send raw deflate: look at the header.
+                wbits = zlib.MAX_WBITS if (data[0] & 0x0F) == 8 and (data[0] * 256 + data[1 if len(data) > 1 else 0]) % 31 == 0 else -zlib.MAX_WBITS
+                self._z = zlib.decompressobj(wbits)
+            self._first = False
+            if self._z is not None:
+                yield from self._feed_zlib(data)
+            elif self._br is not None:
+                yield from self._feed_brotli(data)
+            elif self._zstd is not None:
+                yield from self._feed_zstd(data)
+        except (zlib.error, brotli.error, zstd.ZstdError, EOFError) as e:
+            raise DecodeError(f"{self.encoding} body does not decode: {e}") from e
+
+    def _feed_zlib(self, data: bytes) -> Iterator[bytes]:
+        z = self._z
+        assert z is not None
+        while True:
+            out = z.decompress(data, PIECE)
+            if out:
+                yield out
+            data = z.unconsumed_tail
+            if z.eof and z.unused_data and self.encoding in ("gzip", "x-gzip"):
+                # Concatenated gzip members are one body (RFC 1952 §2.2).
+                data = z.unused_data
+                self._z = z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                continue
+            if len(out) < PIECE and not data:
+                return
+
+    def _feed_brotli(self, data: bytes) -> Iterator[bytes]:
+        br = self._br
+        out = br.process(data, output_buffer_limit=PIECE)
+        if out:
+            yield out
+        while not br.can_accept_more_data():
+            out = br.process(b"", output_buffer_limit=PIECE)
+            if not out:
+                return
+            yield out
+
+    def _feed_zstd(self, data: bytes) -> Iterator[bytes]:
+        d = self._zstd
+        while True:
+            out = d.decompress(data, PIECE)
+            if out:
+                yield out
+            data = b""
+            if d.eof:
+                rest = d.unused_data
+                if not rest:
+                    return
+                self._zstd = d = zstd.ZstdDecompressor()  # next frame
+                data = rest
+                continue
+            if d.needs_input:
+                return
+
+
+class BodyCapture:
+    """One direction of one transaction: counts wire bytes, keeps at most `limit` decoded bytes.
+
+    `listener`, when set, receives every decoded piece (provider parsers need the whole body, e.g. usage at
+    the end of a stream), in bounded memory; without one, decoding stops once the capture is full.
+    """
+
+    __slots__ = ("limit", "applies", "wanted", "wire_bytes", "buf", "truncated", "decoder", "listener", "error", "_active")
+
+    def __init__(
+        self,
+        limit: int,
+        wanted: bool,
+        content_encoding: str | None = None,
+        listener: Callable[[bytes], None] | None = None,
+    ):
+        self.limit = limit
+        self.applies = self.wanted = wanted and limit > 0
+        self.wire_bytes = 0
+        self.buf = bytearray()
+        self.truncated = False
+        self.listener = listener
+        self.error: str | None = None
+        self.decoder: StreamDecoder | None = None
+        enc = (content_encoding or "").strip().lower()
+        if enc and enc != "identity" and (self.wanted or listener):
+            if enc in StreamDecoder.SUPPORTED:
+                self.decoder = StreamDecoder(enc)
+            else:
+                # Stacked or unknown encodings: keep nothing rather than bytes nobody can read.
+                self.error = f"content-encoding {enc!r} not decoded for capture"
+                self.wanted = False
+                self.truncated = True
+                self.listener = None
+        self._active = self.wanted or self.listener is not None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Called with each chunk on its way through; returns it unchanged."""
+        self.wire_bytes += len(chunk)
+        if self._active and chunk:
+            if self.decoder is None:
+                self._take(chunk)
+            else:
+                try:
+                    for piece in self.decoder.feed(chunk):
+                        self._take(piece)
+                        if not self._active:
+                            break
+                except DecodeError as e:
+                    self.error = str(e)
+                    self.truncated = True
+                    self._active = False
+        return chunk
+
+    def _take(self, data: bytes) -> None:
+        if self.listener is not None:
+            self.listener(data)
+        if self.wanted:
+            room = self.limit - len(self.buf)
+            if len(data) <= room:
+                self.buf += data
+            else:
+                if room > 0:
+                    self.buf += data[:room]
+                self.truncated = True
+                self.wanted = False
+                self._active = self.listener is not None
+
+    @property
+    def captured(self) -> bytes | None:
+        """The kept body, or None when this content type is not captured."""
+        return bytes(self.buf) if self.applies else None

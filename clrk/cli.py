@@ -1,0 +1,200 @@
+"""The `clrk` command: run the gateway, read records, check policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from clrk.settings import Settings
+
+
+def _die(msg: str, code: int = 1) -> None:
+    print(f"clrk: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
+    from clrk.ca import ensure_ca
+    from clrk.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.policies)
+    except PolicyError as e:
+        _die(f"the policy in {args.policies} is invalid:\n{e}")
+    ports = [args.port] if args.port else policy.listener_ports() or [8080]
+    cert = ensure_ca(args.certs)
+    mitmdump = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or shutil.which("mitmdump")
+    if mitmdump is None:
+        _die("mitmdump is not installed in this environment (run scripts/setup)")
+    entry = Path(__file__).with_name("mitmaddon.py")
+    argv = [mitmdump, "-s", str(entry)]
+    for p in ports:
+        argv += ["--mode", f"regular@{p}"]
+    argv += [
+        "--listen-host", args.host,
+        "--set", f"clrk_policies={Path(args.policies).resolve()}",
+        "--set", f"clrk_db={Path(args.db).resolve()}",
+        "--set", f"clrk_certs={Path(args.certs).resolve()}",
+        "--set", f"confdir={Path(args.certs).resolve()}",
+    ]
+    if args.dev_otlp_fallback_endpoint:
+        argv += ["--set", f"clrk_dev_otlp_fallback_endpoint={args.dev_otlp_fallback_endpoint}"]
+    argv += extra
+    print(
+        f"clrk: gateway on {args.host or '0.0.0.0'}:{','.join(map(str, ports))}, policies {args.policies}, "
+        f"records in {args.db}\nclrk: agents trust {cert} and set "
+        f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@localhost:{ports[0]}",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.execv(mitmdump, argv)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def query_records(db: str, query: dict) -> list[dict]:
+    """Records from the running gateway's recorder, or straight from the file when none runs."""
+    from clrk import wire
+    from clrk.recorder.store import StoreError, fetch_records, open_readonly
+
+    path = wire.socket_path(db)
+    try:
+        with wire.BlockingClient(path) as c:
+            return c.request({"t": "query", "query": query})["rows"]
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    except wire.WireError as e:
+        _die(str(e))
+    try:
+        con = open_readonly(db)
+    except StoreError as e:
+        _die(str(e))
+    try:
+        return fetch_records(con, query)
+    finally:
+        con.close()
+
+
+def _fmt_row(r: dict) -> str:
+    agent = f"{r.get('agent.namespace')}/{r.get('agent.name')}" if r.get("agent.name") else "-"
+    status = str(r.get("http.response.status_code", "-"))
+    model = r.get("gen_ai.request.model") or ""
+    tokens = ""
+    if r.get("gen_ai.usage.input_tokens") is not None:
+        tokens = f"{r.get('gen_ai.usage.input_tokens')}/{r.get('gen_ai.usage.output_tokens', 0)} tok"
+    dur = f"{r.get('clrk.duration_ms', 0):.1f}ms"
+    err = f" error={r['error.type']}" if r.get("error.type") else ""
+    why = f"  ({r.get('clrk.decision.reason')})" if r.get("clrk.decision") == "deny" else ""
+    return (
+        f"{r.get('time', '')[:23]}Z  {agent:24} {r.get('clrk.decision', '-'):5} {r.get('http.request.method', ''):6} "
+        f"{r.get('server.address', '')}:{r.get('server.port', '')} {status:>4} {dur:>9} {model} {tokens}{err}{why}"
+    ).rstrip()
+
+
+def cmd_records(args: argparse.Namespace) -> None:
+    from clrk.recorder.store import parse_since
+
+    if args.since:
+        try:
+            parse_since(args.since)
+        except ValueError as e:
+            _die(str(e), 2)
+    query = {
+        "agent": args.agent,
+        "since": args.since,
+        "status": args.status,
+        "host": args.host,
+        "invocation": args.invocation,
+        "decision": args.decision,
+        "limit": args.limit,
+    }
+    rows = query_records(args.db, query)
+    out = sys.stdout
+    for r in rows:
+        out.write((json.dumps(r, separators=(",", ":"), ensure_ascii=False) if args.json else _fmt_row(r)) + "\n")
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def cmd_policy_check(args: argparse.Namespace) -> None:
+    from clrk.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.path)
+    except PolicyError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(1)
+    counts: dict[str, int] = {}
+    for sd in policy.documents:
+        counts[sd.doc.kind] = counts.get(sd.doc.kind, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    print(f"{args.path}: ok ({summary})")
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> None:
+    from clrk.policy import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    s = Settings()
+    p = argparse.ArgumentParser(prog="clrk", description="clrk: the egress gateway for AI agents")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway (mitmdump with the clrk addon); args after -- go to mitmdump")
+    run.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
+    run.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    run.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
+    run.add_argument("--port", type=int, default=None, help="listen port (default: the EgressGateway listeners)")
+    run.add_argument("--host", default="", help="listen address (default: all interfaces)")
+    run.add_argument("--dev-otlp-fallback-endpoint", default=s.dev_otlp_fallback_endpoint, help=argparse.SUPPRESS)
+
+    rec = sub.add_parser("records", help="print recorded transactions, newest first (works while the gateway runs)")
+    rec.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    rec.add_argument("--json", action="store_true", help="one JSON object per line, keys as in the record contract")
+    rec.add_argument("--limit", type=int, default=100, help="at most N records (0 = all; default %(default)s)")
+    rec.add_argument("--agent", help="agent name, or namespace/name")
+    rec.add_argument("--since", help="e.g. 15m, 1h, 2d, or an ISO time")
+    rec.add_argument("--status", type=int, help="HTTP status code")
+    rec.add_argument("--host", help="destination host (or *.suffix)")
+    rec.add_argument("--invocation", help="invocation.id")
+    rec.add_argument("--decision", choices=["allow", "deny"], help="only allowed or only denied transactions")
+
+    pol = sub.add_parser("policy", help="check a policy, or print its JSON Schema")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    chk = psub.add_parser("check", help="validate a policy file or directory (exit 1 with every problem listed)")
+    chk.add_argument("path", nargs="?", default=s.policies)
+    psub.add_parser("schema", help="print the JSON Schema of a policy document")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        cmd_run(args, extra)
+    elif args.command == "records":
+        cmd_records(args)
+    elif args.command == "policy":
+        (cmd_policy_check if args.policy_command == "check" else cmd_policy_schema)(args)
+
+
+if __name__ == "__main__":
+    main()

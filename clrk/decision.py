@@ -1,0 +1,117 @@
+"""Per-request egress decisions: a pure function of (policy, gateway, agent, request facts).
+
+The order is the contract's (PRODUCT.md §2): authenticate → destination agreement → EgressDenyPolicy →
+AIProviderRoute → EgressRoute → defaultPolicy. Every `Decision` carries the rule that made it and a reason
+a human can act on; both are recorded and the reason is what a denied agent reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
+
+RULE_AUTH = "authentication"
+RULE_DESTINATION = "destination-check"
+RULE_NO_GATEWAY = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the gateway knows about where a request is going, all hostnames normalized (see `norm_host`).
+
+    `host`/`port` are the destination the gateway would dial: the CONNECT target for tunnelled traffic, the
+    URL authority for plain-HTTP proxying. `sni` and `authority` are what the client claimed inside: the TLS
+    server name and the Host header / `:authority`. `method`/`path` are None for decisions made below L7.
+    """
+
+    host: str
+    port: int
+    method: str | None = None
+    path: str | None = None
+    sni: str | None = None
+    authority: str | None = None
+    authority_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allow: bool
+    rule: str
+    reason: str
+    status: int = 200
+
+    @property
+    def action(self) -> str:
+        return "allow" if self.allow else "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """The outcome of proxy authentication: an agent, or why there is none."""
+
+    agent: AgentIdentity | None
+    failure: str | None = None
+
+
+def norm_host(host: str) -> str:
+    """Lower-case, no trailing dot, IPv6 without brackets: the form rules are written in."""
+    h = host.strip().lower().rstrip(".")
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if not h.isascii():
+        try:
+            h = h.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+    return h
+
+
+def _dest(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def decide(
+    policy: CompiledPolicy, gateway: GatewayConfig | None, auth: AuthResult, req: RequestFacts
+) -> Decision:
+    """Decides one request. Pure: no I/O, no clock, no state; safe to call from tests."""
+    agent = auth.agent
+    if agent is None:
+        return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", 407)
+    if gateway is None:
+        return Decision(False, RULE_NO_GATEWAY, "no EgressGateway listens on this port", 403)
+
+    if req.sni is not None and req.sni != req.host:
+        return Decision(
+            False,
+            RULE_DESTINATION,
+            f"TLS server name {req.sni} does not match the CONNECT target {req.host}",
+            403,
+        )
+    if req.authority is not None:
+        if req.authority != req.host or (req.authority_port is not None and req.authority_port != req.port):
+            shown = _dest(req.authority, req.authority_port) if req.authority_port else req.authority
+            return Decision(
+                False,
+                RULE_DESTINATION,
+                f"Host {shown} does not match the connection's destination {_dest(req.host, req.port)}",
+                403,
+            )
+
+    for rule in policy.deny_rules:
+        if rule.matches(agent, req.host, req.port, req.method, req.path):
+            return Decision(
+                False, rule.ref, rule.deny_message or f"{_dest(req.host, req.port)} is denied by {rule.ref}", rule.deny_status
+            )
+
+    for rule in policy.routes:
+        if rule.matches(agent, req.host, req.port, req.method, req.path):
+            return Decision(True, rule.ref, f"{_dest(req.host, req.port)} allowed by {rule.ref}")
+
+    default_rule = f"EgressGateway/{gateway.name}/defaultPolicy"
+    if gateway.default_allow:
+        return Decision(True, default_rule, "no route matched; defaultPolicy is allow-all")
+    what = _dest(req.host, req.port)
+    if req.method is not None:
+        what = f"{req.method} {what}{req.path or ''}"
+    return Decision(False, default_rule, f"no route allows {what} for agent {agent.ref} (deny-all)", 403)

@@ -1,0 +1,13 @@
+"""The addon list mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`)."""
+
+from clrk.addons import Capture, EgressControl, PolicyLoader, ProxyAuth, Recording, Runtime
+
+_runtime = Runtime()
+
+addons = [
+    PolicyLoader(_runtime),
+    ProxyAuth(_runtime),
+    EgressControl(_runtime),
+    Capture(_runtime),
+    Recording(_runtime),
+]

@@ -1,0 +1,342 @@
+"""The runtime form of a policy: documents cross-checked, secrets resolved, rules indexed for matching.
+
+`compile_policy` is the one place that reads the environment and secret files named by a policy, so a reload
+re-reads them. The result is immutable and swapped as a whole on reload: a request sees one policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
+from clrk.policy import models as m
+from clrk.policy.loader import PolicyError, SourcedDocument, load_documents
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentIdentity:
+    """An agent as the gateway knows it: its registry entry without the secret."""
+
+    namespace: str
+    name: str
+    kind: str
+    uid: str | None
+    revision: str | None
+    labels: Mapping[str, str]
+
+    @property
+    def username(self) -> str:
+        return f"{self.namespace}.{self.name}"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSelector:
+    namespaces: frozenset[str]
+    names: frozenset[str]
+    labels: tuple[tuple[str, str], ...]
+
+    def matches(self, agent: AgentIdentity) -> bool:
+        if self.namespaces and agent.namespace not in self.namespaces:
+            return False
+        if self.names and agent.name not in self.names and agent.ref not in self.names:
+            return False
+        return all(agent.labels.get(k) == v for k, v in self.labels)
+
+    @classmethod
+    def of(cls, s: m.SourceAgents) -> AgentSelector:
+        return cls(frozenset(s.namespaces), frozenset(s.names), tuple(sorted(s.match_labels.items())))
+
+
+@dataclass(frozen=True, slots=True)
+class HostRule:
+    """An EgressRoute (allow) or EgressDenyPolicy (deny) ready for matching."""
+
+    ref: str  # "EgressRoute/<namespace>/<name>"
+    name: str
+    exact_hosts: frozenset[str]
+    wildcard_suffixes: tuple[str, ...]  # ".example.com" for "*.example.com"
+    any_host: bool
+    ports: frozenset[int]  # empty = any port
+    methods: frozenset[str]  # empty = any method
+    paths: tuple[str, ...]  # prefixes; empty = any path
+    agents: AgentSelector
+    deny_status: int = 403
+    deny_message: str | None = None
+
+    def matches_host(self, host: str) -> bool:
+        return self.any_host or host in self.exact_hosts or host.endswith(self.wildcard_suffixes)
+
+    def matches(self, agent: AgentIdentity, host: str, port: int, method: str | None, path: str | None) -> bool:
+        if not self.matches_host(host):
+            return False
+        if self.ports and port not in self.ports:
+            return False
+        if self.methods and (method is None or method not in self.methods):
+            return False
+        if self.paths and (path is None or not path.startswith(self.paths)):
+            return False
+        return self.agents.matches(agent)
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    max_bytes: int
+    exact_types: frozenset[str]
+    type_prefixes: tuple[str, ...]  # "text/" for "text/*"
+
+    def wants(self, content_type: str | None) -> bool:
+        if not content_type or self.max_bytes == 0:
+            return False
+        media = content_type.split(";", 1)[0].strip().lower()
+        return media in self.exact_types or (bool(self.type_prefixes) and media.startswith(self.type_prefixes))
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """One EgressGateway: its listeners, export target, capture bounds and upstream TLS settings."""
+
+    name: str
+    default_allow: bool
+    ports: frozenset[int]
+    otlp_endpoint: str
+    otlp_headers: Mapping[str, str]
+    capture: CaptureConfig
+    host_aliases: Mapping[str, tuple[str, int]]
+    ca_bundle: str | None
+    invocation_header: str
+    passthrough_listeners: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    gateways: tuple[GatewayConfig, ...]
+    agents: Mapping[str, tuple[AgentIdentity, bytes]]  # username -> (identity, sha256 of token)
+    deny_rules: tuple[HostRule, ...]
+    routes: tuple[HostRule, ...]
+    documents: tuple[SourcedDocument, ...] = field(repr=False)
+    redact_headers: frozenset[str] = SENSITIVE_HEADERS
+    redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
+
+    def gateway_for_port(self, port: int | None) -> GatewayConfig | None:
+        """The gateway listening on `port`; with a single gateway, that one for every port."""
+        if len(self.gateways) == 1:
+            return self.gateways[0]
+        for g in self.gateways:
+            if port in g.ports:
+                return g
+        return None
+
+    def listener_ports(self) -> list[int]:
+        return sorted({p for g in self.gateways for p in g.ports})
+
+
+def _expand_vars(value: str, where: str, problems: list[str], env: Mapping[str, str]) -> str:
+    def sub(mt: re.Match) -> str:
+        var = mt.group(1)
+        if var not in env:
+            problems.append(f"{where}: environment variable {var} is not set (export it before starting clrk)")
+            return ""
+        return env[var]
+
+    return _VAR_RE.sub(sub, value)
+
+
+def read_secret(ref: m.SecretRef, base: Path, where: str, problems: list[str], env: Mapping[str, str]) -> str | None:
+    """Reads a secret named by {env: VAR} or {file: path} (relative to the policy file); None on error."""
+    if ref.env is not None:
+        if ref.env not in env or env[ref.env] == "":
+            problems.append(f"{where}: environment variable {ref.env} is not set or empty")
+            return None
+        return env[ref.env]
+    path = Path(ref.file)  # type: ignore[arg-type]
+    if not path.is_absolute():
+        path = base / path
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        problems.append(f"{where}: cannot read secret file {path}: {e.strerror or e}")
+        return None
+    if not value:
+        problems.append(f"{where}: secret file {path} is empty")
+        return None
+    return value
+
+
+def _host_rule(sd: SourcedDocument, spec: m._HostRuleSpec, deny: m.DenyResponse | None) -> HostRule:
+    doc = sd.doc
+    exact, suffixes, any_host = set(), [], False
+    for h in spec.hostnames:
+        if h == "*":
+            any_host = True
+        elif h.startswith("*."):
+            suffixes.append(h[1:])
+        else:
+            exact.add(h)
+    return HostRule(
+        ref=f"{doc.kind}/{doc.metadata.namespace}/{doc.metadata.name}",
+        name=doc.metadata.name,
+        exact_hosts=frozenset(exact),
+        wildcard_suffixes=tuple(suffixes),
+        any_host=any_host,
+        ports=frozenset(spec.ports),
+        methods=frozenset(spec.methods),
+        paths=tuple(spec.paths),
+        agents=AgentSelector.of(spec.source_agents),
+        deny_status=deny.status_code if deny else 403,
+        deny_message=deny.message if deny else None,
+    )
+
+
+def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None = None) -> CompiledPolicy:
+    """Cross-checks documents and resolves their secrets; raises PolicyError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    seen: dict[tuple[str, str, str], SourcedDocument] = {}
+    for sd in docs:
+        key = (sd.doc.kind, sd.doc.metadata.namespace, sd.doc.metadata.name)
+        if key in seen:
+            first = seen[key]
+            problems.append(
+                f"{sd.file}: document {sd.index} ({key[0]} {key[2]}): duplicate of {first.file} document {first.index}"
+            )
+        seen[key] = sd
+
+    def where(sd: SourcedDocument) -> str:
+        return f"{sd.file}: document {sd.index} ({sd.doc.kind} {sd.doc.metadata.name})"
+
+    by_kind: dict[str, list[SourcedDocument]] = {}
+    for sd in docs:
+        by_kind.setdefault(sd.doc.kind, []).append(sd)
+    names = {k: {sd.doc.metadata.name for sd in v} for k, v in by_kind.items()}
+
+    gateways: list[GatewayConfig] = []
+    port_owner: dict[int, str] = {}
+    for sd in by_kind.get("EgressGateway", []):
+        g: m.EgressGateway = sd.doc  # type: ignore[assignment]
+        base = Path(sd.file).parent
+        headers = {}
+        for k, v in g.spec.otlp.headers.items():
+            expanded = _expand_vars(v, f"{where(sd)}: spec.otlp.headers.{k}", problems, env)
+            headers[k] = expanded
+        aliases = {}
+        for host, target in g.spec.upstream_tls.host_aliases.items():
+            h, _, p = target.rpartition(":")
+            aliases[host] = (h.strip("[]"), int(p))
+        ca = g.spec.upstream_tls.ca_bundle
+        if ca is not None:
+            ca_path = Path(ca) if Path(ca).is_absolute() else (base / ca)
+            if not ca_path.is_file():
+                # Relative to the policy file first, then to the working directory (the repo root).
+                if Path(ca).is_file():
+                    ca_path = Path(ca)
+                else:
+                    problems.append(f"{where(sd)}: spec.upstreamTLS.caBundle: {ca} is not a readable PEM file")
+            ca = str(ca_path.resolve())
+        ports = []
+        for li in g.spec.listeners:
+            if li.port in port_owner:
+                problems.append(f"{where(sd)}: spec.listeners: port {li.port} is already used by EgressGateway {port_owner[li.port]}")
+            port_owner[li.port] = g.metadata.name
+            ports.append(li.port)
+        types = g.spec.otlp.capture_body.include_content_types
+        gateways.append(
+            GatewayConfig(
+                name=g.metadata.name,
+                default_allow=g.spec.default_policy == "allow-all",
+                ports=frozenset(ports),
+                otlp_endpoint=g.spec.otlp.endpoint,
+                otlp_headers=headers,
+                capture=CaptureConfig(
+                    max_bytes=g.spec.otlp.capture_body.max_bytes,
+                    exact_types=frozenset(t for t in types if not t.endswith("/*")),
+                    type_prefixes=tuple(t[:-1] for t in types if t.endswith("/*")),
+                ),
+                host_aliases=aliases,
+                ca_bundle=ca,
+                invocation_header=g.spec.invocation_header.lower(),
+                passthrough_listeners=tuple(li.name for li in g.spec.listeners if li.tls.mode == "Passthrough"),
+            )
+        )
+    if not gateways:
+        problems.append("no EgressGateway document found: a policy needs one (see policies/gateway.yaml)")
+    elif len(gateways) > 1 and any(not g.ports for g in gateways):
+        problems.append("with several EgressGateways, each needs listeners: the port tells which gateway a request uses")
+
+    agents: dict[str, tuple[AgentIdentity, bytes]] = {}
+    for sd in by_kind.get("Agent", []):
+        a: m.Agent = sd.doc  # type: ignore[assignment]
+        creds = a.spec.credentials
+        if creds.token_sha256:
+            digest = bytes.fromhex(creds.token_sha256)
+        else:
+            token = read_secret(creds.token_from, Path(sd.file).parent, f"{where(sd)}: spec.credentials.tokenFrom", problems, env)  # type: ignore[arg-type]
+            if token is None:
+                continue
+            digest = hashlib.sha256(token.encode()).digest()
+        ident = AgentIdentity(
+            namespace=a.metadata.namespace,
+            name=a.metadata.name,
+            kind=a.spec.kind,
+            uid=a.spec.uid,
+            revision=a.spec.revision,
+            labels=dict(a.metadata.labels),
+        )
+        agents[ident.username] = (ident, digest)
+
+    deny_rules = tuple(
+        _host_rule(sd, sd.doc.spec, sd.doc.spec.deny_response)  # type: ignore[union-attr]
+        for sd in by_kind.get("EgressDenyPolicy", [])
+    )
+    routes = tuple(_host_rule(sd, sd.doc.spec, None) for sd in by_kind.get("EgressRoute", []))  # type: ignore[union-attr]
+
+    # References between documents must resolve.
+    for sd in by_kind.get("AIProviderRoute", []):
+        r: m.AIProviderRoute = sd.doc  # type: ignore[assignment]
+        for i, rule in enumerate(r.spec.rules):
+            for j, match in enumerate(rule.matches):
+                if match.provider not in m.PROVIDERS and match.provider not in names.get("Backend", set()):
+                    problems.append(
+                        f"{where(sd)}: spec.rules[{i}].matches[{j}].provider: {match.provider!r} is neither a provider "
+                        f"({', '.join(m.PROVIDERS)}) nor the name of a Backend"
+                    )
+            for j, ref in enumerate(rule.backend_refs):
+                if ref.name not in names.get("Backend", set()):
+                    problems.append(f"{where(sd)}: spec.rules[{i}].backendRefs[{j}].name: no Backend named {ref.name!r}")
+    redact_headers = set(SENSITIVE_HEADERS)
+    redact_query = set(SENSITIVE_QUERY_PARAMS)
+    for sd in by_kind.get("CredentialInjectionPolicy", []):
+        c: m.CredentialInjectionPolicy = sd.doc  # type: ignore[assignment]
+        for j, ref in enumerate(c.spec.target_refs):
+            if ref.name not in names.get(ref.kind, set()):
+                problems.append(f"{where(sd)}: spec.targetRefs[{j}]: no {ref.kind} named {ref.name!r}")
+        (redact_headers if c.spec.target.type == "Header" else redact_query).add(c.spec.target.name.lower())
+        # The injected secret itself is read where it is used (a later step); here only that it is readable.
+        read_secret(c.spec.secret_ref, Path(sd.file).parent, f"{where(sd)}: spec.secretRef", problems, env)
+
+    if problems:
+        raise PolicyError(problems)
+    return CompiledPolicy(
+        gateways=tuple(gateways),
+        agents=agents,
+        deny_rules=deny_rules,
+        routes=routes,
+        documents=tuple(docs),
+        redact_headers=frozenset(redact_headers),
+        redact_query=frozenset(redact_query),
+    )
+
+
+def load_policy(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> CompiledPolicy:
+    """Loads, validates and compiles the policy at `path` (a file or directory)."""
+    return compile_documents(load_documents(path), env)

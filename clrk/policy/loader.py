@@ -1,0 +1,158 @@
+"""Reads policy YAML (a file or a directory of them) into validated documents.
+
+Every error names the file, the document (its 1-based position and, where readable, its kind and name) and
+the field path, and says what to do. All errors of a load are reported together. Duplicate YAML keys are
+errors: the second `hostnames:` in a document would otherwise silently replace the first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from clrk.policy.models import API_VERSION, Document
+
+
+class PolicyError(Exception):
+    """A policy that cannot be used; `problems` holds one sentence per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class SourcedDocument:
+    """A validated document and where it came from (for error messages and rule names)."""
+
+    doc: Document
+    file: str
+    index: int  # 1-based position in the file
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_ADAPTER: TypeAdapter[Document] = TypeAdapter(Document)
+
+
+def policy_files(path: str | os.PathLike) -> list[Path]:
+    """The YAML files a policy path stands for: the file itself, or every *.yaml/*.yml under a directory."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = [
+            f
+            for f in p.rglob("*")
+            if f.suffix in (".yaml", ".yml") and f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        ]
+        return sorted(files)
+    raise PolicyError([f"{path}: no such policy file or directory (set clrk_policies / CLRK_POLICIES)"])
+
+
+def _format_loc(loc: Iterable) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(document)"
+
+
+def _describe(raw: object) -> str:
+    if isinstance(raw, dict):
+        kind = raw.get("kind")
+        name = raw.get("metadata", {}).get("name") if isinstance(raw.get("metadata"), dict) else None
+        bits = [str(kind) if kind else None, str(name) if name else None]
+        bits = [b for b in bits if b]
+        if bits:
+            return " (" + " ".join(bits) + ")"
+    return ""
+
+
+def _validation_problems(file: str, index: int, raw: object, err: ValidationError) -> list[str]:
+    where = f"{file}: document {index}{_describe(raw)}"
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = list(e["loc"])
+        # The discriminated union adds the kind tag as the first path element; the user never wrote it.
+        if loc and isinstance(raw, dict) and loc[0] == raw.get("kind"):
+            loc = loc[1:]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = ["kind"]
+        if e["type"] == "union_tag_invalid":
+            msg = "unknown kind; expected one of EgressGateway, Agent, EgressRoute, EgressDenyPolicy, AIProviderRoute, Backend, CredentialInjectionPolicy"
+        elif e["type"] == "union_tag_not_found":
+            msg = "missing 'kind'"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling against `clrk policy schema`)"
+        elif e["type"] == "literal_error" and loc == ["apiVersion"]:
+            msg = f"must be {API_VERSION}"
+        problems.append(f"{where}: {_format_loc(loc)}: {msg}")
+    return problems
+
+
+def load_documents(path: str | os.PathLike) -> list[SourcedDocument]:
+    """Parses and validates every document under `path`; raises PolicyError listing every problem."""
+    docs: list[SourcedDocument] = []
+    problems: list[str] = []
+    for f in policy_files(path):
+        name = str(f)
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{name}: cannot read: {e}")
+            continue
+        try:
+            raws = list(yaml.load_all(text, Loader=_UniqueKeyLoader))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problems.append(f"{name}: invalid YAML{at}: {getattr(e, 'problem', None) or e}")
+            continue
+        index = 0
+        for raw in raws:
+            if raw is None:  # an empty document between '---' separators
+                continue
+            index += 1
+            if not isinstance(raw, dict):
+                problems.append(f"{name}: document {index}: expected a mapping with 'kind', 'metadata' and 'spec'")
+                continue
+            try:
+                docs.append(SourcedDocument(_ADAPTER.validate_python(raw), name, index))
+            except ValidationError as e:
+                problems.extend(_validation_problems(name, index, raw, e))
+    if problems:
+        raise PolicyError(problems)
+    return docs
+
+
+def json_schema() -> dict:
+    """The JSON Schema of one policy document (any kind), with YAML (camelCase) field names."""
+    schema = _ADAPTER.json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "clrk policy document"
+    return schema

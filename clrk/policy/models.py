@@ -1,0 +1,433 @@
+"""The policy contract of PRODUCT.md §2 as pydantic models: plain data, validated once at load.
+
+Field names are snake_case in Python and camelCase in YAML (the aliases), so validation errors name the
+field path exactly as the user wrote it. Unknown fields are errors: a typo in a security policy must not
+silently widen it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "clrk.apoxy.dev/v1alpha1"
+PROVIDERS = ("openai", "anthropic", "google_genai")
+DEFAULT_CAPTURE_TYPES = ["application/json", "application/x-ndjson", "text/event-stream"]
+
+_HOSTNAME_RE = re.compile(r"^(\*|\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class Metadata(Spec):
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str = Field(default="default", min_length=1, max_length=253)
+    labels: dict[str, str] = {}
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        if not _DNS_LABEL_RE.match(v):
+            raise ValueError("must be lower-case letters, digits, '-' or '.', starting and ending alphanumeric")
+        return v
+
+
+def normalize_hostname(pattern: str) -> str:
+    """Lower-cases a hostname pattern and strips a trailing dot; IDNA names are kept in their A-label form."""
+    p = pattern.strip().lower().rstrip(".")
+    try:
+        if not p.isascii():
+            p = p.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise ValueError(f"{pattern!r} is not a valid hostname") from e
+    return p
+
+
+Hostname = Annotated[str, Field(min_length=1, max_length=253)]
+
+
+def _check_hostnames(values: list[str]) -> list[str]:
+    out = []
+    for raw in values:
+        h = normalize_hostname(raw)
+        if h != "*" and not _HOSTNAME_RE.match(h):
+            raise ValueError(f"{raw!r} is not a hostname (exact, '*.suffix' or '*')")
+        out.append(h)
+    return out
+
+
+def _check_globs(values: list[str]) -> list[str]:
+    for v in values:
+        try:
+            fnmatch.translate(v)
+        except Exception as e:  # pragma: no cover - translate accepts nearly anything
+            raise ValueError(f"{v!r} is not a glob") from e
+    return values
+
+
+# --------------------------------------------------------------------------- selectors and shared parts
+
+
+class SourceAgents(Spec):
+    """Which agents a rule applies to. Every non-empty field must match; an empty selector matches all."""
+
+    namespaces: list[str] = []
+    names: list[str] = []  # "name" (any namespace) or "namespace/name"
+    match_labels: dict[str, str] = {}
+
+
+class SecretRef(Spec):
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of 'env' or 'file'")
+        return self
+
+
+# --------------------------------------------------------------------------- EgressGateway
+
+
+class ListenerTLS(Spec):
+    mode: Literal["Terminate", "Passthrough"] = "Terminate"
+
+
+class Listener(Spec):
+    name: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    protocol: Literal["TLS", "HTTP"] = "TLS"
+    tls: ListenerTLS = ListenerTLS()
+
+
+class CaptureBody(Spec):
+    max_bytes: int = Field(default=65536, ge=0, le=64 * 1024 * 1024)
+    include_content_types: list[str] = DEFAULT_CAPTURE_TYPES
+
+    @field_validator("include_content_types")
+    @classmethod
+    def _media_types(cls, v: list[str]) -> list[str]:
+        out = []
+        for t in v:
+            t = t.strip().lower()
+            if "/" not in t:
+                raise ValueError(f"{t!r} is not a media type like 'application/json' or 'text/*'")
+            out.append(t)
+        return out
+
+
+class Otlp(Spec):
+    endpoint: str = ""
+    headers: dict[str, str] = {}
+    capture_body: CaptureBody = CaptureBody()
+
+    @field_validator("endpoint")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        v = v.strip()
+        if v and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// base URL (clrk appends /v1/traces and /v1/logs)")
+        if re.search(r"/v1/(traces|logs)/?$", v):
+            raise ValueError("is a base URL: leave out /v1/traces or /v1/logs, clrk appends them")
+        return v.rstrip("/")
+
+
+class UpstreamTLS(Spec):
+    ca_bundle: str | None = None
+    host_aliases: dict[str, str] = {}
+
+    @field_validator("host_aliases")
+    @classmethod
+    def _aliases(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for host, target in v.items():
+            h = normalize_hostname(host)
+            m = re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$", target.strip())
+            if not m or not 0 < int(m.group(2)) < 65536:
+                raise ValueError(f"{host}: {target!r} must be 'host:port'")
+            out[h] = target.strip()
+        return out
+
+
+class EgressGatewaySpec(Spec):
+    default_policy: Literal["deny-all", "allow-all"] = "deny-all"
+    listeners: list[Listener] = []
+    otlp: Otlp = Otlp()
+    upstream_tls: UpstreamTLS = Field(default=UpstreamTLS(), alias="upstreamTLS")
+    invocation_header: str = Field(default="clrk-invocation-id", min_length=1)
+
+
+class EgressGateway(Spec):
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["EgressGateway"]
+    metadata: Metadata
+    spec: EgressGatewaySpec = EgressGatewaySpec()
+
+
+# --------------------------------------------------------------------------- Agent
+
+
+class TokenFrom(SecretRef):
+    pass
+
+
+class AgentCredentials(Spec):
+    token_sha256: str | None = None
+    token_from: TokenFrom | None = None
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("must be the 64 hex characters of sha256(token), e.g. `printf %s TOKEN | sha256sum`")
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AgentCredentials:
+        if (self.token_sha256 is None) == (self.token_from is None):
+            raise ValueError("set exactly one of 'tokenSha256' or 'tokenFrom'")
+        return self
+
+
+class AgentSpec(Spec):
+    kind: str = "Agent"
+    uid: str | None = None
+    revision: str | None = None
+    credentials: AgentCredentials
+
+
+class Agent(Spec):
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["Agent"]
+    metadata: Metadata
+    spec: AgentSpec
+
+    @field_validator("metadata")
+    @classmethod
+    def _no_dot_in_name(cls, m: Metadata) -> Metadata:
+        # The proxy user name is "<namespace>.<name>"; a dot in the name would make it ambiguous.
+        if "." in m.name:
+            raise ValueError("an Agent name may not contain '.' (proxy user names are '<namespace>.<name>')")
+        return m
+
+
+# --------------------------------------------------------------------------- EgressRoute / EgressDenyPolicy
+
+
+class _HostRuleSpec(Spec):
+    hostnames: list[Hostname] = Field(min_length=1)
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = []
+    methods: list[str] = []
+    paths: list[str] = []
+    source_agents: SourceAgents = SourceAgents()
+
+    @field_validator("hostnames")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        return _check_hostnames(v)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        out = []
+        for m in v:
+            if not re.fullmatch(r"[A-Za-z]+", m):
+                raise ValueError(f"{m!r} is not an HTTP method")
+            out.append(m.upper())
+        return out
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith("/"):
+                raise ValueError(f"{p!r} must be a path prefix starting with '/'")
+        return v
+
+
+class EgressRouteSpec(_HostRuleSpec):
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = [443]
+
+
+class EgressRoute(Spec):
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["EgressRoute"]
+    metadata: Metadata
+    spec: EgressRouteSpec
+
+
+class DenyResponse(Spec):
+    status_code: int = Field(default=403, ge=400, le=599)
+    message: str | None = None
+
+
+class EgressDenyPolicySpec(_HostRuleSpec):
+    deny_response: DenyResponse = DenyResponse()
+
+
+class EgressDenyPolicy(Spec):
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["EgressDenyPolicy"]
+    metadata: Metadata
+    spec: EgressDenyPolicySpec
+
+
+# --------------------------------------------------------------------------- AIProviderRoute
+
+
+class ProviderMatch(Spec):
+    provider: str
+    models: list[str] = []
+    endpoints: list[str] = []
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        return _check_globs(v)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: list[str]) -> list[str]:
+        for e in v:
+            if not e.startswith("/"):
+                raise ValueError(f"{e!r} must be a path starting with '/'")
+        return v
+
+
+class BackendRef(Spec):
+    name: str
+    weight: int = Field(default=1, ge=0, le=1_000_000)
+
+
+class TokenBudget(Spec):
+    max_tokens_per_day: int = Field(gt=0)
+    scope: Literal["Route", "Agent"] = "Route"
+
+
+class RouteFilter(Spec):
+    type: Literal["TokenBudget"]
+    token_budget: TokenBudget | None = None
+
+    @model_validator(mode="after")
+    def _config(self) -> RouteFilter:
+        if self.type == "TokenBudget" and self.token_budget is None:
+            raise ValueError("a TokenBudget filter needs 'tokenBudget: {maxTokensPerDay: N}'")
+        return self
+
+
+class ProviderRule(Spec):
+    matches: list[ProviderMatch] = Field(min_length=1)
+    backend_refs: list[BackendRef] = []
+    filters: list[RouteFilter] = []
+
+
+class AIProviderRouteSpec(Spec):
+    source_agents: SourceAgents = SourceAgents()
+    rules: list[ProviderRule] = Field(min_length=1)
+
+
+class AIProviderRoute(Spec):
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["AIProviderRoute"]
+    metadata: Metadata
+    spec: AIProviderRouteSpec
+
+
+# --------------------------------------------------------------------------- Backend
+
+
+class BackendSchema(Spec):
+    name: Literal["openai", "anthropic", "google_genai"]
+
+
+class BackendUpstream(Spec):
+    host: str
+    port: int = Field(default=443, ge=1, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        (h,) = _check_hostnames([v])
+        if "*" in h:
+            raise ValueError("a backend upstream is one host, not a wildcard")
+        return h
+
+
+class ModelRewrite(Spec):
+    from_: str = Field(alias="from")
+    to: str = Field(min_length=1)
+
+
+class BodyMutation(Spec):
+    ensure_stream_usage: bool = False
+
+
+class BackendSpec(Spec):
+    schema_: BackendSchema = Field(alias="schema")
+    upstream: BackendUpstream
+    model_rewrites: list[ModelRewrite] = []
+    body_mutation: BodyMutation = BodyMutation()
+
+
+class Backend(Spec):
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["Backend"]
+    metadata: Metadata
+    spec: BackendSpec
+
+
+# --------------------------------------------------------------------------- CredentialInjectionPolicy
+
+
+class TargetRef(Spec):
+    kind: Literal["AIProviderRoute", "EgressRoute", "EgressGateway"]
+    name: str
+    namespace: str | None = None
+
+
+class InjectionTarget(Spec):
+    type: Literal["Header", "QueryParam"]
+    name: str = Field(min_length=1)
+    prefix: str = ""
+
+
+class CredentialInjectionPolicySpec(Spec):
+    target_refs: list[TargetRef] = Field(min_length=1)
+    target: InjectionTarget
+    secret_ref: SecretRef
+
+
+class CredentialInjectionPolicy(Spec):
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["CredentialInjectionPolicy"]
+    metadata: Metadata
+    spec: CredentialInjectionPolicySpec
+
+
+Document = Annotated[
+    EgressGateway
+    | Agent
+    | EgressRoute
+    | EgressDenyPolicy
+    | AIProviderRoute
+    | Backend
+    | CredentialInjectionPolicy,
+    Field(discriminator="kind"),
+]
+KINDS = (
+    EgressGateway,
+    Agent,
+    EgressRoute,
+    EgressDenyPolicy,
+    AIProviderRoute,
+    Backend,
+    CredentialInjectionPolicy,
+)

@@ -1,0 +1,192 @@
+"""Best-effort OTLP/HTTP export: one span and one log record per transaction, per EgressGateway.
+
+Each gateway gets its own OTel SDK TracerProvider and LoggerProvider (resource `service.name=clrk-egress`)
+with batch processors and OTLP/HTTP protobuf exporters at `endpoint`/v1/traces and /v1/logs. The dev
+fallback endpoint, when set, is one more pair of processors on every gateway: a tee, not a replacement.
+
+This runs in the recorder process, never in the proxy: building an SDK span costs ~190 µs of Python, and a
+slow or dead endpoint only ever fills (bounded, dropping) SDK queues here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+from opentelemetry import trace as trace_api
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from clrk import attributes as A
+
+log = logging.getLogger("clrk.export")
+
+SERVICE_NAME = "clrk-egress"
+QUEUE_SIZE = 8192
+SCHEDULE_DELAY_MS = 500
+EXPORT_TIMEOUT_S = 10.0
+
+
+class PresetIds(IdGenerator):
+    """Hands the SDK the ids the proxy already chose, so the span, the log record and the stored row agree."""
+
+    def __init__(self) -> None:
+        self.span_id = 0
+        self.trace_id = 0
+
+    def generate_span_id(self) -> int:
+        return self.span_id
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+
+def span_name(row: Mapping) -> str:
+    op = row.get(A.GEN_AI_OPERATION_NAME)
+    if op:
+        return f"{op} {row.get(A.GEN_AI_REQUEST_MODEL) or 'unknown'}"
+    return f"{row.get(A.HTTP_REQUEST_METHOD) or 'UNKNOWN'} {row.get(A.SERVER_ADDRESS) or ''}".strip()
+
+
+def log_body(row: Mapping) -> dict:
+    """The captured transaction as the log record's body."""
+    body: dict = {}
+    for side, hk, bk in (("request", A.REQUEST_HEADERS, A.REQUEST_BODY), ("response", A.RESPONSE_HEADERS, A.RESPONSE_BODY)):
+        part = {}
+        if row.get(hk):
+            part["headers"] = dict(row[hk])
+        if row.get(bk) is not None:
+            part["body"] = row[bk]
+        body[side] = part
+    return body
+
+
+class Pipeline:
+    """The SDK providers of one EgressGateway."""
+
+    def __init__(self, gateway: str, targets: list[tuple[str, Mapping[str, str]]]):
+        self.targets = targets
+        resource = Resource.create({"service.name": SERVICE_NAME, A.CLRK_GATEWAY_NAME: gateway})
+        self.ids = PresetIds()
+        self.tracer_provider = TracerProvider(resource=resource, id_generator=self.ids, sampler=ALWAYS_ON)
+        self.logger_provider = LoggerProvider(resource=resource)
+        for endpoint, headers in targets:
+            self.tracer_provider.add_span_processor(
+                BatchSpanProcessor(
+                    OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces", headers=dict(headers), timeout=EXPORT_TIMEOUT_S),
+                    max_queue_size=QUEUE_SIZE,
+                    schedule_delay_millis=SCHEDULE_DELAY_MS,
+                )
+            )
+            self.logger_provider.add_log_record_processor(
+                BatchLogRecordProcessor(
+                    OTLPLogExporter(endpoint=f"{endpoint}/v1/logs", headers=dict(headers), timeout=EXPORT_TIMEOUT_S),
+                    max_queue_size=QUEUE_SIZE,
+                    schedule_delay_millis=SCHEDULE_DELAY_MS,
+                )
+            )
+        self.tracer = self.tracer_provider.get_tracer("clrk")
+        self.logger = self.logger_provider.get_logger("clrk")
+
+    def emit(self, row: Mapping) -> None:
+        attrs = {k: row[k] for k in A.ATTRIBUTE_KEYS if row.get(k) is not None}
+        trace_id = int(row[A.TRACE_ID], 16)
+        parent = row.get(A.PARENT_SPAN_ID)
+        if parent:
+            parent_ctx = trace_api.set_span_in_context(
+                NonRecordingSpan(SpanContext(trace_id, int(parent, 16), is_remote=True, trace_flags=TraceFlags(1)))
+            )
+        else:
+            parent_ctx = Context()
+        self.ids.trace_id = trace_id
+        self.ids.span_id = int(row[A.SPAN_ID], 16)
+        start_ns = int(row[A.TIME] * 1e9)
+        end_ns = int((row.get(A.END_TIME) or row[A.TIME]) * 1e9)
+        span = self.tracer.start_span(
+            span_name(row), context=parent_ctx, kind=SpanKind.CLIENT, attributes=attrs, start_time=start_ns
+        )
+        failed = row.get(A.ERROR_TYPE) is not None
+        if failed:
+            span.set_status(Status(StatusCode.ERROR, str(row[A.ERROR_TYPE])))
+        span.end(end_time=end_ns)
+        self.logger.emit(
+            timestamp=end_ns,
+            observed_timestamp=time.time_ns(),
+            context=trace_api.set_span_in_context(span),
+            severity_number=SeverityNumber.WARN if failed or row.get(A.CLRK_DECISION) == "deny" else SeverityNumber.INFO,
+            severity_text="WARN" if failed or row.get(A.CLRK_DECISION) == "deny" else "INFO",
+            body=log_body(row),
+            attributes=attrs,
+            event_name="clrk.transaction",
+        )
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.logger_provider.shutdown()
+
+
+class Exporter:
+    """All pipelines, rebuilt when the proxy sends a new configuration (policy reload)."""
+
+    def __init__(self) -> None:
+        self.pipelines: dict[str, Pipeline] = {}
+        self._lock = threading.Lock()
+
+    def configure(self, gateways: Mapping[str, Mapping], fallback: str) -> None:
+        new: dict[str, Pipeline] = {}
+        retired: list[Pipeline] = []
+        with self._lock:
+            for name, cfg in gateways.items():
+                targets: list[tuple[str, Mapping[str, str]]] = []
+                if cfg.get("endpoint"):
+                    targets.append((cfg["endpoint"], cfg.get("headers") or {}))
+                if fallback:
+                    targets.append((fallback.rstrip("/"), {}))
+                old = self.pipelines.get(name)
+                if old is not None and old.targets == targets:
+                    new[name] = old
+                elif targets:
+                    new[name] = Pipeline(name, targets)
+            retired = [p for n, p in self.pipelines.items() if new.get(n) is not p]
+            self.pipelines = new
+        for p in retired:
+            threading.Thread(target=p.shutdown, name="clrk-otlp-retire", daemon=True).start()
+        for name, p in new.items():
+            log.info("OTLP export for gateway %s -> %s", name, ", ".join(t[0] for t in p.targets))
+
+    def export(self, rows: list[Mapping]) -> int:
+        n = 0
+        with self._lock:
+            for row in rows:
+                p = self.pipelines.get(row.get(A.CLRK_GATEWAY_NAME) or "")
+                if p is None:
+                    continue
+                try:
+                    p.emit(row)
+                    n += 1
+                except Exception:  # one bad row must not stop the export of the others
+                    log.exception("could not build OTLP span for a record")
+        return n
+
+    def shutdown(self, timeout: float) -> None:
+        """Flushes what the endpoints accept within `timeout` seconds; a dead endpoint does not hold us."""
+        with self._lock:
+            pipelines, self.pipelines = list(self.pipelines.values()), {}
+        threads = [threading.Thread(target=p.shutdown, daemon=True) for p in pipelines]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,210 @@
+"""The recorder: a process of its own that owns the DuckDB file and the OTLP exporters.
+
+Why a separate process (and not a thread in mitmproxy's): mitmproxy serves every connection on one thread,
+and a thread of ours would still hold the GIL while it builds spans (~190 µs each) and Arrow batches.
+A process runs on the other core. It is also the only way to honour DuckDB's one-writer-process rule while
+`clrk records` reads (the CLI asks the recorder over its socket), and the shape that lets several proxy
+worker processes on one machine share one store and one exporter: they are just more socket clients.
+
+Lifecycle: the first proxy for a DB file spawns it (`python -m clrk.recorder`); it exits on a `shutdown`
+message when no other proxy is connected, or on its own once its parent is gone and no proxy has been
+connected for a few seconds. Rows received are written within FLUSH_INTERVAL; a `flush` request is
+answered only once everything received before it is in DuckDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+
+from clrk.recorder.export import Exporter
+from clrk.recorder.store import Store, StoreError, fetch_records
+from clrk.wire import WireError, pack, read_message
+
+log = logging.getLogger("clrk.recorder")
+
+FLUSH_INTERVAL = 0.2
+MAX_BUFFERED_ROWS = 200_000  # while DuckDB cannot be written; oldest rows go first past this
+ORPHAN_GRACE = 3.0
+
+
+class Recorder:
+    def __init__(self, db_path: str, socket_path: str, parent_pid: int | None):
+        self.db_path = db_path
+        self.socket_path = socket_path
+        self.parent_pid = parent_pid
+        self.store = Store(db_path)
+        self.exporter = Exporter()
+        self.buffer: deque[dict] = deque()
+        self.dropped = 0
+        self.written = 0
+        self.proxies: set[asyncio.StreamWriter] = set()
+        self.last_proxy_seen = time.monotonic()
+        self.stop_event = asyncio.Event()
+        self.flush_lock = asyncio.Lock()
+
+    async def flush(self) -> None:
+        """Writes every buffered row to DuckDB, then hands them to the exporters."""
+        async with self.flush_lock:
+            if not self.buffer:
+                return
+            rows = list(self.buffer)
+            self.buffer.clear()
+            try:
+                await asyncio.to_thread(self.store.insert, rows)
+            except Exception as e:
+                # Keep the rows and retry on the next tick; say so loudly.
+                log.error("cannot write %d records to %s: %s (will retry)", len(rows), self.db_path, e)
+                self.buffer.extendleft(reversed(rows))
+                self._bound_buffer()
+                return
+            self.written += len(rows)
+            await asyncio.to_thread(self.exporter.export, rows)
+
+    def _bound_buffer(self) -> None:
+        while len(self.buffer) > MAX_BUFFERED_ROWS:
+            self.buffer.popleft()
+            self.dropped += 1
+        if self.dropped:
+            log.error("record buffer full: %d records dropped so far", self.dropped)
+
+    async def flush_loop(self) -> None:
+        while not self.stop_event.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), FLUSH_INTERVAL)
+            await self.flush()
+            if self._orphaned():
+                log.info("gateway is gone; recorder exiting")
+                self.stop_event.set()
+
+    def _orphaned(self) -> bool:
+        if self.proxies:
+            self.last_proxy_seen = time.monotonic()
+            return False
+        parent_alive = self.parent_pid is None or os.getppid() == self.parent_pid
+        return not parent_alive and time.monotonic() - self.last_proxy_seen > ORPHAN_GRACE
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        role = None
+        try:
+            while True:
+                msg = await read_message(reader)
+                if msg is None:
+                    break
+                t = msg["t"]
+                if t == "rows":
+                    self.buffer.extend(msg["rows"])
+                    self._bound_buffer()
+                elif t == "hello":
+                    role = msg.get("role")
+                    if role == "proxy":
+                        self.proxies.add(writer)
+                elif t == "config":
+                    await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "")
+                elif t == "flush":
+                    await self.flush()
+                    writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped}))
+                elif t == "query":
+                    await self.flush()
+                    try:
+                        rows = await asyncio.to_thread(self._query, msg.get("query") or {})
+                        writer.write(pack({"t": "ok", "id": msg.get("id"), "rows": rows}))
+                    except Exception as e:
+                        writer.write(pack({"t": "error", "id": msg.get("id"), "message": str(e)}))
+                elif t == "status":
+                    writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped,
+                                       "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid()}))
+                elif t == "shutdown":
+                    self.proxies.discard(writer)
+                    if not self.proxies:
+                        self.stop_event.set()
+                    writer.write(pack({"t": "ok", "id": msg.get("id"), "stopping": not self.proxies}))
+                await writer.drain()
+        except (WireError, ConnectionError, asyncio.IncompleteReadError) as e:
+            log.warning("dropping a %s connection: %s", role or "peer", e)
+        finally:
+            self.proxies.discard(writer)
+            writer.close()
+
+    def _query(self, query: dict) -> list[dict]:
+        cur = self.store.cursor()
+        try:
+            return fetch_records(cur, query)
+        finally:
+            cur.close()
+
+    async def run(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        old_umask = os.umask(0o177)  # the socket is created 0600
+        try:
+            server = await asyncio.start_unix_server(self.handle, path=self.socket_path, limit=1 << 20)
+        finally:
+            os.umask(old_umask)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        # Ctrl-C in the gateway's terminal reaches the whole process group: the proxy then sends its last
+        # rows and a shutdown; exiting on SIGINT here would lose them.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        log.info("recorder %d writing %s, listening on %s", os.getpid(), self.db_path, self.socket_path)
+        flusher = asyncio.create_task(self.flush_loop())
+        await self.stop_event.wait()
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        await flusher
+        await self.flush()
+        if self.buffer:
+            log.error("%d records could not be written to %s at shutdown", len(self.buffer), self.db_path)
+        self.store.close()
+        await asyncio.to_thread(self.exporter.shutdown, 5.0)
+        log.info("recorder stopped: %d records written, %d dropped", self.written, self.dropped)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m clrk.recorder", description="clrk's store and export process")
+    p.add_argument("--db", required=True)
+    p.add_argument("--socket", required=True)
+    p.add_argument("--parent-pid", type=int, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s clrk-recorder %(levelname)s %(message)s", stream=sys.stderr)
+    _quiet_otel_logs()
+    try:
+        rec = Recorder(args.db, args.socket, args.parent_pid)
+    except StoreError as e:
+        print(f"clrk-recorder: {e}", file=sys.stderr, flush=True)
+        return 3
+    asyncio.run(rec.run())
+    return 0
+
+
+class _OncePerMinute(logging.Filter):
+    """A dead OTLP endpoint fails every batch; say so once a minute per message, not twice a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("opentelemetry", "urllib3")):
+            return True
+        key = record.getMessage()[:200]
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < 60:
+            return False
+        self.last[key] = now
+        return True
+
+
+def _quiet_otel_logs() -> None:
+    f = _OncePerMinute()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(f)

@@ -1,0 +1,220 @@
+"""The embedded DuckDB store: one `records` table whose columns are `clrk.attributes.COLUMNS`.
+
+Rows are inserted in batches as Arrow tables (a bulk insert costs microseconds per row where `executemany`
+costs about a millisecond). The schema is versioned in `clrk_schema`; attributes added later become
+columns through `_migrate`. Only the recorder process opens the file for writing; readers either ask the
+recorder over its socket or, when no gateway runs, open the file read-only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from clrk import attributes as A
+
+SCHEMA_VERSION = 1
+TABLE = "records"
+
+_ARROW_TYPES = {
+    "VARCHAR": pa.string(),
+    "JSON": pa.string(),
+    "BIGINT": pa.int64(),
+    "INTEGER": pa.int32(),
+    "BOOLEAN": pa.bool_(),
+    "DOUBLE": pa.float64(),
+    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
+    "VARCHAR[]": pa.list_(pa.string()),
+}
+ARROW_SCHEMA = pa.schema([pa.field(name, _ARROW_TYPES[t]) for name, t in A.COLUMNS.items()])
+_TIME_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "TIMESTAMPTZ")
+_JSON_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "JSON")
+
+
+def q(name: str) -> str:
+    """A quoted SQL identifier (attribute names contain dots)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+class StoreError(Exception):
+    pass
+
+
+class Store:
+    """Read-write access to the store, for the recorder process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path))
+        except duckdb.IOException as e:
+            raise StoreError(f"cannot open {self.path} for writing: {e}") from e
+        self._lock = threading.Lock()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        con = self.con
+        con.execute("CREATE TABLE IF NOT EXISTS clrk_schema (version INTEGER NOT NULL)")
+        row = con.execute("SELECT max(version) FROM clrk_schema").fetchone()
+        version = row[0] if row and row[0] is not None else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this clrk ({SCHEMA_VERSION}): upgrade clrk"
+            )
+        if version == 0:
+            cols = ", ".join(f"{q(n)} {t}" for n, t in A.COLUMNS.items())
+            con.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({cols})")
+            con.execute("INSERT INTO clrk_schema VALUES (?)", [SCHEMA_VERSION])
+        # Attributes added since the table was created become new (nullable) columns.
+        have = {r[0] for r in con.execute(f"SELECT column_name FROM duckdb_columns() WHERE table_name = '{TABLE}'").fetchall()}
+        for name, typ in A.COLUMNS.items():
+            if name not in have:
+                con.execute(f"ALTER TABLE {TABLE} ADD COLUMN {q(name)} {typ}")
+
+    def insert(self, rows: list[Mapping]) -> int:
+        """Inserts a batch; returns the number of rows written."""
+        if not rows:
+            return 0
+        table = to_arrow(rows)
+        with self._lock:
+            cur = self.con.cursor()
+            try:
+                cur.register("clrk_batch", table)
+                cur.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM clrk_batch")
+            finally:
+                cur.close()
+        return len(rows)
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        return self.con.cursor()
+
+    def close(self) -> None:
+        with self._lock:
+            self.con.close()
+
+
+def to_arrow(rows: Iterable[Mapping]) -> pa.Table:
+    """Record dicts (epoch-second times, header dicts) as an Arrow table of the store's schema."""
+    prepared = []
+    for r in rows:
+        r = dict(r)
+        for k in _TIME_COLUMNS:
+            v = r.get(k)
+            if v is not None:
+                r[k] = int(v * 1_000_000)
+        for k in _JSON_COLUMNS:
+            v = r.get(k)
+            if v is not None and not isinstance(v, str):
+                r[k] = json.dumps(v, separators=(",", ":"))
+        prepared.append(r)
+    return pa.Table.from_pylist(prepared, schema=ARROW_SCHEMA)
+
+
+# --------------------------------------------------------------------------- queries (recorder and offline CLI)
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
+    """`1h`, `30m`, `2d` (ago) or an ISO 8601 time; naive times are UTC."""
+    now = now or dt.datetime.now(dt.UTC)
+    m = _DURATION_RE.match(value)
+    if m:
+        return now - dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        t = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError as e:
+        raise ValueError(f"--since {value!r}: use a duration like 15m, 1h, 2d or an ISO time like 2026-11-30T10:00:00Z") from e
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def records_sql(query: Mapping) -> tuple[str, list]:
+    """SQL for `clrk records` filters: agent, since, status, host, invocation, limit (0 = all)."""
+    where, params = [], []
+    if query.get("agent"):
+        agent = str(query["agent"])
+        if "/" in agent:
+            ns, name = agent.split("/", 1)
+            where.append(f"{q(A.AGENT_NAMESPACE)} = ? AND {q(A.AGENT_NAME)} = ?")
+            params += [ns, name]
+        elif "." in agent and agent.count(".") >= 1 and not agent.endswith("."):
+            ns, name = agent.rsplit(".", 1)
+            where.append(f"(({q(A.AGENT_NAMESPACE)} = ? AND {q(A.AGENT_NAME)} = ?) OR {q(A.AGENT_NAME)} = ?)")
+            params += [ns, name, agent]
+        else:
+            where.append(f"{q(A.AGENT_NAME)} = ?")
+            params.append(agent)
+    if query.get("since"):
+        where.append(f"{q(A.TIME)} >= ?")
+        params.append(parse_since(str(query["since"])))
+    if query.get("status") is not None:
+        where.append(f"{q(A.HTTP_RESPONSE_STATUS_CODE)} = ?")
+        params.append(int(query["status"]))
+    if query.get("host"):
+        host = str(query["host"]).lower().rstrip(".")
+        if host.startswith("*."):
+            where.append(f"{q(A.SERVER_ADDRESS)} LIKE ?")
+            params.append("%" + host[1:].replace("%", r"\%").replace("_", r"\_"))
+        else:
+            where.append(f"{q(A.SERVER_ADDRESS)} = ?")
+            params.append(host)
+    if query.get("invocation"):
+        where.append(f"{q(A.INVOCATION_ID)} = ?")
+        params.append(str(query["invocation"]))
+    if query.get("decision"):
+        where.append(f"{q(A.CLRK_DECISION)} = ?")
+        params.append(str(query["decision"]))
+    sql = f"SELECT * FROM {TABLE}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY {q(A.TIME)} DESC"
+    limit = int(query.get("limit", 100) or 0)
+    if limit > 0:
+        sql += f" LIMIT {limit}"
+    return sql, params
+
+
+def _json_value(v):
+    if isinstance(v, dt.datetime):
+        return v.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    return v
+
+
+def fetch_records(cur: duckdb.DuckDBPyConnection, query: Mapping) -> list[dict]:
+    """Rows as JSON-ready dicts (RFC 3339 UTC times, parsed headers, no null values), newest first."""
+    sql, params = records_sql(query)
+    res = cur.execute(sql, params)
+    names = [d[0] for d in res.description]
+    out = []
+    for row in res.fetchall():
+        rec = {}
+        for k, v in zip(names, row, strict=True):
+            if v is None:
+                continue
+            if k in _JSON_COLUMNS and isinstance(v, str):
+                v = json.loads(v)
+            rec[k] = _json_value(v)
+        out.append(rec)
+    return out
+
+
+def open_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection, for when no recorder is running."""
+    if not Path(path).exists():
+        raise StoreError(f"{path}: no store yet (the gateway creates it on first run)")
+    try:
+        return duckdb.connect(str(path), read_only=True)
+    except duckdb.IOException as e:
+        raise StoreError(
+            f"{path} is locked by a process that does not answer on the recorder socket: {e}. "
+            "Is an older clrk gateway running?"
+        ) from e

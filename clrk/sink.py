@@ -1,0 +1,197 @@
+"""The proxy's end of the recorder: records are queued in memory and shipped in batches over the recorder's
+Unix socket, from the event loop, without ever blocking it.
+
+Per record the proxy pays a list append; per batch (every BATCH_INTERVAL or BATCH_SIZE records) one
+msgpack encode and one non-blocking socket write. If the recorder is slow, the socket's write buffer
+grows to HIGH_WATER and records wait here instead, bounded by MAX_PENDING (oldest dropped, counted, logged).
+If the recorder dies it is restarted and the queue shipped to the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clrk import wire
+
+log = logging.getLogger("clrk.sink")
+
+BATCH_SIZE = 512
+BATCH_INTERVAL = 0.05
+HIGH_WATER = 16 * 1024 * 1024
+MAX_PENDING = 100_000
+START_TIMEOUT = 20.0
+
+
+class RecordSink:
+    def __init__(self, db_path: str):
+        self.db_path = str(Path(db_path).resolve())
+        self.socket_path = wire.socket_path(self.db_path)
+        self.pending: list[dict] = []
+        self.dropped = 0
+        self.proc: subprocess.Popen | None = None
+        self.config: dict | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._replies: dict[int, asyncio.Future] = {}
+        self._next_id = 0
+        self._connecting: asyncio.Task | None = None
+        self._read_task: asyncio.Task | None = None
+        self._closing = False
+
+    # ---------------------------------------------------------------- connection
+
+    async def start(self) -> None:
+        """Connects to the recorder for this DB file, starting one if none is running."""
+        await self._connect()
+
+    def _spawn(self) -> None:
+        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clrk.recorder", "--db", self.db_path, "--socket", self.socket_path,
+             "--parent-pid", str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # the proxy decides when it stops, not the terminal's Ctrl-C
+        )
+        log.info("started recorder %d for %s", self.proc.pid, self.db_path)
+
+    async def _connect(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path, limit=1 << 20)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self.proc is None or self.proc.poll() is not None:
+                    if self.proc is not None and self.proc.returncode not in (0, 3, None):
+                        log.error("recorder exited with status %s; starting another", self.proc.returncode)
+                    self._spawn()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the recorder for {self.db_path} did not start within {START_TIMEOUT:.0f}s (see its log above)"
+                    ) from None
+                await asyncio.sleep(0.05)
+        self._writer.write(wire.pack({"t": "hello", "role": "proxy", "pid": os.getpid()}))
+        if self.config is not None:
+            self._writer.write(wire.pack(self.config))
+        self._read_task = asyncio.create_task(self._read_replies(self._reader))
+        if self.pending:
+            self._ship()
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (msg := await wire.read_message(reader)) is not None:
+                fut = self._replies.pop(msg.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except (wire.WireError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        self._writer = None
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("recorder connection lost"))
+        self._replies.clear()
+        if not self._closing:
+            log.warning("lost the recorder connection; reconnecting")
+            self._reconnect_soon()
+
+    def _reconnect_soon(self) -> None:
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        while not self._closing and self._writer is None:
+            try:
+                await self._connect()
+            except Exception as e:  # keep trying; records wait (bounded) meanwhile
+                log.error("recorder unavailable: %s", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # ---------------------------------------------------------------- records
+
+    def submit(self, record: dict) -> None:
+        """Queues one record; called on the event loop for every transaction."""
+        self.pending.append(record)
+        if len(self.pending) >= BATCH_SIZE:
+            self._ship()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._ship)
+
+    def _ship(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.pending:
+            return
+        w = self._writer
+        if w is None or w.is_closing() or w.transport.get_write_buffer_size() > HIGH_WATER:
+            self._bound()
+            if w is None and not self._closing:
+                self._reconnect_soon()
+            else:
+                self._timer = asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._ship)
+            return
+        rows, self.pending = self.pending, []
+        w.write(wire.pack({"t": "rows", "rows": rows}))
+
+    def _bound(self) -> None:
+        over = len(self.pending) - MAX_PENDING
+        if over > 0:
+            del self.pending[:over]
+            self.dropped += over
+            log.error("recorder is not keeping up: %d records dropped so far", self.dropped)
+
+    def send_config(self, config: dict) -> None:
+        """Export settings for the recorder (sent again after every reconnect)."""
+        self.config = {"t": "config", **config}
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(wire.pack(self.config))
+
+    async def request(self, message: dict, timeout: float) -> dict:
+        if self._writer is None:
+            raise ConnectionError("not connected to the recorder")
+        self._next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._replies[self._next_id] = fut
+        self._writer.write(wire.pack(dict(message, id=self._next_id)))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def flush(self, timeout: float = 30.0) -> dict:
+        """Ships everything queued and waits until the recorder has it in DuckDB."""
+        self._ship()
+        return await self.request({"t": "flush"}, timeout)
+
+    async def stop(self) -> None:
+        """Graceful stop: every queued record reaches DuckDB; the recorder exits if we were its last proxy."""
+        self._ship()
+        if self.pending and self._writer is None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connect(), 10)
+        stopping = False
+        try:
+            reply = await self.flush(60.0)
+            if self.pending or reply.get("dropped"):
+                log.error("%d records not stored at shutdown", len(self.pending) + reply.get("dropped", 0))
+            self._closing = True
+            stopping = bool((await self.request({"t": "shutdown"}, 10.0)).get("stopping"))
+        except Exception as e:
+            log.error("could not flush records at shutdown: %s", e)
+        self._closing = True
+        if self._writer is not None:
+            self._writer.close()
+        if self.proc is not None and stopping:
+            try:
+                await asyncio.to_thread(self.proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                log.error("recorder %d did not exit; terminating it", self.proc.pid)
+                self.proc.terminate()

@@ -1,0 +1,112 @@
+"""The local protocol between proxy processes, the CLI and the recorder: length-prefixed msgpack frames over
+a Unix socket next to the DuckDB file (mode 0600: only the gateway's user may talk to it).
+
+Messages are maps with a type `t`:
+  proxy -> recorder: {"t": "hello", "role": "proxy"|"cli", "pid": N}, {"t": "rows", "rows": [...]},
+                     {"t": "config", "gateways": {...}, "fallback": URL}, {"t": "flush", "id": N},
+                     {"t": "shutdown"}
+  cli -> recorder:   {"t": "query", "id": N, "query": {...}}
+  recorder -> peer:  {"t": "ok", "id": N, ...} / {"t": "error", "id": N, "message": str}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+import tempfile
+from pathlib import Path
+
+import msgpack
+
+HEADER = struct.Struct("!I")
+MAX_FRAME = 512 * 1024 * 1024
+
+
+class WireError(Exception):
+    pass
+
+
+def pack(message: dict) -> bytes:
+    data = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(data)) + data
+
+
+def unpack(data: bytes) -> dict:
+    msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if not isinstance(msg, dict) or "t" not in msg:
+        raise WireError("malformed message")
+    return msg
+
+
+async def read_message(reader: asyncio.StreamReader) -> dict | None:
+    """The next message, or None at a clean end of stream."""
+    try:
+        head = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise WireError("truncated frame header") from e
+        return None
+    (n,) = HEADER.unpack(head)
+    if n > MAX_FRAME:
+        raise WireError(f"frame of {n} bytes exceeds the limit")
+    return unpack(await reader.readexactly(n))
+
+
+def socket_path(db_path: str | os.PathLike) -> str:
+    """Where the recorder for `db_path` listens: beside the file, or in the temp dir when that path is too
+    long for a Unix socket (108 bytes)."""
+    db = Path(db_path).resolve()
+    candidate = str(db) + ".sock"
+    if len(candidate.encode()) < 100:
+        return candidate
+    digest = hashlib.sha256(str(db).encode()).hexdigest()[:20]
+    return os.path.join(tempfile.gettempdir(), f"clrk-{digest}.sock")
+
+
+class BlockingClient:
+    """A synchronous connection to the recorder, for the CLI."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._next_id = 0
+        self.send({"t": "hello", "role": "cli", "pid": os.getpid()})
+
+    def send(self, message: dict) -> None:
+        self.sock.sendall(pack(message))
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise WireError("recorder closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def request(self, message: dict) -> dict:
+        self._next_id += 1
+        message = dict(message, id=self._next_id)
+        self.send(message)
+        (n,) = HEADER.unpack(self._recv_exact(HEADER.size))
+        reply = unpack(self._recv_exact(n))
+        if reply.get("t") == "error":
+            raise WireError(reply.get("message", "recorder error"))
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

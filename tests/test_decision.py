@@ -1,0 +1,98 @@
+"""The decision is a pure function: every branch of the contract's order, without a proxy."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import TypeAdapter
+
+from clrk.decision import AuthResult, RequestFacts, decide, norm_host
+from clrk.policy.compiled import compile_documents
+from clrk.policy.loader import SourcedDocument
+from clrk.policy.models import Document
+
+_A = TypeAdapter(Document)
+
+
+def policy(*docs, env=None):
+    sds = [SourcedDocument(_A.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)]
+    return compile_documents(sds, env or {})
+
+
+GW = {"kind": "EgressGateway", "metadata": {"name": "gw"}, "spec": {}}
+AGENT = {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-a", "labels": {"tier": "batch"}},
+         "spec": {"credentials": {"tokenSha256": "0" * 64}}}
+OTHER = {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-b"}, "spec": {"credentials": {"tokenSha256": "1" * 64}}}
+
+
+def agent(p, user="team-a.bot"):
+    return p.agents[user][0]
+
+
+def run(p, host, port=443, method="GET", path="/", user="team-a.bot", **kw):
+    return decide(p, p.gateways[0], AuthResult(agent(p, user)), RequestFacts(host, port, method, path, **kw))
+
+
+def test_no_agent_is_407_with_reason():
+    p = policy(GW, AGENT)
+    d = decide(p, p.gateways[0], AuthResult(None, "wrong token for agent team-a/bot"), RequestFacts("a.com", 443))
+    assert (d.allow, d.status, d.rule, d.reason) == (False, 407, "authentication", "wrong token for agent team-a/bot")
+
+
+def test_default_deny_all_names_what_was_denied():
+    d = run(policy(GW, AGENT), "example.com", path="/x")
+    assert not d.allow and d.status == 403
+    assert d.rule == "EgressGateway/gw/defaultPolicy"
+    assert "GET example.com:443/x" in d.reason and "team-a/bot" in d.reason
+
+
+def test_allow_all_default():
+    gw = {**GW, "spec": {"defaultPolicy": "allow-all"}}
+    d = run(policy(gw, AGENT), "example.com")
+    assert d.allow and d.rule == "EgressGateway/gw/defaultPolicy"
+
+
+def test_route_matches_host_port_method_path_and_agent():
+    r = {"kind": "EgressRoute", "metadata": {"name": "gh"},
+         "spec": {"hostnames": ["api.github.com", "*.pythonhosted.org"], "methods": ["get"], "paths": ["/repos/"],
+                  "sourceAgents": {"namespaces": ["team-a"], "matchLabels": {"tier": "batch"}}}}
+    p = policy(GW, AGENT, OTHER, r)
+    assert run(p, "api.github.com", path="/repos/x").rule == "EgressRoute/default/gh"
+    assert run(p, "files.pythonhosted.org", path="/repos/x").allow
+    assert run(p, "a.b.pythonhosted.org", path="/repos/x").allow
+    assert not run(p, "pythonhosted.org", path="/repos/x").allow  # a wildcard is not the apex
+    assert not run(p, "api.github.com", path="/users/x").allow
+    assert not run(p, "api.github.com", method="POST", path="/repos/x").allow
+    assert not run(p, "api.github.com", port=8443, path="/repos/x").allow  # ports default to [443]
+    assert not run(p, "api.github.com", path="/repos/x", user="team-b.bot").allow
+
+
+def test_deny_policy_overrides_allow_with_its_status_and_message():
+    r = {"kind": "EgressRoute", "metadata": {"name": "all"}, "spec": {"hostnames": ["*"]}}
+    dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "no-paste"},
+          "spec": {"hostnames": ["pastebin.com"], "denyResponse": {"statusCode": 451, "message": "no pastes"}}}
+    p = policy(GW, AGENT, r, dn)
+    d = run(p, "pastebin.com")
+    assert (d.allow, d.status, d.rule, d.reason) == (False, 451, "EgressDenyPolicy/default/no-paste", "no pastes")
+    assert run(p, "example.com").allow
+
+
+def test_destination_must_agree_with_sni_and_host():
+    r = {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": ["ok.com"]}}
+    p = policy(GW, AGENT, r)
+    assert run(p, "ok.com", sni="ok.com", authority="ok.com", authority_port=443).allow
+    d = run(p, "ok.com", sni="evil.com")
+    assert d.rule == "destination-check" and "evil.com" in d.reason
+    d = run(p, "ok.com", authority="evil.com", authority_port=443)
+    assert d.rule == "destination-check" and "evil.com" in d.reason
+    assert run(p, "ok.com", authority="ok.com", authority_port=8443).rule == "destination-check"
+
+
+@pytest.mark.parametrize("raw,norm", [("API.GitHub.com.", "api.github.com"), ("[::1]", "::1"), ("bücher.de", "xn--bcher-kva.de")])
+def test_norm_host(raw, norm):
+    assert norm_host(raw) == norm
+
+
+@pytest.mark.parametrize("host", ["140.82.112.6", "2130706433", "0x7f000001", "017700000001", "::ffff:8c52:7006", "api.github.com.evil.com"])
+def test_literal_and_lookalike_hosts_do_not_match_a_hostname_rule(host):
+    r = {"kind": "EgressRoute", "metadata": {"name": "gh"}, "spec": {"hostnames": ["api.github.com"]}}
+    assert not run(policy(GW, AGENT, r), host).allow

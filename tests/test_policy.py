@@ -1,0 +1,191 @@
+"""Policy loading: every contract kind validates; errors name file, document and field path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clrk.policy import PolicyError, load_policy
+from clrk.policy.loader import json_schema
+
+REPO = Path(__file__).resolve().parents[1]
+CLRK = str(Path(sys.executable).parent / "clrk")
+
+FULL_CONTRACT = """
+kind: EgressGateway
+metadata: {name: prod-agents}
+spec:
+  defaultPolicy: deny-all
+  listeners:
+  - {name: tls-out, port: 8080, protocol: TLS, tls: {mode: Terminate}}
+  otlp:
+    endpoint: "https://api.honeycomb.io"
+    headers: {x-honeycomb-team: "${HONEYCOMB_API_KEY}"}
+    captureBody:
+      maxBytes: 65536
+      includeContentTypes: [application/json, application/x-ndjson, text/event-stream]
+  upstreamTLS:
+    hostAliases: {api.openai.com: "127.0.0.1:9443"}
+---
+kind: Agent
+metadata: {name: researcher, namespace: team-a, labels: {tier: batch}}
+spec:
+  kind: TaskAgent
+  uid: 7d1c
+  revision: "3"
+  credentials:
+    tokenSha256: "%s"
+---
+kind: EgressRoute
+metadata: {name: github-read}
+spec:
+  hostnames: ["api.github.com", "*.pythonhosted.org"]
+  ports: [443]
+  methods: [GET]
+  paths: ["/repos/"]
+  sourceAgents: {namespaces: [team-a], names: [], matchLabels: {}}
+---
+kind: EgressDenyPolicy
+metadata: {name: no-paste}
+spec:
+  hostnames: ["pastebin.com"]
+  sourceAgents: {}
+  denyResponse: {statusCode: 403, message: "pastebin is off limits"}
+---
+kind: AIProviderRoute
+metadata: {name: openai-chat, namespace: team-a}
+spec:
+  sourceAgents: {namespaces: [team-a]}
+  rules:
+  - matches:
+    - provider: openai
+      models: ["gpt-4o*"]
+      endpoints: ["/v1/chat/completions", "/v1/responses"]
+    backendRefs: [{name: openai-main}]
+    filters:
+    - type: TokenBudget
+      tokenBudget: {maxTokensPerDay: 200000, scope: Agent}
+---
+kind: Backend
+metadata: {name: openai-main}
+spec:
+  schema: {name: openai}
+  upstream: {host: api.openai.com, port: 443}
+  modelRewrites: [{from: "gpt-4o", to: "gpt-4o-mini"}]
+  bodyMutation: {ensureStreamUsage: true}
+---
+kind: CredentialInjectionPolicy
+metadata: {name: openai-key}
+spec:
+  targetRefs: [{kind: AIProviderRoute, name: openai-chat}]
+  target: {type: Header, name: Authorization, prefix: "Bearer "}
+  secretRef: {env: OPENAI_API_KEY}
+""" % ("ab" * 32)
+
+
+def write(tmp_path, text, name="p.yaml"):
+    (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_every_contract_kind_loads(tmp_path):
+    p = load_policy(write(tmp_path, FULL_CONTRACT), env={"HONEYCOMB_API_KEY": "hc-key", "OPENAI_API_KEY": "sk-x"})
+    kinds = sorted({sd.doc.kind for sd in p.documents})
+    assert kinds == sorted(["EgressGateway", "Agent", "EgressRoute", "EgressDenyPolicy", "AIProviderRoute", "Backend",
+                            "CredentialInjectionPolicy"])
+    g = p.gateways[0]
+    assert g.otlp_headers == {"x-honeycomb-team": "hc-key"}
+    assert g.host_aliases == {"api.openai.com": ("127.0.0.1", 9443)}
+    assert "authorization" in p.redact_headers
+    assert p.listener_ports() == [8080]
+
+
+def test_unset_variable_and_secret_are_startup_errors(tmp_path):
+    with pytest.raises(PolicyError) as e:
+        load_policy(write(tmp_path, FULL_CONTRACT), env={})
+    msg = str(e.value)
+    assert "HONEYCOMB_API_KEY is not set" in msg and "spec.otlp.headers.x-honeycomb-team" in msg
+    assert "OPENAI_API_KEY is not set" in msg and "spec.secretRef" in msg
+
+
+def test_errors_name_file_document_and_field_path(tmp_path):
+    text = FULL_CONTRACT.replace("ports: [443]", "ports: [70000]").replace("statusCode: 403", "statusCode: 200")
+    text = text.replace("tokenSha256: \"" + "ab" * 32, "tokenSha256: \"nothex")
+    text = text.replace("backendRefs: [{name: openai-main}]", "backendRefs: [{name: nope}]")
+    with pytest.raises(PolicyError) as e:
+        load_policy(write(tmp_path, text), env={"HONEYCOMB_API_KEY": "k", "OPENAI_API_KEY": "k"})
+    problems = e.value.problems
+    f = str(tmp_path / "p.yaml")
+    assert any(p.startswith(f"{f}: document 3 (EgressRoute github-read): spec.ports[0]:") for p in problems), problems
+    assert any(p.startswith(f"{f}: document 4 (EgressDenyPolicy no-paste): spec.denyResponse.statusCode:") for p in problems)
+    assert any(p.startswith(f"{f}: document 2 (Agent researcher): spec.credentials.tokenSha256:") for p in problems)
+
+
+def test_cross_references_are_checked(tmp_path):
+    text = FULL_CONTRACT.replace("backendRefs: [{name: openai-main}]", "backendRefs: [{name: nope}]")
+    text = text.replace("targetRefs: [{kind: AIProviderRoute, name: openai-chat}]", "targetRefs: [{kind: AIProviderRoute, name: ghost}]")
+    with pytest.raises(PolicyError) as e:
+        load_policy(write(tmp_path, text), env={"HONEYCOMB_API_KEY": "k", "OPENAI_API_KEY": "k"})
+    assert any("backendRefs[0].name: no Backend named 'nope'" in p for p in e.value.problems)
+    assert any("targetRefs[0]: no AIProviderRoute named 'ghost'" in p for p in e.value.problems)
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: [a.com], hostnamez: [b.com]}\n", "spec.hostnamez: unknown field"),
+        ("kind: EgressRoute\nmetadata: {name: a}\nspec:\n  hostnames: [a.com]\n  hostnames: [b.com]\n", "duplicate key 'hostnames'"),
+        ("kind: Wat\nmetadata: {name: a}\n", "kind: unknown kind"),
+        ("kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: ['bad host']}\n", "'bad host' is not a hostname"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("kind: EgressRoute\nmetadata: {name: a\n", "invalid YAML at line"),
+        ("apiVersion: v2\nkind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: [a.com]}\n", "apiVersion: must be clrk.apoxy.dev/v1alpha1"),
+    ],
+)
+def test_bad_documents(tmp_path, text, fragment):
+    with pytest.raises(PolicyError) as e:
+        load_policy(write(tmp_path, text))
+    assert fragment in str(e.value)
+
+
+def test_no_gateway_is_an_error(tmp_path):
+    with pytest.raises(PolicyError, match="no EgressGateway"):
+        load_policy(write(tmp_path, "kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: [a.com]}\n"))
+
+
+def test_agent_token_from_file_and_env(tmp_path):
+    (tmp_path / "tok").write_text("s3cret-token\n")
+    text = ("kind: EgressGateway\nmetadata: {name: g}\n---\n"
+            "kind: Agent\nmetadata: {name: a}\nspec: {credentials: {tokenFrom: {file: tok}}}\n---\n"
+            "kind: Agent\nmetadata: {name: b}\nspec: {credentials: {tokenFrom: {env: TOK_B}}}\n")
+    import hashlib
+
+    p = load_policy(write(tmp_path, text), env={"TOK_B": "bee"})
+    assert p.agents["default.a"][1] == hashlib.sha256(b"s3cret-token").digest()
+    assert p.agents["default.b"][1] == hashlib.sha256(b"bee").digest()
+
+
+def test_example_policies_pass_the_cli_check():
+    out = subprocess.run([CLRK, "policy", "check", str(REPO / "policies")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ok (" in out.stdout
+
+
+def test_cli_check_reports_problems_and_fails(tmp_path):
+    write(tmp_path, "kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: []}\n")
+    out = subprocess.run([CLRK, "policy", "check", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "document 1 (EgressRoute a): spec.hostnames" in out.stderr
+
+
+def test_schema_is_json_schema_with_yaml_names():
+    out = subprocess.run([CLRK, "policy", "schema"], capture_output=True, text=True, check=True)
+    schema = json.loads(out.stdout)
+    assert schema == json.loads(json.dumps(json_schema()))
+    text = out.stdout
+    for name in ("defaultPolicy", "hostAliases", "upstreamTLS", "tokenSha256", "sourceAgents", "maxTokensPerDay", "ensureStreamUsage"):
+        assert f'"{name}"' in text
