@@ -126,7 +126,7 @@ class PolicyLoader:
             except PolicyError as e:
                 raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} is invalid:\n{e}") from None
             self._apply(policy)
-            self._signature = None
+            self._signature = self._current_signature()
         if "clrk_dev_otlp_fallback_endpoint" in updated and self.rt.sink is not None:
             self.rt.sink.send_config(export_config(self.rt.policy))
 
@@ -207,9 +207,6 @@ class PolicyLoader:
                 sig = (str(e),)
             except Exception:
                 log.exception("clrk: cannot read the policy files")
-                continue
-            if self._signature is None:
-                self._signature = sig
                 continue
             if sig == self._signature:
                 continue

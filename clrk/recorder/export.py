@@ -80,8 +80,12 @@ class Pipeline:
         self.targets = targets
         resource = Resource.create({"service.name": SERVICE_NAME, A.CLRK_GATEWAY_NAME: gateway})
         self.ids = PresetIds()
-        self.tracer_provider = TracerProvider(resource=resource, id_generator=self.ids, sampler=ALWAYS_ON)
-        self.logger_provider = LoggerProvider(resource=resource)
+        # shutdown_on_exit=False: the SDK's atexit flush would retry a dead endpoint for its full timeout;
+        # Exporter.shutdown bounds that instead.
+        self.tracer_provider = TracerProvider(
+            resource=resource, id_generator=self.ids, sampler=ALWAYS_ON, shutdown_on_exit=False
+        )
+        self.logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
         for endpoint, headers in targets:
             self.tracer_provider.add_span_processor(
                 BatchSpanProcessor(

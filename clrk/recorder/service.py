@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _OncePerMinute(logging.Filter):
-    """A dead OTLP endpoint fails every batch; say so once a minute per message, not twice a second."""
+    """A dead OTLP endpoint fails every batch; say so once a minute per logger and level, not twice a second."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -196,7 +196,7 @@ class _OncePerMinute(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(("opentelemetry", "urllib3")):
             return True
-        key = record.getMessage()[:200]
+        key = f"{record.name}:{record.levelno}"  # messages carry changing numbers ("retrying in 1.06s")
         now = time.monotonic()
         if now - self.last.get(key, -1e9) < 60:
             return False

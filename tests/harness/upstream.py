@@ -49,6 +49,7 @@ class _Server(ThreadingHTTPServer):
         with self.upstream.lock:
             self.upstream.connections += 1
         sock.settimeout(30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers and body are separate writes
         # The handshake happens in the handler thread (setup), so a slow client cannot stall accept().
         return self.upstream.ssl_ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
 

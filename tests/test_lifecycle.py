@@ -1,0 +1,176 @@
+"""Gateway lifecycle: hot reload, a dead or hanging OTLP endpoint, the dev tee, graceful stop."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from clrk import attributes as A
+from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, free_port, gateway_doc, route
+from tests.harness.otlp import OtlpReceiver
+
+
+def docs_for(pki, upstream, *routes, endpoint: str = "") -> list[dict]:
+    aliases = {h: upstream.address for h in ("allowed.test", "api.github.com")}
+    return [gateway_doc(endpoint=endpoint, aliases=aliases, ca_bundle=str(pki[0])), *agent_docs(), *routes]
+
+
+class Tunnel:
+    """One persistent client connection through the gateway (CONNECT + TLS + HTTP/1.1 keep-alive)."""
+
+    def __init__(self, gw: Gateway, host: str):
+        self.conn = http.client.HTTPSConnection("127.0.0.1", gw.port, context=gw.ssl_context(), timeout=10)
+        auth = base64.b64encode(f"team-a.researcher:{AGENT_TOKEN}".encode()).decode()
+        self.conn.set_tunnel(host, 443, headers={"Proxy-Authorization": f"Basic {auth}"})
+        self.conn.connect()
+        self.sock = self.conn.sock
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        self.conn.request("GET", path)
+        r = self.conn.getresponse()
+        body = r.read()
+        assert self.conn.sock is self.sock, "the client connection was replaced"
+        return r.status, body
+
+
+def test_hot_reload_applies_within_a_second_and_a_bad_edit_keeps_the_last_good_policy(tmp_path, pki, upstream):
+    gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]))).start()
+    try:
+        t = Tunnel(gw, "api.github.com")
+        assert t.get("/json/before")[0] == 403
+
+        gw.write_policy(docs_for(pki, upstream, route("r1", ["allowed.test", "api.github.com"])))
+        start = time.monotonic()
+        while (status := t.get("/json/after")[0]) != 200 and time.monotonic() - start < 5:
+            time.sleep(0.02)
+        took = time.monotonic() - start
+        assert status == 200
+        assert took < 1.5, f"reload took {took:.2f}s"
+
+        # A broken edit: logged with file, document and field; the last good policy stays in force.
+        (gw.policies / "policy.yaml").write_text((gw.policies / "policy.yaml").read_text().replace("defaultPolicy: deny-all", "defaultPolicy: maybe"))
+        deadline = time.monotonic() + 5
+        while "policy reload failed" not in gw.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = gw.log()
+        assert "policy reload failed; the last good policy stays in force" in log
+        assert "document 1 (EgressGateway test-gw): spec.defaultPolicy" in log
+        assert t.get("/json/still-allowed")[0] == 200
+
+        # Removing the route closes the door on the same open connection.
+        gw.write_policy(docs_for(pki, upstream, route("r1", ["allowed.test"])))
+        start = time.monotonic()
+        while t.get("/json/closed")[0] != 403 and time.monotonic() - start < 5:
+            time.sleep(0.02)
+        assert t.get("/json/closed")[0] == 403
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+
+
+def test_revoked_agent_loses_its_open_tunnel(tmp_path, pki, upstream):
+    gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["api.github.com"]))).start()
+    try:
+        t = Tunnel(gw, "api.github.com")
+        assert t.get("/json/a")[0] == 200
+        docs = docs_for(pki, upstream, route("r1", ["api.github.com"]))
+        docs[1]["spec"]["credentials"]["tokenSha256"] = "0" * 64  # rotate the researcher's token
+        gw.write_policy(docs)
+        start = time.monotonic()
+        while (status := t.get("/json/b")[0]) == 200 and time.monotonic() - start < 5:
+            time.sleep(0.02)
+        assert status == 407
+    finally:
+        gw.stop()
+
+
+class HangingEndpoint:
+    """Accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(100)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(c)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.mark.parametrize("kind", ["refused", "hanging"])
+def test_otlp_endpoint_down_never_fails_a_request_and_every_row_is_stored(tmp_path, pki, upstream, kind):
+    hanging = HangingEndpoint() if kind == "hanging" else None
+    endpoint = hanging.endpoint if hanging else f"http://127.0.0.1:{free_port()}"
+    gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]), endpoint=endpoint)).start()
+    i = f"inv-{uuid.uuid4().hex[:8]}"
+    try:
+        with gw.client() as c:
+            statuses = [c.get(f"https://allowed.test/json/{n}", headers={"clrk-invocation-id": i}).status_code for n in range(40)]
+        assert statuses == [200] * 40
+        deadline = time.monotonic() + 10
+        while len(gw.records(invocation=i)) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(gw.records(invocation=i)) == 40
+    finally:
+        rc = gw.stop()
+        if hanging:
+            hanging.close()
+    assert rc == 0
+    assert len(gw.records(invocation=i)) == 40
+
+
+def test_dev_fallback_tees_without_replacing_the_gateway_endpoint(tmp_path, pki, upstream):
+    own, tee = OtlpReceiver(), OtlpReceiver()
+    gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]), endpoint=own.endpoint), fallback=tee.endpoint).start()
+    try:
+        i = f"inv-{uuid.uuid4().hex[:8]}"
+        with gw.client() as c:
+            assert c.get("https://allowed.test/json/tee", headers={"clrk-invocation-id": i}).status_code == 200
+        rec = gw.wait_record(invocation=i)
+        a, b = own.span(rec[A.SPAN_ID]), tee.span(rec[A.SPAN_ID])
+        assert a == b
+        assert own.log(rec[A.SPAN_ID])["attributes"] == tee.log(rec[A.SPAN_ID])["attributes"]
+    finally:
+        gw.stop()
+        own.close()
+        tee.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_stop_loses_no_row(tmp_path, pki, upstream, sig):
+    gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]))).start()
+    i = f"inv-{uuid.uuid4().hex[:8]}"
+    n = 300
+
+    def worker(k: int) -> list[int]:
+        with gw.client() as c:
+            return [c.get(f"https://allowed.test/json/{k}-{j}", headers={"clrk-invocation-id": i}).status_code for j in range(n // 6)]
+
+    with ThreadPoolExecutor(6) as ex:
+        results = [s for r in ex.map(worker, range(6)) for s in r]
+    assert results == [200] * n
+    rc = gw.stop(sig)  # right after the last response: records are still in flight in the proxy's queue
+    assert rc == 0
+    rows = gw.records(invocation=i)  # the gateway is gone: this opens the file read-only
+    assert len(rows) == n
+    assert "records not stored" not in gw.log()
