@@ -369,12 +369,21 @@ class EgressControl:
 
 
 class Capture:
-    """Streams bodies through bounded captures; nothing is buffered whole (SSE reaches the agent live)."""
+    """Bounded body capture. Bodies of unknown or large size, and every event stream, are streamed through
+    the capture chunk by chunk (SSE reaches the agent live, memory stays bounded); a body whose
+    Content-Length is at most BUFFER_LIMIT is left to mitmproxy to buffer, as bare mitmproxy does, and
+    captured in one step: streaming it would buy nothing and costs a separate write per chunk."""
 
     name = "clrk_capture"
+    BUFFER_LIMIT = 256 * 1024
 
     def __init__(self, rt: Runtime):
         self.rt = rt
+
+    @classmethod
+    def _small(cls, headers: http.Headers) -> bool:
+        cl = headers.get("content-length")
+        return cl is not None and cl.isdigit() and int(cl) <= cls.BUFFER_LIMIT and "transfer-encoding" not in headers
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
@@ -383,7 +392,13 @@ class Capture:
         cfg = tx.gateway.capture
         h = flow.request.headers
         tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
-        flow.request.stream = tx.req_capture.feed
+        if not self._small(h):
+            flow.request.stream = tx.req_capture.feed
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is not None and tx.req_capture is not None and not flow.request.stream and flow.response is None:
+            tx.req_capture.feed(flow.request.raw_content or b"")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
@@ -392,8 +407,28 @@ class Capture:
             return
         tx.upstream_response = True
         cfg = tx.gateway.capture
-        tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(resp.headers.get("content-type")), resp.headers.get("content-encoding"))
-        resp.stream = tx.resp_capture.feed
+        ctype = resp.headers.get("content-type")
+        tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(ctype), resp.headers.get("content-encoding"))
+        if not self._small(resp.headers) or (ctype and ctype.startswith("text/event-stream")):
+            resp.stream = tx.resp_capture.feed
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        resp = flow.response
+        if tx is None or resp is None or tx.gateway is None:
+            return
+        if tx.upstream_response:
+            if tx.resp_capture is not None and not resp.stream:
+                tx.resp_capture.feed(resp.raw_content or b"")
+            return
+        # A response the gateway made (a denial): both bodies are in memory; capture them the same way.
+        cfg = tx.gateway.capture
+        req = flow.request
+        if tx.req_capture is None:
+            tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(req.headers.get("content-type")), req.headers.get("content-encoding"))
+            tx.req_capture.feed(req.raw_content or b"")
+        tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(resp.headers.get("content-type")))
+        tx.resp_capture.feed(resp.raw_content or b"")
 
 
 # --------------------------------------------------------------------------- Recording
@@ -420,8 +455,6 @@ class Recording:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or tx.recorded:
             return
-        if not tx.upstream_response:
-            self._capture_local(flow, tx)
         self.rt.finish(flow, tx)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -429,19 +462,6 @@ class Recording:
         if tx is None or tx.recorded:
             return
         self.rt.finish(flow, tx)
-
-    def _capture_local(self, flow: http.HTTPFlow, tx: Transaction) -> None:
-        """A response the gateway made (a denial): the bodies are in memory, capture them the same way."""
-        if tx.gateway is None:
-            return
-        cfg = tx.gateway.capture
-        req, resp = flow.request, flow.response
-        if tx.req_capture is None:
-            tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(req.headers.get("content-type")), req.headers.get("content-encoding"))
-            tx.req_capture.feed(req.raw_content or b"")
-        if resp is not None and tx.resp_capture is None:
-            tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(resp.headers.get("content-type")))
-            tx.resp_capture.feed(resp.raw_content or b"")
 
     async def done(self) -> None:
         if self.rt.sink is not None:

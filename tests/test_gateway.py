@@ -383,3 +383,24 @@ def test_openai_sdk_through_the_gateway(gw, upstream, monkeypatch):
     assert rec[A.SERVER_ADDRESS] == "api.openai.com" and rec[A.HTTP_RESPONSE_STATUS_CODE] == 200
     assert rec[A.REQUEST_HEADERS]["authorization"] == A.REDACTED
     assert json.loads(rec[A.REQUEST_BODY])["model"] == "gpt-4o-mini"
+
+
+def test_large_bodies_stream_through_with_bounded_capture(gw, upstream):
+    """Past the buffering threshold both directions are streamed: whole on the wire, bounded in the record."""
+    i = inv()
+    payload = b'{"blob":"' + b"y" * (1024 * 1024) + b'"}'
+    with gw.client() as c:
+        up = c.post("https://allowed.test/json/upload", content=payload,
+                    headers={"clrk-invocation-id": i, "content-type": "application/json"})
+        down = c.get("https://allowed.test/big?size=3000000", headers={"clrk-invocation-id": i})
+    assert up.json()["body_bytes"] == len(payload)
+    assert len(down.content) == 3_000_000
+    rows = {r[A.URL_FULL]: r for r in gw.records(invocation=i)}
+    while len(rows) < 2:
+        time.sleep(0.05)
+        rows = {r[A.URL_FULL]: r for r in gw.records(invocation=i)}
+    upload, big = rows["https://allowed.test/json/upload"], rows["https://allowed.test/big?size=3000000"]
+    assert upload[A.CLRK_REQ_BYTES] == len(payload) and upload[A.CLRK_REQ_TRUNCATED] is True
+    assert upload[A.REQUEST_BODY] == payload[:4096].decode()
+    assert big[A.CLRK_RESP_BYTES] == 3_000_000 and big[A.CLRK_RESP_TRUNCATED] is True
+    assert big[A.RESPONSE_BODY] == down.content[:4096].decode()
