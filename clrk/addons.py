@@ -3,7 +3,8 @@
   PolicyLoader   options, policy load and hot reload, the mitmproxy settings clrk relies on
   ProxyAuth      who is asking (Proxy-Authorization on CONNECT or per request)
   EgressControl  the decision; denials answered here; the last guard before any upstream connection
-  Capture        bounded body capture on the pass-through
+  Providers      model-provider calls recognised and parsed (gen_ai.* attributes, usage)
+  Capture        bounded body capture on the pass-through (feeds the provider parser)
   Recording      one record per transaction, handed to the recorder process
 
 The data path reads top to bottom in that order; the addons share one `Runtime` and, per request, the
@@ -34,6 +35,7 @@ from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.compiled import AgentIdentity
 from clrk.policy.loader import policy_files
+from clrk.providers import parser_for
 from clrk.settings import Settings
 from clrk.sink import RecordSink
 from clrk.transaction import METADATA_KEY, Transaction, build_record
@@ -71,6 +73,8 @@ class Runtime:
         if tx.recorded or self.policy is None:
             return
         tx.recorded = True
+        if tx.genai is not None:
+            tx.genai.end()
         rec = build_record(tx, flow, self.policy)
         if self.sink is not None:
             self.sink.submit(rec)
@@ -365,6 +369,38 @@ class EgressControl:
         self.server_connected(data)
 
 
+# --------------------------------------------------------------------------- Providers
+
+
+class Providers:
+    """Recognises model-provider calls and follows them: request body in, response pieces through, usage out."""
+
+    name = "clrk_providers"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or self.rt.policy is None or tx.dst_name is None:
+            return
+        tx.genai = parser_for(self.rt.policy.provider_hosts, tx.dst_name, flow.request.path)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.genai is None or flow.request.stream:
+            return
+        body = flow.request.get_content(strict=False)
+        if body:
+            tx.genai.request_body(body)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.genai is None or flow.response is None:
+            return
+        tx.genai.response_headers(flow.response.status_code, flow.response.headers.get("content-type"))
+
+
 # --------------------------------------------------------------------------- Capture
 
 
@@ -376,14 +412,16 @@ class Capture:
 
     name = "clrk_capture"
     BUFFER_LIMIT = 256 * 1024
+    # Provider requests are small JSON whose body clrk reads (model, stream options): buffer them.
+    PROVIDER_BUFFER_LIMIT = 32 * 1024 * 1024
 
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    @classmethod
-    def _small(cls, headers: http.Headers) -> bool:
+    @staticmethod
+    def _small(headers: http.Headers, limit: int) -> bool:
         cl = headers.get("content-length")
-        return cl is not None and cl.isdigit() and int(cl) <= cls.BUFFER_LIMIT and "transfer-encoding" not in headers
+        return cl is not None and cl.isdigit() and int(cl) <= limit and "transfer-encoding" not in headers
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
@@ -392,7 +430,7 @@ class Capture:
         cfg = tx.gateway.capture
         h = flow.request.headers
         tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
-        if not self._small(h):
+        if not self._small(h, self.PROVIDER_BUFFER_LIMIT if tx.genai is not None else self.BUFFER_LIMIT):
             flow.request.stream = tx.req_capture.feed
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -408,8 +446,11 @@ class Capture:
         tx.upstream_response = True
         cfg = tx.gateway.capture
         ctype = resp.headers.get("content-type")
-        tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(ctype), resp.headers.get("content-encoding"))
-        if not self._small(resp.headers) or (ctype and ctype.startswith("text/event-stream")):
+        tx.resp_capture = BodyCapture(
+            cfg.max_bytes, cfg.wants(ctype), resp.headers.get("content-encoding"),
+            listener=tx.genai.feed if tx.genai is not None else None,
+        )
+        if not self._small(resp.headers, self.BUFFER_LIMIT) or (ctype and ctype.startswith("text/event-stream")):
             resp.stream = tx.resp_capture.feed
 
     def response(self, flow: http.HTTPFlow) -> None:

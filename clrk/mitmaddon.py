@@ -1,6 +1,6 @@
 """The addon list mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`)."""
 
-from clrk.addons import Capture, EgressControl, PolicyLoader, ProxyAuth, Recording, Runtime
+from clrk.addons import Capture, EgressControl, PolicyLoader, Providers, ProxyAuth, Recording, Runtime
 
 _runtime = Runtime()
 
@@ -8,6 +8,7 @@ addons = [
     PolicyLoader(_runtime),
     ProxyAuth(_runtime),
     EgressControl(_runtime),
+    Providers(_runtime),
     Capture(_runtime),
     Recording(_runtime),
 ]

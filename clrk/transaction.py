@@ -18,6 +18,7 @@ from clrk.capture import BodyCapture
 from clrk.decision import Decision
 from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
+from clrk.providers import ProviderParser
 from clrk.redact import headers_dict, redact_url
 
 METADATA_KEY = "clrk"
@@ -35,6 +36,7 @@ class Transaction:
     invocation_id: str | None = None
     req_capture: BodyCapture | None = None
     resp_capture: BodyCapture | None = None
+    genai: ProviderParser | None = None  # set for model-provider calls
     upstream_response: bool = False  # False while the response (if any) is one the gateway made up
     recorded: bool = False
 
@@ -128,8 +130,13 @@ def build_record(tx: Transaction, flow: http.HTTPFlow, policy: CompiledPolicy) -
     rec[A.CLRK_BODY_BYTES] = len(req_body or b"") + len(resp_body or b"")
     rec[A.REQUEST_BODY], rec[A.RESPONSE_BODY], rec[A.CLRK_BODY_B64] = _bodies(req_body, resp_body)
 
+    genai = tx.genai.result if tx.genai is not None else None
+    if genai is not None:
+        rec.update(genai.attributes())
     if flow.error is not None:
         rec[A.ERROR_TYPE] = error_type(flow.error.msg)
+    elif genai is not None and genai.error_type and tx.upstream_response:
+        rec[A.ERROR_TYPE] = genai.error_type
     elif tx.upstream_response and resp is not None and resp.status_code >= 400:
         # OTel HTTP client semconv: an error status is the error type.
         rec[A.ERROR_TYPE] = str(resp.status_code)

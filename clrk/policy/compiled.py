@@ -16,6 +16,7 @@ from pathlib import Path
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.policy import models as m
 from clrk.policy.loader import PolicyError, SourcedDocument, load_documents
+from clrk.providers import DEFAULT_HOSTS as DEFAULT_PROVIDER_HOSTS
 
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -125,6 +126,7 @@ class CompiledPolicy:
     deny_rules: tuple[HostRule, ...]
     routes: tuple[HostRule, ...]
     documents: tuple[SourcedDocument, ...] = field(repr=False)
+    provider_hosts: Mapping[str, str] = field(default_factory=dict)  # host -> provider (parser) name
     redact_headers: frozenset[str] = SENSITIVE_HEADERS
     redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
 
@@ -313,6 +315,10 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             for j, ref in enumerate(rule.backend_refs):
                 if ref.name not in names.get("Backend", set()):
                     problems.append(f"{where(sd)}: spec.rules[{i}].backendRefs[{j}].name: no Backend named {ref.name!r}")
+    provider_hosts = dict(DEFAULT_PROVIDER_HOSTS)
+    for sd in by_kind.get("Backend", []):
+        b: m.Backend = sd.doc  # type: ignore[assignment]
+        provider_hosts[b.spec.upstream.host] = b.spec.schema_.name
     redact_headers = set(SENSITIVE_HEADERS)
     redact_query = set(SENSITIVE_QUERY_PARAMS)
     for sd in by_kind.get("CredentialInjectionPolicy", []):
@@ -332,6 +338,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         deny_rules=deny_rules,
         routes=routes,
         documents=tuple(docs),
+        provider_hosts=provider_hosts,
         redact_headers=frozenset(redact_headers),
         redact_query=frozenset(redact_query),
     )

@@ -92,6 +92,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def start_chunked(self, status: int, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def cut(self) -> None:
+        """Drops the connection mid-body, as a dying upstream would."""
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.connection.close()
+        self.close_connection = True
+
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
@@ -105,6 +122,9 @@ class _Handler(BaseHTTPRequestHandler):
             up.requests.append(seen)
         qs = {k: v[-1] for k, v in parse_qs(u.query).items()}
         p = u.path
+        for prefix, route in up.routes:
+            if p.startswith(prefix):
+                return route(self, seen)
         if p.startswith("/handler/"):
             return up.handlers[p[len("/handler/"):].split("/")[0]](self, seen)
         if p.startswith("/sse"):
@@ -166,6 +186,7 @@ class FakeUpstream:
         self.requests: list[Seen] = []
         self.connections = 0
         self.handlers: dict = {}
+        self.routes: list = []  # (path prefix, handler(request_handler, seen)), checked first
         self.sse_done = threading.Event()
         self.gzip_body = b""
         self.gzip_plain = b""

@@ -1,0 +1,37 @@
+"""Provider intelligence: which transactions are model calls, and what they cost.
+
+One module per provider implements `ProviderParser` (clrk/providers/base.py); `REGISTRY` maps a provider
+name (also a Backend's `schema.name`) to its parser. Adding a provider is its module and one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from clrk.providers.anthropic import AnthropicParser
+from clrk.providers.base import GenAiResult, ProviderParser
+from clrk.providers.google_genai import GoogleGenAIParser
+from clrk.providers.openai import OpenAIParser
+
+REGISTRY: dict[str, type[ProviderParser]] = {
+    OpenAIParser.name: OpenAIParser,
+    AnthropicParser.name: AnthropicParser,
+    GoogleGenAIParser.name: GoogleGenAIParser,
+}
+
+DEFAULT_HOSTS: dict[str, str] = {host: p.name for p in REGISTRY.values() for host in p.hosts}
+
+
+def parser_for(provider_hosts: Mapping[str, str], host: str, path: str) -> ProviderParser | None:
+    """A fresh parser when `host` serves a provider API, else None. `path` may carry a query string."""
+    name = provider_hosts.get(host)
+    if name is None:
+        return None
+    cls = REGISTRY[name]
+    path_only, _, query = path.partition("?")
+    op = cls.operation(path_only)
+    operation, model = op if op else (None, None)
+    return cls(operation, model, path_only, query)
+
+
+__all__ = ["DEFAULT_HOSTS", "REGISTRY", "GenAiResult", "ProviderParser", "parser_for"]

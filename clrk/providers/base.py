@@ -1,0 +1,202 @@
+"""The protocol every provider implements, and the body plumbing they share.
+
+A `ProviderParser` sees one transaction: the request body, the response status and content type, then
+every decoded piece of the response body (the whole body, however long, in bounded memory), then the end.
+Out comes a `GenAiResult`: operation, models, ids, finish reasons, usage, provider error type.
+
+Providers implement `on_request(doc)`, `on_event(event, data)` for SSE, `on_json(doc)` for a whole JSON
+body, `on_error(doc)` for an error body, and `on_truncated_json(tail)` for a JSON body too large to parse
+whole (usage is read from its tail). Everything runs on the proxy's event loop: O(piece), no blocking.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from clrk import attributes as A
+from clrk.providers.sse import SseParser
+
+JSON_PARSE_LIMIT = 1024 * 1024  # a JSON body up to this size is parsed whole
+TAIL_BYTES = 64 * 1024  # past that, the usage is read from the last TAIL_BYTES
+
+
+@dataclass(slots=True)
+class GenAiResult:
+    system: str
+    provider_name: str
+    operation: str | None = None
+    request_model: str | None = None
+    response_model: str | None = None
+    response_id: str | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    stream: bool = False
+    usage_visible: bool = False
+    error_type: str | None = None
+    parse_error: str | None = None
+
+    def attributes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            A.GEN_AI_SYSTEM: self.system,
+            A.GEN_AI_PROVIDER_NAME: self.provider_name,
+            A.GEN_AI_RESPONSE_STREAM: self.stream,
+            A.CLRK_BODY_USAGE_VISIBLE: self.usage_visible,
+        }
+        for key, value in (
+            (A.GEN_AI_OPERATION_NAME, self.operation),
+            (A.GEN_AI_REQUEST_MODEL, self.request_model),
+            (A.GEN_AI_RESPONSE_MODEL, self.response_model),
+            (A.GEN_AI_RESPONSE_ID, self.response_id),
+            (A.GEN_AI_USAGE_INPUT_TOKENS, self.input_tokens),
+            (A.GEN_AI_USAGE_OUTPUT_TOKENS, self.output_tokens),
+            (A.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, self.cache_read_tokens),
+            (A.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, self.cache_creation_tokens),
+            (A.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, self.reasoning_tokens),
+        ):
+            if value is not None:
+                out[key] = value
+        if self.finish_reasons:
+            out[A.GEN_AI_RESPONSE_FINISH_REASONS] = list(self.finish_reasons)
+        return out
+
+
+def as_int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def object_after_key(text: str, key: str) -> Any:
+    """The JSON value after the last `"key":` in `text` (a body's tail), or None."""
+    for m in reversed(list(re.finditer('"' + re.escape(key) + r'"\s*:\s*', text))):
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text, m.end())
+            return value
+        except ValueError:
+            continue
+    return None
+
+
+class ProviderParser:
+    """Base class: subclasses set the class attributes and override the `on_*` methods they need."""
+
+    name: ClassVar[str]  # the registry key and Backend `schema.name`
+    system: ClassVar[str]  # gen_ai.system (the seed's value)
+    provider_name: ClassVar[str]  # gen_ai.provider.name (current semconv)
+    hosts: ClassVar[tuple[str, ...]]  # public API hosts
+
+    @classmethod
+    def operation(cls, path: str) -> tuple[str, str | None] | None:
+        """(gen_ai.operation.name, model named by the path) for an endpoint this provider serves, else None."""
+        raise NotImplementedError
+
+    def __init__(self, operation: str | None, path_model: str | None, path: str, query: str):
+        self.result = GenAiResult(self.system, self.provider_name, operation, request_model=path_model)
+        self.path = path
+        self.query = query
+        self.status: int | None = None
+        self._sse: SseParser | None = None
+        self._body = bytearray()
+        self._body_size = 0
+        self._tail = b""
+        self._done = False
+
+    # ------------------------------------------------------------------ request
+
+    def request_body(self, body: bytes) -> None:
+        if not body or len(body) > 32 * JSON_PARSE_LIMIT:
+            return
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            self.result.parse_error = f"request body is not JSON: {e}"
+            return
+        if isinstance(doc, dict):
+            self.on_request(doc)
+
+    def on_request(self, doc: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------ response
+
+    def response_headers(self, status: int, content_type: str | None) -> None:
+        self.status = status
+        if content_type and content_type.split(";", 1)[0].strip().lower() == "text/event-stream":
+            self._sse = SseParser()
+            self.result.stream = True
+
+    def feed(self, data: bytes) -> None:
+        """A decoded piece of the response body."""
+        try:
+            if self._sse is not None:
+                for event, payload in self._sse.feed(data):
+                    self._event(event, payload)
+                return
+            self._body_size += len(data)
+            if self._body_size <= JSON_PARSE_LIMIT:
+                self._body += data
+            else:
+                if self._body:  # crossed the limit: from now on only the tail is kept
+                    self._tail = bytes(self._body[-TAIL_BYTES:])
+                    self._body = bytearray()
+                self._tail = (self._tail + data)[-TAIL_BYTES:]
+        except Exception as e:  # a parser bug or hostile input must never break the flow
+            self._fail(e)
+
+    def _event(self, event: str, payload: str) -> None:
+        try:
+            self.on_event(event, payload)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            self.result.parse_error = f"unreadable {event or 'message'} event: {e}"
+
+    def end(self) -> GenAiResult:
+        """Called once the response is over (complete or not); returns the result."""
+        if self._done:
+            return self.result
+        self._done = True
+        if self._sse is not None:
+            return self.result
+        try:
+            if self._body_size > JSON_PARSE_LIMIT:
+                self.on_truncated_json(self._tail.decode("utf-8", "replace"))
+            elif self._body:
+                try:
+                    doc = json.loads(self._body)
+                except ValueError as e:
+                    self.result.parse_error = f"response body is not complete JSON: {e}"
+                    # A body cut mid-way: what it said so far may still name the usage.
+                    self.on_truncated_json(bytes(self._body[-TAIL_BYTES:]).decode("utf-8", "replace"))
+                else:
+                    if self.status is not None and self.status >= 400:
+                        self.on_error(doc)
+                    else:
+                        self.on_json(doc)
+        except Exception as e:
+            self._fail(e)
+        self._body = bytearray()
+        return self.result
+
+    def _fail(self, e: Exception) -> None:
+        self.result.parse_error = f"{type(e).__name__}: {e}"
+        self._sse = None
+        self._body = bytearray()
+        self._body_size = 0
+
+    # ------------------------------------------------------------------ provider hooks
+
+    def on_event(self, event: str, data: str) -> None:
+        pass
+
+    def on_json(self, doc: Any) -> None:
+        pass
+
+    def on_error(self, doc: Any) -> None:
+        pass
+
+    def on_truncated_json(self, tail: str) -> None:
+        pass

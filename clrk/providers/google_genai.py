@@ -1,0 +1,99 @@
+"""Google Gemini API (generativelanguage.googleapis.com).
+
+`models/M:generateContent` and `:streamGenerateContent` (SSE with `alt=sse`, else a streamed JSON array)
+-> chat; `:embedContent` / `:batchEmbedContents` -> embeddings. The model comes from the path.
+`usageMetadata` is a running total in a stream: the last one counts. Per the semconv, output tokens are
+candidates + thoughts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import unquote
+
+from clrk.providers.base import ProviderParser, as_int, object_after_key
+
+_PATH = re.compile(r"/(?:models|tunedModels)/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$")
+_OPS = {
+    "generateContent": "chat",
+    "streamGenerateContent": "chat",
+    "embedContent": "embeddings",
+    "batchEmbedContents": "embeddings",
+}
+
+
+class GoogleGenAIParser(ProviderParser):
+    name = "google_genai"
+    system = "google_genai"
+    provider_name = "gcp.gemini"
+    hosts = ("generativelanguage.googleapis.com",)
+
+    @classmethod
+    def operation(cls, path: str) -> tuple[str, str | None] | None:
+        m = _PATH.search(unquote(path))
+        if m is None:
+            return None
+        return _OPS[m.group(2)], m.group(1)
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        if self.path.endswith(":streamGenerateContent"):
+            self.result.stream = True
+
+    def _usage(self, u: Any) -> None:
+        if not isinstance(u, dict):
+            return
+        r = self.result
+        prompt = as_int(u.get("promptTokenCount"))
+        candidates = as_int(u.get("candidatesTokenCount"))
+        thoughts = as_int(u.get("thoughtsTokenCount"))
+        if prompt is None and candidates is None and thoughts is None:
+            return
+        r.input_tokens = prompt
+        r.output_tokens = (candidates or 0) + (thoughts or 0) if (candidates is not None or thoughts is not None) else None
+        r.reasoning_tokens = thoughts
+        r.cache_read_tokens = as_int(u.get("cachedContentTokenCount"))
+        r.usage_visible = True
+
+    def _chunk(self, doc: Any) -> None:
+        if not isinstance(doc, dict):
+            return
+        if isinstance(doc.get("error"), dict):
+            self.on_error(doc)
+            return
+        if isinstance(doc.get("responseId"), str):
+            self.result.response_id = doc["responseId"]
+        if isinstance(doc.get("modelVersion"), str):
+            self.result.response_model = doc["modelVersion"]
+        cands = doc.get("candidates")
+        if isinstance(cands, list):
+            reasons = [c["finishReason"] for c in cands if isinstance(c, dict) and isinstance(c.get("finishReason"), str)]
+            if reasons:
+                self.result.finish_reasons = reasons
+        self._usage(doc.get("usageMetadata"))
+
+    def on_json(self, doc: Any) -> None:
+        # :streamGenerateContent without alt=sse streams one JSON array of chunks.
+        for chunk in doc if isinstance(doc, list) else [doc]:
+            self._chunk(chunk)
+
+    def on_event(self, event: str, data: str) -> None:
+        self._chunk(json.loads(data))
+
+    def on_error(self, doc: Any) -> None:
+        for d in doc if isinstance(doc, list) else [doc]:
+            err = d.get("error") if isinstance(d, dict) else None
+            if isinstance(err, dict):
+                self.result.error_type = str(err.get("status") or err.get("code") or "error")
+                return
+
+    def on_truncated_json(self, tail: str) -> None:
+        self._usage(object_after_key(tail, "usageMetadata"))
+        model = object_after_key(tail, "modelVersion")
+        if isinstance(model, str):
+            self.result.response_model = model
+        rid = object_after_key(tail, "responseId")
+        if isinstance(rid, str):
+            self.result.response_id = rid

@@ -1,0 +1,150 @@
+"""OpenAI (api.openai.com, and any Backend with `schema.name: openai`, e.g. an OpenAI-compatible server).
+
+Endpoints: /v1/chat/completions and /v1/responses -> chat, /v1/completions -> text_completion,
+/v1/embeddings -> embeddings (matched on the path's end, so a compatible server's prefix does not matter).
+Usage: `usage` of a JSON body; in a chat/completions stream, the final chunk's `usage` (present only with
+`stream_options.include_usage`); in a Responses stream, `response.completed` (or `.incomplete`/`.failed`).
+prompt_tokens already include cached tokens and completion_tokens reasoning tokens, as the semconv wants.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from clrk.providers.base import ProviderParser, as_int, object_after_key
+
+_ENDPOINTS = (
+    ("/chat/completions", "chat"),
+    ("/responses", "chat"),
+    ("/completions", "text_completion"),
+    ("/embeddings", "embeddings"),
+)
+_USAGE = re.compile(r'"usage"\s*:\s*\{')
+_FINISH = re.compile(r'"finish_reason"\s*:\s*"')
+_RESPONSE_EVENTS = frozenset({"response.created", "response.in_progress", "response.completed", "response.incomplete", "response.failed", "error"})
+
+
+class OpenAIParser(ProviderParser):
+    name = "openai"
+    system = "openai"
+    provider_name = "openai"
+    hosts = ("api.openai.com",)
+
+    @classmethod
+    def operation(cls, path: str) -> tuple[str, str | None] | None:
+        p = path.rstrip("/")
+        for suffix, op in _ENDPOINTS:
+            if p.endswith(suffix):
+                return op, None
+        return None
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._responses_api = self.path.rstrip("/").endswith("/responses")
+        self._first_chunk = True
+        self._finish: dict[int, str] = {}
+
+    def on_request(self, doc: dict) -> None:
+        if isinstance(doc.get("model"), str):
+            self.result.request_model = doc["model"]
+        if doc.get("stream") is True:
+            self.result.stream = True
+
+    # ------------------------------------------------------------------ usage
+
+    def _usage(self, u: Any) -> None:
+        if not isinstance(u, dict):
+            return
+        r = self.result
+        if self._responses_api:
+            r.input_tokens = as_int(u.get("input_tokens"))
+            r.output_tokens = as_int(u.get("output_tokens"))
+            in_details, out_details = u.get("input_tokens_details"), u.get("output_tokens_details")
+        else:
+            r.input_tokens = as_int(u.get("prompt_tokens"))
+            r.output_tokens = as_int(u.get("completion_tokens"))
+            in_details, out_details = u.get("prompt_tokens_details"), u.get("completion_tokens_details")
+        if isinstance(in_details, dict):
+            r.cache_read_tokens = as_int(in_details.get("cached_tokens"))
+        if isinstance(out_details, dict):
+            r.reasoning_tokens = as_int(out_details.get("reasoning_tokens"))
+        r.usage_visible = r.input_tokens is not None or r.output_tokens is not None
+
+    def _ids(self, doc: dict) -> None:
+        if isinstance(doc.get("id"), str):
+            self.result.response_id = doc["id"]
+        if isinstance(doc.get("model"), str):
+            self.result.response_model = doc["model"]
+
+    def _choices(self, choices: Any) -> None:
+        if not isinstance(choices, list):
+            return
+        for c in choices:
+            if isinstance(c, dict) and isinstance(c.get("finish_reason"), str):
+                self._finish[as_int(c.get("index")) or 0] = c["finish_reason"]
+        self.result.finish_reasons = [self._finish[i] for i in sorted(self._finish)]
+
+    def _response_object(self, resp: Any) -> None:
+        if not isinstance(resp, dict):
+            return
+        self._ids(resp)
+        status = resp.get("status")
+        incomplete = resp.get("incomplete_details")
+        if isinstance(incomplete, dict) and isinstance(incomplete.get("reason"), str):
+            self.result.finish_reasons = [incomplete["reason"]]
+        elif isinstance(status, str) and status not in ("in_progress", "queued"):
+            self.result.finish_reasons = [status]
+        if isinstance(resp.get("error"), dict):
+            self.on_error(resp)
+        self._usage(resp.get("usage"))
+
+    # ------------------------------------------------------------------ bodies
+
+    def on_json(self, doc: Any) -> None:
+        if not isinstance(doc, dict):
+            return
+        if self._responses_api:
+            self._response_object(doc)
+            return
+        self._ids(doc)
+        self._choices(doc.get("choices"))
+        self._usage(doc.get("usage"))
+
+    def on_event(self, event: str, data: str) -> None:
+        if self._responses_api:
+            if event and event not in _RESPONSE_EVENTS:
+                return  # deltas: nothing the record needs
+            doc = json.loads(data)
+            if doc.get("type") == "error" or event == "error":
+                self.on_error(doc)
+            else:
+                self._response_object(doc.get("response"))
+            return
+        if data == "[DONE]":
+            return
+        # Most chunks are content deltas; parse only the first, finish-reason and usage chunks.
+        if not (self._first_chunk or _FINISH.search(data) or _USAGE.search(data) or '"error"' in data):
+            return
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            return
+        if "error" in doc and isinstance(doc["error"], dict):
+            self.on_error(doc)
+            return
+        if self._first_chunk:
+            self._first_chunk = False
+            self._ids(doc)
+        self._choices(doc.get("choices"))
+        if doc.get("usage") is not None:
+            self._usage(doc["usage"])
+
+    def on_error(self, doc: Any) -> None:
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict):
+            code = err.get("code") or err.get("type")
+            self.result.error_type = str(code) if code else "error"
+
+    def on_truncated_json(self, tail: str) -> None:
+        self._usage(object_after_key(tail, "usage"))

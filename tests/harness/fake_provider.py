@@ -1,0 +1,99 @@
+"""A fake model provider on a FakeUpstream: OpenAI, Anthropic and Gemini endpoints as the official SDKs call
+them. The request's model name picks a behaviour, so a test drives it through the SDK alone:
+
+  ...-error   the provider's error body (429 / 529 / 400)
+  ...-cut     a stream (or JSON body) that dies mid-way
+  ...-big     a JSON body of several MB whose usage sits at the end
+  ...-slow    a stream paced 0.6 s per event; `upstream.sse_done` is set after the last one
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.harness import provider_bodies as B
+
+PACE = 0.6
+
+
+def _stream(h, up, pieces: list[bytes], model: str) -> None:
+    h.start_chunked(200, "text/event-stream")
+    for i, piece in enumerate(pieces):
+        if "-cut" in model and i == len(pieces) // 2:
+            h._chunk(piece[: len(piece) // 2])
+            return h.cut()
+        if i and "-slow" in model:
+            time.sleep(PACE)
+        h._chunk(piece)
+    h.end_chunked()
+    up.sse_done.set()
+
+
+def _json(h, status: int, body: bytes, model: str) -> None:
+    if "-cut" in model:
+        h.start_chunked(status, "application/json")
+        h._chunk(body[: len(body) // 2])
+        return h.cut()
+    h._send(status, body)
+
+
+def openai(h, seen):
+    up = h.server.upstream
+    req = json.loads(seen.body or b"{}")
+    model = req.get("model", "")
+    path = seen.path.split("?")[0]
+    if "-error" in model:
+        return h._send(429, B.openai_error_json())
+    if path.endswith("/embeddings"):
+        return _json(h, 200, B.openai_embeddings_json(model=model, n=len(req.get("input") or [1])), model)
+    if path.endswith("/responses"):
+        if req.get("stream"):
+            return _stream(h, up, B.openai_responses_stream(model=model + "-2024"), model)
+        return _json(h, 200, B.openai_responses_json(model=model + "-2024"), model)
+    if req.get("stream"):
+        usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        return _stream(h, up, B.openai_chat_stream(model=model + "-2024", usage=usage), model)
+    content = "z" * 3_000_000 if "-big" in model else "Hello!"
+    return _json(h, 200, B.openai_chat_json(model=model + "-2024", content=content), model)
+
+
+def anthropic(h, seen):
+    up = h.server.upstream
+    req = json.loads(seen.body or b"{}")
+    model = req.get("model", "")
+    if "-error" in model:
+        return h._send(529, B.anthropic_error_json())
+    if req.get("stream"):
+        return _stream(h, up, B.anthropic_message_stream(model=model + "-20241022"), model)
+    return _json(h, 200, B.anthropic_message_json(model=model + "-20241022"), model)
+
+
+def gemini(h, seen):
+    up = h.server.upstream
+    path, _, query = seen.path.partition("?")
+    model = path.rsplit("/", 1)[-1].split(":")[0]
+    if "-error" in model:
+        return h._send(400, B.gemini_error_json())
+    if path.endswith(":embedContent"):
+        return h._send(200, B.gemini_embed_json())
+    if path.endswith(":batchEmbedContents"):
+        n = len(json.loads(seen.body or b"{}").get("requests") or [1])
+        return h._send(200, json.dumps({"embeddings": [{"values": [0.1, 0.2]} for _ in range(n)]}).encode())
+    if path.endswith(":streamGenerateContent"):
+        if "alt=sse" in query:
+            return _stream(h, up, B.gemini_sse(), model)
+        h.start_chunked(200, "application/json")
+        for piece in B.gemini_json_array_stream():
+            h._chunk(piece)
+        h.end_chunked()
+        return
+    return _json(h, 200, B.gemini_generate_json(), model)
+
+
+def install(upstream) -> None:
+    upstream.routes += [
+        ("/v1/chat/completions", openai), ("/v1/responses", openai), ("/v1/embeddings", openai), ("/v1/completions", openai),
+        ("/v1/messages", anthropic),
+        ("/v1beta/models/", gemini), ("/v1/models/", gemini),
+    ]
