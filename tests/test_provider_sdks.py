@@ -139,6 +139,14 @@ def test_openai_embeddings_and_responses(gw, otlp, oai):
     assert rec["gen_ai.response.stream"] is True and usage(rec)[:2] == (21, 7)
 
 
+def test_openai_text_completion(gw, otlp, oai):
+    client, inv = oai
+    assert client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi").choices[0].text == "Hello!"
+    rec = genai_record(gw, otlp, inv)
+    assert (rec["gen_ai.operation.name"], rec["gen_ai.response.id"], rec["gen_ai.response.finish_reasons"]) == ("text_completion", "cmpl-1", ["stop"])
+    assert usage(rec)[:2] == (12, 5)
+
+
 def test_openai_error_response(gw, otlp, oai):
     client, inv = oai
     with pytest.raises(openai.RateLimitError):
@@ -219,6 +227,19 @@ def test_anthropic_error_and_cut_stream(gw, otlp, claude):
     assert usage(rec)[:2] == (125, 1) and rec["clrk.body.usage_visible"] is True  # as far as the stream got
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_legacy_text_completion(gw, otlp, env, stream):
+    # The SDK no longer ships this API; clients that still use it speak plain HTTP.
+    with gw.client() as c:
+        r = c.post("https://api.anthropic.com/v1/complete", headers={"clrk-invocation-id": env, "x-api-key": "sk-ant-x"},
+                   json={"model": "claude-2.1", "prompt": "\n\nHuman: hi\n\nAssistant:", "max_tokens_to_sample": 8, "stream": stream})
+    assert r.status_code == 200
+    rec = genai_record(gw, otlp, env)
+    assert (rec["gen_ai.operation.name"], rec["gen_ai.request.model"], rec["gen_ai.response.id"]) == ("text_completion", "claude-2.1", "compl_01")
+    assert rec["gen_ai.response.finish_reasons"] == ["stop_sequence"] and rec["gen_ai.response.stream"] is stream
+    assert rec["clrk.body.usage_visible"] is False
+
+
 # ------------------------------------------------------------------------------------------------ Gemini
 
 
@@ -252,6 +273,18 @@ def test_gemini_stream(gw, otlp, gemini):
     assert rec["gen_ai.response.finish_reasons"] == ["MAX_TOKENS"]
 
 
+def test_gemini_stream_cut_midway(gw, otlp, gemini):
+    client, inv = gemini
+    got = []
+    with pytest.raises(CUT_ERRORS):
+        for c in client.models.generate_content_stream(model="gemini-2.0-flash-cut", contents="hi"):
+            got.append(c.text)
+    assert got == ["Hel"]
+    rec = genai_record(gw, otlp, inv)
+    assert rec[A.ERROR_TYPE] == "upstream_reset"
+    assert usage(rec)[:2] == (8, 1) and rec["clrk.body.usage_visible"] is True  # the running total so far
+
+
 def test_gemini_embeddings_and_error(gw, otlp, gemini):
     from google.genai import errors
 
@@ -259,6 +292,11 @@ def test_gemini_embeddings_and_error(gw, otlp, gemini):
     client.models.embed_content(model="text-embedding-004", contents="hi")
     rec = genai_record(gw, otlp, inv)
     assert (rec["gen_ai.operation.name"], rec["gen_ai.request.model"]) == ("embeddings", "text-embedding-004")
+    with gw.client() as c:  # both embedding endpoints, whichever the SDK version picks
+        for ep in ("embedContent", "batchEmbedContents"):
+            c.post(f"https://generativelanguage.googleapis.com/v1beta/models/text-embedding-004:{ep}",
+                   json={"requests": [{"content": {"parts": [{"text": "a"}]}}]}, headers={"clrk-invocation-id": inv + ep, "x-goog-api-key": "k"})
+            assert genai_record(gw, otlp, inv + ep)["gen_ai.operation.name"] == "embeddings"
     with pytest.raises(errors.ClientError):
         client.models.generate_content(model="gemini-error", contents="hi")
     err = genai_record(gw, otlp, inv, count=2)  # newest first

@@ -51,6 +51,10 @@ def openai(h, seen):
         if req.get("stream"):
             return _stream(h, up, B.openai_responses_stream(model=model + "-2024"), model)
         return _json(h, 200, B.openai_responses_json(model=model + "-2024"), model)
+    if path.endswith("/v1/completions"):
+        body = json.loads(B.openai_chat_json(model=model + "-2024"))
+        body.update(id="cmpl-1", object="text_completion", choices=[{"text": "Hello!", "index": 0, "logprobs": None, "finish_reason": "stop"}])
+        return _json(h, 200, json.dumps(body).encode(), model)
     if req.get("stream"):
         usage = bool((req.get("stream_options") or {}).get("include_usage"))
         return _stream(h, up, B.openai_chat_stream(model=model + "-2024", usage=usage), model)
@@ -64,6 +68,13 @@ def anthropic(h, seen):
     model = req.get("model", "")
     if "-error" in model:
         return h._send(529, B.anthropic_error_json())
+    if seen.path.startswith("/v1/complete"):  # the legacy Text Completions API: no usage reported
+        base = {"type": "completion", "id": "compl_01", "model": model}
+        if req.get("stream"):
+            evs = [("completion", {**base, "completion": w, "stop_reason": None}) for w in (" Hel", "lo")]
+            evs.append(("completion", {**base, "completion": "", "stop_reason": "stop_sequence"}))
+            return _stream(h, up, [B.sse([e]) for e in evs], model)
+        return _json(h, 200, json.dumps({**base, "completion": " Hello", "stop_reason": "stop_sequence"}).encode(), model)
     if req.get("stream"):
         return _stream(h, up, B.anthropic_message_stream(model=model + "-20241022"), model)
     return _json(h, 200, B.anthropic_message_json(model=model + "-20241022"), model)
@@ -94,6 +105,6 @@ def gemini(h, seen):
 def install(upstream) -> None:
     upstream.routes += [
         ("/v1/chat/completions", openai), ("/v1/responses", openai), ("/v1/embeddings", openai), ("/v1/completions", openai),
-        ("/v1/messages", anthropic),
+        ("/v1/messages", anthropic), ("/v1/complete", anthropic),
         ("/v1beta/models/", gemini), ("/v1/models/", gemini),
     ]
