@@ -1,11 +1,13 @@
 """clrk's mitmproxy addons, one job each, composed in `clrk.mitmaddon.addons`:
 
-  PolicyLoader   options, policy load and hot reload, the mitmproxy settings clrk relies on
-  ProxyAuth      who is asking (Proxy-Authorization on CONNECT or per request)
-  EgressControl  the decision; denials answered here; the last guard before any upstream connection
-  Providers      model-provider calls recognised and parsed (gen_ai.* attributes, usage)
-  Capture        bounded body capture on the pass-through (feeds the provider parser)
-  Recording      one record per transaction, handed to the recorder process
+  PolicyLoader     options, policy load and hot reload, the mitmproxy settings clrk relies on
+  ProxyAuth        who is asking, and for where (Proxy-Authorization on CONNECT or per request)
+  Providers        model-provider calls recognised and parsed (gen_ai.* attributes, usage)
+  EgressControl    the decision; denials answered here; the last guard before any upstream connection
+  ProviderRouting  (clrk.routing) token budgets and Backends of the matched AIProviderRoute rule
+  Credentials      (clrk.routing) provider keys injected on the upstream request
+  Capture          bounded body capture on the pass-through (feeds the provider parser)
+  Recording        one record per transaction, handed to the recorder process
 
 The data path reads top to bottom in that order; the addons share one `Runtime` and, per request, the
 `Transaction` in `flow.metadata`.
@@ -16,82 +18,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
-import weakref
-from dataclasses import dataclass
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import certifi
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy import server_hooks
 
+from clrk.budget import day_start, utc_day
 from clrk.ca import ensure_ca
-from clrk.capture import BodyCapture
+from clrk.capture import BodyCapture, request_is_buffered, response_is_buffered
 from clrk.decision import AuthResult, Decision, RequestFacts, decide, norm_host
 from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
-from clrk.policy.compiled import AgentIdentity
 from clrk.policy.loader import policy_files
 from clrk.providers import parser_for
+from clrk.runtime import Runtime, Tunnel, deny_response, listener_port
 from clrk.settings import Settings
 from clrk.sink import RecordSink
-from clrk.transaction import METADATA_KEY, Transaction, build_record
+from clrk.transaction import METADATA_KEY, Transaction
 
 log = logging.getLogger("clrk")
 
 RELOAD_POLL_SECONDS = 0.25
 MITMPROXY_DEFAULT_CONFDIR = "~/.mitmproxy"
-
-
-@dataclass(slots=True)
-class Tunnel:
-    """What a successful CONNECT established: who, and to where."""
-
-    agent: AgentIdentity
-    digest: bytes
-    host: str
-    port: int
-
-
-class Runtime:
-    """State shared by the addons: the current policy, the record sink, per-connection facts."""
-
-    def __init__(self) -> None:
-        self.policy: CompiledPolicy | None = None
-        self.sink: RecordSink | None = None
-        self.tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
-        # Upstream addresses a decision allowed for a client connection; nothing else may be dialled.
-        self.allowed: weakref.WeakKeyDictionary[connection.Client, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
-        self.aliased: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = weakref.WeakKeyDictionary()
-        self.unsent: list[dict] = []
-
-    def finish(self, flow: http.HTTPFlow, tx: Transaction) -> None:
-        """Builds the transaction's record and hands it to the recorder (once)."""
-        if tx.recorded or self.policy is None:
-            return
-        tx.recorded = True
-        if tx.genai is not None:
-            tx.genai.end()
-        rec = build_record(tx, flow, self.policy)
-        if self.sink is not None:
-            self.sink.submit(rec)
-        else:  # before the sink started: kept for it
-            self.unsent.append(rec)
-
-
-def deny_response(d: Decision) -> http.Response:
-    headers = {"content-type": "application/json", "cache-control": "no-store"}
-    if d.status == 407:
-        headers["proxy-authenticate"] = 'Basic realm="clrk"'
-    body = json.dumps({"error": f"clrk: {d.reason}"}).encode()
-    return http.Response.make(d.status, body, headers)
-
-
-def _listener_port(client: connection.Client) -> int | None:
-    return client.sockname[1] if client.sockname else None
 
 
 # --------------------------------------------------------------------------- PolicyLoader
@@ -259,7 +213,7 @@ class ProxyAuth:
             return
         # No tunnel without credentials; the refusal is a transaction of its own.
         tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth.failure)
-        tx.gateway = policy.gateway_for_port(_listener_port(flow.client_conn))
+        tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
         tx.dst_name = norm_host(flow.request.host)
         tx.decision = decide(policy, tx.gateway, auth, RequestFacts(tx.dst_name, flow.request.port))
         flow.response = deny_response(tx.decision)
@@ -275,6 +229,9 @@ class ProxyAuth:
         tx = Transaction(start=req.timestamp_start, trace=trace_context(req.headers.get("traceparent")))
         flow.metadata[METADATA_KEY] = tx
         tunnel = self.rt.tunnels.get(flow.client_conn)
+        tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
+        # Where the request goes: the CONNECT target for tunnelled traffic, the URL's host for plain HTTP.
+        tx.dst_name, tx.dst_port = (tunnel.host, tunnel.port) if tunnel else (norm_host(req.host), req.port)
         if tunnel is not None:
             req.headers.pop("proxy-authorization", None)
             # Re-check on every request so that revoking an agent also closes its open tunnels' doors.
@@ -286,87 +243,6 @@ class ProxyAuth:
         else:
             auth = authenticate(policy, req.headers.pop("proxy-authorization", None))
             tx.agent, tx.auth_failure = auth.agent, auth.failure
-
-
-# --------------------------------------------------------------------------- EgressControl
-
-
-class EgressControl:
-    """Decides each request; answers denials; lets mitmproxy dial only what a decision allowed."""
-
-    name = "clrk_egress"
-
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        if tx is None or flow.response or flow.error:
-            return
-        policy = self.rt.policy
-        assert policy is not None
-        req = flow.request
-        client = flow.client_conn
-        tx.gateway = gateway = policy.gateway_for_port(_listener_port(client))
-        tunnel = self.rt.tunnels.get(client)
-        if tunnel is not None:
-            host, port, sni = tunnel.host, tunnel.port, (norm_host(client.sni) if client.sni else None)
-        else:
-            host, port, sni = norm_host(req.host), req.port, None
-        authority = authority_port = None
-        if req.host_header:
-            try:
-                a_host, a_port = mitm_url.parse_authority(req.host_header, check=False)
-            except ValueError:
-                a_host, a_port = req.host_header, None
-            authority = norm_host(a_host)
-            authority_port = a_port if a_port is not None else (443 if client.tls_established or req.scheme == "https" else 80)
-        path = req.path.split("?", 1)[0]
-        facts = RequestFacts(host, port, req.method, path, sni, authority, authority_port)
-        tx.dst_name = host
-        if gateway is not None:
-            inv = req.headers.pop(gateway.invocation_header, None)
-            tx.invocation_id = inv[:256] if inv else invocation_from_baggage(req.headers.get("baggage"))
-        d = tx.decision = decide(policy, gateway, AuthResult(tx.agent, tx.auth_failure), facts)
-        if not d.allow:
-            flow.response = deny_response(d)
-            log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, host, port, path,
-                     tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
-            return
-        if "traceparent" in req.headers:
-            req.headers["traceparent"] = tx.trace.traceparent()
-        self.rt.allowed.setdefault(client, set()).add((req.host, req.port))
-
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        addr = data.server.address
-        if addr is None:
-            return
-        if addr not in self.rt.allowed.get(data.client, ()):
-            # Defence in depth: whatever path led here (raw TCP in a tunnel, a protocol upgrade we did not
-            # judge), no decision allowed this destination.
-            data.server.error = f"clrk: connection to {addr[0]}:{addr[1]} is not allowed by policy"
-            log.warning("clrk: blocked an upstream connection to %s:%s that no decision allowed", *addr)
-            return
-        policy = self.rt.policy
-        gateway = policy.gateway_for_port(_listener_port(data.client)) if policy else None
-        alias = gateway.host_aliases.get(norm_host(addr[0])) if gateway else None
-        if alias is not None:
-            # Dial the alias but keep the real name for SNI and certificate checks; the address is put back
-            # once connected so that mitmproxy's connection reuse still matches on the real destination.
-            if data.server.sni is None:
-                data.server.sni = addr[0]
-            self.rt.aliased[data.server] = addr
-            data.server.address = alias
-
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        original = self.rt.aliased.pop(data.server, None)
-        if original is not None:
-            # mitmproxy refuses address changes on open connections (a guard against redirecting a live
-            # one); this restores the destination the connection stands for, it does not redirect it.
-            object.__setattr__(data.server, "address", original)
-
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.server_connected(data)
 
 
 # --------------------------------------------------------------------------- Providers
@@ -401,27 +277,121 @@ class Providers:
         tx.genai.response_headers(flow.response.status_code, flow.response.headers.get("content-type"))
 
 
+# --------------------------------------------------------------------------- EgressControl
+
+
+class EgressControl:
+    """Decides each request; answers denials; lets mitmproxy dial only what a decision allowed."""
+
+    name = "clrk_egress"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or flow.response or flow.error or tx.dst_name is None:
+            return
+        policy = self.rt.policy
+        assert policy is not None
+        req = flow.request
+        client = flow.client_conn
+        sni = norm_host(client.sni) if client.sni and client in self.rt.tunnels else None
+        authority = authority_port = None
+        if req.host_header:
+            try:
+                a_host, a_port = mitm_url.parse_authority(req.host_header, check=False)
+            except ValueError:
+                a_host, a_port = req.host_header, None
+            authority = norm_host(a_host)
+            authority_port = a_port if a_port is not None else (443 if client.tls_established or req.scheme == "https" else 80)
+        path = req.path.split("?", 1)[0]
+        genai = tx.genai
+        tx.facts = RequestFacts(
+            tx.dst_name, tx.dst_port, req.method, path, sni, authority, authority_port,
+            provider=genai.name if genai else None,
+            backend_names=policy.backends_by_host.get(tx.dst_name, ()),
+            model=genai.result.request_model if genai else None,
+            model_pending=genai is not None and request_is_buffered(req.headers, provider=True),
+        )
+        if tx.gateway is not None:
+            inv = req.headers.pop(tx.gateway.invocation_header, None)
+            tx.invocation_id = inv[:256] if inv else invocation_from_baggage(req.headers.get("baggage"))
+        d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), tx.facts)
+        if d is not None:  # else it needs the model: decided in `request`, once the body is in
+            self._apply(flow, tx, d)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.decision is not None or tx.facts is None or flow.response or flow.error:
+            return
+        policy = self.rt.policy
+        assert policy is not None
+        model = tx.genai.result.request_model if tx.genai else None
+        facts = replace(tx.facts, model=model, model_pending=False)
+        d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), facts)
+        assert d is not None
+        self._apply(flow, tx, d)
+
+    def _apply(self, flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
+        tx.decision = d
+        req = flow.request
+        if not d.allow:
+            flow.response = deny_response(d)
+            log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, tx.dst_name, tx.dst_port, req.path.split("?", 1)[0],
+                     tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
+            return
+        if "traceparent" in req.headers:
+            req.headers["traceparent"] = tx.trace.traceparent()
+        self.rt.allow(flow.client_conn, req.host, req.port)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        addr = data.server.address
+        if addr is None:
+            return
+        if addr not in self.rt.allowed.get(data.client, ()):
+            # Defence in depth: whatever path led here (raw TCP in a tunnel, a protocol upgrade we did not
+            # judge), no decision allowed this destination.
+            data.server.error = f"clrk: connection to {addr[0]}:{addr[1]} is not allowed by policy"
+            log.warning("clrk: blocked an upstream connection to %s:%s that no decision allowed", *addr)
+            return
+        policy = self.rt.policy
+        gateway = policy.gateway_for_port(listener_port(data.client)) if policy else None
+        alias = gateway.host_aliases.get(norm_host(addr[0])) if gateway else None
+        # TLS to the upstream names the host the decision allowed (not the client's SNI: a Backend may
+        # send the request elsewhere), and its certificate is checked against that name.
+        if data.server.sni is None:
+            data.server.sni = addr[0]
+        if alias is not None:
+            # Dial the alias; the address is put back once connected so that mitmproxy's connection reuse
+            # still matches on the real destination.
+            self.rt.aliased[data.server] = addr
+            data.server.address = alias
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        original = self.rt.aliased.pop(data.server, None)
+        if original is not None:
+            # mitmproxy refuses address changes on open connections (a guard against redirecting a live
+            # one); this restores the destination the connection stands for, it does not redirect it.
+            object.__setattr__(data.server, "address", original)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.server_connected(data)
+
+
 # --------------------------------------------------------------------------- Capture
 
 
 class Capture:
     """Bounded body capture. Bodies of unknown or large size, and every event stream, are streamed through
-    the capture chunk by chunk (SSE reaches the agent live, memory stays bounded); a body whose
-    Content-Length is at most BUFFER_LIMIT is left to mitmproxy to buffer, as bare mitmproxy does, and
-    captured in one step: streaming it would buy nothing and costs a separate write per chunk."""
+    the capture chunk by chunk (SSE reaches the agent live, memory stays bounded); small bodies of known
+    length are left to mitmproxy to buffer, as bare mitmproxy does, and captured in one step (see
+    `clrk.capture.request_is_buffered`)."""
 
     name = "clrk_capture"
-    BUFFER_LIMIT = 256 * 1024
-    # Provider requests are small JSON whose body clrk reads (model, stream options): buffer them.
-    PROVIDER_BUFFER_LIMIT = 32 * 1024 * 1024
 
     def __init__(self, rt: Runtime):
         self.rt = rt
-
-    @staticmethod
-    def _small(headers: http.Headers, limit: int) -> bool:
-        cl = headers.get("content-length")
-        return cl is not None and cl.isdigit() and int(cl) <= limit and "transfer-encoding" not in headers
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
@@ -430,12 +400,12 @@ class Capture:
         cfg = tx.gateway.capture
         h = flow.request.headers
         tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
-        if not self._small(h, self.PROVIDER_BUFFER_LIMIT if tx.genai is not None else self.BUFFER_LIMIT):
+        if not request_is_buffered(h, provider=tx.genai is not None):
             flow.request.stream = tx.req_capture.feed
 
     def request(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        if tx is not None and tx.req_capture is not None and not flow.request.stream and flow.response is None:
+        if tx is not None and tx.req_capture is not None and not flow.request.stream:
             tx.req_capture.feed(flow.request.raw_content or b"")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -450,7 +420,7 @@ class Capture:
             cfg.max_bytes, cfg.wants(ctype), resp.headers.get("content-encoding"),
             listener=tx.genai.feed if tx.genai is not None else None,
         )
-        if not self._small(resp.headers, self.BUFFER_LIMIT) or (ctype and ctype.startswith("text/event-stream")):
+        if not response_is_buffered(resp.headers):
             resp.stream = tx.resp_capture.feed
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -491,6 +461,21 @@ class Recording:
             sink.submit(rec)
         self.rt.unsent.clear()
         await sink.start()
+        await self._load_budgets(sink)
+
+    async def _load_budgets(self, sink: RecordSink) -> None:
+        """Today's usage per budget pool, from the store: budgets survive a restart."""
+        day = utc_day(time.time())
+        for attempt in range(50):
+            try:
+                reply = await sink.request({"t": "budget_totals", "since": day_start(day)}, 30.0)
+                self.rt.ledger.load(day, reply["totals"])
+                return
+            except Exception as e:
+                if attempt == 0:
+                    log.warning("clrk: reading today's token usage from the store failed (%s); retrying", e)
+                await asyncio.sleep(0.2)
+        log.error("clrk: today's token usage could not be read; budgeted routes answer 503 until it can")
 
     def response(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)

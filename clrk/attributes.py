@@ -52,6 +52,8 @@ CLRK_DURATION_MS: Final = "clrk.duration_ms"
 CLRK_BUDGET_DENIED: Final = "clrk.budget.denied"
 CLRK_BUDGET_DAILY_USED: Final = "clrk.budget.daily_used"
 CLRK_BUDGET_DAILY_MAX: Final = "clrk.budget.daily_max"
+CLRK_BUDGET_POOL: Final = "clrk.budget.pool"  # which pool was charged (route rule, and agent for scope Agent)
+CLRK_BUDGET_TOKENS: Final = "clrk.budget.tokens"  # what this transaction cost the pool
 CLRK_L4_BYTES_UPSTREAM: Final = "clrk.l4.bytes_upstream"
 CLRK_DECISION: Final = "clrk.decision"
 CLRK_DECISION_RULE: Final = "clrk.decision.rule"
@@ -125,6 +127,8 @@ COLUMNS: Final[dict[str, str]] = {
     CLRK_BUDGET_DENIED: "BOOLEAN",
     CLRK_BUDGET_DAILY_USED: "BIGINT",
     CLRK_BUDGET_DAILY_MAX: "BIGINT",
+    CLRK_BUDGET_POOL: "VARCHAR",
+    CLRK_BUDGET_TOKENS: "BIGINT",
     CLRK_L4_BYTES_UPSTREAM: "BIGINT",
     CLRK_DECISION: "VARCHAR",
     CLRK_DECISION_RULE: "VARCHAR",

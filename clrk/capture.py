@@ -20,6 +20,25 @@ except ImportError:  # pragma: no cover - depends on the interpreter
     from backports import zstd  # type: ignore[no-redef]
 
 PIECE = 64 * 1024  # largest decoded piece held at once
+BUFFER_LIMIT = 256 * 1024  # a body of known length up to this is buffered by mitmproxy, not streamed
+PROVIDER_BUFFER_LIMIT = 32 * 1024 * 1024  # provider requests are read whole (model, rewrites, budgets)
+
+
+def _known_length_at_most(headers, limit: int) -> bool:
+    cl = headers.get("content-length")
+    return cl is not None and cl.isdigit() and int(cl) <= limit and "transfer-encoding" not in headers
+
+
+def request_is_buffered(headers, provider: bool) -> bool:
+    """Whether a request body is left to mitmproxy to buffer (else it is streamed through the capture).
+    Streaming a small body of known length buys nothing and costs a write per chunk."""
+    return _known_length_at_most(headers, PROVIDER_BUFFER_LIMIT if provider else BUFFER_LIMIT)
+
+
+def response_is_buffered(headers) -> bool:
+    """Event streams and large or unknown-length responses are streamed: the agent gets every byte as it comes."""
+    ctype = headers.get("content-type") or ""
+    return not ctype.startswith("text/event-stream") and _known_length_at_most(headers, BUFFER_LIMIT)
 
 
 class DecodeError(Exception):
@@ -37,6 +56,7 @@ class StreamDecoder:
         self._br = None
         self._zstd = None
         self._first = True
+        self._head = b""
         if encoding in ("gzip", "x-gzip"):
             self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "br":
@@ -48,10 +68,16 @@ class StreamDecoder:
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         try:
-            if self.encoding == "deflate" and self._first and data:
-                # RFC 9110 deflate is zlib-wrapped, but servers also send raw deflate: look at the header.
-                wbits = zlib.MAX_WBITS if (data[0] & 0x0F) == 8 and (data[0] * 256 + data[1 if len(data) > 1 else 0]) % 31 == 0 else -zlib.MAX_WBITS
-                self._z = zlib.decompressobj(wbits)
+            if self.encoding == "deflate" and self._first:
+                # RFC 9110 deflate is zlib-wrapped, but servers also send raw deflate: the 2-byte zlib header
+                # tells, so hold bytes until two have arrived.
+                data = self._head + data
+                if len(data) < 2:
+                    self._head = data
+                    return
+                self._head = b""
+                is_zlib = (data[0] & 0x0F) == 8 and (data[0] * 256 + data[1]) % 31 == 0
+                self._z = zlib.decompressobj(zlib.MAX_WBITS if is_zlib else -zlib.MAX_WBITS)
             self._first = False
             if self._z is not None:
                 yield from self._feed_zlib(data)

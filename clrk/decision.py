@@ -3,13 +3,17 @@
 The order is the contract's (PRODUCT.md §2): authenticate → destination agreement → EgressDenyPolicy →
 AIProviderRoute → EgressRoute → defaultPolicy. Every `Decision` carries the rule that made it and a reason
 a human can act on; both are recorded and the reason is what a denied agent reads.
+
+A provider call's model usually sits in its request body. `decide` is first called when the headers
+arrive; if the answer depends on the model and the body is yet to come (`model_pending`), it returns None
+and is called again with the model once the body is in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
+from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig, ProviderRule
 
 RULE_AUTH = "authentication"
 RULE_DESTINATION = "destination-check"
@@ -32,6 +36,10 @@ class RequestFacts:
     sni: str | None = None
     authority: str | None = None
     authority_port: int | None = None
+    provider: str | None = None  # provider (schema) name when the destination serves a model API
+    backend_names: tuple[str, ...] = ()  # Backends whose upstream is this destination
+    model: str | None = None
+    model_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,7 @@ class Decision:
     rule: str
     reason: str
     status: int = 200
+    provider_rule: ProviderRule | None = None  # the AIProviderRoute rule that allowed a provider call
 
     @property
     def action(self) -> str:
@@ -73,8 +82,9 @@ def _dest(host: str, port: int) -> str:
 
 def decide(
     policy: CompiledPolicy, gateway: GatewayConfig | None, auth: AuthResult, req: RequestFacts
-) -> Decision:
-    """Decides one request. Pure: no I/O, no clock, no state; safe to call from tests."""
+) -> Decision | None:
+    """Decides one request, or returns None when that needs the model of a body not read yet.
+    Pure: no I/O, no clock, no state; safe to call from tests."""
     agent = auth.agent
     if agent is None:
         return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", 407)
@@ -104,6 +114,17 @@ def decide(
                 False, rule.ref, rule.deny_message or f"{_dest(req.host, req.port)} is denied by {rule.ref}", rule.deny_status
             )
 
+    provider_note = ""
+    if req.provider is not None and req.path is not None:
+        candidates = [r for r in policy.provider_rules if r.agents.matches(agent)]
+        if candidates and req.model is None and req.model_pending:
+            return None
+        for pr in candidates:
+            if any(mt.matches(req.provider, req.backend_names, req.model, req.path) for mt in pr.matches):
+                what = f"{req.provider} {req.model or 'request'} to {req.path}"
+                return Decision(True, pr.ref, f"{what} allowed by {pr.ref}", provider_rule=pr)
+        provider_note = f"no AIProviderRoute rule matches {req.provider} model {req.model or '(unknown)'} at {req.path}, and "
+
     for rule in policy.routes:
         if rule.matches(agent, req.host, req.port, req.method, req.path):
             return Decision(True, rule.ref, f"{_dest(req.host, req.port)} allowed by {rule.ref}")
@@ -114,4 +135,4 @@ def decide(
     what = _dest(req.host, req.port)
     if req.method is not None:
         what = f"{req.method} {what}{req.path or ''}"
-    return Decision(False, default_rule, f"no route allows {what} for agent {agent.ref} (deny-all)", 403)
+    return Decision(False, default_rule, f"{provider_note}no route allows {what} for agent {agent.ref} (deny-all)", 403)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from clrk import attributes as A
+from clrk.budget import Reservation
 from clrk.capture import BodyCapture
-from clrk.decision import Decision
+from clrk.decision import Decision, RequestFacts
 from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
 from clrk.providers import ProviderParser
@@ -31,13 +32,24 @@ class Transaction:
     gateway: GatewayConfig | None = None
     agent: AgentIdentity | None = None
     auth_failure: str | None = None
-    decision: Decision | None = None
+    facts: RequestFacts | None = None
+    decision: Decision | None = None  # None until decided (a provider call waits for its body)
     dst_name: str | None = None
+    dst_port: int | None = None
     invocation_id: str | None = None
     req_capture: BodyCapture | None = None
     resp_capture: BodyCapture | None = None
     genai: ProviderParser | None = None  # set for model-provider calls
     upstream_response: bool = False  # False while the response (if any) is one the gateway made up
+    request_rewritten: bool = False
+    routed: bool = False  # the AIProviderRoute rule's budget and backend were applied
+    credentials_injected: bool = False
+    budget_pool: str | None = None
+    budget_max: int | None = None
+    budget_denied: bool = False
+    reservation: Reservation | None = None
+    budget_charged: int | None = None
+    budget_used: int | None = None
     recorded: bool = False
 
 
@@ -111,6 +123,19 @@ def build_record(tx: Transaction, flow: http.HTTPFlow, policy: CompiledPolicy) -
         rec[A.CLRK_DECISION] = d.action
         rec[A.CLRK_DECISION_RULE] = d.rule
         rec[A.CLRK_DECISION_REASON] = d.reason
+    rec[A.CLRK_BODY_REQUEST_REWRITTEN] = tx.request_rewritten
+    if tx.genai is not None:
+        pr = d.provider_rule if d is not None else None
+        rec[A.CLRK_APR_MATCHED] = pr is not None
+        if pr is not None:
+            rec[A.CLRK_APR_NAME] = pr.route_name
+            rec[A.CLRK_APR_NAMESPACE] = pr.route_namespace
+    if tx.budget_pool is not None:
+        rec[A.CLRK_BUDGET_POOL] = tx.budget_pool
+        rec[A.CLRK_BUDGET_DENIED] = tx.budget_denied
+        rec[A.CLRK_BUDGET_DAILY_MAX] = tx.budget_max
+        rec[A.CLRK_BUDGET_DAILY_USED] = tx.budget_used
+        rec[A.CLRK_BUDGET_TOKENS] = tx.budget_charged
     a = tx.agent
     if a is not None:
         rec[A.AGENT_KIND] = a.kind

@@ -6,6 +6,7 @@ re-reads them. The result is immutable and swapped as a whole on reload: a reque
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
@@ -91,6 +92,76 @@ class HostRule:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendTarget:
+    """A Backend: where provider traffic of a route goes, and how its request is adjusted."""
+
+    name: str
+    schema: str
+    host: str
+    port: int
+    model_rewrites: tuple[tuple[str, str], ...]
+    ensure_stream_usage: bool
+
+    def rewrite_model(self, model: str | None) -> str | None:
+        """The model to send instead of `model` (first matching glob), or None to leave it."""
+        if model is None:
+            return None
+        for pattern, target in self.model_rewrites:
+            if fnmatch.fnmatchcase(model, pattern):
+                return target if target != model else None
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    max_tokens_per_day: int
+    per_agent: bool
+    reserve_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMatchRule:
+    provider: str  # a provider (schema) name or a Backend name
+    models: tuple[str, ...]  # globs; empty = any model
+    endpoints: tuple[str, ...]  # paths or path globs; empty = any endpoint
+
+    def matches(self, provider: str, backend_names: tuple[str, ...], model: str | None, path: str) -> bool:
+        if self.provider != provider and self.provider not in backend_names:
+            return False
+        if self.models and (model is None or not any(fnmatch.fnmatchcase(model, g) for g in self.models)):
+            return False
+        return not self.endpoints or any(fnmatch.fnmatchcase(path, e) for e in self.endpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRule:
+    """One rule of an AIProviderRoute."""
+
+    ref: str  # "AIProviderRoute/<namespace>/<name>#rules[<i>]"
+    route_name: str
+    route_namespace: str
+    agents: AgentSelector
+    matches: tuple[ProviderMatchRule, ...]
+    backends: tuple[tuple[BackendTarget, int], ...]  # (backend, weight)
+    budget: BudgetConfig | None
+
+    @property
+    def route_ref(self) -> str:
+        return self.ref.split("#", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """A credential the gateway sets on the upstream request (the agent never holds it)."""
+
+    policy: str
+    type: str  # "Header" | "QueryParam"
+    field: str
+    prefix: str
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class CaptureConfig:
     max_bytes: int
     exact_types: frozenset[str]
@@ -108,6 +179,7 @@ class GatewayConfig:
     """One EgressGateway: its listeners, export target, capture bounds and upstream TLS settings."""
 
     name: str
+    namespace: str
     default_allow: bool
     ports: frozenset[int]
     otlp_endpoint: str
@@ -127,6 +199,10 @@ class CompiledPolicy:
     routes: tuple[HostRule, ...]
     documents: tuple[SourcedDocument, ...] = field(repr=False)
     provider_hosts: Mapping[str, str] = field(default_factory=dict)  # host -> provider (parser) name
+    backends_by_host: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # host -> Backend names
+    provider_rules: tuple[ProviderRule, ...] = ()
+    # (target kind, target name) -> injections; namespaces checked by `injections_for`
+    injections: Mapping[tuple[str, str], tuple[tuple[str | None, Injection], ...]] = field(default_factory=dict, repr=False)
     redact_headers: frozenset[str] = SENSITIVE_HEADERS
     redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
 
@@ -138,6 +214,9 @@ class CompiledPolicy:
             if port in g.ports:
                 return g
         return None
+
+    def injections_for(self, kind: str, name: str, namespace: str) -> tuple[Injection, ...]:
+        return tuple(inj for ns, inj in self.injections.get((kind, name), ()) if ns is None or ns == namespace)
 
     def listener_ports(self) -> list[int]:
         return sorted({p for g in self.gateways for p in g.ports})
@@ -255,6 +334,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         gateways.append(
             GatewayConfig(
                 name=g.metadata.name,
+                namespace=g.metadata.namespace,
                 default_allow=g.spec.default_policy == "allow-all",
                 ports=frozenset(ports),
                 otlp_endpoint=g.spec.otlp.endpoint,
@@ -302,33 +382,72 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
     )
     routes = tuple(_host_rule(sd, sd.doc.spec, None) for sd in by_kind.get("EgressRoute", []))  # type: ignore[union-attr]
 
-    # References between documents must resolve.
+    backends: dict[str, BackendTarget] = {}
+    backends_by_host: dict[str, tuple[str, ...]] = {}
+    provider_hosts = dict(DEFAULT_PROVIDER_HOSTS)
+    for sd in by_kind.get("Backend", []):
+        b: m.Backend = sd.doc  # type: ignore[assignment]
+        backends[b.metadata.name] = BackendTarget(
+            name=b.metadata.name,
+            schema=b.spec.schema_.name,
+            host=b.spec.upstream.host,
+            port=b.spec.upstream.port,
+            model_rewrites=tuple((r.from_, r.to) for r in b.spec.model_rewrites),
+            ensure_stream_usage=b.spec.body_mutation.ensure_stream_usage,
+        )
+        provider_hosts[b.spec.upstream.host] = b.spec.schema_.name
+        backends_by_host[b.spec.upstream.host] = backends_by_host.get(b.spec.upstream.host, ()) + (b.metadata.name,)
+
+    provider_rules: list[ProviderRule] = []
     for sd in by_kind.get("AIProviderRoute", []):
         r: m.AIProviderRoute = sd.doc  # type: ignore[assignment]
         for i, rule in enumerate(r.spec.rules):
             for j, match in enumerate(rule.matches):
-                if match.provider not in m.PROVIDERS and match.provider not in names.get("Backend", set()):
+                if match.provider not in m.PROVIDERS and match.provider not in backends:
                     problems.append(
                         f"{where(sd)}: spec.rules[{i}].matches[{j}].provider: {match.provider!r} is neither a provider "
                         f"({', '.join(m.PROVIDERS)}) nor the name of a Backend"
                     )
+            targets = []
             for j, ref in enumerate(rule.backend_refs):
-                if ref.name not in names.get("Backend", set()):
+                if ref.name not in backends:
                     problems.append(f"{where(sd)}: spec.rules[{i}].backendRefs[{j}].name: no Backend named {ref.name!r}")
-    provider_hosts = dict(DEFAULT_PROVIDER_HOSTS)
-    for sd in by_kind.get("Backend", []):
-        b: m.Backend = sd.doc  # type: ignore[assignment]
-        provider_hosts[b.spec.upstream.host] = b.spec.schema_.name
+                else:
+                    targets.append((backends[ref.name], ref.weight))
+            if targets and not any(w for _, w in targets):
+                problems.append(f"{where(sd)}: spec.rules[{i}].backendRefs: every weight is 0, nothing could serve this rule")
+            budget = None
+            for f in rule.filters:
+                if f.type == "TokenBudget" and f.token_budget is not None:
+                    budget = BudgetConfig(f.token_budget.max_tokens_per_day, f.token_budget.scope == "Agent", f.token_budget.reserve_tokens)
+            provider_rules.append(
+                ProviderRule(
+                    ref=f"AIProviderRoute/{r.metadata.namespace}/{r.metadata.name}#rules[{i}]",
+                    route_name=r.metadata.name,
+                    route_namespace=r.metadata.namespace,
+                    agents=AgentSelector.of(r.spec.source_agents),
+                    matches=tuple(ProviderMatchRule(mt.provider, tuple(mt.models), tuple(mt.endpoints)) for mt in rule.matches),
+                    backends=tuple(targets),
+                    budget=budget,
+                )
+            )
+
     redact_headers = set(SENSITIVE_HEADERS)
     redact_query = set(SENSITIVE_QUERY_PARAMS)
+    injections: dict[tuple[str, str], tuple[tuple[str | None, Injection], ...]] = {}
     for sd in by_kind.get("CredentialInjectionPolicy", []):
         c: m.CredentialInjectionPolicy = sd.doc  # type: ignore[assignment]
         for j, ref in enumerate(c.spec.target_refs):
             if ref.name not in names.get(ref.kind, set()):
                 problems.append(f"{where(sd)}: spec.targetRefs[{j}]: no {ref.kind} named {ref.name!r}")
         (redact_headers if c.spec.target.type == "Header" else redact_query).add(c.spec.target.name.lower())
-        # The injected secret itself is read where it is used (a later step); here only that it is readable.
-        read_secret(c.spec.secret_ref, Path(sd.file).parent, f"{where(sd)}: spec.secretRef", problems, env)
+        secret = read_secret(c.spec.secret_ref, Path(sd.file).parent, f"{where(sd)}: spec.secretRef", problems, env)
+        if secret is None:
+            continue
+        inj = Injection(c.metadata.name, c.spec.target.type, c.spec.target.name, c.spec.target.prefix, secret)
+        for ref in c.spec.target_refs:
+            key = (ref.kind, ref.name)
+            injections[key] = injections.get(key, ()) + ((ref.namespace, inj),)
 
     if problems:
         raise PolicyError(problems)
@@ -339,6 +458,9 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         routes=routes,
         documents=tuple(docs),
         provider_hosts=provider_hosts,
+        backends_by_host=backends_by_host,
+        provider_rules=tuple(provider_rules),
+        injections=injections,
         redact_headers=frozenset(redact_headers),
         redact_query=frozenset(redact_query),
     )

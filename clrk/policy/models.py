@@ -310,6 +310,8 @@ class BackendRef(Spec):
 class TokenBudget(Spec):
     max_tokens_per_day: int = Field(gt=0)
     scope: Literal["Route", "Agent"] = "Route"
+    # Held at admission for a request that names no max output tokens (settled to the real usage after).
+    reserve_tokens: int = Field(default=1024, ge=1)
 
 
 class RouteFilter(Spec):

@@ -39,6 +39,7 @@ class AnthropicParser(ProviderParser):
             self.result.request_model = doc["model"]
         if doc.get("stream") is True:
             self.result.stream = True
+        self.max_output_tokens = as_int(doc.get("max_tokens")) or as_int(doc.get("max_tokens_to_sample"))
 
     def _usage(self, u: Any) -> None:
         if not isinstance(u, dict):

@@ -89,6 +89,7 @@ class ProviderParser:
     system: ClassVar[str]  # gen_ai.system (the seed's value)
     provider_name: ClassVar[str]  # gen_ai.provider.name (current semconv)
     hosts: ClassVar[tuple[str, ...]]  # public API hosts
+    model_in_path: ClassVar[bool] = False  # the model is named by the URL path, not the body
 
     @classmethod
     def operation(cls, path: str) -> tuple[str, str | None] | None:
@@ -100,6 +101,9 @@ class ProviderParser:
         self.path = path
         self.query = query
         self.status: int | None = None
+        self.request_doc: dict | None = None  # the parsed request body, until the request has left
+        self.request_size = 0
+        self.max_output_tokens: int | None = None  # what the request caps its output at, if it says
         self._sse: SseParser | None = None
         self._body = bytearray()
         self._body_size = 0
@@ -109,6 +113,7 @@ class ProviderParser:
     # ------------------------------------------------------------------ request
 
     def request_body(self, body: bytes) -> None:
+        self.request_size = len(body)
         if not body or len(body) > 32 * JSON_PARSE_LIMIT:
             return
         try:
@@ -117,10 +122,15 @@ class ProviderParser:
             self.result.parse_error = f"request body is not JSON: {e}"
             return
         if isinstance(doc, dict):
+            self.request_doc = doc
             self.on_request(doc)
 
     def on_request(self, doc: dict) -> None:
         pass
+
+    def ensure_stream_usage(self, doc: dict) -> bool:
+        """Asks a streaming request for usage in its stream, where the API needs asking; True if changed."""
+        return False
 
     # ------------------------------------------------------------------ response
 

@@ -29,6 +29,7 @@ class GoogleGenAIParser(ProviderParser):
     system = "google_genai"
     provider_name = "gcp.gemini"
     hosts = ("generativelanguage.googleapis.com",)
+    model_in_path = True
 
     @classmethod
     def operation(cls, path: str) -> tuple[str, str | None] | None:
@@ -41,6 +42,11 @@ class GoogleGenAIParser(ProviderParser):
         super().__init__(*args)
         if self.path.endswith(":streamGenerateContent"):
             self.result.stream = True
+
+    def on_request(self, doc: dict) -> None:
+        cfg = doc.get("generationConfig")
+        if isinstance(cfg, dict):
+            self.max_output_tokens = as_int(cfg.get("maxOutputTokens"))
 
     def _usage(self, u: Any) -> None:
         if not isinstance(u, dict):

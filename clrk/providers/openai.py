@@ -51,6 +51,20 @@ class OpenAIParser(ProviderParser):
             self.result.request_model = doc["model"]
         if doc.get("stream") is True:
             self.result.stream = True
+        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            if as_int(doc.get(key)) is not None:
+                self.max_output_tokens = doc[key]
+                break
+
+    def ensure_stream_usage(self, doc: dict) -> bool:
+        # Chat and text completion streams carry usage only when asked; the Responses API always does.
+        if self._responses_api or doc.get("stream") is not True or self.result.operation not in ("chat", "text_completion"):
+            return False
+        opts = doc.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            return False
+        doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        return True
 
     # ------------------------------------------------------------------ usage
 

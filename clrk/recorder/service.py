@@ -24,7 +24,7 @@ import time
 from collections import deque
 
 from clrk.recorder.export import Exporter
-from clrk.recorder.store import Store, StoreError, fetch_records
+from clrk.recorder.store import Store, StoreError, budget_totals, fetch_records
 from clrk.wire import WireError, pack, read_message
 
 log = logging.getLogger("clrk.recorder")
@@ -117,6 +117,10 @@ class Recorder:
                         writer.write(pack({"t": "ok", "id": msg.get("id"), "rows": rows}))
                     except Exception as e:
                         writer.write(pack({"t": "error", "id": msg.get("id"), "message": str(e)}))
+                elif t == "budget_totals":
+                    await self.flush()
+                    totals = await asyncio.to_thread(self._budget_totals, float(msg.get("since") or 0))
+                    writer.write(pack({"t": "ok", "id": msg.get("id"), "totals": totals}))
                 elif t == "status":
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped,
                                        "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid()}))
@@ -131,6 +135,13 @@ class Recorder:
         finally:
             self.proxies.discard(writer)
             writer.close()
+
+    def _budget_totals(self, since: float) -> dict[str, int]:
+        cur = self.store.cursor()
+        try:
+            return budget_totals(cur, since)
+        finally:
+            cur.close()
 
     def _query(self, query: dict) -> list[dict]:
         cur = self.store.cursor()

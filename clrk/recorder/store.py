@@ -207,6 +207,16 @@ def fetch_records(cur: duckdb.DuckDBPyConnection, query: Mapping) -> list[dict]:
     return out
 
 
+def budget_totals(cur: duckdb.DuckDBPyConnection, since: float) -> dict[str, int]:
+    """Tokens charged per budget pool since `since` (epoch seconds)."""
+    rows = cur.execute(
+        f"SELECT {q(A.CLRK_BUDGET_POOL)}, sum({q(A.CLRK_BUDGET_TOKENS)}) FROM {TABLE} "
+        f"WHERE {q(A.TIME)} >= to_timestamp(?) AND {q(A.CLRK_BUDGET_POOL)} IS NOT NULL GROUP BY 1",
+        [since],
+    ).fetchall()
+    return {pool: int(total or 0) for pool, total in rows}
+
+
 def open_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
     """A read-only connection, for when no recorder is running."""
     if not Path(path).exists():

@@ -1,0 +1,166 @@
+"""What an allow decision sets in motion before the request leaves:
+
+  ProviderRouting  the AIProviderRoute rule's TokenBudget (admit or 429) and Backend (where to, which model,
+                   stream usage on)
+  Credentials      CredentialInjectionPolicy: the provider key set on the upstream request
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+
+from mitmproxy import http
+
+from clrk.decision import Decision
+from clrk.policy.compiled import BackendTarget, ProviderRule
+from clrk.runtime import Runtime, deny_response
+from clrk.transaction import METADATA_KEY, Transaction
+
+log = logging.getLogger("clrk")
+
+LEDGER_WAIT_SECONDS = 10.0
+
+
+def _allowed_provider_call(flow: http.HTTPFlow) -> tuple[Transaction, ProviderRule] | None:
+    tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+    if tx is None or flow.response or flow.error or tx.decision is None or not tx.decision.allow:
+        return None
+    pr = tx.decision.provider_rule
+    return (tx, pr) if pr is not None else None
+
+
+class ProviderRouting:
+    """Applies the matched AIProviderRoute rule: budget admission first, then the Backend."""
+
+    name = "clrk_provider_routing"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Decided on the headers already: a provider call whose body is streamed (huge or chunked).
+        await self._apply(flow)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        await self._apply(flow)
+
+    async def _apply(self, flow: http.HTTPFlow) -> None:
+        found = _allowed_provider_call(flow)
+        if found is None or found[0].routed:
+            return
+        tx, rule = found
+        tx.routed = True
+        try:
+            if rule.budget is not None and not await self._admit(flow, tx, rule):
+                return
+            if rule.backends:
+                self._route(flow, tx, rule)
+        finally:
+            if tx.genai is not None:
+                tx.genai.request_doc = None  # the body has been read and possibly rewritten: let it go
+
+    async def _admit(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> bool:
+        budget = rule.budget
+        assert budget is not None
+        ledger = self.rt.ledger
+        if not ledger.loaded:
+            # Right after start the day's usage is still being read from the store.
+            deadline = asyncio.get_running_loop().time() + LEDGER_WAIT_SECONDS
+            while not ledger.loaded and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+        pool = rule.ref + (f"/agent:{tx.agent.ref}" if budget.per_agent and tx.agent else "")
+        tx.budget_pool, tx.budget_max = pool, budget.max_tokens_per_day
+        if not ledger.loaded:
+            tx.budget_used = None
+            self._deny(flow, tx, Decision(False, rule.ref, "token budget ledger is not available yet; try again shortly", 503))
+            return False
+        genai = tx.genai
+        output = genai.max_output_tokens if genai and genai.max_output_tokens else budget.reserve_tokens
+        estimate = output + (genai.request_size // 4 if genai else 0)
+        tx.reservation = ledger.admit(pool, budget.max_tokens_per_day, estimate)
+        if tx.reservation is None:
+            tx.budget_denied = True
+            tx.budget_used = ledger.used_today(pool)
+            self._deny(flow, tx, Decision(False, rule.ref, f"token budget exceeded for route {rule.route_name}", 429))
+            return False
+        tx.budget_used = ledger.used_today(pool)
+        return True
+
+    def _deny(self, flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
+        tx.decision = d
+        flow.response = deny_response(d)
+        log.info("clrk: denied %s %s for %s: %s", flow.request.method, tx.dst_name, tx.agent.ref if tx.agent else "-", d.reason)
+
+    def _route(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
+        backends = [b for b, w in rule.backends if w > 0]
+        weights = [w for _, w in rule.backends if w > 0]
+        backend = backends[0] if len(backends) == 1 else random.choices(backends, weights)[0]
+        req = flow.request
+        if (backend.host, backend.port) != (tx.dst_name, tx.dst_port):
+            req.host, req.port = backend.host, backend.port  # the Host header follows
+            self.rt.allow(flow.client_conn, backend.host, backend.port)
+        if tx.genai is not None:
+            self._mutate(req, tx, backend)
+
+    @staticmethod
+    def _mutate(req: http.Request, tx: Transaction, backend: BackendTarget) -> None:
+        genai = tx.genai
+        assert genai is not None
+        doc = genai.request_doc
+        changed_body = False
+        new_model = backend.rewrite_model(genai.result.request_model)
+        if new_model is not None:
+            if genai.model_in_path:
+                req.path = re.sub(r"(/(?:models|tunedModels)/)[^/:]+(:)", lambda m: m.group(1) + new_model + m.group(2), req.path, count=1)
+                tx.request_rewritten = True
+            elif doc is not None and "model" in doc:
+                doc["model"] = new_model
+                changed_body = True
+        if backend.ensure_stream_usage and doc is not None and genai.ensure_stream_usage(doc):
+            changed_body = True
+        if changed_body:
+            req.set_content(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode())
+            tx.request_rewritten = True
+
+
+class Credentials:
+    """Sets the provider key a CredentialInjectionPolicy names, over whatever the agent sent."""
+
+    name = "clrk_credentials"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._inject(flow)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        self._inject(flow)
+
+    def _inject(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        policy = self.rt.policy
+        if tx is None or policy is None or flow.response or flow.error or tx.decision is None or not tx.decision.allow:
+            return
+        if tx.credentials_injected:
+            return
+        tx.credentials_injected = True
+        d = tx.decision
+        if d.provider_rule is not None:
+            injections = policy.injections_for("AIProviderRoute", d.provider_rule.route_name, d.provider_rule.route_namespace)
+        elif d.rule.startswith("EgressRoute/"):
+            _, ns, name = d.rule.split("/", 2)
+            injections = policy.injections_for("EgressRoute", name, ns)
+        else:
+            injections = ()
+        if not injections and tx.gateway is not None:
+            injections = policy.injections_for("EgressGateway", tx.gateway.name, tx.gateway.namespace)
+        for inj in injections:
+            if inj.type == "Header":
+                flow.request.headers[inj.field] = inj.prefix + inj.secret
+            else:
+                flow.request.query[inj.field] = inj.prefix + inj.secret

@@ -1,0 +1,75 @@
+"""State the addons share: the current policy, the record sink, the budget ledger, per-connection facts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from dataclasses import dataclass
+
+from mitmproxy import connection, http
+
+from clrk.budget import BudgetLedger
+from clrk.decision import Decision
+from clrk.policy import CompiledPolicy
+from clrk.policy.compiled import AgentIdentity
+from clrk.sink import RecordSink
+from clrk.transaction import Transaction, build_record
+
+log = logging.getLogger("clrk")
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """What a successful CONNECT established: who, and to where."""
+
+    agent: AgentIdentity
+    digest: bytes
+    host: str
+    port: int
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.policy: CompiledPolicy | None = None
+        self.sink: RecordSink | None = None
+        self.ledger = BudgetLedger()
+        self.tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        # Upstream addresses a decision allowed for a client connection; nothing else may be dialled.
+        self.allowed: weakref.WeakKeyDictionary[connection.Client, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
+        self.aliased: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = weakref.WeakKeyDictionary()
+        self.unsent: list[dict] = []
+
+    def allow(self, client: connection.Client, host: str, port: int) -> None:
+        self.allowed.setdefault(client, set()).add((host, port))
+
+    def finish(self, flow: http.HTTPFlow, tx: Transaction) -> None:
+        """Ends the transaction: the provider parser's last word, the budget settled, the record shipped."""
+        if tx.recorded or self.policy is None:
+            return
+        tx.recorded = True
+        if tx.genai is not None:
+            tx.genai.end()
+        if tx.reservation is not None:
+            r = tx.genai.result if tx.genai is not None else None
+            actual = (r.input_tokens or 0) + (r.output_tokens or 0) if r is not None and r.usage_visible else None
+            tx.budget_charged = tx.reservation.tokens if actual is None else actual
+            tx.budget_used = self.ledger.settle(tx.reservation, actual)
+            tx.reservation = None
+        rec = build_record(tx, flow, self.policy)
+        if self.sink is not None:
+            self.sink.submit(rec)
+        else:  # before the sink started: kept for it
+            self.unsent.append(rec)
+
+
+def deny_response(d: Decision) -> http.Response:
+    headers = {"content-type": "application/json", "cache-control": "no-store"}
+    if d.status == 407:
+        headers["proxy-authenticate"] = 'Basic realm="clrk"'
+    body = json.dumps({"error": f"clrk: {d.reason}"}).encode()
+    return http.Response.make(d.status, body, headers)
+
+
+def listener_port(client: connection.Client) -> int | None:
+    return client.sockname[1] if client.sockname else None
