@@ -60,15 +60,16 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
 # --------------------------------------------------------------------------- records
 
 
-def query_records(db: str, query: dict) -> list[dict]:
-    """Records from the running gateway's recorder, or straight from the file when none runs."""
+def read_store(db: str, kind: str, query: dict) -> list[dict]:
+    """Rows from the running gateway's recorder, or straight from the file when none runs.
+    `kind` is "query" (records), "spend" or "budgets"."""
     from clrk import wire
-    from clrk.recorder.store import StoreError, fetch_records, open_readonly
+    from clrk.recorder.store import StoreError, fetch_budgets, fetch_records, fetch_spend, open_readonly
 
     path = wire.socket_path(db)
     try:
         with wire.BlockingClient(path) as c:
-            return c.request({"t": "query", "query": query})["rows"]
+            return c.request({"t": kind, "query": query})["rows"]
     except (FileNotFoundError, ConnectionRefusedError):
         pass
     except wire.WireError as e:
@@ -78,6 +79,10 @@ def query_records(db: str, query: dict) -> list[dict]:
     except StoreError as e:
         _die(str(e))
     try:
+        if kind == "spend":
+            return fetch_spend(con, query)
+        if kind == "budgets":
+            return fetch_budgets(con, float(query.get("since") or 0))
         return fetch_records(con, query)
     finally:
         con.close()
@@ -116,10 +121,52 @@ def cmd_records(args: argparse.Namespace) -> None:
         "decision": args.decision,
         "limit": args.limit,
     }
-    rows = query_records(args.db, query)
+    rows = read_store(args.db, "query", query)
     out = sys.stdout
     for r in rows:
         out.write((json.dumps(r, separators=(",", ":"), ensure_ascii=False) if args.json else _fmt_row(r)) + "\n")
+
+
+# --------------------------------------------------------------------------- spend
+
+
+def cmd_spend(args: argparse.Namespace) -> None:
+    import time
+
+    from clrk.budget import day_start, utc_day
+    from clrk.recorder.store import parse_since
+
+    if args.since:
+        try:
+            parse_since(args.since)
+        except ValueError as e:
+            _die(str(e), 2)
+    by = [b.strip() for b in args.by.split(",") if b.strip()]
+    bad = [b for b in by if b not in ("day", "agent", "route", "model")]
+    if bad:
+        _die(f"--by {','.join(bad)}: choose from day, agent, route, model", 2)
+    rows = read_store(args.db, "spend", {"by": by, "since": args.since, "agent": args.agent, "route": args.route, "model": args.model})
+    budgets = read_store(args.db, "budgets", {"since": day_start(utc_day(time.time()))}) if args.budgets else []
+    out = sys.stdout
+    if args.json:
+        for r in rows:
+            out.write(json.dumps(r, separators=(",", ":")) + "\n")
+        for b in budgets:
+            out.write(json.dumps({"budget": b}, separators=(",", ":")) + "\n")
+        return
+    header = [*by, "requests", "input", "output", "total"]
+    table = [[str(r.get(b) if r.get(b) is not None else "-") for b in by]
+             + [str(r["requests"]), str(r["input_tokens"]), str(r["output_tokens"]), str(r["total_tokens"])] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
+    out.write("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip() + "\n")
+    for row in table:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    if budgets:
+        out.write("\nbudgets today (UTC)\n")
+        for b in budgets:
+            mx = b["max_tokens"] if b["max_tokens"] is not None else "?"
+            left = b["left_tokens"] if b["left_tokens"] is not None else "?"
+            out.write(f"  {b['pool']}: {b['used_tokens']} of {mx} tokens used, {left} left\n")
 
 
 # --------------------------------------------------------------------------- policy
@@ -173,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--invocation", help="invocation.id")
     rec.add_argument("--decision", choices=["allow", "deny"], help="only allowed or only denied transactions")
 
+    sp = sub.add_parser("spend", help="tokens spent by provider calls, by day, agent, route and model (works while the gateway runs)")
+    sp.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.add_argument("--by", default="day,agent,route,model", help="grouping, any of day,agent,route,model (default: all)")
+    sp.add_argument("--since", help="e.g. 1h, 7d, or an ISO time")
+    sp.add_argument("--agent", help="namespace/name")
+    sp.add_argument("--route", help="namespace/name of an AIProviderRoute")
+    sp.add_argument("--model", help="requested model")
+    sp.add_argument("--budgets", action="store_true", help="also show today's usage of each token budget pool")
+
     pol = sub.add_parser("policy", help="check a policy, or print its JSON Schema")
     psub = pol.add_subparsers(dest="policy_command", required=True)
     chk = psub.add_parser("check", help="validate a policy file or directory (exit 1 with every problem listed)")
@@ -192,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd_run(args, extra)
     elif args.command == "records":
         cmd_records(args)
+    elif args.command == "spend":
+        cmd_spend(args)
     elif args.command == "policy":
         (cmd_policy_check if args.policy_command == "check" else cmd_policy_schema)(args)
 

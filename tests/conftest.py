@@ -10,7 +10,7 @@ from tests.harness.upstream import FakeUpstream
 
 UPSTREAM_HOSTS = [
     "allowed.test", "api.github.com", "api.openai.com", "api.anthropic.com",
-    "generativelanguage.googleapis.com", "pastebin.com", "denied.test", "other.test",
+    "generativelanguage.googleapis.com", "pastebin.com", "denied.test", "other.test", "llm-b.test",
 ]
 
 

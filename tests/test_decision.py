@@ -96,3 +96,55 @@ def test_norm_host(raw, norm):
 def test_literal_and_lookalike_hosts_do_not_match_a_hostname_rule(host):
     r = {"kind": "EgressRoute", "metadata": {"name": "gh"}, "spec": {"hostnames": ["api.github.com"]}}
     assert not run(policy(GW, AGENT, r), host).allow
+
+
+# ------------------------------------------------------------------------------------------- AIProviderRoute
+
+APR = {"kind": "AIProviderRoute", "metadata": {"name": "chat", "namespace": "team-a"},
+       "spec": {"sourceAgents": {"namespaces": ["team-a"]},
+                "rules": [{"matches": [{"provider": "openai", "models": ["gpt-4o*"], "endpoints": ["/v1/chat/completions"]}]},
+                          {"matches": [{"provider": "vllm"}], "backendRefs": [{"name": "vllm"}]}]}}
+BACKEND = {"kind": "Backend", "metadata": {"name": "vllm"},
+           "spec": {"schema": {"name": "openai"}, "upstream": {"host": "llm.internal", "port": 8443}}}
+
+
+def prov(p, host, path, model, pending=False, user="team-a.bot", provider="openai"):
+    facts = RequestFacts(host, 443, "POST", path, provider=provider, backend_names=p.backends_by_host.get(host, ()),
+                         model=model, model_pending=pending)
+    return decide(p, p.gateways[0], AuthResult(agent(p, user)), facts)
+
+
+def test_provider_route_allows_matching_model_and_endpoint():
+    p = policy(GW, AGENT, OTHER, APR, BACKEND)
+    d = prov(p, "api.openai.com", "/v1/chat/completions", "gpt-4o-mini")
+    assert d.allow and d.rule == "AIProviderRoute/team-a/chat#rules[0]" and d.provider_rule.route_name == "chat"
+    assert not prov(p, "api.openai.com", "/v1/chat/completions", "gpt-3.5-turbo").allow
+    assert not prov(p, "api.openai.com", "/v1/embeddings", "gpt-4o").allow
+    assert not prov(p, "api.openai.com", "/v1/chat/completions", "gpt-4o", user="team-b.bot").allow
+
+
+def test_provider_route_waits_for_the_model_only_when_it_matters():
+    p = policy(GW, AGENT, OTHER, APR, BACKEND)
+    assert prov(p, "api.openai.com", "/v1/chat/completions", None, pending=True) is None
+    # No AIProviderRoute serves team-b: nothing to wait for.
+    assert prov(p, "api.openai.com", "/v1/chat/completions", None, pending=True, user="team-b.bot").allow is False
+    # Auth, destination and deny policies never wait.
+    d = decide(p, p.gateways[0], AuthResult(None, "no creds"), RequestFacts("api.openai.com", 443, "POST", "/v1/chat/completions", provider="openai", model_pending=True))
+    assert d is not None and d.status == 407
+
+
+def test_unmatched_provider_call_falls_through_with_a_reason_naming_that():
+    p = policy(GW, AGENT, APR, BACKEND)
+    d = prov(p, "api.openai.com", "/v1/chat/completions", "o1")
+    assert not d.allow and d.rule == "EgressGateway/gw/defaultPolicy"
+    assert d.reason.startswith("no AIProviderRoute rule matches openai model o1 at /v1/chat/completions, and no route allows")
+    r = {"kind": "EgressRoute", "metadata": {"name": "oai"}, "spec": {"hostnames": ["api.openai.com"]}}
+    d = prov(policy(GW, AGENT, APR, BACKEND, r), "api.openai.com", "/v1/chat/completions", "o1")
+    assert d.allow and d.rule == "EgressRoute/default/oai" and d.provider_rule is None
+
+
+def test_a_backend_name_is_a_provider():
+    p = policy(GW, AGENT, APR, BACKEND)
+    d = prov(p, "llm.internal", "/v1/chat/completions", "llama-3")
+    assert d.allow and d.rule == "AIProviderRoute/team-a/chat#rules[1]"
+    assert [b.name for b, _ in d.provider_rule.backends] == ["vllm"]

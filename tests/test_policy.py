@@ -189,3 +189,15 @@ def test_schema_is_json_schema_with_yaml_names():
     text = out.stdout
     for name in ("defaultPolicy", "hostAliases", "upstreamTLS", "tokenSha256", "sourceAgents", "maxTokensPerDay", "ensureStreamUsage"):
         assert f'"{name}"' in text
+
+
+def test_ai_provider_example_checks_with_the_example_policies(tmp_path):
+    import shutil
+
+    for f in (REPO / "policies").glob("*.yaml"):
+        shutil.copy(f, tmp_path / f.name)
+    shutil.copy(REPO / "docs" / "examples" / "ai-providers.yaml", tmp_path / "ai-providers.yaml")
+    p = load_policy(tmp_path, env={"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-ant-x"})
+    assert [r.ref for r in p.provider_rules] == ["AIProviderRoute/team-a/openai#rules[0]", "AIProviderRoute/team-a/anthropic#rules[0]"]
+    assert [i.field for i in p.injections_for("AIProviderRoute", "anthropic", "team-a")] == ["x-api-key"]
+    assert p.provider_rules[0].budget.per_agent and p.provider_rules[0].backends[0][0].model_rewrites == (("gpt-4o", "gpt-4o-mini"),)

@@ -24,7 +24,7 @@ import time
 from collections import deque
 
 from clrk.recorder.export import Exporter
-from clrk.recorder.store import Store, StoreError, budget_totals, fetch_records
+from clrk.recorder.store import Store, StoreError, budget_totals, fetch_budgets, fetch_records, fetch_spend
 from clrk.wire import WireError, pack, read_message
 
 log = logging.getLogger("clrk.recorder")
@@ -117,6 +117,13 @@ class Recorder:
                         writer.write(pack({"t": "ok", "id": msg.get("id"), "rows": rows}))
                     except Exception as e:
                         writer.write(pack({"t": "error", "id": msg.get("id"), "message": str(e)}))
+                elif t in ("spend", "budgets"):
+                    await self.flush()
+                    try:
+                        rows = await asyncio.to_thread(self._read, t, msg.get("query") or {})
+                        writer.write(pack({"t": "ok", "id": msg.get("id"), "rows": rows}))
+                    except Exception as e:
+                        writer.write(pack({"t": "error", "id": msg.get("id"), "message": str(e)}))
                 elif t == "budget_totals":
                     await self.flush()
                     totals = await asyncio.to_thread(self._budget_totals, float(msg.get("since") or 0))
@@ -135,6 +142,13 @@ class Recorder:
         finally:
             self.proxies.discard(writer)
             writer.close()
+
+    def _read(self, what: str, query: dict) -> list[dict]:
+        cur = self.store.cursor()
+        try:
+            return fetch_spend(cur, query) if what == "spend" else fetch_budgets(cur, float(query.get("since") or 0))
+        finally:
+            cur.close()
 
     def _budget_totals(self, since: float) -> dict[str, int]:
         cur = self.store.cursor()

@@ -207,6 +207,59 @@ def fetch_records(cur: duckdb.DuckDBPyConnection, query: Mapping) -> list[dict]:
     return out
 
 
+SPEND_DIMENSIONS = {
+    "day": f"CAST(({q(A.TIME)} AT TIME ZONE 'UTC') AS DATE)",
+    "agent": f"{q(A.AGENT_NAMESPACE)} || '/' || {q(A.AGENT_NAME)}",
+    "route": f"{q(A.CLRK_APR_NAMESPACE)} || '/' || {q(A.CLRK_APR_NAME)}",
+    "model": f"{q(A.GEN_AI_REQUEST_MODEL)}",
+}
+
+
+def spend_sql(query: Mapping) -> tuple[str, list]:
+    """Token spend of provider calls grouped by any of day, agent, route, model (`by`), newest day first."""
+    by = [d for d in (query.get("by") or list(SPEND_DIMENSIONS)) if d in SPEND_DIMENSIONS]
+    cols = [f"{SPEND_DIMENSIONS[d]} AS {d}" for d in by]
+    inp, out = q(A.GEN_AI_USAGE_INPUT_TOKENS), q(A.GEN_AI_USAGE_OUTPUT_TOKENS)
+    cols += [
+        "count(*) AS requests",
+        f"coalesce(sum({inp}), 0) AS input_tokens",
+        f"coalesce(sum({out}), 0) AS output_tokens",
+        f"coalesce(sum(coalesce({inp}, 0) + coalesce({out}, 0)), 0) AS total_tokens",
+        f"count(*) FILTER (WHERE {q(A.CLRK_BUDGET_DENIED)}) AS budget_denied",
+    ]
+    where, params = [f"{q(A.GEN_AI_SYSTEM)} IS NOT NULL"], []
+    if query.get("since"):
+        where.append(f"{q(A.TIME)} >= ?")
+        params.append(parse_since(str(query["since"])))
+    for key, dim in (("agent", "agent"), ("route", "route"), ("model", "model")):
+        if query.get(key):
+            where.append(f"{SPEND_DIMENSIONS[dim]} = ?")
+            params.append(str(query[key]))
+    sql = f"SELECT {', '.join(cols)} FROM {TABLE} WHERE {' AND '.join(where)}"
+    if by:
+        sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(len(by)))
+    order = (["day DESC"] if "day" in by else []) + ["total_tokens DESC"]
+    return sql + " ORDER BY " + ", ".join(order), params
+
+
+def fetch_spend(cur: duckdb.DuckDBPyConnection, query: Mapping) -> list[dict]:
+    sql, params = spend_sql(query)
+    res = cur.execute(sql, params)
+    names = [d[0] for d in res.description]
+    return [{k: (v.isoformat() if isinstance(v, dt.date) else v) for k, v in zip(names, row, strict=True)} for row in res.fetchall()]
+
+
+def fetch_budgets(cur: duckdb.DuckDBPyConnection, since: float) -> list[dict]:
+    """Each budget pool's tokens charged since `since` and its latest known daily maximum."""
+    pool, tokens, mx, t = q(A.CLRK_BUDGET_POOL), q(A.CLRK_BUDGET_TOKENS), q(A.CLRK_BUDGET_DAILY_MAX), q(A.TIME)
+    rows = cur.execute(
+        f"SELECT {pool}, coalesce(sum({tokens}), 0), arg_max({mx}, {t}) FROM {TABLE} "
+        f"WHERE {t} >= to_timestamp(?) AND {pool} IS NOT NULL GROUP BY 1 ORDER BY 1",
+        [since],
+    ).fetchall()
+    return [{"pool": p, "used_tokens": int(u), "max_tokens": m, "left_tokens": None if m is None else max(0, m - int(u))} for p, u, m in rows]
+
+
 def budget_totals(cur: duckdb.DuckDBPyConnection, since: float) -> dict[str, int]:
     """Tokens charged per budget pool since `since` (epoch seconds)."""
     rows = cur.execute(

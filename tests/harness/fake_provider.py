@@ -5,11 +5,14 @@ them. The request's model name picks a behaviour, so a test drives it through th
   ...-cut     a stream (or JSON body) that dies mid-way
   ...-big     a JSON body of several MB whose usage sits at the end
   ...-slow    a stream paced 0.6 s per event; `upstream.sse_done` is set after the last one
+  ...-wait    a JSON answer after 0.5 s (keeps concurrent requests in flight together)
+  ...-costN   a JSON answer whose usage reports N prompt tokens (and 5 completion tokens)
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from tests.harness import provider_bodies as B
@@ -59,7 +62,11 @@ def openai(h, seen):
         usage = bool((req.get("stream_options") or {}).get("include_usage"))
         return _stream(h, up, B.openai_chat_stream(model=model + "-2024", usage=usage), model)
     content = "z" * 3_000_000 if "-big" in model else "Hello!"
-    return _json(h, 200, B.openai_chat_json(model=model + "-2024", content=content), model)
+    if "-wait" in model:
+        time.sleep(0.5)
+    cost = re.search(r"-cost(\d+)", model)
+    prompt = int(cost.group(1)) if cost else 12
+    return _json(h, 200, B.openai_chat_json(model=model + "-2024", content=content, prompt=prompt), model)
 
 
 def anthropic(h, seen):
