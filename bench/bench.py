@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench.py [--rounds 3] [--seconds 5] [--smoke] [--write docs/PERFORMANCE.md]
 
 Throughput and latency of small JSON chat completions through `mitmdump -q` (bare) and through the clrk
-gateway with full capture (DuckDB on, OTLP export on to a local receiver), over HTTPS keep-alive, driven by
-`hey` at concurrency 1, 8 and 32. Medians over the rounds; the table goes between the markers in
+gateway with everything on: the upstream is an OpenAI-schema Backend behind an AIProviderRoute with a
+TokenBudget, so each call is authenticated, decided on its model, budgeted, parsed for usage, captured,
+stored in DuckDB and exported over OTLP to a local receiver. HTTPS keep-alive, `hey` at concurrency 1, 8, 32. Medians over the rounds; the table goes between the markers in
 docs/PERFORMANCE.md. `--smoke` runs everything for a moment and writes nothing (CI runs it so the harness
 cannot rot); numbers from a smoke run mean nothing.
 """
@@ -96,6 +97,7 @@ class Stack:
 
     def __init__(self, tmp: Path, es: ExitStack):
         self.tmp = tmp
+        self.pids: dict[str, int] = {}
         ca, server_pem = make_upstream_pki(tmp / "pki", ["localhost"])
         self.upstream_port = free_port()
         self._spawn(es, [sys.executable, str(REPO / "bench" / "upstream.py"), str(server_pem), str(self.upstream_port)], "upstream")
@@ -121,9 +123,16 @@ kind: Agent
 metadata: {{name: bench, namespace: team-a}}
 spec: {{kind: BenchAgent, credentials: {{tokenSha256: {hashlib.sha256(TOKEN.encode()).hexdigest()}}}}}
 ---
-kind: EgressRoute
-metadata: {{name: upstream}}
-spec: {{hostnames: [localhost], ports: [{self.upstream_port}]}}
+kind: Backend
+metadata: {{name: bench-llm}}
+spec: {{schema: {{name: openai}}, upstream: {{host: localhost, port: {self.upstream_port}}}}}
+---
+kind: AIProviderRoute
+metadata: {{name: bench, namespace: team-a}}
+spec:
+  rules:
+  - matches: [{{provider: openai}}]
+    filters: [{{type: TokenBudget, tokenBudget: {{maxTokensPerDay: 1000000000000}}}}]
 """)
         self.db = tmp / "data" / "clrk.duckdb"
         self.clrk_port = free_port()
@@ -140,6 +149,7 @@ spec: {{hostnames: [localhost], ports: [{self.upstream_port}]}}
     def _spawn(self, es: ExitStack, argv: list[str], name: str) -> None:
         log = open(self.tmp / f"{name}.log", "wb")
         p = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.pids[name] = p.pid
 
         def stop() -> None:
             p.send_signal(signal.SIGTERM)
@@ -179,6 +189,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--smoke", action="store_true", help="a short run that checks the harness works; writes nothing")
     ap.add_argument("--write", default=str(REPO / "docs" / "PERFORMANCE.md"))
+    ap.add_argument("--profile", metavar="FILE", help="only profile the clrk proxy under c=8 load with py-spy; "
+                    "write its folded stacks to FILE and print where the time goes")
     args = ap.parse_args()
     if args.smoke:
         args.rounds, args.seconds = 1, 1.0
@@ -189,6 +201,9 @@ def main() -> None:
         stack = Stack(Path(d), es)
         for proxy in stack.proxies.values():  # warm up both (TLS, caches, recorder start)
             run_hey(hey, proxy, stack.url, 8, 1.0 if not args.smoke else 0.3)
+        if args.profile:
+            profile(hey, stack, args.profile, args.seconds)
+            return
         rows_before = count_rows(stack.db)
         sent = 0
         for r in range(args.rounds):
@@ -206,6 +221,40 @@ def main() -> None:
     print(table)
     if not args.smoke:
         write_section(Path(args.write), table)
+
+
+def profile(hey: str, stack: Stack, out: str, seconds: float) -> None:
+    pid = stack.pids["clrk"]
+    spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(pid), "-d", str(int(seconds) + 1), "-r", "250",
+                            "-f", "raw", "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    res = run_hey(hey, stack.proxies["clrk"], stack.url, 8, seconds)
+    spy.wait(60)
+    print(f"clrk under profile: {res.rps:.0f} req/s", file=sys.stderr)
+    print(summarize_profile(Path(out)))
+
+
+def summarize_profile(path: Path) -> str:
+    """Share of the proxy thread's samples per clrk function (inclusive) and per mitmproxy area."""
+    total = 0
+    clrk: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        count = int(n)
+        frames = stack.split(";")
+        if not any("run_forever" in f for f in frames):
+            continue  # idle or helper threads: only the event loop thread serves traffic
+        total += count
+        seen = set()
+        for f in frames:
+            name = re.sub(r":\d+\)$", ")", f)
+            if ("clrk/" in name) and name not in seen:
+                seen.add(name)
+                clrk[name] = clrk.get(name, 0) + count
+    lines = [f"event-loop samples: {total}", "clrk functions (inclusive share of the event loop's samples):"]
+    for name, n in sorted(clrk.items(), key=lambda kv: -kv[1])[:25]:
+        lines.append(f"  {100 * n / total:5.1f}%  {name}")
+    return "\n".join(lines)
 
 
 def render(results, concs, args, stored: int, sent: int) -> str:

@@ -40,7 +40,7 @@ from clrk.providers import parser_for
 from clrk.runtime import Runtime, Tunnel, deny_response, listener_port
 from clrk.settings import Settings
 from clrk.sink import RecordSink
-from clrk.transaction import METADATA_KEY, Transaction
+from clrk.transaction import METADATA_KEY, Transaction, header_index
 
 log = logging.getLogger("clrk")
 
@@ -226,14 +226,16 @@ class ProxyAuth:
         policy = self.rt.policy
         assert policy is not None
         req = flow.request
-        tx = Transaction(start=req.timestamp_start, trace=trace_context(req.headers.get("traceparent")))
+        h = header_index(req.headers.fields)
+        tx = Transaction(start=req.timestamp_start, trace=trace_context(h.get("traceparent")), req_h=h)
         flow.metadata[METADATA_KEY] = tx
         tunnel = self.rt.tunnels.get(flow.client_conn)
         tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
         # Where the request goes: the CONNECT target for tunnelled traffic, the URL's host for plain HTTP.
         tx.dst_name, tx.dst_port = (tunnel.host, tunnel.port) if tunnel else (norm_host(req.host), req.port)
         if tunnel is not None:
-            req.headers.pop("proxy-authorization", None)
+            if "proxy-authorization" in h:
+                del req.headers["proxy-authorization"]
             # Re-check on every request so that revoking an agent also closes its open tunnels' doors.
             entry = policy.agents.get(tunnel.agent.username)
             if entry is not None and entry[1] == tunnel.digest:
@@ -241,7 +243,9 @@ class ProxyAuth:
             else:
                 tx.auth_failure = f"credentials of agent {tunnel.agent.ref} are no longer valid"
         else:
-            auth = authenticate(policy, req.headers.pop("proxy-authorization", None))
+            auth = authenticate(policy, h.get("proxy-authorization"))
+            if "proxy-authorization" in h:
+                del req.headers["proxy-authorization"]
             tx.agent, tx.auth_failure = auth.agent, auth.failure
 
 
@@ -266,7 +270,8 @@ class Providers:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or tx.genai is None or flow.request.stream:
             return
-        body = flow.request.get_content(strict=False)
+        h = tx.req_h or {}
+        body = flow.request.get_content(strict=False) if "content-encoding" in h else flow.request.raw_content
         if body:
             tx.genai.request_body(body)
 
@@ -274,7 +279,7 @@ class Providers:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or tx.genai is None or flow.response is None:
             return
-        tx.genai.response_headers(flow.response.status_code, flow.response.headers.get("content-type"))
+        tx.genai.response_headers(flow.response.status_code, tx.response_headers(flow).get("content-type"))
 
 
 # --------------------------------------------------------------------------- EgressControl
@@ -295,16 +300,23 @@ class EgressControl:
         policy = self.rt.policy
         assert policy is not None
         req = flow.request
+        h = tx.req_h
+        assert h is not None
         client = flow.client_conn
         sni = norm_host(client.sni) if client.sni and client in self.rt.tunnels else None
         authority = authority_port = None
-        if req.host_header:
-            try:
-                a_host, a_port = mitm_url.parse_authority(req.host_header, check=False)
-            except ValueError:
-                a_host, a_port = req.host_header, None
-            authority = norm_host(a_host)
-            authority_port = a_port if a_port is not None else (443 if client.tls_established or req.scheme == "https" else 80)
+        host_header = req.host_header if (req.is_http2 or req.is_http3) else h.get("host")
+        if host_header:
+            default_port = 443 if client.tls_established or req.scheme == "https" else 80
+            if host_header == tx.dst_name:  # the common case, without parsing
+                authority, authority_port = host_header, default_port
+            else:
+                try:
+                    a_host, a_port = mitm_url.parse_authority(host_header, check=False)
+                except ValueError:
+                    a_host, a_port = host_header, None
+                authority = norm_host(a_host)
+                authority_port = a_port if a_port is not None else default_port
         path = req.path.split("?", 1)[0]
         genai = tx.genai
         tx.facts = RequestFacts(
@@ -312,11 +324,13 @@ class EgressControl:
             provider=genai.name if genai else None,
             backend_names=policy.backends_by_host.get(tx.dst_name, ()),
             model=genai.result.request_model if genai else None,
-            model_pending=genai is not None and request_is_buffered(req.headers, provider=True),
+            model_pending=genai is not None and request_is_buffered(h, provider=True),
         )
         if tx.gateway is not None:
-            inv = req.headers.pop(tx.gateway.invocation_header, None)
-            tx.invocation_id = inv[:256] if inv else invocation_from_baggage(req.headers.get("baggage"))
+            inv = h.get(tx.gateway.invocation_header)
+            if inv is not None:
+                del req.headers[tx.gateway.invocation_header]
+            tx.invocation_id = inv[:256] if inv else invocation_from_baggage(h.get("baggage"))
         d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), tx.facts)
         if d is not None:  # else it needs the model: decided in `request`, once the body is in
             self._apply(flow, tx, d)
@@ -341,7 +355,7 @@ class EgressControl:
             log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, tx.dst_name, tx.dst_port, req.path.split("?", 1)[0],
                      tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
             return
-        if "traceparent" in req.headers:
+        if tx.req_h and "traceparent" in tx.req_h:
             req.headers["traceparent"] = tx.trace.traceparent()
         self.rt.allow(flow.client_conn, req.host, req.port)
 
@@ -398,7 +412,7 @@ class Capture:
         if tx is None or flow.response or flow.error or tx.gateway is None:
             return
         cfg = tx.gateway.capture
-        h = flow.request.headers
+        h = tx.req_h or {}
         tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
         if not request_is_buffered(h, provider=tx.genai is not None):
             flow.request.stream = tx.req_capture.feed
@@ -415,12 +429,13 @@ class Capture:
             return
         tx.upstream_response = True
         cfg = tx.gateway.capture
-        ctype = resp.headers.get("content-type")
+        rh = tx.response_headers(flow)
+        ctype = rh.get("content-type")
         tx.resp_capture = BodyCapture(
-            cfg.max_bytes, cfg.wants(ctype), resp.headers.get("content-encoding"),
+            cfg.max_bytes, cfg.wants(ctype), rh.get("content-encoding"),
             listener=tx.genai.feed if tx.genai is not None else None,
         )
-        if not response_is_buffered(resp.headers):
+        if not response_is_buffered(rh):
             resp.stream = tx.resp_capture.feed
 
     def response(self, flow: http.HTTPFlow) -> None:

@@ -20,7 +20,7 @@ RULE_DESTINATION = "destination-check"
 RULE_NO_GATEWAY = "gateway"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestFacts:
     """What the gateway knows about where a request is going, all hostnames normalized (see `norm_host`).
 
@@ -42,7 +42,7 @@ class RequestFacts:
     model_pending: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     allow: bool
     rule: str
@@ -55,7 +55,7 @@ class Decision:
         return "allow" if self.allow else "deny"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthResult:
     """The outcome of proxy authentication: an agent, or why there is none."""
 

@@ -11,7 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-import secrets
+import random
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -47,7 +47,7 @@ def authenticate(policy: CompiledPolicy, proxy_authorization: str | None) -> Aut
     return AuthResult(agent)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TraceContext:
     """The ids of the gateway's span, and its parent's when the agent sent a valid `traceparent`."""
 
@@ -73,8 +73,13 @@ def trace_context(traceparent: str | None) -> TraceContext:
     if traceparent:
         parts = traceparent.strip().lower().split("-")
         if len(parts) >= 4 and len(parts[0]) == 2 and parts[0] != "ff" and _is_hex(parts[1], 32) and _is_hex(parts[2], 16) and len(parts[3]) == 2:
-            return TraceContext(parts[1], secrets.token_hex(8), parts[2], parts[3])
-    return TraceContext(secrets.token_hex(16), secrets.token_hex(8), None, "01")
+            return TraceContext(parts[1], _span_id(), parts[2], parts[3])
+    return TraceContext(f"{random.getrandbits(128) or 1:032x}", _span_id(), None, "01")
+
+
+def _span_id() -> str:
+    # Trace ids need uniqueness, not secrecy: the OTel SDK draws them the same way.
+    return f"{random.getrandbits(64) or 1:016x}"
 
 
 def invocation_from_baggage(baggage: str | None) -> str | None:

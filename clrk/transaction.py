@@ -51,6 +51,25 @@ class Transaction:
     budget_charged: int | None = None
     budget_used: int | None = None
     recorded: bool = False
+    req_h: dict[str, str] | None = None  # header_index of the request as the agent sent it
+    resp_h: dict[str, str] | None = None  # header_index of the response as the upstream sent it
+
+    def response_headers(self, flow: http.HTTPFlow) -> dict[str, str]:
+        if self.resp_h is None:
+            assert flow.response is not None
+            self.resp_h = header_index(flow.response.headers.fields)
+        return self.resp_h
+
+
+def header_index(fields) -> dict[str, str]:
+    """Headers as {lower-case name: first value}: one pass, then dict lookups (mitmproxy's Headers scans all
+    fields on every lookup)."""
+    out: dict[str, str] = {}
+    for name, value in fields:
+        key = name.lower().decode("latin-1")
+        if key not in out:
+            out[key] = value.decode("latin-1")
+    return out
 
 
 def error_type(message: str) -> str:
