@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-from pathlib import Path
 
+from clrk.launch import LaunchError, gateway_argv
 from clrk.settings import Settings
 
 
@@ -20,41 +19,83 @@ def _die(msg: str, code: int = 1) -> None:
 # --------------------------------------------------------------------------- run
 
 
-def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
-    from clrk.ca import ensure_ca
+def _checked_policy(path: str):
     from clrk.policy import PolicyError, load_policy
 
     try:
-        policy = load_policy(args.policies)
+        return load_policy(path)
     except PolicyError as e:
-        _die(f"the policy in {args.policies} is invalid:\n{e}")
+        _die(f"the policy in {path} is invalid:\n{e}")
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
+    from clrk.ca import ensure_ca
+
+    policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else policy.listener_ports() or [8080]
     cert = ensure_ca(args.certs)
-    mitmdump = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or shutil.which("mitmdump")
-    if mitmdump is None:
-        _die("mitmdump is not installed in this environment (run scripts/setup)")
-    entry = Path(__file__).with_name("mitmaddon.py")
-    argv = [mitmdump, "-s", str(entry)]
-    for p in ports:
-        argv += ["--mode", f"regular@{p}"]
-    argv += [
-        "--listen-host", args.host,
-        "--set", f"clrk_policies={Path(args.policies).resolve()}",
-        "--set", f"clrk_db={Path(args.db).resolve()}",
-        "--set", f"clrk_certs={Path(args.certs).resolve()}",
-        "--set", f"confdir={Path(args.certs).resolve()}",
-    ]
-    if args.dev_otlp_fallback_endpoint:
-        argv += ["--set", f"clrk_dev_otlp_fallback_endpoint={args.dev_otlp_fallback_endpoint}"]
-    argv += extra
+    try:
+        argv = gateway_argv(args.policies, args.db, args.certs, ports, args.host, args.dev_otlp_fallback_endpoint, extra)
+    except LaunchError as e:
+        _die(str(e))
     print(
         f"clrk: gateway on {args.host or '0.0.0.0'}:{','.join(map(str, ports))}, policies {args.policies}, "
         f"records in {args.db}\nclrk: agents trust {cert} and set "
-        f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@localhost:{ports[0]}",
+        f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@localhost:{ports[0]}  (clrk ca tells more)",
         file=sys.stderr,
         flush=True,
     )
-    os.execv(mitmdump, argv)
+    os.execv(argv[0], argv)
+
+
+# --------------------------------------------------------------------------- dev
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from clrk.ca import ensure_ca
+    from clrk.dev.session import DevSession
+    from clrk.dev.tui import DevApp
+    from clrk.feed import RecordFeed
+
+    policy = _checked_policy(args.policies)
+    ports = [args.port] if args.port else policy.listener_ports() or [8080]
+    ensure_ca(args.certs)
+    try:
+        session = DevSession(args.policies, args.db, args.certs, ports, otlp_port=args.otlp_port, host=args.host).start()
+    except (OSError, RuntimeError, LaunchError) as e:
+        _die(str(e))
+    assert session.receiver is not None
+    try:
+        DevApp(RecordFeed(args.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status).run()
+    finally:
+        session.stop()
+    print(f"clrk dev: gateway stopped; its log is {session.log_path}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- ca
+
+
+def cmd_ca(args: argparse.Namespace) -> None:
+    from clrk.ca import ensure_ca
+
+    cert = ensure_ca(args.certs).resolve()
+    policy = _checked_policy(args.policies)
+    port = (policy.listener_ports() or [8080])[0]
+    agents = sorted(policy.agents)
+    lines = [
+        f"clrk's CA certificate: {cert}",
+        "(its private key, mitmproxy-ca.pem beside it, is mode 0600 and never leaves this machine)",
+        "",
+        "Trust it in the agent's environment:",
+        f"  Python (requests, httpx, openai, anthropic, google-genai):  export SSL_CERT_FILE={cert}",
+        f"                                                             export REQUESTS_CA_BUNDLE={cert}",
+        f"  Node.js:  export NODE_EXTRA_CA_CERTS={cert}",
+        f"  curl:     curl --cacert {cert} ...   (or export CURL_CA_BUNDLE={cert})",
+        "",
+        "Send the agent's traffic through the gateway (the token is the agent's; only its sha256 is in the policy):",
+    ]
+    lines += [f"  export HTTPS_PROXY=http://{user}:<token>@{args.host}:{port}" for user in agents] or ["  (no Agent in the policy)"]
+    print("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- records
@@ -125,6 +166,32 @@ def cmd_records(args: argparse.Namespace) -> None:
     out = sys.stdout
     for r in rows:
         out.write((json.dumps(r, separators=(",", ":"), ensure_ascii=False) if args.json else _fmt_row(r)) + "\n")
+
+
+# --------------------------------------------------------------------------- tail
+
+
+def cmd_tail(args: argparse.Namespace) -> None:
+    import time
+
+    from clrk.feed import RecordFeed
+
+    feed = RecordFeed(args.db, query={"agent": args.agent, "invocation": args.invocation, "host": args.host})
+    waiting = False
+    try:
+        while True:
+            rows = feed.poll()
+            if not feed.connected and not waiting:
+                print(f"clrk tail: waiting for a gateway writing {args.db} ...", file=sys.stderr, flush=True)
+            waiting = not feed.connected
+            for r in rows:
+                sys.stdout.write((json.dumps(r, separators=(",", ":"), ensure_ascii=False) if args.json else _fmt_row(r)) + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    finally:
+        feed.close()
 
 
 # --------------------------------------------------------------------------- spend
@@ -220,6 +287,27 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--invocation", help="invocation.id")
     rec.add_argument("--decision", choices=["allow", "deny"], help="only allowed or only denied transactions")
 
+    dv = sub.add_parser("dev", help="the gateway with an in-process OTLP receiver and a live terminal UI")
+    dv.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
+    dv.add_argument("--port", type=int, default=None, help="listen port (default: the EgressGateway listeners)")
+    dv.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    dv.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
+    dv.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    dv.add_argument("--otlp-port", type=int, default=14318, help="the in-process OTLP/HTTP receiver's port (default: %(default)s)")
+
+    tl = sub.add_parser("tail", help="print records as the gateway stores them (one line each, or --json)")
+    tl.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    tl.add_argument("--json", action="store_true", help="one JSON object per line, keys as in the record contract")
+    tl.add_argument("--agent", help="agent name, or namespace/name")
+    tl.add_argument("--invocation", help="invocation.id")
+    tl.add_argument("--host", help="destination host")
+    tl.add_argument("--interval", type=float, default=0.25, help=argparse.SUPPRESS)
+
+    ca = sub.add_parser("ca", help="where the gateway's CA is, how to trust it, and the HTTPS_PROXY line of each agent")
+    ca.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
+    ca.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
+    ca.add_argument("--host", default="localhost", help="the gateway's host name as agents reach it (default: %(default)s)")
+
     sp = sub.add_parser("spend", help="tokens spent by provider calls, by day, agent, route and model (works while the gateway runs)")
     sp.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -251,6 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         cmd_records(args)
     elif args.command == "spend":
         cmd_spend(args)
+    elif args.command == "dev":
+        cmd_dev(args)
+    elif args.command == "tail":
+        cmd_tail(args)
+    elif args.command == "ca":
+        cmd_ca(args)
     elif args.command == "policy":
         (cmd_policy_check if args.policy_command == "check" else cmd_policy_schema)(args)
 

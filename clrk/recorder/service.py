@@ -129,7 +129,9 @@ class Recorder:
                     totals = await asyncio.to_thread(self._budget_totals, float(msg.get("since") or 0))
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "totals": totals}))
                 elif t == "status":
+                    await self.flush()
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped,
+                                       "seq": self.store.next_seq - 1,
                                        "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid()}))
                 elif t == "shutdown":
                     self.proxies.discard(writer)

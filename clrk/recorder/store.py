@@ -22,6 +22,7 @@ from clrk import attributes as A
 
 SCHEMA_VERSION = 1
 TABLE = "records"
+SEQ = "_seq"  # ingestion order, assigned by the recorder: what `clrk tail` follows (times are start times)
 
 _ARROW_TYPES = {
     "VARCHAR": pa.string(),
@@ -33,7 +34,8 @@ _ARROW_TYPES = {
     "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
     "VARCHAR[]": pa.list_(pa.string()),
 }
-ARROW_SCHEMA = pa.schema([pa.field(name, _ARROW_TYPES[t]) for name, t in A.COLUMNS.items()])
+STORE_COLUMNS = {**A.COLUMNS, SEQ: "BIGINT"}
+ARROW_SCHEMA = pa.schema([pa.field(name, _ARROW_TYPES[t]) for name, t in STORE_COLUMNS.items()])
 _TIME_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "TIMESTAMPTZ")
 _JSON_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "JSON")
 
@@ -59,6 +61,7 @@ class Store:
             raise StoreError(f"cannot open {self.path} for writing: {e}") from e
         self._lock = threading.Lock()
         self._migrate()
+        self.next_seq = (self.con.execute(f"SELECT max({q(SEQ)}) FROM {TABLE}").fetchone()[0] or 0) + 1
 
     def _migrate(self) -> None:
         con = self.con
@@ -70,12 +73,12 @@ class Store:
                 f"{self.path} has schema version {version}, newer than this clrk ({SCHEMA_VERSION}): upgrade clrk"
             )
         if version == 0:
-            cols = ", ".join(f"{q(n)} {t}" for n, t in A.COLUMNS.items())
+            cols = ", ".join(f"{q(n)} {t}" for n, t in STORE_COLUMNS.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({cols})")
             con.execute("INSERT INTO clrk_schema VALUES (?)", [SCHEMA_VERSION])
         # Attributes added since the table was created become new (nullable) columns.
         have = {r[0] for r in con.execute(f"SELECT column_name FROM duckdb_columns() WHERE table_name = '{TABLE}'").fetchall()}
-        for name, typ in A.COLUMNS.items():
+        for name, typ in STORE_COLUMNS.items():
             if name not in have:
                 con.execute(f"ALTER TABLE {TABLE} ADD COLUMN {q(name)} {typ}")
 
@@ -83,7 +86,9 @@ class Store:
         """Inserts a batch; returns the number of rows written."""
         if not rows:
             return 0
-        table = to_arrow(rows)
+        seq = self.next_seq
+        table = to_arrow(rows, seq)
+        self.next_seq = seq + len(rows)
         with self._lock:
             cur = self.con.cursor()
             try:
@@ -101,11 +106,12 @@ class Store:
             self.con.close()
 
 
-def to_arrow(rows: Iterable[Mapping]) -> pa.Table:
+def to_arrow(rows: Iterable[Mapping], first_seq: int = 0) -> pa.Table:
     """Record dicts (epoch-second times, header dicts) as an Arrow table of the store's schema."""
     prepared = []
-    for r in rows:
+    for i, r in enumerate(rows):
         r = dict(r)
+        r[SEQ] = first_seq + i
         for k in _TIME_COLUMNS:
             v = r.get(k)
             if v is not None:
@@ -138,7 +144,8 @@ def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
 
 
 def records_sql(query: Mapping) -> tuple[str, list]:
-    """SQL for `clrk records` filters: agent, since, status, host, invocation, limit (0 = all)."""
+    """SQL for `clrk records` filters: agent, since, status, host, invocation, decision, limit (0 = all);
+    newest first. With `after_seq`: the records stored after that one, in the order they were stored."""
     where, params = [], []
     if query.get("agent"):
         agent = str(query["agent"])
@@ -173,10 +180,13 @@ def records_sql(query: Mapping) -> tuple[str, list]:
     if query.get("decision"):
         where.append(f"{q(A.CLRK_DECISION)} = ?")
         params.append(str(query["decision"]))
+    if query.get("after_seq") is not None:
+        where.append(f"{q(SEQ)} > ?")
+        params.append(int(query["after_seq"]))
     sql = f"SELECT * FROM {TABLE}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY {q(A.TIME)} DESC"
+    sql += f" ORDER BY {q(SEQ)} ASC" if query.get("after_seq") is not None else f" ORDER BY {q(A.TIME)} DESC"
     limit = int(query.get("limit", 100) or 0)
     if limit > 0:
         sql += f" LIMIT {limit}"
@@ -194,11 +204,12 @@ def fetch_records(cur: duckdb.DuckDBPyConnection, query: Mapping) -> list[dict]:
     sql, params = records_sql(query)
     res = cur.execute(sql, params)
     names = [d[0] for d in res.description]
+    keep_seq = query.get("after_seq") is not None
     out = []
     for row in res.fetchall():
         rec = {}
         for k, v in zip(names, row, strict=True):
-            if v is None:
+            if v is None or (k == SEQ and not keep_seq):
                 continue
             if k in _JSON_COLUMNS and isinstance(v, str):
                 v = json.loads(v)

@@ -1,4 +1,5 @@
-"""A real OTLP/HTTP receiver on 127.0.0.1 that decodes protobuf with opentelemetry-proto."""
+"""A real OTLP/HTTP receiver on 127.0.0.1 that decodes protobuf with opentelemetry-proto, for the tests of
+the gateway's exporter; it also keeps the raw payloads, so tests can search the wire for secrets."""
 
 from __future__ import annotations
 
@@ -16,22 +17,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-
-def any_value(v: AnyValue):
-    kind = v.WhichOneof("value")
-    if kind is None:
-        return None
-    if kind == "array_value":
-        return [any_value(x) for x in v.array_value.values]
-    if kind == "kvlist_value":
-        return {kv.key: any_value(kv.value) for kv in v.kvlist_value.values}
-    return getattr(v, kind)
-
-
-def attrs(kvs) -> dict:
-    return {kv.key: any_value(kv.value) for kv in kvs}
+from clrk.dev.receiver import any_value
+from clrk.dev.receiver import attributes as attrs
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""`clrk dev`: an in-process OTLP receiver and a live terminal UI over a running gateway."""

@@ -1,0 +1,74 @@
+"""A `clrk dev` session: the OTLP receiver in this process, the gateway as a child teeing to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from clrk import wire
+from clrk.budget import day_start, utc_day
+from clrk.dev.receiver import DEFAULT_PORT, OtlpReceiver
+from clrk.launch import gateway_argv
+
+
+class DevSession:
+    def __init__(self, policies: str, db: str, certs: str, ports: list[int], otlp_port: int = DEFAULT_PORT,
+                 host: str = "127.0.0.1", log_path: str | None = None):
+        self.policies, self.db, self.certs, self.ports, self.host = policies, db, certs, ports, host
+        self.otlp_port = otlp_port
+        self.log_path = Path(log_path or Path(db).with_name("clrk-dev.log"))
+        self.receiver: OtlpReceiver | None = None
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> DevSession:
+        self.receiver = OtlpReceiver(port=self.otlp_port).start()
+        argv = gateway_argv(self.policies, self.db, self.certs, self.ports, self.host, self.receiver.endpoint, [])
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        # The gateway's own log goes to a file: the terminal belongs to the UI.
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        sock = wire.socket_path(self.db)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the gateway exited with status {self.proc.returncode}; see {self.log_path}")
+            if os.path.exists(sock):
+                try:
+                    with wire.BlockingClient(sock, timeout=2) as c:
+                        c.request({"t": "status"})
+                    return self
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the gateway did not start within {timeout:.0f}s; see {self.log_path}")
+
+    def read_spend(self) -> tuple[list[dict], list[dict]]:
+        """Today's spend by agent, route and model, and the budget pools."""
+        since = day_start(utc_day(time.time()))
+        try:
+            with wire.BlockingClient(wire.socket_path(self.db), timeout=5) as c:
+                spend = c.request({"t": "spend", "query": {"by": ["agent", "route", "model"], "since": "24h"}})["rows"]
+                budgets = c.request({"t": "budgets", "query": {"since": since}})["rows"]
+            return spend, budgets
+        except (OSError, wire.WireError):
+            return [], []
+
+    def status(self) -> str:
+        r = self.receiver
+        return f"OTLP {r.endpoint}" if r else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver = None

@@ -1,0 +1,279 @@
+"""`clrk dev`: the OTLP receiver on its own (the OTel SDK's exporter as client), the TUI driven by Textual's
+Pilot while real requests go through a real gateway teeing to that receiver, `clrk tail` and `clrk ca`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from textual.widgets import DataTable, Static
+
+from clrk import attributes as A
+from clrk.dev.receiver import OtlpReceiver
+from clrk.dev.session import DevSession
+from clrk.dev.tui import DetailScreen, DevApp, HelpScreen
+from clrk.feed import RecordFeed
+from tests.harness import fake_provider
+from tests.harness.gateway import AGENT_TOKEN, agent_docs, free_port, gateway_doc, route
+
+CLRK = str(Path(sys.executable).parent / "clrk")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ the receiver
+
+
+def test_receiver_decodes_what_the_otel_sdk_exports():
+    r = OtlpReceiver(port=0).start()
+    try:
+        res = Resource.create({"service.name": "sdk-client"})
+        tp = TracerProvider(resource=res)
+        tp.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{r.endpoint}/v1/traces")))
+        with tp.get_tracer("t").start_as_current_span("parent", attributes={"a": 1}):
+            with tp.get_tracer("t").start_as_current_span("child", kind=trace.SpanKind.CLIENT, attributes={"b": ["x", "y"]}):
+                pass
+        lp = LoggerProvider(resource=res)
+        lp.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter(endpoint=f"{r.endpoint}/v1/logs")))
+        lp.get_logger("t").emit(body={"k": "v"}, attributes={"n": 3}, severity_number=SeverityNumber.WARN, severity_text="WARN")
+        tp.shutdown()
+        lp.shutdown()
+        names = {s["name"]: s for s in r.spans}
+        assert set(names) == {"parent", "child"}
+        assert names["child"]["parent_span_id"] == names["parent"]["span_id"]
+        assert names["child"]["kind"] == 3 and names["child"]["attributes"] == {"b": ["x", "y"]}
+        assert names["parent"]["resource"]["service.name"] == "sdk-client"
+        (lg,) = r.logs
+        assert lg["body"] == {"k": "v"} and lg["attributes"] == {"n": 3} and lg["severity"] == "WARN"
+    finally:
+        r.stop()
+
+
+def test_receiver_takes_otlp_json_and_gzip_and_rejects_garbage():
+    r = OtlpReceiver(port=0).start()
+    try:
+        trace_id, span_id = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174"
+        payload = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "json-client"}}]},
+                   "scopeSpans": [{"spans": [{"traceId": trace_id, "spanId": span_id, "name": "GET example.com", "kind": 3,
+                                              "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000000100000000",
+                                              "attributes": [{"key": "http.response.status_code", "value": {"intValue": "200"}}]}]}]}]}
+        resp = httpx.post(f"{r.endpoint}/v1/traces", json=payload)
+        assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+        (s,) = r.spans
+        assert (s["trace_id"], s["span_id"], s["attributes"]) == (trace_id, span_id, {"http.response.status_code": 200})
+        logs = {"resourceLogs": [{"scopeLogs": [{"logRecords": [{"traceId": trace_id, "spanId": span_id, "body": {"stringValue": "hi"}}]}]}]}
+        resp = httpx.post(f"{r.endpoint}/v1/logs", content=gzip.compress(json.dumps(logs).encode()),
+                          headers={"content-type": "application/json", "content-encoding": "gzip"})
+        assert resp.status_code == 200 and r.logs[0]["body"] == "hi" and r.logs[0]["span_id"] == span_id
+        assert httpx.post(f"{r.endpoint}/v1/traces", content=b"\xff\x00garbage", headers={"content-type": "application/x-protobuf"}).status_code == 400
+        assert httpx.post(f"{r.endpoint}/v1/metrics", content=b"").status_code == 404
+        assert r.received["rejected"] == 1
+    finally:
+        r.stop()
+
+
+def test_receiver_says_clearly_when_its_port_is_taken():
+    r = OtlpReceiver(port=0).start()
+    try:
+        with pytest.raises(OSError, match="is another clrk dev running"):
+            OtlpReceiver(port=r.port)
+    finally:
+        r.stop()
+
+
+# ------------------------------------------------------------------------------------------ a live session
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory, pki, upstream):
+    fake_provider.install(upstream)
+    d = tmp_path_factory.mktemp("dev")
+    hosts = ["allowed.test", "api.openai.com"]
+    docs = [gateway_doc(aliases={h: upstream.address for h in hosts}, ca_bundle=str(pki[0])), *agent_docs(),
+            route("ok", hosts, sourceAgents={"namespaces": ["team-a"]}),
+            {"kind": "AIProviderRoute", "metadata": {"name": "llm", "namespace": "team-a"},
+             "spec": {"rules": [{"matches": [{"provider": "openai"}],
+                                 "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 100000}}]}]}}]
+    import yaml
+
+    (d / "policies").mkdir()
+    (d / "policies" / "p.yaml").write_text(yaml.safe_dump_all(docs))
+    os.environ.setdefault("CLRK_TEST_REVIEWER_TOKEN", "tok-reviewer-9876543210")
+    s = DevSession(str(d / "policies"), str(d / "data" / "clrk.duckdb"), str(d / "certs"), [free_port()], otlp_port=free_port()).start()
+    yield s
+    s.stop()
+
+
+def _client(s: DevSession) -> httpx.Client:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(Path(s.certs) / "mitmproxy-ca-cert.pem"))
+    return httpx.Client(proxy=f"http://team-a.researcher:{AGENT_TOKEN}@127.0.0.1:{s.ports[0]}", verify=ctx, trust_env=False, timeout=30)
+
+
+def _traffic(s: DevSession, inv: str) -> None:
+    with _client(s) as c:
+        c.get("https://allowed.test/json/tui", headers={"clrk-invocation-id": inv, "authorization": "Bearer sk-tui-SECRET-1"})
+        c.get("https://denied.test/nope", headers={"clrk-invocation-id": inv})
+        c.post("https://api.openai.com/v1/chat/completions", headers={"clrk-invocation-id": inv},
+               json={"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True}, "messages": []})
+
+
+async def _until(pilot, cond, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "the TUI did not show it in time"
+        await pilot.pause(0.1)
+
+
+def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
+    inv = f"inv-{uuid.uuid4().hex[:8]}"
+    assert session.receiver is not None
+    app = DevApp(RecordFeed(session.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status)
+
+    async def drive():
+        async with app.run_test(size=(200, 50)) as pilot:
+            await asyncio.to_thread(_traffic, session, inv)
+            records = app.query_one("#records-table", DataTable)
+            await _until(pilot, lambda: records.row_count >= 3)
+            rows = [records.get_row_at(i) for i in range(records.row_count)]
+            hosts = [r[4] for r in rows]
+            assert {"allowed.test", "denied.test", "api.openai.com"} <= set(hosts)
+            chat = rows[hosts.index("api.openai.com")]
+            assert chat[5] == "gpt-4o-mini" and chat[7] == "12/3"
+            assert str(rows[hosts.index("denied.test")][2]) == "deny"
+
+            # The whole transaction, redacted, with the SSE body as events.
+            records.focus()
+            records.move_cursor(row=hosts.index("allowed.test"))
+            await pilot.press("enter")
+            await _until(pilot, lambda: isinstance(app.screen, DetailScreen))
+            text = str(app.screen.query_one("#detail-body", Static).content)
+            assert "authorization: [REDACTED]" in text and "sk-tui-SECRET-1" not in text and f"invocation.id = {inv}" in text
+            await pilot.press("escape")
+            records.move_cursor(row=hosts.index("api.openai.com"))
+            await pilot.press("enter")
+            await _until(pilot, lambda: isinstance(app.screen, DetailScreen))
+            text = str(app.screen.query_one("#detail-body", Static).content)
+            assert "events" in text and "event: message" in text and "[DONE]" in text
+            await pilot.press("escape")
+
+            await pilot.press("2")
+            traces = app.query_one("#traces-table", DataTable)
+            await _until(pilot, lambda: traces.row_count >= 3)
+            names = {str(traces.get_row_at(i)[1]) for i in range(traces.row_count)}
+            assert {"GET allowed.test", "GET denied.test", "chat gpt-4o-mini"} <= names
+            await pilot.press("3")
+            logs = app.query_one("#logs-table", DataTable)
+            await _until(pilot, lambda: logs.row_count >= 3)
+            await pilot.press("4")
+            spend = app.query_one("#spend-table", DataTable)
+            await _until(pilot, lambda: spend.row_count >= 1)
+            srow = spend.get_row_at(0)
+            assert srow[0] == "team-a/researcher" and srow[1] == "team-a/llm" and srow[2] == "gpt-4o-mini"
+            budgets = app.query_one("#budget-table", DataTable)
+            await _until(pilot, lambda: budgets.row_count >= 1)
+            assert budgets.get_row_at(0)[2] == "100000"
+
+            # Filter by invocation; then by an agent with no traffic: nothing shows.
+            await pilot.press("1", "slash")
+            for ch in inv:
+                await pilot.press(ch)
+            await pilot.press("enter")
+            assert records.row_count == 3
+            await pilot.press("slash", *"team-b", "enter")
+            assert records.row_count == 0
+            await pilot.press("slash", "enter")
+            assert records.row_count >= 3
+
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
+            if os.environ.get("CLRK_TUI_SNAPSHOT"):
+                await pilot.press("1")
+                await pilot.pause(0.3)
+                app.save_screenshot(path=str(Path(os.environ["CLRK_TUI_SNAPSHOT"]).parent), filename=Path(os.environ["CLRK_TUI_SNAPSHOT"]).name)
+
+    asyncio.run(drive())
+
+
+def test_tui_stays_bounded_and_responsive_under_a_burst(session):
+    """500 records arriving at once (as at 500 transactions a second): one tick shows the newest, bounded."""
+
+    class Burst:
+        connected = True
+
+        def __init__(self):
+            self.sent = False
+
+        def poll(self):
+            if self.sent:
+                return []
+            self.sent = True
+            base = {A.TIME: "2026-11-30T12:00:00Z", A.CLRK_DECISION: "allow", A.HTTP_REQUEST_METHOD: "GET", A.SERVER_ADDRESS: "x.test"}
+            return [{**base, A.SPAN_ID: f"{i:016x}", A.INVOCATION_ID: f"burst-{i}"} for i in range(1200)]
+
+    app = DevApp(Burst(), max_rows=500)  # type: ignore[arg-type]
+
+    async def drive():
+        async with app.run_test(size=(160, 40)) as pilot:
+            table = app.query_one("#records-table", DataTable)
+            t0 = time.monotonic()
+            await _until(pilot, lambda: table.row_count == 500, timeout=10)
+            took = time.monotonic() - t0
+            assert len(app.records) == 500 and "00000000000004af" in app.records  # the newest kept
+            await pilot.press("question_mark")  # and the UI still answers keys
+            assert isinstance(app.screen, HelpScreen)
+            return took
+
+    took = asyncio.run(drive())
+    assert took < 5
+
+
+# ------------------------------------------------------------------------------------------ tail and ca
+
+
+def test_clrk_tail_prints_records_as_they_are_stored(session):
+    inv = f"inv-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([CLRK, "tail", "--db", session.db, "--json", "--invocation", inv], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # tail starts at what is stored now
+        with _client(session) as c:
+            for n in range(3):
+                c.get(f"https://allowed.test/json/tail{n}", headers={"clrk-invocation-id": inv})
+        lines = [json.loads(proc.stdout.readline()) for _ in range(3)]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [x[A.URL_FULL].rsplit("/", 1)[1] for x in lines] == ["tail0", "tail1", "tail2"]
+    assert all(x[A.INVOCATION_ID] == inv for x in lines)
+
+
+def test_clrk_ca_says_how_to_trust_and_proxy(tmp_path):
+    out = subprocess.run([CLRK, "ca", "--certs", str(tmp_path / "certs"), "--policies", str(REPO / "policies")],
+                         capture_output=True, text=True, check=True).stdout
+    cert = str((tmp_path / "certs" / "mitmproxy-ca-cert.pem").resolve())
+    for line in (f"export SSL_CERT_FILE={cert}", f"export REQUESTS_CA_BUNDLE={cert}", f"export NODE_EXTRA_CA_CERTS={cert}",
+                 f"curl --cacert {cert}", "export HTTPS_PROXY=http://team-a.researcher:<token>@localhost:8080"):
+        assert line in out
+    key = tmp_path / "certs" / "mitmproxy-ca.pem"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert base64.b64encode(key.read_bytes()[:40]).decode()[:20] not in out
