@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import certifi
@@ -186,7 +185,13 @@ def export_config(policy: CompiledPolicy | None) -> dict:
     if policy is not None:
         for g in policy.gateways:
             gateways[g.name] = {"endpoint": g.otlp_endpoint, "headers": dict(g.otlp_headers)}
-    return {"gateways": gateways, "fallback": ctx.options.clrk_dev_otlp_fallback_endpoint or ""}
+    return {
+        "gateways": gateways,
+        "fallback": ctx.options.clrk_dev_otlp_fallback_endpoint or "",
+        # What the recorder redacts when it builds records (it only ever adds to these).
+        "redact_headers": sorted(policy.redact_headers) if policy is not None else [],
+        "redact_query": sorted(policy.redact_query) if policy is not None else [],
+    }
 
 
 # --------------------------------------------------------------------------- ProxyAuth
@@ -200,6 +205,9 @@ class ProxyAuth:
     def __init__(self, rt: Runtime):
         self.rt = rt
 
+    def client_disconnected(self, client) -> None:
+        self.rt.forget(client)
+
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -209,7 +217,7 @@ class ProxyAuth:
         auth = authenticate(policy, header)
         if auth.agent is not None:
             digest = policy.agents[auth.agent.username][1]
-            self.rt.tunnels[flow.client_conn] = Tunnel(auth.agent, digest, norm_host(flow.request.host), flow.request.port)
+            self.rt.tunnels[flow.client_conn.id] = Tunnel(auth.agent, digest, norm_host(flow.request.host), flow.request.port)
             return
         # No tunnel without credentials; the refusal is a transaction of its own.
         tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth.failure)
@@ -229,7 +237,7 @@ class ProxyAuth:
         h = header_index(req.headers.fields)
         tx = Transaction(start=req.timestamp_start, trace=trace_context(h.get("traceparent")), req_h=h)
         flow.metadata[METADATA_KEY] = tx
-        tunnel = self.rt.tunnels.get(flow.client_conn)
+        tx.tunnel = tunnel = self.rt.tunnels.get(flow.client_conn.id)
         tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
         # Where the request goes: the CONNECT target for tunnelled traffic, the URL's host for plain HTTP.
         tx.dst_name, tx.dst_port = (tunnel.host, tunnel.port) if tunnel else (norm_host(req.host), req.port)
@@ -303,7 +311,12 @@ class EgressControl:
         h = tx.req_h
         assert h is not None
         client = flow.client_conn
-        sni = norm_host(client.sni) if client.sni and client in self.rt.tunnels else None
+        tunnel = tx.tunnel
+        sni = None
+        if tunnel is not None and client.sni:
+            if tunnel.sni is None:
+                tunnel.sni = norm_host(client.sni)
+            sni = tunnel.sni
         authority = authority_port = None
         host_header = req.host_header if (req.is_http2 or req.is_http3) else h.get("host")
         if host_header:
@@ -331,8 +344,10 @@ class EgressControl:
             if inv is not None:
                 del req.headers[tx.gateway.invocation_header]
             tx.invocation_id = inv[:256] if inv else invocation_from_baggage(h.get("baggage"))
+        if tx.facts.model_pending and policy.provider_rules:
+            return  # a provider call whose model is in its body: decided once, in `request`
         d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), tx.facts)
-        if d is not None:  # else it needs the model: decided in `request`, once the body is in
+        if d is not None:  # (None cannot happen here: nothing is pending)
             self._apply(flow, tx, d)
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -342,7 +357,8 @@ class EgressControl:
         policy = self.rt.policy
         assert policy is not None
         model = tx.genai.result.request_model if tx.genai else None
-        facts = replace(tx.facts, model=model, model_pending=False)
+        facts = tx.facts
+        facts.model, facts.model_pending = model, False
         d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), facts)
         assert d is not None
         self._apply(flow, tx, d)
@@ -363,7 +379,7 @@ class EgressControl:
         addr = data.server.address
         if addr is None:
             return
-        if addr not in self.rt.allowed.get(data.client, ()):
+        if addr not in self.rt.allowed.get(data.client.id, ()):
             # Defence in depth: whatever path led here (raw TCP in a tunnel, a protocol upgrade we did not
             # judge), no decision allowed this destination.
             data.server.error = f"clrk: connection to {addr[0]}:{addr[1]} is not allowed by policy"
@@ -397,10 +413,11 @@ class EgressControl:
 
 
 class Capture:
-    """Bounded body capture. Bodies of unknown or large size, and every event stream, are streamed through
-    the capture chunk by chunk (SSE reaches the agent live, memory stays bounded); small bodies of known
-    length are left to mitmproxy to buffer, as bare mitmproxy does, and captured in one step (see
-    `clrk.capture.request_is_buffered`)."""
+    """Bounded body capture. Bodies of unknown or large size, and every event stream, are streamed through a
+    `BodyCapture` chunk by chunk (SSE reaches the agent live, memory stays bounded). Small bodies of known
+    length are left to mitmproxy to buffer, as bare mitmproxy does, and summarised from its bytes when the
+    record is made (`clrk.transaction.snapshot`); only an encoded one goes through a `BodyCapture`, whose
+    decoding is bounded (see `clrk.capture.request_is_buffered`)."""
 
     name = "clrk_capture"
 
@@ -411,15 +428,20 @@ class Capture:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or flow.response or flow.error or tx.gateway is None:
             return
-        cfg = tx.gateway.capture
         h = tx.req_h or {}
-        tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
         if not request_is_buffered(h, provider=tx.genai is not None):
+            cfg = tx.gateway.capture
+            tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
             flow.request.stream = tx.req_capture.feed
 
     def request(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        if tx is not None and tx.req_capture is not None and not flow.request.stream:
+        if tx is None or tx.gateway is None or flow.request.stream:
+            return
+        h = tx.req_h or {}
+        if h.get("content-encoding"):
+            cfg = tx.gateway.capture
+            tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h["content-encoding"])
             tx.req_capture.feed(flow.request.raw_content or b"")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -428,33 +450,27 @@ class Capture:
         if tx is None or resp is None or flow.error or tx.gateway is None or tx.decision is None or not tx.decision.allow:
             return
         tx.upstream_response = True
-        cfg = tx.gateway.capture
         rh = tx.response_headers(flow)
-        ctype = rh.get("content-type")
-        tx.resp_capture = BodyCapture(
-            cfg.max_bytes, cfg.wants(ctype), rh.get("content-encoding"),
-            listener=tx.genai.feed if tx.genai is not None else None,
-        )
         if not response_is_buffered(rh):
+            cfg = tx.gateway.capture
+            tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(rh.get("content-type")), rh.get("content-encoding"),
+                                          listener=tx.genai.feed if tx.genai is not None else None)
             resp.stream = tx.resp_capture.feed
 
     def response(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         resp = flow.response
-        if tx is None or resp is None or tx.gateway is None:
+        if tx is None or resp is None or tx.gateway is None or resp.stream or not tx.upstream_response:
             return
-        if tx.upstream_response:
-            if tx.resp_capture is not None and not resp.stream:
-                tx.resp_capture.feed(resp.raw_content or b"")
-            return
-        # A response the gateway made (a denial): both bodies are in memory; capture them the same way.
-        cfg = tx.gateway.capture
-        req = flow.request
-        if tx.req_capture is None:
-            tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(req.headers.get("content-type")), req.headers.get("content-encoding"))
-            tx.req_capture.feed(req.raw_content or b"")
-        tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(resp.headers.get("content-type")))
-        tx.resp_capture.feed(resp.raw_content or b"")
+        # A buffered upstream response: the provider parser reads it whole (decoded, in bounded pieces).
+        encoding = tx.response_headers(flow).get("content-encoding")
+        if encoding:
+            cfg = tx.gateway.capture
+            tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(tx.response_headers(flow).get("content-type")), encoding,
+                                          listener=tx.genai.feed if tx.genai is not None else None)
+            tx.resp_capture.feed(resp.raw_content or b"")
+        elif tx.genai is not None and resp.raw_content:
+            tx.genai.feed(resp.raw_content)
 
 
 # --------------------------------------------------------------------------- Recording

@@ -14,7 +14,7 @@ from clrk.decision import Decision
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.sink import RecordSink
-from clrk.transaction import Transaction, build_record
+from clrk.transaction import Transaction, snapshot
 
 log = logging.getLogger("clrk")
 
@@ -27,6 +27,7 @@ class Tunnel:
     digest: bytes
     host: str
     port: int
+    sni: str | None = None  # the client's TLS server name, normalised, once its handshake is done
 
 
 class Runtime:
@@ -34,14 +35,24 @@ class Runtime:
         self.policy: CompiledPolicy | None = None
         self.sink: RecordSink | None = None
         self.ledger = BudgetLedger()
-        self.tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        # Keyed by client connection id; dropped when the client disconnects (plain dicts: this is looked up
+        # on every request, and a WeakKeyDictionary lookup costs a Python-level call).
+        self.tunnels: dict[str, Tunnel] = {}
         # Upstream addresses a decision allowed for a client connection; nothing else may be dialled.
-        self.allowed: weakref.WeakKeyDictionary[connection.Client, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
+        self.allowed: dict[str, set[tuple[str, int]]] = {}
         self.aliased: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = weakref.WeakKeyDictionary()
         self.unsent: list[dict] = []
 
     def allow(self, client: connection.Client, host: str, port: int) -> None:
-        self.allowed.setdefault(client, set()).add((host, port))
+        allowed = self.allowed.get(client.id)
+        if allowed is None:
+            self.allowed[client.id] = {(host, port)}
+        else:
+            allowed.add((host, port))
+
+    def forget(self, client: connection.Client) -> None:
+        self.tunnels.pop(client.id, None)
+        self.allowed.pop(client.id, None)
 
     def finish(self, flow: http.HTTPFlow, tx: Transaction) -> None:
         """Ends the transaction: the provider parser's last word, the budget settled, the record shipped."""
@@ -56,7 +67,7 @@ class Runtime:
             tx.budget_charged = tx.reservation.tokens if actual is None else actual
             tx.budget_used = self.ledger.settle(tx.reservation, actual)
             tx.reservation = None
-        rec = build_record(tx, flow, self.policy)
+        rec = snapshot(tx, flow)
         if self.sink is not None:
             self.sink.submit(rec)
         else:  # before the sink started: kept for it

@@ -1,26 +1,28 @@
-"""One L7 transaction as the gateway sees it, and the record (PRODUCT.md §3) built from it when it ends.
+"""One L7 transaction as the gateway sees it, and the raw facts (`snapshot`) it leaves when it ends.
 
 A `Transaction` lives in `flow.metadata["clrk"]` from the first hook that sees the request to the last.
-`build_record` runs once per transaction on the event loop: it only reads fields and redacts; everything
-expensive (SQL, spans) happens in the recorder process.
+`snapshot` runs once per transaction on the event loop and only gathers references; the recorder process
+turns them into the record of PRODUCT.md §3 (`clrk.recorder.expand`), redacting before anything is stored
+or exported.
 """
 
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from clrk import attributes as A
 from clrk.budget import Reservation
 from clrk.capture import BodyCapture
 from clrk.decision import Decision, RequestFacts
 from clrk.identity import TraceContext
-from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
+from clrk.policy.compiled import AgentIdentity, GatewayConfig
+
+if TYPE_CHECKING:
+    from clrk.runtime import Tunnel
 from clrk.providers import ProviderParser
-from clrk.redact import headers_dict, redact_url
 
 METADATA_KEY = "clrk"
 
@@ -30,6 +32,7 @@ class Transaction:
     start: float
     trace: TraceContext
     gateway: GatewayConfig | None = None
+    tunnel: Tunnel | None = None  # the CONNECT this request came through, if any
     agent: AgentIdentity | None = None
     auth_failure: str | None = None
     facts: RequestFacts | None = None
@@ -72,116 +75,62 @@ def header_index(fields) -> dict[str, str]:
     return out
 
 
-def error_type(message: str) -> str:
-    """A short, stable error.type for mitmproxy's error messages."""
-    m = message.lower()
-    if "clrk:" in m and "not allowed" in m:
-        return "policy_blocked"
-    if "refused" in m:
-        return "connection_refused"
-    if "timed out" in m or "timeout" in m:
-        return "timeout"
-    if "certificate" in m or "tls" in m or "ssl" in m or "handshake" in m:
-        return "tls_error"
-    if "name or service not known" in m or "nodename" in m or "getaddrinfo" in m or "name resolution" in m:
-        return "dns_error"
-    if "client disconnected" in m or "client closed" in m:
-        return "client_disconnected"
-    if "reset" in m or "eof" in m or "closed" in m or "incomplete" in m or "peer" in m:
-        return "upstream_reset"
-    if "killed" in m:
-        return "killed"
-    return "upstream_error"
+def _body_summary(capture: BodyCapture | None, raw: bytes | None, wanted: bool, limit: int) -> tuple:
+    """(wire bytes, captured bytes or None, truncated) of one body. Buffered bodies (no capture object) are
+    summarised here from the bytes mitmproxy holds: the cheap path every small transaction takes."""
+    if capture is not None:
+        return capture.wire_bytes, capture.captured, capture.truncated
+    if raw is None:
+        return 0, None, False
+    if not wanted or limit <= 0:
+        return len(raw), None, False
+    return len(raw), raw[:limit], len(raw) > limit
 
 
-def _bodies(req: bytes | None, resp: bytes | None) -> tuple[str | None, str | None, bool]:
-    """Bodies as text; if either is not UTF-8, both are base64 so `clrk.body.b64` says it for both."""
-    try:
-        return (
-            req.decode("utf-8") if req is not None else None,
-            resp.decode("utf-8") if resp is not None else None,
-            False,
-        )
-    except UnicodeDecodeError:
-        return (
-            base64.b64encode(req).decode() if req is not None else None,
-            base64.b64encode(resp).decode() if resp is not None else None,
-            True,
-        )
-
-
-def build_record(tx: Transaction, flow: http.HTTPFlow, policy: CompiledPolicy) -> dict:
+def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
+    """The raw facts of a finished transaction, for the recorder to turn into the record
+    (`clrk.recorder.expand`): no formatting, no redaction, no copies here, on the proxy's thread."""
     req = flow.request
     resp = flow.response
     end = (resp.timestamp_end if resp is not None and resp.timestamp_end else None) or time.time()
-    if req.method == "CONNECT":
-        url = f"{req.host}:{req.port}"
-    else:
-        url = redact_url(req.url, policy.redact_query)
-    rec: dict = {
-        A.TIME: tx.start,
-        A.END_TIME: end,
-        A.TRACE_ID: tx.trace.trace_id,
-        A.SPAN_ID: tx.trace.span_id,
-        A.PARENT_SPAN_ID: tx.trace.parent_span_id,
-        A.HTTP_REQUEST_METHOD: req.method,
-        A.URL_FULL: url,
-        A.SERVER_ADDRESS: req.host,
-        A.SERVER_PORT: req.port,
-        A.HTTP_RESPONSE_STATUS_CODE: resp.status_code if resp is not None else None,
-        A.CLRK_COMPONENT: A.COMPONENT_EGRESS,
-        A.CLRK_GATEWAY_NAME: tx.gateway.name if tx.gateway else None,
-        A.CLRK_DST_NAME: tx.dst_name,
-        A.CLRK_DURATION_MS: round((end - tx.start) * 1000.0, 3),
-        A.INVOCATION_ID: tx.invocation_id,
-        A.REQUEST_HEADERS: headers_dict(req.headers.fields, policy.redact_headers),
-        A.RESPONSE_HEADERS: headers_dict(resp.headers.fields, policy.redact_headers) if resp is not None else None,
+    cfg = tx.gateway.capture if tx.gateway is not None else None
+    limit = cfg.max_bytes if cfg is not None else 0
+    req_h = tx.req_h
+    req_ctype = req_h.get("content-type") if req_h is not None else req.headers.get("content-type")
+    resp_ctype = None
+    if resp is not None:
+        resp_ctype = tx.resp_h.get("content-type") if tx.resp_h is not None else resp.headers.get("content-type")
+    d, a = tx.decision, tx.agent
+    raw: dict = {
+        "t0": tx.start,
+        "t1": end,
+        "ids": (tx.trace.trace_id, tx.trace.span_id, tx.trace.parent_span_id),
+        "method": req.method,
+        "scheme": req.scheme,
+        "host": req.host,
+        "port": req.port,
+        "path": req.path,
+        "status": resp.status_code if resp is not None else None,
+        "gateway": tx.gateway.name if tx.gateway is not None else None,
+        "dst": tx.dst_name,
+        "inv": tx.invocation_id,
+        "decision": (d.action, d.rule, d.reason) if d is not None else None,
+        "agent": (a.kind, a.namespace, a.name, a.uid, a.revision) if a is not None else None,
+        "rewritten": tx.request_rewritten,
+        "req_headers": req.headers.fields,
+        "resp_headers": resp.headers.fields if resp is not None else None,
+        "req_body": _body_summary(tx.req_capture, req.raw_content if not req.stream else None,
+                                  cfg is not None and cfg.wants(req_ctype), limit),
+        "resp_body": _body_summary(tx.resp_capture, resp.raw_content if resp is not None and not resp.stream else None,
+                                   cfg is not None and cfg.wants(resp_ctype), limit),
+        "error": flow.error.msg if flow.error is not None else None,
+        "upstream": tx.upstream_response,
     }
-    d = tx.decision
-    if d is not None:
-        rec[A.CLRK_DECISION] = d.action
-        rec[A.CLRK_DECISION_RULE] = d.rule
-        rec[A.CLRK_DECISION_REASON] = d.reason
-    rec[A.CLRK_BODY_REQUEST_REWRITTEN] = tx.request_rewritten
     if tx.genai is not None:
         pr = d.provider_rule if d is not None else None
-        rec[A.CLRK_APR_MATCHED] = pr is not None
-        if pr is not None:
-            rec[A.CLRK_APR_NAME] = pr.route_name
-            rec[A.CLRK_APR_NAMESPACE] = pr.route_namespace
+        raw["genai"] = tx.genai.result.attributes()
+        raw["genai_error"] = tx.genai.result.error_type
+        raw["apr"] = (pr.route_name, pr.route_namespace) if pr is not None else None
     if tx.budget_pool is not None:
-        rec[A.CLRK_BUDGET_POOL] = tx.budget_pool
-        rec[A.CLRK_BUDGET_DENIED] = tx.budget_denied
-        rec[A.CLRK_BUDGET_DAILY_MAX] = tx.budget_max
-        rec[A.CLRK_BUDGET_DAILY_USED] = tx.budget_used
-        rec[A.CLRK_BUDGET_TOKENS] = tx.budget_charged
-    a = tx.agent
-    if a is not None:
-        rec[A.AGENT_KIND] = a.kind
-        rec[A.AGENT_NAMESPACE] = a.namespace
-        rec[A.AGENT_NAME] = a.name
-        rec[A.AGENT_UID] = a.uid
-        rec[A.AGENT_REVISION] = a.revision
-
-    rq, rs = tx.req_capture, tx.resp_capture
-    req_body = rq.captured if rq else None
-    resp_body = rs.captured if rs else None
-    rec[A.CLRK_REQ_BYTES] = rq.wire_bytes if rq else 0
-    rec[A.CLRK_RESP_BYTES] = rs.wire_bytes if rs else 0
-    rec[A.CLRK_REQ_TRUNCATED] = bool(rq and rq.truncated)
-    rec[A.CLRK_RESP_TRUNCATED] = bool(rs and rs.truncated)
-    rec[A.CLRK_BODY_TRUNCATED] = rec[A.CLRK_REQ_TRUNCATED] or rec[A.CLRK_RESP_TRUNCATED]
-    rec[A.CLRK_BODY_BYTES] = len(req_body or b"") + len(resp_body or b"")
-    rec[A.REQUEST_BODY], rec[A.RESPONSE_BODY], rec[A.CLRK_BODY_B64] = _bodies(req_body, resp_body)
-
-    genai = tx.genai.result if tx.genai is not None else None
-    if genai is not None:
-        rec.update(genai.attributes())
-    if flow.error is not None:
-        rec[A.ERROR_TYPE] = error_type(flow.error.msg)
-    elif genai is not None and genai.error_type and tx.upstream_response:
-        rec[A.ERROR_TYPE] = genai.error_type
-    elif tx.upstream_response and resp is not None and resp.status_code >= 400:
-        # OTel HTTP client semconv: an error status is the error type.
-        rec[A.ERROR_TYPE] = str(resp.status_code)
-    return rec
+        raw["budget"] = (tx.budget_pool, tx.budget_denied, tx.budget_max, tx.budget_used, tx.budget_charged)
+    return raw

@@ -216,7 +216,10 @@ class CompiledPolicy:
         return None
 
     def injections_for(self, kind: str, name: str, namespace: str) -> tuple[Injection, ...]:
-        return tuple(inj for ns, inj in self.injections.get((kind, name), ()) if ns is None or ns == namespace)
+        entries = self.injections.get((kind, name))
+        if not entries:
+            return ()
+        return tuple(inj for ns, inj in entries if ns is None or ns == namespace)
 
     def listener_ports(self) -> list[int]:
         return sorted({p for g in self.gateways for p in g.ports})

@@ -23,6 +23,8 @@ import sys
 import time
 from collections import deque
 
+from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
+from clrk.recorder.expand import expand
 from clrk.recorder.export import Exporter
 from clrk.recorder.store import Store, StoreError, budget_totals, fetch_budgets, fetch_records, fetch_spend
 from clrk.wire import WireError, pack, read_message
@@ -41,7 +43,9 @@ class Recorder:
         self.parent_pid = parent_pid
         self.store = Store(db_path)
         self.exporter = Exporter()
-        self.buffer: deque[dict] = deque()
+        self.buffer: deque[dict] = deque()  # raw transaction facts, expanded into records when written
+        self.redact_headers: frozenset[str] = SENSITIVE_HEADERS
+        self.redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
         self.dropped = 0
         self.written = 0
         self.proxies: set[asyncio.StreamWriter] = set()
@@ -54,18 +58,29 @@ class Recorder:
         async with self.flush_lock:
             if not self.buffer:
                 return
-            rows = list(self.buffer)
+            raws = list(self.buffer)
             self.buffer.clear()
+            rows = await asyncio.to_thread(self._expand, raws)
             try:
                 await asyncio.to_thread(self.store.insert, rows)
             except Exception as e:
                 # Keep the rows and retry on the next tick; say so loudly.
                 log.error("cannot write %d records to %s: %s (will retry)", len(rows), self.db_path, e)
-                self.buffer.extendleft(reversed(rows))
+                self.buffer.extendleft(reversed(raws))
                 self._bound_buffer()
                 return
             self.written += len(rows)
             await asyncio.to_thread(self.exporter.export, rows)
+
+    def _expand(self, raws: list[dict]) -> list[dict]:
+        rows = []
+        for raw in raws:
+            try:
+                rows.append(expand(raw, self.redact_headers, self.redact_query))
+            except Exception:  # one malformed transaction must not cost the batch
+                self.dropped += 1
+                log.exception("could not build a record; dropped it")
+        return rows
 
     def _bound_buffer(self) -> None:
         while len(self.buffer) > MAX_BUFFERED_ROWS:
@@ -106,6 +121,8 @@ class Recorder:
                     if role == "proxy":
                         self.proxies.add(writer)
                 elif t == "config":
+                    self.redact_headers = self.redact_headers | frozenset(msg.get("redact_headers") or ())
+                    self.redact_query = self.redact_query | frozenset(msg.get("redact_query") or ())
                     await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "")
                 elif t == "flush":
                     await self.flush()
