@@ -390,8 +390,10 @@ class EgressControl:
         alias = gateway.host_aliases.get(norm_host(addr[0])) if gateway else None
         # TLS to the upstream names the host the decision allowed (not the client's SNI: a Backend may
         # send the request elsewhere), and its certificate is checked against that name.
-        if data.server.sni is None:
-            data.server.sni = addr[0]
+        sni = data.server.sni or addr[0]
+        if sni.endswith("."):
+            sni = sni.rstrip(".")  # RFC 6066: a server name has no trailing dot; OpenSSL refuses one
+        data.server.sni = sni
         if alias is not None:
             # Dial the alias; the address is put back once connected so that mitmproxy's connection reuse
             # still matches on the real destination.

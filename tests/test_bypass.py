@@ -1,0 +1,251 @@
+"""Deny-all cannot be bypassed: every attempt against a policy that allows one host is denied and recorded,
+and nothing reaches the upstream that stands in for the forbidden destinations."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import time
+import uuid
+
+import h2.connection
+import h2.events
+import httpx
+import pytest
+
+from clrk import attributes as A
+from tests.harness.gateway import AGENT_TOKEN, OTHER_TOKEN, Gateway, agent_docs, gateway_doc, route
+
+ALLOWED = "allowed.test"
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, pki, upstream, forbidden_upstream):
+    aliases = {ALLOWED: upstream.address}
+    # Anything else a bypass might reach would be dialled here, and the fixture asserts it never is.
+    aliases.update({h: forbidden_upstream.address for h in ("denied.test", "pastebin.com", "other.test")})
+    docs = [gateway_doc(aliases=aliases, ca_bundle=str(pki[0])), *agent_docs(),
+            route("only-one", [ALLOWED], sourceAgents={"names": ["team-a/researcher"]})]
+    g = Gateway(tmp_path_factory.mktemp("bypass"), docs).start()
+    yield g
+    g.stop()
+
+
+def auth_header(user: str = "team-a.researcher", token: str = AGENT_TOKEN) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+
+
+def connect(gw: Gateway, target: str, auth: str | None = None) -> tuple[socket.socket, bytes]:
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    if auth:
+        head += f"Proxy-Authorization: {auth}\r\n"
+    s.sendall((head + "\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return s, data
+
+
+def tls_request(gw: Gateway, target: str, sni: str, raw: bytes, alpn: list[str] | None = None) -> bytes:
+    s, head = connect(gw, target, auth_header())
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = gw.ssl_context()
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    t = ctx.wrap_socket(s, server_hostname=sni)
+    t.sendall(raw)
+    out = b""
+    t.settimeout(10)
+    try:
+        while chunk := t.recv(65536):
+            out += chunk
+    except (TimeoutError, ssl.SSLError, ConnectionError):
+        pass
+    t.close()
+    return out
+
+
+def wait_record(gw: Gateway, inv: str) -> dict:
+    return gw.wait_record(invocation=inv)
+
+
+def inv() -> str:
+    return f"inv-{uuid.uuid4().hex[:10]}"
+
+
+def test_the_allowed_host_works(gw):
+    with gw.client() as c:
+        assert c.get(f"https://{ALLOWED}/json/ok").status_code == 200
+
+
+@pytest.mark.parametrize("target", [
+    "127.0.0.1",            # an IP literal (this is where allowed.test is aliased to)
+    "2130706433",           # decimal IPv4
+    "0x7f000001",           # hex IPv4
+    "017700000001",         # octal IPv4
+    "[::1]",                # IPv6 literal
+    "[::ffff:127.0.0.1]",   # IPv4-mapped IPv6
+    "allowed.test.evil.test",
+    "xallowed.test",
+    "denied.test",
+])
+def test_destinations_that_are_not_the_allowed_hostname(gw, target, forbidden_upstream):
+    i = inv()
+    sni = target if not target.startswith("[") and not target[0].isdigit() else ALLOWED  # no SNI for IPs: claim the allowed name
+    out = tls_request(gw, f"{target}:443", sni,
+                      f"GET /json/x HTTP/1.1\r\nHost: {target}\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 403"), (target, out[:200])
+    rec = wait_record(gw, i)
+    assert rec[A.CLRK_DECISION] == "deny"
+    assert forbidden_upstream.connections == 0
+
+
+@pytest.mark.parametrize("spelled", ["ALLOWED.TEST", "Allowed.Test.", "allowed.test."])
+def test_case_and_trailing_dot_are_the_same_host_not_a_loophole(gw, spelled):
+    """Spellings of the allowed name are that name: allowed (and judged as such), never a different rule."""
+    i = inv()
+    with gw.client() as c:
+        r = c.get(f"https://{spelled}/json/case", headers={"clrk-invocation-id": i})
+    assert r.status_code == 200
+    assert wait_record(gw, i)[A.CLRK_DECISION_RULE] == "EgressRoute/default/only-one"
+
+
+@pytest.mark.parametrize("spelled", ["DENIED.TEST", "denied.test."])
+def test_case_and_trailing_dot_do_not_open_a_denied_host(gw, spelled):
+    i = inv()
+    with gw.client() as c:
+        assert c.get(f"https://{spelled}/x", headers={"clrk-invocation-id": i}).status_code == 403
+
+
+def test_connect_to_allowed_then_inner_host_of_a_denied_one_http1(gw, forbidden_upstream):
+    i = inv()
+    out = tls_request(gw, f"{ALLOWED}:443", ALLOWED,
+                      f"GET /x HTTP/1.1\r\nHost: denied.test\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 403")
+    assert wait_record(gw, i)[A.CLRK_DECISION_RULE] == "destination-check"
+    assert forbidden_upstream.connections == 0
+
+
+def test_connect_to_allowed_then_inner_authority_of_a_denied_one_http2(gw, forbidden_upstream):
+    i = inv()
+    s, head = connect(gw, f"{ALLOWED}:443", auth_header())
+    assert head.startswith(b"HTTP/1.1 200")
+    ctx = gw.ssl_context()
+    ctx.set_alpn_protocols(["h2"])
+    t = ctx.wrap_socket(s, server_hostname=ALLOWED)
+    assert t.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/x"), (":scheme", "https"), (":authority", "denied.test"),
+                          ("clrk-invocation-id", i)], end_stream=True)
+    t.sendall(conn.data_to_send())
+    status = None
+    t.settimeout(10)
+    while status is None:
+        data = t.recv(65536)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status = dict(ev.headers)[b":status"]
+        t.sendall(conn.data_to_send())
+    t.close()
+    assert status == b"403"
+    assert wait_record(gw, i)[A.CLRK_DECISION_RULE] == "destination-check"
+    assert forbidden_upstream.connections == 0
+
+
+def test_sni_of_a_denied_host_inside_an_allowed_connect(gw, forbidden_upstream):
+    i = inv()
+    out = tls_request(gw, f"{ALLOWED}:443", "denied.test",
+                      f"GET /x HTTP/1.1\r\nHost: {ALLOWED}\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 403")
+    assert "TLS server name denied.test" in wait_record(gw, i)[A.CLRK_DECISION_REASON]
+
+
+def test_connect_to_the_allowed_host_on_another_port(gw, forbidden_upstream):
+    i = inv()
+    out = tls_request(gw, f"{ALLOWED}:8443", ALLOWED,
+                      f"GET /x HTTP/1.1\r\nHost: {ALLOWED}:8443\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 403")
+    assert wait_record(gw, i)[A.SERVER_PORT] == 8443
+
+
+def test_absolute_form_and_plain_http_proxying(gw, forbidden_upstream):
+    """Plain HTTP through the proxy: judged the same way (the route allows 443 only, so even the allowed host
+    is denied on 80), and the URL and Host must agree."""
+    for url, host in ((f"http://{ALLOWED}/x", ALLOWED), ("http://denied.test/x", "denied.test"), (f"http://{ALLOWED}/x", "denied.test")):
+        i = inv()
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: {auth_header()}\r\n"
+                  f"clrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        s.close()
+        assert out.startswith(b"HTTP/1.1 403"), (url, host, out[:100])
+        rec = wait_record(gw, i)
+        assert rec[A.CLRK_DECISION] == "deny" and rec[A.AGENT_NAME] == "researcher"
+    # Absolute-form inside an allowed tunnel, naming a denied host.
+    i = inv()
+    out = tls_request(gw, f"{ALLOWED}:443", ALLOWED,
+                      f"GET https://denied.test/x HTTP/1.1\r\nHost: denied.test\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 403")
+    assert forbidden_upstream.connections == 0
+
+
+def test_websocket_upgrade_to_a_denied_host(gw, forbidden_upstream):
+    i = inv()
+    with gw.client() as c:
+        r = c.get("https://denied.test/ws", headers={"connection": "upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+                                                     "sec-websocket-key": base64.b64encode(b"0123456789abcdef").decode(),
+                                                     "clrk-invocation-id": i})
+    assert r.status_code == 403
+    assert wait_record(gw, i)[A.CLRK_DECISION] == "deny"
+    assert forbidden_upstream.connections == 0
+
+
+def test_raw_tcp_inside_an_allowed_tunnel_never_reaches_any_upstream(gw, upstream):
+    before = upstream.connections
+    s, head = connect(gw, f"{ALLOWED}:443", auth_header())
+    assert head.startswith(b"HTTP/1.1 200")
+    s.sendall(b"\x00\x01not tls, not http\r\n\r\n" * 4)
+    s.settimeout(5)
+    try:
+        while s.recv(4096):
+            pass
+    except (TimeoutError, ConnectionError):
+        pass
+    s.close()
+    time.sleep(0.3)
+    assert upstream.connections == before
+
+
+@pytest.mark.parametrize("auth", [None, "Basic " + base64.b64encode(b"team-a.researcher:").decode(), "Bearer xyz",
+                                  "Basic !!notbase64!!", auth_header("team-a.researcher", OTHER_TOKEN),
+                                  auth_header("team-b.reviewer", AGENT_TOKEN), auth_header("team-a.researcher:x", AGENT_TOKEN)])
+def test_no_bad_or_borrowed_credentials(gw, auth):
+    s, head = connect(gw, f"{ALLOWED}:443", auth)
+    s.close()
+    assert head.startswith(b"HTTP/1.1 407"), head
+
+
+def test_another_agent_with_its_own_valid_token_is_not_this_agent(gw):
+    """team-b.reviewer is a valid agent but the route names only team-a/researcher."""
+    i = inv()
+    with gw.client("team-b.reviewer", OTHER_TOKEN) as c:
+        assert c.get(f"https://{ALLOWED}/json/x", headers={"clrk-invocation-id": i}).status_code == 403
+    assert wait_record(gw, i)[A.AGENT_NAME] == "reviewer"
+
+
+def test_the_upstream_never_sees_proxy_credentials_or_the_invocation_header(gw, upstream):
+    t0 = time.time()
+    with httpx.Client(proxy=gw.proxy_url(), verify=gw.ssl_context(), trust_env=False) as c:
+        c.get(f"https://{ALLOWED}/json/creds", headers={"clrk-invocation-id": "x"})
+    seen = [r for r in upstream.requests if r.time >= t0 and r.path == "/json/creds"]
+    assert seen and "proxy-authorization" not in seen[0].headers and "clrk-invocation-id" not in seen[0].headers
