@@ -200,13 +200,14 @@ class Recorder:
         flusher = asyncio.create_task(self.flush_loop())
         await self.stop_event.wait()
         server.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
         await flusher
         await self.flush()
         if self.buffer:
             log.error("%d records could not be written to %s at shutdown", len(self.buffer), self.db_path)
         self.store.close()
+        # Gone only now: while the socket exists, its recorder holds the file.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
         await asyncio.to_thread(self.exporter.shutdown, 5.0)
         log.info("recorder stopped: %d records written, %d dropped", self.written, self.dropped)
 

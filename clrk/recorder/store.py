@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -281,14 +282,20 @@ def budget_totals(cur: duckdb.DuckDBPyConnection, since: float) -> dict[str, int
     return {pool: int(total or 0) for pool, total in rows}
 
 
-def open_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection, for when no recorder is running."""
+def open_readonly(path: str | Path, wait: float = 5.0) -> duckdb.DuckDBPyConnection:
+    """A read-only connection, for when no recorder is running. A recorder that is just stopping still holds
+    the file for a moment (its last flush): that is waited for, up to `wait` seconds."""
     if not Path(path).exists():
         raise StoreError(f"{path}: no store yet (the gateway creates it on first run)")
-    try:
-        return duckdb.connect(str(path), read_only=True)
-    except duckdb.IOException as e:
-        raise StoreError(
-            f"{path} is locked by a process that does not answer on the recorder socket: {e}. "
-            "Is an older clrk gateway running?"
-        ) from e
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=True)
+        except duckdb.IOException as e:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            raise StoreError(
+                f"{path} is locked by a process that does not answer on the recorder socket: {e}. "
+                "Is an older clrk gateway running?"
+            ) from e

@@ -1,0 +1,125 @@
+"""Faults: nothing lost, nothing stuck. Upstream TLS failures, an OTLP endpoint that fails then recovers,
+a gateway killed with SIGKILL under load."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+
+from clrk import attributes as A
+from tests.harness.certs import make_upstream_pki
+from tests.harness.gateway import Gateway, agent_docs, gateway_doc, route
+from tests.harness.otlp import OtlpReceiver
+from tests.harness.upstream import FakeUpstream
+
+
+def inv() -> str:
+    return f"inv-{uuid.uuid4().hex[:10]}"
+
+
+def test_an_upstream_with_an_untrusted_certificate_is_a_clean_502_with_error_type(tmp_path, pki, upstream):
+    rogue_pki = make_upstream_pki(tmp_path / "rogue", ["allowed.test"])  # signed by a CA nobody trusts
+    rogue = FakeUpstream(rogue_pki[1])
+    try:
+        docs = [gateway_doc(aliases={"allowed.test": rogue.address}, ca_bundle=str(pki[0])), *agent_docs(), route("r", ["allowed.test"])]
+        gw = Gateway(tmp_path / "gw", docs).start()
+        try:
+            i = inv()
+            with gw.client() as c:
+                r = c.get("https://allowed.test/json/x", headers={"clrk-invocation-id": i})
+            assert r.status_code == 502
+            rec = gw.wait_record(invocation=i)
+            assert rec[A.ERROR_TYPE] == "tls_error" and rec[A.CLRK_DECISION] == "allow"
+            assert not rogue.requests  # the handshake failed: no request was sent to it
+        finally:
+            gw.stop()
+    finally:
+        rogue.close()
+
+
+class FlakyOtlp(OtlpReceiver):
+    """An OTLP endpoint that answers `status` until told to recover."""
+
+    def __init__(self, status: int):
+        super().__init__()
+        self.status = status
+        self.failed_posts = 0
+        outer = self
+        base = self.server.RequestHandlerClass
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def do_POST(self):
+                if outer.status != 200:
+                    self.rfile.read(int(self.headers.get("content-length") or 0))
+                    outer.failed_posts += 1
+                    self.send_response(outer.status)
+                    if outer.status == 429:
+                        self.send_header("retry-after", "1")
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                super().do_POST()
+
+        self.server.RequestHandlerClass = Handler
+
+
+@pytest.mark.parametrize("status", [500, 429, 400])
+def test_a_failing_otlp_endpoint_loses_no_row_and_export_resumes(tmp_path, pki, upstream, status):
+    otlp = FlakyOtlp(status)
+    docs = [gateway_doc(endpoint=otlp.endpoint, aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0])),
+            *agent_docs(), route("r", ["allowed.test"])]
+    gw = Gateway(tmp_path, docs).start()
+    try:
+        during, after = inv(), inv()
+        with gw.client() as c:
+            assert [c.get(f"https://allowed.test/json/{n}", headers={"clrk-invocation-id": during}).status_code for n in range(20)] == [200] * 20
+        deadline = time.monotonic() + 10
+        while otlp.failed_posts == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert otlp.failed_posts > 0, "the endpoint was never tried"
+        assert len(gw.records(invocation=during)) == 20
+        otlp.status = 200
+        with gw.client() as c:
+            c.get("https://allowed.test/json/later", headers={"clrk-invocation-id": after})
+        rec = gw.wait_record(invocation=after)
+        assert otlp.span(rec[A.SPAN_ID], timeout=30)["attributes"][A.INVOCATION_ID] == after
+    finally:
+        gw.stop()
+        otlp.close()
+
+
+def test_sigkill_under_load_loses_at_most_the_last_second(tmp_path, pki, upstream):
+    docs = [gateway_doc(aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0])), *agent_docs(), route("r", ["allowed.test"])]
+    gw = Gateway(tmp_path, docs).start()
+    i = inv()
+    completed: list[float] = []
+    stop = threading.Event()
+
+    def load():
+        with gw.client() as c:
+            n = 0
+            while not stop.is_set():
+                try:
+                    c.get(f"https://allowed.test/json/{n}", headers={"clrk-invocation-id": i})
+                    completed.append(time.time())
+                except Exception:
+                    return
+                n += 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2.5)
+    killed_at = time.time()
+    gw.proc.send_signal(signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    gw.stop()  # waits for the orphaned recorder to flush and let go of the file
+    rows = gw.records(invocation=i)
+    must_have = [t for t in completed if t < killed_at - 1.0]
+    assert len(rows) >= len(must_have) > 50, (len(rows), len(must_have), len(completed))
