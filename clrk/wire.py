@@ -66,6 +66,18 @@ def socket_path(db_path: str | os.PathLike) -> str:
     return os.path.join(tempfile.gettempdir(), f"clrk-{digest}.sock")
 
 
+def recorder_ready(socket_file: str) -> bool:
+    """Whether a recorder answers on `socket_file` (the gateway it serves is up)."""
+    if not os.path.exists(socket_file):
+        return False
+    try:
+        with BlockingClient(socket_file, timeout=2) as c:
+            c.request({"t": "status"})
+        return True
+    except (OSError, WireError):
+        return False
+
+
 class BlockingClient:
     """A synchronous connection to the recorder, for the CLI."""
 

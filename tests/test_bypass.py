@@ -15,7 +15,16 @@ import httpx
 import pytest
 
 from clrk import attributes as A
-from tests.harness.gateway import AGENT_TOKEN, OTHER_TOKEN, Gateway, agent_docs, gateway_doc, route
+from tests.harness.gateway import (
+    AGENT_TOKEN,
+    OTHER_TOKEN,
+    Gateway,
+    agent_docs,
+    basic,
+    gateway_doc,
+    proxy_connect,
+    route,
+)
 
 ALLOWED = "allowed.test"
 
@@ -33,22 +42,11 @@ def gw(tmp_path_factory, pki, upstream, forbidden_upstream):
 
 
 def auth_header(user: str = "team-a.researcher", token: str = AGENT_TOKEN) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+    return basic(user, token)
 
 
 def connect(gw: Gateway, target: str, auth: str | None = None) -> tuple[socket.socket, bytes]:
-    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-    if auth:
-        head += f"Proxy-Authorization: {auth}\r\n"
-    s.sendall((head + "\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return s, data
+    return proxy_connect(gw.port, target, auth)
 
 
 def tls_request(gw: Gateway, target: str, sni: str, raw: bytes, alpn: list[str] | None = None) -> bytes:

@@ -16,7 +16,17 @@ import httpx
 import pytest
 
 from clrk import attributes as A
-from tests.harness.gateway import AGENT_TOKEN, OTHER_TOKEN, Gateway, agent_docs, deny, gateway_doc, route
+from tests.harness.gateway import (
+    AGENT_TOKEN,
+    OTHER_TOKEN,
+    Gateway,
+    agent_docs,
+    basic,
+    deny,
+    gateway_doc,
+    proxy_connect,
+    route,
+)
 
 CLRK = str(Path(sys.executable).parent / "clrk")
 
@@ -148,18 +158,7 @@ def test_source_agents_limit_a_route(gw):
 
 
 def _connect(gw, target: str, auth: str | None) -> tuple[socket.socket, bytes]:
-    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    req = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-    if auth is not None:
-        req += f"Proxy-Authorization: Basic {base64.b64encode(auth.encode()).decode()}\r\n"
-    s.sendall((req + "\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return s, head
+    return proxy_connect(gw.port, target, basic(*auth.split(":", 1)) if auth is not None else None)
 
 
 @pytest.mark.parametrize(

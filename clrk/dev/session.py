@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -36,13 +35,8 @@ class DevSession:
             if self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"the gateway exited with status {self.proc.returncode}; see {self.log_path}")
-            if os.path.exists(sock):
-                try:
-                    with wire.BlockingClient(sock, timeout=2) as c:
-                        c.request({"t": "status"})
-                    return self
-                except OSError:
-                    pass
+            if wire.recorder_ready(sock):
+                return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"the gateway did not start within {timeout:.0f}s; see {self.log_path}")

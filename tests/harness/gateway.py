@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import signal
@@ -23,6 +24,26 @@ MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
 
 AGENT_TOKEN = "tok-researcher-0123456789"
 OTHER_TOKEN = "tok-reviewer-9876543210"
+
+
+def proxy_connect(port: int, target: str, proxy_authorization: str | None = None) -> tuple[socket.socket, bytes]:
+    """Opens a CONNECT tunnel by hand (for tests that need exact bytes); returns the socket and the reply head."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    if proxy_authorization is not None:
+        head += f"Proxy-Authorization: {proxy_authorization}\r\n"
+    s.sendall((head + "\r\n").encode())
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    return s, reply
+
+
+def basic(user: str, token: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
 
 
 def sha(s: str) -> str:
@@ -117,13 +138,8 @@ class Gateway:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
-            if "proxy listening" in self.log() and os.path.exists(sock) and self.ca.exists():
-                try:
-                    with wire.BlockingClient(sock, timeout=2) as c:
-                        c.request({"t": "status"})
-                    return self
-                except OSError:
-                    pass
+            if "proxy listening" in self.log() and self.ca.exists() and wire.recorder_ready(sock):
+                return self
             time.sleep(0.05)
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
 
