@@ -194,6 +194,25 @@ def cmd_tail(args: argparse.Namespace) -> None:
         feed.close()
 
 
+# --------------------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from clrk import wire
+
+    try:
+        with wire.BlockingClient(wire.socket_path(args.db), timeout=10) as c:
+            st = c.request({"t": "status"})
+    except (OSError, wire.WireError):
+        _die(f"no gateway is writing {args.db} (its recorder does not answer on {wire.socket_path(args.db)})")
+    st = {k: v for k, v in st.items() if k not in ("t", "id")}
+    if args.json:
+        print(json.dumps(st))
+    else:
+        print(f"recorder pid {st['pid']} for {args.db}: {st['written']} records written this run, "
+              f"{st['buffered']} waiting, {st['dropped']} dropped; {st['proxies']} proxy process(es) connected")
+
+
 # --------------------------------------------------------------------------- spend
 
 
@@ -308,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
     ca.add_argument("--host", default="localhost", help="the gateway's host name as agents reach it (default: %(default)s)")
 
+    stt = sub.add_parser("status", help="is a gateway writing this store; records written, waiting and dropped")
+    stt.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    stt.add_argument("--json", action="store_true")
+
     sp = sub.add_parser("spend", help="tokens spent by provider calls, by day, agent, route and model (works while the gateway runs)")
     sp.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -341,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd_spend(args)
     elif args.command == "dev":
         cmd_dev(args)
+    elif args.command == "status":
+        cmd_status(args)
     elif args.command == "tail":
         cmd_tail(args)
     elif args.command == "ca":

@@ -403,3 +403,11 @@ def test_large_bodies_stream_through_with_bounded_capture(gw, upstream):
     assert upload[A.REQUEST_BODY] == payload[:4096].decode()
     assert big[A.CLRK_RESP_BYTES] == 3_000_000 and big[A.CLRK_RESP_TRUNCATED] is True
     assert big[A.RESPONSE_BODY] == down.content[:4096].decode()
+
+
+def test_clrk_status_reports_the_recorder(gw):
+    out = subprocess.run([CLRK, "status", "--db", str(gw.db), "--json"], capture_output=True, text=True, check=True).stdout
+    st = json.loads(out)
+    assert st["written"] > 0 and st["dropped"] == 0 and st["proxies"] == 1
+    missing = subprocess.run([CLRK, "status", "--db", str(gw.db) + ".nope"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no gateway is writing" in missing.stderr
