@@ -8,6 +8,7 @@
   Credentials      (clrk.routing) provider keys injected on the upstream request
   Capture          bounded body capture on the pass-through (feeds the provider parser)
   Recording        one record per transaction, handed to the recorder process
+  Failsafe         last: nothing goes upstream without an allow decision, whatever failed above
 
 The data path reads top to bottom in that order; the addons share one `Runtime` and, per request, the
 `Transaction` in `flow.metadata`.
@@ -30,7 +31,13 @@ from mitmproxy.proxy import server_hooks
 
 from clrk.budget import day_start, utc_day
 from clrk.ca import ensure_ca
-from clrk.capture import BodyCapture, request_is_buffered, response_is_buffered
+from clrk.capture import (
+    PROVIDER_BUFFER_LIMIT,
+    BodyCapture,
+    has_body,
+    request_is_buffered,
+    response_is_buffered,
+)
 from clrk.decision import AuthResult, Decision, RequestFacts, decide, norm_host
 from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
@@ -80,9 +87,11 @@ class PolicyLoader:
         if "clrk_policies" in updated:
             try:
                 policy = load_policy(ctx.options.clrk_policies)
+                self._apply(policy)
             except PolicyError as e:
                 raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} is invalid:\n{e}") from None
-            self._apply(policy)
+            except OSError as e:
+                raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} cannot be used: {e}") from None
             self._signature = self._current_signature()
         if "clrk_dev_otlp_fallback_endpoint" in updated and self.rt.sink is not None:
             self.rt.sink.send_config(export_config(self.rt.policy))
@@ -102,6 +111,11 @@ class PolicyLoader:
             ctx.options.update(**changes)
 
     def _apply(self, policy: CompiledPolicy) -> None:
+        """Puts a policy in force. Everything that can fail happens before the swap; the recorder learns the
+        names to redact before the first record made under the new policy reaches it (same socket, in order)."""
+        self._apply_upstream_trust(policy)
+        if self.rt.sink is not None:
+            self.rt.sink.send_config(export_config(policy))
         self.rt.policy = policy
         for g in policy.gateways:
             for name in g.passthrough_listeners:
@@ -109,9 +123,6 @@ class PolicyLoader:
                     "clrk: listener %s of %s asks for TLS Passthrough, which is not implemented yet; its traffic "
                     "is terminated and judged at L7 (stricter, not looser)", name, g.name,
                 )
-        self._apply_upstream_trust(policy)
-        if self.rt.sink is not None:
-            self.rt.sink.send_config(export_config(policy))
 
     def _apply_upstream_trust(self, policy: CompiledPolicy) -> None:
         """caBundle adds to the default trust store: mitmproxy takes one file, so write the union."""
@@ -142,9 +153,8 @@ class PolicyLoader:
 
     def _current_signature(self) -> tuple:
         files = [str(p) for p in policy_files(ctx.options.clrk_policies)]
-        extra = []
-        if self.rt.policy is not None:
-            extra = [g.ca_bundle for g in self.rt.policy.gateways if g.ca_bundle]
+        # Secret files and CA bundles count too: rotating a token file must take effect like a policy edit.
+        extra = list(self.rt.policy.referenced_files) if self.rt.policy is not None else []
         sig = []
         for f in files + extra:
             try:
@@ -155,29 +165,30 @@ class PolicyLoader:
         return tuple(sig)
 
     async def _watch_loop(self) -> None:
-        """Polls the policy files; a change is loaded off the event loop and swapped in whole."""
+        """Polls the policy files; a change is loaded off the event loop and swapped in whole. Nothing that
+        goes wrong in one round stops the next."""
         while True:
             await asyncio.sleep(RELOAD_POLL_SECONDS)
             try:
-                sig = await asyncio.to_thread(self._current_signature)
-            except PolicyError as e:
-                sig = (str(e),)
-            except Exception:
-                log.exception("clrk: cannot read the policy files")
-                continue
-            if sig == self._signature:
-                continue
-            self._signature = sig
-            try:
-                policy = await asyncio.to_thread(load_policy, ctx.options.clrk_policies)
-            except PolicyError as e:
-                log.error("clrk: policy reload failed; the last good policy stays in force:\n%s", e)
-                continue
+                await self._reload_if_changed()
             except Exception as e:
                 log.error("clrk: policy reload failed (%s); the last good policy stays in force", e)
-                continue
-            self._apply(policy)
-            log.info("clrk: policy reloaded from %s (%d documents)", ctx.options.clrk_policies, len(policy.documents))
+
+    async def _reload_if_changed(self) -> None:
+        try:
+            sig = await asyncio.to_thread(self._current_signature)
+        except PolicyError as e:
+            sig = (str(e),)
+        if sig == self._signature:
+            return
+        self._signature = sig
+        try:
+            policy = await asyncio.to_thread(load_policy, ctx.options.clrk_policies)
+        except PolicyError as e:
+            log.error("clrk: policy reload failed; the last good policy stays in force:\n%s", e)
+            return
+        self._apply(policy)
+        log.info("clrk: policy reloaded from %s (%d documents)", ctx.options.clrk_policies, len(policy.documents))
 
 
 def export_config(policy: CompiledPolicy | None) -> dict:
@@ -279,7 +290,13 @@ class Providers:
         if tx is None or tx.genai is None or flow.request.stream:
             return
         h = tx.req_h or {}
-        body = flow.request.get_content(strict=False) if "content-encoding" in h else flow.request.raw_content
+        body = flow.request.raw_content
+        if body and h.get("content-encoding"):
+            # Decoded in bounded pieces and at most PROVIDER_BUFFER_LIMIT: a small compressed body must not
+            # become gigabytes here.
+            decoded = BodyCapture(PROVIDER_BUFFER_LIMIT, True, h["content-encoding"])
+            decoded.feed(body)
+            body = decoded.captured if not decoded.truncated else None
         if body:
             tx.genai.request_body(body)
 
@@ -344,10 +361,10 @@ class EgressControl:
             if inv is not None:
                 del req.headers[tx.gateway.invocation_header]
             tx.invocation_id = inv[:256] if inv else invocation_from_baggage(h.get("baggage"))
-        if tx.facts.model_pending and policy.provider_rules:
-            return  # a provider call whose model is in its body: decided once, in `request`
+        # Authentication, destination and deny policies are settled on the headers, so nothing unauthorised
+        # makes the gateway read its body; None means the answer depends on the model in the body.
         d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), tx.facts)
-        if d is not None:  # (None cannot happen here: nothing is pending)
+        if d is not None:
             self._apply(flow, tx, d)
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -367,7 +384,13 @@ class EgressControl:
         tx.decision = d
         req = flow.request
         if not d.allow:
-            flow.response = deny_response(d)
+            h = tx.req_h or {}
+            if not flow.request.stream and not flow.request.raw_content and has_body(h) and not request_is_buffered(h, False):
+                # Refusing with a response would mean reading (and holding) the body first: cut the stream
+                # instead; the record still says who was denied and why.
+                flow.kill()
+            else:
+                flow.response = deny_response(d)
             log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, tx.dst_name, tx.dst_port, req.path.split("?", 1)[0],
                      tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
             return
@@ -526,3 +549,42 @@ class Recording:
         if self.rt.sink is not None:
             with contextlib.suppress(Exception):
                 await self.rt.sink.stop()
+
+
+# --------------------------------------------------------------------------- Failsafe
+
+
+class Failsafe:
+    """The last word before a request leaves. If an addon above raised (mitmproxy logs it and carries on
+    with the next addon), the request may lack the decision it needs: it is denied then, never let through."""
+
+    name = "clrk_failsafe"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def _deny(self, flow: http.HTTPFlow, tx: Transaction | None) -> None:
+        d = Decision(False, "failsafe", "clrk could not decide this request (see the gateway log); denied", 500)
+        if tx is None:
+            tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
+            flow.metadata[METADATA_KEY] = tx
+        tx.decision = d
+        flow.response = deny_response(d)
+        log.error("clrk: %s %s had no decision after the addons ran; denied", flow.request.method, flow.request.pretty_url)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        pending = tx is not None and tx.facts is not None and tx.facts.model_pending and tx.decision is None
+        if tx is None or (tx.decision is None and not pending) or (tx.decision is not None and not tx.decision.allow):
+            if flow.request.stream:
+                flow.kill()  # the body would already be on its way upstream
+            self._deny(flow, tx)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.decision is None or not tx.decision.allow:
+            self._deny(flow, tx)

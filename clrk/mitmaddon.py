@@ -1,33 +1,25 @@
-"""The addon mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`): one parent, one child per job."""
+"""The addons mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`), in data-path order.
 
-from clrk.addons import Capture, EgressControl, PolicyLoader, Providers, ProxyAuth, Recording
+They are separate top-level addons on purpose: mitmproxy runs each one's hook under its own error guard, so
+an exception in one (a parser meeting hostile input, say) cannot skip the others' hooks — and `Failsafe`,
+last, denies any request that reached the upstream side without an allow decision. (Children of a single
+parent addon would share one guard and measurably save nothing: docs/PERFORMANCE.md.)
+"""
+
+from clrk.addons import Capture, EgressControl, Failsafe, PolicyLoader, Providers, ProxyAuth, Recording
 from clrk.routing import Credentials, ProviderRouting
 from clrk.runtime import Runtime
 
+_runtime = Runtime()
 
-class Clrk:
-    """clrk's addons, in data-path order, as the children of one addon.
-
-    mitmproxy dispatches every event to each top-level addon through its own context manager and coroutine
-    (a few µs each, on the single proxy thread, for every one of ~20 events a request raises); as children
-    of one parent they cost one such dispatch plus an attribute lookup each. Measured: 8 top-level addons
-    cost ~200 µs of proxy CPU per request more than this (docs/PERFORMANCE.md).
-    """
-
-    name = "clrk"
-
-    def __init__(self) -> None:
-        rt = Runtime()
-        self.addons = [
-            PolicyLoader(rt),
-            ProxyAuth(rt),
-            Providers(rt),
-            EgressControl(rt),
-            ProviderRouting(rt),
-            Credentials(rt),
-            Capture(rt),
-            Recording(rt),
-        ]
-
-
-addons = [Clrk()]
+addons = [
+    PolicyLoader(_runtime),
+    ProxyAuth(_runtime),
+    Providers(_runtime),
+    EgressControl(_runtime),
+    ProviderRouting(_runtime),
+    Credentials(_runtime),
+    Capture(_runtime),
+    Recording(_runtime),
+    Failsafe(_runtime),
+]

@@ -198,6 +198,7 @@ class CompiledPolicy:
     deny_rules: tuple[HostRule, ...]
     routes: tuple[HostRule, ...]
     documents: tuple[SourcedDocument, ...] = field(repr=False)
+    referenced_files: tuple[str, ...] = ()  # secret files and CA bundles the policy reads: watched for changes
     provider_hosts: Mapping[str, str] = field(default_factory=dict)  # host -> provider (parser) name
     backends_by_host: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # host -> Backend names
     provider_rules: tuple[ProviderRule, ...] = ()
@@ -236,8 +237,10 @@ def _expand_vars(value: str, where: str, problems: list[str], env: Mapping[str, 
     return _VAR_RE.sub(sub, value)
 
 
-def read_secret(ref: m.SecretRef, base: Path, where: str, problems: list[str], env: Mapping[str, str]) -> str | None:
-    """Reads a secret named by {env: VAR} or {file: path} (relative to the policy file); None on error."""
+def read_secret(ref: m.SecretRef, base: Path, where: str, problems: list[str], env: Mapping[str, str],
+                files: list[str] | None = None) -> str | None:
+    """Reads a secret named by {env: VAR} or {file: path} (relative to the policy file); None on error.
+    A file's path is added to `files` (what the reload watcher watches)."""
     if ref.env is not None:
         if ref.env not in env or env[ref.env] == "":
             problems.append(f"{where}: environment variable {ref.env} is not set or empty")
@@ -246,6 +249,8 @@ def read_secret(ref: m.SecretRef, base: Path, where: str, problems: list[str], e
     path = Path(ref.file)  # type: ignore[arg-type]
     if not path.is_absolute():
         path = base / path
+    if files is not None:
+        files.append(str(path))
     try:
         value = path.read_text(encoding="utf-8").strip()
     except OSError as e:
@@ -305,6 +310,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
     names = {k: {sd.doc.metadata.name for sd in v} for k, v in by_kind.items()}
 
     gateways: list[GatewayConfig] = []
+    referenced: list[str] = []
     port_owner: dict[int, str] = {}
     for sd in by_kind.get("EgressGateway", []):
         g: m.EgressGateway = sd.doc  # type: ignore[assignment]
@@ -327,6 +333,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 else:
                     problems.append(f"{where(sd)}: spec.upstreamTLS.caBundle: {ca} is not a readable PEM file")
             ca = str(ca_path.resolve())
+            referenced.append(ca)
         ports = []
         for li in g.spec.listeners:
             if li.port in port_owner:
@@ -365,7 +372,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         if creds.token_sha256:
             digest = bytes.fromhex(creds.token_sha256)
         else:
-            token = read_secret(creds.token_from, Path(sd.file).parent, f"{where(sd)}: spec.credentials.tokenFrom", problems, env)  # type: ignore[arg-type]
+            token = read_secret(creds.token_from, Path(sd.file).parent, f"{where(sd)}: spec.credentials.tokenFrom", problems, env, referenced)  # type: ignore[arg-type]
             if token is None:
                 continue
             digest = hashlib.sha256(token.encode()).digest()
@@ -444,7 +451,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             if ref.name not in names.get(ref.kind, set()):
                 problems.append(f"{where(sd)}: spec.targetRefs[{j}]: no {ref.kind} named {ref.name!r}")
         (redact_headers if c.spec.target.type == "Header" else redact_query).add(c.spec.target.name.lower())
-        secret = read_secret(c.spec.secret_ref, Path(sd.file).parent, f"{where(sd)}: spec.secretRef", problems, env)
+        secret = read_secret(c.spec.secret_ref, Path(sd.file).parent, f"{where(sd)}: spec.secretRef", problems, env, referenced)
         if secret is None:
             continue
         inj = Injection(c.metadata.name, c.spec.target.type, c.spec.target.name, c.spec.target.prefix, secret)
@@ -460,6 +467,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         deny_rules=deny_rules,
         routes=routes,
         documents=tuple(docs),
+        referenced_files=tuple(dict.fromkeys(referenced)),
         provider_hosts=provider_hosts,
         backends_by_host=backends_by_host,
         provider_rules=tuple(provider_rules),

@@ -1,0 +1,91 @@
+"""Hostile input never opens a door and never costs unbounded memory: deeply nested JSON, compression bombs,
+endless uploads from clients that are going to be refused anyway."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import time
+import uuid
+
+import pytest
+
+from clrk import attributes as A
+from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, basic, gateway_doc, route
+
+
+def rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, pki, upstream):
+    from tests.harness import fake_provider
+
+    fake_provider.install(upstream)
+    docs = [gateway_doc(aliases={h: upstream.address for h in ("allowed.test", "api.openai.com")}, ca_bundle=str(pki[0])),
+            *agent_docs(), route("ok", ["allowed.test"]),
+            {"kind": "AIProviderRoute", "metadata": {"name": "mini", "namespace": "team-a"},
+             "spec": {"rules": [{"matches": [{"provider": "openai", "models": ["gpt-4o-mini"]}],
+                                 "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 10}}]}]}}]
+    g = Gateway(tmp_path_factory.mktemp("hostile"), docs).start()
+    yield g
+    g.stop()
+
+
+def test_json_nested_past_the_recursion_limit_is_denied_not_waved_through(gw, upstream):
+    i = f"inv-{uuid.uuid4().hex[:8]}"
+    body = b'{"model":"o1-pro","messages":[],"x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    t0 = time.time()
+    with gw.client() as c:
+        r = c.post("https://api.openai.com/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json", "clrk-invocation-id": i})
+    assert r.status_code == 403, r.text
+    assert not [x for x in upstream.requests if x.time >= t0 and x.path == "/v1/chat/completions"]
+    rec = gw.wait_record(invocation=i)
+    assert rec[A.CLRK_DECISION] == "deny"
+
+
+def test_an_unauthenticated_compression_bomb_is_refused_on_its_headers(gw):
+    bomb = gzip.compress(b"\0" * (200 * 1024 * 1024))  # 200 MB inflated, ~200 KB on the wire
+    before = rss_kb(gw.proc.pid)
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+              b"content-type: application/json\r\ncontent-encoding: gzip\r\n" + f"content-length: {len(bomb)}\r\n\r\n".encode() + bomb)
+    reply = s.recv(4096)
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 407")
+    assert rss_kb(gw.proc.pid) - before < 50_000  # kB: the bomb was never inflated
+
+
+def test_an_agents_compressed_body_is_decoded_within_bounds(gw, upstream):
+    """An authenticated, allowed provider call with a gzip bomb for a body: parsed within the 32 MiB bound."""
+    i = f"inv-{uuid.uuid4().hex[:8]}"
+    bomb = gzip.compress(b'{"model":"gpt-4o-mini","messages":[' + b" " * (100 * 1024 * 1024) + b"]}")
+    before = rss_kb(gw.proc.pid)
+    with gw.client() as c:
+        r = c.post("https://api.openai.com/v1/chat/completions", content=bomb,
+                   headers={"content-type": "application/json", "content-encoding": "gzip", "clrk-invocation-id": i})
+    assert r.status_code in (403, 200)
+    assert rss_kb(gw.proc.pid) - before < 150_000
+
+
+def test_a_refused_upload_of_unknown_length_is_cut_not_buffered(gw):
+    before = rss_kb(gw.proc.pid)
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(b"POST http://denied.test/upload HTTP/1.1\r\nHost: denied.test\r\n" + f"Proxy-Authorization: {basic('team-a.researcher', AGENT_TOKEN)}\r\n".encode()
+              + b"transfer-encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b"z" * (1 << 20))
+    sent = 0
+    try:
+        for _ in range(300):  # up to 300 MB
+            s.sendall(chunk)
+            sent += 1
+    except OSError:
+        pass  # the gateway hung up: what it should do
+    s.close()
+    grown = rss_kb(gw.proc.pid) - before
+    assert grown < 100_000, f"the proxy grew by {grown} kB while refusing a {sent} MB upload"
