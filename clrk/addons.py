@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from clrk.capture import (
     request_is_buffered,
     response_is_buffered,
 )
-from clrk.decision import AuthResult, Decision, RequestFacts, decide, norm_host
+from clrk.decision import AuthResult, Decision, RequestFacts, decide
+from clrk.hostnames import canonical_ip, norm_host
 from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
@@ -352,7 +354,7 @@ class EgressControl:
         tx.facts = RequestFacts(
             tx.dst_name, tx.dst_port, req.method, path, sni, authority, authority_port,
             provider=genai.name if genai else None,
-            backend_names=policy.backends_by_host.get(tx.dst_name, ()),
+            provider_names=policy.provider_names_by_host.get(tx.dst_name, ()),
             model=genai.result.request_model if genai else None,
             model_pending=genai is not None and request_is_buffered(h, provider=True),
         )
@@ -398,7 +400,7 @@ class EgressControl:
             req.headers["traceparent"] = tx.trace.traceparent()
         self.rt.allow(flow.client_conn, req.host, req.port)
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         addr = data.server.address
         if addr is None:
             return
@@ -422,6 +424,30 @@ class EgressControl:
             # still matches on the real destination.
             self.rt.aliased[data.server] = addr
             data.server.address = alias
+        elif policy is not None and policy.denied_ips and canonical_ip(addr[0]) is None:
+            await self._check_resolution(data, policy, addr)
+
+    async def _check_resolution(self, data: server_hooks.ServerConnectionHookData, policy: CompiledPolicy,
+                                addr: tuple[str, int]) -> None:
+        """A name is allowed, but where does it lead? When deny rules name IP addresses (a metadata service,
+        a private range host), resolve it here, refuse it if any answer is denied, and dial the address that
+        was checked, so that no second lookup can answer differently."""
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
+        except OSError as e:
+            data.server.error = f"cannot resolve {addr[0]}: {e}"
+            return
+        tunnel = self.rt.tunnels.get(data.client.id)
+        agent = tunnel.agent if tunnel is not None else None
+        ips = [canonical_ip(info[4][0]) or info[4][0] for info in infos]
+        for ip in ips:
+            for rule in policy.denied_ips.get(ip, ()):
+                if agent is None or rule.agents.matches(agent):
+                    data.server.error = f"clrk: {addr[0]} is not allowed: it resolves to {ip}, denied by {rule.ref}"
+                    log.warning("clrk: blocked %s:%s: it resolves to %s, denied by %s", addr[0], addr[1], ip, rule.ref)
+                    return
+        self.rt.aliased[data.server] = addr
+        data.server.address = (ips[0], addr[1])
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         original = self.rt.aliased.pop(data.server, None)

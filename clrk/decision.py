@@ -37,7 +37,9 @@ class RequestFacts:
     authority: str | None = None
     authority_port: int | None = None
     provider: str | None = None  # provider (schema) name when the destination serves a model API
-    backend_names: tuple[str, ...] = ()  # Backends whose upstream is this destination
+    # What an AIProviderRoute `provider:` may call this destination: the provider whose own API host it is,
+    # and the Backends whose upstream it is. A Backend's host is not the provider's just for sharing its schema.
+    provider_names: tuple[str, ...] = ()
     model: str | None = None
     model_pending: bool = False
 
@@ -61,19 +63,6 @@ class AuthResult:
 
     agent: AgentIdentity | None
     failure: str | None = None
-
-
-def norm_host(host: str) -> str:
-    """Lower-case, no trailing dot, IPv6 without brackets: the form rules are written in."""
-    h = host.strip().lower().rstrip(".")
-    if h.startswith("[") and h.endswith("]"):
-        h = h[1:-1]
-    if not h.isascii():
-        try:
-            h = h.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass
-    return h
 
 
 def _dest(host: str, port: int) -> str:
@@ -120,7 +109,7 @@ def decide(
         if candidates and req.model is None and req.model_pending:
             return None
         for pr in candidates:
-            if any(mt.matches(req.provider, req.backend_names, req.model, req.path) for mt in pr.matches):
+            if any(mt.matches(req.provider_names, req.model, req.path) for mt in pr.matches):
                 what = f"{req.provider} {req.model or 'request'} to {req.path}"
                 return Decision(True, pr.ref, f"{what} allowed by {pr.ref}", provider_rule=pr)
         provider_note = f"no AIProviderRoute rule matches {req.provider} model {req.model or '(unknown)'} at {req.path}, and "

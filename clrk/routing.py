@@ -157,7 +157,8 @@ class Credentials:
             injections = policy.injections_for("EgressRoute", name, ns)
         else:
             injections = ()
-        if not injections and tx.gateway is not None:
+        if not injections and tx.gateway is not None and tx.genai is not None:
+            # The gateway-wide credential is a provider key: it goes with provider calls, never to other hosts.
             injections = policy.injections_for("EgressGateway", tx.gateway.name, tx.gateway.namespace)
         for inj in injections:
             if inj.type == "Header":

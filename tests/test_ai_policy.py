@@ -22,7 +22,8 @@ CLRK = str(Path(sys.executable).parent / "clrk")
 OPENAI_KEY = "sk-injected-SECRET-5f2a9c1e7b"
 GEMINI_KEY = "AIza-injected-FILE-SECRET-8d3b"
 WRITER_TOKEN = "tok-writer-4242424242"
-HOSTS = ["api.openai.com", "llm-b.test", "generativelanguage.googleapis.com", "api.anthropic.com"]
+HOSTS = ["api.openai.com", "llm-b.test", "generativelanguage.googleapis.com", "api.anthropic.com", "allowed.test"]
+CATCHALL_KEY = "sk-ant-catchall-SECRET-0042"
 
 
 def docs(pki, upstream, otlp_endpoint: str, secret_file: Path, restart_budget: int = 100) -> list[dict]:
@@ -51,6 +52,11 @@ def docs(pki, upstream, otlp_endpoint: str, secret_file: Path, restart_budget: i
                  "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 40, "scope": "Agent"}}]},
             ]}, ns="team-a"),
         doc("AIProviderRoute", "gemini", {"rules": [{"matches": [{"provider": "google_genai"}]}]}, ns="team-a"),
+        doc("AIProviderRoute", "claude", {"rules": [{"matches": [{"provider": "anthropic"}]}]}, ns="team-a"),
+        doc("EgressRoute", "plain", {"hostnames": ["allowed.test"]}),
+        doc("CredentialInjectionPolicy", "catch-all", {
+            "targetRefs": [{"kind": "EgressGateway", "name": "test-gw"}],
+            "target": {"type": "Header", "name": "x-api-key"}, "secretRef": {"env": "CLRK_TEST_CATCHALL_KEY"}}),
         doc("CredentialInjectionPolicy", "openai-key", {
             "targetRefs": [{"kind": "AIProviderRoute", "name": "openai-chat"}],
             "target": {"type": "Header", "name": "Authorization", "prefix": "Bearer "}, "secretRef": {"env": "CLRK_TEST_OPENAI_KEY"}}),
@@ -66,7 +72,7 @@ def setup(tmp_path_factory, pki, upstream, otlp):
     d = tmp_path_factory.mktemp("ai-gw")
     secret_file = d / "gemini.key"
     secret_file.write_text(GEMINI_KEY + "\n")
-    gw = Gateway(d, docs(pki, upstream, otlp.endpoint, secret_file), env={"CLRK_TEST_OPENAI_KEY": OPENAI_KEY}).start()
+    gw = Gateway(d, docs(pki, upstream, otlp.endpoint, secret_file), env={"CLRK_TEST_OPENAI_KEY": OPENAI_KEY, "CLRK_TEST_CATCHALL_KEY": CATCHALL_KEY}).start()
     yield gw, secret_file
     gw.stop()
 
@@ -179,6 +185,24 @@ def test_a_changed_secret_file_is_read_again_on_reload(gw, upstream, setup, pki,
     finally:
         secret_file.write_text(GEMINI_KEY + "\n")
         policy.write_text(policy.read_text())
+
+
+def test_credentials_go_only_where_their_route_goes(gw, upstream, agent_env):
+    """The gateway-wide key rides with provider calls only; a route's key is not carried to another vendor's
+    host just because that host speaks the same schema."""
+    i, t0 = inv(), time.time()
+    with gw.client() as c:
+        assert c.get("https://allowed.test/json/plain", headers={"clrk-invocation-id": i}).status_code == 200
+        assert c.post("https://api.anthropic.com/v1/messages", json={"model": "claude-3-5-sonnet", "max_tokens": 5, "messages": []},
+                      headers={"clrk-invocation-id": i}).status_code == 200
+        r = c.post("https://llm-b.test/v1/chat/completions", json={"model": "gpt-4o", "messages": []}, headers={"clrk-invocation-id": i})
+    assert r.status_code == 403
+    seen = seen_by_upstream(upstream, t0)
+    plain = next(x for x in seen if x.path == "/json/plain")
+    claude = next(x for x in seen if x.path == "/v1/messages")
+    assert "x-api-key" not in plain.headers and claude.headers["x-api-key"] == CATCHALL_KEY
+    assert not [x for x in seen if x.headers.get("host") == "llm-b.test"]
+    assert CATCHALL_KEY not in json.dumps(wait_rows(gw, i, 3))
 
 
 def test_provider_call_no_rule_matches_is_denied_with_a_reason_naming_that(gw, upstream, agent_env):

@@ -247,3 +247,23 @@ def test_the_upstream_never_sees_proxy_credentials_or_the_invocation_header(gw, 
         c.get(f"https://{ALLOWED}/json/creds", headers={"clrk-invocation-id": "x"})
     seen = [r for r in upstream.requests if r.time >= t0 and r.path == "/json/creds"]
     assert seen and "proxy-authorization" not in seen[0].headers and "clrk-invocation-id" not in seen[0].headers
+
+
+def test_a_name_that_resolves_to_a_denied_ip_is_refused_at_connect(tmp_path, pki, upstream):
+    """allow-all with the loopback address denied: `localhost` is allowed by name, but it leads to 127.0.0.1."""
+    docs = [{**gateway_doc(aliases={}, ca_bundle=str(pki[0]), default="allow-all")}, *agent_docs(),
+            {"kind": "EgressDenyPolicy", "metadata": {"name": "no-loopback"}, "spec": {"hostnames": ["127.0.0.1", "::1"]}}]
+    g = Gateway(tmp_path, docs).start()
+    try:
+        before = upstream.connections
+        i = inv()
+        with g.client() as c:
+            r = c.get(f"https://localhost:{upstream.port}/json/x", headers={"clrk-invocation-id": i})
+            r2 = c.get(f"https://2130706433:{upstream.port}/json/x")
+        assert r.status_code == 502 and r2.status_code == 403
+        rec = g.wait_record(invocation=i)
+        assert rec[A.CLRK_DECISION] == "allow" and rec[A.ERROR_TYPE] == "policy_blocked"
+        assert upstream.connections == before
+        assert "resolves to 127.0.0.1, denied by EgressDenyPolicy/default/no-loopback" in g.log()
+    finally:
+        g.stop()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import TypeAdapter
 
-from clrk.decision import AuthResult, RequestFacts, decide, norm_host
+from clrk.decision import AuthResult, RequestFacts, decide
+from clrk.hostnames import norm_host
 from clrk.policy.compiled import compile_documents
 from clrk.policy.loader import SourcedDocument
 from clrk.policy.models import Document
@@ -109,7 +110,7 @@ BACKEND = {"kind": "Backend", "metadata": {"name": "vllm"},
 
 
 def prov(p, host, path, model, pending=False, user="team-a.bot", provider="openai"):
-    facts = RequestFacts(host, 443, "POST", path, provider=provider, backend_names=p.backends_by_host.get(host, ()),
+    facts = RequestFacts(host, 443, "POST", path, provider=provider, provider_names=p.provider_names_by_host.get(host, ()),
                          model=model, model_pending=pending)
     return decide(p, p.gateways[0], AuthResult(agent(p, user)), facts)
 
@@ -148,3 +149,27 @@ def test_a_backend_name_is_a_provider():
     d = prov(p, "llm.internal", "/v1/chat/completions", "llama-3")
     assert d.allow and d.rule == "AIProviderRoute/team-a/chat#rules[1]"
     assert [b.name for b, _ in d.provider_rule.backends] == ["vllm"]
+
+
+def test_a_backend_sharing_a_schema_is_not_that_provider():
+    """`provider: openai` covers OpenAI's own API, not every host that speaks its schema (whose route could
+    carry OpenAI's key there)."""
+    apr = {**APR, "spec": {**APR["spec"], "rules": [{"matches": [{"provider": "openai"}]}]}}
+    p = policy(GW, AGENT, apr, BACKEND)
+    assert prov(p, "api.openai.com", "/v1/chat/completions", "gpt-4o").allow
+    assert not prov(p, "llm.internal", "/v1/chat/completions", "gpt-4o").allow
+
+
+@pytest.mark.parametrize("spelling", ["169.254.169.254", "2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "169.254.43518", "::ffff:169.254.169.254"])
+def test_every_spelling_of_a_denied_ip_is_denied(spelling):
+    allow_all = {**GW, "spec": {"defaultPolicy": "allow-all"}}
+    dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "metadata"}, "spec": {"hostnames": ["169.254.169.254"]}}
+    p = policy(allow_all, AGENT, dn)
+    d = run(p, norm_host(spelling), port=80)
+    assert not d.allow and d.rule == "EgressDenyPolicy/default/metadata"
+
+
+def test_a_rule_may_spell_an_ip_any_way_too():
+    dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "lo"}, "spec": {"hostnames": ["0x7f000001"]}}
+    p = policy({**GW, "spec": {"defaultPolicy": "allow-all"}}, AGENT, dn)
+    assert not run(p, norm_host("127.0.0.1")).allow

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
+from clrk.hostnames import canonical_ip
 from clrk.policy import models as m
 from clrk.policy.loader import PolicyError, SourcedDocument, load_documents
 from clrk.providers import DEFAULT_HOSTS as DEFAULT_PROVIDER_HOSTS
@@ -125,8 +126,8 @@ class ProviderMatchRule:
     models: tuple[str, ...]  # globs; empty = any model
     endpoints: tuple[str, ...]  # paths or path globs; empty = any endpoint
 
-    def matches(self, provider: str, backend_names: tuple[str, ...], model: str | None, path: str) -> bool:
-        if self.provider != provider and self.provider not in backend_names:
+    def matches(self, provider_names: tuple[str, ...], model: str | None, path: str) -> bool:
+        if self.provider not in provider_names:
             return False
         if self.models and (model is None or not any(fnmatch.fnmatchcase(model, g) for g in self.models)):
             return False
@@ -198,9 +199,12 @@ class CompiledPolicy:
     deny_rules: tuple[HostRule, ...]
     routes: tuple[HostRule, ...]
     documents: tuple[SourcedDocument, ...] = field(repr=False)
+    denied_ips: Mapping[str, tuple[HostRule, ...]] = field(default_factory=dict)  # IP literals of deny rules
     referenced_files: tuple[str, ...] = ()  # secret files and CA bundles the policy reads: watched for changes
     provider_hosts: Mapping[str, str] = field(default_factory=dict)  # host -> provider (parser) name
-    backends_by_host: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # host -> Backend names
+    # host -> the names an AIProviderRoute `provider:` matches it by (its provider, if a provider's own
+    # host; the Backends whose upstream it is)
+    provider_names_by_host: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     provider_rules: tuple[ProviderRule, ...] = ()
     # (target kind, target name) -> injections; namespaces checked by `injections_for`
     injections: Mapping[tuple[str, str], tuple[tuple[str | None, Injection], ...]] = field(default_factory=dict, repr=False)
@@ -285,6 +289,15 @@ def _host_rule(sd: SourcedDocument, spec: m._HostRuleSpec, deny: m.DenyResponse 
         deny_status=deny.status_code if deny else 403,
         deny_message=deny.message if deny else None,
     )
+
+
+def _denied_ips(rules: tuple[HostRule, ...]) -> dict[str, tuple[HostRule, ...]]:
+    out: dict[str, tuple[HostRule, ...]] = {}
+    for rule in rules:
+        for h in rule.exact_hosts:
+            if canonical_ip(h) is not None:
+                out[h] = out.get(h, ()) + (rule,)
+    return out
 
 
 def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None = None) -> CompiledPolicy:
@@ -393,7 +406,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
     routes = tuple(_host_rule(sd, sd.doc.spec, None) for sd in by_kind.get("EgressRoute", []))  # type: ignore[union-attr]
 
     backends: dict[str, BackendTarget] = {}
-    backends_by_host: dict[str, tuple[str, ...]] = {}
+    provider_names_by_host: dict[str, tuple[str, ...]] = {h: (p,) for h, p in DEFAULT_PROVIDER_HOSTS.items()}
     provider_hosts = dict(DEFAULT_PROVIDER_HOSTS)
     for sd in by_kind.get("Backend", []):
         b: m.Backend = sd.doc  # type: ignore[assignment]
@@ -406,7 +419,8 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             ensure_stream_usage=b.spec.body_mutation.ensure_stream_usage,
         )
         provider_hosts[b.spec.upstream.host] = b.spec.schema_.name
-        backends_by_host[b.spec.upstream.host] = backends_by_host.get(b.spec.upstream.host, ()) + (b.metadata.name,)
+        host = b.spec.upstream.host
+        provider_names_by_host[host] = provider_names_by_host.get(host, ()) + (b.metadata.name,)
 
     provider_rules: list[ProviderRule] = []
     for sd in by_kind.get("AIProviderRoute", []):
@@ -467,9 +481,10 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         deny_rules=deny_rules,
         routes=routes,
         documents=tuple(docs),
+        denied_ips=_denied_ips(deny_rules),
         referenced_files=tuple(dict.fromkeys(referenced)),
         provider_hosts=provider_hosts,
-        backends_by_host=backends_by_host,
+        provider_names_by_host=provider_names_by_host,
         provider_rules=tuple(provider_rules),
         injections=injections,
         redact_headers=frozenset(redact_headers),

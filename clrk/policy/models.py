@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from clrk.hostnames import canonical_ip
+
 API_VERSION = "clrk.apoxy.dev/v1alpha1"
 PROVIDERS = ("openai", "anthropic", "google_genai")
 DEFAULT_CAPTURE_TYPES = ["application/json", "application/x-ndjson", "text/event-stream"]
@@ -40,8 +42,14 @@ class Metadata(Spec):
 
 
 def normalize_hostname(pattern: str) -> str:
-    """Lower-cases a hostname pattern and strips a trailing dot; IDNA names are kept in their A-label form."""
+    """Lower-cases a hostname pattern and strips a trailing dot; IDNA names are kept in their A-label form;
+    an IP literal takes its canonical spelling (the one requests are judged in)."""
     p = pattern.strip().lower().rstrip(".")
+    if p.startswith("[") and p.endswith("]"):
+        p = p[1:-1]
+    ip = canonical_ip(p) if p and (p[0].isdigit() or ":" in p) else None
+    if ip is not None:
+        return ip
     try:
         if not p.isascii():
             p = p.encode("idna").decode("ascii")
@@ -57,7 +65,7 @@ def _check_hostnames(values: list[str]) -> list[str]:
     out = []
     for raw in values:
         h = normalize_hostname(raw)
-        if h != "*" and not _HOSTNAME_RE.match(h):
+        if h != "*" and not _HOSTNAME_RE.match(h) and canonical_ip(h) is None:
             raise ValueError(f"{raw!r} is not a hostname (exact, '*.suffix' or '*')")
         out.append(h)
     return out
