@@ -35,17 +35,16 @@ from clrk.ca import ensure_ca
 from clrk.capture import (
     PROVIDER_BUFFER_LIMIT,
     BodyCapture,
-    has_body,
     request_is_buffered,
     response_is_buffered,
 )
 from clrk.decision import AuthResult, Decision, RequestFacts, decide
-from clrk.hostnames import canonical_ip, norm_host
+from clrk.hostnames import canonical_ip, norm_host, normalize_path
 from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
 from clrk.providers import parser_for
-from clrk.runtime import Runtime, Tunnel, deny_response, listener_port
+from clrk.runtime import Runtime, Tunnel, deny_response, listener_port, refuse
 from clrk.settings import Settings
 from clrk.sink import RecordSink
 from clrk.transaction import METADATA_KEY, Transaction, header_index
@@ -349,7 +348,7 @@ class EgressControl:
                     a_host, a_port = host_header, None
                 authority = norm_host(a_host)
                 authority_port = a_port if a_port is not None else default_port
-        path = req.path.split("?", 1)[0]
+        path = normalize_path(req.path)
         genai = tx.genai
         tx.facts = RequestFacts(
             tx.dst_name, tx.dst_port, req.method, path, sni, authority, authority_port,
@@ -386,15 +385,7 @@ class EgressControl:
         tx.decision = d
         req = flow.request
         if not d.allow:
-            h = tx.req_h or {}
-            if not flow.request.stream and not flow.request.raw_content and has_body(h) and not request_is_buffered(h, False):
-                # Refusing with a response would mean reading (and holding) the body first: cut the stream
-                # instead; the record still says who was denied and why.
-                flow.kill()
-            else:
-                flow.response = deny_response(d)
-            log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, tx.dst_name, tx.dst_port, req.path.split("?", 1)[0],
-                     tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
+            refuse(flow, tx, d)
             return
         if tx.req_h and "traceparent" in tx.req_h:
             req.headers["traceparent"] = tx.trace.traceparent()
@@ -542,22 +533,32 @@ class Recording:
         for rec in self.rt.unsent:
             sink.submit(rec)
         self.rt.unsent.clear()
-        await sink.start()
-        await self._load_budgets(sink)
+        try:
+            await sink.start()
+        except Exception as e:  # keeps trying in the background; records wait (bounded) meanwhile
+            log.error("clrk: the recorder is not available yet: %s", e)
+            sink.reconnect_soon()
+        self._budgets_task = asyncio.create_task(self._load_budgets(sink))
 
     async def _load_budgets(self, sink: RecordSink) -> None:
-        """Today's usage per budget pool, from the store: budgets survive a restart."""
-        day = utc_day(time.time())
-        for attempt in range(50):
+        """Today's usage per budget pool, from the store: budgets survive a restart. Retried until it works;
+        until then budgeted routes answer 503 (they cannot know what is left)."""
+        delay, warned = 0.2, False
+        while not self.rt.ledger.loaded:
+            day = utc_day(time.time())
             try:
                 reply = await sink.request({"t": "budget_totals", "since": day_start(day)}, 30.0)
                 self.rt.ledger.load(day, reply["totals"])
+                if warned:
+                    log.info("clrk: today's token usage is read; budgeted routes serve again")
                 return
             except Exception as e:
-                if attempt == 0:
-                    log.warning("clrk: reading today's token usage from the store failed (%s); retrying", e)
-                await asyncio.sleep(0.2)
-        log.error("clrk: today's token usage could not be read; budgeted routes answer 503 until it can")
+                if not warned:
+                    log.error("clrk: cannot read today's token usage from the store (%s); budgeted routes answer "
+                              "503 until it can be read (retrying)", e)
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def response(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
@@ -594,8 +595,7 @@ class Failsafe:
         if tx is None:
             tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
             flow.metadata[METADATA_KEY] = tx
-        tx.decision = d
-        flow.response = deny_response(d)
+        refuse(flow, tx, d)
         log.error("clrk: %s %s had no decision after the addons ran; denied", flow.request.method, flow.request.pretty_url)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -606,7 +606,8 @@ class Failsafe:
         if tx is None or (tx.decision is None and not pending) or (tx.decision is not None and not tx.decision.allow):
             if flow.request.stream:
                 flow.kill()  # the body would already be on its way upstream
-            self._deny(flow, tx)
+            else:
+                self._deny(flow, tx)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:

@@ -1,8 +1,9 @@
-"""Hostnames in the one form rules and requests are compared in."""
+"""Hostnames and paths in the one form rules and requests are compared in."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 
 
@@ -42,3 +43,29 @@ def norm_host(host: str) -> str:
         except UnicodeError:
             pass
     return h
+
+
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+
+
+def normalize_path(path: str) -> str:
+    """The path a server would act on (RFC 3986 §6.2.2): escapes of unreserved characters and of '/' decoded,
+    dot segments resolved, repeated slashes collapsed. `/repos/../user/keys`, `/repos/%2e%2e/user/keys`
+    and `//user/keys` are all `/user/keys`, so neither an allow nor a deny rule can be walked around."""
+    p = path.split("?", 1)[0].split("#", 1)[0]
+    if "%" in p:
+        p = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)) if chr(int(m.group(1), 16)) in _UNRESERVED else m.group(0).upper(), p)
+    if "//" in p:
+        p = re.sub(r"/{2,}", "/", p)
+    if "/." not in p and not p.startswith("."):
+        return p or "/"
+    out: list[str] = []
+    for seg in p.split("/")[1:]:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    trailing = p.endswith(("/", "/.", "/.."))
+    return "/" + "/".join(out) + ("/" if trailing and out else "")

@@ -15,9 +15,10 @@ import re
 
 from mitmproxy import http
 
+from clrk.capture import request_is_buffered
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, ProviderRule
-from clrk.runtime import Runtime, deny_response
+from clrk.runtime import Runtime, refuse
 from clrk.transaction import METADATA_KEY, Transaction
 
 log = logging.getLogger("clrk")
@@ -55,10 +56,18 @@ class ProviderRouting:
         tx, rule = found
         tx.routed = True
         try:
-            if rule.budget is not None and not await self._admit(flow, tx, rule):
-                return
-            if rule.backends:
-                self._route(flow, tx, rule)
+            if rule.budget is not None:
+                if not request_is_buffered(tx.req_h or {}, provider=True):
+                    # A body the gateway does not read (chunked, or past 32 MiB) cannot be estimated nor made to
+                    # report its usage: a budget could not hold.
+                    self._deny(flow, tx, Decision(False, rule.ref, "requests to a budgeted route need a "
+                                                  "Content-Length body of at most 32 MiB", 413))
+                    return
+                if not await self._admit(flow, tx, rule):
+                    return
+            backend = self._route(flow, tx, rule) if rule.backends else None
+            if tx.genai is not None:
+                self._mutate(flow.request, tx, backend, usage_needed=rule.budget is not None)
         finally:
             if tx.genai is not None:
                 tx.genai.request_doc = None  # the body has been read and possibly rewritten: let it go
@@ -80,7 +89,9 @@ class ProviderRouting:
             return False
         genai = tx.genai
         output = genai.max_output_tokens if genai and genai.max_output_tokens else budget.reserve_tokens
-        estimate = output + (genai.request_size // 4 if genai else 0)
+        # What the agent asks for is its business, but not beyond the whole day's budget: a request naming a
+        # trillion output tokens must not lock the pool (nor a negative number refill it).
+        estimate = max(1, min(output + (genai.request_size // 4 if genai else 0), budget.max_tokens_per_day))
         tx.reservation = ledger.admit(pool, budget.max_tokens_per_day, estimate)
         if tx.reservation is None:
             tx.budget_denied = True
@@ -91,11 +102,9 @@ class ProviderRouting:
         return True
 
     def _deny(self, flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
-        tx.decision = d
-        flow.response = deny_response(d)
-        log.info("clrk: denied %s %s for %s: %s", flow.request.method, tx.dst_name, tx.agent.ref if tx.agent else "-", d.reason)
+        refuse(flow, tx, d)
 
-    def _route(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
+    def _route(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> BackendTarget:
         backends = [b for b, w in rule.backends if w > 0]
         weights = [w for _, w in rule.backends if w > 0]
         backend = backends[0] if len(backends) == 1 else random.choices(backends, weights)[0]
@@ -103,16 +112,17 @@ class ProviderRouting:
         if (backend.host, backend.port) != (tx.dst_name, tx.dst_port):
             req.host, req.port = backend.host, backend.port  # the Host header follows
             self.rt.allow(flow.client_conn, backend.host, backend.port)
-        if tx.genai is not None:
-            self._mutate(req, tx, backend)
+        return backend
 
     @staticmethod
-    def _mutate(req: http.Request, tx: Transaction, backend: BackendTarget) -> None:
+    def _mutate(req: http.Request, tx: Transaction, backend: BackendTarget | None, usage_needed: bool) -> None:
+        """The Backend's model rewrite; stream usage switched on where the Backend asks for it or a budget
+        needs it (a budget settles on usage it can see)."""
         genai = tx.genai
         assert genai is not None
         doc = genai.request_doc
         changed_body = False
-        new_model = backend.rewrite_model(genai.result.request_model)
+        new_model = backend.rewrite_model(genai.result.request_model) if backend is not None else None
         if new_model is not None:
             if genai.model_in_path:
                 req.path = re.sub(r"(/(?:models|tunedModels)/)[^/:]+(:)", lambda m: m.group(1) + new_model + m.group(2), req.path, count=1)
@@ -120,7 +130,7 @@ class ProviderRouting:
             elif doc is not None and "model" in doc:
                 doc["model"] = new_model
                 changed_body = True
-        if backend.ensure_stream_usage and doc is not None and genai.ensure_stream_usage(doc):
+        if (usage_needed or (backend is not None and backend.ensure_stream_usage)) and doc is not None and genai.ensure_stream_usage(doc):
             changed_body = True
         if changed_body:
             req.set_content(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode())

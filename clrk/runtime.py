@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from mitmproxy import connection, http
 
 from clrk.budget import BudgetLedger
+from clrk.capture import has_body, request_is_buffered
 from clrk.decision import Decision
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
@@ -63,7 +64,13 @@ class Runtime:
             tx.genai.end()
         if tx.reservation is not None:
             r = tx.genai.result if tx.genai is not None else None
-            actual = (r.input_tokens or 0) + (r.output_tokens or 0) if r is not None and r.usage_visible else None
+            status = flow.response.status_code if flow.response is not None and tx.upstream_response else None
+            if r is not None and r.usage_visible:
+                actual: int | None = (r.input_tokens or 0) + (r.output_tokens or 0)
+            elif status is None or status >= 400:
+                actual = 0  # not served (refused, failed, unreachable): nothing to charge
+            else:
+                actual = None  # served but usage unseen: the reservation is charged
             tx.budget_charged = tx.reservation.tokens if actual is None else actual
             tx.budget_used = self.ledger.settle(tx.reservation, actual)
             tx.reservation = None
@@ -72,6 +79,21 @@ class Runtime:
             self.sink.submit(rec)
         else:  # before the sink started: kept for it
             self.unsent.append(rec)
+
+
+def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
+    """Denies the request: the JSON answer of the contract, or — when its body has yet to arrive and is large
+    or of unknown length — a cut connection, since answering would mean reading and holding that body first.
+    The record says who was denied and why either way."""
+    tx.decision = d
+    req = flow.request
+    h = tx.req_h or {}
+    if not req.stream and req.raw_content is None and has_body(h) and not request_is_buffered(h, False):
+        flow.kill()
+    else:
+        flow.response = deny_response(d)
+    log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, tx.dst_name, tx.dst_port, req.path.split("?", 1)[0],
+             tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
 
 
 def deny_response(d: Decision) -> http.Response:

@@ -103,6 +103,10 @@ class RecordSink:
             log.warning("lost the recorder connection; reconnecting")
             self._reconnect_soon()
 
+    def reconnect_soon(self) -> None:
+        """Keeps trying to reach (or start) the recorder in the background."""
+        self._reconnect_soon()
+
     def _reconnect_soon(self) -> None:
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.create_task(self._reconnect())

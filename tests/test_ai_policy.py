@@ -48,6 +48,10 @@ def docs(pki, upstream, otlp_endpoint: str, secret_file: Path, restart_budget: i
                  "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 1000, "scope": "Route"}}]},
                 {"matches": [{"provider": "openai", "models": ["restart-*"]}],
                  "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": restart_budget}}]},
+                {"matches": [{"provider": "openai", "models": ["clamp-*"]}],
+                 "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 1000}}]},
+                {"matches": [{"provider": "openai", "endpoints": ["/v1/completions"]}],
+                 "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 1000}}]},
                 {"matches": [{"provider": "openai", "models": ["mine-*"]}],
                  "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 40, "scope": "Agent"}}]},
             ]}, ns="team-a"),
@@ -283,6 +287,34 @@ def test_fifty_concurrent_requests_overshoot_at_most_one_reservation(gw, agent_e
     assert used <= 1000 + reservation
     assert used == 905 + 17 * admitted
     assert admitted <= 3, f"{admitted} of 50 admitted with 95 tokens left: reservations did not hold"
+
+
+def test_the_agent_cannot_steer_its_reservation(gw, agent_env):
+    """Negative or absurd max tokens neither refill nor lock a pool; calls that were not served cost nothing."""
+    i = inv()
+    for max_tokens in (-1_000_000, 10**12):
+        with pytest.raises(openai.RateLimitError):  # the fake provider answers 429 for "-error" models
+            client(i).chat.completions.create(model="clamp-error", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens)
+    client(i).chat.completions.create(model="clamp-ok", messages=[{"role": "user", "content": "hi"}], max_tokens=10**12)
+    rows = wait_rows(gw, i, 3)
+    assert [r[A.CLRK_BUDGET_TOKENS] for r in rows] == [17, 0, 0]
+    assert rows[0][A.CLRK_BUDGET_DAILY_USED] == 17 and rows[0][A.CLRK_BUDGET_DENIED] is False
+
+
+def test_a_budgeted_route_refuses_a_body_it_cannot_read(gw, agent_env):
+    import httpx
+
+    def chunks():
+        yield b'{"model": "gpt-3.5-turbo-instruct", '
+        yield b'"prompt": "hi", "max_tokens": 5}'
+
+    with gw.client() as c:
+        try:
+            r = c.post("https://api.openai.com/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+            status = r.status_code
+        except httpx.HTTPError:
+            status = "cut"
+    assert status in (413, "cut")
 
 
 def test_clrk_spend_while_running(gw, agent_env):

@@ -267,3 +267,16 @@ def test_a_name_that_resolves_to_a_denied_ip_is_refused_at_connect(tmp_path, pki
         assert "resolves to 127.0.0.1, denied by EgressDenyPolicy/default/no-loopback" in g.log()
     finally:
         g.stop()
+
+
+def test_dot_segments_do_not_walk_out_of_an_allowed_path(tmp_path, pki, upstream):
+    docs = [gateway_doc(aliases={ALLOWED: upstream.address}, ca_bundle=str(pki[0])), *agent_docs(),
+            route("public", [ALLOWED], paths=["/json/public/"])]
+    g = Gateway(tmp_path, docs).start()
+    try:
+        for path, status in (("/json/public/a", b"200"), ("/json/public/../secret", b"403"), ("/json/public/%2e%2e/secret", b"403"),
+                             ("//json/secret", b"403")):
+            out = tls_request(g, f"{ALLOWED}:443", ALLOWED, f"GET {path} HTTP/1.1\r\nHost: {ALLOWED}\r\nConnection: close\r\n\r\n".encode())
+            assert out.split(b" ", 2)[1] == status, (path, out[:120])
+    finally:
+        g.stop()

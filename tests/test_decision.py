@@ -173,3 +173,17 @@ def test_a_rule_may_spell_an_ip_any_way_too():
     dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "lo"}, "spec": {"hostnames": ["0x7f000001"]}}
     p = policy({**GW, "spec": {"defaultPolicy": "allow-all"}}, AGENT, dn)
     assert not run(p, norm_host("127.0.0.1")).allow
+
+
+@pytest.mark.parametrize("path,allowed", [
+    ("/repos/x", True), ("/repos/../user/keys", False), ("/repos/%2e%2e/user/keys", False), ("/repos%2F..%2Fuser", False),
+    ("//user/keys", False), ("/repos/acme/%73ecret", False), ("/repos//acme/secret", False), ("/repos/acme/secret/../public", True),
+])
+def test_paths_are_judged_as_the_server_would_read_them(path, allowed):
+    from clrk.hostnames import normalize_path
+
+    r = {"kind": "EgressRoute", "metadata": {"name": "gh"}, "spec": {"hostnames": ["api.github.com"], "paths": ["/repos/"]}}
+    dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "secret"},
+          "spec": {"hostnames": ["api.github.com"], "paths": ["/repos/acme/secret"]}}
+    p = policy(GW, AGENT, r, dn)
+    assert run(p, "api.github.com", path=normalize_path(path)).allow is allowed

@@ -39,7 +39,8 @@ class AnthropicParser(ProviderParser):
             self.result.request_model = doc["model"]
         if doc.get("stream") is True:
             self.result.stream = True
-        self.max_output_tokens = as_int(doc.get("max_tokens")) or as_int(doc.get("max_tokens_to_sample"))
+        v = as_int(doc.get("max_tokens")) or as_int(doc.get("max_tokens_to_sample"))
+        self.max_output_tokens = v if v is not None and v > 0 else None
 
     def _usage(self, u: Any) -> None:
         if not isinstance(u, dict):

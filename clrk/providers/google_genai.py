@@ -46,7 +46,8 @@ class GoogleGenAIParser(ProviderParser):
     def on_request(self, doc: dict) -> None:
         cfg = doc.get("generationConfig")
         if isinstance(cfg, dict):
-            self.max_output_tokens = as_int(cfg.get("maxOutputTokens"))
+            v = as_int(cfg.get("maxOutputTokens"))
+            self.max_output_tokens = v if v is not None and v > 0 else None
 
     def _usage(self, u: Any) -> None:
         if not isinstance(u, dict):

@@ -52,8 +52,9 @@ class OpenAIParser(ProviderParser):
         if doc.get("stream") is True:
             self.result.stream = True
         for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            if as_int(doc.get(key)) is not None:
-                self.max_output_tokens = doc[key]
+            v = as_int(doc.get(key))
+            if v is not None and v > 0:
+                self.max_output_tokens = v
                 break
 
     def ensure_stream_usage(self, doc: dict) -> bool:
