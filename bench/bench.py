@@ -1,13 +1,21 @@
 """clrk benchmarks: ratios against bare mitmdump, measured interleaved in one run (A B A B ...).
 
-    .venv/bin/python bench/bench.py [--rounds 3] [--seconds 5] [--smoke] [--write docs/PERFORMANCE.md]
+    .venv/bin/python bench/bench.py [--rounds 3] [--seconds 5] [--smoke] [--only throughput,sse,memory,store,otlp]
+    .venv/bin/python bench/bench.py --profile FILE      # py-spy the clrk proxy under load instead
 
-Throughput and latency of small JSON chat completions through `mitmdump -q` (bare) and through the clrk
-gateway with everything on: the upstream is an OpenAI-schema Backend behind an AIProviderRoute with a
-TokenBudget, so each call is authenticated, decided on its model, budgeted, parsed for usage, captured,
-stored in DuckDB and exported over OTLP to a local receiver. HTTPS keep-alive, `hey` at concurrency 1, 8, 32. Medians over the rounds; the table goes between the markers in
-docs/PERFORMANCE.md. `--smoke` runs everything for a moment and writes nothing (CI runs it so the harness
-cannot rot); numbers from a smoke run mean nothing.
+What is measured (issue #6, PRODUCT.md §4):
+  throughput  small JSON chat completions through `mitmdump -q` (bare) and through clrk with everything on —
+              the upstream is an OpenAI-schema Backend behind an AIProviderRoute with a TokenBudget, so each
+              call is authenticated, decided on its model, budgeted, parsed for usage, captured, stored in
+              DuckDB and exported over OTLP to a local receiver. HTTPS keep-alive, `hey` at c = 1, 8, 32.
+  sse         time to first byte and total time of a paced SSE stream: direct, bare, clrk.
+  memory      peak RSS of the clrk proxy through a 1 GiB download and through 100k transactions.
+  store       `clrk spend` and `clrk records --since 1h` over a store of 1M records, through the recorder.
+  otlp        the throughput run with the OTLP endpoint refusing connections and answering in 2 s.
+
+Medians over rounds; tables go between the markers in docs/PERFORMANCE.md with the machine, the command and
+the date. `--smoke` runs everything small and briefly and writes nothing (CI runs it so the harness cannot
+rot; its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,12 +43,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from clrk import wire  # noqa: E402
 from tests.harness.certs import make_upstream_pki  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TOKEN = "bench-token-0123456789"
 BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-START, END = "<!-- bench:throughput:start -->", "<!-- bench:throughput:end -->"
+SECTIONS = ("throughput", "sse", "memory", "store", "otlp")
 
 
 def free_port() -> int:
@@ -70,6 +81,13 @@ def ensure_hey() -> str:
     return hey
 
 
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 @dataclass
 class Result:
     rps: float
@@ -78,46 +96,68 @@ class Result:
     errors: int
 
 
-def run_hey(hey: str, proxy: str, url: str, conc: int, seconds: float) -> Result:
+def run_hey(hey: str, proxy: str, url: str, conc: int, seconds: float | None = None, n: int | None = None) -> Result:
+    amount = ["-z", f"{seconds}s"] if seconds else ["-n", str(n)]
     out = subprocess.run(
-        [hey, "-z", f"{seconds}s", "-c", str(conc), "-m", "POST", "-d", BODY, "-T", "application/json", "-x", proxy, url],
+        [hey, *amount, "-c", str(conc), "-m", "POST", "-d", BODY, "-T", "application/json", "-x", proxy, url],
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = float(re.search(r"50% in ([\d.]+) secs", out).group(1)) * 1000
-    p99 = float(re.search(r"99% in ([\d.]+) secs", out).group(1)) * 1000
+    p50 = re.search(r"50% in ([\d.]+) secs", out)
+    p99 = re.search(r"99% in ([\d.]+) secs", out)
     errors = sum(int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out) if code != "200")
     if "Error distribution:" in out:
         errors += sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]\s", out.split("Error distribution:", 1)[1], re.M))
-    return Result(rps, p50, p99, errors)
+    return Result(rps, float(p50.group(1)) * 1000 if p50 else 0.0, float(p99.group(1)) * 1000 if p99 else 0.0, errors)
 
 
 class Stack:
-    """The processes under test: upstream, OTLP receiver, bare mitmdump, the clrk gateway."""
+    """The processes under test: upstream, OTLP receivers, bare mitmdump, clrk gateways (one per OTLP case)."""
 
-    def __init__(self, tmp: Path, es: ExitStack):
-        self.tmp = tmp
+    def __init__(self, tmp: Path, es: ExitStack, otlp_cases: bool):
+        self.tmp, self.es = tmp, es
+        tmp.mkdir(parents=True, exist_ok=True)
         self.pids: dict[str, int] = {}
-        ca, server_pem = make_upstream_pki(tmp / "pki", ["localhost"])
+        self.ca, server_pem = make_upstream_pki(tmp / "pki", ["localhost"])
         self.upstream_port = free_port()
-        self._spawn(es, [sys.executable, str(REPO / "bench" / "upstream.py"), str(server_pem), str(self.upstream_port)], "upstream")
-        self.otlp_port = free_port()
-        self._spawn(es, [sys.executable, str(REPO / "bench" / "otlp_sink.py"), str(self.otlp_port)], "otlp")
+        self._spawn([sys.executable, str(REPO / "bench" / "upstream.py"), str(server_pem), str(self.upstream_port)], "upstream")
+        sink = free_port()
+        self._spawn([sys.executable, str(REPO / "bench" / "otlp_sink.py"), str(sink)], "otlp")
         wait_port(self.upstream_port)
-        wait_port(self.otlp_port)
-
+        wait_port(sink)
         self.bare_port = free_port()
-        self._spawn(es, [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(self.bare_port),
-                         "--set", "ssl_insecure=true", "--set", f"confdir={tmp / 'bare-certs'}"], "bare")
+        self._spawn([str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(self.bare_port),
+                     "--set", "ssl_insecure=true", "--set", f"confdir={tmp / 'bare-certs'}"], "bare")
+        self.gateways: dict[str, tuple[int, Path]] = {}
+        endpoints = {"clrk": f"http://127.0.0.1:{sink}"}
+        if otlp_cases:
+            slow = free_port()
+            self._spawn([sys.executable, str(REPO / "bench" / "otlp_sink.py"), str(slow), "--delay", "2"], "otlp-slow")
+            wait_port(slow)
+            endpoints["clrk otlp down"] = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+            endpoints["clrk otlp slow"] = f"http://127.0.0.1:{slow}"
+        for name, endpoint in endpoints.items():
+            self.gateways[name] = self._gateway(name, endpoint)
+        wait_port(self.bare_port)
+        for name, (port, db) in self.gateways.items():
+            wait_port(port)
+            deadline = time.monotonic() + 30
+            while not wire.recorder_ready(wire.socket_path(db)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the {name} gateway's recorder did not start; see {self.tmp}")
+                time.sleep(0.05)
+        self.url = f"https://localhost:{self.upstream_port}/v1/chat/completions"
 
-        pol = tmp / "policies"
+    def _gateway(self, name: str, endpoint: str) -> tuple[int, Path]:
+        slug = name.replace(" ", "-")
+        pol = self.tmp / f"policies-{slug}"
         pol.mkdir()
         (pol / "bench.yaml").write_text(f"""
 kind: EgressGateway
 metadata: {{name: bench}}
 spec:
-  otlp: {{endpoint: "http://127.0.0.1:{self.otlp_port}"}}
-  upstreamTLS: {{caBundle: {ca}}}
+  otlp: {{endpoint: "{endpoint}"}}
+  upstreamTLS: {{caBundle: {self.ca}}}
 ---
 kind: Agent
 metadata: {{name: bench, namespace: team-a}}
@@ -131,22 +171,17 @@ kind: AIProviderRoute
 metadata: {{name: bench, namespace: team-a}}
 spec:
   rules:
-  - matches: [{{provider: openai}}]
+  - matches: [{{provider: bench-llm}}]
     filters: [{{type: TokenBudget, tokenBudget: {{maxTokensPerDay: 1000000000000}}}}]
 """)
-        self.db = tmp / "data" / "clrk.duckdb"
-        self.clrk_port = free_port()
-        self._spawn(es, [str(BIN / "mitmdump"), "-s", str(REPO / "addons" / "clrk.py"), "--listen-host", "127.0.0.1",
-                         "-p", str(self.clrk_port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={self.db}",
-                         "--set", f"clrk_certs={tmp / 'certs'}"], "clrk")
-        wait_port(self.bare_port)
-        wait_port(self.clrk_port)
-        deadline = time.monotonic() + 30
-        while not Path(str(self.db) + ".sock").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.url = f"https://localhost:{self.upstream_port}/v1/chat/completions"
+        db = self.tmp / f"data-{slug}" / "clrk.duckdb"
+        port = free_port()
+        self._spawn([str(BIN / "mitmdump"), "-s", str(REPO / "addons" / "clrk.py"), "--listen-host", "127.0.0.1",
+                     "-p", str(port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={db}",
+                     "--set", f"clrk_certs={self.tmp / 'certs'}"], slug)
+        return port, db
 
-    def _spawn(self, es: ExitStack, argv: list[str], name: str) -> None:
+    def _spawn(self, argv: list[str], name: str) -> None:
         log = open(self.tmp / f"{name}.log", "wb")
         p = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         self.pids[name] = p.pid
@@ -159,18 +194,20 @@ spec:
                 p.kill()
             log.close()
 
-        es.callback(stop)
+        self.es.callback(stop)
 
-    @property
-    def proxies(self) -> dict[str, str]:
-        return {"bare": f"http://127.0.0.1:{self.bare_port}", "clrk": f"http://team-a.bench:{TOKEN}@127.0.0.1:{self.clrk_port}"}
+    def proxy(self, name: str) -> str:
+        if name == "bare":
+            return f"http://127.0.0.1:{self.bare_port}"
+        return f"http://team-a.bench:{TOKEN}@127.0.0.1:{self.gateways[name][0]}"
+
+    def pid(self, name: str) -> int:
+        return self.pids[name.replace(" ", "-")]
 
 
 def count_rows(db: Path) -> int:
-    from clrk import wire
-
     with wire.BlockingClient(wire.socket_path(db)) as c:
-        return len(c.request({"t": "query", "query": {"limit": 0}})["rows"])
+        return int(c.request({"t": "status"})["seq"])
 
 
 def machine() -> str:
@@ -182,60 +219,209 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--smoke", action="store_true", help="a short run that checks the harness works; writes nothing")
-    ap.add_argument("--write", default=str(REPO / "docs" / "PERFORMANCE.md"))
-    ap.add_argument("--profile", metavar="FILE", help="only profile the clrk proxy under c=8 load with py-spy; "
-                    "write its folded stacks to FILE and print where the time goes")
-    args = ap.parse_args()
-    if args.smoke:
-        args.rounds, args.seconds = 1, 1.0
-    concs = [int(c) for c in args.concurrency.split(",")]
-    hey = ensure_hey()
+def md(n: float, digits: int = 2) -> str:
+    return f"{n:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def bench_throughput(hey, stack: Stack, rounds: int, seconds: float, concs: list[int], names: list[str]) -> str:
     results: dict[tuple[str, int], list[Result]] = {}
-    with tempfile.TemporaryDirectory(prefix="clrk-bench-") as d, ExitStack() as es:
-        stack = Stack(Path(d), es)
-        for proxy in stack.proxies.values():  # warm up both (TLS, caches, recorder start)
-            run_hey(hey, proxy, stack.url, 8, 1.0 if not args.smoke else 0.3)
-        if args.profile:
-            profile(hey, stack, args.profile, args.seconds)
-            return
-        rows_before = count_rows(stack.db)
-        sent = 0
-        for r in range(args.rounds):
-            for c in concs:
-                order = ["bare", "clrk"] if (r + c) % 2 == 0 else ["clrk", "bare"]
-                for name in order:
-                    res = run_hey(hey, stack.proxies[name], stack.url, c, args.seconds)
-                    results.setdefault((name, c), []).append(res)
-                    if name == "clrk":
-                        sent += round(res.rps * args.seconds)
-                    print(f"round {r + 1} c={c:<3} {name:5} {res.rps:8.1f} req/s  p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:6.2f} ms", file=sys.stderr)
-        time.sleep(1.0)
-        stored = count_rows(stack.db) - rows_before
-    table = render(results, concs, args, stored, sent)
-    print(table)
-    if not args.smoke:
-        write_section(Path(args.write), table)
+    before = {n: count_rows(stack.gateways[n][1]) for n in names if n != "bare"}
+    sent = dict.fromkeys(before, 0)
+    for r in range(rounds):
+        for c in concs:
+            order = names if (r + c) % 2 == 0 else list(reversed(names))
+            for name in order:
+                res = run_hey(hey, stack.proxy(name), stack.url, c, seconds=seconds)
+                results.setdefault((name, c), []).append(res)
+                if name in sent:
+                    sent[name] += round(res.rps * seconds)
+                print(f"round {r + 1} c={c:<3} {name:15} {res.rps:8.1f} req/s  p50 {res.p50_ms:6.2f} ms  "
+                      f"p99 {res.p99_ms:6.2f} ms  errors {res.errors}", file=sys.stderr)
+    time.sleep(1.5)
+    stored = {n: count_rows(stack.gateways[n][1]) - b for n, b in before.items()}
+    med = {k: (statistics.median(x.rps for x in v), statistics.median(x.p50_ms for x in v),
+               statistics.median(x.p99_ms for x in v), sum(x.errors for x in v)) for k, v in results.items()}
+    lines = ["| concurrency | target | req/s | ratio to bare | p50 ms | added p50 ms | p99 ms | errors |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for c in concs:
+        b = med[("bare", c)]
+        for name in names:
+            m = med[(name, c)]
+            ratio = "" if name == "bare" else f"**{m[0] / b[0]:.2f}**"
+            added = "" if name == "bare" else f"{m[1] - b[1]:+.2f}"
+            lines.append(f"| {c} | {name} | {m[0]:.0f} | {ratio} | {md(m[1])} | {added} | {md(m[2])} | {m[3]} |")
+    for n in stored:
+        lines.append("")
+        lines.append(f"{n}: {stored[n]} records stored of ~{sent[n]} requests sent (hey's count is rate × duration, approximate).")
+    return "\n".join(lines)
+
+
+def _sse_times(stack: Stack, via: str | None, n: int, delay: float) -> list[tuple[float, float]]:
+    """(time to first event, total) in ms of two SSE streams on one client connection: the first pays for the
+    connection to the upstream (clrk opens it only once a request is allowed), the second reuses it."""
+    import base64
+    import http.client
+
+    host, port = "localhost", stack.upstream_port
+    if via is None:
+        conn = http.client.HTTPSConnection(host, port, context=ssl.create_default_context(cafile=str(stack.ca)), timeout=30)
+    else:
+        user, _, hostport = via.removeprefix("http://").rpartition("@")
+        phost, pport = hostport.rsplit(":", 1)
+        ca = stack.tmp / ("bare-certs" if int(pport) == stack.bare_port else "certs") / "mitmproxy-ca-cert.pem"
+        conn = http.client.HTTPSConnection(phost, int(pport), context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+        headers = {"Proxy-Authorization": "Basic " + base64.b64encode(user.encode()).decode()} if user else {}
+        conn.set_tunnel(host, port, headers=headers)
+    conn.connect()
+    out = []
+    for _ in range(2):
+        start = time.perf_counter()
+        conn.request("GET", f"/sse?n={n}&delay={delay}")
+        resp = conn.getresponse()
+        first = None
+        while chunk := resp.read1(65536):
+            if first is None and b"data:" in chunk:
+                first = time.perf_counter()
+        out.append((((first or float("nan")) - start) * 1000, (time.perf_counter() - start) * 1000))
+    conn.close()
+    return out
+
+
+def bench_sse(stack: Stack, rounds: int) -> str:
+    targets = {"direct": None, "bare": stack.proxy("bare"), "clrk": stack.proxy("clrk")}
+    n, delay = 10, 0.05
+    got: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in targets}
+    for r in range(rounds * 5):
+        order = list(targets) if r % 2 == 0 else list(reversed(targets))
+        for name in order:
+            got[name].append(_sse_times(stack, targets[name], n, delay))
+    lines = [f"{n} events {int(delay * 1000)} ms apart; {rounds * 5} client connections per path, two streams on "
+             "each (the first opens the upstream connection, the second reuses it); medians.", "",
+             "| path | first stream: first event ms | second stream: first event ms | vs direct | total ms |",
+             "|---|---:|---:|---:|---:|"]
+    direct = statistics.median(x[1][0] for x in got["direct"])
+    for name, vals in got.items():
+        cold = statistics.median(x[0][0] for x in vals)
+        warm = statistics.median(x[1][0] for x in vals)
+        total = statistics.median(x[1][1] for x in vals)
+        vs = "" if name == "direct" else f"{warm - direct:+.2f}"
+        lines.append(f"| {name} | {md(cold)} | {md(warm)} | {vs} | {md(total, 1)} |")
+    return "\n".join(lines)
+
+
+def _peak_rss_while(pid: int, work) -> float:
+    peak = rss_mb(pid)
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss_mb(pid))
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        work()
+    finally:
+        stop.set()
+        th.join()
+    return peak
+
+
+def bench_memory(hey: str, stack: Stack, download_bytes: int, transactions: int) -> str:
+    pid = stack.pid("clrk")
+    base = rss_mb(pid)
+    url = f"https://localhost:{stack.upstream_port}/bytes?size={download_bytes}"
+    curl = shutil.which("curl")
+    cacert = str(stack.tmp / "certs" / "mitmproxy-ca-cert.pem")
+
+    def download():
+        subprocess.run([curl, "-s", "-o", "/dev/null", "--cacert", cacert, "-x", stack.proxy("clrk"), url], check=True)
+
+    t0 = time.monotonic()
+    peak_dl = _peak_rss_while(pid, download)
+    secs = time.monotonic() - t0
+    peak_tx = _peak_rss_while(pid, lambda: run_hey(hey, stack.proxy("clrk"), stack.url, 8, n=transactions))
+    mib = download_bytes / 2**20
+    return "\n".join([
+        "| run | clrk proxy RSS before MB | peak RSS MB |", "|---|---:|---:|",
+        f"| {mib:.0f} MiB download ({mib / secs:.0f} MiB/s) | {base:.0f} | {peak_dl:.0f} |",
+        f"| {transactions} transactions (c=8) | {base:.0f} | {peak_tx:.0f} |",
+    ])
+
+
+def bench_store(tmp: Path, rows: int) -> str:
+    """A store of `rows` synthetic records (a day's traffic of several agents, routes and models), queried
+    through a running recorder the way `clrk spend` and `clrk records` do while a gateway runs."""
+    from clrk import attributes as A
+    from clrk.recorder.store import Store
+
+    db = tmp / "big" / "clrk.duckdb"
+    store = Store(db)
+    now = time.time()
+    batch = 100_000
+    agents = [("team-a", "researcher"), ("team-a", "writer"), ("team-b", "reviewer"), ("team-c", "ops")]
+    models = ["gpt-4o-mini", "gpt-4o", "claude-3-5-sonnet", "gemini-2.0-flash"]
+    for start in range(0, rows, batch):
+        chunk = []
+        for i in range(start, min(rows, start + batch)):
+            ns, name = agents[i % 4]
+            chunk.append({A.TIME: now - (i % 86400), A.END_TIME: now - (i % 86400) + 0.2, A.TRACE_ID: f"{i:032x}",
+                          A.SPAN_ID: f"{i:016x}", A.HTTP_REQUEST_METHOD: "POST", A.URL_FULL: "https://api.openai.com/v1/chat/completions",
+                          A.SERVER_ADDRESS: "api.openai.com", A.SERVER_PORT: 443, A.HTTP_RESPONSE_STATUS_CODE: 200,
+                          A.AGENT_NAMESPACE: ns, A.AGENT_NAME: name, A.CLRK_APR_NAMESPACE: ns, A.CLRK_APR_NAME: "llm",
+                          A.GEN_AI_SYSTEM: "openai", A.GEN_AI_REQUEST_MODEL: models[i % 4], A.GEN_AI_USAGE_INPUT_TOKENS: 100 + i % 50,
+                          A.GEN_AI_USAGE_OUTPUT_TOKENS: 20 + i % 7, A.CLRK_DECISION: "allow", A.CLRK_COMPONENT: A.COMPONENT_EGRESS})
+        store.insert(chunk)
+    store.close()
+    sock = wire.socket_path(db)
+    rec = subprocess.Popen([sys.executable, "-m", "clrk.recorder", "--db", str(db), "--socket", sock],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not wire.recorder_ready(sock):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the recorder for the big store did not start")
+            time.sleep(0.1)
+        clrk = str(BIN / "clrk")
+        timings = {}
+        for label, argv in (("clrk spend (by day, agent, route, model)", [clrk, "spend", "--db", str(db), "--json"]),
+                            ("clrk spend --since 1h --budgets", [clrk, "spend", "--db", str(db), "--since", "1h", "--budgets"]),
+                            ("clrk records --since 1h (newest 100)", [clrk, "records", "--db", str(db), "--since", "1h"]),
+                            ("clrk records --agent team-a/writer --json --limit 1000",
+                             [clrk, "records", "--db", str(db), "--agent", "team-a/writer", "--json", "--limit", "1000"])):
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+                runs.append(time.perf_counter() - t0)
+            timings[label] = statistics.median(runs)
+    finally:
+        rec.send_signal(signal.SIGTERM)
+        rec.wait(60)
+    lines = [f"{rows:,} records, queried through the running recorder (medians of 3, whole command including Python start-up).",
+             "", "| query | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in timings.items()]
+    return "\n".join(lines)
 
 
 def profile(hey: str, stack: Stack, out: str, seconds: float) -> None:
-    pid = stack.pids["clrk"]
+    pid = stack.pid("clrk")
     spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(pid), "-d", str(int(seconds) + 1), "-r", "250",
                             "-f", "raw", "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    res = run_hey(hey, stack.proxies["clrk"], stack.url, 8, seconds)
+    res = run_hey(hey, stack.proxy("clrk"), stack.url, 8, seconds=seconds)
     spy.wait(60)
     print(f"clrk under profile: {res.rps:.0f} req/s", file=sys.stderr)
     print(summarize_profile(Path(out)))
 
 
 def summarize_profile(path: Path) -> str:
-    """Share of the proxy thread's samples per clrk function (inclusive) and per mitmproxy area."""
+    """Share of the proxy thread's samples per clrk function (inclusive)."""
     total = 0
     clrk: dict[str, int] = {}
     for line in path.read_text().splitlines():
@@ -248,7 +434,7 @@ def summarize_profile(path: Path) -> str:
         seen = set()
         for f in frames:
             name = re.sub(r":\d+\)$", ")", f)
-            if ("clrk/" in name) and name not in seen:
+            if "clrk/" in name and name not in seen:
                 seen.add(name)
                 clrk[name] = clrk.get(name, 0) + count
     lines = [f"event-loop samples: {total}", "clrk functions (inclusive share of the event loop's samples):"]
@@ -257,32 +443,71 @@ def summarize_profile(path: Path) -> str:
     return "\n".join(lines)
 
 
-def render(results, concs, args, stored: int, sent: int) -> str:
-    med = {k: (statistics.median(r.rps for r in v), statistics.median(r.p50_ms for r in v), statistics.median(r.p99_ms for r in v))
-           for k, v in results.items()}
-    lines = [
-        f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {machine()}.",
-        f"Command: `.venv/bin/python bench/bench.py --rounds {args.rounds} --seconds {args.seconds:g}` "
-        f"(hey, POST of a small JSON chat completion over HTTPS keep-alive; medians of {args.rounds} interleaved rounds).",
-        "",
-        "| concurrency | bare req/s | clrk req/s | ratio | bare p50 ms | clrk p50 ms | added p50 ms | bare p99 ms | clrk p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c in concs:
-        b, k = med[("bare", c)], med[("clrk", c)]
-        lines.append(f"| {c} | {b[0]:.0f} | {k[0]:.0f} | **{k[0] / b[0]:.2f}** | {b[1]:.2f} | {k[1]:.2f} | {k[1] - b[1]:+.2f} | {b[2]:.2f} | {k[2]:.2f} |")
-    lines += ["", f"Records stored for the clrk runs: {stored} of ~{sent} requests sent (hey's count is approximate: rate × duration)."]
-    return "\n".join(lines)
+def warm_up(hey: str, stack: Stack, smoke: bool) -> None:
+    for name in ["bare", *stack.gateways]:  # TLS, caches, recorders
+        run_hey(hey, stack.proxy(name), stack.url, 8, seconds=0.3 if smoke else 1.0)
 
 
-def write_section(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else f"# Performance\n\n{START}\n{END}\n"
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
-    pre, rest = text.split(START, 1)
-    _, post = rest.split(END, 1)
-    path.write_text(f"{pre}{START}\n{table}\n{END}{post}")
-    print(f"bench: wrote {path}", file=sys.stderr)
+def write_section(path: Path, name: str, body: str) -> None:
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    pre, rest = text.split(start, 1)
+    _, post = rest.split(end, 1)
+    path.write_text(f"{pre}{start}\n{body}\n{end}{post}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
+    ap.add_argument("--smoke", action="store_true", help="everything, small and short: checks the harness; writes nothing")
+    ap.add_argument("--write", default=str(REPO / "docs" / "PERFORMANCE.md"))
+    ap.add_argument("--profile", metavar="FILE", help="only profile the clrk proxy under c=8 load with py-spy")
+    args = ap.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    download, transactions, store_rows = 2**30, 100_000, 1_000_000
+    if args.smoke:
+        args.rounds, args.seconds = 1, 1.0
+        download, transactions, store_rows = 20 * 2**20, 2_000, 20_000
+    concs = [int(c) for c in args.concurrency.split(",")]
+    hey = ensure_hey()
+    stamp = f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {machine()}."
+    sections: dict[str, str] = {}
+    cmd = f"`.venv/bin/python bench/bench.py --rounds {args.rounds} --seconds {args.seconds:g}`"
+    with tempfile.TemporaryDirectory(prefix="clrk-bench-") as d:
+        # Only what a section measures runs during it: idle gateways still poll and would tax the others.
+        if args.profile or {"throughput", "sse", "memory"} & set(only):
+            with ExitStack() as es:
+                stack = Stack(Path(d) / "main", es, otlp_cases=False)
+                warm_up(hey, stack, args.smoke)
+                if args.profile:
+                    profile(hey, stack, args.profile, args.seconds)
+                    return
+                if "throughput" in only:
+                    sections["throughput"] = f"{stamp} Command: {cmd}.\n\n" + bench_throughput(
+                        hey, stack, args.rounds, args.seconds, concs, ["bare", "clrk"])
+                if "sse" in only:
+                    sections["sse"] = f"{stamp}\n\n" + bench_sse(stack, args.rounds)
+                if "memory" in only:
+                    sections["memory"] = f"{stamp}\n\n" + bench_memory(hey, stack, download, transactions)
+        if "otlp" in only:
+            with ExitStack() as es:
+                stack = Stack(Path(d) / "otlp", es, otlp_cases=True)
+                warm_up(hey, stack, args.smoke)
+                sections["otlp"] = f"{stamp} c=8, {args.rounds} interleaved rounds, all four running.\n\n" + bench_throughput(
+                    hey, stack, args.rounds, args.seconds, [8], ["bare", "clrk", "clrk otlp down", "clrk otlp slow"])
+        if "store" in only:
+            sections["store"] = f"{stamp}\n\n" + bench_store(Path(d), store_rows)
+    for name, body in sections.items():
+        print(f"\n## {name}\n{body}")
+        if not args.smoke:
+            write_section(Path(args.write), name, body)
+    if not args.smoke:
+        print(f"bench: wrote {args.write}", file=sys.stderr)
 
 
 if __name__ == "__main__":

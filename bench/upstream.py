@@ -2,6 +2,7 @@
 
   POST/GET /v1/chat/completions   a fixed OpenAI-style JSON chat completion
   GET /sse?n=N&delay=S            N SSE events S seconds apart (chunked)
+  GET /bytes?size=N               N bytes of application/octet-stream, chunked in 256 KiB pieces
 
 Usage: python bench/upstream.py CERT_AND_KEY.pem PORT
 """
@@ -33,7 +34,17 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             if length:
                 await reader.readexactly(length)
             target = head.split(b" ", 2)[1].decode()
-            if target.startswith("/sse"):
+            if target.startswith("/bytes"):
+                size = int(parse_qs(urlsplit(target).query).get("size", ["1048576"])[0])
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                piece = b"\0" * 262144
+                while size > 0:
+                    n = min(size, len(piece))
+                    writer.write(b"%x\r\n" % n + piece[:n] + b"\r\n")
+                    size -= n
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+            elif target.startswith("/sse"):
                 qs = parse_qs(urlsplit(target).query)
                 n, delay = int(qs.get("n", ["10"])[0]), float(qs.get("delay", ["0.05"])[0])
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
