@@ -104,3 +104,17 @@ def test_concatenated_gzip_members():
     cap = BodyCapture(100, True, "gzip")
     cap.feed(gzip.compress(b"hello ") + gzip.compress(b"world"))
     assert cap.captured == b"hello world"
+
+
+def test_which_bodies_are_buffered():
+    from clrk.capture import request_is_buffered, response_is_buffered
+
+    assert request_is_buffered({}, provider=True)  # no body: nothing to stream (a GET)
+    assert request_is_buffered({"content-length": "0"}, provider=False)
+    assert request_is_buffered({"content-length": "1000"}, provider=False)
+    assert not request_is_buffered({"content-length": str(10 * 2**20)}, provider=False)
+    assert request_is_buffered({"content-length": str(10 * 2**20)}, provider=True)
+    assert not request_is_buffered({"transfer-encoding": "chunked"}, provider=True)
+    assert response_is_buffered({"content-type": "application/json", "content-length": "200"})
+    assert not response_is_buffered({"content-type": "text/event-stream", "content-length": "200"})
+    assert not response_is_buffered({"content-type": "application/json"})
