@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ from clrk.transaction import METADATA_KEY, Transaction, header_index
 log = logging.getLogger("clrk")
 
 RELOAD_POLL_SECONDS = 0.25
+DRAIN_SECONDS = 30
 MITMPROXY_DEFAULT_CONFDIR = "~/.mitmproxy"
 
 
@@ -247,7 +249,8 @@ class ProxyAuth:
         assert policy is not None
         req = flow.request
         h = header_index(req.headers.fields)
-        tx = Transaction(start=req.timestamp_start, trace=trace_context(h.get("traceparent")), req_h=h)
+        tx = Transaction(start=req.timestamp_start, trace=trace_context(h.get("traceparent")), req_h=h, counted=True)
+        self.rt.in_flight += 1
         flow.metadata[METADATA_KEY] = tx
         tx.tunnel = tunnel = self.rt.tunnels.get(flow.client_conn.id)
         tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
@@ -519,14 +522,20 @@ class Capture:
 
 
 class Recording:
-    """Ends each transaction with a record; owns the connection to the recorder process."""
+    """Ends each transaction with a record; owns the connection to the recorder process and the stop: on
+    SIGTERM/SIGINT no new connection is accepted, transactions in flight finish, every record is flushed."""
 
     name = "clrk_recording"
 
     def __init__(self, rt: Runtime):
         self.rt = rt
+        self._stopping = False
 
     async def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        # mitmproxy stops at once on SIGTERM/SIGINT; a gateway first lets what is in flight finish.
+        loop.add_signal_handler(signal.SIGTERM, self._graceful_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._graceful_stop, "SIGINT")
         sink = RecordSink(ctx.options.clrk_db)
         self.rt.sink = sink
         sink.send_config(export_config(self.rt.policy))
@@ -539,6 +548,25 @@ class Recording:
             log.error("clrk: the recorder is not available yet: %s", e)
             sink.reconnect_soon()
         self._budgets_task = asyncio.create_task(self._load_budgets(sink))
+
+    def _graceful_stop(self, signame: str) -> None:
+        if self._stopping:
+            log.info("clrk: %s again: stopping now", signame)
+            ctx.master.shutdown()
+            return
+        self._stopping = True
+        log.info("clrk: %s: accepting no new connections; letting %d transaction(s) in flight finish (up to %ds; "
+                 "signal again to stop at once)", signame, self.rt.in_flight, DRAIN_SECONDS)
+        ctx.options.update(server=False)
+        self._drain_task = asyncio.create_task(self._drain_then_stop())
+
+    async def _drain_then_stop(self) -> None:
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self.rt.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.rt.in_flight > 0:
+            log.warning("clrk: %d transaction(s) still in flight after %ds; stopping anyway", self.rt.in_flight, DRAIN_SECONDS)
+        ctx.master.shutdown()
 
     async def _load_budgets(self, sink: RecordSink) -> None:
         """Today's usage per budget pool, from the store: budgets survive a restart. Retried until it works;

@@ -43,6 +43,7 @@ class Runtime:
         self.allowed: dict[str, set[tuple[str, int]]] = {}
         self.aliased: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = weakref.WeakKeyDictionary()
         self.unsent: list[dict] = []
+        self.in_flight = 0  # transactions begun and not yet recorded (what a graceful stop waits for)
 
     def allow(self, client: connection.Client, host: str, port: int) -> None:
         allowed = self.allowed.get(client.id)
@@ -60,6 +61,8 @@ class Runtime:
         if tx.recorded or self.policy is None:
             return
         tx.recorded = True
+        if tx.counted:
+            self.in_flight -= 1
         if tx.genai is not None:
             tx.genai.end()
         if tx.reservation is not None:

@@ -54,6 +54,7 @@ class Transaction:
     budget_charged: int | None = None
     budget_used: int | None = None
     recorded: bool = False
+    counted: bool = False  # counted in Runtime.in_flight
     req_h: dict[str, str] | None = None  # header_index of the request as the agent sent it
     resp_h: dict[str, str] | None = None  # header_index of the response as the upstream sent it
 

@@ -174,3 +174,26 @@ def test_graceful_stop_loses_no_row(tmp_path, pki, upstream, sig):
     rows = gw.records(invocation=i)  # the gateway is gone: this opens the file read-only
     assert len(rows) == n
     assert "records not stored" not in gw.log()
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_records_it(tmp_path, pki, upstream):
+    gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]))).start()
+    i = f"inv-{uuid.uuid4().hex[:8]}"
+    got: list[bytes] = []
+    upstream.sse_done.clear()
+    with gw.client() as c, c.stream("GET", "https://allowed.test/sse?n=4&delay=0.7", headers={"clrk-invocation-id": i}) as r:
+        it = r.iter_raw()
+        got.append(next(it))
+        gw.proc.send_signal(signal.SIGTERM)  # mid-stream
+        time.sleep(0.3)
+        # No new connection is accepted while the stream drains...
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
+        got.extend(it)
+    body = b"".join(got)
+    assert body.count(b"event: tick") == 4 and body.endswith(b"data: [DONE]\n\n")
+    assert gw.proc.wait(30) == 0
+    gw.stop()
+    (rec,) = gw.records(invocation=i)
+    assert rec[A.RESPONSE_BODY] == body.decode() and A.ERROR_TYPE not in rec
+    assert "letting 1 transaction(s) in flight finish" in gw.log()
