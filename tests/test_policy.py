@@ -201,3 +201,44 @@ def test_ai_provider_example_checks_with_the_example_policies(tmp_path):
     assert [r.ref for r in p.provider_rules] == ["AIProviderRoute/team-a/openai#rules[0]", "AIProviderRoute/team-a/anthropic#rules[0]"]
     assert [i.field for i in p.injections_for("AIProviderRoute", "anthropic", "team-a")] == ["x-api-key"]
     assert p.provider_rules[0].budget.per_agent and p.provider_rules[0].backends[0][0].model_rewrites == (("gpt-4o", "gpt-4o-mini"),)
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False), st.text(max_size=30))
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20)
+_KINDS = ["EgressGateway", "Agent", "EgressRoute", "EgressDenyPolicy", "AIProviderRoute", "Backend", "CredentialInjectionPolicy", "Nope"]
+_FIELDS = ["hostnames", "ports", "methods", "paths", "sourceAgents", "credentials", "rules", "matches", "upstream", "schema",
+           "targetRefs", "target", "secretRef", "otlp", "listeners", "upstreamTLS", "denyResponse", "filters", "modelRewrites"]
+_docs = st.fixed_dictionaries(
+    {"kind": st.sampled_from(_KINDS), "metadata": st.fixed_dictionaries({"name": st.text(max_size=20)}) | _values},
+    optional={"apiVersion": st.sampled_from(["clrk.apoxy.dev/v1alpha1", "v2"]) | st.text(max_size=5),
+              "spec": st.dictionaries(st.sampled_from(_FIELDS), _values, max_size=5) | _values},
+)
+
+
+@given(docs=st.lists(_docs, max_size=4))
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_document_is_a_policy_or_a_policy_error(tmp_path_factory, docs):
+    import yaml
+
+    d = tmp_path_factory.mktemp("fuzz")
+    (d / "p.yaml").write_text(yaml.safe_dump_all(docs))
+    try:
+        load_policy(d, env={})
+    except PolicyError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+
+
+@given(text=st.text(max_size=400))
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_text_is_a_policy_or_a_policy_error(tmp_path_factory, text):
+    d = tmp_path_factory.mktemp("fuzztext")
+    (d / "p.yaml").write_text(text)
+    try:
+        load_policy(d, env={})
+    except PolicyError:
+        pass
