@@ -210,7 +210,9 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(json.dumps(st))
     else:
         print(f"recorder pid {st['pid']} for {args.db}: {st['written']} records written this run, "
-              f"{st['buffered']} waiting, {st['dropped']} dropped; {st['proxies']} proxy process(es) connected")
+              f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped; {st['proxies']} proxy process(es) connected")
+        if st.get("store_error"):
+            print(f"the store cannot be written: {st['store_error']}")
 
 
 # --------------------------------------------------------------------------- spend

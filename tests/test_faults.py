@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,50 @@ def test_sigkill_under_load_loses_at_most_the_last_second(tmp_path, pki, upstrea
     rows = gw.records(invocation=i)
     must_have = [t for t in completed if t < killed_at - 1.0]
     assert len(rows) >= len(must_have) > 50, (len(rows), len(must_have), len(completed))
+
+
+def test_a_full_disk_keeps_the_gateway_serving_and_the_records_waiting(tmp_path, pki, upstream):
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        docs = [gateway_doc(aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0])), *agent_docs(), route("r", ["allowed.test"])]
+        gw = Gateway(tmp_path / "gw", docs)
+        gw.db = mnt / "clrk.duckdb"
+        gw.start()
+        try:
+            i = inv()
+            with gw.client() as c:
+                c.get("https://allowed.test/json/first", headers={"clrk-invocation-id": i})
+            gw.wait_record(invocation=i)
+            filler = mnt / "filler"
+            with open(filler, "wb") as f:  # fill the disk to the last byte
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+            with gw.client() as c:
+                statuses = [c.get(f"https://allowed.test/json/{n}", headers={"clrk-invocation-id": i}).status_code for n in range(30)]
+            assert statuses == [200] * 30  # the gateway keeps proxying
+            clrk = str(Path(sys.executable).parent / "clrk")
+            deadline = time.monotonic() + 10
+            while "cannot be written" not in (st := subprocess.run([clrk, "status", "--db", str(gw.db)], capture_output=True, text=True).stdout):
+                assert time.monotonic() < deadline, st
+                time.sleep(0.2)
+            assert "cannot write to" in gw.log()  # said loudly
+            filler.unlink()  # space again: the waiting records are written
+            deadline = time.monotonic() + 15
+            while len(gw.records(invocation=i)) < 31:
+                assert time.monotonic() < deadline, "the waiting records were not written once the disk had room"
+                time.sleep(0.2)
+            assert "records that waited are stored" in gw.log()
+        finally:
+            gw.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

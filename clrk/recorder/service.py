@@ -44,6 +44,9 @@ class Recorder:
         self.store = Store(db_path)
         self.exporter = Exporter()
         self.buffer: deque[dict] = deque()  # raw transaction facts, expanded into records when written
+        self.unwritten: list[dict] = []  # records DuckDB refused, retried (bounded: MAX_BUFFERED_ROWS)
+        self.store_error: str | None = None
+        self._last_store_log = 0.0
         self.redact_headers: frozenset[str] = SENSITIVE_HEADERS
         self.redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
         self.dropped = 0
@@ -54,21 +57,33 @@ class Recorder:
         self.flush_lock = asyncio.Lock()
 
     async def flush(self) -> None:
-        """Writes every buffered row to DuckDB, then hands them to the exporters."""
+        """Writes every buffered row to DuckDB, then hands them to the exporters. Rows that cannot be written
+        (disk full, file gone read-only) wait in a bounded spool and are retried every tick, the store
+        reopened first: DuckDB gives up on a database after some I/O errors."""
         async with self.flush_lock:
-            if not self.buffer:
+            if not self.buffer and not self.unwritten:
                 return
             raws = list(self.buffer)
             self.buffer.clear()
-            rows = await asyncio.to_thread(self._expand, raws)
+            rows = self.unwritten + await asyncio.to_thread(self._expand, raws)
+            self.unwritten = []
             try:
+                if self.store_error is not None:
+                    await asyncio.to_thread(self.store.reopen)
                 await asyncio.to_thread(self.store.insert, rows)
             except Exception as e:
-                # Keep the rows and retry on the next tick; say so loudly.
-                log.error("cannot write %d records to %s: %s (will retry)", len(rows), self.db_path, e)
-                self.buffer.extendleft(reversed(raws))
-                self._bound_buffer()
+                self.unwritten = rows[-MAX_BUFFERED_ROWS:]
+                self.dropped += len(rows) - len(self.unwritten)
+                now = time.monotonic()
+                if self.store_error is None or now - self._last_store_log > 30:
+                    log.error("cannot write to %s: %s; %d records wait in memory (at most %d), retrying",
+                              self.db_path, e, len(self.unwritten), MAX_BUFFERED_ROWS)
+                    self._last_store_log = now
+                self.store_error = str(e)
                 return
+            if self.store_error is not None:
+                log.warning("writing to %s again: %d records that waited are stored", self.db_path, len(rows))
+                self.store_error = None
             self.written += len(rows)
             await asyncio.to_thread(self.exporter.export, rows)
 
@@ -148,7 +163,8 @@ class Recorder:
                 elif t == "status":
                     await self.flush()
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped,
-                                       "seq": self.store.next_seq - 1,
+                                       "seq": self.store.next_seq - 1, "unwritten": len(self.unwritten),
+                                       "store_error": self.store_error,
                                        "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid()}))
                 elif t == "shutdown":
                     self.proxies.discard(writer)
@@ -202,8 +218,8 @@ class Recorder:
         server.close()
         await flusher
         await self.flush()
-        if self.buffer:
-            log.error("%d records could not be written to %s at shutdown", len(self.buffer), self.db_path)
+        if self.buffer or self.unwritten:
+            log.error("%d records could not be written to %s at shutdown", len(self.buffer) + len(self.unwritten), self.db_path)
         self.store.close()
         # Gone only now: while the socket exists, its recorder holds the file.
         with contextlib.suppress(FileNotFoundError):

@@ -56,13 +56,25 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
         try:
             self.con = duckdb.connect(str(self.path))
         except duckdb.IOException as e:
             raise StoreError(f"cannot open {self.path} for writing: {e}") from e
-        self._lock = threading.Lock()
         self._migrate()
         self.next_seq = (self.con.execute(f"SELECT max({q(SEQ)}) FROM {TABLE}").fetchone()[0] or 0) + 1
+
+    def reopen(self) -> None:
+        """A fresh connection after a failed write (DuckDB invalidates a database after some I/O errors)."""
+        with self._lock:
+            try:
+                self.con.close()
+            except Exception:
+                pass
+            self._open()
 
     def _migrate(self) -> None:
         con = self.con
