@@ -211,6 +211,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     else:
         print(f"recorder pid {st['pid']} for {args.db}: {st['written']} records written this run, "
               f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped; {st['proxies']} proxy process(es) connected")
+        if st.get("export_dropped"):
+            print(f"OTLP export: {st['export_dropped']} spans and log records dropped (the endpoint was slow or down; "
+                  "the store has them all)")
         if st.get("store_error"):
             print(f"the store cannot be written: {st['store_error']}")
 

@@ -171,3 +171,32 @@ def test_a_full_disk_keeps_the_gateway_serving_and_the_records_waiting(tmp_path,
             gw.stop()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_hanging_endpoint_fills_a_bounded_queue_that_counts_its_drops(tmp_path, pki, upstream):
+    """The export queue is bounded; what it drops is counted and shown; the store still has every record."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_lifecycle import HangingEndpoint
+
+    hang = HangingEndpoint()
+    docs = [gateway_doc(endpoint=hang.endpoint, aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0])),
+            *agent_docs(), route("r", ["allowed.test"])]
+    gw = Gateway(tmp_path, docs, env={"CLRK_OTLP_QUEUE_SIZE": "20"}).start()
+    try:
+        i = inv()
+        with gw.client() as c:
+            assert [c.get(f"https://allowed.test/json/{n}", headers={"clrk-invocation-id": i}).status_code for n in range(120)] == [200] * 120
+        clrk = str(Path(sys.executable).parent / "clrk")
+        deadline = time.monotonic() + 10
+        while (st := json.loads(subprocess.run([clrk, "status", "--db", str(gw.db), "--json"], capture_output=True, text=True,
+                                               check=True).stdout))["export_dropped"] == 0:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        assert st["export_dropped"] > 0 and st["dropped"] == 0
+        assert len(gw.records(invocation=i)) == 120
+    finally:
+        gw.stop()
+        hang.close()

@@ -138,7 +138,10 @@ class Recorder:
                 elif t == "config":
                     self.redact_headers = self.redact_headers | frozenset(msg.get("redact_headers") or ())
                     self.redact_query = self.redact_query | frozenset(msg.get("redact_query") or ())
-                    await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "")
+                    try:
+                        await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "")
+                    except Exception:  # export is best effort: the store keeps working without it
+                        log.exception("cannot set up OTLP export")
                 elif t == "flush":
                     await self.flush()
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped}))
@@ -164,6 +167,7 @@ class Recorder:
                     await self.flush()
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped,
                                        "seq": self.store.next_seq - 1, "unwritten": len(self.unwritten),
+                                       "export_dropped": self.exporter.dropped(),
                                        "store_error": self.store_error,
                                        "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid()}))
                 elif t == "shutdown":
