@@ -200,3 +200,28 @@ def test_a_hanging_endpoint_fills_a_bounded_queue_that_counts_its_drops(tmp_path
     finally:
         gw.stop()
         hang.close()
+
+
+def test_an_upstream_that_never_answers_is_cut_after_the_idle_timeout(tmp_path, pki, upstream):
+    """mitmproxy's tcp_timeout (600 s by default, 2 s here) ends an upstream that went silent: the agent gets
+    an error instead of waiting forever, and the transaction is recorded with its error. (mitmproxy closes
+    the client side on inactivity, so the error reads client_disconnected; the log says "inactivity".)"""
+    import httpx
+
+    def silent(h, seen):
+        time.sleep(8)
+
+    upstream.handlers["silent"] = silent
+    docs = [gateway_doc(aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0])), *agent_docs(), route("r", ["allowed.test"])]
+    gw = Gateway(tmp_path, docs, mitmproxy_args=["--set", "tcp_timeout=2"]).start()
+    try:
+        i = inv()
+        t0 = time.monotonic()
+        with gw.client() as c, pytest.raises(httpx.HTTPError):
+            c.get("https://allowed.test/handler/silent", headers={"clrk-invocation-id": i})
+        assert time.monotonic() - t0 < 6
+        rec = gw.wait_record(invocation=i)
+        assert rec[A.ERROR_TYPE] == "client_disconnected" and rec[A.CLRK_DURATION_MS] >= 1900
+        assert "Closing connection due to inactivity" in gw.log()
+    finally:
+        gw.stop()
