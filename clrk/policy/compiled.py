@@ -146,10 +146,6 @@ class ProviderRule:
     backends: tuple[tuple[BackendTarget, int], ...]  # (backend, weight)
     budget: BudgetConfig | None
 
-    @property
-    def route_ref(self) -> str:
-        return self.ref.split("#", 1)[0]
-
 
 @dataclass(frozen=True, slots=True)
 class Injection:
