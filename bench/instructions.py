@@ -1,0 +1,117 @@
+"""Instructions per request, bare mitmdump vs the clrk proxy, counted by valgrind's callgrind.
+
+    .venv/bin/python bench/instructions.py [--requests 300]
+
+Throughput on this shared 2-core machine moves ±5% between runs, which hides the effect of most single
+changes to the hot path. Instruction counts do not move: each proxy runs under callgrind, the counters are
+zeroed after a warm-up, N sequential requests are made, and the instructions counted in that window are
+divided by N. (It measures work, not time: cache misses and the like are not in it. Use it to compare
+versions of clrk; use bench.py for the ratios of the contract.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench as B  # noqa: E402
+
+
+def counted(argv: list[str], proxy: str, url: str, requests: int, out: Path, warmup: int = 50) -> float:
+    """Runs `argv` under callgrind; returns instructions per request over `requests` requests."""
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+                            cwd=B.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port = int(proxy.rsplit(":", 1)[1])
+        B.wait_port(port, timeout=300)
+        hey = B.ensure_hey()
+        B.run_hey(hey, proxy, url, 1, n=warmup)  # TLS set-up, caches, the recorder started
+        time.sleep(1)
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        B.run_hey(hey, proxy, url, 1, n=requests)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    # callgrind_control -d writes `<out>.1` (the window measured); `<out>` is written at exit (the rest).
+    window = Path(str(out) + ".1")
+    if keep := os.environ.get("CLRK_KEEP_CALLGRIND"):  # a directory to keep the window's profile in
+        shutil.copy(window, Path(keep) / (out.stem + ".callgrind"))
+    text = window.read_text(errors="replace")
+    totals = re.search(r"^summary:\s+(\d+)", text, re.M) or re.search(r"^totals:\s+(\d+)", text, re.M)
+    return int(totals.group(1)) / requests
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--script", default=str(B.REPO / "addons" / "clrk.py"),
+                    help="the addon script clrk runs with (to compare a variant with the product)")
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare mitmdump count")
+    args = ap.parse_args()
+    if not shutil.which("valgrind"):
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="clrk-instr-") as d:
+        tmp = Path(d)
+        ca, server_pem = B.make_upstream_pki(tmp / "pki", ["localhost"])
+        up_port, sink = B.free_port(), B.free_port()
+        up = subprocess.Popen([sys.executable, str(B.REPO / "bench" / "upstream.py"), str(server_pem), str(up_port)])
+        otlp = subprocess.Popen([sys.executable, str(B.REPO / "bench" / "otlp_sink.py"), str(sink)])
+        try:
+            B.wait_port(up_port)
+            url = f"https://localhost:{up_port}/v1/chat/completions"
+            bare_port = B.free_port()
+            bare = 0.0 if args.no_bare else counted([str(B.BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(bare_port),
+                            "--set", "ssl_insecure=true", "--set", f"confdir={tmp / 'bare-certs'}"],
+                           f"http://127.0.0.1:{bare_port}", url, args.requests, tmp / "bare.cg")
+            pol = tmp / "pol"
+            pol.mkdir()
+            (pol / "p.yaml").write_text(f"""
+kind: EgressGateway
+metadata: {{name: bench}}
+spec: {{otlp: {{endpoint: "http://127.0.0.1:{sink}"}}, upstreamTLS: {{caBundle: {ca}}}}}
+---
+kind: Agent
+metadata: {{name: bench, namespace: team-a}}
+spec: {{credentials: {{tokenSha256: {hashlib.sha256(B.TOKEN.encode()).hexdigest()}}}}}
+---
+kind: Backend
+metadata: {{name: bench-llm}}
+spec: {{schema: {{name: openai}}, upstream: {{host: localhost, port: {up_port}}}}}
+---
+kind: AIProviderRoute
+metadata: {{name: bench, namespace: team-a}}
+spec:
+  rules:
+  - matches: [{{provider: bench-llm}}]
+    filters: [{{type: TokenBudget, tokenBudget: {{maxTokensPerDay: 1000000000000}}}}]
+""")
+            clrk_port = B.free_port()
+            clrk = counted([str(B.BIN / "mitmdump"), "-s", args.script, "--listen-host", "127.0.0.1",
+                            "-p", str(clrk_port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={tmp / 'data' / 'clrk.duckdb'}",
+                            "--set", f"clrk_certs={tmp / 'certs'}"],
+                           f"http://team-a.bench:{B.TOKEN}@127.0.0.1:{clrk_port}", url, args.requests, tmp / "clrk.cg")
+        finally:
+            up.terminate()
+            otlp.terminate()
+    print(f"instructions per request over {args.requests} sequential requests (proxy process only):")
+    if bare:
+        print(f"  bare mitmdump  {bare / 1e6:8.3f} M")
+        print(f"  clrk           {clrk / 1e6:8.3f} M   (+{(clrk - bare) / 1e6:.3f} M, {clrk / bare:.3f}x)")
+    else:
+        print(f"  clrk ({Path(args.script).name})  {clrk / 1e6:8.3f} M")
+
+
+if __name__ == "__main__":
+    main()
