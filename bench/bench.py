@@ -152,28 +152,8 @@ class Stack:
         slug = name.replace(" ", "-")
         pol = self.tmp / f"policies-{slug}"
         pol.mkdir()
-        (pol / "bench.yaml").write_text(f"""
-kind: EgressGateway
-metadata: {{name: bench}}
-spec:
-  otlp: {{endpoint: "{endpoint}"}}
-  upstreamTLS: {{caBundle: {self.ca}}}
----
-kind: Agent
-metadata: {{name: bench, namespace: team-a}}
-spec: {{kind: BenchAgent, credentials: {{tokenSha256: {hashlib.sha256(TOKEN.encode()).hexdigest()}}}}}
----
-kind: Backend
-metadata: {{name: bench-llm}}
-spec: {{schema: {{name: openai}}, upstream: {{host: localhost, port: {self.upstream_port}}}}}
----
-kind: AIProviderRoute
-metadata: {{name: bench, namespace: team-a}}
-spec:
-  rules:
-  - matches: [{{provider: bench-llm}}]
-    filters: [{{type: TokenBudget, tokenBudget: {{maxTokensPerDay: 1000000000000}}}}]
-""")
+        write_policy(pol, endpoint, self.ca, self.upstream_port)
+
         db = self.tmp / f"data-{slug}" / "clrk.duckdb"
         port = free_port()
         self._spawn([str(BIN / "mitmdump"), "-s", str(REPO / "addons" / "clrk.py"), "--listen-host", "127.0.0.1",
@@ -203,6 +183,33 @@ spec:
 
     def pid(self, name: str) -> int:
         return self.pids[name.replace(" ", "-")]
+
+
+def write_policy(directory: Path, otlp_endpoint: str, ca: Path, upstream_port: int) -> None:
+    """The gateway under test: the upstream is an OpenAI-schema Backend behind an AIProviderRoute with a
+    TokenBudget, so each call is authenticated, decided on its model, budgeted and parsed."""
+    (directory / "bench.yaml").write_text(f"""
+kind: EgressGateway
+metadata: {{name: bench}}
+spec:
+  otlp: {{endpoint: "{otlp_endpoint}"}}
+  upstreamTLS: {{caBundle: {ca}}}
+---
+kind: Agent
+metadata: {{name: bench, namespace: team-a}}
+spec: {{kind: BenchAgent, credentials: {{tokenSha256: {hashlib.sha256(TOKEN.encode()).hexdigest()}}}}}
+---
+kind: Backend
+metadata: {{name: bench-llm}}
+spec: {{schema: {{name: openai}}, upstream: {{host: localhost, port: {upstream_port}}}}}
+---
+kind: AIProviderRoute
+metadata: {{name: bench, namespace: team-a}}
+spec:
+  rules:
+  - matches: [{{provider: bench-llm}}]
+    filters: [{{type: TokenBudget, tokenBudget: {{maxTokensPerDay: 1000000000000}}}}]
+""")
 
 
 def count_rows(db: Path) -> int:

@@ -12,7 +12,6 @@ versions of clrk; use bench.py for the ratios of the contract.)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -77,26 +76,7 @@ def main() -> None:
                            f"http://127.0.0.1:{bare_port}", url, args.requests, tmp / "bare.cg")
             pol = tmp / "pol"
             pol.mkdir()
-            (pol / "p.yaml").write_text(f"""
-kind: EgressGateway
-metadata: {{name: bench}}
-spec: {{otlp: {{endpoint: "http://127.0.0.1:{sink}"}}, upstreamTLS: {{caBundle: {ca}}}}}
----
-kind: Agent
-metadata: {{name: bench, namespace: team-a}}
-spec: {{credentials: {{tokenSha256: {hashlib.sha256(B.TOKEN.encode()).hexdigest()}}}}}
----
-kind: Backend
-metadata: {{name: bench-llm}}
-spec: {{schema: {{name: openai}}, upstream: {{host: localhost, port: {up_port}}}}}
----
-kind: AIProviderRoute
-metadata: {{name: bench, namespace: team-a}}
-spec:
-  rules:
-  - matches: [{{provider: bench-llm}}]
-    filters: [{{type: TokenBudget, tokenBudget: {{maxTokensPerDay: 1000000000000}}}}]
-""")
+            B.write_policy(pol, f"http://127.0.0.1:{sink}", ca, up_port)
             clrk_port = B.free_port()
             clrk = counted([str(B.BIN / "mitmdump"), "-s", args.script, "--listen-host", "127.0.0.1",
                             "-p", str(clrk_port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={tmp / 'data' / 'clrk.duckdb'}",
