@@ -1,4 +1,4 @@
-"""clrk's mitmproxy addons, one job each, composed in `clrk.mitmaddon.addons`:
+"""clrk's steps, one job each, run in this order by the one addon mitmproxy sees (`clrk.mitmaddon.Gateway`):
 
   PolicyLoader     options, policy load and hot reload, the mitmproxy settings clrk relies on
   ProxyAuth        who is asking, and for where (Proxy-Authorization on CONNECT or per request)
@@ -10,8 +10,9 @@
   Recording        one record per transaction, handed to the recorder process
   Failsafe         last: nothing goes upstream without an allow decision, whatever failed above
 
-The data path reads top to bottom in that order; the addons share one `Runtime` and, per request, the
-`Transaction` in `flow.metadata`.
+The data path reads top to bottom in that order; the steps share one `Runtime` and, per request, the
+`Transaction` in `flow.metadata`. Each keeps mitmproxy's hook names and signatures; a step that must wait
+returns an awaitable instead of being a coroutine function (the hot path stays plain calls).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import certifi
@@ -394,16 +396,16 @@ class EgressControl:
             req.headers["traceparent"] = tx.trace.traceparent()
         self.rt.allow(flow.client_conn, req.host, req.port)
 
-    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> Awaitable[None] | None:
         addr = data.server.address
         if addr is None:
-            return
+            return None
         if addr not in self.rt.allowed.get(data.client.id, ()):
             # Defence in depth: whatever path led here (raw TCP in a tunnel, a protocol upgrade we did not
             # judge), no decision allowed this destination.
             data.server.error = f"clrk: connection to {addr[0]}:{addr[1]} is not allowed by policy"
             log.warning("clrk: blocked an upstream connection to %s:%s that no decision allowed", *addr)
-            return
+            return None
         policy = self.rt.policy
         gateway = policy.gateway_for_port(listener_port(data.client)) if policy else None
         alias = gateway.host_aliases.get(norm_host(addr[0])) if gateway else None
@@ -419,7 +421,8 @@ class EgressControl:
             self.rt.aliased[data.server] = addr
             data.server.address = alias
         elif policy is not None and policy.denied_ips and canonical_ip(addr[0]) is None:
-            await self._check_resolution(data, policy, addr)
+            return self._check_resolution(data, policy, addr)  # the one step that waits (a DNS lookup)
+        return None
 
     async def _check_resolution(self, data: server_hooks.ServerConnectionHookData, policy: CompiledPolicy,
                                 addr: tuple[str, int]) -> None:
@@ -610,8 +613,8 @@ class Recording:
 
 
 class Failsafe:
-    """The last word before a request leaves. If an addon above raised (mitmproxy logs it and carries on
-    with the next addon), the request may lack the decision it needs: it is denied then, never let through."""
+    """The last word before a request leaves. If a step above raised (`Gateway` logs it and carries on with
+    the next step), the request may lack the decision it needs: it is denied then, never let through."""
 
     name = "clrk_failsafe"
 

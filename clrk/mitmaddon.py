@@ -1,25 +1,151 @@
-"""The addons mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`), in data-path order.
+"""The one addon mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`): `Gateway`, which runs clrk's
+steps (clrk.addons, clrk.routing) in data-path order.
 
-They are separate top-level addons on purpose: mitmproxy runs each one's hook under its own error guard, so
-an exception in one (a parser meeting hostile input, say) cannot skip the others' hooks — and `Failsafe`,
-last, denies any request that reached the upstream side without an allow decision. (Children of a single
-parent addon would share one guard and measurably save nothing: docs/PERFORMANCE.md.)
+Why one addon and not nine: mitmproxy looks every hook up on every addon for every event (requestheaders,
+request, responseheaders, response, and an `update` after each), so each top-level addon costs a traversal,
+a getattr and an error guard per event whether it implements the hook or not. With nine addons that was
+≈ 6% of the proxy's instructions per request (bench/instructions.py; docs/PERFORMANCE.md). `Gateway`
+calls only the steps a hook has, straight from a tuple.
+
+Each step still runs under its own error guard, as mitmproxy would run a top-level addon: an exception in
+one (a parser meeting hostile input, say) is logged and cannot skip the others — and `Failsafe`, last,
+denies any request that reached the upstream side without an allow decision.
 """
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from clrk.addons import Capture, EgressControl, Failsafe, PolicyLoader, Providers, ProxyAuth, Recording
 from clrk.routing import Credentials, ProviderRouting
 from clrk.runtime import Runtime
 
-_runtime = Runtime()
+log = logging.getLogger("clrk")
 
-addons = [
-    PolicyLoader(_runtime),
-    ProxyAuth(_runtime),
-    Providers(_runtime),
-    EgressControl(_runtime),
-    ProviderRouting(_runtime),
-    Credentials(_runtime),
-    Capture(_runtime),
-    Recording(_runtime),
-    Failsafe(_runtime),
-]
+Step = Callable[[Any], Awaitable[None] | None]
+
+
+def run_steps(hook: str, steps: Sequence[Step], arg: Any) -> Awaitable[None] | None:
+    """Runs the steps in order, each under its own guard. Steps are plain functions; one that has to wait
+    returns an awaitable, and the rest then run after it (mitmproxy awaits what a hook returns)."""
+    for i, step in enumerate(steps):
+        try:
+            pending = step(arg)
+        except Exception:
+            _failed(hook, step)
+            continue
+        if pending is not None:
+            return _finish(hook, pending, step, steps[i + 1:], arg)
+    return None
+
+
+async def _finish(hook: str, pending: Awaitable[None], step: Step, rest: Sequence[Step], arg: Any) -> None:
+    try:
+        await pending
+    except Exception:
+        _failed(hook, step)
+    for step in rest:
+        try:
+            pending = step(arg)
+            if pending is not None:
+                await pending
+        except Exception:
+            _failed(hook, step)
+
+
+def _failed(hook: str, step: Step) -> None:
+    owner = getattr(step, "__self__", None)
+    name = type(owner).__name__ if owner is not None else getattr(step, "__qualname__", repr(step))
+    log.error("clrk: %s.%s raised; the following steps still run", name, hook, exc_info=True)
+
+
+class Gateway:
+    """clrk inside mitmproxy. The steps, in data-path order:
+
+      PolicyLoader     options, policy load and hot reload, the mitmproxy settings clrk relies on
+      ProxyAuth        who is asking, and for where (Proxy-Authorization on CONNECT or per request)
+      Providers        model-provider calls recognised and parsed (gen_ai.* attributes, usage)
+      EgressControl    the decision; denials answered here; the last guard before any upstream connection
+      ProviderRouting  token budgets and Backends of the matched AIProviderRoute rule
+      Credentials      provider keys injected on the upstream request
+      Capture          bounded body capture on the pass-through (feeds the provider parser)
+      Recording        one record per transaction, handed to the recorder process
+      Failsafe         last: nothing goes upstream without an allow decision, whatever failed above
+    """
+
+    name = "clrk"
+
+    def __init__(self, rt: Runtime | None = None):
+        self.rt = rt = rt or Runtime()
+        self.policy = PolicyLoader(rt)
+        self.auth = ProxyAuth(rt)
+        self.providers = Providers(rt)
+        self.egress = EgressControl(rt)
+        self.routing = ProviderRouting(rt)
+        self.credentials = Credentials(rt)
+        self.capture = Capture(rt)
+        self.recording = Recording(rt)
+        self.failsafe = Failsafe(rt)
+        steps = (self.policy, self.auth, self.providers, self.egress, self.routing, self.credentials, self.capture,
+                 self.recording, self.failsafe)
+        self.steps: dict[str, tuple[Step, ...]] = {
+            hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None)))
+            for hook in ("client_disconnected", "http_connect", "requestheaders", "request", "responseheaders",
+                         "response", "error", "server_connect", "server_connected", "server_connect_error")
+        }
+        (self._client_disconnected, self._http_connect, self._requestheaders, self._request, self._responseheaders,
+         self._response, self._error, self._server_connect, self._server_connected,
+         self._server_connect_error) = self.steps.values()
+
+    # Lifecycle: errors here must reach mitmproxy (an invalid policy at start-up stops the gateway).
+
+    def load(self, loader) -> None:
+        self.policy.load(loader)
+
+    def configure(self, updated: set[str]) -> None:
+        self.policy.configure(updated)
+
+    async def running(self) -> None:
+        self.policy.running()
+        await self.recording.running()
+
+    async def done(self) -> None:
+        self.policy.done()
+        await self.recording.done()
+
+    # Traffic: one guard per step.
+
+    def client_disconnected(self, client):
+        return run_steps("client_disconnected", self._client_disconnected, client)
+
+    def http_connect(self, flow):
+        return run_steps("http_connect", self._http_connect, flow)
+
+    def requestheaders(self, flow):
+        return run_steps("requestheaders", self._requestheaders, flow)
+
+    def request(self, flow):
+        return run_steps("request", self._request, flow)
+
+    def responseheaders(self, flow):
+        return run_steps("responseheaders", self._responseheaders, flow)
+
+    def response(self, flow):
+        return run_steps("response", self._response, flow)
+
+    def error(self, flow):
+        return run_steps("error", self._error, flow)
+
+    def server_connect(self, data):
+        return run_steps("server_connect", self._server_connect, data)
+
+    def server_connected(self, data):
+        return run_steps("server_connected", self._server_connected, data)
+
+    def server_connect_error(self, data):
+        return run_steps("server_connect_error", self._server_connect_error, data)
+
+
+addons = [Gateway()]

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import re
+from collections.abc import Awaitable
 
 from mitmproxy import http
 
@@ -42,19 +43,35 @@ class ProviderRouting:
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # Decided on the headers already: a provider call whose body is streamed (huge or chunked).
-        await self._apply(flow)
+        return self._apply(flow)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        await self._apply(flow)
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        return self._apply(flow)
 
-    async def _apply(self, flow: http.HTTPFlow) -> None:
+    def _apply(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Plain function on the hot path; only right after start, while today's usage is still being read
+        from the store, does a budgeted call wait (it then returns the awaitable that finishes the job)."""
         found = _allowed_provider_call(flow)
         if found is None or found[0].routed:
-            return
+            return None
         tx, rule = found
         tx.routed = True
+        if rule.budget is not None and not self.rt.ledger.loaded:
+            return self._apply_when_loaded(flow, tx, rule)
+        self._route_call(flow, tx, rule)
+        return None
+
+    async def _apply_when_loaded(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
+        ledger = self.rt.ledger
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEDGER_WAIT_SECONDS
+        while not ledger.loaded and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        self._route_call(flow, tx, rule)
+
+    def _route_call(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
         try:
             if rule.budget is not None:
                 if not request_is_buffered(tx.req_h or {}, provider=True):
@@ -63,7 +80,7 @@ class ProviderRouting:
                     self._deny(flow, tx, Decision(False, rule.ref, "requests to a budgeted route need a "
                                                   "Content-Length body of at most 32 MiB", 413))
                     return
-                if not await self._admit(flow, tx, rule):
+                if not self._admit(flow, tx, rule):
                     return
             backend = self._route(flow, tx, rule) if rule.backends else None
             if tx.genai is not None:
@@ -72,15 +89,10 @@ class ProviderRouting:
             if tx.genai is not None:
                 tx.genai.request_doc = None  # the body has been read and possibly rewritten: let it go
 
-    async def _admit(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> bool:
+    def _admit(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> bool:
         budget = rule.budget
         assert budget is not None
         ledger = self.rt.ledger
-        if not ledger.loaded:
-            # Right after start the day's usage is still being read from the store.
-            deadline = asyncio.get_running_loop().time() + LEDGER_WAIT_SECONDS
-            while not ledger.loaded and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.02)
         pool = rule.ref + (f"/agent:{tx.agent.ref}" if budget.per_agent and tx.agent else "")
         tx.budget_pool, tx.budget_max = pool, budget.max_tokens_per_day
         if not ledger.loaded:

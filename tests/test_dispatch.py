@@ -1,0 +1,126 @@
+"""`Gateway`, the one addon mitmproxy sees, runs clrk's steps each under its own guard: a step that raises is
+logged and cannot skip the steps after it, and the last one (Failsafe) then denies the request rather than let
+it leave without a decision. A step that has to wait returns an awaitable; the rest run after it, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+
+from mitmproxy.test import tflow
+from pydantic import TypeAdapter
+
+from clrk import mitmaddon
+from clrk.addons import EgressControl, Providers
+from clrk.mitmaddon import Gateway, run_steps
+from clrk.policy.compiled import compile_documents
+from clrk.policy.loader import SourcedDocument
+from clrk.policy.models import Document
+from clrk.transaction import METADATA_KEY
+
+
+def _policy(allow_host: str):
+    docs = [
+        {"kind": "EgressGateway", "metadata": {"name": "gw"}, "spec": {}},
+        {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-a"},
+         "spec": {"credentials": {"tokenSha256": hashlib.sha256(b"tok").hexdigest()}}},
+        {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": [allow_host]}},
+    ]
+    a = TypeAdapter(Document)
+    return compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+
+
+def _flow(host: str):
+    f = tflow.tflow()
+    f.request.host, f.request.port, f.request.scheme = host, 443, "https"
+    f.request.headers["host"] = host
+    f.request.headers["proxy-authorization"] = "Basic " + base64.b64encode(b"team-a.bot:tok").decode()
+    return f
+
+
+def test_an_allowed_request_passes_every_step():
+    g = Gateway()
+    g.rt.policy = _policy("example.com")
+    f = _flow("example.com")
+    assert g.requestheaders(f) is None and g.request(f) is None
+    assert f.response is None
+    assert f.metadata[METADATA_KEY].decision.allow
+
+
+def test_a_step_that_raises_is_logged_and_the_request_is_denied_not_let_through(monkeypatch, caplog):
+    def broken(self, flow):
+        raise RuntimeError("decision step blew up")
+
+    monkeypatch.setattr(EgressControl, "requestheaders", broken)
+    g = Gateway()
+    g.rt.policy = _policy("example.com")
+    f = _flow("example.com")
+    with caplog.at_level(logging.ERROR, logger="clrk"):
+        g.requestheaders(f)
+    # The steps after the broken one still ran: Failsafe refused the request with the contract's JSON body.
+    assert f.response is not None and f.response.status_code == 500
+    assert "could not decide" in json.loads(f.response.content)["error"]
+    assert any("EgressControl.requestheaders raised" in r.getMessage() for r in caplog.records)
+    assert any("had no decision" in r.getMessage() for r in caplog.records)
+
+
+def test_a_raising_step_in_the_body_hook_cannot_skip_the_failsafe_either(monkeypatch):
+    def broken(self, flow):
+        raise ValueError("body step blew up")
+
+    monkeypatch.setattr(EgressControl, "request", broken)
+    g = Gateway()
+    g.rt.policy = _policy("example.com")
+    f = _flow("example.com")
+    assert g.requestheaders(f) is None and f.response is None
+    # Simulate a decision that was left for the body (a provider call) and then never made.
+    f.metadata[METADATA_KEY].decision = None
+    g.request(f)
+    assert f.response is not None and f.response.status_code == 500
+
+
+def test_an_earlier_step_that_raises_does_not_stop_the_decision(monkeypatch):
+    def broken(self, flow):
+        raise KeyError("provider detection blew up")
+
+    monkeypatch.setattr(Providers, "requestheaders", broken)
+    g = Gateway()
+    g.rt.policy = _policy("example.com")
+    f = _flow("evil.example.net")
+    g.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 403  # the policy's own denial, still made
+
+
+def test_a_waiting_step_runs_the_rest_after_it_in_order():
+    order: list[str] = []
+
+    async def slow(arg):
+        order.append("slow:start")
+        await asyncio.sleep(0.01)
+        order.append("slow:end")
+
+    def raises_async(arg):
+        async def fail():
+            raise RuntimeError("late failure")
+        return fail()
+
+    def plain(name):
+        def step(arg):
+            order.append(name)
+        return step
+
+    pending = run_steps("request", [plain("a"), slow, raises_async, plain("b")], None)
+    assert order == ["a"] and pending is not None  # nothing after the waiting step has run yet
+    asyncio.run(pending)
+    assert order == ["a", "slow:start", "slow:end", "b"]
+    assert run_steps("request", [plain("c")], None) is None
+
+
+def test_mitmproxy_sees_one_addon_with_the_hooks_clrk_uses():
+    assert [type(a) for a in mitmaddon.addons] == [Gateway]
+    g = mitmaddon.addons[0]
+    assert [s.__qualname__ for s in g.steps["requestheaders"]][-1] == "Failsafe.requestheaders"
+    assert [s.__qualname__ for s in g.steps["request"]][-1] == "Failsafe.request"
