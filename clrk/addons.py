@@ -344,8 +344,12 @@ class EgressControl:
         host_header = req.host_header if (req.is_http2 or req.is_http3) else h.get("host")
         if host_header:
             default_port = 443 if client.tls_established or req.scheme == "https" else 80
-            if host_header == tx.dst_name:  # the common case, without parsing
+            dst = tx.dst_name
+            if host_header == dst:  # the common cases, without parsing
                 authority, authority_port = host_header, default_port
+            elif (":" not in dst and host_header.startswith(dst) and host_header[len(dst)] == ":"
+                  and (p := host_header[len(dst) + 1:]).isdigit() and p.isascii() and len(p) <= 5):
+                authority, authority_port = dst, int(p)
             else:
                 try:
                     a_host, a_port = mitm_url.parse_authority(host_header, check=False)

@@ -40,12 +40,18 @@ class BudgetLedger:
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.day = utc_day(clock())
+        self._day_bounds = (day_start(self.day), day_start(self.day + dt.timedelta(days=1)))
         self.used: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
         self.loaded = False
 
     def _roll(self) -> dt.date:
-        today = utc_day(self.clock())
+        now = self.clock()
+        start, end = self._day_bounds
+        if start <= now < end:  # on every admission and settlement: two float compares, no datetime
+            return self.day
+        today = utc_day(now)
+        self._day_bounds = (day_start(today), day_start(today + dt.timedelta(days=1)))
         if today != self.day:
             self.day = today
             self.used = {}
