@@ -111,15 +111,23 @@ def session(tmp_path_factory, pki, upstream):
             route("ok", hosts, sourceAgents={"namespaces": ["team-a"]}),
             {"kind": "AIProviderRoute", "metadata": {"name": "llm", "namespace": "team-a"},
              "spec": {"rules": [{"matches": [{"provider": "openai"}],
-                                 "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 100000}}]}]}}]
+                                 "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 100000}}]}]}},
+            {"kind": "CredentialInjectionPolicy", "metadata": {"name": "llm-key", "namespace": "team-a"},
+             "spec": {"targetRefs": [{"kind": "AIProviderRoute", "name": "llm"}],
+                      "target": {"type": "Header", "name": "Authorization", "prefix": "Bearer "},
+                      "secretRef": {"env": "CLRK_TEST_TUI_INJECTED_KEY"}}}]
     import yaml
 
     (d / "policies").mkdir()
     (d / "policies" / "p.yaml").write_text(yaml.safe_dump_all(docs))
     os.environ.setdefault("CLRK_TEST_REVIEWER_TOKEN", "tok-reviewer-9876543210")
+    os.environ["CLRK_TEST_TUI_INJECTED_KEY"] = INJECTED_KEY
     s = DevSession(str(d / "policies"), str(d / "data" / "clrk.duckdb"), str(d / "certs"), [free_port()], otlp_port=free_port()).start()
     yield s
     s.stop()
+
+
+INJECTED_KEY = "sk-injected-TUI-SECRET-7"
 
 
 def _client(s: DevSession) -> httpx.Client:
@@ -277,3 +285,60 @@ def test_clrk_ca_says_how_to_trust_and_proxy(tmp_path):
     key = tmp_path / "certs" / "mitmproxy-ca.pem"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     assert base64.b64encode(key.read_bytes()[:40]).decode()[:20] not in out
+
+
+def test_the_tui_never_shows_a_secret(session, upstream):
+    """Every secret an agent sends or the gateway injects, searched for in everything the TUI can show: each
+    pane's table, the detail view of every record, span and log record, and the rendered screen."""
+    inv = f"inv-{uuid.uuid4().hex[:8]}"
+    sent = {
+        "authorization": "Bearer sk-agent-TUI-SECRET-1",
+        "x-api-key": "xak-TUI-SECRET-2",
+        "x-goog-api-key": "goog-TUI-SECRET-3",
+        "cookie": "sid=cookie-TUI-SECRET-4",
+    }
+    needles = [*sent.values(), "query-TUI-SECRET-5", INJECTED_KEY, AGENT_TOKEN]
+
+    def traffic() -> None:
+        with _client(session) as c:
+            c.get("https://allowed.test/json/tui-secret?key=query-TUI-SECRET-5&x=1", headers={**sent, "clrk-invocation-id": inv})
+            c.post("https://api.openai.com/v1/chat/completions", headers={"clrk-invocation-id": inv, **sent},
+                   json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        # The injected key reached the provider: it is a real secret in this session, not an absent one.
+        assert any(r.headers.get("authorization") == f"Bearer {INJECTED_KEY}"
+                   for r in upstream.requests_to("/v1/chat/completions"))
+
+    app = DevApp(RecordFeed(session.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status)
+    seen: list[str] = []
+
+    def table_text(table: DataTable) -> str:
+        return "\n".join(" ".join(str(c) for c in table.get_row_at(i)) for i in range(table.row_count))
+
+    async def drive():
+        async with app.run_test(size=(220, 60)) as pilot:
+            await asyncio.to_thread(traffic)
+            await pilot.press("slash", *inv, "enter")
+            for tab, table_id in (("1", "#records-table"), ("2", "#traces-table"), ("3", "#logs-table")):
+                await pilot.press(tab)
+                table = app.query_one(table_id, DataTable)
+                await _until(pilot, lambda t=table: t.row_count >= 2)  # this invocation's two transactions
+                seen.append(table_text(table))
+                seen.append(app.export_screenshot())
+                for row in range(table.row_count):
+                    table.focus()
+                    table.move_cursor(row=row)
+                    await pilot.press("enter")
+                    await _until(pilot, lambda: isinstance(app.screen, DetailScreen))
+                    seen.append(str(app.screen.query_one("#detail-body", Static).content))
+                    seen.append(app.export_screenshot())
+                    await pilot.press("escape")
+            await pilot.press("4")
+            await pilot.pause(0.5)
+            seen.append(table_text(app.query_one("#spend-table", DataTable)))
+            seen.append(app.export_screenshot())
+
+    asyncio.run(drive())
+    everything = "\n".join(seen)
+    assert "[REDACTED]" in everything and "tui-secret" in everything  # it did show these transactions
+    for n in needles:
+        assert n not in everything, f"{n!r} shown by the TUI"
