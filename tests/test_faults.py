@@ -13,6 +13,7 @@ import pytest
 
 from clrk import attributes as A
 from tests.harness.certs import make_upstream_pki
+from tests.harness.dns import NxDomainServer, resolver_wrapper
 from tests.harness.gateway import Gateway, agent_docs, gateway_doc, route
 from tests.harness.otlp import OtlpReceiver
 from tests.harness.upstream import FakeUpstream
@@ -225,3 +226,34 @@ def test_an_upstream_that_never_answers_is_cut_after_the_idle_timeout(tmp_path, 
         assert "Closing connection due to inactivity" in gw.log()
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("rcode", [3, 2], ids=["nxdomain", "servfail"])
+def test_an_upstream_name_that_does_not_resolve_is_a_clean_502_with_dns_error(tmp_path, pki, rcode):
+    """The gateway resolves through a DNS server on loopback that says the name does not exist (or fails):
+    real resolver, real getaddrinfo, nothing sent off the machine. The agent gets a 502 at once and the
+    record says dns_error."""
+    try:
+        dns = NxDomainServer(rcode=rcode)
+    except OSError as e:
+        pytest.skip(f"cannot bind a DNS server on loopback port 53: {e}")
+    try:
+        wrapper = resolver_wrapper(tmp_path, dns.host)
+        if wrapper is None:
+            pytest.skip("no mount namespace to give the gateway its own resolv.conf")
+        docs = [gateway_doc(aliases={}, ca_bundle=str(pki[0])), *agent_docs(), route("r", ["missing.example.test"])]
+        gw = Gateway(tmp_path / "gw", docs, wrapper=wrapper).start()
+        try:
+            i = inv()
+            t0 = time.monotonic()
+            with gw.client() as c:
+                r = c.get("https://missing.example.test/json/x", headers={"clrk-invocation-id": i})
+            assert r.status_code == 502 and time.monotonic() - t0 < 10
+            rec = gw.wait_record(invocation=i)
+            assert (rec[A.ERROR_TYPE], rec[A.CLRK_DECISION]) == ("dns_error", "allow")
+            assert A.HTTP_RESPONSE_STATUS_CODE not in rec  # no upstream answered; the 502 is the gateway's
+            assert "missing.example.test" in dns.queries  # it was asked, and said no
+        finally:
+            gw.stop()
+    finally:
+        dns.close()

@@ -143,6 +143,10 @@ def test_cross_references_are_checked(tmp_path):
         ("kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: ['bad host']}\n", "'bad host' is not a hostname"),
         ("- just\n- a list\n", "expected a mapping"),
         ("kind: EgressRoute\nmetadata: {name: a\n", "invalid YAML at line"),
+        ("kind: EgressGateway\nmetadata: {name: g}\nspec: {upstreamTLS: {hostAliases: {a.com: '" + "x" * 64 + ".test:443'}}}\n",
+         "labels of at most 63 characters"),
+        ("kind: Backend\nmetadata: {name: b}\nspec: {schema: {name: openai}, upstream: {host: '" + ".".join(["y" * 60] * 5) + "'}}\n",
+         "253 in all"),
         ("apiVersion: v2\nkind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: [a.com]}\n", "apiVersion: must be clrk.apoxy.dev/v1alpha1"),
     ],
 )

@@ -65,8 +65,9 @@ def _check_hostnames(values: list[str]) -> list[str]:
     out = []
     for raw in values:
         h = normalize_hostname(raw)
-        if h != "*" and not _HOSTNAME_RE.match(h) and canonical_ip(h) is None:
-            raise ValueError(f"{raw!r} is not a hostname (exact, '*.suffix' or '*')")
+        if h != "*" and (len(h) > 253 or not _HOSTNAME_RE.match(h)) and canonical_ip(h) is None:
+            raise ValueError(f"{raw!r} is not a hostname (exact, '*.suffix' or '*'; labels of at most 63 "
+                             "characters, 253 in all)")
         out.append(h)
     return out
 
@@ -161,6 +162,16 @@ class UpstreamTLS(Spec):
             m = re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$", target.strip())
             if not m or not 0 < int(m.group(2)) < 65536:
                 raise ValueError(f"{host}: {target!r} must be 'host:port'")
+            dial = m.group(1)
+            if not dial.startswith("["):
+                # A name the resolver cannot even encode (a label over 63 characters) would hang the
+                # connection inside mitmproxy instead of failing it: refuse it here, with its name.
+                try:
+                    (checked,) = _check_hostnames([dial])
+                except ValueError as e:
+                    raise ValueError(f"{host}: {e}") from None
+                if "*" in checked:
+                    raise ValueError(f"{host}: {target!r} must name one host, not a wildcard")
             out[h] = target.strip()
         return out
 

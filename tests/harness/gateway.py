@@ -103,7 +103,7 @@ def deny(name: str, hostnames: list[str], **spec) -> dict:
 
 class Gateway:
     def __init__(self, workdir: Path, docs: list[dict], *, fallback: str = "", env: dict | None = None,
-                 mitmproxy_args: list[str] | None = None):
+                 mitmproxy_args: list[str] | None = None, wrapper: list[str] | None = None):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.policies = self.dir / "policies"
@@ -113,6 +113,7 @@ class Gateway:
         self.port = free_port()
         self.fallback = fallback
         self.mitmproxy_args = list(mitmproxy_args or [])
+        self.wrapper = list(wrapper or [])  # a command the gateway runs under (e.g. in its own mount namespace)
         self.env = {**os.environ, "CLRK_TEST_REVIEWER_TOKEN": OTHER_TOKEN, **(env or {})}
         self.write_policy(docs)
         self.proc: subprocess.Popen | None = None
@@ -133,7 +134,7 @@ class Gateway:
                 "--set", f"clrk_certs={self.certs}"]
         if self.fallback:
             argv += ["--set", f"clrk_dev_otlp_fallback_endpoint={self.fallback}"]
-        argv += self.mitmproxy_args
+        argv = self.wrapper + argv + self.mitmproxy_args
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
