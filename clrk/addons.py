@@ -605,6 +605,14 @@ class Recording:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or tx.recorded:
             return
+        if flow.response is None and flow.error is not None and tx.decision is not None and tx.decision.allow:
+            # mitmproxy ends a connection that stayed silent for tcp_timeout seconds by closing it, and the
+            # flow's error then reads "client disconnected". A request sent upstream that long ago and never
+            # answered is an upstream timeout: say so in the record.
+            sent = flow.request.timestamp_end or flow.request.timestamp_start
+            idle = ctx.options.tcp_timeout
+            if time.time() - sent >= idle * 0.95 and "disconnect" in flow.error.msg.lower():
+                tx.error = f"timeout: the upstream did not answer within {idle} s (tcp_timeout)"
         self.rt.finish(flow, tx)
 
     async def done(self) -> None:

@@ -54,6 +54,7 @@ class Transaction:
     budget_charged: int | None = None
     budget_used: int | None = None
     recorded: bool = False
+    error: str | None = None  # what went wrong, when the gateway knows better than flow.error
     counted: bool = False  # counted in Runtime.in_flight
     req_h: dict[str, str] | None = None  # header_index of the request as the agent sent it
     resp_h: dict[str, str] | None = None  # header_index of the response as the upstream sent it
@@ -124,7 +125,7 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
                                   cfg is not None and cfg.wants(req_ctype), limit),
         "resp_body": _body_summary(tx.resp_capture, resp.raw_content if resp is not None and not resp.stream else None,
                                    cfg is not None and cfg.wants(resp_ctype), limit),
-        "error": flow.error.msg if flow.error is not None else None,
+        "error": tx.error or (flow.error.msg if flow.error is not None else None),
         "upstream": tx.upstream_response,
     }
     if tx.genai is not None:

@@ -205,8 +205,7 @@ def test_a_hanging_endpoint_fills_a_bounded_queue_that_counts_its_drops(tmp_path
 
 def test_an_upstream_that_never_answers_is_cut_after_the_idle_timeout(tmp_path, pki, upstream):
     """mitmproxy's tcp_timeout (600 s by default, 2 s here) ends an upstream that went silent: the agent gets
-    an error instead of waiting forever, and the transaction is recorded with its error. (mitmproxy closes
-    the client side on inactivity, so the error reads client_disconnected; the log says "inactivity".)"""
+    an error instead of waiting forever, and the transaction is recorded with error.type timeout."""
     import httpx
 
     def silent(h, seen):
@@ -222,8 +221,14 @@ def test_an_upstream_that_never_answers_is_cut_after_the_idle_timeout(tmp_path, 
             c.get("https://allowed.test/handler/silent", headers={"clrk-invocation-id": i})
         assert time.monotonic() - t0 < 6
         rec = gw.wait_record(invocation=i)
-        assert rec[A.ERROR_TYPE] == "client_disconnected" and rec[A.CLRK_DURATION_MS] >= 1900
+        assert rec[A.ERROR_TYPE] == "timeout" and rec[A.CLRK_DURATION_MS] >= 1900
         assert "Closing connection due to inactivity" in gw.log()
+        # An agent that gives up by itself before that is not an upstream timeout.
+        i = inv()
+        with httpx.Client(proxy=gw.proxy_url(), verify=gw.ssl_context(), trust_env=False, timeout=0.5) as c:
+            with pytest.raises(httpx.HTTPError):
+                c.get("https://allowed.test/handler/silent", headers={"clrk-invocation-id": i})
+        assert gw.wait_record(invocation=i)[A.ERROR_TYPE] == "client_disconnected"
     finally:
         gw.stop()
 
