@@ -122,12 +122,6 @@ class PolicyLoader:
         if self.rt.sink is not None:
             self.rt.sink.send_config(export_config(policy))
         self.rt.policy = policy
-        for g in policy.gateways:
-            for name in g.passthrough_listeners:
-                log.warning(
-                    "clrk: listener %s of %s asks for TLS Passthrough, which is not implemented yet; its traffic "
-                    "is terminated and judged at L7 (stricter, not looser)", name, g.name,
-                )
 
     def _apply_upstream_trust(self, policy: CompiledPolicy) -> None:
         """caBundle adds to the default trust store: mitmproxy takes one file, so write the union."""

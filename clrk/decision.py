@@ -97,8 +97,10 @@ def decide(
                 403,
             )
 
+    l4 = req.method is None  # a TLS Passthrough tunnel: no method or path to see
     for rule in policy.deny_rules:
-        if rule.matches(agent, req.host, req.port, req.method, req.path):
+        # At L4 a deny rule limited to some methods or paths still denies: what the tunnel will carry is unknown.
+        if rule.matches(agent, req.host, req.port, req.method, req.path, l4):
             return Decision(
                 False, rule.ref, rule.deny_message or f"{_dest(req.host, req.port)} is denied by {rule.ref}", rule.deny_status
             )

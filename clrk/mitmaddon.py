@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from clrk.addons import Capture, EgressControl, Failsafe, PolicyLoader, Providers, ProxyAuth, Recording
+from clrk.passthrough import Passthrough
 from clrk.routing import Credentials, ProviderRouting
 from clrk.runtime import Runtime
 
@@ -66,6 +67,7 @@ class Gateway:
 
       PolicyLoader     options, policy load and hot reload, the mitmproxy settings clrk relies on
       ProxyAuth        who is asking, and for where (Proxy-Authorization on CONNECT or per request)
+      Passthrough      TLS Passthrough listeners: CONNECT decided at L4, ClientHello checked, bytes relayed
       Providers        model-provider calls recognised and parsed (gen_ai.* attributes, usage)
       EgressControl    the decision; denials answered here; the last guard before any upstream connection
       ProviderRouting  token budgets and Backends of the matched AIProviderRoute rule
@@ -81,6 +83,7 @@ class Gateway:
         self.rt = rt = rt or Runtime()
         self.policy = PolicyLoader(rt)
         self.auth = ProxyAuth(rt)
+        self.passthrough = Passthrough(rt)
         self.providers = Providers(rt)
         self.egress = EgressControl(rt)
         self.routing = ProviderRouting(rt)
@@ -88,14 +91,14 @@ class Gateway:
         self.capture = Capture(rt)
         self.recording = Recording(rt)
         self.failsafe = Failsafe(rt)
-        steps = (self.policy, self.auth, self.providers, self.egress, self.routing, self.credentials, self.capture,
+        steps = (self.policy, self.auth, self.passthrough, self.providers, self.egress, self.routing, self.credentials, self.capture,
                  self.recording, self.failsafe)
         self.steps: dict[str, tuple[Step, ...]] = {
             hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None)))
-            for hook in ("client_disconnected", "http_connect", "requestheaders", "request", "responseheaders",
+            for hook in ("client_disconnected", "http_connect", "next_layer", "requestheaders", "request", "responseheaders",
                          "response", "error", "server_connect", "server_connected", "server_connect_error")
         }
-        (self._client_disconnected, self._http_connect, self._requestheaders, self._request, self._responseheaders,
+        (self._client_disconnected, self._http_connect, self._next_layer, self._requestheaders, self._request, self._responseheaders,
          self._response, self._error, self._server_connect, self._server_connected,
          self._server_connect_error) = self.steps.values()
 
@@ -122,6 +125,9 @@ class Gateway:
 
     def http_connect(self, flow):
         return run_steps("http_connect", self._http_connect, flow)
+
+    def next_layer(self, nextlayer):
+        return run_steps("next_layer", self._next_layer, nextlayer)
 
     def requestheaders(self, flow):
         return run_steps("requestheaders", self._requestheaders, flow)

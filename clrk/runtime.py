@@ -29,6 +29,7 @@ class Tunnel:
     host: str
     port: int
     sni: str | None = None  # the client's TLS server name, normalised, once its handshake is done
+    l4: Decision | None = None  # on a TLS Passthrough listener: the decision made on the CONNECT
 
 
 class Runtime:
@@ -77,7 +78,9 @@ class Runtime:
             tx.budget_charged = tx.reservation.tokens if actual is None else actual
             tx.budget_used = self.ledger.settle(tx.reservation, actual)
             tx.reservation = None
-        rec = snapshot(tx, flow)
+        self.submit(snapshot(tx, flow))
+
+    def submit(self, rec: dict) -> None:
         if self.sink is not None:
             self.sink.submit(rec)
         else:  # before the sink started: kept for it

@@ -136,3 +136,32 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
     if tx.budget_pool is not None:
         raw["budget"] = (tx.budget_pool, tx.budget_denied, tx.budget_max, tx.budget_used, tx.budget_charged)
     return raw
+
+
+def snapshot_l4(tx: Transaction, host: str, port: int, end: float, up: int, down: int, error: str | None) -> dict:
+    """The raw facts of a TLS Passthrough tunnel (one record per connection): bytes each way, no L7."""
+    d, a = tx.decision, tx.agent
+    return {
+        "t0": tx.start,
+        "t1": end,
+        "ids": (tx.trace.trace_id, tx.trace.span_id, tx.trace.parent_span_id),
+        "method": "CONNECT",
+        "scheme": None,
+        "host": host,
+        "port": port,
+        "path": "",
+        "status": None,
+        "gateway": tx.gateway.name if tx.gateway is not None else None,
+        "dst": tx.dst_name,
+        "inv": None,
+        "decision": (d.action, d.rule, d.reason) if d is not None else None,
+        "agent": (a.kind, a.namespace, a.name, a.uid, a.revision) if a is not None else None,
+        "rewritten": False,
+        "req_headers": [],
+        "resp_headers": None,
+        "req_body": (up, None, False),
+        "resp_body": (down, None, False),
+        "error": error,
+        "upstream": down > 0,
+        "l4": up,
+    }

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
@@ -80,15 +81,19 @@ class HostRule:
     def matches_host(self, host: str) -> bool:
         return self.any_host or host in self.exact_hosts or host.endswith(self.wildcard_suffixes)
 
-    def matches(self, agent: AgentIdentity, host: str, port: int, method: str | None, path: str | None) -> bool:
+    def matches(self, agent: AgentIdentity, host: str, port: int, method: str | None, path: str | None,
+                l4: bool = False) -> bool:
+        """Whether the rule covers this request. `l4`: only host, port and agent are known (a passthrough
+        tunnel); methods and paths are then ignored — the caller decides what that means for its kind of rule."""
         if not self.matches_host(host):
             return False
         if self.ports and port not in self.ports:
             return False
-        if self.methods and (method is None or method not in self.methods):
-            return False
-        if self.paths and (path is None or not path.startswith(self.paths)):
-            return False
+        if not l4:
+            if self.methods and (method is None or method not in self.methods):
+                return False
+            if self.paths and (path is None or not path.startswith(self.paths)):
+                return False
         return self.agents.matches(agent)
 
 
@@ -185,7 +190,7 @@ class GatewayConfig:
     host_aliases: Mapping[str, tuple[str, int]]
     ca_bundle: str | None
     invocation_header: str
-    passthrough_listeners: tuple[str, ...] = ()
+    passthrough_ports: frozenset[int] = frozenset()  # listeners in TLS Passthrough mode
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,10 @@ class CompiledPolicy:
 
     def listener_ports(self) -> list[int]:
         return sorted({p for g in self.gateways for p in g.ports})
+
+    @cached_property
+    def passthrough_ports(self) -> frozenset[int]:
+        return frozenset(p for g in self.gateways for p in g.passthrough_ports)
 
 
 def _expand_vars(value: str, where: str, problems: list[str], env: Mapping[str, str]) -> str:
@@ -366,7 +375,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 host_aliases=aliases,
                 ca_bundle=ca,
                 invocation_header=g.spec.invocation_header.lower(),
-                passthrough_listeners=tuple(li.name for li in g.spec.listeners if li.tls.mode == "Passthrough"),
+                passthrough_ports=frozenset(li.port for li in g.spec.listeners if li.tls.mode == "Passthrough"),
             )
         )
     if not gateways:

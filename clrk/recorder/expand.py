@@ -19,8 +19,10 @@ def error_type(message: str) -> str:
     m = message.lower()
     if "clrk:" in m and "not allowed" in m:
         return "policy_blocked"
-    if "refused" in m:
+    if "refused" in m or "[errno 111]" in m:  # asyncio says "[Errno 111] Connect call failed (...)"
         return "connection_refused"
+    if "[errno 113]" in m or "[errno 101]" in m:
+        return "host_unreachable"
     if "timed out" in m or "timeout" in m:
         return "timeout"
     if "certificate" in m or "tls" in m or "ssl" in m or "handshake" in m:
@@ -115,6 +117,9 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
     rec[A.CLRK_BODY_TRUNCATED] = bool(req_trunc or resp_trunc)
     rec[A.CLRK_BODY_BYTES] = len(req_body or b"") + len(resp_body or b"")
     rec[A.REQUEST_BODY], rec[A.RESPONSE_BODY], rec[A.CLRK_BODY_B64] = _bodies(req_body, resp_body)
+
+    if "l4" in raw:  # a TLS Passthrough tunnel
+        rec[A.CLRK_L4_BYTES_UPSTREAM] = raw["l4"]
 
     status = raw["status"]
     if raw["error"] is not None:
