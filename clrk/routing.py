@@ -93,7 +93,7 @@ class ProviderRouting:
         budget = rule.budget
         assert budget is not None
         ledger = self.rt.ledger
-        pool = rule.ref + (f"/agent:{tx.agent.ref}" if budget.per_agent and tx.agent else "")
+        pool = rule.pool + (f"/agent:{tx.agent.ref}" if budget.per_agent and tx.agent else "")
         tx.budget_pool, tx.budget_max = pool, budget.max_tokens_per_day
         if not ledger.loaded:
             tx.budget_used = None

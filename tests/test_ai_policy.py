@@ -26,11 +26,11 @@ HOSTS = ["api.openai.com", "llm-b.test", "generativelanguage.googleapis.com", "a
 CATCHALL_KEY = "sk-ant-catchall-SECRET-0042"
 
 
-def docs(pki, upstream, otlp_endpoint: str, secret_file: Path, restart_budget: int = 100) -> list[dict]:
+def docs(pki, upstream, otlp_endpoint: str, secret_file: Path, restart_budget: int = 100, reverse_rules: bool = False) -> list[dict]:
     def doc(kind, name, spec, ns=None):
         return {"apiVersion": "clrk.apoxy.dev/v1alpha1", "kind": kind, "metadata": {"name": name, **({"namespace": ns} if ns else {})}, "spec": spec}
 
-    return [
+    out = [
         gateway_doc(endpoint=otlp_endpoint, aliases={h: upstream.address for h in HOSTS}, ca_bundle=str(pki[0])),
         *agent_docs(),
         doc("Agent", "writer", {"kind": "TaskAgent", "credentials": {"tokenSha256": sha(WRITER_TOKEN)}}, ns="team-a"),
@@ -68,6 +68,10 @@ def docs(pki, upstream, otlp_endpoint: str, secret_file: Path, restart_budget: i
             "targetRefs": [{"kind": "AIProviderRoute", "name": "gemini"}],
             "target": {"type": "QueryParam", "name": "key"}, "secretRef": {"file": str(secret_file)}}),
     ]
+    if reverse_rules:
+        chat = next(d for d in out if d["kind"] == "AIProviderRoute" and d["metadata"]["name"] == "openai-chat")
+        chat["spec"]["rules"].reverse()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +332,7 @@ def test_clrk_spend_while_running(gw, agent_env):
     row = next(x for x in spend if x["model"] == "gpt-4o-mini" and x["agent"] == "team-a/researcher")
     assert row["route"] == "team-a/openai-chat" and row["input_tokens"] >= 12 and row["total_tokens"] == row["input_tokens"] + row["output_tokens"]
     budgets = {x["budget"]["pool"]: x["budget"] for x in lines if "budget" in x}
-    assert budgets["AIProviderRoute/team-a/openai-chat#rules[2]"]["max_tokens"] == 1000
+    assert budgets["AIProviderRoute/team-a/openai-chat#openai:budget-*"]["max_tokens"] == 1000
     text = subprocess.run([CLRK, "spend", "--db", str(gw.db), "--since", "1h", "--budgets"], capture_output=True, text=True, check=True).stdout
     assert text.splitlines()[0].split() == ["day", "agent", "route", "model", "requests", "input", "output", "total"]
     assert "budgets today (UTC)" in text
@@ -361,3 +365,16 @@ def test_restart_keeps_the_days_usage_and_a_reload_changes_the_budget(gw, setup,
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert ok[0][A.CLRK_BUDGET_DAILY_USED] == 117
+
+    # Reordering the rules moves no usage: pools are named by what a rule matches, not by its position.
+    gw.write_policy(docs(pki, upstream, otlp.endpoint, setup[1], restart_budget=5000, reverse_rules=True))
+    deadline = time.monotonic() + 10
+    while True:
+        client(i).chat.completions.create(model="restart-z", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+        moved = [r for r in gw.records(invocation=i) if r[A.CLRK_DECISION_RULE] == "AIProviderRoute/team-a/openai-chat#rules[3]"]
+        if moved:
+            break
+        assert time.monotonic() < deadline, "the reordered rules never applied"
+        time.sleep(0.1)
+    assert moved[0][A.CLRK_BUDGET_POOL] == ok[0][A.CLRK_BUDGET_POOL] == "AIProviderRoute/team-a/openai-chat#openai:restart-*"
+    assert moved[0][A.CLRK_BUDGET_DAILY_USED] > 117

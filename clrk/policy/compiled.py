@@ -150,6 +150,21 @@ class ProviderRule:
     matches: tuple[ProviderMatchRule, ...]
     backends: tuple[tuple[BackendTarget, int], ...]  # (backend, weight)
     budget: BudgetConfig | None
+    # The TokenBudget pool: named by the route and what the rule matches, not by its position, so that
+    # reordering or inserting rules keeps each pool's usage (and changing a rule's budget keeps it too).
+    pool: str = ""
+
+
+def budget_pool_name(namespace: str, name: str, matches: tuple[ProviderMatchRule, ...]) -> str:
+    parts = []
+    for mt in matches:
+        part = mt.provider
+        if mt.models:
+            part += ":" + ",".join(mt.models)
+        if mt.endpoints:
+            part += " " + ",".join(mt.endpoints)
+        parts.append(part)
+    return f"AIProviderRoute/{namespace}/{name}#{'|'.join(parts)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,15 +464,17 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             for f in rule.filters:
                 if f.type == "TokenBudget" and f.token_budget is not None:
                     budget = BudgetConfig(f.token_budget.max_tokens_per_day, f.token_budget.scope == "Agent", f.token_budget.reserve_tokens)
+            matches = tuple(ProviderMatchRule(mt.provider, tuple(mt.models), tuple(mt.endpoints)) for mt in rule.matches)
             provider_rules.append(
                 ProviderRule(
                     ref=f"AIProviderRoute/{r.metadata.namespace}/{r.metadata.name}#rules[{i}]",
                     route_name=r.metadata.name,
                     route_namespace=r.metadata.namespace,
                     agents=AgentSelector.of(r.spec.source_agents),
-                    matches=tuple(ProviderMatchRule(mt.provider, tuple(mt.models), tuple(mt.endpoints)) for mt in rule.matches),
+                    matches=matches,
                     backends=tuple(targets),
                     budget=budget,
+                    pool=budget_pool_name(r.metadata.namespace, r.metadata.name, matches),
                 )
             )
 
