@@ -416,38 +416,62 @@ def bench_store(tmp: Path, rows: int) -> str:
     return "\n".join(lines)
 
 
-def profile(hey: str, stack: Stack, out: str, seconds: float) -> None:
-    pid = stack.pid("clrk")
-    spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(pid), "-d", str(int(seconds) + 1), "-r", "250",
-                            "-f", "raw", "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    res = run_hey(hey, stack.proxy("clrk"), stack.url, 8, seconds=seconds)
-    spy.wait(60)
-    print(f"clrk under profile: {res.rps:.0f} req/s", file=sys.stderr)
-    print(summarize_profile(Path(out)))
+def profile(hey: str, stack: Stack, out: str, seconds: float) -> str:
+    """py-spy samples bare mitmdump and the clrk proxy under the same c=8 load, one after the other; the
+    summary is per request (sampled time / requests served), so the two can be subtracted: what clrk adds,
+    function by function (inclusive), and its own functions."""
+    per_req: dict[str, tuple[dict[str, float], dict[str, float], float]] = {}
+    lines = []
+    for name in ["bare", "clrk"]:
+        raw = f"{out}.{name}"
+        spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(stack.pid(name)), "-d", str(int(seconds) + 1),
+                                "-r", "500", "-f", "raw", "-o", raw], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        res = run_hey(hey, stack.proxy(name), stack.url, 8, seconds=seconds)
+        if spy.wait(60) != 0 or not Path(raw).exists():
+            raise SystemExit(f"bench: py-spy could not sample the {name} proxy (it needs ptrace permission)")
+        per_req[name] = _profile_per_request(Path(raw), res.rps * seconds, 1e6 / 500)
+        lines.append(f"{name}: {res.rps:.0f} req/s under the profiler, {per_req[name][2]:.0f} µs of event-loop samples per request")
+    bare_incl, _, _ = per_req["bare"]
+    clrk_incl, _, _ = per_req["clrk"]
+    lines.append("")
+    lines.append("what clrk adds per request, inclusive µs (clrk − bare), largest first:")
+    diffs = sorted(((clrk_incl.get(k, 0.0) - bare_incl.get(k, 0.0), k) for k in set(bare_incl) | set(clrk_incl)), reverse=True)
+    shown = 0
+    for d, k in diffs:
+        if "asyncio/" in k or "<module>" in k or "mitmproxy/tools/main.py" in k:
+            continue  # the event loop's own frames: everything is under them
+        lines.append(f"  {d:+7.1f}  {k}")
+        shown += 1
+        if shown == 25:
+            break
+    lines.append("")
+    lines.append("clrk's own functions, inclusive µs per request:")
+    own = sorted(((v, k) for k, v in clrk_incl.items() if "clrk/" in k), reverse=True)[:20]
+    lines += [f"  {v:7.1f}  {k}" for v, k in own]
+    text = "\n".join(lines)
+    Path(out).write_text(text + "\n")
+    return text
 
 
-def summarize_profile(path: Path) -> str:
-    """Share of the proxy thread's samples per clrk function (inclusive)."""
+def _profile_per_request(path: Path, requests: float, us_per_sample: float) -> tuple[dict[str, float], dict[str, float], float]:
+    """(inclusive µs per request by function, self µs per request by function, total) from py-spy's raw output,
+    counting only the event-loop thread (the one that serves traffic)."""
+    incl: dict[str, float] = {}
+    own: dict[str, float] = {}
     total = 0
-    clrk: dict[str, int] = {}
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         count = int(n)
-        frames = stack.split(";")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         if not any("run_forever" in f for f in frames):
-            continue  # idle or helper threads: only the event loop thread serves traffic
+            continue
         total += count
-        seen = set()
-        for f in frames:
-            name = re.sub(r":\d+\)$", ")", f)
-            if "clrk/" in name and name not in seen:
-                seen.add(name)
-                clrk[name] = clrk.get(name, 0) + count
-    lines = [f"event-loop samples: {total}", "clrk functions (inclusive share of the event loop's samples):"]
-    for name, n in sorted(clrk.items(), key=lambda kv: -kv[1])[:25]:
-        lines.append(f"  {100 * n / total:5.1f}%  {name}")
-    return "\n".join(lines)
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+    scale = us_per_sample / max(requests, 1.0)
+    return ({k: v * scale for k, v in incl.items()}, {k: v * scale for k, v in own.items()}, total * scale)
 
 
 def warm_up(hey: str, stack: Stack, smoke: bool) -> None:
@@ -473,7 +497,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     ap.add_argument("--smoke", action="store_true", help="everything, small and short: checks the harness; writes nothing")
     ap.add_argument("--write", default=str(REPO / "docs" / "PERFORMANCE.md"))
-    ap.add_argument("--profile", metavar="FILE", help="only profile the clrk proxy under c=8 load with py-spy")
+    ap.add_argument("--profile", metavar="FILE", help="only profile: py-spy on bare and clrk under c=8 load, per-request "
+                    "differences written to FILE (raw samples in FILE.bare, FILE.clrk)")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     download, transactions, store_rows = 2**30, 100_000, 1_000_000
@@ -492,7 +517,7 @@ def main() -> None:
                 stack = Stack(Path(d) / "main", es, otlp_cases=False)
                 warm_up(hey, stack, args.smoke)
                 if args.profile:
-                    profile(hey, stack, args.profile, args.seconds)
+                    print(profile(hey, stack, args.profile, args.seconds))
                     return
                 if "throughput" in only:
                     sections["throughput"] = f"{stamp} Command: {cmd}.\n\n" + bench_throughput(

@@ -27,3 +27,19 @@ def test_bench_smoke_runs_every_section():
     rows = [r for line in out.stdout.splitlines() if (r := line.split("|")) and len(r) == 10 and r[2].strip().startswith("clrk")]
     assert rows and all(r[-2].strip() == "0" for r in rows), "clrk answered errors in the smoke run:\n" + out.stdout
     assert "records stored" in out.stdout
+
+
+def test_bench_profile_smoke(tmp_path):
+    """`--profile` (py-spy on bare and clrk, per-request differences) must not rot either."""
+    if shutil.which("hey") is None:
+        pytest.skip("hey is not installed (see the test above)")
+    out_file = tmp_path / "profile.txt"
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--smoke", "--profile", str(out_file)],
+                         capture_output=True, text=True, timeout=300)
+    if "needs ptrace permission" in out.stderr:
+        pytest.skip("py-spy cannot attach to processes here")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out_file.read_text()
+    assert "what clrk adds per request" in text and "clrk's own functions" in text
+    own = text.split("clrk's own functions", 1)[1]
+    assert "clrk/" in own, text  # the gateway's functions were sampled under load
