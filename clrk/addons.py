@@ -429,7 +429,7 @@ class EgressControl:
         was checked, so that no second lookup can answer differently."""
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
-        except OSError as e:
+        except Exception as e:  # not only OSError: an unencodable name raises UnicodeError; never fail open
             data.server.error = f"cannot resolve {addr[0]}: {e}"
             return
         tunnel = self.rt.tunnels.get(data.client.id)

@@ -116,6 +116,7 @@ class Gateway:
 
     async def done(self) -> None:
         self.policy.done()
+        self.passthrough.done()  # open tunnels recorded before the last records are shipped
         await self.recording.done()
 
     # Traffic: one guard per step.

@@ -6,8 +6,11 @@ clrk.l4.bytes_upstream."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import signal
 import socket
 import ssl
+import struct
 import time
 import uuid
 
@@ -152,3 +155,256 @@ def test_an_unreachable_upstream_ends_the_tunnel_with_error_type(pgw, pki):
     (rec,) = _tunnel_records(pgw, "llm-b.test", since)
     assert rec[A.CLRK_DECISION] == "allow" and rec[A.ERROR_TYPE] == "connection_refused"
     assert rec[A.CLRK_RESP_BYTES] == 0
+
+
+# ------------------------------------------------------------------------------ the ClientHello gate (review)
+
+
+def _hello_bio(pki, sni: str):
+    """A client TLS session in memory: its ClientHello bytes, and the objects to finish the handshake."""
+    ctx = ssl.create_default_context(cafile=str(pki[0]))
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return obj, inc, out, out.read()
+
+
+def _finish_handshake(s: socket.socket, obj, inc, out) -> None:
+    s.settimeout(5)
+    while True:
+        try:
+            obj.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            if o := out.read():
+                s.sendall(o)
+            d = s.recv(65536)
+            if not d:
+                raise ConnectionError("closed during the handshake") from None
+            inc.write(d)
+
+
+def _closed(s: socket.socket, timeout: float = 5.0) -> bool:
+    """Whether the gateway closes the connection within `timeout` (whatever it sends before)."""
+    s.settimeout(timeout)
+    try:
+        while True:
+            if not s.recv(65536):
+                return True
+    except TimeoutError:  # before OSError: socket.timeout is one
+        return False
+    except OSError:  # reset
+        return True
+
+
+@pytest.mark.parametrize("first", [1, 2, 10, 200])
+def test_a_client_hello_in_pieces_is_judged_whole(pgw, pki, upstream, first):
+    """However the ClientHello is cut (the first piece too short to tell it is TLS at all, or mid-record), the
+    gate reads it whole: a name other than the CONNECT target is refused and recorded, and the upstream is
+    never dialled; the right name is relayed end to end (the agent sees the upstream's own certificate)."""
+    since = _seen(pgw)
+    before = upstream.connections
+    obj, inc, out, hello = _hello_bio(pki, "denied.test")
+    s = _connect(pgw.pass_port, "allowed.test:443")
+    s.sendall(hello[:first])
+    time.sleep(0.3)
+    s.sendall(hello[first:])
+    assert _closed(s)
+    s.close()
+    (rec,) = _tunnel_records(pgw, "allowed.test", since)
+    assert rec[A.CLRK_DECISION] == "deny" and "TLS server name denied.test does not match" in rec[A.CLRK_DECISION_REASON]
+    assert upstream.connections == before
+
+    since = _seen(pgw)
+    obj, inc, out, hello = _hello_bio(pki, "allowed.test")
+    s = _connect(pgw.pass_port, "allowed.test:443")
+    s.sendall(hello[:first])
+    time.sleep(0.3)
+    s.sendall(hello[first:])
+    _finish_handshake(s, obj, inc, out)  # verified against the upstream's CA: not intercepted
+    obj.write(b"GET /json/pieces HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
+    s.sendall(out.read())
+    got = b""
+    while b"}" not in got:
+        d = s.recv(65536)
+        if not d:
+            break
+        inc.write(d)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            got += obj.read(65536)
+    s.close()
+    assert b"200 OK" in got
+    (rec,) = _tunnel_records(pgw, "allowed.test", since)
+    assert rec[A.CLRK_DECISION] == "allow" and rec[A.CLRK_L4_BYTES_UPSTREAM] > len(hello)
+
+
+def test_a_tunnel_that_starts_with_one_byte_then_something_else_is_closed(pgw, upstream):
+    since = _seen(pgw)
+    before = upstream.connections
+    s = _connect(pgw.pass_port, "allowed.test:443")
+    s.sendall(b"S")
+    time.sleep(0.3)
+    s.sendall(b"SH-2.0-OpenSSH_9.6\r\n")
+    assert _closed(s)
+    s.close()
+    (rec,) = _tunnel_records(pgw, "allowed.test", since)
+    assert "must start with a TLS ClientHello" in rec[A.CLRK_DECISION_REASON] and upstream.connections == before
+
+
+def test_a_client_hello_with_two_server_names_is_refused(pgw, pki, upstream):
+    since = _seen(pgw)
+    _, _, _, hello = _hello_bio(pki, "allowed.test")
+    s = _connect(pgw.pass_port, "allowed.test:443")
+    s.sendall(_with_server_names(hello, [b"denied.test", b"allowed.test"]))
+    assert _closed(s)
+    s.close()
+    (rec,) = _tunnel_records(pgw, "allowed.test", since)
+    assert "server name is not one valid host name" in rec[A.CLRK_DECISION_REASON]
+
+
+def _with_server_names(record: bytes, names: list[bytes]) -> bytes:
+    """The one-record ClientHello with its server_name extension replaced by a list of host names."""
+    hs = record[9:]  # record header (5) + handshake header (4)
+    p = 2 + 32
+    p += 1 + hs[p]
+    p += 2 + struct.unpack("!H", hs[p:p + 2])[0]
+    p += 1 + hs[p]
+    ext_start, end = p, p + 2 + struct.unpack("!H", hs[p:p + 2])[0]
+    p += 2
+    exts = []
+    while p < end:
+        t, n = struct.unpack("!HH", hs[p:p + 4])
+        exts.append((t, hs[p + 4:p + 4 + n]))
+        p += 4 + n
+    names_list = b"".join(b"\x00" + struct.pack("!H", len(n)) + n for n in names)
+    sni = struct.pack("!H", len(names_list)) + names_list
+    body = b"".join(struct.pack("!HH", t, len(sni if t == 0 else b)) + (sni if t == 0 else b) for t, b in exts)
+    new_hs = hs[:ext_start] + struct.pack("!H", len(body)) + body
+    msg = b"\x01" + struct.pack("!I", len(new_hs))[1:] + new_hs
+    return record[:3] + struct.pack("!H", len(msg)) + msg
+
+
+def _tiny_records(n: int) -> list[bytes]:
+    """A ClientHello announced as 1 MiB, sent as 4-byte TLS records: what makes a naive parser quadratic."""
+    hs = b"\x01" + struct.pack("!I", 1024 * 1024 - 4)[1:] + b"\x00" * (4 * n)
+    return [b"\x16\x03\x01\x00\x04" + hs[i:i + 4] for i in range(0, 4 * n, 4)]
+
+
+@pytest.mark.parametrize("listener", ["passthrough", "terminate"])
+def test_a_client_hello_that_never_ends_is_cut_and_others_are_not_slowed(pgw, pki, listener):
+    """200 KiB of 4-byte TLS records that never complete a ClientHello (mitmproxy alone would keep buffering
+    up to 16 MiB, re-parsing all of it on every piece): the gateway cuts the tunnel past 64 KiB, and another
+    agent's request meanwhile is answered at once."""
+    port = pgw.pass_port if listener == "passthrough" else pgw.port
+    s = _connect(port, "allowed.test:443")
+    records = _tiny_records(200 * 1024 // 9)
+    burst = 10 * 1024 // 9
+    with pgw.client() as c:
+        cut = False
+        t0 = time.monotonic()
+        for i in range(0, len(records), burst):
+            try:
+                s.sendall(b"".join(records[i:i + burst]))
+            except OSError:
+                cut = True
+                break
+            time.sleep(0.02)
+        cut = cut or _closed(s, 3)
+        assert cut and time.monotonic() - t0 < 8
+        t1 = time.monotonic()
+        assert c.get("https://allowed.test/json/meanwhile").status_code == 200
+        assert time.monotonic() - t1 < 2
+    s.close()
+
+
+def test_tls_spoken_to_the_proxy_port_itself_is_refused(pgw):
+    s = socket.create_connection(("127.0.0.1", pgw.port), timeout=5)
+    s.sendall(b"".join(_tiny_records(50)))
+    assert _closed(s)
+    s.close()
+    assert "refused TLS spoken to the proxy port" in pgw.log()
+
+
+def test_a_split_client_hello_on_a_terminating_tunnel_is_still_intercepted(pgw):
+    """The gate in front of mitmproxy's own TLS layers changes nothing for a well-formed, fragmented hello."""
+    obj_ctx = pgw.ssl_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = obj_ctx.wrap_bio(inc, out, server_hostname="allowed.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = out.read()
+    s = _connect(pgw.port, "allowed.test:443")
+    s.sendall(hello[:7])
+    time.sleep(0.3)
+    s.sendall(hello[7:])
+    _finish_handshake(s, obj, inc, out)  # the gateway CA's certificate, as on any terminated tunnel
+    obj.write(b"GET /json/split-terminate HTTP/1.1\r\nHost: allowed.test\r\nclrk-invocation-id: inv-split-t\r\n\r\n")
+    s.sendall(out.read())
+    got = b""
+    s.settimeout(5)
+    while b"}" not in got:
+        d = s.recv(65536)
+        if not d:
+            break
+        inc.write(d)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            got += obj.read(65536)
+    s.close()
+    assert b"200 OK" in got
+    assert pgw.wait_record(invocation="inv-split-t")[A.HTTP_REQUEST_METHOD] == "GET"
+
+
+# ------------------------------------------------------------------------------ lifetimes (review)
+
+
+def _single_passthrough_gateway(tmp_path, pki, upstream):
+    pass_port = free_port()
+    gw = Gateway(tmp_path, [])
+    gdoc = gateway_doc(aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0]))
+    gdoc["spec"]["listeners"] = [{"name": "p", "port": pass_port, "protocol": "TLS", "tls": {"mode": "Passthrough"}}]
+    gw.gdoc = gdoc
+    gw.write_policy([gdoc, *agent_docs(), route("hosts", ["allowed.test"])])
+    gw.mitmproxy_args = ["--mode", f"regular@{pass_port}"]
+    gw.pass_port = pass_port
+    return gw.start()
+
+
+def test_a_tunnel_open_when_the_gateway_stops_is_recorded(tmp_path, pki, upstream):
+    gw = _single_passthrough_gateway(tmp_path, pki, upstream)
+    s = _connect(gw.pass_port, "allowed.test:443")
+    t = ssl.create_default_context(cafile=str(pki[0])).wrap_socket(s, server_hostname="allowed.test")
+    t.sendall(b"GET /sse?n=200&delay=0.3 HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+    assert t.recv(100).startswith(b"HTTP/1.1 200")
+    gw.proc.send_signal(signal.SIGTERM)  # drains: the open tunnel is in flight
+    time.sleep(0.5)
+    gw.stop(signal.SIGTERM)  # again: stop now
+    t.close()
+    (rec,) = [r for r in gw.records() if r[A.HTTP_REQUEST_METHOD] == "CONNECT"]
+    assert rec[A.ERROR_TYPE] == "gateway_stopped" and rec[A.CLRK_RESP_BYTES] > 0 and rec[A.CLRK_L4_BYTES_UPSTREAM] > 0
+
+
+def test_an_open_tunnel_ends_when_the_policy_stops_allowing_it(tmp_path, pki, upstream):
+    gw = _single_passthrough_gateway(tmp_path, pki, upstream)
+    try:
+        s = _connect(gw.pass_port, "allowed.test:443")
+        t = ssl.create_default_context(cafile=str(pki[0])).wrap_socket(s, server_hostname="allowed.test")
+        t.sendall(b"GET /json/before HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        assert t.recv(4096).startswith(b"HTTP/1.1 200")
+        gw.write_policy([gw.gdoc, *agent_docs()])  # the route is gone; the agent is still known
+        deadline = time.monotonic() + 5
+        while "policy reloaded" not in gw.log():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with contextlib.suppress(OSError):
+            t.sendall(b"GET /json/after-revocation HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        assert _closed(t)
+        t.close()
+        assert not upstream.requests_to("/json/after-revocation")
+        deadline = time.monotonic() + 5
+        while not (recs := [r for r in gw.records() if r[A.HTTP_REQUEST_METHOD] == "CONNECT"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert recs[0][A.ERROR_TYPE] == "policy_blocked" and recs[0][A.CLRK_DECISION] == "allow"
+    finally:
+        gw.stop()

@@ -19,6 +19,8 @@ def error_type(message: str) -> str:
     m = message.lower()
     if "clrk:" in m and "not allowed" in m:
         return "policy_blocked"
+    if "clrk:" in m and "gateway stopped" in m:
+        return "gateway_stopped"
     if "refused" in m or "[errno 111]" in m:  # asyncio says "[Errno 111] Connect call failed (...)"
         return "connection_refused"
     if "[errno 113]" in m or "[errno 101]" in m:
