@@ -11,24 +11,46 @@ from urllib.parse import quote, unquote
 
 from clrk.attributes import REDACTED
 
+MAX_HEADER_VALUE = 8 * 1024  # characters of one header value kept in a record
+MAX_HEADERS_TOTAL = 64 * 1024  # characters of all of one side's header names and values kept in a record
+MAX_URL = 16 * 1024  # characters of url.full kept in a record
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}…[{len(text) - limit} more characters not recorded]"
+
 
 def headers_dict(fields: Iterable[tuple[bytes, bytes]], sensitive: frozenset[str]) -> dict[str, str]:
-    """Headers as {lower-case name: value}, repeated fields joined with ", ", sensitive values redacted."""
+    """Headers as {lower-case name: value}, repeated fields joined with ", ", sensitive values redacted.
+    Bounded like the bodies: a value past MAX_HEADER_VALUE is cut, and past MAX_HEADERS_TOTAL in all the
+    remaining headers are left out (an agent's 2 MB header must not become a 2 MB record)."""
     out: dict[str, str] = {}
+    total = 0
+    left_out = 0
     for raw_name, raw_value in fields:
-        name = raw_name.decode("latin-1").lower()
-        value = REDACTED if name in sensitive else raw_value.decode("latin-1")
+        name = _cut(raw_name.decode("latin-1").lower(), 256)
+        value = REDACTED if name in sensitive else _cut(raw_value.decode("latin-1"), MAX_HEADER_VALUE)
+        if total + len(name) + len(value) > MAX_HEADERS_TOTAL:
+            left_out += 1
+            continue
         if name in out:
             if name in sensitive:
                 continue
-            out[name] = f"{out[name]}, {value}"
-        else:
-            out[name] = value
+            value = _cut(f"{out[name]}, {value}", MAX_HEADER_VALUE)
+            total -= len(out[name])
+        total += len(name) + len(value)
+        out[name] = value
+    if left_out:
+        out["(clrk)"] = f"{left_out} more header field(s) not recorded: over {MAX_HEADERS_TOTAL} characters in all"
     return out
 
 
 def redact_url(url: str, sensitive_params: frozenset[str]) -> str:
-    """The URL with userinfo removed and the values of sensitive query parameters replaced."""
+    """The URL with userinfo removed and the values of sensitive query parameters replaced (then bounded)."""
+    return _cut(_redact_url(url, sensitive_params), MAX_URL)
+
+
+def _redact_url(url: str, sensitive_params: frozenset[str]) -> str:
     scheme_sep = url.find("://")
     if scheme_sep != -1:
         auth_start = scheme_sep + 3

@@ -89,3 +89,20 @@ def test_a_refused_upload_of_unknown_length_is_cut_not_buffered(gw):
     s.close()
     grown = rss_kb(gw.proc.pid) - before
     assert grown < 100_000, f"the proxy grew by {grown} kB while refusing a {sent} MB upload"
+
+
+def test_huge_headers_neither_break_the_gateway_nor_swell_the_record(gw, upstream):
+    """A 16 KB header passes and is recorded cut to 8 KiB; a 2 MB one is refused or failed by mitmproxy's own
+    limits, recorded just as bounded; the gateway serves the next request as usual."""
+    for size in (16_000, 2_000_000):
+        i = f"inv-hdr-{uuid.uuid4().hex[:8]}"
+        with gw.client() as c:
+            try:
+                c.get("https://allowed.test/json/hdr", headers={"x-big": "v" * size, "clrk-invocation-id": i})
+            except Exception:  # noqa: BLE001 - how mitmproxy answers a 2 MB header is its business
+                pass
+        rec = gw.wait_record(invocation=i)
+        assert len(rec[A.REQUEST_HEADERS]["x-big"]) < 8300
+        assert rec[A.REQUEST_HEADERS]["x-big"].endswith("more characters not recorded]")
+    with gw.client() as c:
+        assert c.get("https://allowed.test/json/after-hdr").status_code == 200
