@@ -256,10 +256,8 @@ class ProxyAuth:
             if "proxy-authorization" in h:
                 del req.headers["proxy-authorization"]
             # Re-check on every request so that revoking an agent also closes its open tunnels' doors.
-            entry = policy.agents.get(tunnel.agent.username)
-            if entry is not None and entry[1] == tunnel.digest:
-                tx.agent = entry[0]
-            else:
+            tx.agent = policy.agent_still_valid(tunnel.agent.username, tunnel.digest)
+            if tx.agent is None:
                 tx.auth_failure = f"credentials of agent {tunnel.agent.ref} are no longer valid"
         else:
             auth = authenticate(policy, h.get("proxy-authorization"))

@@ -1,10 +1,11 @@
 """Token budgets: per pool and UTC day, reserved at admission and settled on completion.
 
 A pool is one AIProviderRoute rule (scope Route) or one rule and agent (scope Agent), named by the route and
-what the rule matches (`ProviderRule.pool`), so reordering rules or changing a budget keeps the day's usage. A request is admitted
-while the pool's used + reserved tokens are below the day's maximum; it then holds a reservation (its max
-output tokens, or the budget's `reserveTokens`, plus its body size / 4 as the input estimate) until the
-provider's usage replaces it (the reservation itself is charged when the usage is not visible).
+what the rule matches (`ProviderRule.pool`), so reordering rules or changing a budget keeps the day's usage.
+A request is admitted while the pool's used + reserved tokens are below the day's maximum; it then holds a
+reservation (its max output tokens, or the budget's `reserveTokens`, plus its body size / 4 as the input
+estimate) until the provider's usage replaces it (the reservation itself is charged when the usage is not
+visible).
 
 Bound: concurrent requests can overshoot the maximum by at most one reservation (the last one admitted
 below it) plus what admitted requests consume beyond their reservations — and output beyond the max tokens

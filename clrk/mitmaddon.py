@@ -27,6 +27,9 @@ log = logging.getLogger("clrk")
 
 Step = Callable[[Any], Awaitable[None] | None]
 
+TRAFFIC_HOOKS = ("client_disconnected", "http_connect", "next_layer", "requestheaders", "request", "responseheaders",
+                 "response", "error", "server_connect", "server_connected", "server_connect_error")
+
 
 def run_steps(hook: str, steps: Sequence[Step], arg: Any) -> Awaitable[None] | None:
     """Runs the steps in order, each under its own guard. Steps are plain functions; one that has to wait
@@ -94,13 +97,8 @@ class Gateway:
         steps = (self.policy, self.auth, self.passthrough, self.providers, self.egress, self.routing, self.credentials, self.capture,
                  self.recording, self.failsafe)
         self.steps: dict[str, tuple[Step, ...]] = {
-            hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None)))
-            for hook in ("client_disconnected", "http_connect", "next_layer", "requestheaders", "request", "responseheaders",
-                         "response", "error", "server_connect", "server_connected", "server_connect_error")
+            hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None))) for hook in TRAFFIC_HOOKS
         }
-        (self._client_disconnected, self._http_connect, self._next_layer, self._requestheaders, self._request, self._responseheaders,
-         self._response, self._error, self._server_connect, self._server_connected,
-         self._server_connect_error) = self.steps.values()
 
     # Lifecycle: errors here must reach mitmproxy (an invalid policy at start-up stops the gateway).
 
@@ -119,40 +117,17 @@ class Gateway:
         self.passthrough.done()  # open tunnels recorded before the last records are shipped
         await self.recording.done()
 
-    # Traffic: one guard per step.
 
-    def client_disconnected(self, client):
-        return run_steps("client_disconnected", self._client_disconnected, client)
+def _traffic_hook(hook: str) -> Callable[[Gateway, Any], Awaitable[None] | None]:
+    def run(self: Gateway, arg: Any) -> Awaitable[None] | None:
+        return run_steps(hook, self.steps[hook], arg)
 
-    def http_connect(self, flow):
-        return run_steps("http_connect", self._http_connect, flow)
+    run.__name__, run.__qualname__ = hook, f"Gateway.{hook}"
+    return run
 
-    def next_layer(self, nextlayer):
-        return run_steps("next_layer", self._next_layer, nextlayer)
 
-    def requestheaders(self, flow):
-        return run_steps("requestheaders", self._requestheaders, flow)
-
-    def request(self, flow):
-        return run_steps("request", self._request, flow)
-
-    def responseheaders(self, flow):
-        return run_steps("responseheaders", self._responseheaders, flow)
-
-    def response(self, flow):
-        return run_steps("response", self._response, flow)
-
-    def error(self, flow):
-        return run_steps("error", self._error, flow)
-
-    def server_connect(self, data):
-        return run_steps("server_connect", self._server_connect, data)
-
-    def server_connected(self, data):
-        return run_steps("server_connected", self._server_connected, data)
-
-    def server_connect_error(self, data):
-        return run_steps("server_connect_error", self._server_connect_error, data)
-
+# Traffic hooks: each runs the steps that have it, one guard per step.
+for _hook in TRAFFIC_HOOKS:
+    setattr(Gateway, _hook, _traffic_hook(_hook))
 
 addons = [Gateway()]

@@ -32,7 +32,7 @@ from mitmproxy.tls import ClientHello
 from clrk.decision import AuthResult, Decision, RequestFacts, decide
 from clrk.hostnames import norm_host
 from clrk.identity import trace_context
-from clrk.runtime import Runtime, deny_response, listener_port
+from clrk.runtime import Runtime, Tunnel, deny_response, listener_port
 from clrk.transaction import Transaction, snapshot_l4
 
 log = logging.getLogger("clrk")
@@ -48,15 +48,14 @@ SERVER_NAME_EXTENSION = 0
 class _Tunnel:
     """One passthrough connection being relayed: its transaction, byte counts, and what allowed it."""
 
-    __slots__ = ("cid", "tx", "host", "port", "up", "down", "error", "done", "policy", "agent_user", "digest", "listen_port")
+    __slots__ = ("cid", "tx", "auth", "host", "port", "up", "down", "error", "done", "policy", "listen_port")
 
-    def __init__(self, cid: str, tx: Transaction, host: str, port: int, policy, agent_user: str, digest: bytes,
-                 listen_port: int | None):
-        self.cid, self.tx, self.host, self.port = cid, tx, host, port
+    def __init__(self, cid: str, tx: Transaction, auth: Tunnel, host: str, port: int, policy, listen_port: int | None):
+        self.cid, self.tx, self.auth, self.host, self.port = cid, tx, auth, host, port
         self.up = self.down = 0
         self.error: str | None = None
         self.done = False
-        self.policy, self.agent_user, self.digest, self.listen_port = policy, agent_user, digest, listen_port
+        self.policy, self.listen_port = policy, listen_port  # the policy it was last judged under
 
 
 class CountingRelay(TCPLayer):
@@ -236,8 +235,8 @@ class Passthrough:
             return _Refuse(ctx)
         tx = self._transaction(now, tunnel.agent, tunnel.host, tunnel.port, gateway, tunnel.l4)
         addr = ctx.server.address
-        t = self.open[client.id] = _Tunnel(client.id, tx, addr[0] if addr else tunnel.host, addr[1] if addr else tunnel.port,
-                                          policy, tunnel.agent.username, tunnel.digest, listener_port(client))
+        t = self.open[client.id] = _Tunnel(client.id, tx, tunnel, addr[0] if addr else tunnel.host,
+                                          addr[1] if addr else tunnel.port, policy, listener_port(client))
         self.rt.in_flight += 1
         return CountingRelay(ctx, t, self)
 
@@ -245,12 +244,12 @@ class Passthrough:
         """After a policy change: the tunnel's agent and token still valid, and its destination still allowed."""
         policy = self.rt.policy
         t.policy = policy
-        entry = policy.agents.get(t.agent_user) if policy is not None else None
-        if policy is None or entry is None or entry[1] != t.digest:
+        agent = policy.agent_still_valid(t.auth.agent.username, t.auth.digest) if policy is not None else None
+        if policy is None or agent is None:
             t.error = "clrk: not allowed any more: the agent's credentials changed; tunnel closed"
             return False
         gateway = policy.gateway_for_port(t.listen_port)
-        d = decide(policy, gateway, AuthResult(entry[0]), RequestFacts(t.tx.dst_name, t.tx.dst_port))
+        d = decide(policy, gateway, AuthResult(agent), RequestFacts(t.tx.dst_name, t.tx.dst_port))
         if d is None or not d.allow:
             t.error = f"clrk: not allowed any more ({d.reason if d else 'undecided'}); tunnel closed"
             return False

@@ -41,6 +41,17 @@ def _flow(host: str):
     return f
 
 
+def _gateway_with_broken(monkeypatch, step_class, hook: str, exc: Exception) -> Gateway:
+    """A Gateway (on the policy allowing example.com) whose `step_class.hook` raises `exc`."""
+    def broken(self, flow):
+        raise exc
+
+    monkeypatch.setattr(step_class, hook, broken)
+    g = Gateway()
+    g.rt.policy = _policy("example.com")
+    return g
+
+
 def test_an_allowed_request_passes_every_step():
     g = Gateway()
     g.rt.policy = _policy("example.com")
@@ -51,12 +62,7 @@ def test_an_allowed_request_passes_every_step():
 
 
 def test_a_step_that_raises_is_logged_and_the_request_is_denied_not_let_through(monkeypatch, caplog):
-    def broken(self, flow):
-        raise RuntimeError("decision step blew up")
-
-    monkeypatch.setattr(EgressControl, "requestheaders", broken)
-    g = Gateway()
-    g.rt.policy = _policy("example.com")
+    g = _gateway_with_broken(monkeypatch, EgressControl, "requestheaders", RuntimeError("decision step blew up"))
     f = _flow("example.com")
     with caplog.at_level(logging.ERROR, logger="clrk"):
         g.requestheaders(f)
@@ -68,12 +74,7 @@ def test_a_step_that_raises_is_logged_and_the_request_is_denied_not_let_through(
 
 
 def test_a_raising_step_in_the_body_hook_cannot_skip_the_failsafe_either(monkeypatch):
-    def broken(self, flow):
-        raise ValueError("body step blew up")
-
-    monkeypatch.setattr(EgressControl, "request", broken)
-    g = Gateway()
-    g.rt.policy = _policy("example.com")
+    g = _gateway_with_broken(monkeypatch, EgressControl, "request", ValueError("body step blew up"))
     f = _flow("example.com")
     assert g.requestheaders(f) is None and f.response is None
     # Simulate a decision that was left for the body (a provider call) and then never made.
@@ -83,12 +84,7 @@ def test_a_raising_step_in_the_body_hook_cannot_skip_the_failsafe_either(monkeyp
 
 
 def test_an_earlier_step_that_raises_does_not_stop_the_decision(monkeypatch):
-    def broken(self, flow):
-        raise KeyError("provider detection blew up")
-
-    monkeypatch.setattr(Providers, "requestheaders", broken)
-    g = Gateway()
-    g.rt.policy = _policy("example.com")
+    g = _gateway_with_broken(monkeypatch, Providers, "requestheaders", KeyError("provider detection blew up"))
     f = _flow("evil.example.net")
     g.requestheaders(f)
     assert f.response is not None and f.response.status_code == 403  # the policy's own denial, still made

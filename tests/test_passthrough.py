@@ -185,6 +185,22 @@ def _finish_handshake(s: socket.socket, obj, inc, out) -> None:
             inc.write(d)
 
 
+def _exchange(s: socket.socket, obj, inc, out, request: bytes) -> bytes:
+    """Sends one request over the in-memory TLS session and reads until the JSON answer's end."""
+    obj.write(request)
+    s.sendall(out.read())
+    got = b""
+    s.settimeout(5)
+    while b"}" not in got:
+        d = s.recv(65536)
+        if not d:
+            break
+        inc.write(d)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            got += obj.read(65536)
+    return got
+
+
 def _closed(s: socket.socket, timeout: float = 5.0) -> bool:
     """Whether the gateway closes the connection within `timeout` (whatever it sends before)."""
     s.settimeout(timeout)
@@ -223,16 +239,7 @@ def test_a_client_hello_in_pieces_is_judged_whole(pgw, pki, upstream, first):
     time.sleep(0.3)
     s.sendall(hello[first:])
     _finish_handshake(s, obj, inc, out)  # verified against the upstream's CA: not intercepted
-    obj.write(b"GET /json/pieces HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
-    s.sendall(out.read())
-    got = b""
-    while b"}" not in got:
-        d = s.recv(65536)
-        if not d:
-            break
-        inc.write(d)
-        with contextlib.suppress(ssl.SSLWantReadError):
-            got += obj.read(65536)
+    got = _exchange(s, obj, inc, out, b"GET /json/pieces HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
     s.close()
     assert b"200 OK" in got
     (rec,) = _tunnel_records(pgw, "allowed.test", since)
@@ -339,17 +346,8 @@ def test_a_split_client_hello_on_a_terminating_tunnel_is_still_intercepted(pgw):
     time.sleep(0.3)
     s.sendall(hello[7:])
     _finish_handshake(s, obj, inc, out)  # the gateway CA's certificate, as on any terminated tunnel
-    obj.write(b"GET /json/split-terminate HTTP/1.1\r\nHost: allowed.test\r\nclrk-invocation-id: inv-split-t\r\n\r\n")
-    s.sendall(out.read())
-    got = b""
-    s.settimeout(5)
-    while b"}" not in got:
-        d = s.recv(65536)
-        if not d:
-            break
-        inc.write(d)
-        with contextlib.suppress(ssl.SSLWantReadError):
-            got += obj.read(65536)
+    got = _exchange(s, obj, inc, out, b"GET /json/split-terminate HTTP/1.1\r\nHost: allowed.test\r\n"
+                                      b"clrk-invocation-id: inv-split-t\r\n\r\n")
     s.close()
     assert b"200 OK" in got
     assert pgw.wait_record(invocation="inv-split-t")[A.HTTP_REQUEST_METHOD] == "GET"

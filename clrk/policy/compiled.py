@@ -152,19 +152,18 @@ class ProviderRule:
     budget: BudgetConfig | None
     # The TokenBudget pool: named by the route and what the rule matches, not by its position, so that
     # reordering or inserting rules keeps each pool's usage (and changing a rule's budget keeps it too).
-    pool: str = ""
+    pool: str = field(init=False)
 
-
-def budget_pool_name(namespace: str, name: str, matches: tuple[ProviderMatchRule, ...]) -> str:
-    parts = []
-    for mt in matches:
-        part = mt.provider
-        if mt.models:
-            part += ":" + ",".join(mt.models)
-        if mt.endpoints:
-            part += " " + ",".join(mt.endpoints)
-        parts.append(part)
-    return f"AIProviderRoute/{namespace}/{name}#{'|'.join(parts)}"
+    def __post_init__(self) -> None:
+        parts = []
+        for mt in self.matches:
+            part = mt.provider
+            if mt.models:
+                part += ":" + ",".join(mt.models)
+            if mt.endpoints:
+                part += " " + ",".join(mt.endpoints)
+            parts.append(part)
+        object.__setattr__(self, "pool", f"AIProviderRoute/{self.route_namespace}/{self.route_name}#{'|'.join(parts)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +234,12 @@ class CompiledPolicy:
             if port in g.ports:
                 return g
         return None
+
+    def agent_still_valid(self, username: str, digest: bytes) -> AgentIdentity | None:
+        """The agent an open tunnel authenticated as, under this policy: None when it is gone or its token
+        changed (a revocation reaches open connections too)."""
+        entry = self.agents.get(username)
+        return entry[0] if entry is not None and entry[1] == digest else None
 
     def injections_for(self, kind: str, name: str, namespace: str) -> tuple[Injection, ...]:
         entries = self.injections.get((kind, name))
@@ -464,17 +469,15 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             for f in rule.filters:
                 if f.type == "TokenBudget" and f.token_budget is not None:
                     budget = BudgetConfig(f.token_budget.max_tokens_per_day, f.token_budget.scope == "Agent", f.token_budget.reserve_tokens)
-            matches = tuple(ProviderMatchRule(mt.provider, tuple(mt.models), tuple(mt.endpoints)) for mt in rule.matches)
             provider_rules.append(
                 ProviderRule(
                     ref=f"AIProviderRoute/{r.metadata.namespace}/{r.metadata.name}#rules[{i}]",
                     route_name=r.metadata.name,
                     route_namespace=r.metadata.namespace,
                     agents=AgentSelector.of(r.spec.source_agents),
-                    matches=matches,
+                    matches=tuple(ProviderMatchRule(mt.provider, tuple(mt.models), tuple(mt.endpoints)) for mt in rule.matches),
                     backends=tuple(targets),
                     budget=budget,
-                    pool=budget_pool_name(r.metadata.namespace, r.metadata.name, matches),
                 )
             )
 
