@@ -4,7 +4,8 @@
     .venv/bin/python bench/bench.py --profile FILE      # py-spy the clrk proxy under load instead
 
 What is measured (issue #6, PRODUCT.md §4):
-  throughput  small JSON chat completions through `mitmdump -q` (bare) and through clrk with everything on —
+  throughput  small JSON chat completions through `mitmdump -q` (bare; also under `python -O`, the mode clrk
+              runs in, to show clrk's own cost) and through the clrk gateway as `clrk run` starts it, everything on —
               the upstream is an OpenAI-schema Backend behind an AIProviderRoute with a TokenBudget, so each
               call is authenticated, decided on its model, budgeted, parsed for usage, captured, stored in
               DuckDB and exported over OTLP to a local receiver. HTTPS keep-alive, `hey` at c = 1, 8, 32.
@@ -44,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from clrk import wire  # noqa: E402
+from clrk.launch import gateway_command  # noqa: E402
 from tests.harness.certs import make_upstream_pki  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -114,7 +116,7 @@ def run_hey(hey: str, proxy: str, url: str, conc: int, seconds: float | None = N
 class Stack:
     """The processes under test: upstream, OTLP receivers, bare mitmdump, clrk gateways (one per OTLP case)."""
 
-    def __init__(self, tmp: Path, es: ExitStack, otlp_cases: bool):
+    def __init__(self, tmp: Path, es: ExitStack, otlp_cases: bool, bare_optimized: bool = False):
         self.tmp, self.es = tmp, es
         tmp.mkdir(parents=True, exist_ok=True)
         self.pids: dict[str, int] = {}
@@ -125,9 +127,15 @@ class Stack:
         self._spawn([sys.executable, str(REPO / "bench" / "otlp_sink.py"), str(sink)], "otlp")
         wait_port(self.upstream_port)
         wait_port(sink)
-        self.bare_port = free_port()
-        self._spawn([str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(self.bare_port),
-                     "--set", "ssl_insecure=true", "--set", f"confdir={tmp / 'bare-certs'}"], "bare")
+        # Bare mitmdump as it ships (the contract's baseline) and, to show clrk's own cost apart from what
+        # -O takes off mitmproxy, under the same `python -O` the clrk gateway runs with.
+        self.bares: dict[str, int] = {}
+        for name, python in [("bare", []), *([("bare -O", [sys.executable, "-O"])] if bare_optimized else [])]:
+            self.bares[name] = port = free_port()
+            self._spawn([*python, str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+                         "--set", "ssl_insecure=true", "--set", f"confdir={tmp / (name.replace(' ', '-') + '-certs')}"],
+                        name.replace(" ", "-"))
+        self.bare_port = self.bares["bare"]
         self.gateways: dict[str, tuple[int, Path]] = {}
         endpoints = {"clrk": f"http://127.0.0.1:{sink}"}
         if otlp_cases:
@@ -138,7 +146,8 @@ class Stack:
             endpoints["clrk otlp slow"] = f"http://127.0.0.1:{slow}"
         for name, endpoint in endpoints.items():
             self.gateways[name] = self._gateway(name, endpoint)
-        wait_port(self.bare_port)
+        for port in self.bares.values():
+            wait_port(port)
         for name, (port, db) in self.gateways.items():
             wait_port(port)
             deadline = time.monotonic() + 30
@@ -156,8 +165,7 @@ class Stack:
 
         db = self.tmp / f"data-{slug}" / "clrk.duckdb"
         port = free_port()
-        self._spawn([str(BIN / "mitmdump"), "-s", str(REPO / "addons" / "clrk.py"), "--listen-host", "127.0.0.1",
-                     "-p", str(port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={db}",
+        self._spawn([*gateway_command(), "--listen-host", "127.0.0.1", "-p", str(port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={db}",
                      "--set", f"clrk_certs={self.tmp / 'certs'}"], slug)
         return port, db
 
@@ -177,8 +185,8 @@ class Stack:
         self.es.callback(stop)
 
     def proxy(self, name: str) -> str:
-        if name == "bare":
-            return f"http://127.0.0.1:{self.bare_port}"
+        if name in self.bares:
+            return f"http://127.0.0.1:{self.bares[name]}"
         return f"http://team-a.bench:{TOKEN}@127.0.0.1:{self.gateways[name][0]}"
 
     def pid(self, name: str) -> int:
@@ -235,7 +243,7 @@ def md(n: float, digits: int = 2) -> str:
 
 def bench_throughput(hey, stack: Stack, rounds: int, seconds: float, concs: list[int], names: list[str]) -> str:
     results: dict[tuple[str, int], list[Result]] = {}
-    before = {n: count_rows(stack.gateways[n][1]) for n in names if n != "bare"}
+    before = {n: count_rows(stack.gateways[n][1]) for n in names if n in stack.gateways}
     sent = dict.fromkeys(before, 0)
     for r in range(rounds):
         for c in concs:
@@ -257,9 +265,13 @@ def bench_throughput(hey, stack: Stack, rounds: int, seconds: float, concs: list
         b = med[("bare", c)]
         for name in names:
             m = med[(name, c)]
-            ratio = "" if name == "bare" else f"**{m[0] / b[0]:.2f}**"
+            ratio = "" if name == "bare" else f"**{m[0] / b[0]:.2f}**" if name in stack.gateways else f"{m[0] / b[0]:.2f}"
             added = "" if name == "bare" else f"{m[1] - b[1]:+.2f}"
             lines.append(f"| {c} | {name} | {m[0]:.0f} | {ratio} | {md(m[1])} | {added} | {md(m[2])} | {m[3]} |")
+    if "bare -O" in names:
+        own = " / ".join(f"{med[('clrk', c)][0] / med[('bare -O', c)][0]:.2f}" for c in concs)
+        lines += ["", f"clrk against bare mitmdump under the same `python -O` (clrk's own cost, without what -O takes off "
+                      f"mitmproxy): {own} at c = {' / '.join(map(str, concs))}."]
     for n in stored:
         lines.append("")
         lines.append(f"{n}: {stored[n]} records stored of ~{sent[n]} requests sent (hey's count is rate × duration, approximate).")
@@ -475,7 +487,7 @@ def _profile_per_request(path: Path, requests: float, us_per_sample: float) -> t
 
 
 def warm_up(hey: str, stack: Stack, smoke: bool) -> None:
-    for name in ["bare", *stack.gateways]:  # TLS, caches, recorders
+    for name in [*stack.bares, *stack.gateways]:  # TLS, caches, recorders
         run_hey(hey, stack.proxy(name), stack.url, 8, seconds=0.3 if smoke else 1.0)
 
 
@@ -514,14 +526,14 @@ def main() -> None:
         # Only what a section measures runs during it: idle gateways still poll and would tax the others.
         if args.profile or {"throughput", "sse", "memory"} & set(only):
             with ExitStack() as es:
-                stack = Stack(Path(d) / "main", es, otlp_cases=False)
+                stack = Stack(Path(d) / "main", es, otlp_cases=False, bare_optimized="throughput" in only and not args.profile)
                 warm_up(hey, stack, args.smoke)
                 if args.profile:
                     print(profile(hey, stack, args.profile, args.seconds))
                     return
                 if "throughput" in only:
                     sections["throughput"] = f"{stamp} Command: {cmd}.\n\n" + bench_throughput(
-                        hey, stack, args.rounds, args.seconds, concs, ["bare", "clrk"])
+                        hey, stack, args.rounds, args.seconds, concs, [*stack.bares, "clrk"])
                 if "sse" in only:
                     sections["sse"] = f"{stamp}\n\n" + bench_sse(stack, args.rounds)
                 if "memory" in only:

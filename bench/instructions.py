@@ -1,6 +1,6 @@
 """Instructions per request, bare mitmdump vs the clrk proxy, counted by valgrind's callgrind.
 
-    .venv/bin/python bench/instructions.py [--requests 300]
+    .venv/bin/python bench/instructions.py [--requests 300] [--script addons/clrk.py] [--no-bare]
 
 Throughput on this shared 2-core machine moves ±5% between runs, which hides the effect of most single
 changes to the hot path. Instruction counts do not move: each proxy runs under callgrind, the counters are
@@ -55,12 +55,13 @@ def counted(argv: list[str], proxy: str, url: str, requests: int, out: Path, war
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--script", default=str(B.REPO / "addons" / "clrk.py"),
-                    help="the addon script clrk runs with (to compare a variant with the product)")
-    ap.add_argument("--no-bare", action="store_true", help="skip the bare mitmdump count")
+    ap.add_argument("--script", help="count `mitmdump -s SCRIPT` instead of the gateway as `clrk run` starts it "
+                    "(to compare a variant of the addon)")
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare mitmdump counts")
     args = ap.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    counts: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="clrk-instr-") as d:
         tmp = Path(d)
         ca, server_pem = B.make_upstream_pki(tmp / "pki", ["localhost"])
@@ -70,27 +71,29 @@ def main() -> None:
         try:
             B.wait_port(up_port)
             url = f"https://localhost:{up_port}/v1/chat/completions"
-            bare_port = B.free_port()
-            bare = 0.0 if args.no_bare else counted([str(B.BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(bare_port),
-                            "--set", "ssl_insecure=true", "--set", f"confdir={tmp / 'bare-certs'}"],
-                           f"http://127.0.0.1:{bare_port}", url, args.requests, tmp / "bare.cg")
+            # Bare mitmdump as it ships, and under the `python -O` the clrk gateway runs with.
+            for name, python in [] if args.no_bare else [("bare mitmdump", []), ("bare mitmdump -O", [sys.executable, "-O"])]:
+                port = B.free_port()
+                counts[name] = counted([*python, str(B.BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+                                        "--set", "ssl_insecure=true", "--set", f"confdir={tmp / 'bare-certs'}"],
+                                       f"http://127.0.0.1:{port}", url, args.requests, tmp / f"bare{len(counts)}.cg")
             pol = tmp / "pol"
             pol.mkdir()
             B.write_policy(pol, f"http://127.0.0.1:{sink}", ca, up_port)
-            clrk_port = B.free_port()
-            clrk = counted([str(B.BIN / "mitmdump"), "-s", args.script, "--listen-host", "127.0.0.1",
-                            "-p", str(clrk_port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={tmp / 'data' / 'clrk.duckdb'}",
-                            "--set", f"clrk_certs={tmp / 'certs'}"],
-                           f"http://team-a.bench:{B.TOKEN}@127.0.0.1:{clrk_port}", url, args.requests, tmp / "clrk.cg")
+            port = B.free_port()
+            command = [str(B.BIN / "mitmdump"), "-s", args.script] if args.script else B.gateway_command()
+            name = f"clrk (mitmdump -s {Path(args.script).name})" if args.script else "clrk"
+            counts[name] = counted([*command, "--listen-host", "127.0.0.1",
+                                    "-p", str(port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={tmp / 'data' / 'clrk.duckdb'}",
+                                    "--set", f"clrk_certs={tmp / 'certs'}"],
+                                   f"http://team-a.bench:{B.TOKEN}@127.0.0.1:{port}", url, args.requests, tmp / "clrk.cg")
         finally:
             up.terminate()
             otlp.terminate()
     print(f"instructions per request over {args.requests} sequential requests (proxy process only):")
-    if bare:
-        print(f"  bare mitmdump  {bare / 1e6:8.3f} M")
-        print(f"  clrk           {clrk / 1e6:8.3f} M   (+{(clrk - bare) / 1e6:.3f} M, {clrk / bare:.3f}x)")
-    else:
-        print(f"  clrk ({Path(args.script).name})  {clrk / 1e6:8.3f} M")
+    for n, v in counts.items():
+        rel = "   ".join(f"{v / counts[b]:.3f}x {b}" for b in ("bare mitmdump", "bare mitmdump -O") if b in counts and b != n)
+        print(f"  {n:32} {v / 1e6:8.3f} M   {rel}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from clrk.launch import LaunchError, gateway_argv
+from clrk.launch import gateway_argv
 from clrk.settings import Settings
 
 
@@ -34,10 +34,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
     policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else policy.listener_ports() or [8080]
     cert = ensure_ca(args.certs)
-    try:
-        argv = gateway_argv(args.policies, args.db, args.certs, ports, args.host, args.dev_otlp_fallback_endpoint, extra)
-    except LaunchError as e:
-        _die(str(e))
+    argv = gateway_argv(args.policies, args.db, args.certs, ports, args.host, args.dev_otlp_fallback_endpoint, extra)
     print(
         f"clrk: gateway on {args.host or '0.0.0.0'}:{','.join(map(str, ports))}, policies {args.policies}, "
         f"records in {args.db}\nclrk: agents trust {cert} and set "
@@ -62,7 +59,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     ensure_ca(args.certs)
     try:
         session = DevSession(args.policies, args.db, args.certs, ports, otlp_port=args.otlp_port, host=args.host).start()
-    except (OSError, RuntimeError, LaunchError) as e:
+    except (OSError, RuntimeError) as e:
         _die(str(e))
     assert session.receiver is not None
     try:

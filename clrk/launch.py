@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 
-class LaunchError(Exception):
-    pass
+def gateway_command() -> list[str]:
+    """The gateway process (`clrk.proxy`: mitmdump with clrk's addon built in, under `python -O`)."""
+    return [sys.executable, "-O", "-m", "clrk.proxy"]
 
 
 def gateway_argv(policies: str, db: str, certs: str, ports: list[int], host: str, fallback: str, extra: list[str]) -> list[str]:
-    """The mitmdump command line of a clrk gateway."""
-    mitmdump = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or shutil.which("mitmdump")
-    if mitmdump is None:
-        raise LaunchError("mitmdump is not installed in this environment (run scripts/setup)")
-    argv = [mitmdump, "-s", str(Path(__file__).with_name("mitmaddon.py"))]
+    """The command line of a clrk gateway: mitmdump's options, clrk's set."""
+    argv = gateway_command()
     for p in ports:
         argv += ["--mode", f"regular@{p}"]
     argv += [

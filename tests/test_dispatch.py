@@ -9,6 +9,8 @@ import base64
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 
 from mitmproxy.test import tflow
 from pydantic import TypeAdapter
@@ -120,3 +122,23 @@ def test_mitmproxy_sees_one_addon_with_the_hooks_clrk_uses():
     g = mitmaddon.addons[0]
     assert [s.__qualname__ for s in g.steps["requestheaders"]][-1] == "Failsafe.requestheaders"
     assert [s.__qualname__ for s in g.steps["request"]][-1] == "Failsafe.request"
+
+
+def test_the_gateway_process_puts_gateway_where_mitmdump_s_would():
+    """`clrk run` starts `python -O -m clrk.proxy`, which registers `Gateway` itself: right after mitmproxy's
+    ScriptLoader, where `mitmdump -s addons/clrk.py` has it, so clrk's hooks keep running before NextLayer
+    (passthrough decides the layer first), DnsResolver, MapRemote, TlsConfig and the rest."""
+    code = (
+        "import asyncio, json\n"
+        "from mitmproxy.options import Options\n"
+        "from clrk.proxy import GatewayMaster\n"
+        "async def main():\n"
+        "    m = GatewayMaster(Options(), with_termlog=False, with_dumper=False)\n"
+        "    print(json.dumps([type(a).__name__ for a in m.addons.chain]))\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    chain = json.loads(out.stdout.strip().splitlines()[-1])
+    at = chain.index("Gateway")
+    assert chain.count("Gateway") == 1 and chain[at - 1] == "ScriptLoader"
+    assert {"NextLayer", "DnsResolver", "MapRemote", "TlsConfig", "UpstreamAuth"} <= set(chain[at + 1:])

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from clrk import attributes as A
-from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, free_port, gateway_doc, route
+from tests.harness.gateway import AGENT_TOKEN, REPO, Gateway, agent_docs, free_port, gateway_doc, route
 from tests.harness.otlp import OtlpReceiver
 
 
@@ -197,3 +197,20 @@ def test_sigterm_lets_a_stream_in_flight_finish_and_records_it(tmp_path, pki, up
     (rec,) = gw.records(invocation=i)
     assert rec[A.RESPONSE_BODY] == body.decode() and A.ERROR_TYPE not in rec
     assert "letting 1 transaction(s) in flight finish" in gw.log()
+
+
+def test_mitmdump_script_entry_decides_and_records_like_clrk_run(tmp_path, pki, upstream):
+    """The tests run the gateway as `clrk run` does (`python -O -m clrk.proxy`); `mitmdump -s addons/clrk.py`,
+    the entry PRODUCT.md names too, must behave the same."""
+    gw = Gateway(tmp_path / "gw", docs_for(pki, upstream, route("allowed", ["allowed.test"])), entry="mitmdump").start()
+    try:
+        i = f"inv-{uuid.uuid4().hex[:12]}"
+        with gw.client() as c:
+            assert c.get("https://allowed.test/json/entry", headers={"clrk-invocation-id": i}).status_code == 200
+            denied = c.get("https://api.github.com/entry", headers={"clrk-invocation-id": i + "-d"})
+        assert denied.status_code == 403 and denied.json()["error"].startswith("clrk: ")
+        assert gw.wait_record(invocation=i)[A.CLRK_DECISION] == "allow"
+        assert gw.wait_record(invocation=i + "-d")[A.CLRK_DECISION] == "deny"
+    finally:
+        gw.stop()
+    assert gw.proc.args[0].endswith("mitmdump") and gw.proc.args[1:3] == ["-s", str(REPO / "addons" / "clrk.py")]

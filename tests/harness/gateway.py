@@ -1,4 +1,5 @@
-"""The gateway as users run it: `mitmdump -s addons/clrk.py` in its own process, on loopback."""
+"""The gateway as users run it, in its own process, on loopback: the process `clrk run` starts
+(`python -O -m clrk.proxy`), or `mitmdump -s addons/clrk.py` (`entry="mitmdump"`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import httpx
 import yaml
 
 from clrk import wire
+from clrk.launch import gateway_command
 from clrk.recorder.store import fetch_records, open_readonly
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +105,7 @@ def deny(name: str, hostnames: list[str], **spec) -> dict:
 
 class Gateway:
     def __init__(self, workdir: Path, docs: list[dict], *, fallback: str = "", env: dict | None = None,
-                 mitmproxy_args: list[str] | None = None, wrapper: list[str] | None = None):
+                 mitmproxy_args: list[str] | None = None, wrapper: list[str] | None = None, entry: str = "clrk"):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.policies = self.dir / "policies"
@@ -114,6 +116,7 @@ class Gateway:
         self.fallback = fallback
         self.mitmproxy_args = list(mitmproxy_args or [])
         self.wrapper = list(wrapper or [])  # a command the gateway runs under (e.g. in its own mount namespace)
+        self.entry = entry
         self.env = {**os.environ, "CLRK_TEST_REVIEWER_TOKEN": OTHER_TOKEN, **(env or {})}
         self.write_policy(docs)
         self.proc: subprocess.Popen | None = None
@@ -129,7 +132,8 @@ class Gateway:
         return self.certs / "mitmproxy-ca-cert.pem"
 
     def start(self, timeout: float = 30.0) -> Gateway:
-        argv = [MITMDUMP, "-s", str(REPO / "addons" / "clrk.py"), "--listen-host", "127.0.0.1", "-p", str(self.port),
+        command = [MITMDUMP, "-s", str(REPO / "addons" / "clrk.py")] if self.entry == "mitmdump" else gateway_command()
+        argv = [*command, "--listen-host", "127.0.0.1", "-p", str(self.port),
                 "--set", f"clrk_policies={self.policies}", "--set", f"clrk_db={self.db}",
                 "--set", f"clrk_certs={self.certs}"]
         if self.fallback:
