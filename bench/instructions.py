@@ -28,11 +28,17 @@ import bench as B  # noqa: E402
 
 def counted(argv: list[str], proxy: str, url: str, requests: int, out: Path, warmup: int = 50) -> float:
     """Runs `argv` under callgrind; returns instructions per request over `requests` requests."""
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
-                            cwd=B.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out.with_suffix(".log")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+                                cwd=B.REPO, stdout=f, stderr=subprocess.STDOUT)
     try:
         port = int(proxy.rsplit(":", 1)[1])
-        B.wait_port(port, timeout=300)
+        deadline = time.monotonic() + 300
+        while not B.port_open(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not start under callgrind:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
         hey = B.ensure_hey()
         B.run_hey(hey, proxy, url, 1, n=warmup)  # TLS set-up, caches, the recorder started
         time.sleep(1)

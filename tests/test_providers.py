@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from clrk.providers import DEFAULT_HOSTS, parser_for
@@ -223,3 +223,39 @@ def test_garbage_never_raises(data, name):
     p.response_headers(200, ctype)
     p.feed(data)
     p.end()
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _outcome(fn, data):
+    try:
+        return "ok", repr(fn(data))
+    except Exception as e:  # noqa: BLE001 — which error it is, is what is compared
+        return "error", type(e).__name__
+
+
+@settings(max_examples=400, deadline=None)
+@example(b'{"a": 1, "a": 2}')
+@example(b'[1E400, -0, -0.0, 1e-400]')
+@example(b'\xef\xbb\xbf{"bom": 1}')
+@example(b'"\\ud800"')
+@example(b'[' * 5000 + b']' * 5000)
+@given(st.one_of(
+    _json_values.map(lambda v: json.dumps(v).encode()),  # valid JSON, NaN and Infinity included
+    _json_values.map(lambda v: json.dumps(v).encode("utf-16")),
+    st.binary(max_size=64),
+    st.text(max_size=64).map(str.encode),
+    st.integers(min_value=2**63, max_value=2**80).map(lambda n: b'{"n": %d}' % n),
+))
+def test_provider_json_parsing_is_exactly_json_loads(data):
+    """Bodies are parsed with orjson for speed; whatever it refuses goes to json.loads. The outcome — the value,
+    or the kind of error — must be json.loads's for any input."""
+    from clrk.providers.base import loads
+
+    assert _outcome(loads, data) == _outcome(json.loads, data)
+    assert _outcome(loads, data.decode("latin-1")) == _outcome(json.loads, data.decode("latin-1"))

@@ -7,10 +7,9 @@ include cache reads and cache creations.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from clrk.providers.base import ProviderParser, as_int, object_after_key
+from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _STREAM_EVENTS = frozenset({"message_start", "message_delta", "error", "completion"})
 
@@ -82,7 +81,7 @@ class AnthropicParser(ProviderParser):
     def on_event(self, event: str, data: str) -> None:
         if event and event not in _STREAM_EVENTS:
             return  # content deltas and pings
-        doc = json.loads(data)
+        doc = loads(data)
         if not isinstance(doc, dict):
             return
         kind = doc.get("type") or event

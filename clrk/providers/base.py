@@ -16,11 +16,32 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import orjson
+
 from clrk import attributes as A
 from clrk.providers.sse import SseParser
 
 JSON_PARSE_LIMIT = 1024 * 1024  # a JSON body up to this size is parsed whole
 TAIL_BYTES = 64 * 1024  # past that, the usage is read from the last TAIL_BYTES
+
+
+_NONZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_NUMBER = b"0" * 19  # 2**63 has 19 digits
+
+
+def loads(data: bytes | bytearray | str) -> Any:
+    """`json.loads`, through orjson where that gives the same answer: every provider call has its request
+    and response bodies parsed on the proxy's one thread, and orjson does that several times faster.
+    orjson reads an integer past 64 bits as a float where json keeps it exact, so a body with a run of 19
+    or more digits anywhere goes to json; so does anything orjson refuses (NaN, UTF-16, a BOM, deep
+    nesting, a lone surrogate). What parses, to what, and what raises which error is json's."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if raw.translate(_NONZERO).find(_LONG_NUMBER) < 0:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
 
 
 @dataclass(slots=True)
@@ -117,7 +138,7 @@ class ProviderParser:
         if not body or len(body) > 32 * JSON_PARSE_LIMIT:
             return
         try:
-            doc = json.loads(body)
+            doc = loads(body)
             if isinstance(doc, dict):
                 self.request_doc = doc
                 self.on_request(doc)
@@ -176,7 +197,7 @@ class ProviderParser:
                 self.on_truncated_json(self._tail.decode("utf-8", "replace"))
             elif self._body:
                 try:
-                    doc = json.loads(self._body)
+                    doc = loads(self._body)
                 except ValueError as e:
                     self.result.parse_error = f"response body is not complete JSON: {e}"
                     # A body cut mid-way: what it said so far may still name the usage.

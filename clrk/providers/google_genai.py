@@ -8,12 +8,11 @@ candidates + thoughts.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import unquote
 
-from clrk.providers.base import ProviderParser, as_int, object_after_key
+from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _PATH = re.compile(r"/(?:models|tunedModels)/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$")
 _OPS = {
@@ -87,7 +86,7 @@ class GoogleGenAIParser(ProviderParser):
             self._chunk(chunk)
 
     def on_event(self, event: str, data: str) -> None:
-        self._chunk(json.loads(data))
+        self._chunk(loads(data))
 
     def on_error(self, doc: Any) -> None:
         for d in doc if isinstance(doc, list) else [doc]:

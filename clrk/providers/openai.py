@@ -9,11 +9,10 @@ prompt_tokens already include cached tokens and completion_tokens reasoning toke
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from clrk.providers.base import ProviderParser, as_int, object_after_key
+from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _ENDPOINTS = (
     ("/chat/completions", "chat"),
@@ -131,7 +130,7 @@ class OpenAIParser(ProviderParser):
         if self._responses_api:
             if event and event not in _RESPONSE_EVENTS:
                 return  # deltas: nothing the record needs
-            doc = json.loads(data)
+            doc = loads(data)
             if doc.get("type") == "error" or event == "error":
                 self.on_error(doc)
             else:
@@ -142,7 +141,7 @@ class OpenAIParser(ProviderParser):
         # Most chunks are content deltas; parse only the first, finish-reason and usage chunks.
         if not (self._first_chunk or _FINISH.search(data) or _USAGE.search(data) or '"error"' in data):
             return
-        doc = json.loads(data)
+        doc = loads(data)
         if not isinstance(doc, dict):
             return
         if "error" in doc and isinstance(doc["error"], dict):
