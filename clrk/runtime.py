@@ -15,7 +15,7 @@ from clrk.decision import Decision
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.sink import RecordSink
-from clrk.transaction import Transaction, snapshot
+from clrk.transaction import METADATA_KEY, Transaction, snapshot
 
 log = logging.getLogger("clrk")
 
@@ -79,6 +79,9 @@ class Runtime:
             tx.budget_used = self.ledger.settle(tx.reservation, actual)
             tx.reservation = None
         self.submit(snapshot(tx, flow))
+        # mitmproxy's flows are reference cycles, freed only by the collector: a transaction left on its flow
+        # would wait for it too, and be traversed. Later hooks of this flow find no transaction: it is recorded.
+        flow.metadata.pop(METADATA_KEY, None)
 
     def submit(self, rec: dict) -> None:
         if self.sink is not None:

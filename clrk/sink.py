@@ -1,8 +1,9 @@
 """The proxy's end of the recorder: records are queued in memory and shipped in batches over the recorder's
 Unix socket, from the event loop, without ever blocking it.
 
-Per record the proxy pays a list append; per batch (every BATCH_INTERVAL or BATCH_SIZE records) one
-msgpack encode and one non-blocking socket write. If the recorder is slow, the socket's write buffer
+Per record the proxy pays one msgpack encode (the record is bytes from then on: it keeps no mitmproxy
+object alive and gives the garbage collector nothing to traverse while it waits) and a list append; per
+batch (every BATCH_INTERVAL or BATCH_SIZE records) one non-blocking socket write of the records joined. If the recorder is slow, the socket's write buffer
 grows to HIGH_WATER and records wait here instead, bounded by MAX_PENDING (oldest dropped, counted, logged).
 If the recorder dies it is restarted and the queue shipped to the new one.
 """
@@ -33,7 +34,7 @@ class RecordSink:
     def __init__(self, db_path: str):
         self.db_path = str(Path(db_path).resolve())
         self.socket_path = wire.socket_path(self.db_path)
-        self.pending: list[dict] = []
+        self.pending: list[bytes] = []  # records, each msgpack-encoded
         self.dropped = 0
         self.proc: subprocess.Popen | None = None
         self.config: dict | None = None
@@ -125,7 +126,7 @@ class RecordSink:
 
     def submit(self, record: dict) -> None:
         """Queues one record; called on the event loop for every transaction."""
-        self.pending.append(record)
+        self.pending.append(wire.pack_record(record))
         if len(self.pending) >= BATCH_SIZE:
             self._ship()
         elif self._timer is None:
@@ -146,7 +147,7 @@ class RecordSink:
                 self._timer = asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._ship)
             return
         rows, self.pending = self.pending, []
-        w.write(wire.pack({"t": "rows", "rows": rows}))
+        w.write(wire.pack_rows(rows))
 
     def _bound(self) -> None:
         over = len(self.pending) - MAX_PENDING

@@ -1,6 +1,7 @@
 """One L7 transaction as the gateway sees it, and the raw facts (`snapshot`) it leaves when it ends.
 
-A `Transaction` lives in `flow.metadata["clrk"]` from the first hook that sees the request to the last.
+A `Transaction` lives in `flow.metadata["clrk"]` from the first hook that sees the request until it is
+recorded (`Runtime.finish`), when it is taken off the flow.
 `snapshot` runs once per transaction on the event loop and only gathers references; the recorder process
 turns them into the record of PRODUCT.md §3 (`clrk.recorder.expand`), redacting before anything is stored
 or exported.

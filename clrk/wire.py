@@ -34,6 +34,21 @@ def pack(message: dict) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
+_record_packer = msgpack.Packer(use_bin_type=True)
+_ROWS_HEAD = b"\x82" + msgpack.packb("t") + msgpack.packb("rows") + msgpack.packb("rows")  # a 2-entry map
+
+
+def pack_record(record: dict) -> bytes:
+    """One record, encoded as it will sit in a rows message (see `pack_rows`)."""
+    return _record_packer.pack(record)
+
+
+def pack_rows(records: list[bytes]) -> bytes:
+    """The frame of {"t": "rows", "rows": [...]} from records encoded by `pack_record`, without decoding them."""
+    data = b"".join([_ROWS_HEAD, _record_packer.pack_array_header(len(records)), *records])
+    return HEADER.pack(len(data)) + data
+
+
 def unpack(data: bytes) -> dict:
     msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
     if not isinstance(msg, dict) or "t" not in msg:

@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 
+from mitmproxy import flow
 from mitmproxy.test import tflow
 from pydantic import TypeAdapter
 
@@ -61,6 +62,25 @@ def test_an_allowed_request_passes_every_step():
     assert g.requestheaders(f) is None and g.request(f) is None
     assert f.response is None
     assert f.metadata[METADATA_KEY].decision.allow
+
+
+def test_a_recorded_transaction_is_taken_off_its_flow_and_recorded_once():
+    """mitmproxy's flows are reference cycles, freed by the collector; the transaction leaves the flow once its
+    record is made (so it is freed at once), and a later hook of that flow (an error after the response)
+    records nothing twice."""
+    g = Gateway()
+    g.rt.policy = _policy("example.com")
+    f = _flow("example.com")
+    g.requestheaders(f)
+    g.request(f)
+    f.response = tflow.tresp()
+    g.responseheaders(f)
+    g.response(f)
+    assert METADATA_KEY not in f.metadata and g.rt.in_flight == 0
+    assert [r["decision"][0] for r in g.rt.unsent] == ["allow"]
+    f.error = flow.Error("client disconnected")
+    g.error(f)
+    assert len(g.rt.unsent) == 1
 
 
 def test_a_step_that_raises_is_logged_and_the_request_is_denied_not_let_through(monkeypatch, caplog):

@@ -262,3 +262,15 @@ def test_an_upstream_name_that_does_not_resolve_is_a_clean_502_with_dns_error(tm
             gw.stop()
     finally:
         dns.close()
+
+
+def test_records_encoded_one_by_one_frame_as_one_rows_message():
+    """The proxy encodes each record when it is made and frames a batch without decoding: the recorder must
+    read exactly the message it would have got from encoding the batch whole (also past 65,535 records,
+    where msgpack's array header changes size)."""
+    from clrk import wire
+
+    for records in ([], [{"a": 1, "b": [1, (2, 3)], "c": b"\x00bytes", "d": None, "e": "ünïcode"}],
+                    [{"i": i} for i in range(70_000)]):
+        framed = wire.pack_rows([wire.pack_record(r) for r in records])
+        assert framed == wire.pack({"t": "rows", "rows": records})
