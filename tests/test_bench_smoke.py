@@ -43,3 +43,17 @@ def test_bench_profile_smoke(tmp_path):
     assert "what clrk adds per request" in text and "clrk's own functions" in text
     own = text.split("clrk's own functions", 1)[1]
     assert "clrk/" in own, text  # the gateway's functions were sampled under load
+
+
+def test_perfdiff_smoke(tmp_path):
+    """`bench/perfdiff.py` (perf with Python's trampolines, bare -O vs clrk per function) must not rot."""
+    if shutil.which("hey") is None or shutil.which("perf") is None:
+        pytest.skip("hey or perf is not installed")
+    probe = subprocess.run(["perf", "record", "-o", str(tmp_path / "probe.data"), "--", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"perf cannot sample here: {probe.stderr.strip()[-200:]}")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "perfdiff.py"), "--requests", "300", "--top", "400"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "µs per request" in out.stdout
+    assert "(addons.py)" in out.stdout, out.stdout  # clrk's steps were sampled, by Python function name
