@@ -57,6 +57,7 @@ log = logging.getLogger("clrk")
 RELOAD_POLL_SECONDS = 0.25
 DRAIN_SECONDS = 30
 MITMPROXY_DEFAULT_CONFDIR = "~/.mitmproxy"
+FORCED_OPTIONS = frozenset({"connection_strategy", "flow_detail", "confdir"})  # see PolicyLoader._configure_mitmproxy
 
 
 # --------------------------------------------------------------------------- PolicyLoader
@@ -71,7 +72,7 @@ class PolicyLoader:
         self.rt = rt
         self._watch: asyncio.Task | None = None
         self._signature: tuple | None = None
-        self._configured_mitmproxy = False
+        self._loaded_from: str | None = None  # the clrk_policies value in force (file changes: _watch_loop)
 
     def load(self, loader) -> None:
         s = Settings()
@@ -86,10 +87,11 @@ class PolicyLoader:
         loader.add_option("clrk_certs", str, s.certs, "clrk: directory of the gateway's CA (env CLRK_CERTS).")
 
     def configure(self, updated: set[str]) -> None:
-        if not self._configured_mitmproxy:
-            self._configured_mitmproxy = True
+        if FORCED_OPTIONS & updated:
+            # Every time, not once: a `-v`, `--flow-detail`, the confdir's config.yaml or a later `set` must
+            # not undo what clrk's security relies on.
             self._configure_mitmproxy()
-        if "clrk_policies" in updated:
+        if "clrk_policies" in updated and (self.rt.policy is None or ctx.options.clrk_policies != self._loaded_from):
             try:
                 policy = load_policy(ctx.options.clrk_policies)
                 self._apply(policy)
@@ -98,6 +100,7 @@ class PolicyLoader:
             except OSError as e:
                 raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} cannot be used: {e}") from None
             self._signature = self._current_signature()
+            self._loaded_from = ctx.options.clrk_policies
         if "clrk_dev_otlp_fallback_endpoint" in updated and self.rt.sink is not None:
             self.rt.sink.send_config(export_config(self.rt.policy))
 

@@ -116,6 +116,7 @@ class Gateway:
         # left out of the collector's full passes, which otherwise walk those ~100k objects every few thousand
         # requests (≈ 13 µs per request; docs/PERFORMANCE.md). Frozen objects are still freed by reference
         # counting (a replaced policy holds no cycles); only a cycle among them would outlive its use.
+        gc.collect()  # what is garbage now is not frozen with the rest
         gc.freeze()
 
     async def done(self) -> None:

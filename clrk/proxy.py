@@ -1,8 +1,9 @@
 """The gateway process `clrk run` and `clrk dev` start: `python -O -m clrk.proxy [mitmdump options]`.
 
 It is mitmdump — the same command line, options, master and default addons — with clrk's `Gateway` put in
-the addon chain directly, where `mitmdump -s addons/clrk.py` would load it (`Gateway` then sits in the
-same place, right after mitmproxy's ScriptLoader, so every hook runs in the same order as with `-s`).
+the addon chain directly, where `mitmdump -s addons/clrk.py` would load it (right before the scripts
+mitmproxy's ScriptLoader runs, so every hook runs in the same order as with `-s`, and before any other
+`-s` script), at the same moment (once every option is final).
 `mitmdump -s addons/clrk.py` keeps working; this entry is what the product runs, for two measured reasons
 (docs/PERFORMANCE.md):
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import sys
 
+from mitmproxy import exceptions, hooks
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
 from mitmproxy.tools.dump import DumpMaster
@@ -27,13 +29,24 @@ from clrk.mitmaddon import Gateway
 
 
 class GatewayMaster(DumpMaster):
-    """mitmdump's master with `Gateway` registered where ScriptLoader's scripts are traversed."""
+    """mitmdump's master with `Gateway` registered as `mitmdump -s addons/clrk.py` would have it: once the
+    command line and config.yaml are applied, sent a configure of every option, and placed where the first
+    `-s` script sits — before ScriptLoader, so clrk's hooks still run before any user script's."""
 
-    def __init__(self, options, **kwargs):
-        super().__init__(options, **kwargs)
+    def add_gateway(self) -> Gateway:
         addons = self.addons
-        at = addons.chain.index(addons.get("scriptloader")) + 1
-        addons.chain.insert(at, addons.register(Gateway()))
+        gateway = Gateway()
+        addons.chain.insert(addons.chain.index(addons.get("scriptloader")), addons.register(gateway))
+        addons.invoke_addon_sync(gateway, hooks.ConfigureHook(set(self.options.keys())))
+        return gateway
+
+    async def run(self) -> None:
+        try:
+            self.add_gateway()
+        except exceptions.OptionsError as e:  # an invalid policy at start: say so and stop, as mitmdump does
+            print(e, file=sys.stderr)
+            sys.exit(1)
+        await super().run()
 
 
 def _filter_options(args) -> dict:

@@ -126,7 +126,12 @@ class RecordSink:
 
     def submit(self, record: dict) -> None:
         """Queues one record; called on the event loop for every transaction."""
-        self.pending.append(wire.pack_record(record))
+        try:
+            self.pending.append(wire.pack_record(record))
+        except Exception as e:  # a value msgpack cannot carry: one record lost, said loudly, never the batch
+            self.dropped += 1
+            log.error("clrk: a record could not be encoded and is dropped (%s: %s)", type(e).__name__, e)
+            return
         if len(self.pending) >= BATCH_SIZE:
             self._ship()
         elif self._timer is None:

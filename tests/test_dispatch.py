@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -144,21 +145,29 @@ def test_mitmproxy_sees_one_addon_with_the_hooks_clrk_uses():
     assert [s.__qualname__ for s in g.steps["request"]][-1] == "Failsafe.request"
 
 
-def test_the_gateway_process_puts_gateway_where_mitmdump_s_would():
-    """`clrk run` starts `python -O -m clrk.proxy`, which registers `Gateway` itself: right after mitmproxy's
-    ScriptLoader, where `mitmdump -s addons/clrk.py` has it, so clrk's hooks keep running before NextLayer
-    (passthrough decides the layer first), DnsResolver, MapRemote, TlsConfig and the rest."""
+def test_the_gateway_process_puts_gateway_where_mitmdump_s_would(tmp_path):
+    """`clrk run` starts `python -O -m clrk.proxy`, which registers `Gateway` itself: where `mitmdump -s
+    addons/clrk.py` has it (the first script, just before the scripts ScriptLoader runs), so clrk's hooks keep
+    running after Proxyserver and before any user script, NextLayer (passthrough decides the layer first),
+    DnsResolver, MapRemote, TlsConfig and the rest. It then gets a configure of every option, as a script does:
+    a policy named only by CLRK_POLICIES is in force before the proxy serves."""
+    (tmp_path / "p.yaml").write_text("kind: EgressGateway\nmetadata: {name: gw}\nspec: {}\n")
     code = (
         "import asyncio, json\n"
         "from mitmproxy.options import Options\n"
         "from clrk.proxy import GatewayMaster\n"
         "async def main():\n"
-        "    m = GatewayMaster(Options(), with_termlog=False, with_dumper=False)\n"
-        "    print(json.dumps([type(a).__name__ for a in m.addons.chain]))\n"
+        "    m = GatewayMaster(Options(), with_termlog=False)\n"
+        "    g = m.add_gateway()\n"
+        "    print(json.dumps([[type(a).__name__ for a in m.addons.chain], g.rt.policy is not None]))\n"
         "asyncio.run(main())\n"
     )
-    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    chain = json.loads(out.stdout.strip().splitlines()[-1])
+    env = dict(os.environ, CLRK_POLICIES=str(tmp_path), CLRK_DB=str(tmp_path / "db" / "c.duckdb"),
+               CLRK_CERTS=str(tmp_path / "certs"))
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    chain, loaded = json.loads(out.stdout.strip().splitlines()[-1])
     at = chain.index("Gateway")
-    assert chain.count("Gateway") == 1 and chain[at - 1] == "ScriptLoader"
+    assert chain.count("Gateway") == 1 and chain[at - 1] == "Proxyserver" and chain[at + 1] == "ScriptLoader"
     assert {"NextLayer", "DnsResolver", "MapRemote", "TlsConfig", "UpstreamAuth"} <= set(chain[at + 1:])
+    assert loaded

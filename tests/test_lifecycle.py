@@ -214,3 +214,53 @@ def test_mitmdump_script_entry_decides_and_records_like_clrk_run(tmp_path, pki, 
     finally:
         gw.stop()
     assert gw.proc.args[0].endswith("mitmdump") and gw.proc.args[1:3] == ["-s", str(REPO / "addons" / "clrk.py")]
+
+
+@pytest.mark.parametrize("entry", ["clrk", "mitmdump"])
+def test_extra_mitmproxy_arguments_cannot_undo_what_clrk_relies_on(tmp_path, pki, upstream, forbidden_upstream, entry):
+    """`clrk run -- <mitmdump args>`: `-v` (which turns mitmproxy's own flow log on, with unredacted URLs
+    and headers) and `connection_strategy=eager` (which dials the CONNECT target before any decision) are
+    overridden, whichever way the gateway is started."""
+    docs = docs_for(pki, upstream, route("allowed", ["allowed.test"]))
+    docs[0]["spec"]["upstreamTLS"]["hostAliases"]["denied.test"] = forbidden_upstream.address
+    gw = Gateway(tmp_path / "gw", docs, entry=entry,
+                 mitmproxy_args=["-v", "--set", "connection_strategy=eager", "--set", "flow_detail=3"]).start()
+    try:
+        with gw.client() as c:
+            r = c.get("https://allowed.test/json/args?key=QUERYSECRET-77", headers={"authorization": "Bearer HDRSECRET-77"})
+            assert r.status_code == 200
+            assert c.get("https://denied.test/json/args").status_code == 403
+    finally:
+        gw.stop()
+    assert forbidden_upstream.connections == 0
+    log = gw.log()
+    assert "QUERYSECRET-77" not in log and "HDRSECRET-77" not in log
+
+
+@pytest.mark.parametrize("entry", ["clrk", "mitmdump"])
+def test_an_invalid_policy_stops_the_gateway_at_start_with_a_clear_error(tmp_path, pki, upstream, entry):
+    docs = docs_for(pki, upstream, route("allowed", ["allowed.test"], sourceAgents={"namespaces": "not-a-list"}))
+    gw = Gateway(tmp_path / "gw", docs, entry=entry)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        gw.start()
+    assert "is invalid" in gw.log() and "sourceAgents" in gw.log()
+
+
+def test_clrk_hooks_run_before_a_user_script(tmp_path, pki, upstream):
+    """`clrk run -- -s user.py`: clrk sees each request first (as with `mitmdump -s addons/clrk.py -s user.py`),
+    so a user script cannot answer a request before clrk has authenticated, decided and recorded it."""
+    seen = tmp_path / "seen.txt"
+    script = tmp_path / "user.py"
+    script.write_text(
+        "class Seen:\n"
+        "    def requestheaders(self, flow):\n"
+        f"        open({str(seen)!r}, 'a').write('answered ' if flow.response else 'open ')\n"
+        "addons = [Seen()]\n")
+    gw = Gateway(tmp_path / "gw", docs_for(pki, upstream, route("allowed", ["allowed.test"])),
+                 mitmproxy_args=["-s", str(script)]).start()
+    try:
+        with gw.client() as c:
+            assert c.get("https://api.github.com/user-script").status_code == 403
+    finally:
+        gw.stop()
+    assert seen.read_text().split() == ["answered"]

@@ -66,6 +66,17 @@ def test_non_provider_hosts_are_not_classified_and_backends_are():
 # ------------------------------------------------------------------------------------------ OpenAI
 
 
+def test_usage_past_64_bits_is_not_taken_and_the_record_still_encodes():
+    """A token count no record field can carry (DuckDB BIGINT, msgpack, OTLP int64) is left out, not
+    allowed to break the record it is in."""
+    from clrk import wire
+
+    body = B.openai_chat_json(prompt=2**70, completion=5)
+    r = run("api.openai.com", "/v1/chat/completions", 200, "application/json", [body], {"model": "gpt-4o-mini"})
+    assert r.input_tokens is None and r.output_tokens == 5
+    wire.pack_record({"genai": r.attributes()})
+
+
 def test_openai_chat_json():
     r = run("api.openai.com", "/v1/chat/completions", 200, "application/json", [B.openai_chat_json()], {"model": "gpt-4o-mini", "messages": []})
     a = r.attributes()

@@ -89,7 +89,8 @@ class GenAiResult:
 
 
 def as_int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    """An integer the record can carry (64-bit signed, as DuckDB, msgpack and OTLP store it), else None."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63 else None
 
 
 def object_after_key(text: str, key: str) -> Any:
