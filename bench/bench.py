@@ -171,8 +171,8 @@ class Stack:
 
         db = self.tmp / f"data-{slug}" / "clrk.duckdb"
         port = free_port()
-        self._spawn([*gateway_command(), "--listen-host", "127.0.0.1", "-p", str(port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={db}",
-                     "--set", f"clrk_certs={self.tmp / 'certs'}"], slug)
+        self._spawn([*gateway_command(), "--listen-host", "127.0.0.1", "-p", str(port), "--set", f"clrk_policies={pol}",
+                     "--set", f"clrk_db={db}", "--set", f"clrk_certs={self.tmp / 'certs'}"], slug)
         return port, db
 
     def _spawn(self, argv: list[str], name: str) -> None:
@@ -435,13 +435,13 @@ def bench_store(tmp: Path, rows: int) -> str:
 
 
 def profile(hey: str, stack: Stack, out: str, seconds: float) -> str:
-    """py-spy samples bare mitmdump and the clrk proxy under the same c=8 load, one after the other; the
-    summary is per request (sampled time / requests served), so the two can be subtracted: what clrk adds,
-    function by function (inclusive), and its own functions."""
+    """py-spy samples bare mitmdump (under the same `python -O` as the gateway) and the clrk proxy under the
+    same c=8 load, one after the other; the summary is per request (sampled time / requests served), so the
+    two can be subtracted: what clrk adds, function by function (inclusive), and its own functions."""
     per_req: dict[str, tuple[dict[str, float], dict[str, float], float]] = {}
     lines = []
-    for name in ["bare", "clrk"]:
-        raw = f"{out}.{name}"
+    for name in ["bare -O", "clrk"]:
+        raw = f"{out}.{name.split()[0]}"
         spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(stack.pid(name)), "-d", str(int(seconds) + 1),
                                 "-r", "500", "-f", "raw", "-o", raw], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
@@ -450,10 +450,10 @@ def profile(hey: str, stack: Stack, out: str, seconds: float) -> str:
             raise SystemExit(f"bench: py-spy could not sample the {name} proxy (it needs ptrace permission)")
         per_req[name] = _profile_per_request(Path(raw), res.rps * seconds, 1e6 / 500)
         lines.append(f"{name}: {res.rps:.0f} req/s under the profiler, {per_req[name][2]:.0f} µs of event-loop samples per request")
-    bare_incl, _, _ = per_req["bare"]
+    bare_incl, _, _ = per_req["bare -O"]
     clrk_incl, _, _ = per_req["clrk"]
     lines.append("")
-    lines.append("what clrk adds per request, inclusive µs (clrk − bare), largest first:")
+    lines.append("what clrk adds per request, inclusive µs (clrk − bare -O), largest first:")
     diffs = sorted(((clrk_incl.get(k, 0.0) - bare_incl.get(k, 0.0), k) for k in set(bare_incl) | set(clrk_incl)), reverse=True)
     shown = 0
     for d, k in diffs:
@@ -515,7 +515,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     ap.add_argument("--smoke", action="store_true", help="everything, small and short: checks the harness; writes nothing")
     ap.add_argument("--write", default=str(REPO / "docs" / "PERFORMANCE.md"))
-    ap.add_argument("--profile", metavar="FILE", help="only profile: py-spy on bare and clrk under c=8 load, per-request "
+    ap.add_argument("--profile", metavar="FILE", help="only profile: py-spy on bare (-O) and clrk under c=8 load, per-request "
                     "differences written to FILE (raw samples in FILE.bare, FILE.clrk)")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -532,7 +532,7 @@ def main() -> None:
         # Only what a section measures runs during it: idle gateways still poll and would tax the others.
         if args.profile or {"throughput", "sse", "memory"} & set(only):
             with ExitStack() as es:
-                stack = Stack(Path(d) / "main", es, otlp_cases=False, bare_optimized="throughput" in only and not args.profile)
+                stack = Stack(Path(d) / "main", es, otlp_cases=False, bare_optimized=bool(args.profile) or "throughput" in only)
                 warm_up(hey, stack, args.smoke)
                 if args.profile:
                     print(profile(hey, stack, args.profile, args.seconds))

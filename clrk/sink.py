@@ -3,8 +3,9 @@ Unix socket, from the event loop, without ever blocking it.
 
 Per record the proxy pays one msgpack encode (the record is bytes from then on: it keeps no mitmproxy
 object alive and gives the garbage collector nothing to traverse while it waits) and a list append; per
-batch (every BATCH_INTERVAL or BATCH_SIZE records) one non-blocking socket write of the records joined. If the recorder is slow, the socket's write buffer
-grows to HIGH_WATER and records wait here instead, bounded by MAX_PENDING (oldest dropped, counted, logged).
+batch (every BATCH_INTERVAL or BATCH_SIZE records) one non-blocking socket write of the records joined.
+If the recorder is slow, the socket's write buffer grows to HIGH_WATER and records wait here instead,
+bounded by MAX_PENDING (oldest dropped, counted, logged).
 If the recorder dies it is restarted and the queue shipped to the new one.
 """
 
