@@ -185,6 +185,24 @@ def _finish_handshake(s: socket.socket, obj, inc, out) -> None:
             inc.write(d)
 
 
+def _read_available(obj, inc) -> bytes:
+    """Everything `obj` can decrypt from what `inc` holds. One read may stop after a post-handshake message
+    (a TLS 1.3 session ticket) with application data still buffered behind it: read on while that makes
+    progress, or the answer sits unread while the socket has nothing more to give."""
+    got = b""
+    while True:
+        pending = inc.pending
+        try:
+            data = obj.read(65536)
+        except ssl.SSLWantReadError:
+            if inc.pending and inc.pending < pending:
+                continue
+            return got
+        if not data:
+            return got
+        got += data
+
+
 def _exchange(s: socket.socket, obj, inc, out, request: bytes) -> bytes:
     """Sends one request over the in-memory TLS session and reads until the JSON answer's end."""
     obj.write(request)
@@ -196,8 +214,7 @@ def _exchange(s: socket.socket, obj, inc, out, request: bytes) -> bytes:
         if not d:
             break
         inc.write(d)
-        with contextlib.suppress(ssl.SSLWantReadError):
-            got += obj.read(65536)
+        got += _read_available(obj, inc)
     return got
 
 
