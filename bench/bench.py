@@ -37,7 +37,8 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,47 @@ def run_hey(hey: str, proxy: str, url: str, conc: int, seconds: float | None = N
     return Result(rps, float(p50.group(1)) * 1000 if p50 else 0.0, float(p99.group(1)) * 1000 if p99 else 0.0, errors)
 
 
+def bare_argv(port: int, confdir: Path, optimized: bool = False) -> list[str]:
+    """Bare mitmdump as it ships (the contract's baseline) or under the `python -O` the clrk gateway runs with."""
+    python = [sys.executable, "-O"] if optimized else []
+    return [*python, str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+            "--set", "ssl_insecure=true", "--set", f"confdir={confdir}"]
+
+
+def clrk_argv(port: int, policies: Path, db: Path, certs: Path, command: list[str] | None = None) -> list[str]:
+    """The clrk gateway as `clrk run` starts it (or under `command`, e.g. `mitmdump -s SCRIPT`)."""
+    return [*(command or gateway_command()), "--listen-host", "127.0.0.1", "-p", str(port),
+            "--set", f"clrk_policies={policies}", "--set", f"clrk_db={db}", "--set", f"clrk_certs={certs}"]
+
+
+def clrk_proxy(port: int) -> str:
+    return f"http://team-a.bench:{TOKEN}@127.0.0.1:{port}"
+
+
+@dataclass
+class Backing:
+    url: str  # the chat-completions URL of the upstream
+    policies: Path  # the bench policy, exporting to the OTLP sink
+
+
+@contextmanager
+def upstream_and_sink(tmp: Path) -> Iterator[Backing]:
+    """An HTTPS upstream, an OTLP sink and the bench policy for one gateway (tools measuring one proxy at a time)."""
+    ca, server_pem = make_upstream_pki(tmp / "pki", ["localhost"])
+    up_port, sink = free_port(), free_port()
+    up = subprocess.Popen([sys.executable, str(REPO / "bench" / "upstream.py"), str(server_pem), str(up_port)])
+    otlp = subprocess.Popen([sys.executable, str(REPO / "bench" / "otlp_sink.py"), str(sink)])
+    try:
+        wait_port(up_port)
+        pol = tmp / "pol"
+        pol.mkdir()
+        write_policy(pol, f"http://127.0.0.1:{sink}", ca, up_port)
+        yield Backing(f"https://localhost:{up_port}/v1/chat/completions", pol)
+    finally:
+        up.terminate()
+        otlp.terminate()
+
+
 class Stack:
     """The processes under test: upstream, OTLP receivers, bare mitmdump, clrk gateways (one per OTLP case)."""
 
@@ -136,11 +178,10 @@ class Stack:
         # Bare mitmdump as it ships (the contract's baseline) and, to show clrk's own cost apart from what
         # -O takes off mitmproxy, under the same `python -O` the clrk gateway runs with.
         self.bares: dict[str, int] = {}
-        for name, python in [("bare", []), *([("bare -O", [sys.executable, "-O"])] if bare_optimized else [])]:
+        for name in ["bare", *(["bare -O"] if bare_optimized else [])]:
             self.bares[name] = port = free_port()
-            self._spawn([*python, str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
-                         "--set", "ssl_insecure=true", "--set", f"confdir={tmp / (name.replace(' ', '-') + '-certs')}"],
-                        name.replace(" ", "-"))
+            slug = name.replace(" ", "-")
+            self._spawn(bare_argv(port, tmp / f"{slug}-certs", optimized=name != "bare"), slug)
         self.bare_port = self.bares["bare"]
         self.gateways: dict[str, tuple[int, Path]] = {}
         endpoints = {"clrk": f"http://127.0.0.1:{sink}"}
@@ -171,8 +212,7 @@ class Stack:
 
         db = self.tmp / f"data-{slug}" / "clrk.duckdb"
         port = free_port()
-        self._spawn([*gateway_command(), "--listen-host", "127.0.0.1", "-p", str(port), "--set", f"clrk_policies={pol}",
-                     "--set", f"clrk_db={db}", "--set", f"clrk_certs={self.tmp / 'certs'}"], slug)
+        self._spawn(clrk_argv(port, pol, db, self.tmp / "certs"), slug)
         return port, db
 
     def _spawn(self, argv: list[str], name: str) -> None:
@@ -193,7 +233,7 @@ class Stack:
     def proxy(self, name: str) -> str:
         if name in self.bares:
             return f"http://127.0.0.1:{self.bares[name]}"
-        return f"http://team-a.bench:{TOKEN}@127.0.0.1:{self.gateways[name][0]}"
+        return clrk_proxy(self.gateways[name][0])
 
     def pid(self, name: str) -> int:
         return self.pids[name.replace(" ", "-")]

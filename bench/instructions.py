@@ -68,34 +68,18 @@ def main() -> None:
     if not shutil.which("valgrind"):
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     counts: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="clrk-instr-") as d:
+    with tempfile.TemporaryDirectory(prefix="clrk-instr-") as d, B.upstream_and_sink(Path(d)) as backing:
         tmp = Path(d)
-        ca, server_pem = B.make_upstream_pki(tmp / "pki", ["localhost"])
-        up_port, sink = B.free_port(), B.free_port()
-        up = subprocess.Popen([sys.executable, str(B.REPO / "bench" / "upstream.py"), str(server_pem), str(up_port)])
-        otlp = subprocess.Popen([sys.executable, str(B.REPO / "bench" / "otlp_sink.py"), str(sink)])
-        try:
-            B.wait_port(up_port)
-            url = f"https://localhost:{up_port}/v1/chat/completions"
-            # Bare mitmdump as it ships, and under the `python -O` the clrk gateway runs with.
-            for name, python in [] if args.no_bare else [("bare mitmdump", []), ("bare mitmdump -O", [sys.executable, "-O"])]:
-                port = B.free_port()
-                counts[name] = counted([*python, str(B.BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
-                                        "--set", "ssl_insecure=true", "--set", f"confdir={tmp / 'bare-certs'}"],
-                                       f"http://127.0.0.1:{port}", url, args.requests, tmp / f"bare{len(counts)}.cg")
-            pol = tmp / "pol"
-            pol.mkdir()
-            B.write_policy(pol, f"http://127.0.0.1:{sink}", ca, up_port)
+        # Bare mitmdump as it ships, and under the `python -O` the clrk gateway runs with.
+        for name, optimized in [] if args.no_bare else [("bare mitmdump", False), ("bare mitmdump -O", True)]:
             port = B.free_port()
-            command = [str(B.BIN / "mitmdump"), "-s", args.script] if args.script else B.gateway_command()
-            name = f"clrk (mitmdump -s {Path(args.script).name})" if args.script else "clrk"
-            counts[name] = counted([*command, "--listen-host", "127.0.0.1",
-                                    "-p", str(port), "--set", f"clrk_policies={pol}", "--set", f"clrk_db={tmp / 'data' / 'clrk.duckdb'}",
-                                    "--set", f"clrk_certs={tmp / 'certs'}"],
-                                   f"http://team-a.bench:{B.TOKEN}@127.0.0.1:{port}", url, args.requests, tmp / "clrk.cg")
-        finally:
-            up.terminate()
-            otlp.terminate()
+            counts[name] = counted(B.bare_argv(port, tmp / "bare-certs", optimized), f"http://127.0.0.1:{port}",
+                                   backing.url, args.requests, tmp / f"bare{len(counts)}.cg")
+        port = B.free_port()
+        command = [str(B.BIN / "mitmdump"), "-s", args.script] if args.script else None
+        name = f"clrk (mitmdump -s {Path(args.script).name})" if args.script else "clrk"
+        counts[name] = counted(B.clrk_argv(port, backing.policies, tmp / "data" / "clrk.duckdb", tmp / "certs", command),
+                               B.clrk_proxy(port), backing.url, args.requests, tmp / "clrk.cg")
     print(f"instructions per request over {args.requests} sequential requests (proxy process only):")
     for n, v in counts.items():
         rel = "   ".join(f"{v / counts[b]:.3f}x {b}" for b in ("bare mitmdump", "bare mitmdump -O") if b in counts and b != n)

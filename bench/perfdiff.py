@@ -80,35 +80,18 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("perf"):
         raise SystemExit("perf is not installed (apt-get install linux-perf)")
-    with tempfile.TemporaryDirectory(prefix="clrk-perfdiff-") as d:
+    got = {}
+    with tempfile.TemporaryDirectory(prefix="clrk-perfdiff-") as d, B.upstream_and_sink(Path(d)) as backing:
         tmp = Path(d)
-        ca, server_pem = B.make_upstream_pki(tmp / "pki", ["localhost"])
-        up_port, sink = B.free_port(), B.free_port()
-        up = subprocess.Popen([sys.executable, str(B.REPO / "bench" / "upstream.py"), str(server_pem), str(up_port)])
-        otlp = subprocess.Popen([sys.executable, str(B.REPO / "bench" / "otlp_sink.py"), str(sink)])
-        try:
-            B.wait_port(up_port)
-            url = f"https://localhost:{up_port}/v1/chat/completions"
-            bare_port, clrk_port = B.free_port(), B.free_port()
-            pol = tmp / "pol"
-            pol.mkdir()
-            B.write_policy(pol, f"http://127.0.0.1:{sink}", ca, up_port)
-            runs = {
-                "bare -O": ([sys.executable, "-O", str(B.BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p",
-                             str(bare_port), "--set", "ssl_insecure=true", "--set", f"confdir={tmp / 'bare-certs'}"],
-                            f"http://127.0.0.1:{bare_port}"),
-                "clrk": ([*B.gateway_command(), "--listen-host", "127.0.0.1", "-p", str(clrk_port),
-                          "--set", f"clrk_policies={pol}", "--set", f"clrk_db={tmp / 'data' / 'clrk.duckdb'}",
-                          "--set", f"clrk_certs={tmp / 'certs'}"],
-                         f"http://team-a.bench:{B.TOKEN}@127.0.0.1:{clrk_port}"),
-            }
-            got = {}
-            for name, (argv, proxy) in runs.items():
-                data = tmp / f"{name.replace(' ', '')}.perf"
-                got[name] = per_function(data, record(argv, proxy, url, args.requests, data, args.frequency))
-        finally:
-            up.terminate()
-            otlp.terminate()
+        bare_port, clrk_port = B.free_port(), B.free_port()
+        runs = {
+            "bare -O": (B.bare_argv(bare_port, tmp / "bare-certs", optimized=True), f"http://127.0.0.1:{bare_port}"),
+            "clrk": (B.clrk_argv(clrk_port, backing.policies, tmp / "data" / "clrk.duckdb", tmp / "certs"),
+                     B.clrk_proxy(clrk_port)),
+        }
+        for name, (argv, proxy) in runs.items():
+            data = tmp / f"{name.replace(' ', '')}.perf"
+            got[name] = per_function(data, record(argv, proxy, backing.url, args.requests, data, args.frequency))
     bare, clrk = got["bare -O"], got["clrk"]
     print(f"µs per request (perf cpu-clock, c=8, {args.requests} requests): bare -O {sum(bare.values()):.0f}, "
           f"clrk {sum(clrk.values()):.0f}\n")
