@@ -18,6 +18,8 @@ returns an awaitable instead of being a coroutine function (the hot path stays p
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import logging
@@ -30,7 +32,6 @@ from pathlib import Path
 
 import certifi
 from mitmproxy import ctx, exceptions, http
-from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy import server_hooks
 
 from clrk.budget import day_start, utc_day
@@ -41,8 +42,8 @@ from clrk.capture import (
     request_is_buffered,
     response_is_buffered,
 )
-from clrk.decision import AuthResult, Decision, RequestFacts, decide
-from clrk.hostnames import canonical_ip, norm_host, normalize_path
+from clrk.decision import RULE_DESTINATION, AuthResult, Decision, RequestFacts, decide
+from clrk.hostnames import canonical_ip, norm_host, normalize_path, path_ambiguity, request_target
 from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
@@ -50,14 +51,14 @@ from clrk.providers import parser_for
 from clrk.runtime import Runtime, Tunnel, deny_response, listener_port, refuse
 from clrk.settings import Settings
 from clrk.sink import RecordSink
-from clrk.transaction import METADATA_KEY, Transaction, header_index
+from clrk.transaction import METADATA_KEY, Transaction, scan_request_headers
 
 log = logging.getLogger("clrk")
 
 RELOAD_POLL_SECONDS = 0.25
 DRAIN_SECONDS = 30
 MITMPROXY_DEFAULT_CONFDIR = "~/.mitmproxy"
-FORCED_OPTIONS = frozenset({"connection_strategy", "flow_detail", "confdir"})  # see PolicyLoader._configure_mitmproxy
+FORCED_OPTIONS = frozenset({"connection_strategy", "flow_detail", "confdir", "rawtcp"})  # see PolicyLoader._configure_mitmproxy
 
 
 # --------------------------------------------------------------------------- PolicyLoader
@@ -112,6 +113,10 @@ class PolicyLoader:
         # mitmproxy's own flow log prints URLs with their query secrets; clrk logs redacted lines instead.
         if ctx.options.flow_detail != 0:
             changes["flow_detail"] = 0
+        # No opaque relays on a terminating listener: bytes that are not HTTP, and a 101 that is not a
+        # WebSocket, end the connection instead of becoming a raw TCP pipe (Passthrough has its own relay).
+        if ctx.options.rawtcp:
+            changes["rawtcp"] = False
         if ctx.options.confdir == MITMPROXY_DEFAULT_CONFDIR:
             ensure_ca(ctx.options.clrk_certs)
             changes["confdir"] = str(Path(ctx.options.clrk_certs).resolve())
@@ -228,15 +233,20 @@ class ProxyAuth:
         assert policy is not None
         header = flow.request.headers.pop("proxy-authorization", None)
         auth = authenticate(policy, header)
-        if auth.agent is not None:
+        nested = flow.client_conn.id in self.rt.tunnels
+        if auth.agent is not None and not nested:
             digest = policy.agents[auth.agent.username][1]
             self.rt.tunnels[flow.client_conn.id] = Tunnel(auth.agent, digest, norm_host(flow.request.host), flow.request.port)
             return
-        # No tunnel without credentials; the refusal is a transaction of its own.
+        # No tunnel without credentials, nor inside another; the refusal is a transaction of its own.
         tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth.failure)
         tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
         tx.dst_name = norm_host(flow.request.host)
-        tx.decision = decide(policy, tx.gateway, auth, RequestFacts(tx.dst_name, flow.request.port))
+        tx.agent = auth.agent
+        if nested:  # a tunnel inside a tunnel would leave the outer one's checks behind
+            tx.decision = Decision(False, RULE_DESTINATION, "CONNECT inside a CONNECT tunnel is not allowed", 403)
+        else:
+            tx.decision = decide(policy, tx.gateway, auth, RequestFacts(tx.dst_name, flow.request.port))
         flow.response = deny_response(tx.decision)
         log.info("clrk: denied CONNECT %s:%s: %s", flow.request.host, flow.request.port, tx.decision.reason)
         self.rt.finish(flow, tx)
@@ -247,8 +257,9 @@ class ProxyAuth:
         policy = self.rt.policy
         assert policy is not None
         req = flow.request
-        h = header_index(req.headers.fields)
-        tx = Transaction(start=req.timestamp_start, trace=trace_context(h.get("traceparent")), req_h=h, counted=True)
+        h, hosts, problem = scan_request_headers(req.headers.fields)
+        tx = Transaction(start=req.timestamp_start, trace=trace_context(h.get("traceparent")), req_h=h, counted=True,
+                         host_headers=hosts, header_problem=problem)
         self.rt.in_flight += 1
         flow.metadata[METADATA_KEY] = tx
         tx.tunnel = tunnel = self.rt.tunnels.get(flow.client_conn.id)
@@ -335,23 +346,20 @@ class EgressControl:
             if tunnel.sni is None:
                 tunnel.sni = norm_host(client.sni)
             sni = tunnel.sni
-        authority = authority_port = None
-        host_header = req.host_header if (req.is_http2 or req.is_http3) else h.get("host")
-        if host_header:
-            default_port = 443 if client.tls_established or req.scheme == "https" else 80
-            dst = tx.dst_name
-            if host_header == dst:  # the common cases, without parsing
-                authority, authority_port = host_header, default_port
-            elif (":" not in dst and host_header.startswith(dst) and host_header[len(dst)] == ":"
-                  and (p := host_header[len(dst) + 1:]).isdigit() and p.isascii() and len(p) <= 5):
-                authority, authority_port = dst, int(p)
-            else:
-                try:
-                    a_host, a_port = mitm_url.parse_authority(host_header, check=False)
-                except ValueError:
-                    a_host, a_port = host_header, None
-                authority = norm_host(a_host)
-                authority_port = a_port if a_port is not None else default_port
+        default_port = 443 if client.tls_established or req.scheme == "https" else 80
+        authority, authority_port, target_problem = request_target(
+            tx.dst_name, default_port, req.authority, tx.host_headers or (), req.path, req.method)
+        target_problem = tx.header_problem or target_problem
+        if target_problem is None and req.authority and req.http_version.startswith("HTTP/1"):
+            # An absolute-form request line in a tunnel, agreeing with it: sent on in origin-form, with a Host,
+            # so the upstream is asked for exactly what was judged (and recorded).
+            if not tx.host_headers:
+                req.headers["host"] = req.authority
+            req.authority = ""
+        protocol_problem = None
+        if "upgrade" in h or "http2-settings" in h:
+            protocol_problem = websocket_problem(req, h)
+            tx.websocket = protocol_problem is None
         path = normalize_path(req.path)
         genai = tx.genai
         tx.facts = RequestFacts(
@@ -360,6 +368,9 @@ class EgressControl:
             provider_names=policy.provider_names_by_host.get(tx.dst_name, ()),
             model=genai.result.request_model if genai else None,
             model_pending=genai is not None and request_is_buffered(h, provider=True),
+            target_problem=target_problem,
+            protocol_problem=protocol_problem,
+            path_ambiguity=path_ambiguity(req.path),
         )
         if tx.gateway is not None:
             inv = h.get(tx.gateway.invocation_header)
@@ -394,6 +405,22 @@ class EgressControl:
         if tx.req_h and "traceparent" in tx.req_h:
             req.headers["traceparent"] = tx.trace.traceparent()
         self.rt.allow(flow.client_conn, req.host, req.port)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or resp.status_code != 101 or flow.error:
+            return
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is not None and tx.websocket and resp.headers.get("upgrade", "").strip().lower() == "websocket":
+            return
+        # A switch the agent did not ask for (or not to WebSocket) would make the connection an opaque relay.
+        if tx is not None:
+            tx.error = (f"clrk: the upstream switched protocols (101, upgrade {resp.headers.get('upgrade', '')[:64]!r}) "
+                        "without a WebSocket handshake to answer; connection cut")
+            tx.error_type = "protocol_error"
+        log.warning("clrk: cut %s %s: the upstream answered 101 without a WebSocket handshake",
+                    flow.request.method, flow.request.host)
+        flow.kill()
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> Awaitable[None] | None:
         addr = data.server.address
@@ -454,6 +481,31 @@ class EgressControl:
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         self.server_connected(data)
+
+
+def websocket_problem(req: http.Request, h: dict[str, str]) -> str | None:
+    """Why a request that asks to switch protocols is not a well-formed RFC 6455 handshake (version 13), or
+    None. Anything else that upgrades (h2c, TLS, a custom protocol) would turn the connection into a relay the
+    gateway cannot inspect, so it is refused."""
+    if not req.http_version.startswith("HTTP/1.1"):
+        return f"{req.http_version} requests cannot switch protocols"
+    upgrades = req.headers.get_all("upgrade")
+    if len(upgrades) != 1 or upgrades[0].strip().lower() != "websocket":
+        shown = ", ".join(u[:64] for u in upgrades) or "(none)"
+        return f"switching protocols to {shown!r} is not allowed (only WebSocket, RFC 6455)"
+    if req.method != "GET":
+        return "a WebSocket handshake must be a GET"
+    if "upgrade" not in {t.strip().lower() for t in h.get("connection", "").split(",")}:
+        return "a WebSocket handshake must carry 'Connection: Upgrade'"
+    if h.get("sec-websocket-version", "").strip() != "13":
+        return "a WebSocket handshake must be version 13 (Sec-WebSocket-Version)"
+    try:
+        key_ok = len(base64.b64decode(h.get("sec-websocket-key", "").strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        key_ok = False
+    if not key_ok:
+        return "a WebSocket handshake must carry a Sec-WebSocket-Key of 16 base64-encoded bytes"
+    return None
 
 
 # --------------------------------------------------------------------------- Capture

@@ -18,6 +18,7 @@ from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig, P
 RULE_AUTH = "authentication"
 RULE_DESTINATION = "destination-check"
 RULE_NO_GATEWAY = "gateway"
+RULE_PROTOCOL = "protocol-check"
 
 
 @dataclass(slots=True)
@@ -42,6 +43,14 @@ class RequestFacts:
     provider_names: tuple[str, ...] = ()
     model: str | None = None
     model_pending: bool = False
+    # Set by the proxy when the request itself leaves its destination unclear (two Host headers, a target that
+    # is not a path, a folded header line...): denied as a destination mismatch.
+    target_problem: str | None = None
+    # Why the request asks for a protocol switch the gateway cannot inspect (anything but an RFC 6455
+    # WebSocket handshake): denied.
+    protocol_problem: str | None = None
+    # Why servers may read `path` differently (`clrk.hostnames.path_ambiguity`), for rules limited by path.
+    path_ambiguity: str | None = None
 
 
 @dataclass(slots=True)
@@ -97,13 +106,20 @@ def decide(
                 403,
             )
 
+    if req.target_problem is not None:
+        return Decision(False, RULE_DESTINATION, req.target_problem, 403)
+    if req.protocol_problem is not None:
+        return Decision(False, RULE_PROTOCOL, req.protocol_problem, 403)
+
     l4 = req.method is None  # a TLS Passthrough tunnel: no method or path to see
+    ambiguous = req.path_ambiguity is not None
     for rule in policy.deny_rules:
         # At L4 a deny rule limited to some methods or paths still denies: what the tunnel will carry is unknown.
-        if rule.matches(agent, req.host, req.port, req.method, req.path, l4):
-            return Decision(
-                False, rule.ref, rule.deny_message or f"{_dest(req.host, req.port)} is denied by {rule.ref}", rule.deny_status
-            )
+        if rule.matches(agent, req.host, req.port, req.method, req.path, l4, ambiguous):
+            reason = rule.deny_message or f"{_dest(req.host, req.port)} is denied by {rule.ref}"
+            if ambiguous and rule.paths and not rule.deny_message:
+                reason = f"{reason}: the path {req.path} is ambiguous ({req.path_ambiguity}) and the rule limits paths"
+            return Decision(False, rule.ref, reason, rule.deny_status)
 
     provider_note = ""
     if req.provider is not None and req.path is not None:
@@ -111,13 +127,14 @@ def decide(
         if candidates and req.model is None and req.model_pending:
             return None
         for pr in candidates:
-            if any(mt.matches(req.provider_names, req.model, req.path) for mt in pr.matches):
+            if any(mt.matches(req.provider_names, req.model, req.path) and not (ambiguous and mt.endpoints)
+                   for mt in pr.matches):
                 what = f"{req.provider} {req.model or 'request'} to {req.path}"
                 return Decision(True, pr.ref, f"{what} allowed by {pr.ref}", provider_rule=pr)
         provider_note = f"no AIProviderRoute rule matches {req.provider} model {req.model or '(unknown)'} at {req.path}, and "
 
     for rule in policy.routes:
-        if rule.matches(agent, req.host, req.port, req.method, req.path):
+        if rule.matches(agent, req.host, req.port, req.method, req.path, False, ambiguous):
             return Decision(True, rule.ref, f"{_dest(req.host, req.port)} allowed by {rule.ref}")
 
     default_rule = f"EgressGateway/{gateway.name}/defaultPolicy"
@@ -126,4 +143,5 @@ def decide(
     what = _dest(req.host, req.port)
     if req.method is not None:
         what = f"{req.method} {what}{req.path or ''}"
-    return Decision(False, default_rule, f"{provider_note}no route allows {what} for agent {agent.ref} (deny-all)", 403)
+    note = f" (its path is ambiguous: {req.path_ambiguity}; routes limited by path never allow such paths)" if ambiguous else ""
+    return Decision(False, default_rule, f"{provider_note}no route allows {what} for agent {agent.ref} (deny-all){note}", 403)

@@ -9,6 +9,7 @@ or exported.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,8 +57,12 @@ class Transaction:
     budget_used: int | None = None
     recorded: bool = False
     error: str | None = None  # what went wrong, when the gateway knows better than flow.error
+    error_type: str | None = None  # error.type, set where the failure happens (else derived from the message)
     counted: bool = False  # counted in Runtime.in_flight
     req_h: dict[str, str] | None = None  # header_index of the request as the agent sent it
+    host_headers: list[str] | None = None  # every Host field of the request
+    header_problem: str | None = None  # a framing problem of the request's header block (scan_request_headers)
+    websocket: bool = False  # the request is a well-formed WebSocket handshake (a 101 answer may follow)
     resp_h: dict[str, str] | None = None  # header_index of the response as the upstream sent it
 
     def response_headers(self, flow: http.HTTPFlow) -> dict[str, str]:
@@ -76,6 +81,36 @@ def header_index(fields) -> dict[str, str]:
         if key not in out:
             out[key] = value.decode("latin-1")
     return out
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_NAME_OK: dict[bytes, bool] = {}  # header names seen, and whether each is a valid token (bounded below)
+
+
+def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]:
+    """`header_index` of a request, plus every Host value it carries and the first framing problem: a header
+    name that is not a token (RFC 9110 §5.1: `Host : x` is refused, not guessed at) or a value with a line
+    break (an obs-folded line, RFC 9112 §5.2: the upstream may read the continuation as a header of its own)."""
+    out: dict[str, str] = {}
+    hosts: list[str] = []
+    problem = None
+    for name, value in fields:
+        ok = _NAME_OK.get(name)
+        if ok is None:
+            ok = _TOKEN.fullmatch(name) is not None
+            if len(_NAME_OK) < 4096:
+                _NAME_OK[name] = ok
+        key = name.lower().decode("latin-1")
+        text = value.decode("latin-1")
+        if not ok and problem is None:
+            problem = f"the header name {key[:64]!r} is not a valid token"
+        if ("\n" in text or "\r" in text) and problem is None:
+            problem = f"the header {key[:64]} is folded over several lines (obsolete line folding is refused)"
+        if key == "host":
+            hosts.append(text)
+        if key not in out:
+            out[key] = text
+    return out, hosts, problem
 
 
 def _body_summary(capture: BodyCapture | None, raw: bytes | None, wanted: bool, limit: int) -> tuple:
@@ -127,6 +162,7 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
         "resp_body": _body_summary(tx.resp_capture, resp.raw_content if resp is not None and not resp.stream else None,
                                    cfg is not None and cfg.wants(resp_ctype), limit),
         "error": tx.error or (flow.error.msg if flow.error is not None else None),
+        "error_type": tx.error_type,
         "upstream": tx.upstream_response,
     }
     if tx.genai is not None:

@@ -64,7 +64,13 @@ class AgentSelector:
 
 @dataclass(frozen=True, slots=True)
 class HostRule:
-    """An EgressRoute (allow) or EgressDenyPolicy (deny) ready for matching."""
+    """An EgressRoute (allow) or EgressDenyPolicy (deny) ready for matching.
+
+    A path prefix matches whole segments: `/v1/models` covers `/v1/models` and `/v1/models/x`, not
+    `/v1/models-internal`; a prefix ending in '/' covers what lies below it. Deny rules compare methods and
+    paths case-insensitively (some servers do, and a deny must hold for all of them); allow routes compare
+    them exactly. On a rule limited by path, a path servers may read differently (`path_ambiguity`) is never
+    allowed by a route and always denied by a deny rule."""
 
     ref: str  # "EgressRoute/<namespace>/<name>"
     name: str
@@ -72,28 +78,43 @@ class HostRule:
     wildcard_suffixes: tuple[str, ...]  # ".example.com" for "*.example.com"
     any_host: bool
     ports: frozenset[int]  # empty = any port
-    methods: frozenset[str]  # empty = any method
-    paths: tuple[str, ...]  # prefixes; empty = any path
+    methods: frozenset[str]  # empty = any method (upper-case)
+    paths: tuple[str, ...]  # prefixes as written; empty = any path
     agents: AgentSelector
     deny_status: int = 403
     deny_message: str | None = None
+    deny: bool = False  # an EgressDenyPolicy: methods and paths compared case-insensitively
+    path_exact: frozenset[str] = field(init=False)  # the prefixes not ending in '/', matched whole
+    path_below: tuple[str, ...] = field(init=False)  # every prefix with a trailing '/', matched as a prefix
+
+    def __post_init__(self) -> None:
+        paths = [p.lower() for p in self.paths] if self.deny else list(self.paths)
+        object.__setattr__(self, "path_exact", frozenset(p for p in paths if not p.endswith("/")))
+        object.__setattr__(self, "path_below", tuple(p if p.endswith("/") else p + "/" for p in paths))
 
     def matches_host(self, host: str) -> bool:
         return self.any_host or host in self.exact_hosts or host.endswith(self.wildcard_suffixes)
 
     def matches(self, agent: AgentIdentity, host: str, port: int, method: str | None, path: str | None,
-                l4: bool = False) -> bool:
+                l4: bool = False, ambiguous: bool = False) -> bool:
         """Whether the rule covers this request. `l4`: only host, port and agent are known (a passthrough
-        tunnel); methods and paths are then ignored — the caller decides what that means for its kind of rule."""
+        tunnel); methods and paths are then ignored — the caller decides what that means for its kind of rule.
+        `ambiguous`: servers may read the path differently (see the class docstring)."""
         if not self.matches_host(host):
             return False
         if self.ports and port not in self.ports:
             return False
         if not l4:
-            if self.methods and (method is None or method not in self.methods):
+            if self.methods and (method is None or (method.upper() if self.deny else method) not in self.methods):
                 return False
-            if self.paths and (path is None or not path.startswith(self.paths)):
-                return False
+            if self.paths:
+                if path is None:
+                    return False
+                if ambiguous:
+                    return self.deny and self.agents.matches(agent)
+                p = path.lower() if self.deny else path
+                if p not in self.path_exact and not p.startswith(self.path_below):
+                    return False
         return self.agents.matches(agent)
 
 
@@ -313,6 +334,7 @@ def _host_rule(sd: SourcedDocument, spec: m._HostRuleSpec, deny: m.DenyResponse 
         agents=AgentSelector.of(spec.source_agents),
         deny_status=deny.status_code if deny else 403,
         deny_message=deny.message if deny else None,
+        deny=deny is not None,
     )
 
 

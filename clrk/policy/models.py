@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from clrk.hostnames import canonical_ip
+from clrk.hostnames import canonical_ip, norm_host
 
 API_VERSION = "clrk.apoxy.dev/v1alpha1"
 PROVIDERS = ("openai", "anthropic", "google_genai")
@@ -42,20 +42,23 @@ class Metadata(Spec):
 
 
 def normalize_hostname(pattern: str) -> str:
-    """Lower-cases a hostname pattern and strips a trailing dot; IDNA names are kept in their A-label form;
-    an IP literal takes its canonical spelling (the one requests are judged in)."""
-    p = pattern.strip().lower().rstrip(".")
-    if p.startswith("[") and p.endswith("]"):
-        p = p[1:-1]
-    ip = canonical_ip(p) if p and (p[0].isdigit() or ":" in p) else None
-    if ip is not None:
-        return ip
-    try:
-        if not p.isascii():
-            p = p.encode("idna").decode("ascii")
-    except UnicodeError as e:
-        raise ValueError(f"{pattern!r} is not a valid hostname") from e
-    return p
+    """A rule's hostname pattern, which must already be in the one form requests are judged in
+    (`clrk.hostnames.norm_host`: lower-case, no trailing dot, A-labels, canonical IP literals); anything else
+    is refused with the spelling to use, so that what a policy says is what it matches."""
+    p = pattern.strip()
+    prefix = "*." if p.startswith("*.") else ""
+    body = p[len(prefix):]
+    if body.startswith("[") and body.endswith("]") and not prefix:
+        raise ValueError(f"{pattern!r}: write an IPv6 address without brackets ({norm_host(body)!r})")
+    norm = norm_host(body) if body != "*" else body
+    if not norm.isascii():
+        raise ValueError(f"{pattern!r} is not a valid hostname (IDNA 2008 refuses it)")
+    if norm != body or (prefix and canonical_ip(norm) is not None):
+        if prefix and canonical_ip(norm) is not None:
+            raise ValueError(f"{pattern!r}: a wildcard cannot stand before an IP address")
+        raise ValueError(f"{pattern!r} is not in normal form: write {prefix + norm!r} (lower-case, no trailing dot, "
+                         "IDNA 2008 A-labels, IP addresses in their canonical form)")
+    return prefix + norm
 
 
 Hostname = Annotated[str, Field(min_length=1, max_length=253)]

@@ -11,6 +11,7 @@ import base64
 from collections.abc import Iterable
 
 from clrk import attributes as A
+from clrk.hostnames import norm_host
 from clrk.redact import headers_dict, redact_url
 
 
@@ -61,7 +62,7 @@ def _decode_fields(fields: Iterable) -> list[tuple[bytes, bytes]]:
 
 
 def _url(raw: dict, sensitive_query: frozenset[str]) -> str:
-    host, port, scheme = raw["host"], raw["port"], raw["scheme"] or "https"
+    host, port, scheme = norm_host(raw["host"]), raw["port"], raw["scheme"] or "https"
     if raw["method"] == "CONNECT":
         return f"{host}:{port}"
     shown = f"[{host}]" if ":" in host else host
@@ -82,7 +83,7 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
         A.PARENT_SPAN_ID: parent,
         A.HTTP_REQUEST_METHOD: raw["method"],
         A.URL_FULL: _url(raw, sensitive_query),
-        A.SERVER_ADDRESS: raw["host"],
+        A.SERVER_ADDRESS: norm_host(raw["host"]),
         A.SERVER_PORT: raw["port"],
         A.HTTP_RESPONSE_STATUS_CODE: raw["status"],
         A.CLRK_COMPONENT: A.COMPONENT_EGRESS,
@@ -125,7 +126,7 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
 
     status = raw["status"]
     if raw["error"] is not None:
-        rec[A.ERROR_TYPE] = error_type(raw["error"])
+        rec[A.ERROR_TYPE] = raw.get("error_type") or error_type(raw["error"])
     elif raw.get("genai_error") and raw["upstream"]:
         rec[A.ERROR_TYPE] = raw["genai_error"]
     elif raw["upstream"] and status is not None and status >= 400:
