@@ -241,7 +241,9 @@ class Stack:
 
 def write_policy(directory: Path, otlp_endpoint: str, ca: Path, upstream_port: int) -> None:
     """The gateway under test: the upstream is an OpenAI-schema Backend behind an AIProviderRoute with a
-    TokenBudget, so each call is authenticated, decided on its model, budgeted and parsed."""
+    TokenBudget, so each call is authenticated, decided on its model, budgeted and parsed. The Backend's host,
+    localhost, is resolved and judged per upstream connection like any name: an EgressRoute's cidrs let it lead
+    to loopback (blockPrivateNetworks refuses it otherwise)."""
     (directory / "bench.yaml").write_text(f"""
 kind: EgressGateway
 metadata: {{name: bench}}
@@ -256,6 +258,10 @@ spec: {{kind: BenchAgent, credentials: {{tokenSha256: {hashlib.sha256(TOKEN.enco
 kind: Backend
 metadata: {{name: bench-llm}}
 spec: {{schema: {{name: openai}}, upstream: {{host: localhost, port: {upstream_port}}}}}
+---
+kind: EgressRoute
+metadata: {{name: bench-llm-on-loopback}}
+spec: {{hostnames: [localhost], ports: [{upstream_port}], cidrs: [127.0.0.0/8, "::1/128"]}}
 ---
 kind: AIProviderRoute
 metadata: {{name: bench, namespace: team-a}}

@@ -34,6 +34,7 @@ import certifi
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
+from clrk.addresses import dial_form, literal, refusal, resolved
 from clrk.budget import day_start, utc_day
 from clrk.ca import ensure_ca
 from clrk.capture import (
@@ -43,9 +44,10 @@ from clrk.capture import (
     response_is_buffered,
 )
 from clrk.decision import RULE_DESTINATION, AuthResult, Decision, RequestFacts, decide
-from clrk.hostnames import canonical_ip, norm_host, normalize_path, path_ambiguity, request_target
+from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_target
 from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
+from clrk.policy.compiled import AgentIdentity, GatewayConfig
 from clrk.policy.loader import policy_files
 from clrk.providers import parser_for
 from clrk.runtime import Runtime, Tunnel, deny_response, listener_port, refuse
@@ -404,7 +406,8 @@ class EgressControl:
             return
         if tx.req_h and "traceparent" in tx.req_h:
             req.headers["traceparent"] = tx.trace.traceparent()
-        self.rt.allow(flow.client_conn, req.host, req.port)
+        assert tx.agent is not None  # an allow decision has one
+        self.rt.allow(flow.client_conn, req.host, req.port, tx.agent)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
@@ -426,15 +429,26 @@ class EgressControl:
         addr = data.server.address
         if addr is None:
             return None
-        if addr not in self.rt.allowed.get(data.client.id, ()):
+        allowed = self.rt.allowed.get(data.client.id)
+        if allowed is None or addr not in allowed:
             # Defence in depth: whatever path led here (raw TCP in a tunnel, a protocol upgrade we did not
             # judge), no decision allowed this destination.
             data.server.error = f"clrk: connection to {addr[0]}:{addr[1]} is not allowed by policy"
             log.warning("clrk: blocked an upstream connection to %s:%s that no decision allowed", *addr)
             return None
+        try:
+            return self._guard(data, addr, allowed[addr])
+        except Exception:  # never fail open: an unjudged address is not dialled
+            data.server.error = f"clrk: {addr[0]}:{addr[1]} is not allowed: its address could not be checked"
+            log.exception("clrk: checking the address of %s:%s failed; not connecting", *addr)
+            return None
+
+    def _guard(self, data: server_hooks.ServerConnectionHookData, addr: tuple[str, int],
+               agent: AgentIdentity) -> Awaitable[None] | None:
         policy = self.rt.policy
         gateway = policy.gateway_for_port(listener_port(data.client)) if policy else None
-        alias = gateway.host_aliases.get(norm_host(addr[0])) if gateway else None
+        host = norm_host(addr[0])
+        alias = gateway.host_aliases.get(host) if gateway else None
         # TLS to the upstream names the host the decision allowed (not the client's SNI: a Backend may
         # send the request elsewhere), and its certificate is checked against that name.
         sni = data.server.sni or addr[0]
@@ -442,35 +456,57 @@ class EgressControl:
             sni = sni.rstrip(".")  # RFC 6066: a server name has no trailing dot; OpenSSL refuses one
         data.server.sni = sni
         if alias is not None:
-            # Dial the alias; the address is put back once connected so that mitmproxy's connection reuse
-            # still matches on the real destination.
+            # Dial the alias (the operator's own target: trusted, not judged); the address is put back once
+            # connected so that mitmproxy's connection reuse still matches on the real destination.
             self.rt.aliased[data.server] = addr
             data.server.address = alias
-        elif policy is not None and policy.denied_ips and canonical_ip(addr[0]) is None:
-            return self._check_resolution(data, policy, addr)  # the one step that waits (a DNS lookup)
-        return None
+            return None
+        if policy is None or gateway is None:
+            self._refuse(data, addr, "no EgressGateway listens on this port")
+            return None
+        if not (gateway.block_private or policy.deny_cidrs):
+            return None
+        ip = literal(host)
+        if ip is not None:
+            refused = refusal(policy, gateway, agent, host, addr[1], (ip,))
+            if refused is not None:
+                self._refuse(data, addr, f"{refused.where} is {refused.why}")
+            elif addr[0] != dial_form(ip):
+                # 2130706433 or 127.1: dial the address judged, not a spelling for the resolver to read again.
+                self.rt.aliased[data.server] = addr
+                data.server.address = (dial_form(ip), addr[1])
+            return None
+        return self._check_resolution(data, policy, gateway, agent, host, addr)  # the one step that waits
 
     async def _check_resolution(self, data: server_hooks.ServerConnectionHookData, policy: CompiledPolicy,
-                                addr: tuple[str, int]) -> None:
-        """A name is allowed, but where does it lead? When deny rules name IP addresses (a metadata service,
-        a private range host), resolve it here, refuse it if any answer is denied, and dial the address that
-        was checked, so that no second lookup can answer differently."""
+                                gateway: GatewayConfig, agent: AgentIdentity, host: str, addr: tuple[str, int]) -> None:
+        """A name is allowed, but where does it lead? Resolve it once, refuse it if any answer is in a denied
+        range or an unopened private network, and dial an address that was checked, so that no second lookup
+        (DNS rebinding) can answer differently."""
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
         except Exception as e:  # not only OSError: an unencodable name raises UnicodeError; never fail open
             data.server.error = f"cannot resolve {addr[0]}: {e}"
             return
-        tunnel = self.rt.tunnels.get(data.client.id)
-        agent = tunnel.agent if tunnel is not None else None
-        ips = [canonical_ip(info[4][0]) or info[4][0] for info in infos]
-        for ip in ips:
-            for rule in policy.denied_ips.get(ip, ()):
-                if agent is None or rule.agents.matches(agent):
-                    data.server.error = f"clrk: {addr[0]} is not allowed: it resolves to {ip}, denied by {rule.ref}"
-                    log.warning("clrk: blocked %s:%s: it resolves to %s, denied by %s", addr[0], addr[1], ip, rule.ref)
-                    return
-        self.rt.aliased[data.server] = addr
-        data.server.address = (ips[0], addr[1])
+        try:
+            ips = list(dict.fromkeys(resolved(info[4][0]) for info in infos))
+            if not ips:
+                data.server.error = f"cannot resolve {addr[0]}: getaddrinfo returned no address"
+                return
+            refused = refusal(policy, gateway, agent, host, addr[1], ips)
+            if refused is not None:
+                self._refuse(data, addr, f"it resolves to {refused.where}, {refused.why}")
+                return
+            self.rt.aliased[data.server] = addr
+            data.server.address = (dial_form(ips[0]), addr[1])
+        except Exception:  # never fail open: left as it was, the name would be resolved again and dialled
+            data.server.error = f"clrk: {addr[0]} is not allowed: its addresses could not be checked"
+            log.exception("clrk: checking the addresses of %s:%s failed; not connecting", *addr)
+
+    @staticmethod
+    def _refuse(data: server_hooks.ServerConnectionHookData, addr: tuple[str, int], why: str) -> None:
+        data.server.error = f"clrk: {addr[0]} is not allowed: {why}"
+        log.warning("clrk: blocked %s:%s: %s", addr[0], addr[1], why)
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         original = self.rt.aliased.pop(data.server, None)

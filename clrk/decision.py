@@ -1,8 +1,9 @@
 """Per-request egress decisions: a pure function of (policy, gateway, agent, request facts).
 
 The order is the contract's (PRODUCT.md §2): authenticate → destination agreement → EgressDenyPolicy →
-AIProviderRoute → EgressRoute → defaultPolicy. Every `Decision` carries the rule that made it and a reason
-a human can act on; both are recorded and the reason is what a denied agent reads.
+blockPrivateNetworks (IP-literal destinations; a name's addresses are judged when it is resolved, see
+`clrk.addresses`) → AIProviderRoute → EgressRoute → defaultPolicy. Every `Decision` carries the rule that made
+it and a reason a human can act on; both are recorded and the reason is what a denied agent reads.
 
 A provider call's model usually sits in its request body. `decide` is first called when the headers
 arrive; if the answer depends on the model and the body is yet to come (`model_pending`), it returns None
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clrk.addresses import literal, private, views
 from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig, ProviderRule
 
 RULE_AUTH = "authentication"
@@ -113,13 +115,20 @@ def decide(
 
     l4 = req.method is None  # a TLS Passthrough tunnel: no method or path to see
     ambiguous = req.path_ambiguity is not None
+    ip = literal(req.host)
+    ips = views(ip) if ip is not None else ()
     for rule in policy.deny_rules:
         # At L4 a deny rule limited to some methods or paths still denies: what the tunnel will carry is unknown.
-        if rule.matches(agent, req.host, req.port, req.method, req.path, l4, ambiguous):
+        if rule.matches(agent, req.host, req.port, req.method, req.path, l4, ambiguous, ips):
             reason = rule.deny_message or f"{_dest(req.host, req.port)} is denied by {rule.ref}"
             if ambiguous and rule.paths and not rule.deny_message:
                 reason = f"{reason}: the path {req.path} is ambiguous ({req.path_ambiguity}) and the rule limits paths"
             return Decision(False, rule.ref, reason, rule.deny_status)
+    if ip is not None and req.host not in gateway.host_aliases:
+        refused = private(policy, gateway, agent, req.host, req.port, (ip,))
+        if refused is not None:
+            embedded = f" ({refused.matched})" if refused.matched != refused.address else ""
+            return Decision(False, refused.rule, f"{_dest(req.host, req.port)}{embedded} is {refused.why}", 403)
 
     provider_note = ""
     if req.provider is not None and req.path is not None:
@@ -134,7 +143,7 @@ def decide(
         provider_note = f"no AIProviderRoute rule matches {req.provider} model {req.model or '(unknown)'} at {req.path}, and "
 
     for rule in policy.routes:
-        if rule.matches(agent, req.host, req.port, req.method, req.path, False, ambiguous):
+        if rule.matches(agent, req.host, req.port, req.method, req.path, False, ambiguous, ips):
             return Decision(True, rule.ref, f"{_dest(req.host, req.port)} allowed by {rule.ref}")
 
     default_rule = f"EgressGateway/{gateway.name}/defaultPolicy"

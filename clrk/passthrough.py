@@ -181,7 +181,7 @@ class Passthrough:
         assert d is not None  # no provider facts: never pending
         if d.allow:
             tunnel.l4 = d
-            self.rt.allow(flow.client_conn, flow.request.host, flow.request.port)
+            self.rt.allow(flow.client_conn, flow.request.host, flow.request.port, tunnel.agent)
             return
         tx = self._transaction(flow.request.timestamp_start, tunnel.agent, tunnel.host, tunnel.port, gateway, d)
         del self.rt.tunnels[flow.client_conn.id]

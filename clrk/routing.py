@@ -123,7 +123,8 @@ class ProviderRouting:
         req = flow.request
         if (backend.host, backend.port) != (tx.dst_name, tx.dst_port):
             req.host, req.port = backend.host, backend.port  # the Host header follows
-            self.rt.allow(flow.client_conn, backend.host, backend.port)
+            assert tx.agent is not None  # an allow decision has one
+            self.rt.allow(flow.client_conn, backend.host, backend.port, tx.agent)
         return backend
 
     @staticmethod

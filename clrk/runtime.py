@@ -40,18 +40,19 @@ class Runtime:
         # Keyed by client connection id; dropped when the client disconnects (plain dicts: this is looked up
         # on every request, and a WeakKeyDictionary lookup costs a Python-level call).
         self.tunnels: dict[str, Tunnel] = {}
-        # Upstream addresses a decision allowed for a client connection; nothing else may be dialled.
-        self.allowed: dict[str, set[tuple[str, int]]] = {}
+        # Upstream addresses a decision allowed for a client connection, and the agent it allowed them for
+        # (whose EgressRoute cidrs apply when the name is resolved); nothing else may be dialled.
+        self.allowed: dict[str, dict[tuple[str, int], AgentIdentity]] = {}
         self.aliased: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = weakref.WeakKeyDictionary()
         self.unsent: list[dict] = []
         self.in_flight = 0  # transactions begun and not yet recorded (what a graceful stop waits for)
 
-    def allow(self, client: connection.Client, host: str, port: int) -> None:
+    def allow(self, client: connection.Client, host: str, port: int, agent: AgentIdentity) -> None:
         allowed = self.allowed.get(client.id)
         if allowed is None:
-            self.allowed[client.id] = {(host, port)}
+            self.allowed[client.id] = {(host, port): agent}
         else:
-            allowed.add((host, port))
+            allowed[(host, port)] = agent
 
     def forget(self, client: connection.Client) -> None:
         self.tunnels.pop(client.id, None)

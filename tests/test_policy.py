@@ -183,7 +183,7 @@ def test_cli_check_reports_problems_and_fails(tmp_path):
     write(tmp_path, "kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: []}\n")
     out = subprocess.run([CLRK, "policy", "check", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 1
-    assert "document 1 (EgressRoute a): spec.hostnames" in out.stderr
+    assert "document 1 (EgressRoute a): spec: set hostnames, cidrs or both" in out.stderr
 
 
 def test_schema_is_json_schema_with_yaml_names():

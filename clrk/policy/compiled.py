@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from clrk.addresses import CidrTable, IPAddress, IPNetwork, parse_network
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.hostnames import canonical_ip
 from clrk.policy import models as m
@@ -84,6 +85,8 @@ class HostRule:
     deny_status: int = 403
     deny_message: str | None = None
     deny: bool = False  # an EgressDenyPolicy: methods and paths compared case-insensitively
+    ip_cidrs: tuple[IPNetwork, ...] = ()  # IP-literal destinations the rule matches, beside its hostnames
+    lead_cidrs: tuple[IPNetwork, ...] = ()  # EgressRoute: the private ranges its destinations may resolve to
     path_exact: frozenset[str] = field(init=False)  # the prefixes not ending in '/', matched whole
     path_below: tuple[str, ...] = field(init=False)  # every prefix with a trailing '/', matched as a prefix
 
@@ -92,15 +95,18 @@ class HostRule:
         object.__setattr__(self, "path_exact", frozenset(p for p in paths if not p.endswith("/")))
         object.__setattr__(self, "path_below", tuple(p if p.endswith("/") else p + "/" for p in paths))
 
-    def matches_host(self, host: str) -> bool:
-        return self.any_host or host in self.exact_hosts or host.endswith(self.wildcard_suffixes)
+    def matches_host(self, host: str, ips: tuple[IPAddress, ...] = ()) -> bool:
+        """`ips`: the address an IP-literal `host` names and the IPv4 one it embeds (`clrk.addresses.views`)."""
+        if self.any_host or host in self.exact_hosts or host.endswith(self.wildcard_suffixes):
+            return True
+        return bool(ips) and any(ip in net for net in self.ip_cidrs for ip in ips)
 
     def matches(self, agent: AgentIdentity, host: str, port: int, method: str | None, path: str | None,
-                l4: bool = False, ambiguous: bool = False) -> bool:
+                l4: bool = False, ambiguous: bool = False, ips: tuple[IPAddress, ...] = ()) -> bool:
         """Whether the rule covers this request. `l4`: only host, port and agent are known (a passthrough
         tunnel); methods and paths are then ignored — the caller decides what that means for its kind of rule.
-        `ambiguous`: servers may read the path differently (see the class docstring)."""
-        if not self.matches_host(host):
+        `ambiguous`: servers may read the path differently (see the class docstring). `ips`: see `matches_host`."""
+        if not self.matches_host(host, ips):
             return False
         if self.ports and port not in self.ports:
             return False
@@ -226,6 +232,7 @@ class GatewayConfig:
     ca_bundle: str | None
     invocation_header: str
     passthrough_ports: frozenset[int] = frozenset()  # listeners in TLS Passthrough mode
+    block_private: bool = True  # blockPrivateNetworks
 
 
 @dataclass(frozen=True)
@@ -235,7 +242,10 @@ class CompiledPolicy:
     deny_rules: tuple[HostRule, ...]
     routes: tuple[HostRule, ...]
     documents: tuple[SourcedDocument, ...] = field(repr=False)
-    denied_ips: Mapping[str, tuple[HostRule, ...]] = field(default_factory=dict)  # IP literals of deny rules
+    # Every range a deny rule names (its cidrs, and its IP-literal hostnames as one-address ranges): judged on
+    # each address a destination resolves to.
+    deny_cidrs: CidrTable[HostRule] = field(default_factory=CidrTable)
+    cidr_routes: tuple[HostRule, ...] = ()  # EgressRoutes that let their destinations lead to private ranges
     referenced_files: tuple[str, ...] = ()  # secret files and CA bundles the policy reads: watched for changes
     provider_hosts: Mapping[str, str] = field(default_factory=dict)  # host -> provider (parser) name
     # host -> the names an AIProviderRoute `provider:` matches it by (its provider, if a provider's own
@@ -322,6 +332,14 @@ def _host_rule(sd: SourcedDocument, spec: m._HostRuleSpec, deny: m.DenyResponse 
             suffixes.append(h[1:])
         else:
             exact.add(h)
+    cidrs = tuple(parse_network(c) for c in spec.cidrs)
+    # A rule that names an address names the one-address range too: its NAT64 or 6to4 spellings, its DNS names.
+    named_ips = tuple(parse_network(h) for h in sorted(exact) if canonical_ip(h) is not None)
+    if deny is not None:
+        ip_cidrs, lead_cidrs = cidrs + named_ips, ()
+    else:
+        # With hostnames, a route's cidrs only say where those names may lead: not a licence to dial the range.
+        ip_cidrs, lead_cidrs = (cidrs if not spec.hostnames else ()), cidrs + named_ips
     return HostRule(
         ref=f"{doc.kind}/{doc.metadata.namespace}/{doc.metadata.name}",
         name=doc.metadata.name,
@@ -335,16 +353,9 @@ def _host_rule(sd: SourcedDocument, spec: m._HostRuleSpec, deny: m.DenyResponse 
         deny_status=deny.status_code if deny else 403,
         deny_message=deny.message if deny else None,
         deny=deny is not None,
+        ip_cidrs=ip_cidrs,
+        lead_cidrs=lead_cidrs,
     )
-
-
-def _denied_ips(rules: tuple[HostRule, ...]) -> dict[str, tuple[HostRule, ...]]:
-    out: dict[str, tuple[HostRule, ...]] = {}
-    for rule in rules:
-        for h in rule.exact_hosts:
-            if canonical_ip(h) is not None:
-                out[h] = out.get(h, ()) + (rule,)
-    return out
 
 
 def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None = None) -> CompiledPolicy:
@@ -418,6 +429,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 ca_bundle=ca,
                 invocation_header=g.spec.invocation_header.lower(),
                 passthrough_ports=frozenset(li.port for li in g.spec.listeners if li.tls.mode == "Passthrough"),
+                block_private=g.spec.block_private_networks,
             )
         )
     if not gateways:
@@ -528,7 +540,8 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         deny_rules=deny_rules,
         routes=routes,
         documents=tuple(docs),
-        denied_ips=_denied_ips(deny_rules),
+        deny_cidrs=CidrTable((net, rule) for rule in deny_rules for net in rule.ip_cidrs),
+        cidr_routes=tuple(r for r in routes if r.lead_cidrs),
         referenced_files=tuple(dict.fromkeys(referenced)),
         provider_hosts=provider_hosts,
         provider_names_by_host=provider_names_by_host,

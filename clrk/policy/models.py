@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from clrk.addresses import parse_network
 from clrk.hostnames import canonical_ip, norm_host
 
 API_VERSION = "clrk.apoxy.dev/v1alpha1"
@@ -185,6 +186,9 @@ class EgressGatewaySpec(Spec):
     otlp: Otlp = Otlp()
     upstream_tls: UpstreamTLS = Field(default=UpstreamTLS(), alias="upstreamTLS")
     invocation_header: str = Field(default="clrk-invocation-id", min_length=1)
+    # Resolved addresses (and IP-literal destinations) in loopback, private, link-local, CGNAT and unique-local
+    # ranges are refused unless an EgressRoute's cidrs allow them or the host is in upstreamTLS.hostAliases.
+    block_private_networks: bool = True
 
 
 class EgressGateway(Spec):
@@ -245,7 +249,8 @@ class Agent(Spec):
 
 
 class _HostRuleSpec(Spec):
-    hostnames: list[Hostname] = Field(min_length=1)
+    hostnames: list[Hostname] = []
+    cidrs: list[str] = []  # address ranges; see EgressRoute and EgressDenyPolicy for what each makes of them
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = []
     methods: list[str] = []
     paths: list[str] = []
@@ -255,6 +260,17 @@ class _HostRuleSpec(Spec):
     @classmethod
     def _hosts(cls, v: list[str]) -> list[str]:
         return _check_hostnames(v)
+
+    @field_validator("cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        return [str(parse_network(c)) for c in v]
+
+    @model_validator(mode="after")
+    def _some_destination(self) -> _HostRuleSpec:
+        if not self.hostnames and not self.cidrs:
+            raise ValueError("set hostnames, cidrs or both: a rule needs at least one destination")
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -276,6 +292,9 @@ class _HostRuleSpec(Spec):
 
 
 class EgressRouteSpec(_HostRuleSpec):
+    """An allow rule. `cidrs` beside `hostnames`: the private ranges those names may resolve to (the gateway's
+    blockPrivateNetworks refuses the others); `cidrs` alone: IP-literal destinations inside them."""
+
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = [443]
 
 
@@ -292,6 +311,10 @@ class DenyResponse(Spec):
 
 
 class EgressDenyPolicySpec(_HostRuleSpec):
+    """A deny rule; it overrides any allow. `cidrs`: a destination that is, or resolves to, an address inside
+    one of them is denied, whatever EgressRoute cidrs say (judged on the connection: ports and sourceAgents
+    apply; methods and paths cannot, so a rule limited to them denies the connection anyway)."""
+
     deny_response: DenyResponse = DenyResponse()
 
 
