@@ -64,7 +64,11 @@ class ProviderRouting:
         self.rt = rt
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        # Decided on the headers already: a provider call whose body is streamed (huge or chunked).
+        # Decided on the headers already: a provider call whose body is streamed (huge or chunked), or whose
+        # model is in its path (Gemini). A budget estimates from the body: it waits for one that comes whole.
+        found = _allowed_provider_call(flow)
+        if found is not None and found[1].budget is not None and request_is_buffered(found[0].req_h or {}, provider=True):
+            return None
         return self._apply(flow)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
