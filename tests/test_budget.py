@@ -1,14 +1,21 @@
-"""The budget ledger: reservations at admission, settlement on completion, UTC days, the overshoot bound."""
+"""The budget ledger (reservations at admission, settlement on completion, UTC days, the overshoot bound), the
+estimate a request is admitted by, and the TokenBudget settings."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from clrk.budget import BudgetLedger, day_start, utc_day
+from clrk.policy import PolicyError, load_policy
+from clrk.policy.compiled import BudgetConfig
+from clrk.providers import DEFAULT_HOSTS, parser_for
+from clrk.routing import estimate
 
 T0 = day_start(dt.date(2026, 11, 30)) + 3600
 
@@ -120,3 +127,75 @@ class LedgerInterleavings(RuleBasedStateMachine):
 
 TestLedgerInterleavings = LedgerInterleavings.TestCase
 TestLedgerInterleavings.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+# --------------------------------------------------------------------------- what a request is estimated at
+
+BUDGET = BudgetConfig(10_000, False, reserve_tokens=1024, server_context_tokens=128_000)
+
+ESTIMATES = [
+    # (host, path, body, output x choices + held context beyond the body's size / 4, why)
+    ("api.openai.com", "/v1/chat/completions", {"max_tokens": 100}, 100, None),
+    ("api.openai.com", "/v1/chat/completions", {"max_tokens": 100, "n": 4}, 400, None),
+    ("api.openai.com", "/v1/embeddings", {"input": ["a"] * 100}, 1024, None),  # inputs: the body's size
+    ("api.openai.com", "/v1/completions", {"prompt": ["a", "b", "c"], "n": 2, "best_of": 4, "max_tokens": 10}, 120, None),
+    ("api.openai.com", "/v1/threads/t1/runs/r1/submit_tool_outputs", {"tool_outputs": []}, 1024 + 128_000, None),
+    ("api.openai.com", "/v1/threads/t1/runs", {"max_completion_tokens": 50, "max_prompt_tokens": 700}, 750, None),
+    ("api.openai.com", "/v1/responses/compact", {"previous_response_id": "resp_1"}, 1024 + 128_000, None),
+    ("api.openai.com", "/v1/batche%73", {"input_file_id": "f"}, None, "billed after"),  # the path the provider acts on
+    ("api.openai.com", "/v1/./fine_tuning//jobs", {"model": "m", "training_file": "f"}, None, "billed after"),
+    ("api.openai.com", "/v1/evals/e1/runs", {"data_source": {}}, None, "billed after"),
+    ("api.anthropic.com", "/v1/messages", {"max_tokens": 10, "max_tokens_to_sample": 5000}, 5000, None),
+    ("api.anthropic.com", "/v1/messages/batches/", {"requests": []}, None, "billed after"),
+    ("generativelanguage.googleapis.com", "/v1beta/openai/chat/completions", {"n": 4, "max_tokens": 100}, 400, None),
+    ("generativelanguage.googleapis.com", "/v1beta/models/g:generateContent",
+     {"generationConfig": {"candidateCount": 2, "maxOutputTokens": 10}, "generation_config": {"candidate_count": 3}}, 30, None),
+    ("generativelanguage.googleapis.com", "/v1beta/models/g%3AbatchGenerateContent", {"batch": {}}, None, "billed after"),
+    ("generativelanguage.googleapis.com", "/v1beta/models/g:generateContent", {"cached_content": "cachedContents/c"}, 1024 + 128_000, None),
+    ("generativelanguage.googleapis.com", "/v1beta/models/g:generateContent", {"cachedContent": ""}, 1024, None),  # proto3: unset
+]
+
+
+@pytest.mark.parametrize("host,path,body,beyond_body,refusal", ESTIMATES, ids=[f"{e[1]} {json.dumps(e[2])[:60]}" for e in ESTIMATES])
+def test_the_estimate_covers_multipliers_and_held_context(host, path, body, beyond_body, refusal):
+    p = parser_for(DEFAULT_HOSTS, host, path)
+    raw = json.dumps(body).encode()
+    p.request_body(raw)
+    assert p.invalid is None
+    if refusal is not None:
+        assert refusal in p.unbudgetable
+        return
+    assert p.unbudgetable is None
+    assert estimate(p, BUDGET) == beyond_body + len(raw) // 4
+
+
+BUDGET_POLICY = """
+kind: EgressGateway
+metadata: {name: g}
+---
+kind: AIProviderRoute
+metadata: {name: r}
+spec:
+  rules:
+  - matches: [{provider: openai}]
+    filters: [{type: TokenBudget, tokenBudget: %s}]
+"""
+
+
+@pytest.mark.parametrize("budget,held", [("{maxTokensPerDay: 100}", 128_000), ("{maxTokensPerDay: 100, serverContextTokens: 5000}", 5000),
+                                         ("{maxTokensPerDay: 100, serverContext: Refuse}", None)])
+def test_server_context_is_reserved_or_refused_as_configured(tmp_path, budget, held):
+    (tmp_path / "p.yaml").write_text(BUDGET_POLICY % budget)
+    assert load_policy(tmp_path).provider_rules[0].budget.server_context_tokens == held
+
+
+@pytest.mark.parametrize("budget,problem", [
+    ("{maxTokensPerDay: 100, serverContext: Refuse, serverContextTokens: 5000}", "serverContextTokens is what serverContext: Reserve reserves"),
+    ("{maxTokensPerDay: 100, serverContext: refuse}", "serverContext: Input should be 'Reserve' or 'Refuse'"),
+    ("{maxTokensPerDay: 100, serverContextTokens: 0}", "serverContextTokens: Input should be greater than or equal to 1"),
+])
+def test_server_context_settings_are_checked_at_load(tmp_path, budget, problem):
+    (tmp_path / "p.yaml").write_text(BUDGET_POLICY % budget)
+    with pytest.raises(PolicyError) as e:
+        load_policy(tmp_path)
+    assert problem in str(e.value)
