@@ -193,8 +193,10 @@ def test_server_context_is_reserved_or_refused_as_configured(tmp_path, budget, h
     ("{maxTokensPerDay: 100, serverContext: Refuse, serverContextTokens: 5000}", "serverContextTokens is what serverContext: Reserve reserves"),
     ("{maxTokensPerDay: 100, serverContext: refuse}", "serverContext: Input should be 'Reserve' or 'Refuse'"),
     ("{maxTokensPerDay: 100, serverContextTokens: 0}", "serverContextTokens: Input should be greater than or equal to 1"),
+    # past 64 bits the record of every call of the route could not be stored (and held up the batches after it)
+    ("{maxTokensPerDay: 100000000000000000000}", "maxTokensPerDay: Input should be less than or equal to 1000000000000000"),
 ])
-def test_server_context_settings_are_checked_at_load(tmp_path, budget, problem):
+def test_budget_settings_are_checked_at_load(tmp_path, budget, problem):
     (tmp_path / "p.yaml").write_text(BUDGET_POLICY % budget)
     with pytest.raises(PolicyError) as e:
         load_policy(tmp_path)
