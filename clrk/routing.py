@@ -64,11 +64,11 @@ class ProviderRouting:
         self.rt = rt
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        # Decided on the headers already: a provider call whose body is streamed (huge or chunked), or whose
-        # model is in its path (Gemini). A budget estimates from the body: it waits for one that comes whole.
+        # Decided on headers (streamed body, or model in the path): a budget waits for a whole body to estimate.
         found = _allowed_provider_call(flow)
-        if found is not None and found[1].budget is not None and request_is_buffered(found[0].req_h or {}, provider=True):
-            return None
+        if found is not None and found[1].budget is not None:
+            if request_is_buffered(found[0].req_h or {}, provider=True):
+                return None
         return self._apply(flow)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -129,7 +129,8 @@ class ProviderRouting:
             return None
         if genai.request_doc is None and flow.request.raw_content:
             # Not JSON to the gateway (nested past its parser's depth, say) may still be JSON to the provider.
-            return Decision(False, rule.ref, "requests to a budgeted route need a body the gateway reads as a JSON object", 400)
+            return Decision(False, rule.ref, "requests to a budgeted route need a body the gateway reads as a JSON "
+                                             "object", 400)
         if genai.invalid is not None:
             return Decision(False, rule.ref, f"a budgeted route cannot estimate this request: {genai.invalid}", 400)
         if genai.unbudgetable is not None:

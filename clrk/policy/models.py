@@ -333,7 +333,8 @@ MAX_BUDGET_TOKENS = 10**15
 class TokenBudget(Spec):
     """A day's tokens for a rule's calls: each call is admitted only if its estimate fits in what is left."""
 
-    max_tokens_per_day: int = Field(gt=0, le=MAX_BUDGET_TOKENS, description="Tokens (input + output) the pool may use per UTC day.")
+    max_tokens_per_day: int = Field(gt=0, le=MAX_BUDGET_TOKENS, description=(
+        "Tokens (input + output) the pool may use per UTC day."))
     scope: Literal["Route", "Agent"] = Field(
         default="Route", description="Route: one pool for every agent the rule serves; Agent: a pool per agent.")
     # Held at admission for a request that names no max output tokens (settled to the real usage after).

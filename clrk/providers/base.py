@@ -132,8 +132,8 @@ class ProviderParser:
         self.request_doc: dict | None = None  # the parsed request body, until the request has left
         self.request_size = 0
         self.max_output_tokens: int | None = None  # what the request caps each generation's output at, if it says
-        self.choices = 1  # how many generations it asks for (n, best_of, candidateCount, prompts): the output multiplier
-        self.server_context: str | None = None  # the field by which the provider adds input it holds (previous_response_id...)
+        self.choices = 1  # generations it asks for (n, best_of, candidateCount, prompts): the output multiplier
+        self.server_context: str | None = None  # the field naming input the provider holds (previous_response_id...)
         self.max_input_tokens: int | None = None  # a cap the request puts on that held input, if it says
         self.unbudgetable: str | None = None  # why no budget can hold this call (a job billed after the answer)
         self.invalid: str | None = None  # a field the budget estimate needs that is no count the gateway can read
@@ -180,7 +180,10 @@ class ProviderParser:
         if n is not None and n >= 2**63:
             n = 2**63 - 1  # far past any provider's limit already; keeps the estimate's arithmetic and text small
         if n is None or n <= 0:
-            shown = repr(v[:40]) if isinstance(v, str) else json.dumps(v)[:40] if isinstance(v, (int, float)) else type(v).__name__
+            if isinstance(v, str):
+                shown = repr(v[:40])
+            else:
+                shown = json.dumps(v)[:40] if isinstance(v, (int, float)) else type(v).__name__
             self.invalid = f"{key} must be a positive integer, not {shown}"
             return None
         return n

@@ -7,7 +7,8 @@ candidates + thoughts.
 
 Budget estimate: `generationConfig.maxOutputTokens` per candidate times `candidateCount`; `cachedContent` is
 input the provider holds. The API reads its JSON as proto3 does: snake_case names too, numbers as strings,
-0 meaning unset. Its OpenAI-compatible endpoint takes `max_tokens` and `n`. Batch jobs (`:batchGenerateContent`, `:asyncBatchEmbedContent`) are billed after the answer.
+0 meaning unset. Its OpenAI-compatible endpoint takes `max_tokens` and `n`. Batch jobs
+(`:batchGenerateContent`, `:asyncBatchEmbedContent`) are billed after the answer.
 """
 
 from __future__ import annotations
