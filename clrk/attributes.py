@@ -54,6 +54,7 @@ CLRK_BUDGET_DAILY_USED: Final = "clrk.budget.daily_used"
 CLRK_BUDGET_DAILY_MAX: Final = "clrk.budget.daily_max"
 CLRK_BUDGET_POOL: Final = "clrk.budget.pool"  # which pool was charged (route rule, and agent for scope Agent)
 CLRK_BUDGET_TOKENS: Final = "clrk.budget.tokens"  # what this transaction cost the pool
+CLRK_BUDGET_RESERVED: Final = "clrk.budget.reserved"  # its estimate: reserved at admission, or what did not fit (429)
 CLRK_L4_BYTES_UPSTREAM: Final = "clrk.l4.bytes_upstream"  # TLS Passthrough: bytes the agent sent upstream through the tunnel
 CLRK_DECISION: Final = "clrk.decision"
 CLRK_DECISION_RULE: Final = "clrk.decision.rule"
@@ -129,6 +130,7 @@ COLUMNS: Final[dict[str, str]] = {
     CLRK_BUDGET_DAILY_MAX: "BIGINT",
     CLRK_BUDGET_POOL: "VARCHAR",
     CLRK_BUDGET_TOKENS: "BIGINT",
+    CLRK_BUDGET_RESERVED: "BIGINT",
     CLRK_L4_BYTES_UPSTREAM: "BIGINT",
     CLRK_DECISION: "VARCHAR",
     CLRK_DECISION_RULE: "VARCHAR",

@@ -2,14 +2,28 @@
 
 A pool is one AIProviderRoute rule (scope Route) or one rule and agent (scope Agent), named by the route and
 what the rule matches (`ProviderRule.pool`), so reordering rules or changing a budget keeps the day's usage.
-A request is admitted while the pool's used + reserved tokens are below the day's maximum; it then holds a
-reservation (its max output tokens, or the budget's `reserveTokens`, plus its body size / 4 as the input
-estimate) until the provider's usage replaces it (the reservation itself is charged when the usage is not
-visible).
+A request holds a reservation, its estimate (see `clrk.routing.estimate`: max output tokens × choices, or
+`reserveTokens` × choices, plus its body size / 4, plus `serverContextTokens` when the provider adds input it
+holds), from admission until the provider's usage replaces it (the reservation itself is charged when the
+usage is not visible). A request is admitted only if its whole reservation fits in what the pool has left
+(max − used − reserved), so no request can hold more than is left, and one asking for more than that is
+refused rather than clamped: a clamped reservation would still hand it the whole remainder, locking out
+every other agent of the pool while it runs, and would no longer cover what it may spend.
 
-Bound: concurrent requests can overshoot the maximum by at most one reservation (the last one admitted
-below it) plus what admitted requests consume beyond their reservations — and output beyond the max tokens
-a request names is refused by the provider, so that part is only the input estimate's error.
+Bound: admission keeps used + reserved ≤ max, and settling a reservation of r tokens by a usage of u changes
+used + reserved by u − r. So at every moment, for any interleaving of admissions and settlements,
+
+    used + reserved ≤ max(maxTokensPerDay, usage already charged when the day was loaded)
+                      + Σ over settled requests of max(0, u − r)
+
+and the day's usage passes the maximum by at most what requests consumed beyond their own reservations —
+never by a reservation, however many requests run at once. That excess can only come from estimate errors:
+input tokenized above body bytes / 4 (non-Latin text, images, audio or files the provider fetches or holds by
+reference, system prompts and tool lists it adds); output of a request naming no max (past `reserveTokens`
+per choice); held context past `serverContextTokens`. Output beyond the max a request names is refused by the
+provider, so it is not part of it. (For a fixed maxTokensPerDay; after a reload lowers it, nothing is admitted
+until usage is back under the new one. Reservations made the day before still count until they settle, but
+their usage is not charged to the new day.)
 
 The ledger lives in the proxy (admission is on the request path, a dict lookup); it is rebuilt at start
 from the day's records in the store, so a restart keeps the day's usage.
@@ -69,10 +83,16 @@ class BudgetLedger:
         self._roll()
         return self.used.get(pool, 0)
 
+    def left(self, pool: str, max_tokens: int) -> int:
+        """What the pool can still reserve today (negative once usage passed the maximum)."""
+        self._roll()
+        return max_tokens - self.used.get(pool, 0) - self.reserved.get(pool, 0)
+
     def admit(self, pool: str, max_tokens: int, tokens: int) -> Reservation | None:
-        """Reserves `tokens` if the pool has budget left; None when it is spent."""
+        """Reserves `tokens` (at least 1) if they fit in what the pool has left today; None if they do not."""
         day = self._roll()
-        if self.used.get(pool, 0) + self.reserved.get(pool, 0) >= max_tokens:
+        tokens = max(tokens, 1)  # a free reservation would be admitted into a spent pool
+        if self.used.get(pool, 0) + self.reserved.get(pool, 0) + tokens > max_tokens:
             return None
         self.reserved[pool] = self.reserved.get(pool, 0) + tokens
         return Reservation(pool, tokens, day)

@@ -1,8 +1,15 @@
 """What an allow decision sets in motion before the request leaves:
 
-  ProviderRouting  the AIProviderRoute rule's TokenBudget (admit or 429) and Backend (where to, which model,
-                   stream usage on)
+  ProviderRouting  the AIProviderRoute rule's TokenBudget (admit, or refuse before any upstream contact) and
+                   Backend (where to, which model, stream usage on)
   Credentials      CredentialInjectionPolicy: the provider key set on the upstream request
+
+A budgeted route admits a call only when the gateway can estimate what it may cost (`estimate`) and that fits
+in what the pool has left (clrk/budget.py). Refused before the upstream: a body it does not read whole (413)
+or cannot read as a JSON object (400); a count it cannot read as one (400: `n: "many"`, `max_tokens: -1`,
+`candidateCount: 2.5`, a bool), since a provider reading it some other way could cost anything; a job billed
+after the answer (403: batches, fine-tuning); input the provider holds under `serverContext: Refuse` (403);
+an estimate past what is left (429), which is refused rather than clamped so that it never holds the pool.
 """
 
 from __future__ import annotations
@@ -18,13 +25,26 @@ from mitmproxy import http
 
 from clrk.capture import request_is_buffered
 from clrk.decision import Decision
-from clrk.policy.compiled import BackendTarget, ProviderRule
+from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
+from clrk.providers.base import ProviderParser
 from clrk.runtime import Runtime, refuse
 from clrk.transaction import METADATA_KEY, Transaction
 
 log = logging.getLogger("clrk")
 
 LEDGER_WAIT_SECONDS = 10.0
+INT64_MAX = 2**63 - 1  # what the record can carry
+
+
+def estimate(genai: ProviderParser | None, budget: BudgetConfig) -> int:
+    """The most a call may cost as far as its request tells: each generation's max output tokens (else the
+    budget's reserveTokens) times how many generations it asks for, plus its body size / 4 for the input, plus
+    the input the provider holds for it (the cap the request names, else serverContextTokens)."""
+    if genai is None:
+        return budget.reserve_tokens
+    output = (genai.max_output_tokens or budget.reserve_tokens) * genai.choices
+    held = (genai.max_input_tokens or budget.server_context_tokens or 0) if genai.server_context else 0
+    return max(1, output + genai.request_size // 4 + held)
 
 
 def _allowed_provider_call(flow: http.HTTPFlow) -> tuple[Transaction, ProviderRule] | None:
@@ -44,7 +64,11 @@ class ProviderRouting:
         self.rt = rt
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        # Decided on the headers already: a provider call whose body is streamed (huge or chunked).
+        # Decided on headers (streamed body, or model in the path): a budget waits for a whole body to estimate.
+        found = _allowed_provider_call(flow)
+        if found is not None and found[1].budget is not None:
+            if request_is_buffered(found[0].req_h or {}, provider=True):
+                return None
         return self._apply(flow)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -74,11 +98,18 @@ class ProviderRouting:
     def _route_call(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
         try:
             if rule.budget is not None:
+                budget = rule.budget
+                tx.budget_pool = rule.pool + (f"/agent:{tx.agent.ref}" if budget.per_agent and tx.agent else "")
+                tx.budget_max = budget.max_tokens_per_day
                 if not request_is_buffered(tx.req_h or {}, provider=True):
                     # A body the gateway does not read (chunked, or past 32 MiB) cannot be estimated nor made to
                     # report its usage: a budget could not hold.
                     self._deny(flow, tx, Decision(False, rule.ref, "requests to a budgeted route need a "
                                                   "Content-Length body of at most 32 MiB", 413))
+                    return
+                refusal = self._unbudgetable(flow, tx, rule)
+                if refusal is not None:
+                    self._deny(flow, tx, refusal)
                     return
                 if not self._admit(flow, tx, rule):
                     return
@@ -89,26 +120,48 @@ class ProviderRouting:
             if tx.genai is not None:
                 tx.genai.request_doc = None  # the body has been read and possibly rewritten: let it go
 
+    @staticmethod
+    def _unbudgetable(flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> Decision | None:
+        """The refusal of a call whose cost the budget could not bound, or None."""
+        budget, genai = rule.budget, tx.genai
+        assert budget is not None
+        if genai is None:
+            return None
+        if genai.request_doc is None and flow.request.raw_content:
+            # Not JSON to the gateway (nested past its parser's depth, say) may still be JSON to the provider.
+            return Decision(False, rule.ref, "requests to a budgeted route need a body the gateway reads as a JSON "
+                                             "object", 400)
+        if genai.invalid is not None:
+            return Decision(False, rule.ref, f"a budgeted route cannot estimate this request: {genai.invalid}", 400)
+        if genai.unbudgetable is not None:
+            return Decision(False, rule.ref, f"{genai.unbudgetable}, out of the gateway's sight: a budgeted route "
+                                             "does not admit them", 403)
+        if genai.server_context is not None and budget.server_context_tokens is None:
+            return Decision(False, rule.ref, f"this request bills input the provider holds ({genai.server_context}), "
+                                             f"which the gateway cannot estimate: route {rule.route_name} refuses such "
+                                             "calls (serverContext: Refuse)", 403)
+        return None
+
     def _admit(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> bool:
         budget = rule.budget
         assert budget is not None
         ledger = self.rt.ledger
-        pool = rule.pool + (f"/agent:{tx.agent.ref}" if budget.per_agent and tx.agent else "")
-        tx.budget_pool, tx.budget_max = pool, budget.max_tokens_per_day
+        pool = tx.budget_pool
+        assert pool is not None
         if not ledger.loaded:
             tx.budget_used = None
             self._deny(flow, tx, Decision(False, rule.ref, "token budget ledger is not available yet; try again shortly", 503))
             return False
-        genai = tx.genai
-        output = genai.max_output_tokens if genai and genai.max_output_tokens else budget.reserve_tokens
-        # What the agent asks for is its business, but not beyond the whole day's budget: a request naming a
-        # trillion output tokens must not lock the pool (nor a negative number refill it).
-        estimate = max(1, min(output + (genai.request_size // 4 if genai else 0), budget.max_tokens_per_day))
-        tx.reservation = ledger.admit(pool, budget.max_tokens_per_day, estimate)
+        tokens = estimate(tx.genai, budget)
+        tx.budget_reserved = min(tokens, INT64_MAX)
+        tx.reservation = ledger.admit(pool, budget.max_tokens_per_day, tokens)
         if tx.reservation is None:
             tx.budget_denied = True
             tx.budget_used = ledger.used_today(pool)
-            self._deny(flow, tx, Decision(False, rule.ref, f"token budget exceeded for route {rule.route_name}", 429))
+            mx, left = budget.max_tokens_per_day, max(0, ledger.left(pool, budget.max_tokens_per_day))
+            more = (f"more than the whole day's {mx}" if tokens > mx else f"and {left} of the day's {mx} are left")
+            self._deny(flow, tx, Decision(False, rule.ref, f"token budget exceeded for route {rule.route_name}: this "
+                                                           f"request may cost up to {tokens} tokens, {more}", 429))
             return False
         tx.budget_used = ledger.used_today(pool)
         return True

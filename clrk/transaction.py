@@ -54,6 +54,7 @@ class Transaction:
     budget_denied: bool = False
     reservation: Reservation | None = None
     budget_charged: int | None = None
+    budget_reserved: int | None = None  # the call's estimate: held at admission, or what did not fit
     budget_used: int | None = None
     recorded: bool = False
     error: str | None = None  # what went wrong, when the gateway knows better than flow.error
@@ -172,6 +173,7 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
         raw["apr"] = (pr.route_name, pr.route_namespace) if pr is not None else None
     if tx.budget_pool is not None:
         raw["budget"] = (tx.budget_pool, tx.budget_denied, tx.budget_max, tx.budget_used, tx.budget_charged)
+        raw["budget_reserved"] = tx.budget_reserved  # a key of its own: a recorder of either version reads the tuple
     return raw
 
 

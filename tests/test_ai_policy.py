@@ -242,33 +242,35 @@ def test_budget_exhausted_is_a_429_before_the_provider_is_contacted(gw, upstream
     i = inv()
     c = client(i)
     c.chat.completions.create(model="budget-cost990", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
-    # 995 of 1000 used: one more request may start (it reserves below the limit)...
-    c.chat.completions.create(model="budget-x", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+    # 995 of 1000 used: a request that may cost more than the 5 left is refused, not clamped to them.
     t0 = time.time()
     with pytest.raises(openai.RateLimitError) as e:
         c.chat.completions.create(model="budget-y", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
-    assert e.value.response.json() == {"error": "clrk: token budget exceeded for route openai-chat"}
     assert not [r for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
-    denied, second, first = wait_rows(gw, i, 3)
-    assert (first[A.CLRK_BUDGET_DAILY_USED], first[A.CLRK_BUDGET_DAILY_MAX]) == (995, 1000)
-    assert second[A.CLRK_BUDGET_DAILY_USED] == 1012 and second[A.CLRK_BUDGET_DENIED] is False
+    denied, first = wait_rows(gw, i, 2)
+    estimate = denied[A.CLRK_BUDGET_RESERVED]
+    assert estimate == 10 + len(json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "budget-y", "max_tokens": 10},
+                                           separators=(",", ":"))) // 4
+    assert e.value.response.json() == {"error": "clrk: token budget exceeded for route openai-chat: this request may cost up to "
+                                                f"{estimate} tokens, and 5 of the day's 1000 are left"}
+    assert (first[A.CLRK_BUDGET_DAILY_USED], first[A.CLRK_BUDGET_DAILY_MAX], first[A.CLRK_BUDGET_DENIED]) == (995, 1000, False)
     assert denied[A.CLRK_BUDGET_DENIED] is True and denied[A.HTTP_RESPONSE_STATUS_CODE] == 429
-    assert (denied[A.CLRK_BUDGET_DAILY_USED], denied[A.CLRK_BUDGET_DAILY_MAX]) == (1012, 1000)
+    assert (denied[A.CLRK_BUDGET_DAILY_USED], denied[A.CLRK_BUDGET_DAILY_MAX], denied.get(A.CLRK_BUDGET_TOKENS)) == (995, 1000, None)
 
 
 def test_agent_scope_gives_each_agent_its_own_pool(gw, agent_env):
     i = inv()
     researcher = client(i)
-    for _ in range(3):  # 17 tokens each: 17, 34, then 34 < 40 still admits a third (51 used)
-        researcher.chat.completions.create(model="mine-a", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    # ~29 reserved (10 output + body / 4) of 40, 17 used; then 17 + 29 no longer fits
+    researcher.chat.completions.create(model="mine-a", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
     with pytest.raises(openai.RateLimitError):
-        researcher.chat.completions.create(model="mine-a", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        researcher.chat.completions.create(model="mine-a", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
     writer = openai.OpenAI(api_key="x", max_retries=0, default_headers={"clrk-invocation-id": i},
                            http_client=openai.DefaultHttpxClient(proxy=gw.proxy_url("team-a.writer", WRITER_TOKEN)))
-    writer.chat.completions.create(model="mine-a", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    writer.chat.completions.create(model="mine-a", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
 
 
-def test_fifty_concurrent_requests_overshoot_at_most_one_reservation(gw, agent_env):
+def test_fifty_concurrent_requests_stay_within_the_budget(gw, agent_env):
     i = inv()
     client(i).chat.completions.create(model="crowd-cost900", messages=[{"role": "user", "content": "hi"}], max_tokens=20)
 
@@ -285,24 +287,29 @@ def test_fifty_concurrent_requests_overshoot_at_most_one_reservation(gw, agent_e
     assert admitted >= 1 and results.count(429) == 50 - admitted
     rows = wait_rows(gw, i, 51)
     used = max(r[A.CLRK_BUDGET_DAILY_USED] for r in rows)
-    # The bound (clrk/budget.py): max + one reservation + what admitted requests used beyond theirs.
-    # Each reserves 50 output tokens + its body / 4; each used 17 (12 in, 5 out), less than it reserved.
-    reservation = 50 + max(len(json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "crowd-wait", "max_tokens": 50})) // 4, 0)
-    assert used <= 1000 + reservation
+    # The bound (clrk/budget.py): max + what admitted requests used beyond their reservations. Each reserves
+    # 50 output tokens + its body / 4 (about 71) and used 17: nothing beyond, so the max holds exactly.
+    assert used <= 1000
     assert used == 905 + 17 * admitted
-    assert admitted <= 3, f"{admitted} of 50 admitted with 95 tokens left: reservations did not hold"
+    assert admitted <= 2, f"{admitted} of 50 admitted with 95 tokens left: reservations did not hold"
 
 
-def test_the_agent_cannot_steer_its_reservation(gw, agent_env):
-    """Negative or absurd max tokens neither refill nor lock a pool; calls that were not served cost nothing."""
-    i = inv()
-    for max_tokens in (-1_000_000, 10**12):
-        with pytest.raises(openai.RateLimitError):  # the fake provider answers 429 for "-error" models
-            client(i).chat.completions.create(model="clamp-error", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens)
-    client(i).chat.completions.create(model="clamp-ok", messages=[{"role": "user", "content": "hi"}], max_tokens=10**12)
-    rows = wait_rows(gw, i, 3)
-    assert [r[A.CLRK_BUDGET_TOKENS] for r in rows] == [17, 0, 0]
-    assert rows[0][A.CLRK_BUDGET_DAILY_USED] == 17 and rows[0][A.CLRK_BUDGET_DENIED] is False
+def test_the_agent_cannot_steer_its_reservation(gw, upstream, agent_env):
+    """A negative max tokens is refused (no refill), an absurd one too (no lock of the pool); neither is sent."""
+    i, t0 = inv(), time.time()
+    with pytest.raises(openai.BadRequestError) as e:
+        client(i).chat.completions.create(model="clamp-a", messages=[{"role": "user", "content": "hi"}], max_tokens=-1_000_000)
+    assert e.value.response.json() == {"error": "clrk: a budgeted route cannot estimate this request: max_tokens must be a "
+                                                "positive integer, not -1000000"}
+    with pytest.raises(openai.RateLimitError) as e:
+        client(i).chat.completions.create(model="clamp-b", messages=[{"role": "user", "content": "hi"}], max_tokens=10**12)
+    assert "more than the whole day's 1000" in e.value.response.json()["error"]
+    client(i).chat.completions.create(model="clamp-ok", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+    assert [json.loads(r.body)["model"] for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"] == ["clamp-ok"]
+    ok, absurd, negative = wait_rows(gw, i, 3)
+    assert (negative[A.HTTP_RESPONSE_STATUS_CODE], negative.get(A.CLRK_BUDGET_RESERVED), negative.get(A.CLRK_BUDGET_TOKENS)) == (400, None, None)
+    assert absurd[A.CLRK_BUDGET_RESERVED] > 10**12 and absurd.get(A.CLRK_BUDGET_TOKENS) is None
+    assert ok[A.CLRK_BUDGET_TOKENS] == ok[A.CLRK_BUDGET_DAILY_USED] == 17 and ok[A.CLRK_BUDGET_DENIED] is False
 
 
 def test_a_budgeted_route_refuses_a_body_it_cannot_read(gw, agent_env):

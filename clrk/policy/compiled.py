@@ -150,6 +150,7 @@ class BudgetConfig:
     max_tokens_per_day: int
     per_agent: bool
     reserve_tokens: int
+    server_context_tokens: int | None = 128_000  # None: calls with input the provider holds are refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,7 +503,9 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             budget = None
             for f in rule.filters:
                 if f.type == "TokenBudget" and f.token_budget is not None:
-                    budget = BudgetConfig(f.token_budget.max_tokens_per_day, f.token_budget.scope == "Agent", f.token_budget.reserve_tokens)
+                    tb = f.token_budget
+                    budget = BudgetConfig(tb.max_tokens_per_day, tb.scope == "Agent", tb.reserve_tokens,
+                                          tb.server_context_tokens if tb.server_context == "Reserve" else None)
             provider_rules.append(
                 ProviderRule(
                     ref=f"AIProviderRoute/{r.metadata.namespace}/{r.metadata.name}#rules[{i}]",

@@ -352,11 +352,34 @@ class BackendRef(Spec):
     weight: int = Field(default=1, ge=0, le=1_000_000)
 
 
+# Far above any real budget, and keeps every count the record carries within its 64-bit columns.
+MAX_BUDGET_TOKENS = 10**15
+
+
 class TokenBudget(Spec):
-    max_tokens_per_day: int = Field(gt=0)
-    scope: Literal["Route", "Agent"] = "Route"
+    """A day's tokens for a rule's calls: each call is admitted only if its estimate fits in what is left."""
+
+    max_tokens_per_day: int = Field(gt=0, le=MAX_BUDGET_TOKENS, description=(
+        "Tokens (input + output) the pool may use per UTC day."))
+    scope: Literal["Route", "Agent"] = Field(
+        default="Route", description="Route: one pool for every agent the rule serves; Agent: a pool per agent.")
     # Held at admission for a request that names no max output tokens (settled to the real usage after).
-    reserve_tokens: int = Field(default=1024, ge=1)
+    reserve_tokens: int = Field(default=1024, ge=1, le=MAX_BUDGET_TOKENS, description=(
+        "Output tokens reserved per choice for a call that names no max output tokens (until its usage is known)."))
+    # A body of a few bytes may bill a whole conversation the provider keeps: its input cannot be estimated.
+    server_context: Literal["Reserve", "Refuse"] = Field(default="Reserve", description=(
+        "Calls whose input the provider holds (OpenAI previous_response_id, conversation, a stored prompt, an "
+        "Assistants thread run; Gemini cachedContent): Reserve admits them with serverContextTokens of input "
+        "reserved, Refuse answers 403."))
+    server_context_tokens: int = Field(default=128_000, ge=1, le=MAX_BUDGET_TOKENS, description=(
+        "Input tokens reserved for held context under serverContext: Reserve (an Assistants run's "
+        "max_prompt_tokens replaces it)."))
+
+    @model_validator(mode="after")
+    def _server_context(self) -> TokenBudget:
+        if self.server_context == "Refuse" and "server_context_tokens" in self.model_fields_set:
+            raise ValueError("serverContextTokens is what serverContext: Reserve reserves; with Refuse, leave it out")
+        return self
 
 
 class RouteFilter(Spec):

@@ -3,12 +3,16 @@
 Usage: a message's `usage`; in a stream, `message_start` gives the input side (and a first output count),
 each `message_delta` carries cumulative counts that replace what came before. Per the semconv, input tokens
 include cache reads and cache creations.
+
+Budget estimate: no output multiplier and no conversation state held by id; Message Batches are billed after
+the answer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from clrk.hostnames import normalize_path
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _STREAM_EVENTS = frozenset({"message_start", "message_delta", "error", "completion"})
@@ -38,8 +42,9 @@ class AnthropicParser(ProviderParser):
             self.result.request_model = doc["model"]
         if doc.get("stream") is True:
             self.result.stream = True
-        v = as_int(doc.get("max_tokens")) or as_int(doc.get("max_tokens_to_sample"))
-        self.max_output_tokens = v if v is not None and v > 0 else None
+        self.max_output_tokens = self.largest_count(doc, ("max_tokens", "max_tokens_to_sample"))
+        if normalize_path(self.path).rstrip("/").endswith("/messages/batches"):
+            self.unbudgetable = "message batches are billed after this request is answered"
 
     def _usage(self, u: Any) -> None:
         if not isinstance(u, dict):

@@ -4,6 +4,9 @@ A `ProviderParser` sees one transaction: the request body, the response status a
 every decoded piece of the response body (the whole body, however long, in bounded memory), then the end.
 Out comes a `GenAiResult`: operation, models, ids, finish reasons, usage, provider error type.
 
+`on_request(doc)` also reads what a token budget estimates the call by: max output tokens, how many generations
+it asks for, input the provider adds by reference, and whether it is a job billed after the answer.
+
 Providers implement `on_request(doc)`, `on_event(event, data)` for SSE, `on_json(doc)` for a whole JSON
 body, `on_error(doc)` for an error body, and `on_truncated_json(tail)` for a JSON body too large to parse
 whole (usage is read from its tail). Everything runs on the proxy's event loop: O(piece), no blocking.
@@ -93,6 +96,9 @@ def as_int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63 else None
 
 
+_COUNT_TEXT = re.compile(r"\s*[+-]?\d{1,30}\s*")
+
+
 def object_after_key(text: str, key: str) -> Any:
     """The JSON value after the last `"key":` in `text` (a body's tail), or None."""
     for m in reversed(list(re.finditer('"' + re.escape(key) + r'"\s*:\s*', text))):
@@ -125,7 +131,12 @@ class ProviderParser:
         self.status: int | None = None
         self.request_doc: dict | None = None  # the parsed request body, until the request has left
         self.request_size = 0
-        self.max_output_tokens: int | None = None  # what the request caps its output at, if it says
+        self.max_output_tokens: int | None = None  # what the request caps each generation's output at, if it says
+        self.choices = 1  # generations it asks for (n, best_of, candidateCount, prompts): the output multiplier
+        self.server_context: str | None = None  # the field naming input the provider holds (previous_response_id...)
+        self.max_input_tokens: int | None = None  # a cap the request puts on that held input, if it says
+        self.unbudgetable: str | None = None  # why no budget can hold this call (a job billed after the answer)
+        self.invalid: str | None = None  # a field the budget estimate needs that is no count the gateway can read
         self._sse: SseParser | None = None
         self._body = bytearray()
         self._body_size = 0
@@ -149,6 +160,38 @@ class ProviderParser:
 
     def on_request(self, doc: dict) -> None:
         pass
+
+    def count(self, doc: dict, key: str, zero_unset: bool = False) -> int | None:
+        """`doc[key]` as a provider reads a token or choice count at its most lenient (an integer, a float with
+        no fraction, a decimal string): None when absent or null, or 0 where 0 means unset (proto3). Anything
+        else, not a positive count, marks the request `invalid`: its cost cannot be estimated."""
+        v = doc.get(key)
+        if v is None:
+            return None
+        n: int | None = None
+        if isinstance(v, int) and not isinstance(v, bool):
+            n = v
+        elif isinstance(v, float) and v.is_integer():  # False for inf and nan
+            n = int(v)
+        elif isinstance(v, str) and _COUNT_TEXT.fullmatch(v):
+            n = int(v)
+        if n == 0 and zero_unset:
+            return None
+        if n is not None and n >= 2**63:
+            n = 2**63 - 1  # far past any provider's limit already; keeps the estimate's arithmetic and text small
+        if n is None or n <= 0:
+            if isinstance(v, str):
+                shown = repr(v[:40])
+            else:
+                shown = json.dumps(v)[:40] if isinstance(v, (int, float)) else type(v).__name__
+            self.invalid = f"{key} must be a positive integer, not {shown}"
+            return None
+        return n
+
+    def largest_count(self, doc: dict, keys: tuple[str, ...], zero_unset: bool = False) -> int | None:
+        """The largest of the counts `keys` name (the provider may honour any of them), or None."""
+        found = [n for k in keys if (n := self.count(doc, k, zero_unset)) is not None]
+        return max(found) if found else None
 
     def ensure_stream_usage(self, doc: dict) -> bool:
         """Asks a streaming request for usage in its stream, where the API needs asking; True if changed."""

@@ -4,6 +4,11 @@
 -> chat; `:embedContent` / `:batchEmbedContents` -> embeddings. The model comes from the path.
 `usageMetadata` is a running total in a stream: the last one counts. Per the semconv, output tokens are
 candidates + thoughts.
+
+Budget estimate: `generationConfig.maxOutputTokens` per candidate times `candidateCount`; `cachedContent` is
+input the provider holds. The API reads its JSON as proto3 does: snake_case names too, numbers as strings,
+0 meaning unset. Its OpenAI-compatible endpoint takes `max_tokens` and `n`. Batch jobs
+(`:batchGenerateContent`, `:asyncBatchEmbedContent`) are billed after the answer.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
+from clrk.hostnames import normalize_path
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _PATH = re.compile(r"/(?:models|tunedModels)/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$")
@@ -43,10 +49,20 @@ class GoogleGenAIParser(ProviderParser):
             self.result.stream = True
 
     def on_request(self, doc: dict) -> None:
-        cfg = doc.get("generationConfig")
-        if isinstance(cfg, dict):
-            v = as_int(cfg.get("maxOutputTokens"))
-            self.max_output_tokens = v if v is not None and v > 0 else None
+        # The OpenAI-compatible endpoint (/v1beta/openai/...) takes OpenAI's fields; the native API refuses them.
+        cap = self.largest_count(doc, ("max_completion_tokens", "max_tokens"))
+        caps, choices = [cap] if cap is not None else [], self.count(doc, "n") or 1
+        for cfg in (doc.get("generationConfig"), doc.get("generation_config")):
+            if isinstance(cfg, dict):
+                if (v := self.largest_count(cfg, ("maxOutputTokens", "max_output_tokens"), zero_unset=True)) is not None:
+                    caps.append(v)
+                choices = max(choices, self.largest_count(cfg, ("candidateCount", "candidate_count"), zero_unset=True) or 1)
+        self.max_output_tokens = max(caps) if caps else None
+        self.choices = choices
+        if doc.get("cachedContent") or doc.get("cached_content"):
+            self.server_context = "cachedContent"
+        if unquote(normalize_path(self.path)).endswith((":batchGenerateContent", ":asyncBatchEmbedContent")):
+            self.unbudgetable = "batch jobs are billed after this request is answered"
 
     def _usage(self, u: Any) -> None:
         if not isinstance(u, dict):

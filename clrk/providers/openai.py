@@ -5,6 +5,11 @@ Endpoints: /v1/chat/completions and /v1/responses -> chat, /v1/completions -> te
 Usage: `usage` of a JSON body; in a chat/completions stream, the final chunk's `usage` (present only with
 `stream_options.include_usage`); in a Responses stream, `response.completed` (or `.incomplete`/`.failed`).
 prompt_tokens already include cached tokens and completion_tokens reasoning tokens, as the semconv wants.
+
+Budget estimate: output multipliers `n` and `best_of` (legacy completions generate best_of server-side and bill
+them all), times each prompt of a legacy completions batch; input the provider holds: Responses
+`previous_response_id`, `conversation` and stored `prompt` templates, Assistants runs on a thread (their
+`max_prompt_tokens` caps it). Batches, fine-tuning jobs and eval runs are billed after the answer.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from clrk.hostnames import normalize_path
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _ENDPOINTS = (
@@ -20,6 +26,9 @@ _ENDPOINTS = (
     ("/completions", "text_completion"),
     ("/embeddings", "embeddings"),
 )
+# Assistants: creating a run (also with a new thread) or resuming one bills the model on the thread it holds.
+_THREAD_RUN = re.compile(r"/threads(?:/[^/]+)?/runs(?:/[^/]+/submit_tool_outputs)?$")
+_JOBS = re.compile(r"/(?:batches|fine_tuning/jobs|evals/[^/]+/runs)$")
 _USAGE = re.compile(r'"usage"\s*:\s*\{')
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
 _RESPONSE_EVENTS = frozenset({"response.created", "response.in_progress", "response.completed", "response.incomplete", "response.failed", "error"})
@@ -50,11 +59,24 @@ class OpenAIParser(ProviderParser):
             self.result.request_model = doc["model"]
         if doc.get("stream") is True:
             self.result.stream = True
-        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            v = as_int(doc.get(key))
-            if v is not None and v > 0:
-                self.max_output_tokens = v
-                break
+        self.max_output_tokens = self.largest_count(doc, ("max_completion_tokens", "max_tokens", "max_output_tokens"))
+        choices = max(self.count(doc, "n") or 1, self.count(doc, "best_of") or 1)
+        prompt = doc.get("prompt")
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            choices *= len(prompt)  # a batch of prompts (strings or token lists): n choices each
+        self.choices = choices
+        if doc.get("previous_response_id") is not None:
+            self.server_context = "previous_response_id"
+        elif doc.get("conversation") is not None:
+            self.server_context = "conversation"
+        elif isinstance(prompt, dict):
+            self.server_context = "prompt"  # a stored prompt template, by id
+        path = normalize_path(self.path).rstrip("/")  # as the provider reads it: %-escapes, dot segments
+        if _THREAD_RUN.search(path):
+            self.server_context = "thread"
+            self.max_input_tokens = self.count(doc, "max_prompt_tokens")
+        elif _JOBS.search(path):
+            self.unbudgetable = "batch, fine-tuning and eval jobs are billed after this request is answered"
 
     def ensure_stream_usage(self, doc: dict) -> bool:
         # Chat and text completion streams carry usage only when asked; the Responses API always does.

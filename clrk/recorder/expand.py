@@ -110,6 +110,7 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
     if budget is not None:
         (rec[A.CLRK_BUDGET_POOL], rec[A.CLRK_BUDGET_DENIED], rec[A.CLRK_BUDGET_DAILY_MAX], rec[A.CLRK_BUDGET_DAILY_USED],
          rec[A.CLRK_BUDGET_TOKENS]) = budget
+        rec[A.CLRK_BUDGET_RESERVED] = raw.get("budget_reserved")
 
     req_bytes, req_body, req_trunc = raw["req_body"]
     resp_bytes, resp_body, resp_trunc = raw["resp_body"]

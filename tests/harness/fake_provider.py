@@ -6,6 +6,7 @@ them. The request's model name picks a behaviour, so a test drives it through th
   ...-big     a JSON body of several MB whose usage sits at the end
   ...-slow    a stream paced 0.6 s per event; `upstream.sse_done` is set after the last one
   ...-wait    a JSON answer after 0.5 s (keeps concurrent requests in flight together)
+  ...-hold    a JSON answer once the test sets `RELEASE` (at most 20 s): requests stay in flight until then
   ...-costN   a JSON answer whose usage reports N prompt tokens (and 5 completion tokens)
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 from tests.harness import provider_bodies as B
 
 PACE = 0.6
+RELEASE = threading.Event()
 
 
 def _stream(h, up, pieces: list[bytes], model: str) -> None:
@@ -64,6 +67,8 @@ def openai(h, seen):
     content = "z" * 3_000_000 if "-big" in model else "Hello!"
     if "-wait" in model:
         time.sleep(0.5)
+    if "-hold" in model:
+        RELEASE.wait(20)
     cost = re.search(r"-cost(\d+)", model)
     prompt = int(cost.group(1)) if cost else 12
     return _json(h, 200, B.openai_chat_json(model=model + "-2024", content=content, prompt=prompt), model)
