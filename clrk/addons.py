@@ -129,6 +129,9 @@ class PolicyLoader:
         """Puts a policy in force. Everything that can fail happens before the swap; the recorder learns the
         names to redact before the first record made under the new policy reaches it (same socket, in order)."""
         self._apply_upstream_trust(policy)
+        idle = [g.idle_timeout for g in policy.gateways if g.idle_timeout is not None]
+        if idle and ctx.options.tcp_timeout != min(idle):
+            ctx.options.update(tcp_timeout=min(idle))
         if self.rt.sink is not None:
             self.rt.sink.send_config(export_config(policy))
         self.rt.policy = policy

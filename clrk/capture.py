@@ -9,6 +9,8 @@ memory; the agent always receives the upstream's bytes exactly.
 
 from __future__ import annotations
 
+import logging
+import time
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -19,9 +21,18 @@ try:  # Python 3.14+
 except ImportError:  # pragma: no cover - depends on the interpreter
     from backports import zstd  # type: ignore[no-redef]
 
+log = logging.getLogger("clrk")
+
 PIECE = 64 * 1024  # largest decoded piece held at once
 BUFFER_LIMIT = 256 * 1024  # a body of known length up to this is buffered by mitmproxy, not streamed
 PROVIDER_BUFFER_LIMIT = 32 * 1024 * 1024  # provider requests are read whole (model, rewrites, budgets)
+# Decoding for capture and usage is bounded whoever sent the body: at most DECODE_RATIO decoded bytes per
+# wire byte (plus DECODE_SLACK), DECODE_LIMIT in all, DECODE_SECONDS of the event loop's time per body. Real
+# JSON and event streams stay far below; a decompression bomb stops there, its bytes still relayed untouched.
+DECODE_RATIO = 50
+DECODE_SLACK = 1024 * 1024
+DECODE_LIMIT = 256 * 1024 * 1024
+DECODE_SECONDS = 0.5
 
 
 def _known_length_at_most(headers, limit: int) -> bool:
@@ -146,7 +157,8 @@ class BodyCapture:
     the end of a stream), in bounded memory; without one, decoding stops once the capture is full.
     """
 
-    __slots__ = ("limit", "applies", "wanted", "wire_bytes", "buf", "truncated", "decoder", "listener", "error", "_active")
+    __slots__ = ("limit", "applies", "wanted", "wire_bytes", "buf", "truncated", "decoder", "listener", "error", "_active",
+                 "decoded", "decode_seconds")
 
     def __init__(
         self,
@@ -163,6 +175,8 @@ class BodyCapture:
         self.listener = listener
         self.error: str | None = None
         self.decoder: StreamDecoder | None = None
+        self.decoded = 0  # decoded bytes so far (encoded bodies only)
+        self.decode_seconds = 0.0
         enc = (content_encoding or "").strip().lower()
         if enc and enc != "identity" and (self.wanted or listener):
             if enc in StreamDecoder.SUPPORTED:
@@ -182,16 +196,33 @@ class BodyCapture:
             if self.decoder is None:
                 self._take(chunk)
             else:
-                try:
-                    for piece in self.decoder.feed(chunk):
-                        self._take(piece)
-                        if not self._active:
-                            break
-                except DecodeError as e:
-                    self.error = str(e)
-                    self.truncated = True
-                    self._active = False
+                self._decode(chunk)
         return chunk
+
+    def _decode(self, chunk: bytes) -> None:
+        t0 = time.perf_counter()
+        allowance = min(DECODE_LIMIT, DECODE_RATIO * self.wire_bytes + DECODE_SLACK)
+        try:
+            for piece in self.decoder.feed(chunk):  # type: ignore[union-attr]
+                self.decoded += len(piece)
+                self._take(piece)
+                if not self._active:
+                    break
+                if self.decoded > allowance:
+                    self._stop(f"decoding stopped after {self.decoded} bytes from {self.wire_bytes} on the wire "
+                               f"(more than {DECODE_RATIO}:1 or {DECODE_LIMIT} bytes: a compression bomb?)")
+                    break
+        except DecodeError as e:
+            self._stop(str(e))
+        self.decode_seconds += time.perf_counter() - t0
+        if self._active and self.decode_seconds > DECODE_SECONDS:
+            self._stop(f"decoding stopped after {self.decode_seconds:.2f} s of work on this body")
+
+    def _stop(self, why: str) -> None:
+        log.warning("clrk: body capture: %s", why)
+        self.error = why
+        self.truncated = True
+        self._active = False
 
     def _take(self, data: bytes) -> None:
         if self.listener is not None:

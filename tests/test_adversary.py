@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import time
 import uuid
 
 import h2.config
@@ -402,3 +403,30 @@ def test_the_record_names_what_the_upstream_was_asked_for(gw, upstream):
     assert status_of(out) == 200
     rec = gw.wait_record(invocation=i)
     assert rec[A.URL_FULL] == f"https://allowed.test/json/{i}?a=1" and rec[A.SERVER_ADDRESS] == ALLOWED
+
+
+# --------------------------------------------------------------------------- bounded work per agent
+
+
+def test_idle_client_connections_are_closed_after_the_policys_timeout(tmp_path, pki, upstream):
+    gw_doc = gateway_doc(aliases={ALLOWED: upstream.address}, ca_bundle=str(pki[0]))
+    gw_doc["spec"]["idleTimeoutSeconds"] = 2
+    g = Gateway(tmp_path, [gw_doc, *agent_docs(), route("ok", [ALLOWED])]).start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", g.port), timeout=15)  # connects, never speaks
+        half = socket.create_connection(("127.0.0.1", g.port), timeout=15)  # half a request head, then silence
+        half.sendall(b"GET http://allowed.test/ HTTP/1.1\r\nHost: allow")
+        t = tunnel(g)  # a tunnel whose client stays silent after the handshake
+        t.settimeout(15)
+        t0 = time.monotonic()
+        for s in (silent, half, t):
+            read_all(s, timeout=15)  # returns when the gateway closes the connection
+        waited = time.monotonic() - t0
+        assert 1.5 <= waited < 10, waited
+        # A connection in use is not cut: a request after a pause shorter than the timeout is served.
+        t2 = tunnel(g)
+        time.sleep(1.0)
+        t2.sendall(f"GET /json/idle HTTP/1.1\r\nHost: {ALLOWED}\r\nConnection: close\r\n\r\n".encode())
+        assert status_of(read_all(t2)) == 200
+    finally:
+        g.stop()

@@ -4,6 +4,7 @@ endless uploads from clients that are going to be refused anyway."""
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 import time
 import uuid
@@ -69,8 +70,11 @@ def test_an_agents_compressed_body_is_decoded_within_bounds(gw, upstream):
     with gw.client() as c:
         r = c.post("https://api.openai.com/v1/chat/completions", content=bomb,
                    headers={"content-type": "application/json", "content-encoding": "gzip", "clrk-invocation-id": i})
-    assert r.status_code in (403, 200)
+    # Decoded only up to the 32 MiB the gateway reads of a provider call: the model is unknown, and the route
+    # allows gpt-4o-mini only.
+    assert r.status_code == 403, r.text
     assert rss_kb(gw.proc.pid) - before < 150_000
+    assert gw.wait_record(invocation=i)[A.CLRK_DECISION] == "deny"
 
 
 def test_a_refused_upload_of_unknown_length_is_cut_not_buffered(gw):
@@ -106,3 +110,49 @@ def test_huge_headers_neither_break_the_gateway_nor_swell_the_record(gw, upstrea
         assert rec[A.REQUEST_HEADERS]["x-big"].endswith("more characters not recorded]")
     with gw.client() as c:
         assert c.get("https://allowed.test/json/after-hdr").status_code == 200
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture(scope="module")
+def bomb_gw(tmp_path_factory, pki, upstream):
+    member = gzip.compress(b"\0" * (64 << 20), compresslevel=9)  # 64 MiB of zeros, ~64 KiB on the wire
+
+    def bomb(handler, seen):  # 4 GiB decoded from ~4 MiB: 64 concatenated gzip members are one gzip body
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-encoding", "gzip")
+        handler.send_header("content-length", str(len(member) * 64))
+        handler.end_headers()
+        for _ in range(64):
+            handler.wfile.write(member)
+        handler.wfile.flush()
+
+    upstream.handlers["bomb"] = bomb
+    docs = [gateway_doc(aliases={"api.openai.com": upstream.address}, ca_bundle=str(pki[0])), *agent_docs(),
+            {"kind": "AIProviderRoute", "metadata": {"name": "any-openai", "namespace": "team-a"},
+             "spec": {"rules": [{"matches": [{"provider": "openai"}]}]}}]
+    g = Gateway(tmp_path_factory.mktemp("bomb"), docs).start()
+    yield g
+    g.stop()
+
+
+def test_a_decompression_bomb_from_an_upstream_costs_the_gateway_a_bounded_effort(bomb_gw):
+    """The agent gets the upstream's bytes untouched; the gateway decodes them (for usage) only up to 50:1 and
+    0.5 s of work, instead of inflating 4 GiB on the thread every connection shares."""
+    i = f"inv-{uuid.uuid4().hex[:8]}"
+    cpu0 = cpu_seconds(bomb_gw.proc.pid)
+    with bomb_gw.client() as c, c.stream("GET", "https://api.openai.com/handler/bomb",
+                                          headers={"clrk-invocation-id": i, "accept-encoding": "gzip"}) as r:
+        assert r.status_code == 200
+        wire = sum(len(b) for b in r.iter_raw())  # the encoded bytes, as the upstream sent them
+    assert wire == int(r.headers["content-length"])
+    rec = bomb_gw.wait_record(invocation=i)
+    spent = cpu_seconds(bomb_gw.proc.pid) - cpu0
+    assert rec[A.CLRK_RESP_BYTES] == wire
+    assert rec[A.CLRK_RESP_TRUNCATED] is True
+    assert spent < 1.5, f"the gateway spent {spent:.1f} s of CPU on one bomb"
+    assert "compression bomb" in bomb_gw.log()

@@ -234,6 +234,7 @@ class GatewayConfig:
     invocation_header: str
     passthrough_ports: frozenset[int] = frozenset()  # listeners in TLS Passthrough mode
     block_private: bool = True  # blockPrivateNetworks
+    idle_timeout: int | None = None  # idleTimeoutSeconds (None: mitmproxy's tcp_timeout as set)
 
 
 @dataclass(frozen=True)
@@ -431,6 +432,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 invocation_header=g.spec.invocation_header.lower(),
                 passthrough_ports=frozenset(li.port for li in g.spec.listeners if li.tls.mode == "Passthrough"),
                 block_private=g.spec.block_private_networks,
+                idle_timeout=g.spec.idle_timeout_seconds,
             )
         )
     if not gateways:

@@ -189,6 +189,9 @@ class EgressGatewaySpec(Spec):
     # Resolved addresses (and IP-literal destinations) in loopback, private, link-local, CGNAT and unique-local
     # ranges are refused unless an EgressRoute's cidrs allow them or the host is in upstreamTLS.hostAliases.
     block_private_networks: bool = True
+    # A client connection with no traffic either way for this long is closed (mitmproxy's tcp_timeout, 600 s
+    # unless set; it also bounds how long an upstream may stay silent before answering).
+    idle_timeout_seconds: int | None = Field(default=None, ge=1, le=86400)
 
 
 class EgressGateway(Spec):
