@@ -191,3 +191,44 @@ def test_paths_are_judged_as_the_server_would_read_them(path, allowed):
           "spec": {"hostnames": ["api.github.com"], "paths": ["/repos/acme/secret"]}}
     p = policy(GW, AGENT, r, dn)
     assert run(p, "api.github.com", path=normalize_path(path), path_ambiguity=path_ambiguity(path)).allow is allowed
+
+
+@pytest.mark.parametrize("authority,hosts,path,method,expect", [
+    ("", ["ok.com"], "/x", "GET", ("ok.com", 443, None)),
+    ("", ["OK.com.:443"], "/x", "GET", ("ok.com", 443, None)),
+    ("ok.com", [], "/x", "GET", ("ok.com", 443, None)),
+    ("ok.com:8443", ["ok.com:8443"], "/x", "GET", ("ok.com", 8443, None)),
+    ("", ["[::1]:443"], "/x", "GET", ("::1", 443, None)),
+    ("", [], "/x", "GET", "names no host"),
+    ("", ["ok.com", "ok.com"], "/x", "GET", "2 Host headers"),
+    ("evil.com", ["ok.com"], "/x", "GET", "names two hosts"),
+    ("", ["ok.com"], "https://evil.com/x", "GET", "is not a path"),
+    ("", ["ok.com"], "//evil.com/x", "GET", "begins with '//'"),
+    ("", ["ok.com"], "*", "OPTIONS", ("ok.com", 443, None)),
+    ("", ["ok.com"], "*", "GET", "is not a path"),
+    ("", ["ok.com/x"], "/x", "GET", "is not a host name"),
+    ("", ["user@ok.com"], "/x", "GET", "is not a host name"),
+    ("", ["ok.com:99999"], "/x", "GET", "is not a host name"),
+])
+def test_request_target(authority, hosts, path, method, expect):
+    from clrk.hostnames import request_target
+
+    got = request_target("ok.com", 443, authority, hosts, path, method)
+    if isinstance(expect, tuple):
+        assert got == expect
+    else:
+        assert got[:2] == (None, None) and expect in got[2]
+
+
+@pytest.mark.parametrize("path,why", [
+    ("/a/b", None), ("/a/%7Eb", None), ("/a/b?x=/../..;%2f", None), ("/a/b/", None),
+    ("/a/../b", "dot segment"), ("/a/%2E%2e/b", "dot segment"), ("/a/.", "dot segment"), ("/a/%2e", "dot segment"),
+    ("/a//b", "'//'"), ("/a\\b", "backslash"), ("/a;x/b", "';'"), ("/a%2Fb", "encoded '/'"), ("/a%5cb", "encoded '\\'"),
+    ("/a%25b", "encoded '%'"), ("/a%00", "encoded NUL"), ("*", "not an absolute path"), ("http://x/y", "not an absolute path"),
+    ("/a/\x7fb", "printable"), ("/a/ü", "printable"),
+])
+def test_path_ambiguity(path, why):
+    from clrk.hostnames import path_ambiguity
+
+    got = path_ambiguity(path)
+    assert (got is None) if why is None else (why in got)
