@@ -80,6 +80,12 @@ def normalize_path(path: str) -> str:
     return "/" + "/".join(out) + ("/" if trailing and out else "")
 
 
+def loose_path(path: str) -> str:
+    """The most forgiving reading a server may take of `path` (escapes decoded, dot segments resolved, repeated
+    slashes collapsed): for questions answered fail-closed, such as "might the provider see a batch endpoint?"."""
+    return re.sub(r"/{2,}", "/", normalize_path(path))
+
+
 def _unescape_unreserved(m: re.Match) -> str:
     c = chr(int(m.group(1), 16))
     return c if c in _UNRESERVED else m.group(0).upper()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clrk.hostnames import normalize_path
+from clrk.hostnames import loose_path
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _STREAM_EVENTS = frozenset({"message_start", "message_delta", "error", "completion"})
@@ -43,7 +43,7 @@ class AnthropicParser(ProviderParser):
         if doc.get("stream") is True:
             self.result.stream = True
         self.max_output_tokens = self.largest_count(doc, ("max_tokens", "max_tokens_to_sample"))
-        if normalize_path(self.path).rstrip("/").endswith("/messages/batches"):
+        if loose_path(self.path).rstrip("/").endswith("/messages/batches"):
             self.unbudgetable = "message batches are billed after this request is answered"
 
     def _usage(self, u: Any) -> None:

@@ -17,7 +17,7 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
-from clrk.hostnames import normalize_path
+from clrk.hostnames import loose_path
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _PATH = re.compile(r"/(?:models|tunedModels)/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$")
@@ -61,7 +61,7 @@ class GoogleGenAIParser(ProviderParser):
         self.choices = choices
         if doc.get("cachedContent") or doc.get("cached_content"):
             self.server_context = "cachedContent"
-        if unquote(normalize_path(self.path)).endswith((":batchGenerateContent", ":asyncBatchEmbedContent")):
+        if unquote(loose_path(self.path)).endswith((":batchGenerateContent", ":asyncBatchEmbedContent")):
             self.unbudgetable = "batch jobs are billed after this request is answered"
 
     def _usage(self, u: Any) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from clrk.hostnames import normalize_path
+from clrk.hostnames import loose_path
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _ENDPOINTS = (
@@ -71,7 +71,7 @@ class OpenAIParser(ProviderParser):
             self.server_context = "conversation"
         elif isinstance(prompt, dict):
             self.server_context = "prompt"  # a stored prompt template, by id
-        path = normalize_path(self.path).rstrip("/")  # as the provider reads it: %-escapes, dot segments
+        path = loose_path(self.path).rstrip("/")  # as the provider reads it: %-escapes, dot segments
         if _THREAD_RUN.search(path):
             self.server_context = "thread"
             self.max_input_tokens = self.count(doc, "max_prompt_tokens")
