@@ -26,6 +26,7 @@ from mitmproxy import http
 from clrk.capture import request_is_buffered
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
+from clrk.providers import shallow
 from clrk.providers.base import ProviderParser
 from clrk.runtime import Runtime, refuse
 from clrk.transaction import METADATA_KEY, Transaction
@@ -118,7 +119,8 @@ class ProviderRouting:
                 self._mutate(flow.request, tx, backend, usage_needed=rule.budget is not None)
         finally:
             if tx.genai is not None:
-                tx.genai.request_doc = None  # the body has been read and possibly rewritten: let it go
+                # The body has been read and possibly rewritten: let it go.
+                tx.genai.request_doc, tx.genai.request_spans, tx.genai.request_bytes = None, None, b""
 
     @staticmethod
     def _unbudgetable(flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> Decision | None:
@@ -187,7 +189,7 @@ class ProviderRouting:
         genai = tx.genai
         assert genai is not None
         doc = genai.request_doc
-        changed_body = False
+        changed: list[str] = []  # the members to write back
         new_model = backend.rewrite_model(genai.result.request_model) if backend is not None else None
         if new_model is not None:
             if genai.model_in_path:
@@ -195,11 +197,16 @@ class ProviderRouting:
                 tx.request_rewritten = True
             elif doc is not None and "model" in doc:
                 doc["model"] = new_model
-                changed_body = True
+                changed.append("model")
         if (usage_needed or (backend is not None and backend.ensure_stream_usage)) and doc is not None and genai.ensure_stream_usage(doc):
-            changed_body = True
-        if changed_body:
-            req.set_content(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode())
+            changed.append("stream_options")
+        if changed and doc is not None:
+            body = genai.request_bytes  # decoded, if the agent compressed it: set_content encodes again
+            spans = genai.request_spans or shallow.members(body)
+            if spans is not None:  # only what changed is re-encoded; every other byte is the agent's
+                req.set_content(shallow.splice(body, spans, {k: doc[k] for k in changed}))
+            else:
+                req.set_content(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode())
             tx.request_rewritten = True
 
 

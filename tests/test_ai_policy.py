@@ -11,6 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -385,3 +386,21 @@ def test_restart_keeps_the_days_usage_and_a_reload_changes_the_budget(gw, setup,
         time.sleep(0.1)
     assert moved[0][A.CLRK_BUDGET_POOL] == ok[0][A.CLRK_BUDGET_POOL] == "AIProviderRoute/team-a/openai-chat#openai:restart-*"
     assert moved[0][A.CLRK_BUDGET_DAILY_USED] > 117
+
+
+def test_a_large_body_is_read_for_its_model_without_building_it_and_rewritten_in_place(gw, upstream, agent_env):
+    """A 24 MiB chat body (20k messages, a 24 MiB string, the model named last as the OpenAI SDK writes it):
+    the gateway finds the model without building the document, and the Backend's rewrite changes that member
+    only — every other byte, spacing included, reaches the provider as the agent sent it."""
+    i, t0 = inv(), time.time()
+    messages = b",".join(b'{"role":"user","content":"m%d"}' % n for n in range(20_000))
+    filler = b'"' + b"x" * (24 << 20) + b'"'
+    body = b'{"messages":[' + messages + b'],"metadata_blob":' + filler + b', "stream" : false,"model":"gpt-4o"}'
+    r = httpx.post("https://api.openai.com/v1/chat/completions", content=body, proxy=gw.proxy_url(), verify=gw.ssl_context(),
+                   trust_env=False, timeout=60, headers={"content-type": "application/json", "clrk-invocation-id": i})
+    assert r.status_code == 200, r.text
+    sent = [x.body for x in seen_by_upstream(upstream, t0) if x.path == "/v1/chat/completions"]
+    assert sent == [body.replace(b'"model":"gpt-4o"}', b'"model":"gpt-4o-mini"}')]
+    rec = gw.wait_record(invocation=i)
+    assert rec[A.GEN_AI_REQUEST_MODEL] == "gpt-4o" and rec[A.CLRK_BODY_REQUEST_REWRITTEN] is True
+    assert rec[A.CLRK_APR_NAME] == "openai-chat" and "gpt-4o" in rec[A.CLRK_DECISION_REASON]

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import orjson
 
 from clrk import attributes as A
+from clrk.providers import shallow
 from clrk.providers.sse import SseParser
 
 JSON_PARSE_LIMIT = 1024 * 1024  # a JSON body up to this size is parsed whole
@@ -130,6 +131,9 @@ class ProviderParser:
         self.query = query
         self.status: int | None = None
         self.request_doc: dict | None = None  # the parsed request body, until the request has left
+        # Where each top-level member sits in a large body (whose request_doc holds only the small members).
+        self.request_spans: dict[str, tuple[int, int, int]] | None = None
+        self.request_bytes = b""  # the (decoded) body request_doc and request_spans were read from
         self.request_size = 0
         self.max_output_tokens: int | None = None  # what the request caps each generation's output at, if it says
         self.choices = 1  # generations it asks for (n, best_of, candidateCount, prompts): the output multiplier
@@ -147,10 +151,20 @@ class ProviderParser:
 
     def request_body(self, body: bytes) -> None:
         self.request_size = len(body)
+        self.request_bytes = body
         if not body or len(body) > 32 * JSON_PARSE_LIMIT:
             return
         try:
-            doc = loads(body)
+            if len(body) > JSON_PARSE_LIMIT:
+                # Large: only the top-level members are found, the small ones parsed (memory stays near the
+                # body's own, not a multiple of it); the large ones (messages...) stand as Elided.
+                spans = shallow.members(body)
+                if spans is None:
+                    raise ValueError("not one JSON object the gateway can read within its bounds")
+                self.request_spans = spans
+                doc = shallow.shallow_doc(body, spans, loads)
+            else:
+                doc = loads(body)
             if isinstance(doc, dict):
                 self.request_doc = doc
                 self.on_request(doc)

@@ -19,6 +19,7 @@ from typing import Any
 
 from clrk.hostnames import loose_path
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
+from clrk.providers.shallow import Elided
 
 _ENDPOINTS = (
     ("/chat/completions", "chat"),
@@ -64,6 +65,8 @@ class OpenAIParser(ProviderParser):
         prompt = doc.get("prompt")
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             choices *= len(prompt)  # a batch of prompts (strings or token lists): n choices each
+        elif isinstance(prompt, Elided) and prompt.kind == "[":
+            choices *= max(1, prompt.count)  # the same, counted in a body too large to parse whole
         self.choices = choices
         if doc.get("previous_response_id") is not None:
             self.server_context = "previous_response_id"
