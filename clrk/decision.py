@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clrk.addresses import literal, private, views
-from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig, ProviderRule
+from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig, HostRule, ProviderRule
 
 RULE_AUTH = "authentication"
 RULE_DESTINATION = "destination-check"
@@ -58,10 +58,11 @@ class RequestFacts:
 @dataclass(slots=True)
 class Decision:
     allow: bool
-    rule: str
+    rule: str  # what made it, as recorded (clrk.decision.rule): "EgressRoute/<ns>/<name>", "destination-check"...
     reason: str
     status: int = 200
     provider_rule: ProviderRule | None = None  # the AIProviderRoute rule that allowed a provider call
+    host_rule: HostRule | None = None  # the EgressRoute or EgressDenyPolicy that decided, if one did
 
     @property
     def action(self) -> str:
@@ -123,7 +124,7 @@ def decide(
             reason = rule.deny_message or f"{_dest(req.host, req.port)} is denied by {rule.ref}"
             if ambiguous and rule.paths and not rule.deny_message:
                 reason = f"{reason}: the path {req.path} is ambiguous ({req.path_ambiguity}) and the rule limits paths"
-            return Decision(False, rule.ref, reason, rule.deny_status)
+            return Decision(False, rule.ref, reason, rule.deny_status, host_rule=rule)
     if ip is not None and req.host not in gateway.host_aliases:
         refused = private(policy, gateway, agent, req.host, req.port, (ip,))
         if refused is not None:
@@ -144,7 +145,7 @@ def decide(
 
     for rule in policy.routes:
         if rule.matches(agent, req.host, req.port, req.method, req.path, False, ambiguous, ips):
-            return Decision(True, rule.ref, f"{_dest(req.host, req.port)} allowed by {rule.ref}")
+            return Decision(True, rule.ref, f"{_dest(req.host, req.port)} allowed by {rule.ref}", host_rule=rule)
 
     default_rule = f"EgressGateway/{gateway.name}/defaultPolicy"
     if gateway.default_allow:

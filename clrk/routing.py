@@ -235,9 +235,8 @@ class Credentials:
         d = tx.decision
         if d.provider_rule is not None:
             injections = policy.injections_for("AIProviderRoute", d.provider_rule.route_name, d.provider_rule.route_namespace)
-        elif d.rule.startswith("EgressRoute/"):
-            _, ns, name = d.rule.split("/", 2)
-            injections = policy.injections_for("EgressRoute", name, ns)
+        elif d.host_rule is not None and not d.host_rule.deny:
+            injections = policy.injections_for("EgressRoute", d.host_rule.name, d.host_rule.namespace)
         else:
             injections = ()
         if not injections and tx.gateway is not None and tx.genai is not None:

@@ -85,6 +85,7 @@ class HostRule:
     deny_status: int = 403
     deny_message: str | None = None
     deny: bool = False  # an EgressDenyPolicy: methods and paths compared case-insensitively
+    namespace: str = "default"
     ip_cidrs: tuple[IPNetwork, ...] = ()  # IP-literal destinations the rule matches, beside its hostnames
     lead_cidrs: tuple[IPNetwork, ...] = ()  # EgressRoute: the private ranges its destinations may resolve to
     path_exact: frozenset[str] = field(init=False)  # the prefixes not ending in '/', matched whole
@@ -355,6 +356,7 @@ def _host_rule(sd: SourcedDocument, spec: m._HostRuleSpec, deny: m.DenyResponse 
         deny_status=deny.status_code if deny else 403,
         deny_message=deny.message if deny else None,
         deny=deny is not None,
+        namespace=doc.metadata.namespace,
         ip_cidrs=ip_cidrs,
         lead_cidrs=lead_cidrs,
     )
