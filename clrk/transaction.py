@@ -108,15 +108,15 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
         "t0": tx.start,
         "t1": end,
         "ids": (tx.trace.trace_id, tx.trace.span_id, tx.trace.parent_span_id),
-        "method": req.method,
+        "method": req.data.method,  # bytes as sent (the recorder decodes them: clrk.escape), no decode here
         "scheme": req.scheme,
         "host": req.host,
         "port": req.port,
-        "path": req.path,
+        "path": req.data.path,
         "status": resp.status_code if resp is not None else None,
         "gateway": tx.gateway.name if tx.gateway is not None else None,
         "dst": tx.dst_name,
-        "inv": tx.invocation_id,
+        "inv": tx.invocation_id,  # one character per byte, like the header values it comes from
         "decision": (d.action, d.rule, d.reason) if d is not None else None,
         "agent": (a.kind, a.namespace, a.name, a.uid, a.revision) if a is not None else None,
         "rewritten": tx.request_rewritten,

@@ -1,0 +1,217 @@
+"""Every transaction is recorded, whatever bytes the agent or the upstream sends: undecodable bytes and lone
+surrogates are escaped losslessly (`clrk.escape`).
+
+Hostile input is written by hand: raw sockets, raw TLS inside CONNECT tunnels, raw JSON escapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clrk import attributes as A
+from clrk import escape, wire
+from tests.harness import fake_provider
+from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, basic, gateway_doc, proxy_connect, route
+
+CLRK = str(Path(sys.executable).parent / "clrk")
+AUTH = basic("team-a.researcher", AGENT_TOKEN)
+# What a terminal must never receive from a record: C0 (but the newline ending each line), DEL, C1, the
+# Unicode line/paragraph separators and the bidi overrides and isolates.
+UNSAFE = {*map(chr, range(0x20)), "\x7f", *map(chr, range(0x80, 0xA0)), "\u061c", "\u200e", "\u200f", "\u2028",
+          "\u2029", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))} - {"\n"}
+
+
+def inv() -> str:
+    return f"inv-{uuid.uuid4().hex[:10]}"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+def hostile_provider(h, seen):
+    """An OpenAI-compatible upstream whose answers no record column expects; other models: the fake provider."""
+    model = json.loads(seen.body or b"{}").get("model", "")
+    if model.startswith("hostile-surrogates"):
+        return h._send(200, b'{"id":"x\\ud800","model":"m\\udfff\\u001b[2J","choices":[{"index":0,"finish_reason":"\\ud800"}],'
+                            b'"usage":{"prompt_tokens":3,"completion_tokens":4}}')
+    if model.startswith("hostile-huge"):  # a charge past 64 bits
+        return h._send(200, b'{"id":"x","model":"m","usage":{"prompt_tokens":%d,"completion_tokens":%d}}' % (2**62, 2**62))
+    return fake_provider.openai(h, seen)
+
+
+def status_line(h, seen):
+    """Answers with the status code the path names, as an upstream may: a number no column holds."""
+    h.wfile.write(b"HTTP/1.1 " + seen.path.rsplit("/", 1)[1].encode() + b" Odd\r\ncontent-type: application/json\r\n"
+                  b"content-length: 2\r\nconnection: close\r\n\r\n{}")
+    h.close_connection = True
+
+
+@pytest.fixture(scope="module")
+def hostile_upstream(upstream):
+    fake_provider.install(upstream)
+    mine = [("/v1/chat/completions", hostile_provider), ("/hostile-status/", status_line)]
+    upstream.routes[:0] = mine
+    yield upstream
+    for r in mine:
+        upstream.routes.remove(r)
+
+
+def provider_route(rules: list[dict]) -> dict:
+    return {"kind": "AIProviderRoute", "metadata": {"name": "llm", "namespace": "team-a"}, "spec": {"rules": rules}}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, pki, hostile_upstream):
+    docs = [gateway_doc(aliases={h: hostile_upstream.address for h in ("allowed.test", "api.openai.com")}, ca_bundle=str(pki[0])),
+            *agent_docs(), route("ok", ["allowed.test"]),
+            provider_route([{"matches": [{"provider": "openai", "models": ["*"]}],
+                             "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 10**12}}]}])]
+    g = Gateway(tmp_path_factory.mktemp("recording"), docs).start()
+    yield g
+    g.stop()
+
+
+def tunnel(gw: Gateway, host: str, raw: bytes) -> bytes:
+    """One request written byte by byte inside a CONNECT tunnel and TLS; the whole answer."""
+    s, head = proxy_connect(gw.port, f"{host}:443", AUTH)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    t = gw.ssl_context().wrap_socket(s, server_hostname=host)
+    t.sendall(raw)
+    return _read_all(t)
+
+
+def plain(gw: Gateway, raw: bytes) -> bytes:
+    """One request written byte by byte to the proxy port (plain-HTTP proxying, absolute form)."""
+    return _read_all(socket.create_connection(("127.0.0.1", gw.port), timeout=10), raw)
+
+
+def _read_all(s: socket.socket, send: bytes = b"") -> bytes:
+    s.settimeout(10)
+    if send:
+        s.sendall(send)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except (TimeoutError, ConnectionError, OSError):
+        pass
+    s.close()
+    return out
+
+
+def status(gw: Gateway) -> dict:
+    return json.loads(subprocess.run([CLRK, "status", "--db", str(gw.db), "--json"], capture_output=True, text=True, check=True).stdout)
+
+
+# ------------------------------------------------------------------------------------------ what the agent sends
+
+
+def test_undecodable_bytes_and_controls_in_a_tunnelled_request_are_recorded_losslessly(gw):
+    i = inv()
+    path = b"/json/a\x80\xff\\x41\x1b[2J?q=\x00\x7f"  # a literal backslash-x too: the escape must stay unambiguous
+    value = b"v\x80\xfe\\ \x1b[31m\x7f\x00\rend"
+    sent_inv = i.encode() + b"\xff\x1b[2J"
+    tunnel(gw, "allowed.test", b"GET " + path + b" HTTP/1.1\r\nHost: allowed.test\r\nx-v: " + value + b"\r\n"
+           b"clrk-invocation-id: " + sent_inv + b"\r\nConnection: close\r\n\r\n")
+    rec = gw.wait_record(invocation=i + "\\xff\x1b[2J")
+    assert rec[A.URL_FULL] == "https://allowed.test/json/a\\x80\\xff\\\\x41\x1b[2J?q=\x00\x7f"
+    assert rec[A.REQUEST_HEADERS]["x-v"] == "v\\x80\\xfe\\\\ \x1b[31m\x7f\x00\rend"
+    assert rec[A.REQUEST_HEADERS]["host"] == "allowed.test"
+    assert sorted(rec[A.CLRK_RECORD_ESCAPED]) == sorted([A.URL_FULL, A.INVOCATION_ID, A.REQUEST_HEADERS])
+    assert (rec[A.CLRK_DECISION], rec[A.HTTP_REQUEST_METHOD], rec[A.AGENT_NAME]) == ("allow", "GET", "researcher")
+    # Lossless: undoing the escape gives back the bytes the agent sent.
+    assert escape.unescape(rec[A.URL_FULL]) == b"https://allowed.test" + path
+    assert escape.unescape(rec[A.REQUEST_HEADERS]["x-v"]) == value
+    assert escape.unescape(rec[A.INVOCATION_ID]) == sent_inv
+
+
+def test_undecodable_bytes_and_controls_in_a_plain_proxy_request_are_recorded_losslessly(gw):
+    """Plain-HTTP proxying (denied here: port 80). Header values were kept one character per byte, so an
+    invalid byte 0x9b became U+009B, a terminal's CSI."""
+    i = inv()
+    value = b"a\x9b31m\xc3\xa9\xff"
+    plain(gw, b"GET http://allowed.test/p\x1b[2J?q=\x00 HTTP/1.1\r\nHost: allowed.test\r\nProxy-Authorization: "
+          + AUTH.encode() + b"\r\nx-v: " + value + b"\r\nclrk-invocation-id: " + i.encode() + b"\r\nConnection: close\r\n\r\n")
+    rec = gw.wait_record(invocation=i)
+    assert rec[A.REQUEST_HEADERS]["x-v"] == "a\\x9b31mé\\xff"
+    assert escape.unescape(rec[A.REQUEST_HEADERS]["x-v"]) == value
+    assert rec[A.URL_FULL] == "http://allowed.test/p\x1b[2J?q=\x00"
+    assert rec[A.CLRK_RECORD_ESCAPED] == [A.REQUEST_HEADERS]
+    assert rec[A.CLRK_DECISION] == "deny" and rec[A.AGENT_NAME] == "researcher"
+
+
+def test_an_invocation_id_in_baggage_is_recorded_from_its_bytes(gw):
+    """Percent-escapes are bytes: %C3%A9 is é, a lone %E9 is no UTF-8 (it was U+FFFD, its byte lost)."""
+    i = inv()
+    tunnel(gw, "allowed.test", b"GET /json/bag HTTP/1.1\r\nHost: allowed.test\r\nbaggage: k=v, invocation.id=" + i.encode()
+           + b"%C3%A9%E9%1b;p=1\r\ntraceparent: 00-\xff\x1b-zz\r\nConnection: close\r\n\r\n")
+    rec = gw.wait_record(invocation=i + "é\\xe9\x1b")
+    assert escape.unescape(rec[A.INVOCATION_ID]) == i.encode() + b"\xc3\xa9\xe9\x1b"
+    assert A.PARENT_SPAN_ID not in rec  # the junk traceparent started a trace of the gateway's own
+
+
+def test_lone_surrogates_from_the_agent_and_the_upstream_are_recorded_escaped(gw):
+    """A JSON "\\ud800" parses to a str UTF-8 cannot encode: its record used to be dropped whole."""
+    i = inv()
+    body = b'{"model":"hostile-surrogates\\ud800","messages":[{"role":"user","content":"\\udfff"}],"max_tokens":5}'
+    with gw.client() as c:
+        r = c.post("https://api.openai.com/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json", "clrk-invocation-id": i})
+    assert r.status_code == 200
+    rec = gw.wait_record(invocation=i)
+    assert rec[A.GEN_AI_REQUEST_MODEL] == "hostile-surrogates\\xed\\xa0\\x80"
+    assert escape.unescape(rec[A.GEN_AI_REQUEST_MODEL]) == "hostile-surrogates\ud800".encode("utf-8", "surrogatepass")
+    assert (rec[A.GEN_AI_RESPONSE_MODEL], rec[A.GEN_AI_RESPONSE_ID]) == ("m\\xed\\xbf\\xbf\x1b[2J", "x\\xed\\xa0\\x80")
+    assert rec[A.GEN_AI_RESPONSE_FINISH_REASONS] == ["\\xed\\xa0\\x80"]
+    assert "hostile-surrogates\\xed\\xa0\\x80" in rec[A.CLRK_DECISION_REASON]
+    assert {A.GEN_AI_REQUEST_MODEL, A.GEN_AI_RESPONSE_MODEL, A.GEN_AI_RESPONSE_ID, A.GEN_AI_RESPONSE_FINISH_REASONS,
+            A.CLRK_DECISION_REASON} <= set(rec[A.CLRK_RECORD_ESCAPED])
+    assert rec[A.REQUEST_BODY] == body.decode()  # valid UTF-8 as sent: the body is kept as it is
+    assert rec[A.CLRK_BUDGET_TOKENS] == 7
+
+
+def test_a_record_msgpack_refuses_is_shipped_without_the_value_it_cannot_carry(tmp_path):
+    """It used to be dropped whole (and with it its transaction's budget charge)."""
+    from clrk.sink import RecordSink
+
+    sink = RecordSink(str(tmp_path / "c.duckdb"))
+
+    async def submit() -> None:  # as on the proxy's event loop
+        sink.submit({"ids": ("a" * 32, "b" * 16, None), "n": 2**70, "model": "m\ud800"})
+
+    asyncio.run(submit())
+    (data,) = sink.pending
+    got = wire.unpack(wire.pack_rows([data])[wire.HEADER.size:])["rows"][0]
+    assert got["n"] is None and got["model"] == b"m\xed\xa0\x80" and "n" in got["incomplete"]
+    assert sink.dropped == 0
+
+
+# ------------------------------------------------------------------------------------------ the escape itself
+
+
+@given(st.binary(max_size=64))
+def test_the_stored_escape_is_lossless_and_leaves_valid_utf8_alone(data):
+    text, escaped = escape.text(data)
+    text.encode("utf-8")  # always storable
+    if escaped:
+        assert escape.unescape(text) == data
+    else:
+        assert text.encode() == data
+    assert escape.unescape(escape.text(data, force=True)[0]) == data
+
+
+@given(st.text(alphabet=st.characters(exclude_categories=()), max_size=32))  # lone surrogates included
+def test_a_str_utf8_cannot_encode_becomes_bytes_that_escape_back(s):
+    b = escape.to_bytes(s)
+    assert escape.unescape(escape.text(b, force=True)[0]) == b
+    if not any(0xD800 <= ord(c) <= 0xDFFF for c in s):
+        assert b == s.encode()
