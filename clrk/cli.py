@@ -206,8 +206,13 @@ def cmd_status(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(st))
     else:
+        at_proxy = f" ({st['dropped_at_proxy']} of them by the proxy)" if st.get("dropped_at_proxy") else ""
         print(f"recorder pid {st['pid']} for {args.db}: {st['written']} records written this run, "
-              f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped; {st['proxies']} proxy process(es) connected")
+              f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped{at_proxy}; "
+              f"{st['proxies']} proxy process(es) connected")
+        if st.get("incomplete"):
+            print(f"{st['incomplete']} records stored incomplete: values they should hold could not be stored "
+                  "(clrk.record.incomplete says which; the gateway log names each)")
         if st.get("export_dropped"):
             print(f"OTLP export: {st['export_dropped']} spans and log records dropped (the endpoint was slow or down; "
                   "the store has them all)")

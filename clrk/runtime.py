@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
-from clrk.budget import BudgetLedger
+from clrk.budget import MAX_TOKENS, BudgetLedger
 from clrk.capture import has_body, request_is_buffered
 from clrk.decision import Decision
 from clrk.policy import CompiledPolicy
@@ -70,7 +70,8 @@ class Runtime:
             r = tx.genai.result if tx.genai is not None else None
             status = flow.response.status_code if flow.response is not None and tx.upstream_response else None
             if r is not None and r.usage_visible:
-                actual: int | None = (r.input_tokens or 0) + (r.output_tokens or 0)
+                # What an upstream reports, within what a record can store (and never a refund).
+                actual: int | None = min(max((r.input_tokens or 0) + (r.output_tokens or 0), 0), MAX_TOKENS)
             elif status is None or status >= 400:
                 actual = 0  # not served (refused, failed, unreachable): nothing to charge
             else:

@@ -9,7 +9,8 @@ bounded by MAX_PENDING (oldest dropped, counted, logged).
 If the recorder dies it is restarted and the queue shipped to the new one.
 
 A record msgpack refuses (a lone surrogate from a JSON body, an integer past 64 bits from an upstream) is
-made encodable (`wire.encodable`) and shipped still: only on that failure path, never for the others.
+made encodable (`wire.encodable`) and shipped still: only on that failure path, never for the others. What is
+lost here anyway is reported to the recorder (`lost`), whose count `clrk status` shows.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class RecordSink:
         self.socket_path = wire.socket_path(self.db_path)
         self.pending: list[bytes] = []  # records, each msgpack-encoded
         self.dropped = 0
+        self.unreported = 0  # of `dropped`, not yet reported to the recorder
         self.proc: subprocess.Popen | None = None
         self.config: dict | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -135,7 +137,7 @@ class RecordSink:
         except Exception as e:  # a value msgpack cannot carry: mended here, off the path every other record takes
             data = self._encode_anyway(record, e)
             if data is None:
-                self.dropped += 1
+                self._lost(1)
                 return
             self.pending.append(data)
         if len(self.pending) >= BATCH_SIZE:
@@ -160,11 +162,17 @@ class RecordSink:
                       escape.printable(str(e)[:200]))
             return None
 
+    def _lost(self, n: int) -> None:
+        self.dropped += n
+        self.unreported += n
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._ship)
+
     def _ship(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self.pending:
+        if not self.pending and not self.unreported:
             return
         w = self._writer
         if w is None or w.is_closing() or w.transport.get_write_buffer_size() > HIGH_WATER:
@@ -174,14 +182,19 @@ class RecordSink:
             else:
                 self._timer = asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._ship)
             return
-        rows, self.pending = self.pending, []
-        w.write(wire.pack_rows(rows))
+        if self.unreported:
+            w.write(wire.pack({"t": "lost", "n": self.unreported}))
+            self.unreported = 0
+        if self.pending:
+            rows, self.pending = self.pending, []
+            w.write(wire.pack_rows(rows))
 
     def _bound(self) -> None:
         over = len(self.pending) - MAX_PENDING
         if over > 0:
             del self.pending[:over]
             self.dropped += over
+            self.unreported += over
             log.error("recorder is not keeping up: %d records dropped so far", self.dropped)
 
     def send_config(self, config: dict) -> None:

@@ -4,7 +4,7 @@ a Unix socket next to the DuckDB file (mode 0600: only the gateway's user may ta
 Messages are maps with a type `t`:
   proxy -> recorder: {"t": "hello", "role": "proxy"|"cli", "pid": N}, {"t": "rows", "rows": [...]},
                      {"t": "config", "gateways": {...}, "fallback": URL}, {"t": "flush", "id": N},
-                     {"t": "shutdown"}
+                     {"t": "lost", "n": N} (records it could not ship), {"t": "shutdown"}
   cli -> recorder:   {"t": "query", "id": N, "query": {...}}
   recorder -> peer:  {"t": "ok", "id": N, ...} / {"t": "error", "id": N, "message": str}
 """

@@ -1,5 +1,7 @@
 """Every transaction is recorded, whatever bytes the agent or the upstream sends: undecodable bytes and lone
-surrogates are escaped losslessly (`clrk.escape`).
+surrogates are escaped losslessly (`clrk.escape`), a value no column can hold costs neither the rest of its
+record nor any other record, the budget charge survives a restart, and what truly cannot be stored is
+counted and logged with its ids.
 
 Hostile input is written by hand: raw sockets, raw TLS inside CONNECT tunnels, raw JSON escapes."""
 
@@ -10,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -45,6 +48,8 @@ def hostile_provider(h, seen):
                             b'"usage":{"prompt_tokens":3,"completion_tokens":4}}')
     if model.startswith("hostile-huge"):  # a charge past 64 bits
         return h._send(200, b'{"id":"x","model":"m","usage":{"prompt_tokens":%d,"completion_tokens":%d}}' % (2**62, 2**62))
+    if model.startswith("hostile-refund"):
+        return h._send(200, b'{"id":"x","model":"m","usage":{"prompt_tokens":-100000,"completion_tokens":1}}')
     return fake_provider.openai(h, seen)
 
 
@@ -106,6 +111,15 @@ def _read_all(s: socket.socket, send: bytes = b"") -> bytes:
         pass
     s.close()
     return out
+
+
+def wait_records(gw: Gateway, i: str, n: int) -> list[dict]:
+    deadline = time.monotonic() + 10
+    while len(rows := gw.records(invocation=i)) < n:
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.05)
+    assert len(rows) == n
+    return rows
 
 
 def status(gw: Gateway) -> dict:
@@ -176,7 +190,111 @@ def test_lone_surrogates_from_the_agent_and_the_upstream_are_recorded_escaped(gw
     assert {A.GEN_AI_REQUEST_MODEL, A.GEN_AI_RESPONSE_MODEL, A.GEN_AI_RESPONSE_ID, A.GEN_AI_RESPONSE_FINISH_REASONS,
             A.CLRK_DECISION_REASON} <= set(rec[A.CLRK_RECORD_ESCAPED])
     assert rec[A.REQUEST_BODY] == body.decode()  # valid UTF-8 as sent: the body is kept as it is
-    assert rec[A.CLRK_BUDGET_TOKENS] == 7
+    assert rec[A.CLRK_BUDGET_TOKENS] == 7 and A.CLRK_RECORD_INCOMPLETE not in rec
+
+
+# ------------------------------------------------------------------------------------------ what the upstream sends
+
+
+@pytest.mark.parametrize("code", ["99999999999", "1" + "0" * 30])
+def test_a_status_code_no_record_holds_costs_neither_this_record_nor_the_next(gw, code):
+    """99999999999 fits msgpack but not the INTEGER column: its batch, and every record after it, used to wait
+    forever; 10**30 fits neither: its record was dropped at the proxy."""
+    i, after = inv(), inv()
+    tunnel(gw, "allowed.test", f"GET /hostile-status/{code} HTTP/1.1\r\nHost: allowed.test\r\nclrk-invocation-id: {i}\r\n"
+           "Connection: close\r\n\r\n".encode())
+    with gw.client() as c:
+        assert c.get("https://allowed.test/json/after", headers={"clrk-invocation-id": after}).status_code == 200
+    rec = gw.wait_record(invocation=i)
+    assert A.HTTP_RESPONSE_STATUS_CODE not in rec and "status" in rec[A.CLRK_RECORD_INCOMPLETE]
+    assert rec[A.URL_FULL] == f"https://allowed.test/hostile-status/{code}" and rec[A.CLRK_DECISION] == "allow"
+    assert A.CLRK_RECORD_INCOMPLETE not in gw.wait_record(invocation=after)
+    assert status(gw)["incomplete"] >= 1
+
+
+def test_the_budget_counts_charges_whose_records_needed_mending_after_a_restart(tmp_path, pki, hostile_upstream):
+    """Usage is rebuilt from the stored records at start: a charge whose record was dropped (a lone surrogate
+    in the model name) or never stored (a charge past 64 bits held its whole batch back) was forgotten."""
+    budget = {"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 100}}
+    docs = [gateway_doc(aliases={"api.openai.com": hostile_upstream.address}, ca_bundle=str(pki[0])), *agent_docs(),
+            provider_route([{"matches": [{"provider": "openai", "models": ["esc-*"]}], "filters": [budget]},
+                            {"matches": [{"provider": "openai", "models": ["hostile-huge*"]}], "filters": [budget]}])]
+    gw = Gateway(tmp_path, docs).start()
+
+    def call(model_json: bytes) -> int:
+        with gw.client() as c:
+            return c.post("https://api.openai.com/v1/chat/completions", headers={"content-type": "application/json"},
+                          content=b'{"model":"' + model_json + b'","messages":[],"max_tokens":5}').status_code
+
+    try:
+        assert call(b"esc-cost95\\ud800") == 200  # the fake provider reports 95 + 5 tokens: 100 of 100
+        assert call(b"hostile-huge") == 200
+        assert (call(b"esc-next"), call(b"hostile-huge-next")) == (429, 429)
+        gw.stop()
+        gw.start()
+        assert (call(b"esc-next"), call(b"hostile-huge-next")) == (429, 429)
+        used = {r[A.GEN_AI_REQUEST_MODEL]: r[A.CLRK_BUDGET_TOKENS] for r in gw.records() if r.get(A.CLRK_BUDGET_TOKENS)}
+        assert used == {"esc-cost95\\xed\\xa0\\x80": 100, "hostile-huge": 2**63 - 1}
+    finally:
+        gw.stop()
+
+
+def test_negative_usage_from_an_upstream_refunds_nothing(gw):
+    i = inv()
+    with gw.client() as c:
+        for model in ("hostile-refund", "gpt-4o-mini"):
+            assert c.post("https://api.openai.com/v1/chat/completions", headers={"clrk-invocation-id": i},
+                          json={"model": model, "messages": [], "max_tokens": 5}).status_code == 200
+    refund, after = sorted(wait_records(gw, i, 2), key=lambda r: r[A.TIME])
+    assert refund[A.CLRK_BUDGET_TOKENS] == 0 and refund[A.GEN_AI_USAGE_INPUT_TOKENS] == -100000
+    assert after[A.CLRK_BUDGET_DAILY_USED] == refund[A.CLRK_BUDGET_DAILY_USED] + after[A.CLRK_BUDGET_TOKENS]
+
+
+# ------------------------------------------------------------------------------------------ what cannot be stored
+
+
+def test_a_record_that_cannot_be_stored_is_counted_and_logged_with_its_ids(gw):
+    """Nothing a gateway records can be unstorable any more (the tests above): the recorder is handed, on its
+    socket as a proxy would, the facts of a transaction without a usable start time."""
+    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    with wire.BlockingClient(wire.socket_path(gw.db)) as c:
+        before = c.request({"t": "status"})["dropped"]
+        c.send({"t": "rows", "rows": [{"ids": [trace_id, span_id, None], "t0": "not a time", "t1": None}]})
+        after = c.request({"t": "status"})["dropped"]
+    assert after == before + 1 == status(gw)["dropped"]
+    lines = [x for x in gw.log().splitlines() if trace_id in x]
+    assert len(lines) == 1 and span_id in lines[0] and "cannot be stored" in lines[0]
+
+
+def test_records_a_proxy_drops_are_counted_by_the_recorder(tmp_path, monkeypatch):
+    """The proxy's queue is bounded while the recorder does not keep up; what it drops used to be only in the
+    proxy's log: `clrk status` said 0 dropped."""
+    from clrk import sink as sink_module
+
+    now = time.time()
+    raw = {"t0": now, "t1": now, "method": b"GET", "scheme": "https", "host": "x.test", "port": 443, "path": b"/",
+           "status": 200, "gateway": None, "dst": "x.test", "inv": "q", "decision": None, "agent": None, "rewritten": False,
+           "req_headers": [], "resp_headers": None, "req_body": (0, None, False), "resp_body": (0, None, False),
+           "error": None, "upstream": True}
+
+    async def run() -> tuple[dict, dict]:
+        s = sink_module.RecordSink(str(tmp_path / "c.duckdb"))
+        await s.start()
+        try:
+            monkeypatch.setattr(sink_module, "MAX_PENDING", 3)
+            monkeypatch.setattr(sink_module, "HIGH_WATER", -1)  # the recorder's socket counts as full
+            for n in range(5):
+                s.submit({**raw, "ids": (uuid.uuid4().hex, f"{n + 1:016x}", None)})
+            while s.dropped < 2:
+                await asyncio.sleep(0.01)
+            monkeypatch.setattr(sink_module, "HIGH_WATER", 16 * 1024 * 1024)
+            flushed = await s.flush()
+            return flushed, await s.request({"t": "status"}, 10)
+        finally:
+            await s.stop()
+
+    flushed, st = asyncio.run(run())
+    assert (flushed["written"], flushed["dropped"], st["dropped_at_proxy"]) == (3, 2, 2)
 
 
 def test_a_record_msgpack_refuses_is_shipped_without_the_value_it_cannot_carry(tmp_path):

@@ -327,10 +327,10 @@ class BackendRef(Spec):
 
 
 class TokenBudget(Spec):
-    max_tokens_per_day: int = Field(gt=0)
+    max_tokens_per_day: int = Field(gt=0, le=2**63 - 1)  # every record of the route stores it (BIGINT)
     scope: Literal["Route", "Agent"] = "Route"
     # Held at admission for a request that names no max output tokens (settled to the real usage after).
-    reserve_tokens: int = Field(default=1024, ge=1)
+    reserve_tokens: int = Field(default=1024, ge=1, le=2**63 - 1)
 
 
 class RouteFilter(Spec):

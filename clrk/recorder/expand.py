@@ -6,12 +6,14 @@ while the recorder runs, so a record from an older policy is never redacted less
 
 Text arrives as the proxy had it: wire bytes (method, path, header names and values), the invocation id one
 character per byte, and str or — where UTF-8 could not carry it — bytes for everything else. Each text field
-is decoded here with the one escape of `clrk.escape`.
+is decoded here with the one escape of `clrk.escape`. A transaction whose record cannot be built whole is
+stored as far as it can be (`salvage`), so that its ids, agent, decision and budget charge are never lost.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 
 from clrk import attributes as A
 from clrk import escape
@@ -117,7 +119,7 @@ def _headers(fields, sensitive_headers: frozenset[str], key: str, escaped: list[
 
 
 def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozenset[str]) -> dict:
-    """The record of one transaction from its raw facts."""
+    """The record of one transaction from its raw facts. Raises on facts it cannot read (see `salvage`)."""
     escaped: list[str] = []
     t0, t1 = raw["t0"], raw["t1"]
     trace_id, span_id, parent = raw["ids"]
@@ -187,6 +189,8 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
     elif raw["upstream"] and status is not None and status >= 400:
         # OTel HTTP client semconv: an error status is the error type.
         rec[A.ERROR_TYPE] = str(status)
+    if raw.get("incomplete"):
+        rec[A.CLRK_RECORD_INCOMPLETE] = _text(raw["incomplete"], A.CLRK_RECORD_INCOMPLETE, escaped)
     if escaped:
         rec[A.CLRK_RECORD_ESCAPED] = list(dict.fromkeys(escaped))
     return {k: v for k, v in rec.items() if v is not None}
@@ -210,3 +214,77 @@ def _budget(rec: dict, budget, escaped: list[str]) -> None:
     rec[A.CLRK_BUDGET_DENIED] = denied
     rec[A.CLRK_BUDGET_DAILY_MAX], rec[A.CLRK_BUDGET_DAILY_USED], rec[A.CLRK_BUDGET_TOKENS] = mx, used, charged
 
+
+# --------------------------------------------------------------------------- when the record cannot be built
+
+_HEX = frozenset("0123456789abcdef")
+INT64_MAX = 2**63 - 1
+
+
+def _hex_id(v) -> bool:
+    return isinstance(v, str) and len(v) in (16, 32) and set(v) <= _HEX
+
+
+def _epoch(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1e11
+
+
+def _int(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v <= INT64_MAX else None
+
+
+def salvage(raw, why: str) -> dict | None:
+    """What can still be stored of a transaction whose whole record cannot be built: its ids and times, and
+    whichever of the gateway, agent, decision, invocation id, destination and budget charge are readable, with
+    `clrk.record.incomplete` saying why the rest is missing. The budget charge is what matters most: the day's
+    usage is rebuilt from the stored records at start. None when not even the ids and start time are usable:
+    such a record cannot be stored at all."""
+    if not isinstance(raw, dict):
+        return None
+    ids = raw.get("ids")
+    if not isinstance(ids, (list, tuple)) or len(ids) != 3 or not (_hex_id(ids[0]) and _hex_id(ids[1])):
+        return None
+    t0, t1 = raw.get("t0"), raw.get("t1")
+    if not _epoch(t0):
+        return None
+    escaped: list[str] = []
+    rec: dict = {
+        A.TIME: t0,
+        A.END_TIME: t1 if _epoch(t1) else t0,
+        A.TRACE_ID: ids[0],
+        A.SPAN_ID: ids[1],
+        A.PARENT_SPAN_ID: ids[2] if _hex_id(ids[2]) else None,
+        A.CLRK_COMPONENT: A.COMPONENT_EGRESS,
+        A.CLRK_RECORD_INCOMPLETE: escape.text(escape.to_bytes(why))[0],
+    }
+    optional = {
+        A.CLRK_GATEWAY_NAME: lambda: _text(raw["gateway"], A.CLRK_GATEWAY_NAME, escaped),
+        A.CLRK_DST_NAME: lambda: _text(raw["dst"], A.CLRK_DST_NAME, escaped),
+        A.SERVER_ADDRESS: lambda: _text(raw["host"], A.SERVER_ADDRESS, escaped),
+        A.SERVER_PORT: lambda: _int(raw["port"]),
+        A.INVOCATION_ID: lambda: _invocation(raw["inv"], escaped),
+    }
+    for key, read in optional.items():
+        try:
+            rec[key] = read()
+        except Exception:  # noqa: S112 - optional: what cannot be read stays out
+            continue
+    for part, fill in (("decision", _decision), ("agent", _agent), ("budget", _salvage_budget)):
+        try:
+            fill(rec, raw[part], escaped)
+        except Exception:  # noqa: S112 - optional: what cannot be read stays out
+            continue
+    if escaped:
+        rec[A.CLRK_RECORD_ESCAPED] = list(dict.fromkeys(escaped))
+    return {k: v for k, v in rec.items() if v is not None}
+
+
+def _salvage_budget(rec: dict, budget, escaped: list[str]) -> None:
+    pool, denied, mx, used, charged = budget
+    if not isinstance(pool, (str, bytes)):
+        return
+    rec[A.CLRK_BUDGET_POOL] = _text(pool, A.CLRK_BUDGET_POOL, escaped)
+    rec[A.CLRK_BUDGET_DENIED] = denied if isinstance(denied, bool) else None
+    for key, value in ((A.CLRK_BUDGET_DAILY_MAX, mx), (A.CLRK_BUDGET_DAILY_USED, used), (A.CLRK_BUDGET_TOKENS, charged)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            rec[key] = max(0, min(value, INT64_MAX))  # a charge past what a record holds still spends the pool
