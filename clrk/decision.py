@@ -18,6 +18,7 @@ from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig, P
 RULE_AUTH = "authentication"
 RULE_DESTINATION = "destination-check"
 RULE_NO_GATEWAY = "gateway"
+RULE_MALFORMED = "malformed-request"  # refused by mitmproxy's own checks before any rule was asked
 
 
 @dataclass(slots=True)

@@ -173,6 +173,26 @@ def test_an_invocation_id_in_baggage_is_recorded_from_its_bytes(gw):
     assert A.PARENT_SPAN_ID not in rec  # the junk traceparent started a trace of the gateway's own
 
 
+@pytest.mark.parametrize("via", ["tunnel", "plain"])
+def test_a_request_mitmproxy_refuses_on_its_headers_is_recorded_with_its_agent(gw, hostile_upstream, via):
+    """A header name no HTTP token has: mitmproxy answers 400 before any step sees the request. It used to
+    leave no record at all."""
+    i = inv()
+    path = f"/json/malformed-{i}".encode()
+    head = b"Host: allowed.test\r\nx-\x80\xff: v\r\nclrk-invocation-id: " + i.encode() + b"\r\nConnection: close\r\n\r\n"
+    if via == "tunnel":
+        out = tunnel(gw, "allowed.test", b"GET " + path + b" HTTP/1.1\r\n" + head)
+    else:
+        out = plain(gw, b"GET http://allowed.test" + path + b" HTTP/1.1\r\nProxy-Authorization: " + AUTH.encode() + b"\r\n" + head)
+    assert out.startswith(b"HTTP/1.1 400")
+    rec = gw.wait_record(invocation=i)
+    assert (rec[A.CLRK_DECISION], rec[A.CLRK_DECISION_RULE], rec[A.ERROR_TYPE]) == ("deny", "malformed-request", "invalid_request")
+    assert rec[A.AGENT_NAME] == "researcher" and "invalid header name" in rec[A.CLRK_DECISION_REASON]
+    assert rec[A.URL_FULL] == ("https" if via == "tunnel" else "http") + "://allowed.test" + path.decode()
+    assert rec[A.REQUEST_HEADERS]["x-\\x80\\xff"] == "v" and "proxy-authorization" not in rec[A.REQUEST_HEADERS]
+    assert not hostile_upstream.requests_to(path.decode())
+
+
 def test_lone_surrogates_from_the_agent_and_the_upstream_are_recorded_escaped(gw):
     """A JSON "\\ud800" parses to a str UTF-8 cannot encode: its record used to be dropped whole."""
     i = inv()

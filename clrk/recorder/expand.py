@@ -23,6 +23,8 @@ from clrk.redact import decode_headers, redact_url
 def error_type(message: str) -> str:
     """A short, stable error.type for mitmproxy's error messages."""
     m = message.lower()
+    if "from client, refusing" in m or m.startswith("invalid request scheme"):  # mitmproxy's request checks
+        return "invalid_request"
     if "clrk:" in m and "not allowed" in m:
         return "policy_blocked"
     if "clrk:" in m and "gateway stopped" in m:
