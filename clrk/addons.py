@@ -42,6 +42,7 @@ from clrk.capture import (
     response_is_buffered,
 )
 from clrk.decision import RULE_MALFORMED, AuthResult, Decision, RequestFacts, decide
+from clrk.escape import printable
 from clrk.hostnames import canonical_ip, norm_host, normalize_path
 from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
@@ -663,7 +664,8 @@ class Failsafe:
             tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
             flow.metadata[METADATA_KEY] = tx
         refuse(flow, tx, d)
-        log.error("clrk: %s %s had no decision after the addons ran; denied", flow.request.method, flow.request.pretty_url)
+        log.error("clrk: %s %s had no decision after the addons ran; denied", printable(flow.request.method),
+                  printable(flow.request.pretty_url))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:

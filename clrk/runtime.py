@@ -12,6 +12,7 @@ from mitmproxy import connection, http
 from clrk.budget import MAX_TOKENS, BudgetLedger
 from clrk.capture import has_body, request_is_buffered
 from clrk.decision import Decision
+from clrk.escape import printable
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.sink import RecordSink
@@ -102,8 +103,8 @@ def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
         flow.kill()
     else:
         flow.response = deny_response(d)
-    log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, tx.dst_name, tx.dst_port, req.path.split("?", 1)[0],
-             tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
+    log.info("clrk: denied %s %s:%s%s for %s: %s", printable(req.method), tx.dst_name, tx.dst_port,
+             printable(req.path.split("?", 1)[0]), tx.agent.ref if tx.agent else "unauthenticated client", printable(d.reason))
 
 
 def deny_response(d: Decision) -> http.Response:

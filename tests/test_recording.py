@@ -1,7 +1,7 @@
 """Every transaction is recorded, whatever bytes the agent or the upstream sends: undecodable bytes and lone
 surrogates are escaped losslessly (`clrk.escape`), a value no column can hold costs neither the rest of its
-record nor any other record, the budget charge survives a restart, and what truly cannot be stored is
-counted and logged with its ids.
+record nor any other record, the budget charge survives a restart, what truly cannot be stored is counted and
+logged with its ids, and nothing a record holds reaches a terminal as a control character.
 
 Hostile input is written by hand: raw sockets, raw TLS inside CONNECT tunnels, raw JSON escapes."""
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
 import socket
 import subprocess
 import sys
@@ -19,9 +21,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from textual.widgets import DataTable, Static
 
 from clrk import attributes as A
 from clrk import escape, wire
+from clrk.dev.tui import DetailScreen, DevApp, record_row, transaction_text
+from clrk.feed import RecordFeed
 from tests.harness import fake_provider
 from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, basic, gateway_doc, proxy_connect, route
 
@@ -333,6 +338,100 @@ def test_a_record_msgpack_refuses_is_shipped_without_the_value_it_cannot_carry(t
     assert sink.dropped == 0
 
 
+# ------------------------------------------------------------------------------------------ terminals
+
+
+def hostile_records(gw: Gateway, i: str) -> None:
+    """A provider call whose model name breaks lines and drives the terminal, and a denied request whose path
+    (and so its decision reason) does."""
+    model = "[/]m\\n\\r\\u001b[2J\\u001b]0;title\\u0007\\u009b31m\\u202e\\u2028x"
+    with gw.client() as c:
+        assert c.post("https://api.openai.com/v1/chat/completions", headers={"clrk-invocation-id": i},
+                      content=('{"model":"' + model + '","messages":[],"max_tokens":5}').encode()).status_code == 200
+    assert tunnel(gw, "other.test", b"GET /\x1b[2J\xc2\x9b31m\xe2\x80\xae\x7f HTTP/1.1\r\nHost: other.test\r\n"
+                  b"x-v: \x1b]52;c;AAAA\x07\r\nclrk-invocation-id: " + i.encode() + b"\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 403")
+
+
+def read_lines(proc: subprocess.Popen, n: int, timeout: float = 15.0) -> str:
+    """The first `n` lines a process prints (bounded wait: a tail that prints nothing fails, never hangs)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while out.count(b"\n") < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {out!r} after {timeout}s"
+        if select.select([proc.stdout], [], [], left)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"the process ended after {out!r}"
+            out += chunk
+    return out.decode()
+
+
+def assert_terminal_safe(out: str, lines: int) -> None:
+    assert not set(out) & UNSAFE, sorted(set(out) & UNSAFE)
+    assert out.endswith("\n") and out.count("\n") == lines
+
+
+def test_clrk_records_and_tail_print_no_control_character(gw):
+    i = inv()
+    tails = {mode: subprocess.Popen([CLRK, "tail", "--db", str(gw.db), "--invocation", i, *flags], stdout=subprocess.PIPE)
+             for mode, flags in (("table", []), ("json", ["--json"]))}
+    try:
+        time.sleep(1.0)  # tail starts at what is stored now
+        hostile_records(gw, i)
+        stored = wait_records(gw, i, 2)
+        assert any("\x1b" in r.get(A.GEN_AI_REQUEST_MODEL, "") for r in stored)
+        tailed = {mode: read_lines(p, 2) for mode, p in tails.items()}
+    finally:
+        for p in tails.values():
+            p.terminate()
+            p.wait(10)
+    for flags in ([], ["--json"]):
+        out = subprocess.run([CLRK, "records", "--db", str(gw.db), "--invocation", i, *flags], capture_output=True, check=True).stdout.decode()
+        assert_terminal_safe(out, 2)
+        if flags:  # the same values, only written safely
+            assert sorted(map(json.loads, out.splitlines()), key=lambda r: r[A.SPAN_ID]) == sorted(stored, key=lambda r: r[A.SPAN_ID])
+        else:
+            assert "\\x1b[2J" in out and "\\u009b31m" in out and "\\u202e" in out
+    for mode, out in tailed.items():
+        assert_terminal_safe(out, 2)
+        if mode == "json":
+            assert {json.loads(x)[A.SPAN_ID] for x in out.splitlines()} == {r[A.SPAN_ID] for r in stored}
+
+
+def test_the_tui_shows_hostile_records_as_plain_escaped_text(gw):
+    """Cells used to be str, which Textual reads as markup: the "[/]" in a model name stopped the UI."""
+    i = inv()
+    hostile_records(gw, i)
+    wait_records(gw, i, 2)
+    app = DevApp(RecordFeed(str(gw.db), query={"invocation": i}, from_start=True))
+    shown: list[str] = []
+
+    async def drive() -> None:
+        async with app.run_test(size=(200, 50)) as pilot:
+            table = app.query_one("#records-table", DataTable)
+            deadline = time.monotonic() + 15
+            while table.row_count < 2:
+                assert time.monotonic() < deadline, "the TUI did not show the records"
+                await pilot.pause(0.1)
+            for row in range(2):
+                shown.append(" ".join(str(c) for c in table.get_row_at(row)))
+                table.focus()
+                table.move_cursor(row=row)
+                await pilot.press("enter")
+                while not isinstance(app.screen, DetailScreen):
+                    assert time.monotonic() < deadline
+                    await pilot.pause(0.05)
+                shown.append(str(app.screen.query_one("#detail-body", Static).content))
+                await pilot.press("escape")
+
+    asyncio.run(drive())
+    cells, detail = shown[0::2], shown[1::2]
+    assert not set("".join(cells)) & (UNSAFE | {"\n"})
+    assert any("[/]m\\x0a\\x0d\\x1b[2J\\x1b]0;title\\x07\\u009b31m\\u202e\\u2028x" in c for c in cells)
+    assert not set("".join(detail)) & UNSAFE  # a detail view has lines of its own, none from a record
+    assert any("x-v: \\x1b]52;c;AAAA\\x07" in d for d in detail)
+
+
 # ------------------------------------------------------------------------------------------ the escape itself
 
 
@@ -353,3 +452,23 @@ def test_a_str_utf8_cannot_encode_becomes_bytes_that_escape_back(s):
     assert escape.unescape(escape.text(b, force=True)[0]) == b
     if not any(0xD800 <= ord(c) <= 0xDFFF for c in s):
         assert b == s.encode()
+
+
+@given(st.text(max_size=64))
+def test_printed_text_carries_no_control_and_json_lines_keep_their_values(s):
+    assert not set(escape.printable(s)) & (UNSAFE | {"\n"})
+    line = escape.json_line({"v": s, "k": [s]})
+    assert "\n" not in line and not set(line) & UNSAFE
+    assert json.loads(line) == {"v": s, "k": [s]}
+
+
+def test_the_tui_rendering_functions_escape_every_field():
+    rec = {A.TIME: "2026-11-30T12:00:00Z", A.CLRK_DECISION: "deny\x1b[5m", A.HTTP_REQUEST_METHOD: "G\u2028T",
+           A.SERVER_ADDRESS: "[/]h\x9b", A.GEN_AI_REQUEST_MODEL: "[link=https://x.test]m[/link]\n",
+           A.REQUEST_HEADERS: {"x\x1b": "v\r\x1b[2K"}, A.REQUEST_BODY: "line1\nline2\x1b[2J\r\u202e", A.RESPONSE_BODY: "x"}
+    cells = [str(c) for c in record_row(rec)]
+    assert "[link=https://x.test]m[/link]\\x0a" in cells and "[/]h\\u009b" in cells
+    assert not set("".join(cells)) & (UNSAFE | {"\n"})
+    detail = str(transaction_text(rec))
+    assert "line1\nline2\\x1b[2J\\x0d\\u202e" in detail and "x\\x1b: v\\x0d\\x1b[2K" in detail
+    assert not set(detail) & UNSAFE
