@@ -43,7 +43,8 @@ from clrk.capture import (
     request_is_buffered,
     response_is_buffered,
 )
-from clrk.decision import RULE_DESTINATION, AuthResult, Decision, RequestFacts, decide
+from clrk.decision import RULE_DESTINATION, RULE_MALFORMED, AuthResult, Decision, RequestFacts, decide
+from clrk.escape import printable
 from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_target
 from clrk.identity import authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
@@ -53,7 +54,7 @@ from clrk.providers import parser_for
 from clrk.runtime import Runtime, Tunnel, deny_response, listener_port, refuse
 from clrk.settings import Settings
 from clrk.sink import RecordSink
-from clrk.transaction import METADATA_KEY, Transaction, scan_request_headers
+from clrk.transaction import METADATA_KEY, Transaction, header_index, scan_request_headers
 
 log = logging.getLogger("clrk")
 
@@ -258,6 +259,8 @@ class ProxyAuth:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
+            if flow.error is not None and METADATA_KEY not in flow.metadata and self.rt.policy is not None:
+                self._refused_by_mitmproxy(flow)
             return
         policy = self.rt.policy
         assert policy is not None
@@ -283,6 +286,33 @@ class ProxyAuth:
             if "proxy-authorization" in h:
                 del req.headers["proxy-authorization"]
             tx.agent, tx.auth_failure = auth.agent, auth.failure
+
+    def _refused_by_mitmproxy(self, flow: http.HTTPFlow) -> None:
+        """A request mitmproxy refused on its headers before any step saw it (a header name with bytes no HTTP
+        token has, both Content-Length and Transfer-Encoding...; it answered 400 and sent nothing upstream) is
+        still a transaction: recorded, with the agent it came from, when the error hook ends it."""
+        policy = self.rt.policy
+        assert policy is not None
+        req = flow.request
+        h = header_index(req.headers.fields)
+        tx = Transaction(start=req.timestamp_start, trace=trace_context(h.get("traceparent")), req_h=h)
+        tx.tunnel = tunnel = self.rt.tunnels.get(flow.client_conn.id)
+        tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
+        tx.dst_name, tx.dst_port = (tunnel.host, tunnel.port) if tunnel else (norm_host(req.host), req.port)
+        if not req.host:  # refused before mitmproxy took the destination from the Host header
+            req.data.host, req.data.port = tx.dst_name, tx.dst_port or 0
+        if tunnel is not None:
+            tx.agent = policy.agent_still_valid(tunnel.agent.username, tunnel.digest)
+        else:
+            tx.agent = authenticate(policy, h.get("proxy-authorization")).agent
+        req.headers.pop("proxy-authorization", None)
+        if tx.gateway is not None:
+            inv = h.get(tx.gateway.invocation_header)
+            if inv is not None:
+                del req.headers[tx.gateway.invocation_header]
+            tx.invocation_id = inv[:256] if inv else invocation_from_baggage(h.get("baggage"))
+        tx.decision = Decision(False, RULE_MALFORMED, f"the request is malformed: {flow.error.msg}", 400)
+        flow.metadata[METADATA_KEY] = tx
 
 
 # --------------------------------------------------------------------------- Providers
@@ -725,7 +755,8 @@ class Failsafe:
             tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
             flow.metadata[METADATA_KEY] = tx
         refuse(flow, tx, d)
-        log.error("clrk: %s %s had no decision after the addons ran; denied", flow.request.method, flow.request.pretty_url)
+        log.error("clrk: %s %s had no decision after the addons ran; denied", printable(flow.request.method),
+                  printable(flow.request.pretty_url))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:

@@ -59,6 +59,8 @@ CLRK_L4_BYTES_UPSTREAM: Final = "clrk.l4.bytes_upstream"  # TLS Passthrough: byt
 CLRK_DECISION: Final = "clrk.decision"
 CLRK_DECISION_RULE: Final = "clrk.decision.rule"
 CLRK_DECISION_REASON: Final = "clrk.decision.reason"
+CLRK_RECORD_ESCAPED: Final = "clrk.record.escaped"  # fields whose bytes were not UTF-8, escaped as clrk.escape says
+CLRK_RECORD_INCOMPLETE: Final = "clrk.record.incomplete"  # why values this record should hold are missing
 
 # --- agent identity ---
 AGENT_KIND: Final = "agent.kind"
@@ -135,6 +137,8 @@ COLUMNS: Final[dict[str, str]] = {
     CLRK_DECISION: "VARCHAR",
     CLRK_DECISION_RULE: "VARCHAR",
     CLRK_DECISION_REASON: "VARCHAR",
+    CLRK_RECORD_ESCAPED: "VARCHAR[]",
+    CLRK_RECORD_INCOMPLETE: "VARCHAR",
     AGENT_KIND: "VARCHAR",
     AGENT_NAMESPACE: "VARCHAR",
     AGENT_NAME: "VARCHAR",

@@ -26,7 +26,9 @@ until usage is back under the new one. Reservations made the day before still co
 their usage is not charged to the new day.)
 
 The ledger lives in the proxy (admission is on the request path, a dict lookup); it is rebuilt at start
-from the day's records in the store, so a restart keeps the day's usage.
+from the day's records in the store, so a restart keeps the day's usage. Every charge reaches the store:
+a record that cannot be stored whole is stored without what does not fit, its budget fields kept
+(`clrk.recorder.expand.salvage`, `clrk.recorder.store.storable`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def utc_day(ts: float) -> dt.date:
 
 def day_start(day: dt.date) -> float:
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
+
+
+MAX_TOKENS = 2**63 - 1  # what a record stores (BIGINT): a pool's usage is kept within it (it is spent either way)
 
 
 @dataclass(slots=True)
@@ -76,7 +81,7 @@ class BudgetLedger:
     def load(self, day: dt.date, totals: Mapping[str, int]) -> None:
         """The day's settled usage per pool, from the store."""
         if day == self._roll():
-            self.used = dict(totals)
+            self.used = {pool: min(total, MAX_TOKENS) for pool, total in totals.items()}
         self.loaded = True
 
     def used_today(self, pool: str) -> int:
@@ -107,5 +112,5 @@ class BudgetLedger:
             self.reserved.pop(res.pool, None)
         today = self._roll()
         if res.day == today:
-            self.used[res.pool] = self.used.get(res.pool, 0) + (res.tokens if actual is None else actual)
+            self.used[res.pool] = min(self.used.get(res.pool, 0) + (res.tokens if actual is None else actual), MAX_TOKENS)
         return self.used.get(res.pool, 0)

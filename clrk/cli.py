@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from clrk.escape import json_line, printable
 from clrk.launch import gateway_argv
 from clrk.settings import Settings
 
@@ -126,6 +127,12 @@ def read_store(db: str, kind: str, query: dict) -> list[dict]:
         con.close()
 
 
+def _line(r: dict, as_json: bool) -> str:
+    """One record as one terminal-safe line: whatever the agent sent, it cannot break the line or reach the
+    terminal as control sequences (`clrk.escape`)."""
+    return json_line(r) if as_json else printable(_fmt_row(r))
+
+
 def _fmt_row(r: dict) -> str:
     agent = f"{r.get('agent.namespace')}/{r.get('agent.name')}" if r.get("agent.name") else "-"
     status = str(r.get("http.response.status_code", "-"))
@@ -162,7 +169,7 @@ def cmd_records(args: argparse.Namespace) -> None:
     rows = read_store(args.db, "query", query)
     out = sys.stdout
     for r in rows:
-        out.write((json.dumps(r, separators=(",", ":"), ensure_ascii=False) if args.json else _fmt_row(r)) + "\n")
+        out.write(_line(r, args.json) + "\n")
 
 
 # --------------------------------------------------------------------------- tail
@@ -182,7 +189,7 @@ def cmd_tail(args: argparse.Namespace) -> None:
                 print(f"clrk tail: waiting for a gateway writing {args.db} ...", file=sys.stderr, flush=True)
             waiting = not feed.connected
             for r in rows:
-                sys.stdout.write((json.dumps(r, separators=(",", ":"), ensure_ascii=False) if args.json else _fmt_row(r)) + "\n")
+                sys.stdout.write(_line(r, args.json) + "\n")
             sys.stdout.flush()
             time.sleep(args.interval)
     except (KeyboardInterrupt, BrokenPipeError):
@@ -206,13 +213,18 @@ def cmd_status(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(st))
     else:
+        at_proxy = f" ({st['dropped_at_proxy']} of them by the proxy)" if st.get("dropped_at_proxy") else ""
         print(f"recorder pid {st['pid']} for {args.db}: {st['written']} records written this run, "
-              f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped; {st['proxies']} proxy process(es) connected")
+              f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped{at_proxy}; "
+              f"{st['proxies']} proxy process(es) connected")
+        if st.get("incomplete"):
+            print(f"{st['incomplete']} records stored incomplete: values they should hold could not be stored "
+                  "(clrk.record.incomplete says which; the gateway log names each)")
         if st.get("export_dropped"):
             print(f"OTLP export: {st['export_dropped']} spans and log records dropped (the endpoint was slow or down; "
                   "the store has them all)")
         if st.get("store_error"):
-            print(f"the store cannot be written: {st['store_error']}")
+            print(f"the store cannot be written: {printable(st['store_error'])}")
 
 
 # --------------------------------------------------------------------------- spend
@@ -238,12 +250,12 @@ def cmd_spend(args: argparse.Namespace) -> None:
     out = sys.stdout
     if args.json:
         for r in rows:
-            out.write(json.dumps(r, separators=(",", ":")) + "\n")
+            out.write(json_line(r) + "\n")
         for b in budgets:
-            out.write(json.dumps({"budget": b}, separators=(",", ":")) + "\n")
+            out.write(json_line({"budget": b}) + "\n")
         return
     header = [*by, "requests", "input", "output", "total"]
-    table = [[str(r.get(b) if r.get(b) is not None else "-") for b in by]
+    table = [[printable(str(r.get(b) if r.get(b) is not None else "-")) for b in by]
              + [str(r["requests"]), str(r["input_tokens"]), str(r["output_tokens"]), str(r["total_tokens"])] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     out.write("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip() + "\n")
@@ -254,7 +266,7 @@ def cmd_spend(args: argparse.Namespace) -> None:
         for b in budgets:
             mx = b["max_tokens"] if b["max_tokens"] is not None else "?"
             left = b["left_tokens"] if b["left_tokens"] is not None else "?"
-            out.write(f"  {b['pool']}: {b['used_tokens']} of {mx} tokens used, {left} left\n")
+            out.write(f"  {printable(b['pool'])}: {b['used_tokens']} of {mx} tokens used, {left} left\n")
 
 
 # --------------------------------------------------------------------------- policy

@@ -21,6 +21,7 @@ RULE_AUTH = "authentication"
 RULE_DESTINATION = "destination-check"
 RULE_NO_GATEWAY = "gateway"
 RULE_PROTOCOL = "protocol-check"
+RULE_MALFORMED = "malformed-request"  # refused by mitmproxy's own checks before any rule was asked
 
 
 @dataclass(slots=True)

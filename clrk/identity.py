@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import random
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 from clrk.decision import AuthResult
 from clrk.policy.compiled import CompiledPolicy
@@ -83,11 +83,13 @@ def _span_id() -> str:
 
 
 def invocation_from_baggage(baggage: str | None) -> str | None:
-    """The `invocation.id` member of a W3C baggage header, if any."""
+    """The `invocation.id` member of a W3C baggage header, if any: its percent-decoded bytes, one character per
+    byte, as the invocation header's value is (the recorder decodes both alike, `clrk.escape`)."""
     if not baggage or "invocation.id" not in baggage:
         return None
     for member in baggage.split(","):
         key, sep, value = member.partition("=")
         if sep and key.strip() == "invocation.id":
-            return unquote(value.split(";", 1)[0].strip())[:256] or None
+            raw = value.split(";", 1)[0].strip().encode("latin-1")  # header values are one character per byte
+            return unquote_to_bytes(raw)[:256].decode("latin-1") or None
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import quote, unquote
 
+from clrk import escape
 from clrk.attributes import REDACTED
 
 MAX_HEADER_VALUE = 8 * 1024  # characters of one header value kept in a record
@@ -21,15 +22,41 @@ def _cut(text: str, limit: int) -> str:
 
 
 def headers_dict(fields: Iterable[tuple[bytes, bytes]], sensitive: frozenset[str]) -> dict[str, str]:
-    """Headers as {lower-case name: value}, repeated fields joined with ", ", sensitive values redacted.
-    Bounded like the bodies: a value past MAX_HEADER_VALUE is cut, and past MAX_HEADERS_TOTAL in all the
-    remaining headers are left out (an agent's 2 MB header must not become a 2 MB record)."""
+    """Headers as {lower-case name: value} (see `decode_headers`)."""
+    return decode_headers(fields, sensitive)[0]
+
+
+class _NeedsEscape(Exception):
+    pass
+
+
+def decode_headers(fields: Iterable[tuple[bytes, bytes]], sensitive: frozenset[str]) -> tuple[dict[str, str], bool]:
+    """(headers as {lower-case name: value}, whether they were escaped). Repeated fields are joined with ", ",
+    sensitive values redacted. Names and values are UTF-8; if any is not, every name and value of this side is
+    escaped (`clrk.escape`). Bounded like the bodies: a value past MAX_HEADER_VALUE is cut, and past
+    MAX_HEADERS_TOTAL in all the remaining headers are left out (an agent's 2 MB header must not become a 2 MB
+    record)."""
+    fields = [(bytes(k), bytes(v)) for k, v in fields]
+    try:
+        return _headers(fields, sensitive, False), False
+    except _NeedsEscape:
+        return _headers(fields, sensitive, True), True
+
+
+def _decode(data: bytes, force: bool) -> str:
+    s, escaped = escape.text(data, force)
+    if escaped and not force:
+        raise _NeedsEscape
+    return s
+
+
+def _headers(fields: list[tuple[bytes, bytes]], sensitive: frozenset[str], force: bool) -> dict[str, str]:
     out: dict[str, str] = {}
     total = 0
     left_out = 0
     for raw_name, raw_value in fields:
-        name = _cut(raw_name.decode("latin-1").lower(), 256)
-        value = REDACTED if name in sensitive else _cut(raw_value.decode("latin-1"), MAX_HEADER_VALUE)
+        name = _cut(_decode(raw_name.lower(), force), 256)
+        value = REDACTED if name in sensitive else _cut(_decode(raw_value, force), MAX_HEADER_VALUE)
         if total + len(name) + len(value) > MAX_HEADERS_TOTAL:
             left_out += 1
             continue

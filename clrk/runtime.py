@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
-from clrk.budget import BudgetLedger
+from clrk.budget import MAX_TOKENS, BudgetLedger
 from clrk.capture import has_body, request_is_buffered
 from clrk.decision import Decision
+from clrk.escape import printable
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.sink import RecordSink
@@ -71,7 +72,8 @@ class Runtime:
             r = tx.genai.result if tx.genai is not None else None
             status = flow.response.status_code if flow.response is not None and tx.upstream_response else None
             if r is not None and r.usage_visible:
-                actual: int | None = (r.input_tokens or 0) + (r.output_tokens or 0)
+                # What an upstream reports, within what a record can store (and never a refund).
+                actual: int | None = min(max((r.input_tokens or 0) + (r.output_tokens or 0), 0), MAX_TOKENS)
             elif status is None or status >= 400:
                 actual = 0  # not served (refused, failed, unreachable): nothing to charge
             else:
@@ -102,8 +104,8 @@ def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
         flow.kill()
     else:
         flow.response = deny_response(d)
-    log.info("clrk: denied %s %s:%s%s for %s: %s", req.method, tx.dst_name, tx.dst_port, req.path.split("?", 1)[0],
-             tx.agent.ref if tx.agent else "unauthenticated client", d.reason)
+    log.info("clrk: denied %s %s:%s%s for %s: %s", printable(req.method), tx.dst_name, tx.dst_port,
+             printable(req.path.split("?", 1)[0]), tx.agent.ref if tx.agent else "unauthenticated client", printable(d.reason))
 
 
 def deny_response(d: Decision) -> http.Response:

@@ -7,6 +7,10 @@ batch (every BATCH_INTERVAL or BATCH_SIZE records) one non-blocking socket write
 If the recorder is slow, the socket's write buffer grows to HIGH_WATER and records wait here instead,
 bounded by MAX_PENDING (oldest dropped, counted, logged).
 If the recorder dies it is restarted and the queue shipped to the new one.
+
+A record msgpack refuses (a lone surrogate from a JSON body, an integer past 64 bits from an upstream) is
+made encodable (`wire.encodable`) and shipped still: only on that failure path, never for the others. What is
+lost here anyway is reported to the recorder (`lost`), whose count `clrk status` shows.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from clrk import wire
+from clrk import escape, wire
 
 log = logging.getLogger("clrk.sink")
 
@@ -37,6 +41,7 @@ class RecordSink:
         self.socket_path = wire.socket_path(self.db_path)
         self.pending: list[bytes] = []  # records, each msgpack-encoded
         self.dropped = 0
+        self.unreported = 0  # of `dropped`, not yet reported to the recorder
         self.proc: subprocess.Popen | None = None
         self.config: dict | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -129,20 +134,45 @@ class RecordSink:
         """Queues one record; called on the event loop for every transaction."""
         try:
             self.pending.append(wire.pack_record(record))
-        except Exception as e:  # a value msgpack cannot carry: one record lost, said loudly, never the batch
-            self.dropped += 1
-            log.error("clrk: a record could not be encoded and is dropped (%s: %s)", type(e).__name__, e)
-            return
+        except Exception as e:  # a value msgpack cannot carry: mended here, off the path every other record takes
+            data = self._encode_anyway(record, e)
+            if data is None:
+                self._lost(1)
+                return
+            self.pending.append(data)
         if len(self.pending) >= BATCH_SIZE:
             self._ship()
         elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._ship)
+
+    def _encode_anyway(self, record: dict, error: Exception) -> bytes | None:
+        """The record encoded with what msgpack refused turned into what it carries (`wire.encodable`), and
+        what could not be said so in `incomplete`; None if even that fails."""
+        ids = wire.record_ids(record)
+        try:
+            left_out: list[str] = []
+            safe = wire.encodable(record, left_out)
+            if left_out:
+                safe["incomplete"] = f"proxy: {', '.join(left_out)} could not be encoded ({type(error).__name__})"
+                log.warning("clrk: record %s is shipped without %s: they could not be encoded (%s: %s)", ids,
+                            ", ".join(left_out), type(error).__name__, escape.printable(str(error)[:200]))
+            return wire.pack_record(safe)
+        except Exception as e:
+            log.error("clrk: record %s could not be encoded and is lost (%s: %s)", ids, type(e).__name__,
+                      escape.printable(str(e)[:200]))
+            return None
+
+    def _lost(self, n: int) -> None:
+        self.dropped += n
+        self.unreported += n
+        if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._ship)
 
     def _ship(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self.pending:
+        if not self.pending and not self.unreported:
             return
         w = self._writer
         if w is None or w.is_closing() or w.transport.get_write_buffer_size() > HIGH_WATER:
@@ -152,14 +182,19 @@ class RecordSink:
             else:
                 self._timer = asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._ship)
             return
-        rows, self.pending = self.pending, []
-        w.write(wire.pack_rows(rows))
+        if self.unreported:
+            w.write(wire.pack({"t": "lost", "n": self.unreported}))
+            self.unreported = 0
+        if self.pending:
+            rows, self.pending = self.pending, []
+            w.write(wire.pack_rows(rows))
 
     def _bound(self) -> None:
         over = len(self.pending) - MAX_PENDING
         if over > 0:
             del self.pending[:over]
             self.dropped += over
+            self.unreported += over
             log.error("recorder is not keeping up: %d records dropped so far", self.dropped)
 
     def send_config(self, config: dict) -> None:

@@ -91,7 +91,8 @@ _NAME_OK: dict[bytes, bool] = {}  # header names seen, and whether each is a val
 def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]:
     """`header_index` of a request, plus every Host value it carries and the first framing problem: a header
     name that is not a token (RFC 9110 §5.1: `Host : x` is refused, not guessed at) or a value with a line
-    break (an obs-folded line, RFC 9112 §5.2: the upstream may read the continuation as a header of its own)."""
+    break (an obs-folded line, RFC 9112 §5.2, or a bare CR: an upstream may read what follows as a header of
+    its own)."""
     out: dict[str, str] = {}
     hosts: list[str] = []
     problem = None
@@ -106,7 +107,7 @@ def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]
         if not ok and problem is None:
             problem = f"the header name {key[:64]!r} is not a valid token"
         if ("\n" in text or "\r" in text) and problem is None:
-            problem = f"the header {key[:64]} is folded over several lines (obsolete line folding is refused)"
+            problem = f"the header {key[:64]} has a line break in its value (obsolete line folding, or a bare CR)"
         if key == "host":
             hosts.append(text)
         if key not in out:
@@ -144,15 +145,15 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
         "t0": tx.start,
         "t1": end,
         "ids": (tx.trace.trace_id, tx.trace.span_id, tx.trace.parent_span_id),
-        "method": req.method,
+        "method": req.data.method,  # bytes as sent (the recorder decodes them: clrk.escape), no decode here
         "scheme": req.scheme,
         "host": req.host,
         "port": req.port,
-        "path": req.path,
+        "path": req.data.path,
         "status": resp.status_code if resp is not None else None,
         "gateway": tx.gateway.name if tx.gateway is not None else None,
         "dst": tx.dst_name,
-        "inv": tx.invocation_id,
+        "inv": tx.invocation_id,  # one character per byte, like the header values it comes from
         "decision": (d.action, d.rule, d.reason) if d is not None else None,
         "agent": (a.kind, a.namespace, a.name, a.uid, a.revision) if a is not None else None,
         "rewritten": tx.request_rewritten,

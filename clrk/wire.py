@@ -4,7 +4,7 @@ a Unix socket next to the DuckDB file (mode 0600: only the gateway's user may ta
 Messages are maps with a type `t`:
   proxy -> recorder: {"t": "hello", "role": "proxy"|"cli", "pid": N}, {"t": "rows", "rows": [...]},
                      {"t": "config", "gateways": {...}, "fallback": URL}, {"t": "flush", "id": N},
-                     {"t": "shutdown"}
+                     {"t": "lost", "n": N} (records it could not ship), {"t": "shutdown"}
   cli -> recorder:   {"t": "query", "id": N, "query": {...}}
   recorder -> peer:  {"t": "ok", "id": N, ...} / {"t": "error", "id": N, "message": str}
 """
@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import msgpack
+
+from clrk import escape
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 512 * 1024 * 1024
@@ -41,6 +43,51 @@ _ROWS_HEAD = b"\x82" + msgpack.packb("t") + msgpack.packb("rows") + msgpack.pack
 def pack_record(record: dict) -> bytes:
     """One record, encoded as it will sit in a rows message (see `pack_rows`)."""
     return _record_packer.pack(record)
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries
+MAX_DEPTH = 16
+
+
+def encodable(value, left_out: list[str], where: str = "", depth: int = 0):
+    """`value` as msgpack can carry it, for a record `pack_record` refused: a str UTF-8 cannot encode (a lone
+    surrogate) becomes its bytes (`clrk.escape.to_bytes`; the recorder decodes both alike); an integer past
+    64 bits, anything nested past MAX_DEPTH or of a type msgpack does not know becomes None, and where it was
+    is added to `left_out`."""
+    if value is None or isinstance(value, (bool, float, bytes)):
+        return value
+    if isinstance(value, str):
+        try:
+            value.encode()
+            return value
+        except UnicodeEncodeError:
+            return escape.to_bytes(value)
+    if isinstance(value, int):
+        if _INT_MIN <= value <= _INT_MAX:
+            return value
+    elif isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    elif depth < MAX_DEPTH and isinstance(value, (list, tuple)):
+        return [encodable(v, left_out, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    elif depth < MAX_DEPTH and isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if isinstance(k, str) and k.isascii():  # record keys are attribute names
+                out[k] = encodable(v, left_out, f"{where}.{k}" if where else k, depth + 1)
+            else:
+                left_out.append(f"{where}[{escape.printable(repr(k))[:64]}]")
+        return out
+    left_out.append(where or "(the record)")
+    return None
+
+
+def record_ids(record) -> str:
+    """A record's transaction ids for a log line, as far as it has readable ones (what `clrk records`, `tail`
+    and the trace backend find the transaction by)."""
+    ids = record.get("ids") if isinstance(record, dict) else None
+    if not isinstance(ids, (list, tuple)) or len(ids) < 2:
+        return "trace_id=? span_id=? (the record carries no ids)"
+    return f"trace_id={escape.printable(str(ids[0])[:64])} span_id={escape.printable(str(ids[1])[:64])}"
 
 
 def pack_rows(records: list[bytes]) -> bytes:

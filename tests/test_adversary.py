@@ -133,6 +133,8 @@ def reached(upstream, marker: str) -> list:
     # obs-folded header lines
     "GET /json/{i} HTTP/1.1\r\nHost: allowed.test\r\nX-A: b\r\n Host: denied.test\r\n",
     "GET /json/{i} HTTP/1.1\r\nHost: allowed.test\r\n\tx\r\n",
+    # a bare CR inside a value: some upstreams end the line there
+    "GET /json/{i} HTTP/1.1\r\nHost: allowed.test\r\nX-A: b\rHost: denied.test\r\n",
     # no Host at all: the upstream would pick a name of its own
     "GET /json/{i} HTTP/1.0\r\n",
     "GET /json/{i} HTTP/1.1\r\n",

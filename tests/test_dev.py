@@ -163,10 +163,10 @@ def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
             records = app.query_one("#records-table", DataTable)
             await _until(pilot, lambda: records.row_count >= 3)
             rows = [records.get_row_at(i) for i in range(records.row_count)]
-            hosts = [r[4] for r in rows]
+            hosts = [str(r[4]) for r in rows]
             assert {"allowed.test", "denied.test", "api.openai.com"} <= set(hosts)
             chat = rows[hosts.index("api.openai.com")]
-            assert chat[5] == "gpt-4o-mini" and chat[7] == "12/3"
+            assert str(chat[5]) == "gpt-4o-mini" and str(chat[7]) == "12/3"
             assert str(rows[hosts.index("denied.test")][2]) == "deny"
 
             # The whole transaction, redacted, with the SSE body as events.
@@ -196,10 +196,10 @@ def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
             spend = app.query_one("#spend-table", DataTable)
             await _until(pilot, lambda: spend.row_count >= 1)
             srow = spend.get_row_at(0)
-            assert srow[0] == "team-a/researcher" and srow[1] == "team-a/llm" and srow[2] == "gpt-4o-mini"
+            assert [str(c) for c in srow[:3]] == ["team-a/researcher", "team-a/llm", "gpt-4o-mini"]
             budgets = app.query_one("#budget-table", DataTable)
             await _until(pilot, lambda: budgets.row_count >= 1)
-            assert budgets.get_row_at(0)[2] == "100000"
+            assert str(budgets.get_row_at(0)[2]) == "100000"
 
             # Filter by invocation; then by an agent with no traffic: nothing shows.
             await pilot.press("1", "slash")

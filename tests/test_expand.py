@@ -18,6 +18,9 @@ from clrk.recorder.expand import error_type
     ("server closed connection", "upstream_reset"),
     ("peer closed connection without sending complete message body (incomplete chunked read)", "upstream_reset"),
     ("clrk: connection to 10.0.0.1:443 is not allowed by policy", "policy_blocked"),
+    ("Received invalid header name: b'x-\\x80' from client, refusing to prevent request smuggling attacks. "
+     "Disable the validate_inbound_headers option to skip this security check.", "invalid_request"),
+    ("Invalid request scheme: ftp", "invalid_request"),
     ("something else entirely", "upstream_error"),
 ])
 def test_error_type(message, expected):

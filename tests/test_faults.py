@@ -275,12 +275,3 @@ def test_records_encoded_one_by_one_frame_as_one_rows_message():
         framed = wire.pack_rows([wire.pack_record(r) for r in records])
         assert framed == wire.pack({"t": "rows", "rows": records})
 
-
-def test_a_record_that_cannot_be_encoded_is_dropped_alone_and_counted(tmp_path, caplog):
-    from clrk.sink import RecordSink
-
-    sink = RecordSink(str(tmp_path / "c.duckdb"))
-    with caplog.at_level("ERROR", logger="clrk.sink"):
-        sink.submit({"n": 2**70})  # past what msgpack carries
-    assert sink.pending == [] and sink.dropped == 1
-    assert "could not be encoded" in caplog.text

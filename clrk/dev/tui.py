@@ -5,6 +5,10 @@ and logs from the in-process OTLP receiver the gateway tees to. Every pane keeps
 and is updated on a timer in batches, so a burst of 500 transactions a second costs a few table inserts
 per tick, not a redraw per transaction. Nothing here sees a secret: records are redacted before they are
 stored or exported.
+
+Every value shown comes from an agent or an upstream: cells are `Text` (a str cell would be read as Rich
+markup: "[/]" in a model name would stop the UI) with control characters escaped (`clrk.escape.printable`),
+so no record can break a row, fake one, or send escape sequences to the terminal.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 
 from clrk import attributes as A
+from clrk.escape import printable, printable_block
 from clrk.feed import RecordFeed
 from clrk.providers.sse import SseParser
 
@@ -58,6 +63,11 @@ def _agent(attrs: dict) -> str:
     return f"{attrs.get(A.AGENT_NAMESPACE)}/{attrs.get(A.AGENT_NAME)}" if attrs.get(A.AGENT_NAME) else "-"
 
 
+def cell(value: Any, style: str = "") -> Text:
+    """A table cell showing `value` as plain text, terminal-safe: never markup, never a control character."""
+    return Text(printable(str(value)), style=style, no_wrap=True)
+
+
 def record_row(r: dict) -> tuple:
     t = dt.datetime.fromisoformat(r[A.TIME].replace("Z", "+00:00")).timestamp() if r.get(A.TIME) else 0
     tokens = ""
@@ -65,10 +75,10 @@ def record_row(r: dict) -> tuple:
         tokens = f"{r.get(A.GEN_AI_USAGE_INPUT_TOKENS, '-')}/{r.get(A.GEN_AI_USAGE_OUTPUT_TOKENS, '-')}"
     decision = r.get(A.CLRK_DECISION, "-")
     return (
-        _clock(t), _agent(r),
-        Text(decision, style="bold red" if decision == "deny" else "green"),
-        r.get(A.HTTP_REQUEST_METHOD, ""), r.get(A.SERVER_ADDRESS, ""), r.get(A.GEN_AI_REQUEST_MODEL, ""),
-        str(r.get(A.HTTP_RESPONSE_STATUS_CODE, "-")), tokens, f"{r.get(A.CLRK_DURATION_MS, 0):.1f}",
+        cell(_clock(t)), cell(_agent(r)),
+        cell(decision, style="bold red" if decision == "deny" else "green"),
+        cell(r.get(A.HTTP_REQUEST_METHOD, "")), cell(r.get(A.SERVER_ADDRESS, "")), cell(r.get(A.GEN_AI_REQUEST_MODEL, "")),
+        cell(r.get(A.HTTP_RESPONSE_STATUS_CODE, "-")), cell(tokens), cell(f"{r.get(A.CLRK_DURATION_MS, 0):.1f}"),
     )
 
 
@@ -90,35 +100,36 @@ def transaction_text(r: dict) -> Text:
     for k in sorted(r):
         if k in (A.REQUEST_HEADERS, A.RESPONSE_HEADERS, A.REQUEST_BODY, A.RESPONSE_BODY):
             continue
-        out.append(f"  {k}", style="cyan")
-        out.append(f" = {r[k]}\n")
+        out.append(f"  {printable(str(k))}", style="cyan")
+        out.append(f" = {printable(str(r[k]))}\n")
     for title, hk, bk in (("request", A.REQUEST_HEADERS, A.REQUEST_BODY), ("response", A.RESPONSE_HEADERS, A.RESPONSE_BODY)):
         headers = r.get(hk) or {}
         section(f"{title} headers")
         for k, v in headers.items():
-            out.append(f"  {k}: ", style="cyan")
-            out.append(f"{v}\n", style="bold yellow" if v == A.REDACTED else "")
+            out.append(f"  {printable(str(k))}: ", style="cyan")
+            out.append(f"{printable(str(v))}\n", style="bold yellow" if v == A.REDACTED else "")
         section(f"{title} body")
         body = r.get(bk)
         if body is None:
             out.append("  (not captured: content type not in captureBody.includeContentTypes)\n", style="dim")
             continue
+        body = str(body)
         if r.get(A.CLRK_BODY_B64):
             out.append("  (base64: not UTF-8)\n  ", style="dim")
-            out.append(body + "\n")
+            out.append(printable(body) + "\n")
             continue
         ctype = str(headers.get("content-type", ""))
         if ctype.startswith("text/event-stream"):
             events = SseParser().feed(body.encode() + b"\n\n")
             out.append(f"  {len(events)} events\n", style="dim")
             for name, data in events:
-                out.append(f"  event: {name or 'message'}  ", style="magenta")
-                out.append(data + "\n")
+                out.append(f"  event: {printable(name or 'message')}  ", style="magenta")
+                out.append(printable(data) + "\n")
         else:
             try:
-                out.append(json.dumps(json.loads(body), indent=2) + "\n")
+                out.append(json.dumps(json.loads(body), indent=2) + "\n")  # ensure_ascii: escapes every control
             except ValueError:
-                out.append(body + "\n")
+                out.append(printable_block(body) + "\n")  # a text body keeps its lines; nothing else gets through
         truncated = r.get(A.CLRK_REQ_TRUNCATED if title == "request" else A.CLRK_RESP_TRUNCATED)
         if truncated:
             out.append("  … truncated at captureBody.maxBytes\n", style="dim")
@@ -284,26 +295,28 @@ class DevApp(App):
     def _span_row(s: dict) -> tuple:
         ms = (s["end_ns"] - s["start_ns"]) / 1e6
         status = {0: "unset", 1: "ok", 2: "error"}.get(s["status"], str(s["status"]))
-        return (_clock(s["start_ns"] / 1e9), s["name"], KINDS.get(s["kind"], str(s["kind"])),
-                Text(status, style="red" if status == "error" else ""), f"{ms:.1f}", s["trace_id"][:16], s["span_id"])
+        return (cell(_clock(s["start_ns"] / 1e9)), cell(s["name"]), cell(KINDS.get(s["kind"], s["kind"])),
+                cell(status, style="red" if status == "error" else ""), cell(f"{ms:.1f}"), cell(s["trace_id"][:16]),
+                cell(s["span_id"]))
 
     @staticmethod
     def _log_row(lg: dict) -> tuple:
         a = lg["attributes"]
-        return (_clock(lg["time_ns"] / 1e9), lg["severity"], lg["event_name"], _agent(a), a.get(A.CLRK_DECISION, "-"),
-                a.get(A.SERVER_ADDRESS, ""), str(a.get(A.HTTP_RESPONSE_STATUS_CODE, "-")), lg["span_id"])
+        return (cell(_clock(lg["time_ns"] / 1e9)), cell(lg["severity"]), cell(lg["event_name"]), cell(_agent(a)),
+                cell(a.get(A.CLRK_DECISION, "-")), cell(a.get(A.SERVER_ADDRESS, "")),
+                cell(a.get(A.HTTP_RESPONSE_STATUS_CODE, "-")), cell(lg["span_id"]))
 
     def _show_spend(self, spend: list[dict], budgets: list[dict]) -> None:
         t = self.query_one("#spend-table", DataTable)
         t.clear()
         for r in spend:
-            t.add_row(r.get("agent") or "-", r.get("route") or "-", r.get("model") or "-", str(r["requests"]),
-                      str(r["input_tokens"]), str(r["output_tokens"]), str(r["total_tokens"]))
+            t.add_row(cell(r.get("agent") or "-"), cell(r.get("route") or "-"), cell(r.get("model") or "-"), cell(r["requests"]),
+                      cell(r["input_tokens"]), cell(r["output_tokens"]), cell(r["total_tokens"]))
         b = self.query_one("#budget-table", DataTable)
         b.clear()
         for r in budgets:
-            b.add_row(r["pool"], str(r["used_tokens"]), str(r["max_tokens"] if r["max_tokens"] is not None else "?"),
-                      str(r["left_tokens"] if r["left_tokens"] is not None else "?"))
+            b.add_row(cell(r["pool"]), cell(r["used_tokens"]), cell(r["max_tokens"] if r["max_tokens"] is not None else "?"),
+                      cell(r["left_tokens"] if r["left_tokens"] is not None else "?"))
 
     def _refilter(self) -> None:
         for store, table_id, attrs_of, row in (

@@ -3,21 +3,29 @@
 Redaction happens here, first: sensitive header values and query parameters are replaced before the
 record exists. The sets of names to redact come with the gateway's configuration and only ever grow
 while the recorder runs, so a record from an older policy is never redacted less than that policy said.
+
+Text arrives as the proxy had it: wire bytes (method, path, header names and values), the invocation id one
+character per byte, and str or — where UTF-8 could not carry it — bytes for everything else. Each text field
+is decoded here with the one escape of `clrk.escape`. A transaction whose record cannot be built whole is
+stored as far as it can be (`salvage`), so that its ids, agent, decision and budget charge are never lost.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+import math
 
 from clrk import attributes as A
+from clrk import escape
 from clrk.hostnames import norm_host
-from clrk.redact import headers_dict, redact_url
+from clrk.redact import decode_headers, redact_url
 
 
 def error_type(message: str) -> str:
     """A short, stable error.type for mitmproxy's error messages."""
     m = message.lower()
+    if "from client, refusing" in m or m.startswith("invalid request scheme"):  # mitmproxy's request checks
+        return "invalid_request"
     if "clrk:" in m and "not allowed" in m:
         return "policy_blocked"
     if "clrk:" in m and "gateway stopped" in m:
@@ -57,59 +65,110 @@ def _bodies(req: bytes | None, resp: bytes | None) -> tuple[str | None, str | No
         )
 
 
-def _decode_fields(fields: Iterable) -> list[tuple[bytes, bytes]]:
-    return [(bytes(k), bytes(v)) for k, v in fields]
+def _text(value, key: str, escaped: list[str]) -> str | None:
+    """A text field of the record: str as it came (msgpack only carries valid UTF-8), bytes decoded with the
+    escape of `clrk.escape`, and the field named in `escaped` when that escape was needed."""
+    if value is None or isinstance(value, str):
+        return value
+    out, was_escaped = escape.text(value)
+    if was_escaped:
+        escaped.append(key)
+    return out
 
 
-def _url(raw: dict, sensitive_query: frozenset[str]) -> str:
+def _texts(values: list, key: str, escaped: list[str]) -> list:
+    """A list field: once one item needs the escape, every item is escaped alike, so `unescape` applies to each."""
+    decoded = [escape.text(v) if isinstance(v, (str, bytes, bytearray)) else (v, False) for v in values]
+    if not any(was_escaped for _, was_escaped in decoded):
+        return [v for v, _ in decoded]
+    escaped.append(key)
+    return [escape.text(v, force=True)[0] if isinstance(v, (str, bytes, bytearray)) else v for v in values]
+
+
+def _invocation(inv, escaped: list[str]) -> str | None:
+    """The invocation id: the proxy keeps it as it keeps header values, one character per byte (latin-1)."""
+    if isinstance(inv, str):
+        if inv.isascii():
+            return inv
+        try:
+            inv = inv.encode("latin-1")
+        except UnicodeEncodeError:
+            inv = inv.encode()
+    return _text(inv, A.INVOCATION_ID, escaped)
+
+
+def _url(raw: dict, sensitive_query: frozenset[str], escaped: list[str]) -> str:
     host, port, scheme = norm_host(raw["host"]), raw["port"], raw["scheme"] or "https"
-    if raw["method"] == "CONNECT":
+    if raw["method"] in ("CONNECT", b"CONNECT"):
         return f"{host}:{port}"
     shown = f"[{host}]" if ":" in host else host
     if (scheme, port) not in (("https", 443), ("http", 80)):
         shown = f"{shown}:{port}"
-    return redact_url(f"{scheme}://{shown}{raw['path']}", sensitive_query)
+    path = raw["path"]
+    if not isinstance(path, str):
+        path, was_escaped = escape.text(path)
+        if was_escaped:
+            escaped.append(A.URL_FULL)
+    return redact_url(f"{scheme}://{shown}{path}", sensitive_query)
+
+
+def _headers(fields, sensitive_headers: frozenset[str], key: str, escaped: list[str]) -> dict[str, str] | None:
+    if fields is None:
+        return None
+    out, was_escaped = decode_headers(fields, sensitive_headers)
+    if was_escaped:
+        escaped.append(key)
+    return out
 
 
 def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozenset[str]) -> dict:
+    """The record of one transaction from its raw facts. Raises on facts it cannot read (see `salvage`)."""
+    escaped: list[str] = []
     t0, t1 = raw["t0"], raw["t1"]
     trace_id, span_id, parent = raw["ids"]
-    resp_fields = raw.get("resp_headers")
+    method = raw["method"]
+    if not isinstance(method, str):
+        method = bytes(method).upper()  # as mitmproxy shows it: ASCII letters upper-cased, other bytes kept
     rec: dict = {
         A.TIME: t0,
         A.END_TIME: t1,
         A.TRACE_ID: trace_id,
         A.SPAN_ID: span_id,
         A.PARENT_SPAN_ID: parent,
-        A.HTTP_REQUEST_METHOD: raw["method"],
-        A.URL_FULL: _url(raw, sensitive_query),
+        A.HTTP_REQUEST_METHOD: _text(method, A.HTTP_REQUEST_METHOD, escaped),
+        A.URL_FULL: _url(raw, sensitive_query, escaped),
         A.SERVER_ADDRESS: norm_host(raw["host"]),
         A.SERVER_PORT: raw["port"],
         A.HTTP_RESPONSE_STATUS_CODE: raw["status"],
         A.CLRK_COMPONENT: A.COMPONENT_EGRESS,
-        A.CLRK_GATEWAY_NAME: raw["gateway"],
-        A.CLRK_DST_NAME: raw["dst"],
+        A.CLRK_GATEWAY_NAME: _text(raw["gateway"], A.CLRK_GATEWAY_NAME, escaped),
+        A.CLRK_DST_NAME: _text(raw["dst"], A.CLRK_DST_NAME, escaped),
         A.CLRK_DURATION_MS: round((t1 - t0) * 1000.0, 3),
-        A.INVOCATION_ID: raw["inv"],
-        A.REQUEST_HEADERS: headers_dict(_decode_fields(raw["req_headers"]), sensitive_headers),
-        A.RESPONSE_HEADERS: headers_dict(_decode_fields(resp_fields), sensitive_headers) if resp_fields is not None else None,
+        A.INVOCATION_ID: _invocation(raw["inv"], escaped),
+        A.REQUEST_HEADERS: _headers(raw["req_headers"], sensitive_headers, A.REQUEST_HEADERS, escaped),
+        A.RESPONSE_HEADERS: _headers(raw.get("resp_headers"), sensitive_headers, A.RESPONSE_HEADERS, escaped),
         A.CLRK_BODY_REQUEST_REWRITTEN: raw["rewritten"],
     }
     if raw["decision"] is not None:
-        rec[A.CLRK_DECISION], rec[A.CLRK_DECISION_RULE], rec[A.CLRK_DECISION_REASON] = raw["decision"]
+        _decision(rec, raw["decision"], escaped)
     if raw["agent"] is not None:
-        (rec[A.AGENT_KIND], rec[A.AGENT_NAMESPACE], rec[A.AGENT_NAME], rec[A.AGENT_UID], rec[A.AGENT_REVISION]) = raw["agent"]
+        _agent(rec, raw["agent"], escaped)
     genai = raw.get("genai")
     if genai is not None:
         apr = raw.get("apr")
         rec[A.CLRK_APR_MATCHED] = apr is not None
         if apr is not None:
-            rec[A.CLRK_APR_NAME], rec[A.CLRK_APR_NAMESPACE] = apr
-        rec.update(genai)
+            rec[A.CLRK_APR_NAME] = _text(apr[0], A.CLRK_APR_NAME, escaped)
+            rec[A.CLRK_APR_NAMESPACE] = _text(apr[1], A.CLRK_APR_NAMESPACE, escaped)
+        for k, v in genai.items():
+            if isinstance(v, list):
+                v = _texts(v, k, escaped)
+            elif isinstance(v, (bytes, bytearray)):  # a str UTF-8 could not carry (`clrk.wire.encodable`)
+                v = _text(v, k, escaped)
+            rec[k] = v
     budget = raw.get("budget")
     if budget is not None:
-        (rec[A.CLRK_BUDGET_POOL], rec[A.CLRK_BUDGET_DENIED], rec[A.CLRK_BUDGET_DAILY_MAX], rec[A.CLRK_BUDGET_DAILY_USED],
-         rec[A.CLRK_BUDGET_TOKENS]) = budget
+        _budget(rec, budget, escaped)
         rec[A.CLRK_BUDGET_RESERVED] = raw.get("budget_reserved")
 
     req_bytes, req_body, req_trunc = raw["req_body"]
@@ -126,11 +185,110 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
         rec[A.CLRK_L4_BYTES_UPSTREAM] = raw["l4"]
 
     status = raw["status"]
-    if raw["error"] is not None:
-        rec[A.ERROR_TYPE] = raw.get("error_type") or error_type(raw["error"])
+    error = raw["error"]
+    if error is not None:
+        rec[A.ERROR_TYPE] = raw.get("error_type") or error_type(error if isinstance(error, str) else escape.text(error)[0])
     elif raw.get("genai_error") and raw["upstream"]:
-        rec[A.ERROR_TYPE] = raw["genai_error"]
+        rec[A.ERROR_TYPE] = _text(raw["genai_error"], A.ERROR_TYPE, escaped)
     elif raw["upstream"] and status is not None and status >= 400:
         # OTel HTTP client semconv: an error status is the error type.
         rec[A.ERROR_TYPE] = str(status)
+    if raw.get("incomplete"):
+        rec[A.CLRK_RECORD_INCOMPLETE] = _text(raw["incomplete"], A.CLRK_RECORD_INCOMPLETE, escaped)
+    if escaped:
+        rec[A.CLRK_RECORD_ESCAPED] = list(dict.fromkeys(escaped))
     return {k: v for k, v in rec.items() if v is not None}
+
+
+def _decision(rec: dict, decision, escaped: list[str]) -> None:
+    action, rule, reason = decision
+    rec[A.CLRK_DECISION] = _text(action, A.CLRK_DECISION, escaped)
+    rec[A.CLRK_DECISION_RULE] = _text(rule, A.CLRK_DECISION_RULE, escaped)
+    rec[A.CLRK_DECISION_REASON] = _text(reason, A.CLRK_DECISION_REASON, escaped)
+
+
+def _agent(rec: dict, agent, escaped: list[str]) -> None:
+    for key, value in zip((A.AGENT_KIND, A.AGENT_NAMESPACE, A.AGENT_NAME, A.AGENT_UID, A.AGENT_REVISION), agent, strict=True):
+        rec[key] = _text(value, key, escaped)
+
+
+def _budget(rec: dict, budget, escaped: list[str]) -> None:
+    pool, denied, mx, used, charged = budget
+    rec[A.CLRK_BUDGET_POOL] = _text(pool, A.CLRK_BUDGET_POOL, escaped)
+    rec[A.CLRK_BUDGET_DENIED] = denied
+    rec[A.CLRK_BUDGET_DAILY_MAX], rec[A.CLRK_BUDGET_DAILY_USED], rec[A.CLRK_BUDGET_TOKENS] = mx, used, charged
+
+
+# --------------------------------------------------------------------------- when the record cannot be built
+
+_HEX = frozenset("0123456789abcdef")
+INT64_MAX = 2**63 - 1
+
+
+def _hex_id(v) -> bool:
+    return isinstance(v, str) and len(v) in (16, 32) and set(v) <= _HEX
+
+
+def _epoch(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1e11
+
+
+def _int(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v <= INT64_MAX else None
+
+
+def salvage(raw, why: str) -> dict | None:
+    """What can still be stored of a transaction whose whole record cannot be built: its ids and times, and
+    whichever of the gateway, agent, decision, invocation id, destination and budget charge are readable, with
+    `clrk.record.incomplete` saying why the rest is missing. The budget charge is what matters most: the day's
+    usage is rebuilt from the stored records at start. None when not even the ids and start time are usable:
+    such a record cannot be stored at all."""
+    if not isinstance(raw, dict):
+        return None
+    ids = raw.get("ids")
+    if not isinstance(ids, (list, tuple)) or len(ids) != 3 or not (_hex_id(ids[0]) and _hex_id(ids[1])):
+        return None
+    t0, t1 = raw.get("t0"), raw.get("t1")
+    if not _epoch(t0):
+        return None
+    escaped: list[str] = []
+    rec: dict = {
+        A.TIME: t0,
+        A.END_TIME: t1 if _epoch(t1) else t0,
+        A.TRACE_ID: ids[0],
+        A.SPAN_ID: ids[1],
+        A.PARENT_SPAN_ID: ids[2] if _hex_id(ids[2]) else None,
+        A.CLRK_COMPONENT: A.COMPONENT_EGRESS,
+        A.CLRK_RECORD_INCOMPLETE: escape.text(escape.to_bytes(why))[0],
+    }
+    optional = {
+        A.CLRK_GATEWAY_NAME: lambda: _text(raw["gateway"], A.CLRK_GATEWAY_NAME, escaped),
+        A.CLRK_DST_NAME: lambda: _text(raw["dst"], A.CLRK_DST_NAME, escaped),
+        A.SERVER_ADDRESS: lambda: _text(raw["host"], A.SERVER_ADDRESS, escaped),
+        A.SERVER_PORT: lambda: _int(raw["port"]),
+        A.INVOCATION_ID: lambda: _invocation(raw["inv"], escaped),
+    }
+    for key, read in optional.items():
+        try:
+            rec[key] = read()
+        except Exception:  # noqa: S112 - optional: what cannot be read stays out
+            continue
+    for part, fill in (("decision", _decision), ("agent", _agent), ("budget", _salvage_budget)):
+        try:
+            fill(rec, raw[part], escaped)
+        except Exception:  # noqa: S112 - optional: what cannot be read stays out
+            continue
+    if escaped:
+        rec[A.CLRK_RECORD_ESCAPED] = list(dict.fromkeys(escaped))
+    return {k: v for k, v in rec.items() if v is not None}
+
+
+def _salvage_budget(rec: dict, budget, escaped: list[str]) -> None:
+    pool, denied, mx, used, charged = budget
+    if not isinstance(pool, (str, bytes)):
+        return
+    rec[A.CLRK_BUDGET_POOL] = _text(pool, A.CLRK_BUDGET_POOL, escaped)
+    rec[A.CLRK_BUDGET_DENIED] = denied if isinstance(denied, bool) else None
+    for key, value in ((A.CLRK_BUDGET_DAILY_MAX, mx), (A.CLRK_BUDGET_DAILY_USED, used), (A.CLRK_BUDGET_TOKENS, charged)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            rec[key] = max(0, min(value, INT64_MAX))  # a charge past what a record holds still spends the pool

@@ -10,6 +10,11 @@ Lifecycle: the first proxy for a DB file spawns it (`python -m clrk.recorder`); 
 message when no other proxy is connected, or on its own once its parent is gone and no proxy has been
 connected for a few seconds. Rows received are written within FLUSH_INTERVAL; a `flush` request is
 answered only once everything received before it is in DuckDB.
+
+Nothing a transaction carries keeps its record out, nor another's: a record that cannot be built whole, or
+whose value fits no column, is stored as far as it can be (`clrk.record.incomplete` says what is missing)
+and counted (`incomplete`); one that has not even usable ids and a start time is counted as `dropped` and
+logged with whatever ids it has. Proxies report the records they lost (`lost` messages) into the same count.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import sys
 import time
 from collections import deque
 
+from clrk import attributes as A
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
-from clrk.recorder.expand import expand
+from clrk.recorder.expand import expand, salvage
 from clrk.recorder.export import Exporter
 from clrk.recorder.store import Store, StoreError, budget_totals, fetch_budgets, fetch_records, fetch_spend
-from clrk.wire import WireError, pack, read_message
+from clrk.wire import WireError, pack, read_message, record_ids
 
 log = logging.getLogger("clrk.recorder")
 
@@ -49,7 +55,9 @@ class Recorder:
         self._last_store_log = 0.0
         self.redact_headers: frozenset[str] = SENSITIVE_HEADERS
         self.redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
-        self.dropped = 0
+        self.dropped = 0  # records not stored: here, or at a proxy (`dropped_at_proxy` of these)
+        self.dropped_at_proxy = 0
+        self.incomplete = 0  # records stored without some of their values (clrk.record.incomplete says which)
         self.written = 0
         self.proxies: set[asyncio.StreamWriter] = set()
         self.last_proxy_seen = time.monotonic()
@@ -70,7 +78,7 @@ class Recorder:
             try:
                 if self.store_error is not None:
                     await asyncio.to_thread(self.store.reopen)
-                await asyncio.to_thread(self.store.insert, rows)
+                stored = await asyncio.to_thread(self.store.insert, rows)
             except Exception as e:
                 self.unwritten = rows[-MAX_BUFFERED_ROWS:]
                 self.dropped += len(rows) - len(self.unwritten)
@@ -84,17 +92,28 @@ class Recorder:
             if self.store_error is not None:
                 log.warning("writing to %s again: %d records that waited are stored", self.db_path, len(rows))
                 self.store_error = None
-            self.written += len(rows)
-            await asyncio.to_thread(self.exporter.export, rows)
+            self.dropped += len(rows) - len(stored)
+            self.incomplete += sum(1 for r in stored if A.CLRK_RECORD_INCOMPLETE in r)
+            self.written += len(stored)
+            await asyncio.to_thread(self.exporter.export, stored)
 
     def _expand(self, raws: list[dict]) -> list[dict]:
         rows = []
         for raw in raws:
             try:
                 rows.append(expand(raw, self.redact_headers, self.redact_query))
-            except Exception:  # one malformed transaction must not cost the batch
+                continue
+            except Exception as e:  # one malformed transaction must not cost the batch, nor its budget charge
+                why = f"recorder: the record could not be built ({type(e).__name__}: {str(e)[:200]})"
+            row = salvage(raw, why)
+            if row is None:
                 self.dropped += 1
-                log.exception("could not build a record; dropped it")
+                log.error("a record that cannot be stored (no usable transaction ids or start time) is dropped: %s",
+                          record_ids(raw), exc_info=True)
+                continue
+            log.warning("record %s could not be built whole; stored what could be read of it", record_ids(raw),
+                        exc_info=True)
+            rows.append(row)
         return rows
 
     def _bound_buffer(self) -> None:
@@ -131,6 +150,10 @@ class Recorder:
                 if t == "rows":
                     self.buffer.extend(msg["rows"])
                     self._bound_buffer()
+                elif t == "lost":  # records a proxy could not encode or had to drop from its queue
+                    n = int(msg.get("n") or 0)
+                    self.dropped += n
+                    self.dropped_at_proxy += n
                 elif t == "hello":
                     role = msg.get("role")
                     if role == "proxy":
@@ -166,6 +189,7 @@ class Recorder:
                 elif t == "status":
                     await self.flush()
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped,
+                                       "dropped_at_proxy": self.dropped_at_proxy, "incomplete": self.incomplete,
                                        "seq": self.store.next_seq - 1, "unwritten": len(self.unwritten),
                                        "export_dropped": self.exporter.dropped(),
                                        "store_error": self.store_error,

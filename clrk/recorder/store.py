@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 import threading
 import time
@@ -20,6 +21,9 @@ import duckdb
 import pyarrow as pa
 
 from clrk import attributes as A
+from clrk import escape
+
+log = logging.getLogger("clrk.recorder")
 
 SCHEMA_VERSION = 1
 TABLE = "records"
@@ -39,6 +43,8 @@ STORE_COLUMNS = {**A.COLUMNS, SEQ: "BIGINT"}
 ARROW_SCHEMA = pa.schema([pa.field(name, _ARROW_TYPES[t]) for name, t in STORE_COLUMNS.items()])
 _TIME_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "TIMESTAMPTZ")
 _JSON_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "JSON")
+_TIME_SET, _JSON_SET = frozenset(_TIME_COLUMNS), frozenset(_JSON_COLUMNS)
+_SCHEMA_NAMES = frozenset(A.COLUMNS)
 
 
 def q(name: str) -> str:
@@ -95,12 +101,16 @@ class Store:
             if name not in have:
                 con.execute(f"ALTER TABLE {TABLE} ADD COLUMN {q(name)} {typ}")
 
-    def insert(self, rows: list[Mapping]) -> int:
-        """Inserts a batch; returns the number of rows written."""
+    def insert(self, rows: list[Mapping]) -> list[Mapping]:
+        """Inserts a batch; returns the rows written (see `storable` for a batch with a value that fits no column)."""
         if not rows:
-            return 0
+            return rows
         seq = self.next_seq
-        table = to_arrow(rows, seq)
+        try:
+            table = to_arrow(rows, seq)
+        except Exception:  # one row's value does not fit its column: it must not hold the whole batch back
+            rows = storable(rows)
+            table = to_arrow(rows, seq)
         self.next_seq = seq + len(rows)
         with self._lock:
             cur = self.con.cursor()
@@ -109,7 +119,7 @@ class Store:
                 cur.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM clrk_batch")
             finally:
                 cur.close()
-        return len(rows)
+        return rows
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
@@ -117,6 +127,15 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self.con.close()
+
+
+def _prepare(key: str, value):
+    """A record value in its Arrow form: epoch seconds as microseconds, JSON columns as text."""
+    if key in _TIME_SET:
+        return int(value * 1_000_000)
+    if key in _JSON_SET and not isinstance(value, str):
+        return json.dumps(value, separators=(",", ":"))
+    return value
 
 
 def to_arrow(rows: Iterable[Mapping], first_seq: int = 0) -> pa.Table:
@@ -135,6 +154,58 @@ def to_arrow(rows: Iterable[Mapping], first_seq: int = 0) -> pa.Table:
                 r[k] = json.dumps(v, separators=(",", ":"))
         prepared.append(r)
     return pa.Table.from_pylist(prepared, schema=ARROW_SCHEMA)
+
+
+_BUDGET_COUNTS = frozenset({A.CLRK_BUDGET_TOKENS, A.CLRK_BUDGET_DAILY_USED, A.CLRK_BUDGET_DAILY_MAX})
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def storable(rows: Iterable[Mapping]) -> list[Mapping]:
+    """The rows of a batch Arrow refused, each as it can be stored: whole if it converts; else without the
+    values that fit no column (a status code of 99999999999 from an upstream, say), named in
+    `clrk.record.incomplete` (a budget count past 64 bits is kept at the largest one instead: the pool stays
+    spent); else not at all, when its ids or start time are what does not fit (logged with its ids)."""
+    out = []
+    for r in rows:
+        try:
+            to_arrow([r])
+            out.append(r)
+            continue
+        except Exception:  # noqa: S112 - the row is mended below
+            pass
+        fixed, left_out = _fit(r)
+        if fixed is None:
+            log.error("a record that cannot be stored (its ids or start time fit no column) is dropped: "
+                      "trace_id=%s span_id=%s", escape.printable(str(r.get(A.TRACE_ID))[:64]),
+                      escape.printable(str(r.get(A.SPAN_ID))[:64]))
+            continue
+        log.warning("record trace_id=%s span_id=%s is stored without %s: the values fit no column",
+                    fixed[A.TRACE_ID], fixed[A.SPAN_ID], ", ".join(left_out))
+        out.append(fixed)
+    return out
+
+
+def _fit(row: Mapping) -> tuple[dict | None, list[str]]:
+    fixed: dict = {}
+    left_out: list[str] = []
+    for key, value in row.items():
+        if key not in _SCHEMA_NAMES or value is None:
+            continue
+        try:
+            pa.array([_prepare(key, value)], type=ARROW_SCHEMA.field(key).type)
+            fixed[key] = value
+        except Exception:
+            if key in _BUDGET_COUNTS and isinstance(value, int) and not isinstance(value, bool):
+                fixed[key] = min(max(value, INT64_MIN), INT64_MAX)
+                left_out.append(f"{key} (kept at the 64-bit limit)")
+            else:
+                left_out.append(key)
+    if not {A.TIME, A.TRACE_ID, A.SPAN_ID} <= fixed.keys():
+        return None, left_out
+    why = f"store: {', '.join(left_out)} did not fit its column"
+    before = fixed.get(A.CLRK_RECORD_INCOMPLETE)
+    fixed[A.CLRK_RECORD_INCOMPLETE] = f"{before}; {why}" if isinstance(before, str) else why
+    return fixed, left_out
 
 
 # --------------------------------------------------------------------------- queries (recorder and offline CLI)
