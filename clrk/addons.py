@@ -634,7 +634,9 @@ class Failsafe:
             tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
             flow.metadata[METADATA_KEY] = tx
         refuse(flow, tx, d)
-        log.error("clrk: %s %s had no decision after the addons ran; denied", flow.request.method, flow.request.pretty_url)
+        # Without the query: it may hold secrets, and the log is an output too.
+        log.error("clrk: %s %s had no decision after the addons ran; denied", flow.request.method,
+                  flow.request.pretty_url.split("?", 1)[0])
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:

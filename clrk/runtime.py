@@ -78,7 +78,7 @@ class Runtime:
             tx.budget_charged = tx.reservation.tokens if actual is None else actual
             tx.budget_used = self.ledger.settle(tx.reservation, actual)
             tx.reservation = None
-        self.submit(snapshot(tx, flow))
+        self.submit(snapshot(tx, flow, self.policy.redactor))
         # mitmproxy's flows are reference cycles, freed only by the collector: a transaction left on its flow
         # would wait for it too, and be traversed. Later hooks of this flow find no transaction: it is recorded.
         flow.metadata.pop(METADATA_KEY, None)

@@ -1,8 +1,9 @@
 """The record of PRODUCT.md §3, built in the recorder from a transaction's raw facts (`clrk.transaction.snapshot`).
 
-Redaction happens here, first: sensitive header values and query parameters are replaced before the
-record exists. The sets of names to redact come with the gateway's configuration and only ever grow
-while the recorder runs, so a record from an older policy is never redacted less than that policy said.
+The proxy has redacted the snapshot already (`clrk.transaction.snapshot`); header values and query parameters
+are redacted here again, as a second line, before the record exists. The names to redact come with the
+gateway's configuration and only ever grow while the recorder runs, so a record from an older policy is
+never redacted less than that policy said.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import base64
 from collections.abc import Iterable
 
 from clrk import attributes as A
-from clrk.redact import headers_dict, redact_url
+from clrk.redact import Redactor, headers_dict, redact_url
 
 
 def error_type(message: str) -> str:
@@ -60,17 +61,18 @@ def _decode_fields(fields: Iterable) -> list[tuple[bytes, bytes]]:
     return [(bytes(k), bytes(v)) for k, v in fields]
 
 
-def _url(raw: dict, sensitive_query: frozenset[str]) -> str:
+def _url(raw: dict, redactor: Redactor) -> str:
     host, port, scheme = raw["host"], raw["port"], raw["scheme"] or "https"
     if raw["method"] == "CONNECT":
         return f"{host}:{port}"
     shown = f"[{host}]" if ":" in host else host
     if (scheme, port) not in (("https", 443), ("http", 80)):
         shown = f"{shown}:{port}"
-    return redact_url(f"{scheme}://{shown}{raw['path']}", sensitive_query)
+    return redact_url(f"{scheme}://{shown}{raw['path']}", redactor)
 
 
-def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozenset[str]) -> dict:
+def expand(raw: dict, redactor: Redactor) -> dict:
+    """The record of one transaction's raw facts, its headers and URL redacted by `redactor`."""
     t0, t1 = raw["t0"], raw["t1"]
     trace_id, span_id, parent = raw["ids"]
     resp_fields = raw.get("resp_headers")
@@ -81,7 +83,7 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
         A.SPAN_ID: span_id,
         A.PARENT_SPAN_ID: parent,
         A.HTTP_REQUEST_METHOD: raw["method"],
-        A.URL_FULL: _url(raw, sensitive_query),
+        A.URL_FULL: _url(raw, redactor),
         A.SERVER_ADDRESS: raw["host"],
         A.SERVER_PORT: raw["port"],
         A.HTTP_RESPONSE_STATUS_CODE: raw["status"],
@@ -90,8 +92,8 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
         A.CLRK_DST_NAME: raw["dst"],
         A.CLRK_DURATION_MS: round((t1 - t0) * 1000.0, 3),
         A.INVOCATION_ID: raw["inv"],
-        A.REQUEST_HEADERS: headers_dict(_decode_fields(raw["req_headers"]), sensitive_headers),
-        A.RESPONSE_HEADERS: headers_dict(_decode_fields(resp_fields), sensitive_headers) if resp_fields is not None else None,
+        A.REQUEST_HEADERS: headers_dict(_decode_fields(raw["req_headers"]), redactor),
+        A.RESPONSE_HEADERS: headers_dict(_decode_fields(resp_fields), redactor) if resp_fields is not None else None,
         A.CLRK_BODY_REQUEST_REWRITTEN: raw["rewritten"],
     }
     if raw["decision"] is not None:

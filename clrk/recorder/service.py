@@ -27,6 +27,7 @@ from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.recorder.expand import expand
 from clrk.recorder.export import Exporter
 from clrk.recorder.store import Store, StoreError, budget_totals, fetch_budgets, fetch_records, fetch_spend
+from clrk.redact import Redactor
 from clrk.wire import WireError, pack, read_message
 
 log = logging.getLogger("clrk.recorder")
@@ -49,6 +50,7 @@ class Recorder:
         self._last_store_log = 0.0
         self.redact_headers: frozenset[str] = SENSITIVE_HEADERS
         self.redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
+        self.redactor = Redactor()
         self.dropped = 0
         self.written = 0
         self.proxies: set[asyncio.StreamWriter] = set()
@@ -91,7 +93,7 @@ class Recorder:
         rows = []
         for raw in raws:
             try:
-                rows.append(expand(raw, self.redact_headers, self.redact_query))
+                rows.append(expand(raw, self.redactor))
             except Exception:  # one malformed transaction must not cost the batch
                 self.dropped += 1
                 log.exception("could not build a record; dropped it")
@@ -138,6 +140,7 @@ class Recorder:
                 elif t == "config":
                     self.redact_headers = self.redact_headers | frozenset(msg.get("redact_headers") or ())
                     self.redact_query = self.redact_query | frozenset(msg.get("redact_query") or ())
+                    self.redactor = Redactor(self.redact_headers, self.redact_query)
                     try:
                         await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "")
                     except Exception:  # export is best effort: the store keeps working without it
