@@ -43,7 +43,7 @@ from clrk.capture import (
 )
 from clrk.decision import AuthResult, Decision, RequestFacts, decide
 from clrk.hostnames import canonical_ip, norm_host, normalize_path
-from clrk.identity import authenticate, invocation_from_baggage, trace_context
+from clrk.identity import AUTH_FAILED, authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
 from clrk.providers import parser_for
@@ -233,7 +233,7 @@ class ProxyAuth:
             self.rt.tunnels[flow.client_conn.id] = Tunnel(auth.agent, digest, norm_host(flow.request.host), flow.request.port)
             return
         # No tunnel without credentials; the refusal is a transaction of its own.
-        tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth.failure)
+        tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth)
         tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
         tx.dst_name = norm_host(flow.request.host)
         tx.decision = decide(policy, tx.gateway, auth, RequestFacts(tx.dst_name, flow.request.port))
@@ -261,12 +261,14 @@ class ProxyAuth:
             # Re-check on every request so that revoking an agent also closes its open tunnels' doors.
             tx.agent = policy.agent_still_valid(tunnel.agent.username, tunnel.digest)
             if tx.agent is None:
-                tx.auth_failure = f"credentials of agent {tunnel.agent.ref} are no longer valid"
+                tx.auth_failure = AuthResult(None, f"credentials of agent {tunnel.agent.ref} are no longer valid", AUTH_FAILED)
         else:
             auth = authenticate(policy, h.get("proxy-authorization"))
             if "proxy-authorization" in h:
                 del req.headers["proxy-authorization"]
-            tx.agent, tx.auth_failure = auth.agent, auth.failure
+            tx.agent = auth.agent
+            if auth.agent is None:
+                tx.auth_failure = auth
 
 
 # --------------------------------------------------------------------------- Providers
@@ -368,7 +370,7 @@ class EgressControl:
             tx.invocation_id = inv[:256] if inv else invocation_from_baggage(h.get("baggage"))
         # Authentication, destination and deny policies are settled on the headers, so nothing unauthorised
         # makes the gateway read its body; None means the answer depends on the model in the body.
-        d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), tx.facts)
+        d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), tx.facts)
         if d is not None:
             self._apply(flow, tx, d)
 
@@ -381,7 +383,7 @@ class EgressControl:
         model = tx.genai.result.request_model if tx.genai else None
         facts = tx.facts
         facts.model, facts.model_pending = model, False
-        d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), facts)
+        d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
         assert d is not None
         self._apply(flow, tx, d)
 

@@ -51,6 +51,7 @@ class Decision:
     reason: str
     status: int = 200
     provider_rule: ProviderRule | None = None  # the AIProviderRoute rule that allowed a provider call
+    answer: str | None = None  # what a denied client reads, when it must differ from the recorded reason
 
     @property
     def action(self) -> str:
@@ -59,10 +60,12 @@ class Decision:
 
 @dataclass(slots=True)
 class AuthResult:
-    """The outcome of proxy authentication: an agent, or why there is none."""
+    """The outcome of proxy authentication: an agent, or why there is none (`failure`, recorded) and what the
+    client is told (`answer`: the same for every failure that must not tell agent names apart)."""
 
     agent: AgentIdentity | None
     failure: str | None = None
+    answer: str | None = None
 
 
 def _dest(host: str, port: int) -> str:
@@ -76,7 +79,7 @@ def decide(
     Pure: no I/O, no clock, no state; safe to call from tests."""
     agent = auth.agent
     if agent is None:
-        return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", 407)
+        return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", 407, answer=auth.answer)
     if gateway is None:
         return Decision(False, RULE_NO_GATEWAY, "no EgressGateway listens on this port", 403)
 

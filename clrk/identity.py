@@ -1,8 +1,10 @@
 """Who is asking: proxy authentication against the Agent registry, and the agent's trace/invocation context.
 
 Agents authenticate with HTTP Basic proxy credentials, user `<namespace>.<name>`, password = the agent's
-token. The registry holds only sha256(token); comparison is constant-time. Failure reasons never echo the
-token.
+token. The registry holds only sha256(token); comparison is constant-time. Neither the answer nor the
+recorded reason ever echoes the user name or the token given (an agent may put a secret in either by
+mistake): the reasons are fixed phrases, and an unknown agent name and a wrong token get byte-identical
+407 answers, so the answer does not tell which agent names exist.
 """
 
 from __future__ import annotations
@@ -18,20 +20,29 @@ from urllib.parse import unquote
 from clrk.decision import AuthResult
 from clrk.policy.compiled import CompiledPolicy
 
+_PROXY_URL = "HTTPS_PROXY=http://<namespace>.<agent>:<token>@host:port"
+AUTH_MISSING = f"proxy credentials required ({_PROXY_URL})"
+AUTH_NOT_BASIC = f"proxy credentials must use the Basic scheme ({_PROXY_URL})"
+AUTH_MALFORMED = f"malformed proxy credentials: expected Basic base64(<namespace>.<agent>:<token>) ({_PROXY_URL})"
+AUTH_UNKNOWN_AGENT = "unknown agent name (the name given is not recorded)"
+AUTH_WRONG_TOKEN = "wrong token for a registered agent (the name given is not recorded)"
+# What a client with credentials that name no agent, or the wrong token, reads: one text for both.
+AUTH_FAILED = f"proxy authentication failed: check the agent name and token in the proxy URL ({_PROXY_URL})"
+
 
 def authenticate(policy: CompiledPolicy, proxy_authorization: str | None) -> AuthResult:
     """Checks a Proxy-Authorization header value against the Agent registry."""
     if not proxy_authorization:
-        return AuthResult(None, "proxy credentials required (HTTPS_PROXY=http://<namespace>.<agent>:<token>@host:port)")
+        return AuthResult(None, AUTH_MISSING)
     scheme, _, encoded = proxy_authorization.strip().partition(" ")
     if scheme.lower() != "basic":
-        return AuthResult(None, "proxy credentials must use the Basic scheme")
+        return AuthResult(None, AUTH_NOT_BASIC)
     try:
         user, sep, token = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        return AuthResult(None, "malformed proxy credentials")
+        return AuthResult(None, AUTH_MALFORMED)
     if not sep:
-        return AuthResult(None, "malformed proxy credentials")
+        return AuthResult(None, AUTH_MALFORMED)
     # Clients percent-encode userinfo taken from a proxy URL; some forward it as written.
     user = unquote(user)
     token = unquote(token)
@@ -40,10 +51,10 @@ def authenticate(policy: CompiledPolicy, proxy_authorization: str | None) -> Aut
     if entry is None:
         # Same work as a known agent, so timing does not tell which agent names exist.
         hmac.compare_digest(digest, b"\0" * 32)
-        return AuthResult(None, f"unknown agent {user[:128]!r}")
+        return AuthResult(None, AUTH_UNKNOWN_AGENT, AUTH_FAILED)
     agent, expected = entry
     if not hmac.compare_digest(digest, expected):
-        return AuthResult(None, f"wrong token for agent {agent.ref}")
+        return AuthResult(None, AUTH_WRONG_TOKEN, AUTH_FAILED)
     return AuthResult(agent)
 
 

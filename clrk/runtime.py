@@ -109,7 +109,7 @@ def deny_response(d: Decision) -> http.Response:
     headers = {"content-type": "application/json", "cache-control": "no-store"}
     if d.status == 407:
         headers["proxy-authenticate"] = 'Basic realm="clrk"'
-    body = json.dumps({"error": f"clrk: {d.reason}"}).encode()
+    body = json.dumps({"error": f"clrk: {d.answer or d.reason}"}).encode()
     return http.Response.make(d.status, body, headers)
 
 

@@ -18,7 +18,7 @@ from mitmproxy import http
 
 from clrk.budget import Reservation
 from clrk.capture import BodyCapture
-from clrk.decision import Decision, RequestFacts
+from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
@@ -38,7 +38,7 @@ class Transaction:
     gateway: GatewayConfig | None = None
     tunnel: Tunnel | None = None  # the CONNECT this request came through, if any
     agent: AgentIdentity | None = None
-    auth_failure: str | None = None
+    auth_failure: AuthResult | None = None  # why there is no agent, and what the client is told
     facts: RequestFacts | None = None
     decision: Decision | None = None  # None until decided (a provider call waits for its body)
     dst_name: str | None = None

@@ -1,16 +1,19 @@
 """Secrets never reach a record, end to end: a real gateway, real TLS upstreams answering what OAuth servers
 and cloud APIs answer, and every output searched — the stored record, the OTLP export (decoded and on the
-wire) and the gateway's log."""
+wire) and the gateway's log. Also: the 407 tells nothing about which agent names exist and never echoes the
+user name."""
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 import uuid
 
 import pytest
 
 from clrk import attributes as A
-from tests.harness.gateway import Gateway, agent_docs, gateway_doc, route
+from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, basic, gateway_doc, route
 
 R = A.REDACTED
 JSON = "application/json"
@@ -180,3 +183,75 @@ def test_event_streams_are_redacted_event_by_event(gw, upstream, otlp):
                                     'data: {"delta": "hello"}\n\n'
                                     'data: {"refresh_token": "[REDACTED]", "usage": {"output_tokens": 4}}\n\n')
     assert_nowhere(gw, otlp, rec, [s1, s2])
+
+
+# --------------------------------------------------------------------------- proxy authentication
+
+
+def raw_request(gw, source: str, head: bytes) -> bytes:
+    """Sends `head` from the source address `source` (any 127.x address is loopback) and returns the whole
+    answer: status line, headers and body."""
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=15, source_address=(source, 0))
+    try:
+        s.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head_part, _, body = data.partition(b"\r\n\r\n")
+        lengths = [line.split(b":", 1)[1] for line in head_part.split(b"\r\n") if line.lower().startswith(b"content-length")]
+        length = int(lengths[0]) if lengths else 0  # a 200 to CONNECT has no body
+        while len(body) < length and (chunk := s.recv(65536)):
+            body += chunk
+        return head_part + b"\r\n\r\n" + body
+    finally:
+        s.close()
+
+
+def connect_head(user: str, token: str) -> bytes:
+    return (f"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n"
+            f"Proxy-Authorization: {basic(user, token)}\r\n\r\n").encode()
+
+
+def get_head(user: str, token: str) -> bytes:
+    return (f"GET http://allowed.test/json/plain HTTP/1.1\r\nHost: allowed.test\r\n"
+            f"Proxy-Authorization: {basic(user, token)}\r\nConnection: close\r\n\r\n").encode()
+
+
+def auth_denials(gw) -> list[dict]:
+    return [r for r in gw.records(decision="deny") if r.get(A.CLRK_DECISION_RULE) == "authentication"]
+
+
+def test_the_407_is_the_same_whoever_asks_and_never_echoes_the_user_name(gw):
+    name_secret = secret("sk-live-IN-USER-NAME")  # an agent that put its API key where its name goes
+    token_secret = secret("TOKEN")
+    before = len(auth_denials(gw))
+    answers = {}
+    for n, (user, token) in enumerate([("team-a.researcher", token_secret),  # a registered agent, wrong token
+                                       ("team-a.nobody", token_secret),  # no such agent
+                                       (name_secret, AGENT_TOKEN),  # a secret for a name, a valid token
+                                       (name_secret, token_secret)]):
+        for kind, head in (("CONNECT", connect_head(user, token)), ("GET", get_head(user, token))):
+            answers[(user, token, kind)] = raw_request(gw, f"127.0.1.{10 * n + len(answers)}", head)
+    connects = {a for k, a in answers.items() if k[2] == "CONNECT"}
+    gets = {a for k, a in answers.items() if k[2] == "GET"}
+    assert len(connects) == 1 and len(gets) == 1, answers  # byte for byte, status line, headers and body
+    (answer,) = connects
+    assert answer.startswith(b"HTTP/1.1 407") and b'proxy-authenticate: Basic realm="clrk"' in answer
+    assert b"proxy authentication failed: check the agent name and token" in answer
+    assert gets == connects or next(iter(gets)).split(b"\r\n\r\n", 1)[1] == answer.split(b"\r\n\r\n", 1)[1]
+    for a in answers.values():
+        assert b"nobody" not in a and b"researcher" not in a and name_secret.encode() not in a
+
+    deadline = time.monotonic() + 10
+    while len(rows := auth_denials(gw)) < before + 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(rows) >= before + 8
+    reasons = {r[A.CLRK_DECISION_REASON] for r in rows}
+    assert "wrong token for a registered agent (the name given is not recorded)" in reasons
+    assert "unknown agent name (the name given is not recorded)" in reasons
+    text = json.dumps(rows) + gw.log()
+    for s in (name_secret, token_secret, "team-a.nobody", "team-a/nobody", AGENT_TOKEN):
+        assert s not in text
