@@ -43,7 +43,7 @@ from clrk.capture import (
 )
 from clrk.decision import AuthResult, Decision, RequestFacts, decide
 from clrk.hostnames import canonical_ip, norm_host, normalize_path
-from clrk.identity import AUTH_FAILED, authenticate, invocation_from_baggage, trace_context
+from clrk.identity import AUTH_FAILED, THROTTLED, authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
 from clrk.providers import parser_for
@@ -221,17 +221,31 @@ class ProxyAuth:
     def client_disconnected(self, client) -> None:
         self.rt.forget(client)
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    def _authenticate(self, policy: CompiledPolicy, header: str | None, client) -> tuple[AuthResult, Awaitable[None] | None]:
+        """The agent, or the failure and what to await before answering it (repeated failures from one
+        source are held back: `AuthThrottle`). Only attempts that present credentials count."""
+        throttle = self.rt.auth_throttle
+        source = None
+        if header and throttle.sources:
+            source = throttle.source(client.peername)
+            if throttle.saturated(source):
+                return THROTTLED, None
+        auth = authenticate(policy, header)
+        if auth.agent is not None or not header:
+            return auth, None
+        return auth, throttle.failed(source if source is not None else throttle.source(client.peername))
+
+    def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         policy = self.rt.policy
         assert policy is not None
         header = flow.request.headers.pop("proxy-authorization", None)
-        auth = authenticate(policy, header)
+        auth, pending = self._authenticate(policy, header, flow.client_conn)
         if auth.agent is not None:
             digest = policy.agents[auth.agent.username][1]
             self.rt.tunnels[flow.client_conn.id] = Tunnel(auth.agent, digest, norm_host(flow.request.host), flow.request.port)
-            return
+            return None
         # No tunnel without credentials; the refusal is a transaction of its own.
         tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth)
         tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
@@ -240,10 +254,11 @@ class ProxyAuth:
         flow.response = deny_response(tx.decision)
         log.info("clrk: denied CONNECT %s:%s: %s", flow.request.host, flow.request.port, tx.decision.reason)
         self.rt.finish(flow, tx)
+        return pending  # the answer goes out once this is done
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         policy = self.rt.policy
         assert policy is not None
         req = flow.request
@@ -263,12 +278,14 @@ class ProxyAuth:
             if tx.agent is None:
                 tx.auth_failure = AuthResult(None, f"credentials of agent {tunnel.agent.ref} are no longer valid", AUTH_FAILED)
         else:
-            auth = authenticate(policy, h.get("proxy-authorization"))
+            auth, pending = self._authenticate(policy, h.get("proxy-authorization"), flow.client_conn)
             if "proxy-authorization" in h:
                 del req.headers["proxy-authorization"]
             tx.agent = auth.agent
             if auth.agent is None:
                 tx.auth_failure = auth
+            return pending  # the following steps (the decision, its 407) run once this is done
+        return None
 
 
 # --------------------------------------------------------------------------- Providers

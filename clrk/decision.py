@@ -66,6 +66,7 @@ class AuthResult:
     agent: AgentIdentity | None
     failure: str | None = None
     answer: str | None = None
+    status: int = 407
 
 
 def _dest(host: str, port: int) -> str:
@@ -79,7 +80,7 @@ def decide(
     Pure: no I/O, no clock, no state; safe to call from tests."""
     agent = auth.agent
     if agent is None:
-        return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", 407, answer=auth.answer)
+        return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", auth.status, answer=auth.answer)
     if gateway is None:
         return Decision(False, RULE_NO_GATEWAY, "no EgressGateway listens on this port", 403)
 

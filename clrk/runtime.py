@@ -12,6 +12,7 @@ from mitmproxy import connection, http
 from clrk.budget import BudgetLedger
 from clrk.capture import has_body, request_is_buffered
 from clrk.decision import Decision
+from clrk.identity import AuthThrottle
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.sink import RecordSink
@@ -37,6 +38,7 @@ class Runtime:
         self.policy: CompiledPolicy | None = None
         self.sink: RecordSink | None = None
         self.ledger = BudgetLedger()
+        self.auth_throttle = AuthThrottle()
         # Keyed by client connection id; dropped when the client disconnects (plain dicts: this is looked up
         # on every request, and a WeakKeyDictionary lookup costs a Python-level call).
         self.tunnels: dict[str, Tunnel] = {}

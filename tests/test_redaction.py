@@ -1,12 +1,14 @@
 """Secrets never reach a record, end to end: a real gateway, real TLS upstreams answering what OAuth servers
 and cloud APIs answer, and every output searched — the stored record, the OTLP export (decoded and on the
 wire) and the gateway's log. Also: the 407 tells nothing about which agent names exist and never echoes the
-user name."""
+user name, and repeated failed proxy authentication from one address is slowed down for that address only."""
 
 from __future__ import annotations
 
 import json
+import select
 import socket
+import threading
 import time
 import uuid
 
@@ -234,6 +236,7 @@ def test_the_407_is_the_same_whoever_asks_and_never_echoes_the_user_name(gw):
                                        (name_secret, AGENT_TOKEN),  # a secret for a name, a valid token
                                        (name_secret, token_secret)]):
         for kind, head in (("CONNECT", connect_head(user, token)), ("GET", get_head(user, token))):
+            # A source per attempt: the throttle (tested below) must not change what is compared here.
             answers[(user, token, kind)] = raw_request(gw, f"127.0.1.{10 * n + len(answers)}", head)
     connects = {a for k, a in answers.items() if k[2] == "CONNECT"}
     gets = {a for k, a in answers.items() if k[2] == "GET"}
@@ -255,3 +258,37 @@ def test_the_407_is_the_same_whoever_asks_and_never_echoes_the_user_name(gw):
     text = json.dumps(rows) + gw.log()
     for s in (name_secret, token_secret, "team-a.nobody", "team-a/nobody", AGENT_TOKEN):
         assert s not in text
+
+
+def test_repeated_failures_from_one_address_are_slowed_for_that_address_only(gw):
+    attacker, bystander = "127.0.2.1", "127.0.2.2"
+    wrong = connect_head("team-a.researcher", "guess")
+    times = []
+    for _ in range(8):
+        t0 = time.monotonic()
+        assert raw_request(gw, attacker, wrong).startswith(b"HTTP/1.1 407")
+        times.append(time.monotonic() - t0)
+    # 5 free failures, then 0.25 s, 0.5 s, 1 s held back (exponential; capped at 2 s).
+    assert times[7] >= 0.5 and sum(times[5:]) >= 1.0, times
+
+    # The next wrong guess is held back ~2 s. Meanwhile everyone else is served at once: the same agent's
+    # valid requests, another address's wrong guess, and the attacker's own address with valid credentials.
+    held = socket.create_connection(("127.0.0.1", gw.port), timeout=15, source_address=(attacker, 0))
+    held.sendall(wrong)
+    done = threading.Event()
+    results: dict = {}
+
+    def others():
+        with gw.client() as c:
+            results["valid"] = [c.get("https://allowed.test/json/while-held").status_code for _ in range(3)]
+        results["bystander"] = raw_request(gw, bystander, wrong)[:12]
+        results["attacker-valid"] = raw_request(gw, attacker, connect_head("team-a.researcher", AGENT_TOKEN))[:12]
+        done.set()
+
+    threading.Thread(target=others, daemon=True).start()
+    assert done.wait(15)
+    assert results == {"valid": [200, 200, 200], "bystander": b"HTTP/1.1 407", "attacker-valid": b"HTTP/1.1 200"}
+    readable, _, _ = select.select([held], [], [], 0)
+    assert not readable, "the attacker's answer came before the others were served: it was not held back"
+    assert held.recv(4096).startswith(b"HTTP/1.1 407")  # and it does come
+    held.close()
