@@ -11,23 +11,27 @@ What is sensitive (one `Redactor` per gateway, built when the policy is loaded):
 In JSON, every string under a sensitive name is replaced, also inside the arrays and objects under it;
 numbers, booleans and null are kept (`max_tokens`, `input_tokens`, `promptTokenCount` stay readable). Names
 themselves are kept. A JSON member is sensitive by its name's words or by a jsonPath; the explicit query
-names (`code`, `sig`) apply to URLs and form bodies only (a JSON `"code"` is usually an error code).
+names (`code`, `sig`) apply to URLs and form bodies only (a JSON `"code"` is usually an error code), and the
+usage breakdowns of model APIs (`prompt_tokens_details`, `promptTokensDetails`: counts and modality labels)
+are judged without that suffix.
 
 Where: the proxy applies it when it takes a transaction's snapshot (`clrk.transaction.snapshot`), so nothing
 unredacted is handed to the recorder process; the recorder redacts headers and URLs again when it builds
 the record (a second line).
 
 Cost: each distinct name is judged once per Redactor, then it is one dict lookup. A body is scanned only when
-one regex search finds a quoted name with a sensitive word followed by a string, array or object (or the body
-holds a `\\u` escape, which could spell such a name), or the gateway has jsonPaths; it is rebuilt only when
-something is replaced.
+the pre-check (`may_hold_json_secrets`: one `find` per word) sees a quoted name with a sensitive word followed
+by a string, array or object, or the gateway has jsonPaths; it is rebuilt only when something is replaced.
+docs/PERFORMANCE.md has the numbers.
 
 Limits. The body scanner reads tokens (strings and brackets), not a parse tree, so JSON cut at maxBytes,
 NDJSON and SSE `data:` lines are covered as well as whole documents: a string cut off at the end of the
 capture is replaced whole if it sits under a sensitive name. Text that is not JSON is only searched for
 `"name": value` pairs; a string is never read across a line break, so a stray quote cannot hide more than the
 rest of its line. Not covered: multipart bodies, JSON in encodings other than UTF-8 (UTF-16/32), secrets
-under names without a sensitive word (add them with `captureBody.redact`), and secrets in free text.
+under names without a sensitive word (add them with `captureBody.redact`), secrets in free text, and a name
+whose sensitive word itself is spelled with `\\u` escapes (`"\\u0074oken"`: no serializer writes ASCII
+letters that way; the scanner decodes such names, but the pre-check does not look for them).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ MAX_HEADER_VALUE = 8 * 1024  # characters of one header value kept in a record
 MAX_HEADERS_TOTAL = 64 * 1024  # characters of all of one side's header names and values kept in a record
 MAX_URL = 16 * 1024  # characters of url.full kept in a record
 CACHE_MAX = 4096  # names remembered per Redactor and kind; past it the cache starts over (hostile name floods)
+CACHE_NAME_MAX = 256  # longer names are judged every time, not remembered
 
 REDACTED_BYTES = REDACTED.encode()
 _REDACTED_JSON = b'"' + REDACTED_BYTES + b'"'
@@ -64,11 +69,6 @@ _PAIR = re.compile(r"(?:^|(?<=[&;]))([^&;=]*)=([^&;]*)")
 _QUOTE, _COMMA, _OBJ, _OBJ_END, _ARR_END = 0x22, 0x2C, 0x7B, 0x7D, 0x5D
 
 
-def sensitive_word(name: str) -> bool:
-    """Whether `name` contains one of SENSITIVE_WORDS, in any case."""
-    return _WORDS_RE.search(name.lower()) is not None
-
-
 def sensitive_json_name(name: str) -> bool:
     """Whether a JSON member name makes the strings under it secret: a sensitive word, outside the suffix of
     a model API's usage breakdown (`prompt_tokens_details` is not sensitive, `access_token_details` is)."""
@@ -82,8 +82,8 @@ def may_hold_json_secrets(data: bytes) -> bool:
     """The cheap pre-check before a body is scanned: whether a sensitive word sits in a quoted name followed by
     a string, array or object. One `find` per word over the lower-cased bytes, and per string that holds a
     word, one regex match to its closing quote and a look at what follows (each string is looked at once per
-    word, however often the word repeats in it). May say yes for nothing (the scan then finds nothing); never says no for a
-    plainly spelled name (one whose sensitive word is not written with \\u escapes)."""
+    word, however often the word repeats in it). May say yes for nothing (the scan then finds nothing);
+    never says no for a plainly spelled name (one whose sensitive word is not written with \\u escapes)."""
     low = data.lower()
     find = low.find
     end_of_string = _REST_OF_STRING.match
@@ -321,6 +321,8 @@ class Redactor:
 
 
 def _remember(cache: dict, key, value: bool) -> None:
+    if len(key) > CACHE_NAME_MAX:
+        return  # judged again next time: a cache of hostile 60 KB names would hold gigabytes
     if len(cache) >= CACHE_MAX:
         cache.clear()
     cache[key] = value

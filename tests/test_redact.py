@@ -79,6 +79,8 @@ def test_each_distinct_name_is_judged_once_and_the_cache_is_bounded():
     for i in range(CACHE_MAX * 2):
         r.header(f"x-h-{i}".encode())
     assert len(r._h) <= CACHE_MAX
+    huge = b'"' + b"x" * 10_000 + b'_token"'
+    assert r._json_member(huge) and huge not in r._k  # judged, not kept
 
 
 # --------------------------------------------------------------------------- headers and URLs
