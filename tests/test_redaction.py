@@ -244,7 +244,7 @@ def test_the_407_is_the_same_whoever_asks_and_never_echoes_the_user_name(gw):
     (answer,) = connects
     assert answer.startswith(b"HTTP/1.1 407") and b'proxy-authenticate: Basic realm="clrk"' in answer
     assert b"proxy authentication failed: check the agent name and token" in answer
-    assert gets == connects or next(iter(gets)).split(b"\r\n\r\n", 1)[1] == answer.split(b"\r\n\r\n", 1)[1]
+    assert gets == connects  # a CONNECT and a plain-HTTP request get the same bytes too
     for a in answers.values():
         assert b"nobody" not in a and b"researcher" not in a and name_secret.encode() not in a
 
@@ -256,7 +256,7 @@ def test_the_407_is_the_same_whoever_asks_and_never_echoes_the_user_name(gw):
     assert "wrong token for a registered agent (the name given is not recorded)" in reasons
     assert "unknown agent name (the name given is not recorded)" in reasons
     text = json.dumps(rows) + gw.log()
-    for s in (name_secret, token_secret, "team-a.nobody", "team-a/nobody", AGENT_TOKEN):
+    for s in (name_secret, token_secret, "team-a.nobody", "team-a/nobody", "team-a.researcher", AGENT_TOKEN):
         assert s not in text
 
 
