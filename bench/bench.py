@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench.py [--rounds 3] [--seconds 5] [--smoke] [--only throughput,sse,memory,store,otlp]
     .venv/bin/python bench/bench.py --profile FILE      # py-spy the clrk proxy under load instead
 
-What is measured (issue #6, PRODUCT.md §4):
+What is measured (docs/PERFORMANCE.md states the targets):
   throughput  small JSON chat completions through `mitmdump -q` (bare; also under `python -O`, the mode clrk
               runs in, to show clrk's own cost) and through the clrk gateway as `clrk run` starts it, everything on —
               the upstream is an OpenAI-schema Backend behind an AIProviderRoute with a TokenBudget, so each

@@ -46,7 +46,7 @@ from clrk.capture import (
 from clrk.decision import RULE_DESTINATION, RULE_MALFORMED, AuthResult, Decision, RequestFacts, decide
 from clrk.escape import printable
 from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_target
-from clrk.identity import authenticate, invocation_from_baggage, trace_context
+from clrk.identity import AUTH_FAILED, THROTTLED, authenticate, invocation_from_baggage, trace_context
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
 from clrk.policy.loader import policy_files
@@ -232,20 +232,34 @@ class ProxyAuth:
     def client_disconnected(self, client) -> None:
         self.rt.forget(client)
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    def _authenticate(self, policy: CompiledPolicy, header: str | None, client) -> tuple[AuthResult, Awaitable[None] | None]:
+        """The agent, or the failure and what to await before answering it (repeated failures from one
+        source are held back: `AuthThrottle`). Only attempts that present credentials count."""
+        throttle = self.rt.auth_throttle
+        source = None
+        if header and throttle.sources:
+            source = throttle.source(client.peername)
+            if throttle.saturated(source):
+                return THROTTLED, None
+        auth = authenticate(policy, header)
+        if auth.agent is not None or not header:
+            return auth, None
+        return auth, throttle.failed(source if source is not None else throttle.source(client.peername))
+
+    def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         policy = self.rt.policy
         assert policy is not None
         header = flow.request.headers.pop("proxy-authorization", None)
-        auth = authenticate(policy, header)
+        auth, pending = self._authenticate(policy, header, flow.client_conn)
         nested = flow.client_conn.id in self.rt.tunnels
         if auth.agent is not None and not nested:
             digest = policy.agents[auth.agent.username][1]
             self.rt.tunnels[flow.client_conn.id] = Tunnel(auth.agent, digest, norm_host(flow.request.host), flow.request.port)
-            return
+            return None
         # No tunnel without credentials, nor inside another; the refusal is a transaction of its own.
-        tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth.failure)
+        tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None), auth_failure=auth)
         tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
         tx.dst_name = norm_host(flow.request.host)
         tx.agent = auth.agent
@@ -256,12 +270,13 @@ class ProxyAuth:
         flow.response = deny_response(tx.decision)
         log.info("clrk: denied CONNECT %s:%s: %s", flow.request.host, flow.request.port, tx.decision.reason)
         self.rt.finish(flow, tx)
+        return pending  # the answer goes out once this is done
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
             if flow.error is not None and METADATA_KEY not in flow.metadata and self.rt.policy is not None:
                 self._refused_by_mitmproxy(flow)
-            return
+            return None
         policy = self.rt.policy
         assert policy is not None
         req = flow.request
@@ -280,12 +295,16 @@ class ProxyAuth:
             # Re-check on every request so that revoking an agent also closes its open tunnels' doors.
             tx.agent = policy.agent_still_valid(tunnel.agent.username, tunnel.digest)
             if tx.agent is None:
-                tx.auth_failure = f"credentials of agent {tunnel.agent.ref} are no longer valid"
+                tx.auth_failure = AuthResult(None, f"credentials of agent {tunnel.agent.ref} are no longer valid", AUTH_FAILED)
         else:
-            auth = authenticate(policy, h.get("proxy-authorization"))
+            auth, pending = self._authenticate(policy, h.get("proxy-authorization"), flow.client_conn)
             if "proxy-authorization" in h:
                 del req.headers["proxy-authorization"]
-            tx.agent, tx.auth_failure = auth.agent, auth.failure
+            tx.agent = auth.agent
+            if auth.agent is None:
+                tx.auth_failure = auth
+            return pending  # the following steps (the decision, its 407) run once this is done
+        return None
 
     def _refused_by_mitmproxy(self, flow: http.HTTPFlow) -> None:
         """A request mitmproxy refused on its headers before any step saw it (a header name with bytes no HTTP
@@ -414,7 +433,7 @@ class EgressControl:
             tx.invocation_id = inv[:256] if inv else invocation_from_baggage(h.get("baggage"))
         # Authentication, destination and deny policies are settled on the headers, so nothing unauthorised
         # makes the gateway read its body; None means the answer depends on the model in the body.
-        d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), tx.facts)
+        d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), tx.facts)
         if d is not None:
             self._apply(flow, tx, d)
 
@@ -427,7 +446,7 @@ class EgressControl:
         model = tx.genai.result.request_model if tx.genai else None
         facts = tx.facts
         facts.model, facts.model_pending = model, False
-        d = decide(policy, tx.gateway, AuthResult(tx.agent, tx.auth_failure), facts)
+        d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
         assert d is not None
         self._apply(flow, tx, d)
 
@@ -755,8 +774,9 @@ class Failsafe:
             tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
             flow.metadata[METADATA_KEY] = tx
         refuse(flow, tx, d)
+        # Without the query: it may hold secrets, and the log is an output too.
         log.error("clrk: %s %s had no decision after the addons ran; denied", printable(flow.request.method),
-                  printable(flow.request.pretty_url))
+                  printable(flow.request.pretty_url.split("?", 1)[0]))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:

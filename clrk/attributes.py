@@ -1,4 +1,4 @@
-"""Every attribute name clrk emits, in one place: the record contract of PRODUCT.md §3.
+"""Every attribute name clrk emits, in one place: the record contract.
 
 The same names are the keys of `clrk records --json`, the span attributes, the log record attributes and
 the DuckDB column names. `COLUMNS` is the whole record, in storage order, with its type; the store, the
@@ -158,13 +158,17 @@ NON_ATTRIBUTE_KEYS: Final = frozenset(
 )
 ATTRIBUTE_KEYS: Final = tuple(k for k in COLUMNS if k not in NON_ATTRIBUTE_KEYS)
 
-# Headers whose values never leave the proxy in any output (PRODUCT.md §3); injected credential
-# headers are added to this per policy.
+# A header, query parameter, form field or JSON member whose name contains one of these (any case) is
+# redacted in every output (clrk.redact); so are the explicit names below, the injected credential names and
+# what a gateway's captureBody.redact adds.
+SENSITIVE_WORDS: Final = ("key", "token", "secret", "auth", "password", "signature", "credential", "session", "cookie")
+# Headers whose values never leave the proxy in any output, whatever their name says.
 SENSITIVE_HEADERS: Final = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "cookie", "set-cookie"}
 )
-# Query parameters redacted in url.full; injected QueryParam credentials are added per policy.
+# Query parameters (and form fields) redacted whatever their name says; `code` is an OAuth authorization code.
 SENSITIVE_QUERY_PARAMS: Final = frozenset(
-    {"key", "api_key", "apikey", "api-key", "access_token", "token", "client_secret", "password", "sig", "signature"}
+    {"key", "api_key", "apikey", "api-key", "access_token", "token", "client_secret", "password", "sig", "signature",
+     "code"}
 )
 REDACTED: Final = "[REDACTED]"

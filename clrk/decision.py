@@ -1,6 +1,6 @@
 """Per-request egress decisions: a pure function of (policy, gateway, agent, request facts).
 
-The order is the contract's (PRODUCT.md §2): authenticate → destination agreement → EgressDenyPolicy →
+The order is the policy contract's: authenticate → destination agreement → EgressDenyPolicy →
 blockPrivateNetworks (IP-literal destinations; a name's addresses are judged when it is resolved, see
 `clrk.addresses`) → AIProviderRoute → EgressRoute → defaultPolicy. Every `Decision` carries the rule that made
 it and a reason a human can act on; both are recorded and the reason is what a denied agent reads.
@@ -64,6 +64,7 @@ class Decision:
     status: int = 200
     provider_rule: ProviderRule | None = None  # the AIProviderRoute rule that allowed a provider call
     host_rule: HostRule | None = None  # the EgressRoute or EgressDenyPolicy that decided, if one did
+    answer: str | None = None  # what a denied client reads, when it must differ from the recorded reason
 
     @property
     def action(self) -> str:
@@ -72,10 +73,13 @@ class Decision:
 
 @dataclass(slots=True)
 class AuthResult:
-    """The outcome of proxy authentication: an agent, or why there is none."""
+    """The outcome of proxy authentication: an agent, or why there is none (`failure`, recorded) and what the
+    client is told (`answer`: the same for every failure that must not tell agent names apart)."""
 
     agent: AgentIdentity | None
     failure: str | None = None
+    answer: str | None = None
+    status: int = 407
 
 
 def _dest(host: str, port: int) -> str:
@@ -89,7 +93,7 @@ def decide(
     Pure: no I/O, no clock, no state; safe to call from tests."""
     agent = auth.agent
     if agent is None:
-        return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", 407)
+        return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", auth.status, answer=auth.answer)
     if gateway is None:
         return Decision(False, RULE_NO_GATEWAY, "no EgressGateway listens on this port", 403)
 

@@ -1,36 +1,371 @@
-"""Redaction of secrets before anything leaves the proxy: headers, URL query parameters and userinfo.
+"""Redaction of secrets before anything leaves the proxy: header values, URL query parameters and userinfo,
+and the values of secret-looking members of captured JSON and form bodies.
 
-Applied once, when the record is built, so that every output downstream (DuckDB, OTLP, logs, CLI, TUI)
-only ever sees redacted values.
+What is sensitive (one `Redactor` per gateway, built when the policy is loaded):
+  - a header, query parameter, form field or JSON member whose name contains one of SENSITIVE_WORDS (key,
+    token, secret, auth, password, signature, credential, session, cookie), in any case: `x-auth-token`,
+    `private-token`, `x-amz-security-token`, `X-Amz-Signature`, `X-Amz-Credential`, `client_secret`, ...;
+  - the explicit names of `clrk.attributes` (headers; query parameters and form fields, among them OAuth's
+    `code`), every injected credential's header or parameter name, and what the gateway's
+    `captureBody.redact` adds (`headers`, `queryParams`, and `jsonPaths` for JSON bodies).
+In JSON, every string under a sensitive name is replaced, also inside the arrays and objects under it;
+numbers, booleans and null are kept (`max_tokens`, `input_tokens`, `promptTokenCount` stay readable). Names
+themselves are kept. A JSON member is sensitive by its name's words or by a jsonPath; the explicit query
+names (`code`, `sig`) apply to URLs and form bodies only (a JSON `"code"` is usually an error code), and the
+usage breakdowns of model APIs (`prompt_tokens_details`, `promptTokensDetails`: counts and modality labels)
+are judged without that suffix.
+
+Where: the proxy applies it when it takes a transaction's snapshot (`clrk.transaction.snapshot`), so nothing
+unredacted is handed to the recorder process; the recorder redacts headers and URLs again when it builds
+the record (a second line).
+
+Cost: each distinct name is judged once per Redactor, then it is one dict lookup. A body is scanned only when
+the pre-check (`may_hold_json_secrets`: one `find` per word) sees a quoted name with a sensitive word followed
+by a string, array or object, or the gateway has jsonPaths; it is rebuilt only when something is replaced.
+docs/PERFORMANCE.md has the numbers.
+
+Limits. The body scanner reads tokens (strings and brackets), not a parse tree, so JSON cut at maxBytes,
+NDJSON and SSE `data:` lines are covered as well as whole documents: a string cut off at the end of the
+capture is replaced whole if it sits under a sensitive name. Text that is not JSON is only searched for
+`"name": value` pairs; a string is never read across a line break, so a stray quote cannot hide more than the
+rest of its line. Not covered: multipart bodies, JSON in encodings other than UTF-8 (UTF-16/32), secrets
+under names without a sensitive word (add them with `captureBody.redact`), secrets in free text, and a name
+whose sensitive word itself is spelled with `\\u` escapes (`"\\u0074oken"`: no serializer writes ASCII
+letters that way; the scanner decodes such names, but the pre-check does not look for them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from urllib.parse import quote, unquote
+import json
+import re
+from collections.abc import Callable, Iterable
+from urllib.parse import quote, unquote_plus
 
 from clrk import escape
-from clrk.attributes import REDACTED
+from clrk.attributes import REDACTED, SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS, SENSITIVE_WORDS
 
 MAX_HEADER_VALUE = 8 * 1024  # characters of one header value kept in a record
 MAX_HEADERS_TOTAL = 64 * 1024  # characters of all of one side's header names and values kept in a record
 MAX_URL = 16 * 1024  # characters of url.full kept in a record
+CACHE_MAX = 4096  # names remembered per Redactor and kind; past it the cache starts over (hostile name floods)
+CACHE_NAME_MAX = 256  # longer names are judged every time, not remembered
+
+REDACTED_BYTES = REDACTED.encode()
+_REDACTED_JSON = b'"' + REDACTED_BYTES + b'"'
+_REDACTED_QUERY = quote(REDACTED)
+
+_WORDS_RE = re.compile("|".join(SENSITIVE_WORDS))
+_WORDS_BYTES = tuple(w.encode() for w in SENSITIVE_WORDS)
+_VALUE_AFTER_NAME = re.compile(rb'\s*:\s*["\[{]')  # after a name's closing quote: a string, array or object follows
+# Usage breakdowns of model APIs (prompt_tokens_details, promptTokensDetails, ...) hold counts and modality
+# labels, not secrets: JSON names are judged without this suffix, so they stay readable and cost no scan.
+_COUNTS_SUFFIXES = ("tokens_details", "tokensdetails")
+_STR = rb'"[^"\\\n]*(?:\\.[^"\\\n]*)*'
+_REST_OF_STRING = re.compile(_STR[1:])  # up to a string's closing quote (or the line break or end it never reaches)
+# Tokens of the body scanner: a whole string (a member name when a colon follows), a string cut off by the
+# end of the line or of the capture, a bracket, a comma. Numbers, literals and whitespace are skipped.
+_TOKEN = re.compile(rb"(" + _STR + rb'")(\s*:)?|' + _STR + rb"\\?(?=\n|\Z)|[{}\[\],]")
+_PAIR = re.compile(r"(?:^|(?<=[&;]))([^&;=]*)=([^&;]*)")
+
+_QUOTE, _COMMA, _OBJ, _OBJ_END, _ARR_END = 0x22, 0x2C, 0x7B, 0x7D, 0x5D
+
+
+def sensitive_json_name(name: str) -> bool:
+    """Whether a JSON member name makes the strings under it secret: a sensitive word, outside the suffix of
+    a model API's usage breakdown (`prompt_tokens_details` is not sensitive, `access_token_details` is)."""
+    n = name.lower()
+    if n.endswith(_COUNTS_SUFFIXES):
+        n = n[: -len(_COUNTS_SUFFIXES[0])] if n.endswith(_COUNTS_SUFFIXES[0]) else n[: -len(_COUNTS_SUFFIXES[1])]
+    return _WORDS_RE.search(n) is not None
+
+
+def may_hold_json_secrets(data: bytes) -> bool:
+    """The cheap pre-check before a body is scanned: whether a sensitive word sits in a quoted name followed by
+    a string, array or object. One `find` per word over the lower-cased bytes, and per string that holds a
+    word, one regex match to its closing quote and a look at what follows (each string is looked at once per
+    word, however often the word repeats in it). May say yes for nothing (the scan then finds nothing);
+    never says no for a plainly spelled name (one whose sensitive word is not written with \\u escapes)."""
+    low = data.lower()
+    find = low.find
+    end_of_string = _REST_OF_STRING.match
+    n = len(low)
+    for w in _WORDS_BYTES:
+        i = find(w)
+        while i != -1:
+            q = end_of_string(low, i).end()  # the closing quote of the string the word is in, if it is in one
+            if q >= n:
+                break  # no quote after it: nothing can follow as a value
+            if low[q] == _QUOTE and _VALUE_AFTER_NAME.match(low, q + 1) is not None and not (
+                    w == b"token" and low[i + 5:q] in (b"s_details", b"sdetails")):
+                return True
+            i = find(w, q + 1)  # every other occurrence in this string has the same ending
+    return False
+
+
+# --------------------------------------------------------------------------- JSON paths
+
+JsonPath = tuple[str | int | None, ...]  # member name, array index, or None for any member or element
+
+_SEGMENT = re.compile(r"""\.\*|\[\*\]|\.([^.\[\]'"*\s]+)|\[(\d{1,9})\]|\['([^'\\]*)'\]|\["([^"\\]*)"\]""")
+
+
+def parse_json_path(text: str) -> JsonPath:
+    """The selectors of a JSONPath of the supported subset: `$` (the whole body), `.name`, `['name']`,
+    `[*]` or `.*` (any member or element), `[N]` (the element at index N). Raises ValueError saying what
+    is wrong and what is supported."""
+    supported = "supported: $, .name, ['name'], [*] or .*, [N] (e.g. $.credentials.* or $.items[*].secretValue)"
+    p = text.strip()
+    if not p.startswith("$"):
+        raise ValueError(f"{text!r} must start with '$' (the whole body); {supported}")
+    out: list[str | int | None] = []
+    i = 1
+    while i < len(p):
+        if p.startswith("..", i):
+            raise ValueError(f"{text!r}: recursive descent ('..') is not supported (a name with a sensitive word "
+                             f"is redacted at any depth already); spell the path out; {supported}")
+        m = _SEGMENT.match(p, i)
+        if m is None:
+            raise ValueError(f"{text!r}: cannot read {p[i:]!r}; {supported}")
+        name, index, q1, q2 = m.groups()
+        if index is not None:
+            out.append(int(index))
+        elif name is not None or q1 is not None or q2 is not None:
+            out.append(name if name is not None else q1 if q1 is not None else q2)
+        else:
+            out.append(None)
+        i = m.end()
+    return tuple(out)
+
+
+def _step(paths: tuple[JsonPath, ...], states: tuple, key: str | int) -> tuple[bool, tuple]:
+    """Advances partial path matches over one member name (str) or array index (int): (a path ends here,
+    the partial matches that go on below it)."""
+    full = False
+    out = []
+    for i, pos in states:
+        sel = paths[i][pos]
+        if sel is None or sel == key:
+            if pos + 1 == len(paths[i]):
+                full = True
+            else:
+                out.append((i, pos + 1))
+    return full, tuple(out)
+
+
+def _json_name(raw: bytes) -> str | None:
+    """A member name token (with its quotes) as text; None when its escapes are not valid JSON."""
+    inner = raw[1:-1]
+    if b"\\" not in inner:
+        return inner.decode("utf-8", "replace")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- the Redactor
+
+
+class Redactor:
+    """What one gateway redacts: names by SENSITIVE_WORDS and explicit sets, JSON members by jsonPaths.
+    Judgements are cached per distinct name as it appears on the wire."""
+
+    __slots__ = ("header_names", "query_names", "json_paths", "_h", "_q", "_k", "_root_states", "_root_full")
+
+    def __init__(self, headers: Iterable[str] = (), query_params: Iterable[str] = (), json_paths: Iterable[str] = ()):
+        self.header_names = frozenset(SENSITIVE_HEADERS | {h.strip().lower() for h in headers})
+        self.query_names = frozenset(SENSITIVE_QUERY_PARAMS | {q.strip().lower() for q in query_params})
+        self.json_paths = tuple(parse_json_path(p) for p in json_paths)
+        self._h: dict[bytes | str, bool] = {}
+        self._q: dict[str, bool] = {}
+        self._k: dict[bytes, bool] = {}
+        self._root_states = tuple((i, 0) for i, p in enumerate(self.json_paths) if p)
+        self._root_full = any(not p for p in self.json_paths)
+
+    # ---- names
+
+    def header(self, name: bytes | str) -> bool:
+        """Whether a header's value is redacted; `name` as sent (bytes or text, any case)."""
+        s = self._h.get(name)
+        if s is None:
+            n = (name.decode("latin-1") if isinstance(name, bytes) else name).strip().lower()
+            s = n in self.header_names or _WORDS_RE.search(n) is not None
+            _remember(self._h, name, s)
+        return s
+
+    def query_param(self, name: str) -> bool:
+        """Whether a query parameter's or form field's value is redacted; `name` as sent (percent-encoded)."""
+        s = self._q.get(name)
+        if s is None:
+            n = unquote_plus(name).strip().lower()
+            s = n in self.query_names or _WORDS_RE.search(n) is not None
+            _remember(self._q, name, s)
+        return s
+
+    def _json_member(self, raw: bytes) -> bool:
+        s = self._k.get(raw)
+        if s is None:
+            name = _json_name(raw)
+            s = name is None or sensitive_json_name(name)  # undecodable: assume the worst
+            _remember(self._k, raw, s)
+        return s
+
+    # ---- the parts of a transaction
+
+    def fields(self, fields):
+        """Header fields [(name, value), ...] with sensitive values replaced; the same object when none is."""
+        cache = self._h
+        i = 0
+        for name, _ in fields:
+            s = cache.get(name)
+            if s is None:
+                s = self.header(name)
+            if s:
+                break
+            i += 1
+        else:
+            return fields
+        header = self.header
+        out = list(fields[:i])
+        for name, value in fields[i:]:
+            out.append((name, REDACTED_BYTES) if header(name) else (name, value))
+        return out
+
+    def path(self, path: str) -> str:
+        """A request target (path and query) with sensitive query values replaced."""
+        q = path.find("?")
+        if q == -1:
+            return path
+        frag = path.find("#", q)
+        query = path[q + 1:] if frag == -1 else path[q + 1:frag]
+        red = _redact_pairs(query, self.query_param)
+        if red is query:
+            return path
+        return path[: q + 1] + red + ("" if frag == -1 else path[frag:])
+
+    def body(self, data: bytes | None, content_type: str | None) -> bytes | None:
+        """A captured body with the values of sensitive JSON members (or form fields) replaced; the same
+        object when nothing is."""
+        if not data:
+            return data
+        if content_type is not None and content_type[:33].lower() == "application/x-www-form-urlencoded":
+            text = data.decode("latin-1")
+            red = _redact_pairs(text, self.query_param)
+            return data if red is text else red.encode("latin-1")
+        if self.json_paths or may_hold_json_secrets(data):
+            return self.json(data)
+        return data
+
+    def json(self, data: bytes) -> bytes:
+        """Scans JSON text (whole, cut off, or several documents as in NDJSON or SSE) and replaces every string
+        under a sensitive member name or a jsonPath. No pre-check: `body` does that."""
+        paths = self.json_paths
+        spans: list[tuple[int, int]] = []
+        # One frame per open container: [is object, all sensitive, path states, next member sensitive,
+        # next member's path states, array index]
+        stack: list[list] = []
+        loose = False  # a sensitive `"name":` outside any object (text that is not JSON) names the next value
+        for m in _TOKEN.finditer(data):
+            if m.group(2) is not None:  # a member name
+                if not stack:
+                    loose = self._json_member(m.group(1))
+                else:
+                    f = stack[-1]
+                    raw = m.group(1)
+                    sens = f[1] or self._json_member(raw)
+                    states: tuple = ()
+                    if f[2]:
+                        name = _json_name(raw)
+                        if name is not None:
+                            full, states = _step(paths, f[2], name)
+                            sens = sens or full
+                    f[3], f[4] = sens, states
+                continue
+            start = m.start()
+            c = data[start]
+            if c == _COMMA:
+                if stack and not stack[-1][0]:
+                    stack[-1][5] += 1
+                continue
+            if c == _OBJ_END or c == _ARR_END:
+                if stack:
+                    stack.pop()
+                continue
+            # A value: a string (whole or cut off), or an object or array opening.
+            if not stack:
+                sens, states = self._root_full or loose, self._root_states
+                loose = False
+            else:
+                f = stack[-1]
+                if f[0]:
+                    sens, states = f[3], f[4]
+                else:
+                    sens, states = f[1], ()
+                    if f[2]:
+                        full, states = _step(paths, f[2], f[5])
+                        sens = sens or full
+            if c == _QUOTE:
+                if sens:
+                    spans.append((start, m.end()))
+            else:
+                stack.append([c == _OBJ, sens, states, sens, (), 0])
+        if not spans:
+            return data
+        out = []
+        last = 0
+        for a, b in spans:
+            out.append(data[last:a])
+            out.append(_REDACTED_JSON)
+            last = b
+        out.append(data[last:])
+        return b"".join(out)
+
+
+def _remember(cache: dict, key, value: bool) -> None:
+    if len(key) > CACHE_NAME_MAX:
+        return  # judged again next time: a cache of hostile 60 KB names would hold gigabytes
+    if len(cache) >= CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+
+
+def _redact_pairs(query: str, sensitive: Callable[[str], bool]) -> str:
+    """`name=value` pairs separated by & or ; with sensitive values replaced; the same object when none is."""
+    if "=" not in query:
+        return query
+    changed = False
+
+    def repl(m: re.Match) -> str:
+        nonlocal changed
+        if sensitive(m.group(1)):
+            changed = True
+            return f"{m.group(1)}={_REDACTED_QUERY}"
+        return m.group(0)
+
+    out = _PAIR.sub(repl, query)
+    return out if changed else query
+
+
+DEFAULT = Redactor()  # the defaults alone: for a transaction no gateway owns
+
+
+# --------------------------------------------------------------------------- record building (recorder)
 
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}…[{len(text) - limit} more characters not recorded]"
 
 
-def headers_dict(fields: Iterable[tuple[bytes, bytes]], sensitive: frozenset[str]) -> dict[str, str]:
+def headers_dict(fields: Iterable[tuple[bytes, bytes]], redactor: Redactor) -> dict[str, str]:
     """Headers as {lower-case name: value} (see `decode_headers`)."""
-    return decode_headers(fields, sensitive)[0]
+    return decode_headers(fields, redactor)[0]
 
 
 class _NeedsEscape(Exception):
     pass
 
 
-def decode_headers(fields: Iterable[tuple[bytes, bytes]], sensitive: frozenset[str]) -> tuple[dict[str, str], bool]:
+def decode_headers(fields: Iterable[tuple[bytes, bytes]], redactor: Redactor) -> tuple[dict[str, str], bool]:
     """(headers as {lower-case name: value}, whether they were escaped). Repeated fields are joined with ", ",
     sensitive values redacted. Names and values are UTF-8; if any is not, every name and value of this side is
     escaped (`clrk.escape`). Bounded like the bodies: a value past MAX_HEADER_VALUE is cut, and past
@@ -38,9 +373,9 @@ def decode_headers(fields: Iterable[tuple[bytes, bytes]], sensitive: frozenset[s
     record)."""
     fields = [(bytes(k), bytes(v)) for k, v in fields]
     try:
-        return _headers(fields, sensitive, False), False
+        return _headers(fields, redactor, False), False
     except _NeedsEscape:
-        return _headers(fields, sensitive, True), True
+        return _headers(fields, redactor, True), True
 
 
 def _decode(data: bytes, force: bool) -> str:
@@ -50,18 +385,19 @@ def _decode(data: bytes, force: bool) -> str:
     return s
 
 
-def _headers(fields: list[tuple[bytes, bytes]], sensitive: frozenset[str], force: bool) -> dict[str, str]:
+def _headers(fields: list[tuple[bytes, bytes]], redactor: Redactor, force: bool) -> dict[str, str]:
     out: dict[str, str] = {}
     total = 0
     left_out = 0
     for raw_name, raw_value in fields:
         name = _cut(_decode(raw_name.lower(), force), 256)
-        value = REDACTED if name in sensitive else _cut(_decode(raw_value, force), MAX_HEADER_VALUE)
+        sensitive = redactor.header(raw_name)
+        value = REDACTED if sensitive else _cut(_decode(raw_value, force), MAX_HEADER_VALUE)
         if total + len(name) + len(value) > MAX_HEADERS_TOTAL:
             left_out += 1
             continue
         if name in out:
-            if name in sensitive:
+            if sensitive:
                 continue
             value = _cut(f"{out[name]}, {value}", MAX_HEADER_VALUE)
             total -= len(out[name])
@@ -72,12 +408,12 @@ def _headers(fields: list[tuple[bytes, bytes]], sensitive: frozenset[str], force
     return out
 
 
-def redact_url(url: str, sensitive_params: frozenset[str]) -> str:
+def redact_url(url: str, redactor: Redactor) -> str:
     """The URL with userinfo removed and the values of sensitive query parameters replaced (then bounded)."""
-    return _cut(_redact_url(url, sensitive_params), MAX_URL)
+    return _cut(_redact_url(url, redactor), MAX_URL)
 
 
-def _redact_url(url: str, sensitive_params: frozenset[str]) -> str:
+def _redact_url(url: str, redactor: Redactor) -> str:
     scheme_sep = url.find("://")
     if scheme_sep != -1:
         auth_start = scheme_sep + 3
@@ -89,22 +425,5 @@ def _redact_url(url: str, sensitive_params: frozenset[str]) -> str:
         at = url.rfind("@", auth_start, auth_end)
         if at != -1:
             url = url[:auth_start] + url[at + 1 :]
-    q = url.find("?")
-    if q == -1:
-        return url
-    frag = url.find("#", q)
-    query = url[q + 1 : frag if frag != -1 else len(url)]
-    if not query:
-        return url
-    parts = []
-    changed = False
-    for item in query.split("&"):
-        name, sep, _ = item.partition("=")
-        if unquote(name).lower() in sensitive_params:
-            parts.append(f"{name}={quote(REDACTED)}")
-            changed = True
-        else:
-            parts.append(item)
-    if not changed:
-        return url
-    return url[: q + 1] + "&".join(parts) + (url[frag:] if frag != -1 else "")
+    return redactor.path(url)
+

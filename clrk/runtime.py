@@ -13,6 +13,7 @@ from clrk.budget import MAX_TOKENS, BudgetLedger
 from clrk.capture import has_body, request_is_buffered
 from clrk.decision import Decision
 from clrk.escape import printable
+from clrk.identity import AuthThrottle
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.sink import RecordSink
@@ -38,6 +39,7 @@ class Runtime:
         self.policy: CompiledPolicy | None = None
         self.sink: RecordSink | None = None
         self.ledger = BudgetLedger()
+        self.auth_throttle = AuthThrottle()
         # Keyed by client connection id; dropped when the client disconnects (plain dicts: this is looked up
         # on every request, and a WeakKeyDictionary lookup costs a Python-level call).
         self.tunnels: dict[str, Tunnel] = {}
@@ -81,7 +83,7 @@ class Runtime:
             tx.budget_charged = tx.reservation.tokens if actual is None else actual
             tx.budget_used = self.ledger.settle(tx.reservation, actual)
             tx.reservation = None
-        self.submit(snapshot(tx, flow))
+        self.submit(snapshot(tx, flow, self.policy.redactor))
         # mitmproxy's flows are reference cycles, freed only by the collector: a transaction left on its flow
         # would wait for it too, and be traversed. Later hooks of this flow find no transaction: it is recorded.
         flow.metadata.pop(METADATA_KEY, None)
@@ -112,7 +114,7 @@ def deny_response(d: Decision) -> http.Response:
     headers = {"content-type": "application/json", "cache-control": "no-store"}
     if d.status == 407:
         headers["proxy-authenticate"] = 'Basic realm="clrk"'
-    body = json.dumps({"error": f"clrk: {d.reason}"}).encode()
+    body = json.dumps({"error": f"clrk: {d.answer or d.reason}"}).encode()
     return http.Response.make(d.status, body, headers)
 
 

@@ -2,9 +2,10 @@
 
 A `Transaction` lives in `flow.metadata["clrk"]` from the first hook that sees the request until it is
 recorded (`Runtime.finish`), when it is taken off the flow.
-`snapshot` runs once per transaction on the event loop and only gathers references; the recorder process
-turns them into the record of PRODUCT.md §3 (`clrk.recorder.expand`), redacting before anything is stored
-or exported.
+`snapshot` runs once per transaction on the event loop: it gathers references, and redacts what could hold a
+secret (header values, the query, captured bodies: `clrk.redact`) so that nothing unredacted leaves the proxy
+process. The recorder process turns the snapshot into the record (`clrk.recorder.expand`), redacting headers
+and the URL once more.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from mitmproxy import http
 
 from clrk.budget import Reservation
 from clrk.capture import BodyCapture
-from clrk.decision import Decision, RequestFacts
+from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
+from clrk.redact import DEFAULT as DEFAULT_REDACTOR
+from clrk.redact import Redactor
 
 if TYPE_CHECKING:
     from clrk.runtime import Tunnel
@@ -36,7 +39,7 @@ class Transaction:
     gateway: GatewayConfig | None = None
     tunnel: Tunnel | None = None  # the CONNECT this request came through, if any
     agent: AgentIdentity | None = None
-    auth_failure: str | None = None
+    auth_failure: AuthResult | None = None  # why there is no agent, and what the client is told
     facts: RequestFacts | None = None
     decision: Decision | None = None  # None until decided (a provider call waits for its body)
     dst_name: str | None = None
@@ -115,25 +118,40 @@ def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]
     return out, hosts, problem
 
 
-def _body_summary(capture: BodyCapture | None, raw: bytes | None, wanted: bool, limit: int) -> tuple:
-    """(wire bytes, captured bytes or None, truncated) of one body. Buffered bodies (no capture object) are
-    summarised here from the bytes mitmproxy holds: the cheap path every small transaction takes."""
+def _body_summary(capture: BodyCapture | None, raw: bytes | None, wanted: bool, limit: int, redactor: Redactor,
+                  ctype: str | None) -> tuple:
+    """(wire bytes, captured bytes or None, truncated) of one body, the captured bytes redacted. Buffered
+    bodies (no capture object) are summarised here from the bytes mitmproxy holds: the cheap path every small
+    transaction takes."""
     if capture is not None:
-        return capture.wire_bytes, capture.captured, capture.truncated
+        return capture.wire_bytes, redactor.body(capture.captured, ctype), capture.truncated
     if raw is None:
         return 0, None, False
     if not wanted or limit <= 0:
         return len(raw), None, False
-    return len(raw), raw[:limit], len(raw) > limit
+    return len(raw), redactor.body(raw[:limit], ctype), len(raw) > limit
 
 
-def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
+def _redacted_target(path: bytes, redactor: Redactor) -> bytes:
+    """The request target's bytes with sensitive query values replaced (latin-1 maps bytes to text and back
+    losslessly); the same object when nothing is."""
+    if b"?" not in path:
+        return path
+    text = path.decode("latin-1")
+    red = redactor.path(text)
+    return path if red is text else red.encode("latin-1")
+
+
+def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_REDACTOR) -> dict:
     """The raw facts of a finished transaction, for the recorder to turn into the record
-    (`clrk.recorder.expand`): no formatting, no redaction, no copies here, on the proxy's thread."""
+    (`clrk.recorder.expand`), redacted by the transaction's gateway (`redactor` when it has none). On the
+    proxy's thread: no formatting, and no copies unless something is redacted."""
     req = flow.request
     resp = flow.response
     end = (resp.timestamp_end if resp is not None and resp.timestamp_end else None) or time.time()
     cfg = tx.gateway.capture if tx.gateway is not None else None
+    if tx.gateway is not None:
+        redactor = tx.gateway.redactor
     limit = cfg.max_bytes if cfg is not None else 0
     req_h = tx.req_h
     req_ctype = req_h.get("content-type") if req_h is not None else req.headers.get("content-type")
@@ -149,7 +167,7 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
         "scheme": req.scheme,
         "host": req.host,
         "port": req.port,
-        "path": req.data.path,
+        "path": _redacted_target(req.data.path, redactor),  # bytes as sent, the query redacted
         "status": resp.status_code if resp is not None else None,
         "gateway": tx.gateway.name if tx.gateway is not None else None,
         "dst": tx.dst_name,
@@ -157,12 +175,12 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow) -> dict:
         "decision": (d.action, d.rule, d.reason) if d is not None else None,
         "agent": (a.kind, a.namespace, a.name, a.uid, a.revision) if a is not None else None,
         "rewritten": tx.request_rewritten,
-        "req_headers": req.headers.fields,
-        "resp_headers": resp.headers.fields if resp is not None else None,
+        "req_headers": redactor.fields(req.headers.fields),
+        "resp_headers": redactor.fields(resp.headers.fields) if resp is not None else None,
         "req_body": _body_summary(tx.req_capture, req.raw_content if not req.stream else None,
-                                  cfg is not None and cfg.wants(req_ctype), limit),
+                                  cfg is not None and cfg.wants(req_ctype), limit, redactor, req_ctype),
         "resp_body": _body_summary(tx.resp_capture, resp.raw_content if resp is not None and not resp.stream else None,
-                                   cfg is not None and cfg.wants(resp_ctype), limit),
+                                   cfg is not None and cfg.wants(resp_ctype), limit, redactor, resp_ctype),
         "error": tx.error or (flow.error.msg if flow.error is not None else None),
         "error_type": tx.error_type,
         "upstream": tx.upstream_response,

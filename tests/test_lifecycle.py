@@ -201,7 +201,7 @@ def test_sigterm_lets_a_stream_in_flight_finish_and_records_it(tmp_path, pki, up
 
 def test_mitmdump_script_entry_decides_and_records_like_clrk_run(tmp_path, pki, upstream):
     """The tests run the gateway as `clrk run` does (`python -O -m clrk.proxy`); `mitmdump -s addons/clrk.py`,
-    the entry PRODUCT.md names too, must behave the same."""
+    the documented entry too, must behave the same."""
     gw = Gateway(tmp_path / "gw", docs_for(pki, upstream, route("allowed", ["allowed.test"])), entry="mitmdump").start()
     try:
         i = f"inv-{uuid.uuid4().hex[:12]}"

@@ -156,6 +156,27 @@ def test_bad_documents(tmp_path, text, fragment):
     assert fragment in str(e.value)
 
 
+def test_capture_redaction_additions_are_validated_at_load(tmp_path):
+    text = ("kind: EgressGateway\nmetadata: {name: g}\nspec:\n  otlp:\n    captureBody:\n      redact:\n"
+            "        headers: [X-Wallet-Id, 'not a header']\n        queryParams: [otp, '  ']\n"
+            "        jsonPaths: ['$.vault.*', '$..pin', 'credentials', '$.a[?(@.b)]']\n")
+    with pytest.raises(PolicyError) as e:
+        load_policy(write(tmp_path, text))
+    where = f"{tmp_path / 'p.yaml'}: document 1 (EgressGateway g): spec.otlp.captureBody.redact"
+    problems = e.value.problems
+    assert f"{where}.headers[1]: 'not a header' is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)" in problems
+    assert f"{where}.queryParams[1]: a query parameter name may not be empty" in problems
+    assert any(p.startswith(f"{where}.jsonPaths[1]: '$..pin': recursive descent") for p in problems), problems
+    assert any(p.startswith(f"{where}.jsonPaths[2]: 'credentials' must start with '$'") for p in problems), problems
+    assert any(p.startswith(f"{where}.jsonPaths[3]: '$.a[?(@.b)]': cannot read '[?(@.b)]'; supported: $, .name") for p in problems)
+    assert len(problems) == 5  # the good entries are fine
+
+    good = text.replace(", 'not a header'", "").replace(", '  '", "").replace(", '$..pin', 'credentials', '$.a[?(@.b)]'", "")
+    r = load_policy(write(tmp_path, good)).gateways[0].redactor
+    assert r.header("x-wallet-id") and r.query_param("otp") and r.json_paths == (("vault", None),)
+    assert r.header("authorization") and r.query_param("code")  # added to the defaults, never replacing them
+
+
 def test_no_gateway_is_an_error(tmp_path):
     with pytest.raises(PolicyError, match="no EgressGateway"):
         load_policy(write(tmp_path, "kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: [a.com]}\n"))

@@ -1,25 +1,131 @@
-from clrk.attributes import REDACTED, SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
-from clrk.redact import headers_dict, redact_url
+"""Redaction (clrk.redact): which names are sensitive, headers, URLs, JSON and form bodies, JSON paths, and
+that the proxy hands the recorder nothing unredacted. In-process and fast; the end-to-end checks against a
+real gateway are in test_redaction.py."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mitmproxy.test import tflow
+from pydantic import TypeAdapter
+
+from clrk import wire
+from clrk.attributes import REDACTED, SENSITIVE_WORDS
+from clrk.mitmaddon import Gateway
+from clrk.policy.compiled import compile_documents
+from clrk.policy.loader import SourcedDocument
+from clrk.policy.models import Document
+from clrk.redact import (
+    CACHE_MAX,
+    DEFAULT,
+    Redactor,
+    headers_dict,
+    may_hold_json_secrets,
+    parse_json_path,
+    redact_url,
+)
+
+R = REDACTED
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("name", [
+    "Authorization", "proxy-authorization", "x-api-key", "api-key", "X-Goog-Api-Key", "x-auth-token", "private-token",
+    "x-amz-security-token", "X-Amz-Signature", "X-Amz-Credential", "cookie", "Set-Cookie", "x-session-id",
+    "X-CSRF-TOKEN", "x-client-secret", "x-password", "www-authenticate", "x-hub-signature-256", "PRIVATE-KEY",
+])
+def test_sensitive_header_names(name):
+    assert DEFAULT.header(name) and DEFAULT.header(name.encode())
+
+
+@pytest.mark.parametrize("name", ["accept", "content-type", "user-agent", "traceparent", "x-request-id", "host",
+                                  "content-length", "x-ratelimit-remaining", "openai-organization", "code"])
+def test_ordinary_header_names_are_kept(name):
+    assert not DEFAULT.header(name) and not DEFAULT.header(name.encode())
+
+
+@pytest.mark.parametrize("name,sensitive", [
+    ("key", True), ("KEY", True), ("api_key", True), ("apiKey", True), ("access_token", True), ("X-Amz-Signature", True),
+    ("X-Amz-Credential", True), ("X-Amz-Security-Token", True), ("code", True), ("CODE", True), ("sig", True),
+    ("client_secret", True), ("password", True), ("sessionid", True), ("auth", True), ("x%2Dapi%2Dkey", True),
+    ("%6Bey", True), ("api+key", True),
+    ("page", False), ("q", False), ("limit", False), ("codec", False), ("zipcode", False), ("X-Amz-Date", False),
+    ("X-Amz-Expires", False), ("state", False),
+])
+def test_query_parameter_names(name, sensitive):
+    assert DEFAULT.query_param(name) is sensitive
+
+
+def test_policy_names_add_to_the_defaults_and_never_replace_them():
+    r = Redactor(headers=["X-Wallet-Id"], query_params=["OTP"])
+    assert r.header(b"x-wallet-id") and r.header("X-WALLET-ID") and r.query_param("otp")
+    assert r.header("authorization") and r.header("x-auth-token") and r.query_param("code")
+    assert not DEFAULT.header("x-wallet-id") and not DEFAULT.query_param("otp")
+
+
+def test_each_distinct_name_is_judged_once_and_the_cache_is_bounded():
+    r = Redactor()
+    assert r.header(b"X-Auth-Token") and r.header(b"X-Auth-Token")
+    assert r._h == {b"X-Auth-Token": True}
+    for i in range(CACHE_MAX * 2):
+        r.header(f"x-h-{i}".encode())
+    assert len(r._h) <= CACHE_MAX
+    huge = b'"' + b"x" * 10_000 + b'_token"'
+    assert r._json_member(huge) and huge not in r._k  # judged, not kept
+
+
+# --------------------------------------------------------------------------- headers and URLs
 
 
 def test_sensitive_headers_are_redacted_and_repeats_joined():
     fields = [(b"Authorization", b"Bearer sk-1"), (b"Accept", b"a"), (b"accept", b"b"), (b"Set-Cookie", b"s=1"),
               (b"set-cookie", b"t=2"), (b"X-Goog-Api-Key", b"g"), (b"x-api-key", b"k"), (b"Cookie", b"c"),
-              (b"Proxy-Authorization", b"Basic abc")]
-    h = headers_dict(fields, SENSITIVE_HEADERS)
-    assert h == {"authorization": REDACTED, "accept": "a, b", "set-cookie": REDACTED, "x-goog-api-key": REDACTED,
-                 "x-api-key": REDACTED, "cookie": REDACTED, "proxy-authorization": REDACTED}
+              (b"Proxy-Authorization", b"Basic abc"), (b"X-Auth-Token", b"xat"), (b"Private-Token", b"glpat")]
+    h = headers_dict(fields, DEFAULT)
+    assert h == {"authorization": R, "accept": "a, b", "set-cookie": R, "x-goog-api-key": R, "x-api-key": R,
+                 "cookie": R, "proxy-authorization": R, "x-auth-token": R, "private-token": R}
+
+
+def test_fields_are_redacted_in_place_of_their_values_and_untouched_when_nothing_is_sensitive():
+    plain = ((b"Accept", b"*/*"), (b"Content-Type", b"application/json"))
+    assert DEFAULT.fields(plain) is plain  # nothing copied when nothing is redacted
+    fields = ((b"Accept", b"*/*"), (b"x-amz-security-token", b"FQoG"), (b"PRIVATE-TOKEN", b"glpat-1"), (b"a", b"b"))
+    assert DEFAULT.fields(fields) == [(b"Accept", b"*/*"), (b"x-amz-security-token", R.encode()),
+                                      (b"PRIVATE-TOKEN", R.encode()), (b"a", b"b")]
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/p", "/p"),
+    ("/p?a=1&b=2", "/p?a=1&b=2"),
+    ("/o?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F2024&X-Amz-Signature=abcdef&X-Amz-Date=1",
+     "/o?X-Amz-Algorithm=AWS4&X-Amz-Credential=%5BREDACTED%5D&X-Amz-Signature=%5BREDACTED%5D&X-Amz-Date=1"),
+    ("/cb?code=AUTHCODE&state=s", "/cb?code=%5BREDACTED%5D&state=s"),
+    ("/p?a=1;session=S&b", "/p?a=1;session=%5BREDACTED%5D&b"),
+    ("/p?API_KEY=k#frag", "/p?API_KEY=%5BREDACTED%5D#frag"),
+    ("/p?x=1&sig=", "/p?x=1&sig=%5BREDACTED%5D"),
+])
+def test_query_values_are_redacted(path, expected):
+    assert DEFAULT.path(path) == expected
 
 
 def test_query_secrets_and_userinfo_are_redacted():
-    u = redact_url("https://user:pw@host/p?key=SECRET&x=1&API_KEY=s2&token=t#frag", SENSITIVE_QUERY_PARAMS)
+    u = redact_url("https://user:pw@host/p?key=SECRET&x=1&API_KEY=s2&token=t#frag", DEFAULT)
     assert "SECRET" not in u and "s2" not in u and "pw" not in u and "=t#" not in u
     assert u.startswith("https://host/p?key=") and "&x=1&" in u and u.endswith("#frag")
 
 
 def test_url_without_secrets_is_unchanged():
     u = "https://host/p?a=1&b=2"
-    assert redact_url(u, SENSITIVE_QUERY_PARAMS) == u
+    assert redact_url(u, DEFAULT) == u
 
 
 def test_headers_and_urls_in_records_are_bounded():
@@ -27,13 +133,260 @@ def test_headers_and_urls_in_records_are_bounded():
 
     fields = [(b"X-Big", b"v" * 2_000_000), (b"Authorization", b"Bearer " + b"s" * 100_000)]
     fields += [(f"x-h{i}".encode(), b"w" * 4000) for i in range(40)]
-    h = headers_dict(fields, SENSITIVE_HEADERS)
+    h = headers_dict(fields, DEFAULT)
     assert h["x-big"].startswith("v" * MAX_HEADER_VALUE) and h["x-big"].endswith(f"[{2_000_000 - MAX_HEADER_VALUE} more characters not recorded]")
-    assert h["authorization"] == REDACTED  # redacted whole, never cut into
+    assert h["authorization"] == R  # redacted whole, never cut into
     assert sum(len(k) + len(v) for k, v in h.items() if k != "(clrk)") <= MAX_HEADERS_TOTAL
     assert "header field(s) not recorded" in h["(clrk)"]
     # A repeated field joined past the bound is cut too.
-    assert len(headers_dict([(b"a", b"x" * 6000), (b"a", b"y" * 6000)], frozenset())["a"]) < MAX_HEADER_VALUE + 64
+    assert len(headers_dict([(b"a", b"x" * 6000), (b"a", b"y" * 6000)], DEFAULT)["a"]) < MAX_HEADER_VALUE + 64
 
-    u = redact_url("https://h/p?" + "x=" + "1" * 100_000 + "&key=SECRET", SENSITIVE_QUERY_PARAMS)
+    u = redact_url("https://h/p?" + "x=" + "1" * 100_000 + "&key=SECRET", DEFAULT)
     assert "SECRET" not in u and len(u) < MAX_URL + 64 and u.endswith("more characters not recorded]")
+
+
+# --------------------------------------------------------------------------- bodies
+
+JSON = "application/json"
+
+
+@pytest.mark.parametrize("body,expected", [
+    # An OAuth token response: every credential, and nothing else.
+    (b'{"access_token":"AT","refresh_token":"RT","id_token":"ID","expires_in":3600,"scope":"read"}',
+     b'{"access_token":"[REDACTED]","refresh_token":"[REDACTED]","id_token":"[REDACTED]","expires_in":3600,"scope":"read"}'),
+    (b'{"client_id": "cid", "client_secret": "CS", "password": "PW"}',
+     b'{"client_id": "cid", "client_secret": "[REDACTED]", "password": "[REDACTED]"}'),
+    # Nested anywhere, in arrays, and every string in an array or object under a sensitive name.
+    (b'{"a": [{"b": {"Api-Key": "K"}}], "tokens": ["T1", 2, "T2"], "credentials": {"user": "U", "n": 5, "x": null}}',
+     b'{"a": [{"b": {"Api-Key": "[REDACTED]"}}], "tokens": ["[REDACTED]", 2, "[REDACTED]"], '
+     b'"credentials": {"user": "[REDACTED]", "n": 5, "x": null}}'),
+    # Counts, booleans and null under sensitive-looking names stay readable.
+    (b'{"max_tokens": 100, "usage": {"input_tokens": 5, "cached_tokens": 0, "promptTokenCount": 7}, "auth": true, '
+     b'"session": null}', None),
+    # Cut off at maxBytes: the string being cut is replaced whole.
+    (b'{"expires_in": 3600, "access_token": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIi', b'{"expires_in": 3600, "access_token": "[REDACTED]"'),
+    (b'{"credentials": {"a": "x", "b": "y', b'{"credentials": {"a": "[REDACTED]", "b": "[REDACTED]"'),
+    # SSE and NDJSON: one document per line.
+    (b'data: {"session_token": "S", "text": "hi"}\n\ndata: {"text": "yo"}\n\n',
+     b'data: {"session_token": "[REDACTED]", "text": "hi"}\n\ndata: {"text": "yo"}\n\n'),
+    (b'{"secret": "A"}\n{"secret": "B"}\n', b'{"secret": "[REDACTED]"}\n{"secret": "[REDACTED]"}\n'),
+    # A name spelled with escapes is the same name.
+    (b'{"acc\\u0065ss_token": "E1", "\\u0074oken": "E2", "t\\u00f6ken": "kept"}',
+     b'{"acc\\u0065ss_token": "[REDACTED]", "\\u0074oken": "[REDACTED]", "t\\u00f6ken": "kept"}'),
+    # Escaped quotes inside a secret do not end it early.
+    (b'{"password": "a\\"b\\\\", "x": "y"}', b'{"password": "[REDACTED]", "x": "y"}'),
+    # Formatting is kept: only the values change.
+    (b'{\n  "Password" :\n    "PW",\n  "note": "n"\n}', b'{\n  "Password" :\n    "[REDACTED]",\n  "note": "n"\n}'),
+    # Text that is not JSON: `"name": value` pairs still.
+    (b'config dump\n"password": "hunter2"\nother "text"\n', b'config dump\n"password": "[REDACTED]"\nother "text"\n'),
+    # A sensitive word in a value is not a name.
+    (b'{"text": "my token is here", "n": "password"}', None),
+    # Usage breakdowns of model APIs are counts and labels, not secrets...
+    (b'{"usage": {"prompt_tokens_details": {"cached_tokens": 0, "audio": "none"}, "completion_tokens_details": '
+     b'{"reasoning_tokens": 3}}, "usageMetadata": {"promptTokensDetails": [{"modality": "TEXT", "tokenCount": 5}]}}', None),
+    # ... unless the rest of the name says otherwise.
+    (b'{"secret_tokens_details": {"a": "b"}, "access_token_details": ["c"]}',
+     b'{"secret_tokens_details": {"a": "[REDACTED]"}, "access_token_details": ["[REDACTED]"]}'),
+])
+def test_json_bodies(body, expected):
+    assert DEFAULT.body(body, JSON) == (body if expected is None else expected)
+
+
+@pytest.mark.parametrize("body,may", [
+    (b'{"access_token": "x"}', True), (b'{"Access_Token"\n  :\n  ["x"]}', True), (b'{"api_key": {"a": 1}}', True),
+    (b'{"max_tokens": 5, "token": null, "key": 1}', False), (b'{"text": "a key, a token"}', False),
+    (b'{"note": "say \\"token\\": \\"x\\""}', False),  # quoted inside a string: not a name
+    (b'{"x": "a \\" b", "token\\"y": "s"}', True), (b'event: token\ndata: {"a": "b"}\n', False),
+    (b'data: {"session_id": "s"}\n', True), (b'{"prompt_tokens_details": {"a": "b"}}', False),
+    (b'{"prompt_tokens_details": {"a": "b"}, "promptToken": "x"}', True), (b'', False), (b'"key', False),
+])
+def test_the_pre_check(body, may):
+    assert may_hold_json_secrets(body) is may
+
+
+def test_the_pre_check_stays_linear_on_a_word_repeated_in_one_long_string():
+    body = b'{"text": "' + b'monkey \\"keys\\" ' * 4000 + b'", "n": 1}'  # 64 KB, 8000 words, 8000 escaped quotes
+    start = time.perf_counter()
+    assert not may_hold_json_secrets(body)
+    assert time.perf_counter() - start < 0.5  # a quadratic pre-check takes seconds here
+
+
+def test_a_body_with_nothing_to_redact_is_returned_as_is():
+    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}'
+    assert DEFAULT.body(body, JSON) is body
+    assert DEFAULT.body(b"", JSON) == b"" and DEFAULT.body(None, JSON) is None
+
+
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "application/x-www-form-urlencoded; charset=UTF-8",
+                                   "Application/X-WWW-Form-Urlencoded"])
+def test_form_bodies(ctype):
+    body = b"grant_type=authorization_code&code=C0DE&client_id=app&client_secret=CS%2B1&redirect_uri=https%3A%2F%2Fa"
+    assert DEFAULT.body(body, ctype) == (b"grant_type=authorization_code&code=%5BREDACTED%5D&client_id=app"
+                                         b"&client_secret=%5BREDACTED%5D&redirect_uri=https%3A%2F%2Fa")
+    assert DEFAULT.body(b"a=1&b=2", ctype) == b"a=1&b=2"
+
+
+# --------------------------------------------------------------------------- JSON paths
+
+
+@pytest.mark.parametrize("text,parsed", [
+    ("$", ()),
+    ("$.credentials.*", ("credentials", None)),
+    ("$.items[*].pin", ("items", None, "pin")),
+    ("$['weird name'][0]", ("weird name", 0)),
+    ('$["a.b"].c', ("a.b", "c")),
+    (" $.a ", ("a",)),
+])
+def test_json_path_subset(text, parsed):
+    assert parse_json_path(text) == parsed
+
+
+@pytest.mark.parametrize("text,says", [
+    ("credentials", "must start with '$'"),
+    ("$..pin", "recursive descent"),
+    ("$.a[?(@.b)]", "cannot read '[?(@.b)]'"),
+    ("$.a[1:2]", "cannot read '[1:2]'"),
+    ("$.a[-1]", "cannot read '[-1]'"),
+    ("$.a.", "cannot read '.'"),
+    ("$a", "cannot read 'a'"),
+])
+def test_bad_json_paths_are_refused_with_what_is_supported(text, says):
+    with pytest.raises(ValueError) as e:
+        parse_json_path(text)
+    assert says in str(e.value) and "supported: $, .name" in str(e.value)
+
+
+def test_json_paths_add_to_the_name_rules():
+    r = Redactor(json_paths=["$.vault.*", "$.items[*].pin", "$.matrix[1]", "$['my field']"])
+    body = (b'{"vault": {"user": "U", "deep": {"x": "D"}, "n": 1}, "items": [{"pin": "P1"}, {"pin": "P2", "q": "k"}], '
+            b'"matrix": ["a", "b", "c"], "my field": "F", "other": {"pin": "kept"}, "password": "PW"}')
+    assert json.loads(r.body(body, JSON)) == {
+        "vault": {"user": R, "deep": {"x": R}, "n": 1}, "items": [{"pin": R}, {"pin": R, "q": "k"}],
+        "matrix": ["a", R, "c"], "my field": R, "other": {"pin": "kept"}, "password": R}
+    assert Redactor(json_paths=["$"]).body(b'["a", {"b": "c"}, 1]', JSON) == b'["[REDACTED]", {"b": "[REDACTED]"}, 1]'
+
+
+def test_a_gateway_policy_adds_its_names_and_paths(tmp_path):
+    docs = [{"kind": "EgressGateway", "metadata": {"name": "gw"},
+             "spec": {"otlp": {"captureBody": {"redact": {"headers": ["X-Wallet-Id"], "queryParams": ["otp"],
+                                                           "jsonPaths": ["$.vault.*"]}}}}},
+            {"kind": "CredentialInjectionPolicy", "metadata": {"name": "inj"},
+             "spec": {"targetRefs": [{"kind": "EgressGateway", "name": "gw"}], "target": {"type": "QueryParam", "name": "appid"},
+                      "secretRef": {"env": "APPID"}}}]
+    a = TypeAdapter(Document)
+    p = compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {"APPID": "x"})
+    r = p.gateways[0].redactor
+    assert r.header("x-wallet-id") and r.query_param("otp") and r.query_param("appid") and r.header("authorization")
+    assert r.body(b'{"vault": {"a": "b"}}', JSON) == b'{"vault": {"a": "[REDACTED]"}}'
+    assert {"x-wallet-id"} <= p.redact_headers and {"otp", "appid", "code"} <= p.redact_query  # for the recorder
+
+
+# --------------------------------------------------------------------------- properties
+
+SENSITIVE_NAMES = ["access_token", "refresh_token", "client_secret", "Password", "apiKey", "X-Auth-Token", "sessionId",
+                   "credentials", "signature", "Cookie", "private_key", "id_token"]
+ORDINARY_NAMES = ["model", "messages", "content", "role", "max_tokens", "input_tokens", "promptTokenCount", "data", "items",
+                  "text", "n", "ok", "id", "code", "prompt_tokens_details", "candidatesTokensDetails"]
+
+
+def _reference(value, under: bool = False):
+    """What redaction should make of a parsed document: an independent spelling of the rule."""
+    if isinstance(value, str):
+        return R if under else value
+    if isinstance(value, list):
+        return [_reference(v, under) for v in value]
+    if isinstance(value, dict):
+        return {k: _reference(v, under or any(w in k.lower().removesuffix("tokens_details").removesuffix("tokensdetails")
+                                              for w in SENSITIVE_WORDS)) for k, v in value.items()}
+    return value
+
+
+_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+_names = st.sampled_from(SENSITIVE_NAMES + ORDINARY_NAMES) | st.text(max_size=8)
+documents = st.recursive(_scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_names, kids, max_size=5),
+                         max_leaves=25)
+
+
+@given(doc=documents, ensure_ascii=st.booleans(), indent=st.sampled_from([None, 0, 2]))
+@settings(max_examples=400, deadline=None)
+def test_whole_documents_are_redacted_exactly_as_the_rule_says(doc, ensure_ascii, indent):
+    body = json.dumps(doc, ensure_ascii=ensure_ascii, indent=indent).encode()
+    out = DEFAULT.body(body, JSON)
+    assert json.loads(out) == _reference(doc)
+
+
+SECRET = "S3CR3T-planted-value"
+
+
+@st.composite
+def planted(draw):
+    """A document with a secret string planted under a sensitive name somewhere inside (maybe in an array)."""
+    doc = draw(documents)
+    name = draw(st.sampled_from(SENSITIVE_NAMES))
+    value = draw(st.sampled_from([SECRET, [SECRET], {"inner": SECRET}, [1, {"x": [SECRET]}]]))
+    holder = {name: value}
+    path = draw(st.lists(st.sampled_from(["list", "dict"]), max_size=4))
+    for kind in path:
+        holder = [holder] if kind == "list" else {draw(st.sampled_from(ORDINARY_NAMES)): holder}
+    return {"doc": doc, "payload": holder} if draw(st.booleans()) else {"payload": holder, "doc": doc}
+
+
+@given(doc=planted(), indent=st.sampled_from([None, 2]), cut=st.integers(0, 10**6), sse=st.booleans())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_planted_secret_never_survives_whole_or_cut_or_in_sse(doc, indent, cut, sse):
+    text = json.dumps(doc, indent=None if sse else indent)
+    body = (f"data: {text}\n\n" if sse else text).encode()
+    assert SECRET.encode() not in DEFAULT.body(body, JSON)
+    cut_body = body[: cut % (len(body) + 1)]  # captured up to maxBytes
+    assert SECRET[:6].encode() not in DEFAULT.body(cut_body, JSON)
+
+
+@given(data=st.binary(max_size=2000), ctype=st.sampled_from([JSON, "text/event-stream", "application/x-www-form-urlencoded", None]))
+@settings(max_examples=300, deadline=None)
+def test_redacting_anything_never_raises(data, ctype):
+    out = DEFAULT.body(data, ctype)
+    assert isinstance(out, bytes)
+    Redactor(json_paths=["$.a[*].b", "$[0]"]).body(data, ctype)
+    DEFAULT.path("/" + data.decode("latin-1"))
+
+
+@given(text=st.text(alphabet=st.sampled_from(list('{}[]":, \\\nabtokenu0')), max_size=200))
+@settings(max_examples=500, deadline=None)
+def test_hostile_json_fragments_never_raise(text):
+    DEFAULT.body(text.encode(), JSON)
+    Redactor(json_paths=["$.*[1]"]).body(text.encode(), JSON)
+
+
+# --------------------------------------------------------------------------- nothing unredacted leaves the proxy
+
+
+def test_the_proxy_hands_the_recorder_only_redacted_facts():
+    """The raw facts a transaction leaves (what is encoded and sent to the recorder process) hold no secret:
+    header values, query values and captured JSON are redacted in the proxy, not later."""
+    docs = [{"kind": "EgressGateway", "metadata": {"name": "gw"},
+             "spec": {"otlp": {"captureBody": {"redact": {"headers": ["x-wallet-id"], "jsonPaths": ["$.vault.pin"]}}}}},
+            {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-a"},
+             "spec": {"credentials": {"tokenSha256": hashlib.sha256(b"tok").hexdigest()}}},
+            {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": ["example.com"]}}]
+    a = TypeAdapter(Document)
+    g = Gateway()
+    g.rt.policy = compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+    f = tflow.tflow()
+    f.request.host, f.request.port, f.request.scheme = "example.com", 443, "https"
+    f.request.path = "/upload?X-Amz-Signature=SIG-SECRET-1&X-Amz-Credential=CRED-SECRET-2&page=2"
+    f.request.headers.clear()
+    f.request.headers.update({"host": "example.com", "content-type": "application/json", "x-auth-token": "XAT-SECRET-3",
+                              "Private-Token": "PT-SECRET-4", "x-wallet-id": "WALLET-SECRET-5",
+                              "proxy-authorization": "Basic " + base64.b64encode(b"team-a.bot:tok").decode()})
+    f.request.content = json.dumps({"client_secret": "CS-SECRET-6", "vault": {"pin": "PIN-SECRET-7"}, "max_tokens": 9}).encode()
+    g.requestheaders(f)
+    g.request(f)
+    resp_body = json.dumps({"access_token": "AT-SECRET-9", "expires_in": 3600}).encode()
+    f.response = tflow.tresp(headers=[(b"content-type", b"application/json"), (b"set-cookie", b"sid=COOKIE-SECRET-8"),
+                                      (b"content-length", str(len(resp_body)).encode())], content=resp_body)
+    g.responseheaders(f)
+    g.response(f)
+    (raw,) = g.rt.unsent
+    shipped = wire.pack_record(raw)
+    assert re.findall(rb"[A-Z]+-SECRET-\d", shipped) == []
+    assert b"max_tokens" in shipped and b"3600" in raw["resp_body"][1] and b"page=2" in shipped

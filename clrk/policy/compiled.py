@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from clrk.hostnames import canonical_ip
 from clrk.policy import models as m
 from clrk.policy.loader import PolicyError, SourcedDocument, load_documents
 from clrk.providers import DEFAULT_HOSTS as DEFAULT_PROVIDER_HOSTS
+from clrk.redact import DEFAULT as DEFAULT_REDACTOR
+from clrk.redact import Redactor
 
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -236,6 +238,8 @@ class GatewayConfig:
     passthrough_ports: frozenset[int] = frozenset()  # listeners in TLS Passthrough mode
     block_private: bool = True  # blockPrivateNetworks
     idle_timeout: int | None = None  # idleTimeoutSeconds (None: mitmproxy's tcp_timeout as set)
+    # What its records redact: the defaults, every injected credential name, its captureBody.redact.
+    redactor: Redactor = field(default=DEFAULT_REDACTOR, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -257,8 +261,11 @@ class CompiledPolicy:
     provider_rules: tuple[ProviderRule, ...] = ()
     # (target kind, target name) -> injections; namespaces checked by `injections_for`
     injections: Mapping[tuple[str, str], tuple[tuple[str | None, Injection], ...]] = field(default_factory=dict, repr=False)
+    # Every name any gateway of this policy redacts beyond SENSITIVE_WORDS (what the recorder redacts again).
     redact_headers: frozenset[str] = SENSITIVE_HEADERS
     redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
+    # For a transaction no gateway owns: every name any gateway redacts.
+    redactor: Redactor = field(default=DEFAULT_REDACTOR, compare=False, repr=False)
 
     def gateway_for_port(self, port: int | None) -> GatewayConfig | None:
         """The gateway listening on `port`; with a single gateway, that one for every port."""
@@ -385,6 +392,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
     names = {k: {sd.doc.metadata.name for sd in v} for k, v in by_kind.items()}
 
     gateways: list[GatewayConfig] = []
+    redacts: list[m.Redact] = []  # each gateway's captureBody.redact, made into its Redactor once injections are known
     referenced: list[str] = []
     port_owner: dict[int, str] = {}
     for sd in by_kind.get("EgressGateway", []):
@@ -416,6 +424,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             port_owner[li.port] = g.metadata.name
             ports.append(li.port)
         types = g.spec.otlp.capture_body.include_content_types
+        redacts.append(g.spec.otlp.capture_body.redact)
         gateways.append(
             GatewayConfig(
                 name=g.metadata.name,
@@ -541,6 +550,13 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
 
     if problems:
         raise PolicyError(problems)
+    gateways = [
+        replace(g, redactor=Redactor(redact_headers | set(r.headers), redact_query | set(r.query_params), r.json_paths))
+        for g, r in zip(gateways, redacts, strict=True)
+    ]
+    for r in redacts:
+        redact_headers.update(r.headers)
+        redact_query.update(q.lower() for q in r.query_params)
     return CompiledPolicy(
         gateways=tuple(gateways),
         agents=agents,
@@ -556,6 +572,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         injections=injections,
         redact_headers=frozenset(redact_headers),
         redact_query=frozenset(redact_query),
+        redactor=Redactor(redact_headers, redact_query),
     )
 
 

@@ -1,4 +1,4 @@
-"""The policy contract of PRODUCT.md §2 as pydantic models: plain data, validated once at load.
+"""The policy contract as pydantic models: plain data, validated once at load.
 
 Field names are snake_case in Python and camelCase in YAML (the aliases), so validation errors name the
 field path exactly as the user wrote it. Unknown fields are errors: a typo in a security policy must not
@@ -11,11 +11,12 @@ import fnmatch
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from clrk.addresses import parse_network
 from clrk.hostnames import canonical_ip, norm_host
+from clrk.redact import parse_json_path
 
 API_VERSION = "clrk.apoxy.dev/v1alpha1"
 PROVIDERS = ("openai", "anthropic", "google_genai")
@@ -121,9 +122,38 @@ class Listener(Spec):
     tls: ListenerTLS = ListenerTLS()
 
 
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_name(v: str) -> str:
+    if not _HEADER_NAME_RE.match(v.strip()):
+        raise ValueError(f"{v!r} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
+    return v.strip().lower()
+
+
+def _query_name(v: str) -> str:
+    if not v.strip():
+        raise ValueError("a query parameter name may not be empty")
+    return v.strip()
+
+
+def _json_path(v: str) -> str:
+    parse_json_path(v)  # raises ValueError saying what is wrong and what is supported
+    return v.strip()
+
+
+class Redact(Spec):
+    """Names and JSON paths a gateway redacts on top of the defaults (clrk.redact); never fewer."""
+
+    headers: list[Annotated[str, AfterValidator(_header_name)]] = []
+    query_params: list[Annotated[str, AfterValidator(_query_name)]] = []
+    json_paths: list[Annotated[str, AfterValidator(_json_path)]] = []
+
+
 class CaptureBody(Spec):
     max_bytes: int = Field(default=65536, ge=0, le=64 * 1024 * 1024)
     include_content_types: list[str] = DEFAULT_CAPTURE_TYPES
+    redact: Redact = Redact()
 
     @field_validator("include_content_types")
     @classmethod

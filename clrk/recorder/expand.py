@@ -1,8 +1,9 @@
-"""The record of PRODUCT.md §3, built in the recorder from a transaction's raw facts (`clrk.transaction.snapshot`).
+"""The record, built in the recorder from a transaction's raw facts (`clrk.transaction.snapshot`).
 
-Redaction happens here, first: sensitive header values and query parameters are replaced before the
-record exists. The sets of names to redact come with the gateway's configuration and only ever grow
-while the recorder runs, so a record from an older policy is never redacted less than that policy said.
+The proxy has redacted the snapshot already (`clrk.transaction.snapshot`); header values and query parameters
+are redacted here again, as a second line, before the record exists. The names to redact come with the
+gateway's configuration and only ever grow while the recorder runs, so a record from an older policy is
+never redacted less than that policy said.
 
 Text arrives as the proxy had it: wire bytes (method, path, header names and values), the invocation id one
 character per byte, and str or — where UTF-8 could not carry it — bytes for everything else. Each text field
@@ -18,7 +19,7 @@ import math
 from clrk import attributes as A
 from clrk import escape
 from clrk.hostnames import norm_host
-from clrk.redact import decode_headers, redact_url
+from clrk.redact import Redactor, decode_headers, redact_url
 
 
 def error_type(message: str) -> str:
@@ -97,7 +98,7 @@ def _invocation(inv, escaped: list[str]) -> str | None:
     return _text(inv, A.INVOCATION_ID, escaped)
 
 
-def _url(raw: dict, sensitive_query: frozenset[str], escaped: list[str]) -> str:
+def _url(raw: dict, redactor: Redactor, escaped: list[str]) -> str:
     host, port, scheme = norm_host(raw["host"]), raw["port"], raw["scheme"] or "https"
     if raw["method"] in ("CONNECT", b"CONNECT"):
         return f"{host}:{port}"
@@ -109,19 +110,19 @@ def _url(raw: dict, sensitive_query: frozenset[str], escaped: list[str]) -> str:
         path, was_escaped = escape.text(path)
         if was_escaped:
             escaped.append(A.URL_FULL)
-    return redact_url(f"{scheme}://{shown}{path}", sensitive_query)
+    return redact_url(f"{scheme}://{shown}{path}", redactor)
 
 
-def _headers(fields, sensitive_headers: frozenset[str], key: str, escaped: list[str]) -> dict[str, str] | None:
+def _headers(fields, redactor: Redactor, key: str, escaped: list[str]) -> dict[str, str] | None:
     if fields is None:
         return None
-    out, was_escaped = decode_headers(fields, sensitive_headers)
+    out, was_escaped = decode_headers(fields, redactor)
     if was_escaped:
         escaped.append(key)
     return out
 
 
-def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozenset[str]) -> dict:
+def expand(raw: dict, redactor: Redactor) -> dict:
     """The record of one transaction from its raw facts. Raises on facts it cannot read (see `salvage`)."""
     escaped: list[str] = []
     t0, t1 = raw["t0"], raw["t1"]
@@ -136,7 +137,7 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
         A.SPAN_ID: span_id,
         A.PARENT_SPAN_ID: parent,
         A.HTTP_REQUEST_METHOD: _text(method, A.HTTP_REQUEST_METHOD, escaped),
-        A.URL_FULL: _url(raw, sensitive_query, escaped),
+        A.URL_FULL: _url(raw, redactor, escaped),
         A.SERVER_ADDRESS: norm_host(raw["host"]),
         A.SERVER_PORT: raw["port"],
         A.HTTP_RESPONSE_STATUS_CODE: raw["status"],
@@ -145,8 +146,8 @@ def expand(raw: dict, sensitive_headers: frozenset[str], sensitive_query: frozen
         A.CLRK_DST_NAME: _text(raw["dst"], A.CLRK_DST_NAME, escaped),
         A.CLRK_DURATION_MS: round((t1 - t0) * 1000.0, 3),
         A.INVOCATION_ID: _invocation(raw["inv"], escaped),
-        A.REQUEST_HEADERS: _headers(raw["req_headers"], sensitive_headers, A.REQUEST_HEADERS, escaped),
-        A.RESPONSE_HEADERS: _headers(raw.get("resp_headers"), sensitive_headers, A.RESPONSE_HEADERS, escaped),
+        A.REQUEST_HEADERS: _headers(raw["req_headers"], redactor, A.REQUEST_HEADERS, escaped),
+        A.RESPONSE_HEADERS: _headers(raw.get("resp_headers"), redactor, A.RESPONSE_HEADERS, escaped),
         A.CLRK_BODY_REQUEST_REWRITTEN: raw["rewritten"],
     }
     if raw["decision"] is not None:

@@ -33,6 +33,7 @@ from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.recorder.expand import expand, salvage
 from clrk.recorder.export import Exporter
 from clrk.recorder.store import Store, StoreError, budget_totals, fetch_budgets, fetch_records, fetch_spend
+from clrk.redact import Redactor
 from clrk.wire import WireError, pack, read_message, record_ids
 
 log = logging.getLogger("clrk.recorder")
@@ -55,6 +56,7 @@ class Recorder:
         self._last_store_log = 0.0
         self.redact_headers: frozenset[str] = SENSITIVE_HEADERS
         self.redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
+        self.redactor = Redactor()
         self.dropped = 0  # records not stored: here, or at a proxy (`dropped_at_proxy` of these)
         self.dropped_at_proxy = 0
         self.incomplete = 0  # records stored without some of their values (clrk.record.incomplete says which)
@@ -101,7 +103,7 @@ class Recorder:
         rows = []
         for raw in raws:
             try:
-                rows.append(expand(raw, self.redact_headers, self.redact_query))
+                rows.append(expand(raw, self.redactor))
                 continue
             except Exception as e:  # one malformed transaction must not cost the batch, nor its budget charge
                 why = f"recorder: the record could not be built ({type(e).__name__}: {str(e)[:200]})"
@@ -161,6 +163,7 @@ class Recorder:
                 elif t == "config":
                     self.redact_headers = self.redact_headers | frozenset(msg.get("redact_headers") or ())
                     self.redact_query = self.redact_query | frozenset(msg.get("redact_query") or ())
+                    self.redactor = Redactor(self.redact_headers, self.redact_query)
                     try:
                         await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "")
                     except Exception:  # export is best effort: the store keeps working without it

@@ -168,8 +168,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
             self.close_connection = True
             return
-        # Never echo values: tests search every output for secrets the agent sent.
-        info = {"method": self.command, "path": u.path, "query_keys": sorted(qs), "header_names": sorted(seen.headers),
+        # Never echo values: tests search every output for secrets the agent sent. (Member names without a
+        # sensitive word, so that records keep this body as the client got it.)
+        info = {"method": self.command, "path": u.path, "query_names": sorted(qs), "header_names": sorted(seen.headers),
                 "body_bytes": len(body)}
         return self._send(200, json.dumps(info).encode())
 
