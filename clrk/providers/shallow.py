@@ -19,7 +19,7 @@ SMALL_MEMBER = 64 * 1024  # members up to this size are parsed; larger ones are 
 
 _TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
-_SCALAR = re.compile(rb"-?[0-9][0-9.eE+-]*|true|false|null")
+_SCALAR = re.compile(rb"-?[0-9][0-9.eE+-]*|true|false|null|NaN|-?Infinity")  # what json.loads reads
 _WS = re.compile(rb"[ \t\r\n]*")
 _OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
 
