@@ -1,6 +1,6 @@
-"""The record, built in the recorder from a transaction's raw facts (`clrk.transaction.snapshot`).
+"""The record, built in the recorder from a transaction's raw facts (`clrk.proxy.transaction.snapshot`).
 
-The proxy has redacted the snapshot already (`clrk.transaction.snapshot`); header values and query parameters
+The proxy has redacted the snapshot already (`clrk.proxy.transaction.snapshot`); header values and query parameters
 are redacted here again, as a second line, before the record exists. The names to redact come with the
 gateway's configuration and only ever grow while the recorder runs, so a record from an older policy is
 never redacted less than that policy said.

@@ -1,5 +1,5 @@
 """The one addon mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`): `Gateway`, which runs clrk's
-steps (clrk.addons, clrk.routing) in data-path order.
+steps (clrk.proxy.addons, clrk.proxy.routing) in data-path order.
 
 Why one addon and not nine: mitmproxy looks every hook up on every addon for every event (requestheaders,
 request, responseheaders, response, and an `update` after each), so each top-level addon costs a traversal,
@@ -19,10 +19,10 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from clrk.addons import Capture, EgressControl, Failsafe, PolicyLoader, Providers, ProxyAuth, Recording
-from clrk.passthrough import Passthrough
-from clrk.routing import Credentials, ProviderRouting
-from clrk.runtime import Runtime
+from clrk.proxy.addons import Capture, EgressControl, Failsafe, PolicyLoader, Providers, ProxyAuth, Recording
+from clrk.proxy.passthrough import Passthrough
+from clrk.proxy.routing import Credentials, ProviderRouting
+from clrk.proxy.runtime import Runtime
 
 log = logging.getLogger("clrk")
 

@@ -23,13 +23,13 @@ from collections.abc import Awaitable
 
 from mitmproxy import http
 
-from clrk.capture import request_is_buffered
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
 from clrk.providers import shallow
 from clrk.providers.base import ProviderParser
-from clrk.runtime import Runtime, refuse
-from clrk.transaction import METADATA_KEY, Transaction
+from clrk.proxy.capture import request_is_buffered
+from clrk.proxy.runtime import Runtime, refuse
+from clrk.proxy.transaction import METADATA_KEY, Transaction
 
 log = logging.getLogger("clrk")
 

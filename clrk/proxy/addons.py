@@ -1,11 +1,11 @@
-"""clrk's steps, one job each, run in this order by the one addon mitmproxy sees (`clrk.mitmaddon.Gateway`):
+"""clrk's steps, one job each, run in this order by the one addon mitmproxy sees (`clrk.proxy.gateway.Gateway`):
 
   PolicyLoader     options, policy load and hot reload, the mitmproxy settings clrk relies on
   ProxyAuth        who is asking, and for where (Proxy-Authorization on CONNECT or per request)
   Providers        model-provider calls recognised and parsed (gen_ai.* attributes, usage)
   EgressControl    the decision; denials answered here; the last guard before any upstream connection
-  ProviderRouting  (clrk.routing) token budgets and Backends of the matched AIProviderRoute rule
-  Credentials      (clrk.routing) provider keys injected on the upstream request
+  ProviderRouting  (clrk.proxy.routing) token budgets and Backends of the matched AIProviderRoute rule
+  Credentials      (clrk.proxy.routing) provider keys injected on the upstream request
   Capture          bounded body capture on the pass-through (feeds the provider parser)
   Recording        one record per transaction, handed to the recorder process
   Failsafe         last: nothing goes upstream without an allow decision, whatever failed above
@@ -35,14 +35,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
 from clrk.addresses import dial_form, literal, refusal, resolved
-from clrk.budget import day_start, utc_day
 from clrk.ca import ensure_ca
-from clrk.capture import (
-    PROVIDER_BUFFER_LIMIT,
-    BodyCapture,
-    request_is_buffered,
-    response_is_buffered,
-)
 from clrk.decision import RULE_DESTINATION, RULE_MALFORMED, AuthResult, Decision, RequestFacts, decide
 from clrk.escape import printable
 from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_target
@@ -51,10 +44,17 @@ from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
 from clrk.policy.loader import policy_files
 from clrk.providers import parser_for
-from clrk.runtime import Runtime, Tunnel, deny_response, listener_port, refuse
+from clrk.proxy.budget import day_start, utc_day
+from clrk.proxy.capture import (
+    PROVIDER_BUFFER_LIMIT,
+    BodyCapture,
+    request_is_buffered,
+    response_is_buffered,
+)
+from clrk.proxy.runtime import Runtime, Tunnel, deny_response, listener_port, refuse
+from clrk.proxy.sink import RecordSink
+from clrk.proxy.transaction import METADATA_KEY, Transaction, header_index, scan_request_headers
 from clrk.settings import Settings
-from clrk.sink import RecordSink
-from clrk.transaction import METADATA_KEY, Transaction, header_index, scan_request_headers
 
 log = logging.getLogger("clrk")
 
@@ -603,8 +603,8 @@ class Capture:
     """Bounded body capture. Bodies of unknown or large size, and every event stream, are streamed through a
     `BodyCapture` chunk by chunk (SSE reaches the agent live, memory stays bounded). Small bodies of known
     length are left to mitmproxy to buffer, as bare mitmproxy does, and summarised from its bytes when the
-    record is made (`clrk.transaction.snapshot`); only an encoded one goes through a `BodyCapture`, whose
-    decoding is bounded (see `clrk.capture.request_is_buffered`)."""
+    record is made (`clrk.proxy.transaction.snapshot`); only an encoded one goes through a `BodyCapture`, whose
+    decoding is bounded (see `clrk.proxy.capture.request_is_buffered`)."""
 
     name = "clrk_capture"
 

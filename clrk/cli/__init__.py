@@ -51,9 +51,9 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> None:
     from clrk.ca import ensure_ca
-    from clrk.dev.session import DevSession
-    from clrk.dev.tui import DevApp
-    from clrk.feed import RecordFeed
+    from clrk.cli.dev.session import DevSession
+    from clrk.cli.dev.tui import DevApp
+    from clrk.cli.feed import RecordFeed
 
     policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else policy.listener_ports() or [8080]
@@ -178,7 +178,7 @@ def cmd_records(args: argparse.Namespace) -> None:
 def cmd_tail(args: argparse.Namespace) -> None:
     import time
 
-    from clrk.feed import RecordFeed
+    from clrk.cli.feed import RecordFeed
 
     feed = RecordFeed(args.db, query={"agent": args.agent, "invocation": args.invocation, "host": args.host})
     waiting = False
@@ -233,7 +233,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_spend(args: argparse.Namespace) -> None:
     import time
 
-    from clrk.budget import day_start, utc_day
+    from clrk.proxy.budget import day_start, utc_day
     from clrk.recorder.store import parse_since
 
     if args.since:

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
-from clrk.budget import MAX_TOKENS, BudgetLedger
-from clrk.capture import has_body, request_is_buffered
 from clrk.decision import Decision
 from clrk.escape import printable
 from clrk.identity import AuthThrottle
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
-from clrk.sink import RecordSink
-from clrk.transaction import METADATA_KEY, Transaction, snapshot
+from clrk.proxy.budget import MAX_TOKENS, BudgetLedger
+from clrk.proxy.capture import has_body, request_is_buffered
+from clrk.proxy.sink import RecordSink
+from clrk.proxy.transaction import METADATA_KEY, Transaction, snapshot
 
 log = logging.getLogger("clrk")
 

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from clrk.budget import Reservation
-from clrk.capture import BodyCapture
 from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
+from clrk.proxy.budget import Reservation
+from clrk.proxy.capture import BodyCapture
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
 from clrk.redact import Redactor
 
 if TYPE_CHECKING:
-    from clrk.runtime import Tunnel
+    from clrk.proxy.runtime import Tunnel
 from clrk.providers import ProviderParser
 
 METADATA_KEY = "clrk"
