@@ -51,9 +51,9 @@ from clrk.proxy.capture import (
     request_is_buffered,
     response_is_buffered,
 )
-from clrk.proxy.runtime import Runtime, Tunnel, deny_response, listener_port, refuse
+from clrk.proxy.runtime import Runtime, deny_response, listener_port, refuse
 from clrk.proxy.sink import RecordSink
-from clrk.proxy.transaction import METADATA_KEY, Transaction, header_index, scan_request_headers
+from clrk.proxy.transaction import METADATA_KEY, Transaction, Tunnel, header_index, scan_request_headers
 from clrk.settings import Settings
 
 log = logging.getLogger("clrk")

@@ -1,11 +1,10 @@
-"""State the addons share: the current policy, the record sink, the budget ledger, per-connection facts."""
+"""State the steps share: the current policy, the record sink, the budget ledger, per-connection facts."""
 
 from __future__ import annotations
 
 import json
 import logging
 import weakref
-from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
@@ -17,21 +16,9 @@ from clrk.policy.compiled import AgentIdentity
 from clrk.proxy.budget import MAX_TOKENS, BudgetLedger
 from clrk.proxy.capture import has_body, request_is_buffered
 from clrk.proxy.sink import RecordSink
-from clrk.proxy.transaction import METADATA_KEY, Transaction, snapshot
+from clrk.proxy.transaction import METADATA_KEY, Transaction, Tunnel, snapshot
 
 log = logging.getLogger("clrk")
-
-
-@dataclass(slots=True)
-class Tunnel:
-    """What a successful CONNECT established: who, and to where."""
-
-    agent: AgentIdentity
-    digest: bytes
-    host: str
-    port: int
-    sni: str | None = None  # the client's TLS server name, normalised, once its handshake is done
-    l4: Decision | None = None  # on a TLS Passthrough listener: the decision made on the CONNECT
 
 
 class Runtime:

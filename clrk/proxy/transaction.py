@@ -13,23 +13,31 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
 from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
+from clrk.providers import ProviderParser
 from clrk.proxy.budget import Reservation
 from clrk.proxy.capture import BodyCapture
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
 from clrk.redact import Redactor
 
-if TYPE_CHECKING:
-    from clrk.proxy.runtime import Tunnel
-from clrk.providers import ProviderParser
-
 METADATA_KEY = "clrk"
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """What a successful CONNECT established: who, and to where."""
+
+    agent: AgentIdentity
+    digest: bytes
+    host: str
+    port: int
+    sni: str | None = None  # the client's TLS server name, normalised, once its handshake is done
+    l4: Decision | None = None  # on a TLS Passthrough listener: the decision made on the CONNECT
 
 
 @dataclass(slots=True)
