@@ -30,7 +30,7 @@ def _checked_policy(path: str):
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
-    from clrk.ca import ensure_ca
+    from clrk.proxy.ca import ensure_ca
 
     policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else policy.listener_ports() or [8080]
@@ -50,10 +50,10 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
-    from clrk.ca import ensure_ca
     from clrk.cli.dev.session import DevSession
     from clrk.cli.dev.tui import DevApp
     from clrk.cli.feed import RecordFeed
+    from clrk.proxy.ca import ensure_ca
 
     policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else policy.listener_ports() or [8080]
@@ -74,7 +74,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_ca(args: argparse.Namespace) -> None:
-    from clrk.ca import ensure_ca
+    from clrk.proxy.ca import ensure_ca
 
     cert = ensure_ca(args.certs).resolve()
     policy = _checked_policy(args.policies)

@@ -35,7 +35,6 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
 from clrk.addresses import dial_form, literal, refusal, resolved
-from clrk.ca import ensure_ca
 from clrk.decision import RULE_DESTINATION, RULE_MALFORMED, AuthResult, Decision, RequestFacts, decide
 from clrk.escape import printable
 from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_target
@@ -45,6 +44,7 @@ from clrk.policy.compiled import AgentIdentity, GatewayConfig
 from clrk.policy.loader import policy_files
 from clrk.providers import parser_for
 from clrk.proxy.budget import day_start, utc_day
+from clrk.proxy.ca import ensure_ca
 from clrk.proxy.capture import (
     PROVIDER_BUFFER_LIMIT,
     BodyCapture,
