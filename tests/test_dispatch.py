@@ -21,8 +21,9 @@ from clrk.policy.compiled import compile_documents
 from clrk.policy.loader import SourcedDocument
 from clrk.policy.models import Document
 from clrk.proxy import gateway as mitmaddon
-from clrk.proxy.addons import EgressControl, Providers
 from clrk.proxy.gateway import Gateway, run_steps
+from clrk.proxy.steps.egress import EgressControl
+from clrk.proxy.steps.providers import Providers
 from clrk.proxy.transaction import METADATA_KEY
 
 

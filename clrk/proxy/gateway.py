@@ -1,5 +1,5 @@
 """The one addon mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`): `Gateway`, which runs clrk's
-steps (clrk.proxy.addons, clrk.proxy.routing) in data-path order.
+steps (clrk/proxy/steps/, one file each) in data-path order.
 
 Why one addon and not nine: mitmproxy looks every hook up on every addon for every event (requestheaders,
 request, responseheaders, response, and an `update` after each), so each top-level addon costs a traversal,
@@ -19,10 +19,17 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from clrk.proxy.addons import Capture, EgressControl, Failsafe, PolicyLoader, Providers, ProxyAuth, Recording
-from clrk.proxy.passthrough import Passthrough
-from clrk.proxy.routing import Credentials, ProviderRouting
 from clrk.proxy.runtime import Runtime
+from clrk.proxy.steps.auth import ProxyAuth
+from clrk.proxy.steps.capture import Capture
+from clrk.proxy.steps.credentials import Credentials
+from clrk.proxy.steps.egress import EgressControl
+from clrk.proxy.steps.failsafe import Failsafe
+from clrk.proxy.steps.passthrough import Passthrough
+from clrk.proxy.steps.policy import PolicyLoader
+from clrk.proxy.steps.providers import Providers
+from clrk.proxy.steps.recording import Recording
+from clrk.proxy.steps.routing import ProviderRouting
 
 log = logging.getLogger("clrk")
 
