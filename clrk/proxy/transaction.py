@@ -58,8 +58,6 @@ class Transaction:
     genai: ProviderParser | None = None  # set for model-provider calls
     upstream_response: bool = False  # False while the response (if any) is one the gateway made up
     request_rewritten: bool = False
-    routed: bool = False  # the AIProviderRoute rule's budget and backend were applied
-    credentials_injected: bool = False
     budget_pool: str | None = None
     budget_max: int | None = None
     budget_denied: bool = False

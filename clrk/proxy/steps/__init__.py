@@ -4,9 +4,10 @@
   auth.ProxyAuth             who is asking, and for where (Proxy-Authorization on CONNECT or per request)
   passthrough.Passthrough    TLS Passthrough listeners: CONNECT decided at L4, ClientHello checked, bytes relayed
   providers.Providers        model-provider calls recognised and parsed (gen_ai.* attributes, usage)
-  egress.EgressControl       the decision; denials answered here; the last guard before any upstream connection
-  routing.ProviderRouting    token budgets and Backends of the matched AIProviderRoute rule
-  credentials.Credentials    provider keys injected on the upstream request
+  egress.EgressControl       the decision; denials answered here; the last guard before any upstream connection;
+                             where it allows a request, it runs (once) what follows an allow:
+    routing.ProviderRouting    token budgets and Backends of the matched AIProviderRoute rule
+    credentials.Credentials    provider keys injected on the upstream request
   capture.Capture            bounded body capture on the pass-through (feeds the provider parser)
   recording.Recording        one record per transaction, handed to the recorder process
   failsafe.Failsafe          last: nothing goes upstream without an allow decision, whatever failed above

@@ -10,27 +10,19 @@ from clrk.proxy.transaction import METADATA_KEY, Transaction
 
 
 class Credentials:
-    """Sets the provider key a CredentialInjectionPolicy names, over whatever the agent sent."""
+    """Sets the provider key a CredentialInjectionPolicy names, over whatever the agent sent. Not a hook of its
+    own: `EgressControl` runs `inject` once, where it allows the request, after the routing."""
 
     name = "clrk_credentials"
 
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._inject(flow)
-
-    def request(self, flow: http.HTTPFlow) -> None:
-        self._inject(flow)
-
-    def _inject(self, flow: http.HTTPFlow) -> None:
+    def inject(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         policy = self.rt.policy
         if tx is None or policy is None or flow.response or flow.error or tx.decision is None or not tx.decision.allow:
             return
-        if tx.credentials_injected:
-            return
-        tx.credentials_injected = True
         d = tx.decision
         if d.provider_rule is not None:
             injections = policy.injections_for("AIProviderRoute", d.provider_rule.route_name, d.provider_rule.route_namespace)

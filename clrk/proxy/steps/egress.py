@@ -20,6 +20,7 @@ from clrk.identity import invocation_from_baggage
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
 from clrk.proxy.capture import request_is_buffered
+from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime, listener_port, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
 
@@ -27,14 +28,25 @@ log = logging.getLogger("clrk")
 
 
 class EgressControl:
-    """Decides each request; answers denials; lets mitmproxy dial only what a decision allowed."""
+    """Decides each request; answers denials; lets mitmproxy dial only what a decision allowed; and, where it
+    allows a request, runs what an allow sets in motion (`then_allowed`), exactly once per request."""
 
     name = "clrk_egress"
 
     def __init__(self, rt: Runtime):
         self.rt = rt
+        self._allowed: tuple[Step, ...] = ()  # routing, then credentials (set by the Gateway: then_allowed)
+        self._allowed_routing: tuple[Step, ...] = ()
+        self._allowed_credentials: tuple[Step, ...] = ()
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def then_allowed(self, routing: Step, credentials: Step) -> None:
+        """The steps an allow decision sets in motion, in order, each under its own error guard: the
+        AIProviderRoute rule's budget admission and Backend, then the provider credentials."""
+        self._allowed = (routing, credentials)
+        self._allowed_routing = (routing,)
+        self._allowed_credentials = (credentials,)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or flow.response or flow.error or tx.dst_name is None:
             return
@@ -84,13 +96,22 @@ class EgressControl:
         # Authentication, destination and deny policies are settled on the headers, so nothing unauthorised
         # makes the gateway read its body; None means the answer depends on the model in the body.
         d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), tx.facts)
-        if d is not None:
-            self._apply(flow, tx, d)
+        if d is None:
+            return None
+        return self._apply(flow, tx, d, "requestheaders", body_in=False)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        if tx is None or tx.decision is not None or tx.facts is None or flow.response or flow.error:
-            return
+        if tx is None or flow.response or flow.error:
+            return None
+        d = tx.decision
+        if d is not None:
+            # Allowed on the headers: a budgeted call was left to be routed now, with its body in (see _apply).
+            if d.allow and self._budget_waits_for_body(tx, d):
+                return run_steps("request", self._allowed_routing, flow)
+            return None
+        if tx.facts is None:
+            return None
         policy = self.rt.policy
         assert policy is not None
         model = tx.genai.result.request_model if tx.genai else None
@@ -98,18 +119,31 @@ class EgressControl:
         facts.model, facts.model_pending = model, False
         d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
         assert d is not None
-        self._apply(flow, tx, d)
+        return self._apply(flow, tx, d, "request", body_in=True)
 
-    def _apply(self, flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
+    def _apply(self, flow: http.HTTPFlow, tx: Transaction, d: Decision, hook: str, body_in: bool) -> Awaitable[None] | None:
+        """Puts the decision in force. An allow runs what follows it here, once: routing, then credentials
+        (what waits, the budget ledger still loading, is returned to be awaited; the gateway's later steps
+        run after it). A budgeted call allowed on its headers has its credentials set now and is routed on
+        the request hook, once the whole body it is estimated from is in."""
         tx.decision = d
         req = flow.request
         if not d.allow:
             refuse(flow, tx, d)
-            return
+            return None
         if tx.req_h and "traceparent" in tx.req_h:
             req.headers["traceparent"] = tx.trace.traceparent()
         assert tx.agent is not None  # an allow decision has one
         self.rt.allow(flow.client_conn, req.host, req.port, tx.agent)
+        if not body_in and self._budget_waits_for_body(tx, d):
+            return run_steps(hook, self._allowed_credentials, flow)
+        return run_steps(hook, self._allowed, flow)
+
+    @staticmethod
+    def _budget_waits_for_body(tx: Transaction, d: Decision) -> bool:
+        """A budgeted call whose body the gateway reads whole: its estimate waits for that body."""
+        rule = d.provider_rule
+        return rule is not None and rule.budget is not None and request_is_buffered(tx.req_h or {}, provider=True)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response

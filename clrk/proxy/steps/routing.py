@@ -43,41 +43,25 @@ def estimate(genai: ProviderParser | None, budget: BudgetConfig) -> int:
     return max(1, output + genai.request_size // 4 + held)
 
 
-def _allowed_provider_call(flow: http.HTTPFlow) -> tuple[Transaction, ProviderRule] | None:
-    tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-    if tx is None or flow.response or flow.error or tx.decision is None or not tx.decision.allow:
-        return None
-    pr = tx.decision.provider_rule
-    return (tx, pr) if pr is not None else None
-
-
 class ProviderRouting:
-    """Applies the matched AIProviderRoute rule: budget admission first, then the Backend."""
+    """Applies the matched AIProviderRoute rule: budget admission first, then the Backend. Not a hook of its
+    own: `EgressControl` runs `route` once, where it allows the request (a budgeted call whose body is still to
+    come, on the request hook: its estimate needs the whole body)."""
 
     name = "clrk_provider_routing"
 
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        # Decided on headers (streamed body, or model in the path): a budget waits for a whole body to estimate.
-        found = _allowed_provider_call(flow)
-        if found is not None and found[1].budget is not None:
-            if request_is_buffered(found[0].req_h or {}, provider=True):
-                return None
-        return self._apply(flow)
-
-    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        return self._apply(flow)
-
-    def _apply(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    def route(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Plain function on the hot path; only right after start, while today's usage is still being read
         from the store, does a budgeted call wait (it then returns the awaitable that finishes the job)."""
-        found = _allowed_provider_call(flow)
-        if found is None or found[0].routed:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or flow.response or flow.error or tx.decision is None or not tx.decision.allow:
             return None
-        tx, rule = found
-        tx.routed = True
+        rule = tx.decision.provider_rule
+        if rule is None:
+            return None
         if rule.budget is not None and not self.rt.ledger.loaded:
             return self._apply_when_loaded(flow, tx, rule)
         self._route_call(flow, tx, rule)
