@@ -34,6 +34,9 @@ class Runtime:
         # (whose EgressRoute cidrs apply when the name is resolved); nothing else may be dialled.
         self.allowed: dict[str, dict[tuple[str, int], AgentIdentity]] = {}
         self.aliased: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = weakref.WeakKeyDictionary()
+        # The last upstream connection refused for a client connection, by the message it failed with: the flow
+        # that needed it fails with that message, and its record gets error.type policy_blocked.
+        self.blocked: dict[str, str] = {}
         self.unsent: list[dict] = []
         self.in_flight = 0  # transactions begun and not yet recorded (what a graceful stop waits for)
 
@@ -47,6 +50,7 @@ class Runtime:
     def forget(self, client: connection.Client) -> None:
         self.tunnels.pop(client.id, None)
         self.allowed.pop(client.id, None)
+        self.blocked.pop(client.id, None)
 
     def finish(self, flow: http.HTTPFlow, tx: Transaction) -> None:
         """Ends the transaction: the provider parser's last word, the budget settled, the record shipped."""

@@ -169,13 +169,13 @@ class EgressControl:
         if allowed is None or addr not in allowed:
             # Defence in depth: whatever path led here (raw TCP in a tunnel, a protocol upgrade we did not
             # judge), no decision allowed this destination.
-            data.server.error = f"clrk: connection to {addr[0]}:{addr[1]} is not allowed by policy"
+            self._block(data, f"clrk: connection to {addr[0]}:{addr[1]} is not allowed by policy")
             log.warning("clrk: blocked an upstream connection to %s:%s that no decision allowed", *addr)
             return None
         try:
             return self._guard(data, addr, allowed[addr])
         except Exception:  # never fail open: an unjudged address is not dialled
-            data.server.error = f"clrk: {addr[0]}:{addr[1]} is not allowed: its address could not be checked"
+            self._block(data, f"clrk: {addr[0]}:{addr[1]} is not allowed: its address could not be checked")
             log.exception("clrk: checking the address of %s:%s failed; not connecting", *addr)
             return None
 
@@ -236,12 +236,17 @@ class EgressControl:
             self.rt.aliased[data.server] = addr
             data.server.address = (dial_form(ips[0]), addr[1])
         except Exception:  # never fail open: left as it was, the name would be resolved again and dialled
-            data.server.error = f"clrk: {addr[0]} is not allowed: its addresses could not be checked"
+            self._block(data, f"clrk: {addr[0]} is not allowed: its addresses could not be checked")
             log.exception("clrk: checking the addresses of %s:%s failed; not connecting", *addr)
 
-    @staticmethod
-    def _refuse(data: server_hooks.ServerConnectionHookData, addr: tuple[str, int], why: str) -> None:
-        data.server.error = f"clrk: {addr[0]} is not allowed: {why}"
+    def _block(self, data: server_hooks.ServerConnectionHookData, message: str) -> None:
+        """Refuses the upstream connection; the flow that needed it fails with `message`, and the error hook
+        gives its record error.type policy_blocked (`Runtime.blocked`)."""
+        data.server.error = message
+        self.rt.blocked[data.client.id] = message
+
+    def _refuse(self, data: server_hooks.ServerConnectionHookData, addr: tuple[str, int], why: str) -> None:
+        self._block(data, f"clrk: {addr[0]} is not allowed: {why}")
         log.warning("clrk: blocked %s:%s: %s", addr[0], addr[1], why)
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:

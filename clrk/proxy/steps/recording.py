@@ -107,6 +107,11 @@ class Recording:
             idle = ctx.options.tcp_timeout
             if time.time() - sent >= idle * 0.95 and "disconnect" in flow.error.msg.lower():
                 tx.error = f"timeout: the upstream did not answer within {idle} s (tcp_timeout)"
+                tx.error_type = "timeout"
+        if flow.error is not None and tx.error is None:
+            blocked = self.rt.blocked.get(flow.client_conn.id)
+            if blocked is not None and blocked in flow.error.msg:  # the flow failed on the refused connection
+                tx.error_type = "policy_blocked"
         self.rt.finish(flow, tx)
 
     async def done(self) -> None:
