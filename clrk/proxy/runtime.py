@@ -17,6 +17,7 @@ from clrk.proxy.budget import MAX_TOKENS, BudgetLedger
 from clrk.proxy.capture import has_body, request_is_buffered
 from clrk.proxy.sink import RecordSink
 from clrk.proxy.transaction import METADATA_KEY, Transaction, Tunnel, snapshot
+from clrk.snapshot import Snapshot
 
 log = logging.getLogger("clrk")
 
@@ -37,7 +38,7 @@ class Runtime:
         # The last upstream connection refused for a client connection, by the message it failed with: the flow
         # that needed it fails with that message, and its record gets error.type policy_blocked.
         self.blocked: dict[str, str] = {}
-        self.unsent: list[dict] = []
+        self.unsent: list[Snapshot] = []
         self.in_flight = 0  # transactions begun and not yet recorded (what a graceful stop waits for)
 
     def allow(self, client: connection.Client, host: str, port: int, agent: AgentIdentity) -> None:
@@ -79,7 +80,7 @@ class Runtime:
         # would wait for it too, and be traversed. Later hooks of this flow find no transaction: it is recorded.
         flow.metadata.pop(METADATA_KEY, None)
 
-    def submit(self, rec: dict) -> None:
+    def submit(self, rec: Snapshot) -> None:
         if self.sink is not None:
             self.sink.submit(rec)
         else:  # before the sink started: kept for it

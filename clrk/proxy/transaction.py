@@ -24,6 +24,7 @@ from clrk.proxy.budget import Reservation
 from clrk.proxy.capture import BodyCapture
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
 from clrk.redact import Redactor
+from clrk.snapshot import Snapshot
 
 METADATA_KEY = "clrk"
 
@@ -148,7 +149,7 @@ def _redacted_target(path: bytes, redactor: Redactor) -> bytes:
     return path if red is text else red.encode("latin-1")
 
 
-def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_REDACTOR) -> dict:
+def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_REDACTOR) -> Snapshot:
     """The raw facts of a finished transaction, for the recorder to turn into the record
     (`clrk.recorder.expand`), redacted by the transaction's gateway (`redactor` when it has none). On the
     proxy's thread: no formatting, and no copies unless something is redacted."""
@@ -165,7 +166,7 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
     if resp is not None:
         resp_ctype = tx.resp_h.get("content-type") if tx.resp_h is not None else resp.headers.get("content-type")
     d, a = tx.decision, tx.agent
-    raw: dict = {
+    raw: Snapshot = {
         "t0": tx.start,
         "t1": end,
         "ids": (tx.trace.trace_id, tx.trace.span_id, tx.trace.parent_span_id),
@@ -202,7 +203,7 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
     return raw
 
 
-def snapshot_l4(tx: Transaction, host: str, port: int, end: float, up: int, down: int, error: str | None) -> dict:
+def snapshot_l4(tx: Transaction, host: str, port: int, end: float, up: int, down: int, error: str | None) -> Snapshot:
     """The raw facts of a TLS Passthrough tunnel (one record per connection): bytes each way, no L7."""
     d, a = tx.decision, tx.agent
     return {
