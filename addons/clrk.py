@@ -10,4 +10,4 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 if getattr(sys.modules.get("clrk"), "__file__", None) == os.path.abspath(__file__):
     del sys.modules["clrk"]
 
-from clrk.mitmaddon import addons  # noqa: E402,F401  (mitmproxy reads the module-level `addons` list)
+from clrk.proxy.gateway import addons  # noqa: E402,F401  (mitmproxy reads the module-level `addons` list)

@@ -15,7 +15,7 @@ names (`code`, `sig`) apply to URLs and form bodies only (a JSON `"code"` is usu
 usage breakdowns of model APIs (`prompt_tokens_details`, `promptTokensDetails`: counts and modality labels)
 are judged without that suffix.
 
-Where: the proxy applies it when it takes a transaction's snapshot (`clrk.transaction.snapshot`), so nothing
+Where: the proxy applies it when it takes a transaction's snapshot (`clrk.proxy.transaction.snapshot`), so nothing
 unredacted is handed to the recorder process; the recorder redacts headers and URLs again when it builds
 the record (a second line).
 

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from clrk.budget import BudgetLedger, day_start, utc_day
 from clrk.policy import PolicyError, load_policy
 from clrk.policy.compiled import BudgetConfig
 from clrk.providers import DEFAULT_HOSTS, parser_for
-from clrk.routing import estimate
+from clrk.proxy.budget import BudgetLedger, day_start, utc_day
+from clrk.proxy.steps.routing import estimate
 
 T0 = day_start(dt.date(2026, 11, 30)) + 3600
 

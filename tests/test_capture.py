@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clrk.capture import PIECE, BodyCapture
+from clrk.proxy.capture import PIECE, BodyCapture
 
 try:
     from compression import zstd  # type: ignore[import-not-found]
@@ -107,7 +107,7 @@ def test_concatenated_gzip_members():
 
 
 def test_which_bodies_are_buffered():
-    from clrk.capture import request_is_buffered, response_is_buffered
+    from clrk.proxy.capture import request_is_buffered, response_is_buffered
 
     assert request_is_buffered({}, provider=True)  # no body: nothing to stream (a GET)
     assert request_is_buffered({"content-length": "0"}, provider=False)

@@ -28,10 +28,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from textual.widgets import DataTable, Static
 
 from clrk import attributes as A
-from clrk.dev.receiver import OtlpReceiver
-from clrk.dev.session import DevSession
-from clrk.dev.tui import DetailScreen, DevApp, HelpScreen
-from clrk.feed import RecordFeed
+from clrk.cli.dev.receiver import OtlpReceiver
+from clrk.cli.dev.session import DevSession
+from clrk.cli.dev.tui import DetailScreen, DevApp, HelpScreen
+from clrk.cli.feed import RecordFeed
 from tests.harness import fake_provider
 from tests.harness.gateway import AGENT_TOKEN, agent_docs, free_port, gateway_doc, route
 

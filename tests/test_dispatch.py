@@ -17,13 +17,14 @@ from mitmproxy import flow
 from mitmproxy.test import tflow
 from pydantic import TypeAdapter
 
-from clrk import mitmaddon
-from clrk.addons import EgressControl, Providers
-from clrk.mitmaddon import Gateway, run_steps
 from clrk.policy.compiled import compile_documents
 from clrk.policy.loader import SourcedDocument
 from clrk.policy.models import Document
-from clrk.transaction import METADATA_KEY
+from clrk.proxy import gateway as mitmaddon
+from clrk.proxy.gateway import Gateway, run_steps
+from clrk.proxy.steps.egress import EgressControl
+from clrk.proxy.steps.providers import Providers
+from clrk.proxy.transaction import METADATA_KEY
 
 
 def _policy(allow_host: str):
@@ -155,7 +156,7 @@ def test_the_gateway_process_puts_gateway_where_mitmdump_s_would(tmp_path):
     code = (
         "import asyncio, json\n"
         "from mitmproxy.options import Options\n"
-        "from clrk.proxy import GatewayMaster\n"
+        "from clrk.proxy.master import GatewayMaster\n"
         "async def main():\n"
         "    m = GatewayMaster(Options(), with_termlog=False)\n"
         "    g = m.add_gateway()\n"

@@ -16,11 +16,11 @@ from pydantic import TypeAdapter
 
 from clrk import identity as I
 from clrk.identity import AuthThrottle, authenticate
-from clrk.mitmaddon import Gateway
 from clrk.policy.compiled import compile_documents
 from clrk.policy.loader import SourcedDocument
 from clrk.policy.models import Document
-from clrk.transaction import METADATA_KEY
+from clrk.proxy.gateway import Gateway
+from clrk.proxy.transaction import METADATA_KEY
 
 
 def _policy():

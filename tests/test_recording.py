@@ -25,8 +25,8 @@ from textual.widgets import DataTable, Static
 
 from clrk import attributes as A
 from clrk import escape, wire
-from clrk.dev.tui import DetailScreen, DevApp, record_row, transaction_text
-from clrk.feed import RecordFeed
+from clrk.cli.dev.tui import DetailScreen, DevApp, record_row, transaction_text
+from clrk.cli.feed import RecordFeed
 from tests.harness import fake_provider
 from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, basic, gateway_doc, proxy_connect, route
 
@@ -324,7 +324,7 @@ def test_records_a_proxy_drops_are_counted_by_the_recorder(tmp_path, monkeypatch
 
 def test_a_record_msgpack_refuses_is_shipped_without_the_value_it_cannot_carry(tmp_path):
     """It used to be dropped whole (and with it its transaction's budget charge)."""
-    from clrk.sink import RecordSink
+    from clrk.proxy.sink import RecordSink
 
     sink = RecordSink(str(tmp_path / "c.duckdb"))
 

@@ -18,10 +18,10 @@ from pydantic import TypeAdapter
 
 from clrk import wire
 from clrk.attributes import REDACTED, SENSITIVE_WORDS
-from clrk.mitmaddon import Gateway
 from clrk.policy.compiled import compile_documents
 from clrk.policy.loader import SourcedDocument
 from clrk.policy.models import Document
+from clrk.proxy.gateway import Gateway
 from clrk.redact import (
     CACHE_MAX,
     DEFAULT,

@@ -1,6 +1,6 @@
-"""The record, built in the recorder from a transaction's raw facts (`clrk.transaction.snapshot`).
+"""The record, built in the recorder from a transaction's raw facts (`clrk.proxy.transaction.snapshot`).
 
-The proxy has redacted the snapshot already (`clrk.transaction.snapshot`); header values and query parameters
+The proxy has redacted the snapshot already (`clrk.proxy.transaction.snapshot`); header values and query parameters
 are redacted here again, as a second line, before the record exists. The names to redact come with the
 gateway's configuration and only ever grow while the recorder runs, so a record from an older policy is
 never redacted less than that policy said.
@@ -20,6 +20,7 @@ from clrk import attributes as A
 from clrk import escape
 from clrk.hostnames import norm_host
 from clrk.redact import Redactor, decode_headers, redact_url
+from clrk.snapshot import Snapshot
 
 
 def error_type(message: str) -> str:
@@ -98,7 +99,7 @@ def _invocation(inv, escaped: list[str]) -> str | None:
     return _text(inv, A.INVOCATION_ID, escaped)
 
 
-def _url(raw: dict, redactor: Redactor, escaped: list[str]) -> str:
+def _url(raw: Snapshot, redactor: Redactor, escaped: list[str]) -> str:
     host, port, scheme = norm_host(raw["host"]), raw["port"], raw["scheme"] or "https"
     if raw["method"] in ("CONNECT", b"CONNECT"):
         return f"{host}:{port}"
@@ -122,7 +123,7 @@ def _headers(fields, redactor: Redactor, key: str, escaped: list[str]) -> dict[s
     return out
 
 
-def expand(raw: dict, redactor: Redactor) -> dict:
+def expand(raw: Snapshot, redactor: Redactor) -> dict:
     """The record of one transaction from its raw facts. Raises on facts it cannot read (see `salvage`)."""
     escaped: list[str] = []
     t0, t1 = raw["t0"], raw["t1"]

@@ -18,8 +18,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from clrk.dev.receiver import any_value
-from clrk.dev.receiver import attributes as attrs
+from clrk.cli.dev.receiver import any_value
+from clrk.cli.dev.receiver import attributes as attrs
 
 
 @dataclass

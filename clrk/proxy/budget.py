@@ -2,7 +2,7 @@
 
 A pool is one AIProviderRoute rule (scope Route) or one rule and agent (scope Agent), named by the route and
 what the rule matches (`ProviderRule.pool`), so reordering rules or changing a budget keeps the day's usage.
-A request holds a reservation, its estimate (see `clrk.routing.estimate`: max output tokens × choices, or
+A request holds a reservation, its estimate (see `clrk.proxy.steps.routing.estimate`: max output tokens × choices, or
 `reserveTokens` × choices, plus its body size / 4, plus `serverContextTokens` when the provider adds input it
 holds), from admission until the provider's usage replaces it (the reservation itself is charged when the
 usage is not visible). A request is admitted only if its whole reservation fits in what the pool has left

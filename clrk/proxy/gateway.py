@@ -1,5 +1,5 @@
 """The one addon mitmproxy loads (`mitmdump -s addons/clrk.py`, or `clrk run`): `Gateway`, which runs clrk's
-steps (clrk.addons, clrk.routing) in data-path order.
+steps (clrk/proxy/steps/, one file each) in data-path order.
 
 Why one addon and not nine: mitmproxy looks every hook up on every addon for every event (requestheaders,
 request, responseheaders, response, and an `update` after each), so each top-level addon costs a traversal,
@@ -15,67 +15,38 @@ denies any request that reached the upstream side without an allow decision.
 from __future__ import annotations
 
 import gc
-import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from clrk.addons import Capture, EgressControl, Failsafe, PolicyLoader, Providers, ProxyAuth, Recording
-from clrk.passthrough import Passthrough
-from clrk.routing import Credentials, ProviderRouting
-from clrk.runtime import Runtime
-
-log = logging.getLogger("clrk")
-
-Step = Callable[[Any], Awaitable[None] | None]
+from clrk.proxy.dispatch import Step, run_steps
+from clrk.proxy.runtime import Runtime
+from clrk.proxy.steps.auth import ProxyAuth
+from clrk.proxy.steps.capture import Capture
+from clrk.proxy.steps.credentials import Credentials
+from clrk.proxy.steps.egress import EgressControl
+from clrk.proxy.steps.failsafe import Failsafe
+from clrk.proxy.steps.passthrough import Passthrough
+from clrk.proxy.steps.policy import PolicyLoader
+from clrk.proxy.steps.providers import Providers
+from clrk.proxy.steps.recording import Recording
+from clrk.proxy.steps.routing import ProviderRouting
 
 TRAFFIC_HOOKS = ("client_disconnected", "http_connect", "next_layer", "requestheaders", "request", "responseheaders",
                  "response", "error", "server_connect", "server_connected", "server_connect_error")
 
 
-def run_steps(hook: str, steps: Sequence[Step], arg: Any) -> Awaitable[None] | None:
-    """Runs the steps in order, each under its own guard. Steps are plain functions; one that has to wait
-    returns an awaitable, and the rest then run after it (mitmproxy awaits what a hook returns)."""
-    for i, step in enumerate(steps):
-        try:
-            pending = step(arg)
-        except Exception:
-            _failed(hook, step)
-            continue
-        if pending is not None:
-            return _finish(hook, pending, step, steps[i + 1:], arg)
-    return None
-
-
-async def _finish(hook: str, pending: Awaitable[None], step: Step, rest: Sequence[Step], arg: Any) -> None:
-    try:
-        await pending
-    except Exception:
-        _failed(hook, step)
-    for step in rest:
-        try:
-            pending = step(arg)
-            if pending is not None:
-                await pending
-        except Exception:
-            _failed(hook, step)
-
-
-def _failed(hook: str, step: Step) -> None:
-    owner = getattr(step, "__self__", None)
-    name = type(owner).__name__ if owner is not None else getattr(step, "__qualname__", repr(step))
-    log.error("clrk: %s.%s raised; the following steps still run", name, hook, exc_info=True)
-
-
 class Gateway:
-    """clrk inside mitmproxy. The steps, in data-path order:
+    """clrk inside mitmproxy. This is the one place the order of the steps is written; each is a file of
+    clrk/proxy/steps/, and they run in data-path order:
 
       PolicyLoader     options, policy load and hot reload, the mitmproxy settings clrk relies on
       ProxyAuth        who is asking, and for where (Proxy-Authorization on CONNECT or per request)
       Passthrough      TLS Passthrough listeners: CONNECT decided at L4, ClientHello checked, bytes relayed
       Providers        model-provider calls recognised and parsed (gen_ai.* attributes, usage)
-      EgressControl    the decision; denials answered here; the last guard before any upstream connection
-      ProviderRouting  token budgets and Backends of the matched AIProviderRoute rule
-      Credentials      provider keys injected on the upstream request
+      EgressControl    the decision; denials answered here; the last guard before any upstream connection;
+                       where it allows a request, it runs once what an allow sets in motion:
+        ProviderRouting  token budgets and Backends of the matched AIProviderRoute rule
+        Credentials      provider keys injected on the upstream request
       Capture          bounded body capture on the pass-through (feeds the provider parser)
       Recording        one record per transaction, handed to the recorder process
       Failsafe         last: nothing goes upstream without an allow decision, whatever failed above
@@ -95,8 +66,10 @@ class Gateway:
         self.capture = Capture(rt)
         self.recording = Recording(rt)
         self.failsafe = Failsafe(rt)
-        steps = (self.policy, self.auth, self.passthrough, self.providers, self.egress, self.routing, self.credentials, self.capture,
-                 self.recording, self.failsafe)
+        # What an allow decision sets in motion runs where the decision is made, once per request.
+        self.egress.then_allowed(self.routing.route, self.credentials.inject)
+        steps = (self.policy, self.auth, self.passthrough, self.providers, self.egress, self.capture, self.recording,
+                 self.failsafe)
         self.steps: dict[str, tuple[Step, ...]] = {
             hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None))) for hook in TRAFFIC_HOOKS
         }

@@ -1,8 +1,6 @@
-"""What an allow decision sets in motion before the request leaves:
-
-  ProviderRouting  the AIProviderRoute rule's TokenBudget (admit, or refuse before any upstream contact) and
-                   Backend (where to, which model, stream usage on)
-  Credentials      CredentialInjectionPolicy: the provider key set on the upstream request
+"""Step ProviderRouting: what an allow decision of an AIProviderRoute rule sets in motion before the
+request leaves: its TokenBudget (admit, or refuse before any upstream contact) and Backend (where to, which
+model, stream usage on).
 
 A budgeted route admits a call only when the gateway can estimate what it may cost (`estimate`) and that fits
 in what the pool has left (clrk/budget.py). Refused before the upstream: a body it does not read whole (413)
@@ -16,22 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 import re
 from collections.abc import Awaitable
 
 from mitmproxy import http
 
-from clrk.capture import request_is_buffered
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
 from clrk.providers import shallow
 from clrk.providers.base import ProviderParser
-from clrk.runtime import Runtime, refuse
-from clrk.transaction import METADATA_KEY, Transaction
-
-log = logging.getLogger("clrk")
+from clrk.proxy.capture import request_is_buffered
+from clrk.proxy.runtime import Runtime, refuse
+from clrk.proxy.transaction import METADATA_KEY, Transaction
 
 LEDGER_WAIT_SECONDS = 10.0
 INT64_MAX = 2**63 - 1  # what the record can carry
@@ -48,41 +43,25 @@ def estimate(genai: ProviderParser | None, budget: BudgetConfig) -> int:
     return max(1, output + genai.request_size // 4 + held)
 
 
-def _allowed_provider_call(flow: http.HTTPFlow) -> tuple[Transaction, ProviderRule] | None:
-    tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-    if tx is None or flow.response or flow.error or tx.decision is None or not tx.decision.allow:
-        return None
-    pr = tx.decision.provider_rule
-    return (tx, pr) if pr is not None else None
-
-
 class ProviderRouting:
-    """Applies the matched AIProviderRoute rule: budget admission first, then the Backend."""
+    """Applies the matched AIProviderRoute rule: budget admission first, then the Backend. Not a hook of its
+    own: `EgressControl` runs `route` once, where it allows the request (a budgeted call whose body is still to
+    come, on the request hook: its estimate needs the whole body)."""
 
     name = "clrk_provider_routing"
 
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        # Decided on headers (streamed body, or model in the path): a budget waits for a whole body to estimate.
-        found = _allowed_provider_call(flow)
-        if found is not None and found[1].budget is not None:
-            if request_is_buffered(found[0].req_h or {}, provider=True):
-                return None
-        return self._apply(flow)
-
-    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        return self._apply(flow)
-
-    def _apply(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    def route(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Plain function on the hot path; only right after start, while today's usage is still being read
         from the store, does a budgeted call wait (it then returns the awaitable that finishes the job)."""
-        found = _allowed_provider_call(flow)
-        if found is None or found[0].routed:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or flow.response or flow.error or tx.decision is None or not tx.decision.allow:
             return None
-        tx, rule = found
-        tx.routed = True
+        rule = tx.decision.provider_rule
+        if rule is None:
+            return None
         if rule.budget is not None and not self.rt.ledger.loaded:
             return self._apply_when_loaded(flow, tx, rule)
         self._route_call(flow, tx, rule)
@@ -208,42 +187,3 @@ class ProviderRouting:
             else:
                 req.set_content(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode())
             tx.request_rewritten = True
-
-
-class Credentials:
-    """Sets the provider key a CredentialInjectionPolicy names, over whatever the agent sent."""
-
-    name = "clrk_credentials"
-
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._inject(flow)
-
-    def request(self, flow: http.HTTPFlow) -> None:
-        self._inject(flow)
-
-    def _inject(self, flow: http.HTTPFlow) -> None:
-        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        policy = self.rt.policy
-        if tx is None or policy is None or flow.response or flow.error or tx.decision is None or not tx.decision.allow:
-            return
-        if tx.credentials_injected:
-            return
-        tx.credentials_injected = True
-        d = tx.decision
-        if d.provider_rule is not None:
-            injections = policy.injections_for("AIProviderRoute", d.provider_rule.route_name, d.provider_rule.route_namespace)
-        elif d.host_rule is not None and not d.host_rule.deny:
-            injections = policy.injections_for("EgressRoute", d.host_rule.name, d.host_rule.namespace)
-        else:
-            injections = ()
-        if not injections and tx.gateway is not None and tx.genai is not None:
-            # The gateway-wide credential is a provider key: it goes with provider calls, never to other hosts.
-            injections = policy.injections_for("EgressGateway", tx.gateway.name, tx.gateway.namespace)
-        for inj in injections:
-            if inj.type == "Header":
-                flow.request.headers[inj.field] = inj.prefix + inj.secret
-            else:
-                flow.request.query[inj.field] = inj.prefix + inj.secret

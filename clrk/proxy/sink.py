@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from clrk import escape, wire
+from clrk.snapshot import Snapshot
 
 log = logging.getLogger("clrk.sink")
 
@@ -130,7 +131,7 @@ class RecordSink:
 
     # ---------------------------------------------------------------- records
 
-    def submit(self, record: dict) -> None:
+    def submit(self, record: Snapshot) -> None:
         """Queues one record; called on the event loop for every transaction."""
         try:
             self.pending.append(wire.pack_record(record))

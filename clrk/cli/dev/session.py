@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from clrk import wire
-from clrk.budget import day_start, utc_day
-from clrk.dev.receiver import DEFAULT_PORT, OtlpReceiver
+from clrk.cli.dev.receiver import DEFAULT_PORT, OtlpReceiver
 from clrk.launch import gateway_argv
+from clrk.proxy.budget import day_start, utc_day
 
 
 class DevSession:

@@ -25,7 +25,7 @@ from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
 from mitmproxy.tools.dump import DumpMaster
 
-from clrk.mitmaddon import Gateway
+from clrk.proxy.gateway import Gateway
 
 
 class GatewayMaster(DumpMaster):

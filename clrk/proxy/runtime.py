@@ -1,37 +1,25 @@
-"""State the addons share: the current policy, the record sink, the budget ledger, per-connection facts."""
+"""State the steps share: the current policy, the record sink, the budget ledger, per-connection facts."""
 
 from __future__ import annotations
 
 import json
 import logging
 import weakref
-from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
-from clrk.budget import MAX_TOKENS, BudgetLedger
-from clrk.capture import has_body, request_is_buffered
 from clrk.decision import Decision
 from clrk.escape import printable
 from clrk.identity import AuthThrottle
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
-from clrk.sink import RecordSink
-from clrk.transaction import METADATA_KEY, Transaction, snapshot
+from clrk.proxy.budget import MAX_TOKENS, BudgetLedger
+from clrk.proxy.capture import has_body, request_is_buffered
+from clrk.proxy.sink import RecordSink
+from clrk.proxy.transaction import METADATA_KEY, Transaction, Tunnel, snapshot
+from clrk.snapshot import Snapshot
 
 log = logging.getLogger("clrk")
-
-
-@dataclass(slots=True)
-class Tunnel:
-    """What a successful CONNECT established: who, and to where."""
-
-    agent: AgentIdentity
-    digest: bytes
-    host: str
-    port: int
-    sni: str | None = None  # the client's TLS server name, normalised, once its handshake is done
-    l4: Decision | None = None  # on a TLS Passthrough listener: the decision made on the CONNECT
 
 
 class Runtime:
@@ -47,7 +35,10 @@ class Runtime:
         # (whose EgressRoute cidrs apply when the name is resolved); nothing else may be dialled.
         self.allowed: dict[str, dict[tuple[str, int], AgentIdentity]] = {}
         self.aliased: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = weakref.WeakKeyDictionary()
-        self.unsent: list[dict] = []
+        # The last upstream connection refused for a client connection, by the message it failed with: the flow
+        # that needed it fails with that message, and its record gets error.type policy_blocked.
+        self.blocked: dict[str, str] = {}
+        self.unsent: list[Snapshot] = []
         self.in_flight = 0  # transactions begun and not yet recorded (what a graceful stop waits for)
 
     def allow(self, client: connection.Client, host: str, port: int, agent: AgentIdentity) -> None:
@@ -60,6 +51,7 @@ class Runtime:
     def forget(self, client: connection.Client) -> None:
         self.tunnels.pop(client.id, None)
         self.allowed.pop(client.id, None)
+        self.blocked.pop(client.id, None)
 
     def finish(self, flow: http.HTTPFlow, tx: Transaction) -> None:
         """Ends the transaction: the provider parser's last word, the budget settled, the record shipped."""
@@ -88,7 +80,7 @@ class Runtime:
         # would wait for it too, and be traversed. Later hooks of this flow find no transaction: it is recorded.
         flow.metadata.pop(METADATA_KEY, None)
 
-    def submit(self, rec: dict) -> None:
+    def submit(self, rec: Snapshot) -> None:
         if self.sink is not None:
             self.sink.submit(rec)
         else:  # before the sink started: kept for it

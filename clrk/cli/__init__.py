@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from clrk import attributes as A
 from clrk.escape import json_line, printable
 from clrk.launch import gateway_argv
 from clrk.settings import Settings
@@ -30,7 +31,7 @@ def _checked_policy(path: str):
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
-    from clrk.ca import ensure_ca
+    from clrk.proxy.ca import ensure_ca
 
     policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else policy.listener_ports() or [8080]
@@ -50,10 +51,10 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
-    from clrk.ca import ensure_ca
-    from clrk.dev.session import DevSession
-    from clrk.dev.tui import DevApp
-    from clrk.feed import RecordFeed
+    from clrk.cli.dev.session import DevSession
+    from clrk.cli.dev.tui import DevApp
+    from clrk.cli.feed import RecordFeed
+    from clrk.proxy.ca import ensure_ca
 
     policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else policy.listener_ports() or [8080]
@@ -74,7 +75,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_ca(args: argparse.Namespace) -> None:
-    from clrk.ca import ensure_ca
+    from clrk.proxy.ca import ensure_ca
 
     cert = ensure_ca(args.certs).resolve()
     policy = _checked_policy(args.policies)
@@ -134,18 +135,18 @@ def _line(r: dict, as_json: bool) -> str:
 
 
 def _fmt_row(r: dict) -> str:
-    agent = f"{r.get('agent.namespace')}/{r.get('agent.name')}" if r.get("agent.name") else "-"
-    status = str(r.get("http.response.status_code", "-"))
-    model = r.get("gen_ai.request.model") or ""
+    agent = f"{r.get(A.AGENT_NAMESPACE)}/{r.get(A.AGENT_NAME)}" if r.get(A.AGENT_NAME) else "-"
+    status = str(r.get(A.HTTP_RESPONSE_STATUS_CODE, "-"))
+    model = r.get(A.GEN_AI_REQUEST_MODEL) or ""
     tokens = ""
-    if r.get("gen_ai.usage.input_tokens") is not None:
-        tokens = f"{r.get('gen_ai.usage.input_tokens')}/{r.get('gen_ai.usage.output_tokens', 0)} tok"
-    dur = f"{r.get('clrk.duration_ms', 0):.1f}ms"
-    err = f" error={r['error.type']}" if r.get("error.type") else ""
-    why = f"  ({r.get('clrk.decision.reason')})" if r.get("clrk.decision") == "deny" else ""
+    if r.get(A.GEN_AI_USAGE_INPUT_TOKENS) is not None:
+        tokens = f"{r.get(A.GEN_AI_USAGE_INPUT_TOKENS)}/{r.get(A.GEN_AI_USAGE_OUTPUT_TOKENS, 0)} tok"
+    dur = f"{r.get(A.CLRK_DURATION_MS, 0):.1f}ms"
+    err = f" error={r[A.ERROR_TYPE]}" if r.get(A.ERROR_TYPE) else ""
+    why = f"  ({r.get(A.CLRK_DECISION_REASON)})" if r.get(A.CLRK_DECISION) == "deny" else ""
     return (
-        f"{r.get('time', '')[:23]}Z  {agent:24} {r.get('clrk.decision', '-'):5} {r.get('http.request.method', ''):6} "
-        f"{r.get('server.address', '')}:{r.get('server.port', '')} {status:>4} {dur:>9} {model} {tokens}{err}{why}"
+        f"{r.get(A.TIME, '')[:23]}Z  {agent:24} {r.get(A.CLRK_DECISION, '-'):5} {r.get(A.HTTP_REQUEST_METHOD, ''):6} "
+        f"{r.get(A.SERVER_ADDRESS, '')}:{r.get(A.SERVER_PORT, '')} {status:>4} {dur:>9} {model} {tokens}{err}{why}"
     ).rstrip()
 
 
@@ -178,7 +179,7 @@ def cmd_records(args: argparse.Namespace) -> None:
 def cmd_tail(args: argparse.Namespace) -> None:
     import time
 
-    from clrk.feed import RecordFeed
+    from clrk.cli.feed import RecordFeed
 
     feed = RecordFeed(args.db, query={"agent": args.agent, "invocation": args.invocation, "host": args.host})
     waiting = False
@@ -233,7 +234,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_spend(args: argparse.Namespace) -> None:
     import time
 
-    from clrk.budget import day_start, utc_day
+    from clrk.proxy.budget import day_start, utc_day
     from clrk.recorder.store import parse_since
 
     if args.since:

@@ -29,8 +29,8 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 
 from clrk import attributes as A
+from clrk.cli.feed import RecordFeed
 from clrk.escape import printable, printable_block
-from clrk.feed import RecordFeed
 from clrk.providers.sse import SseParser
 
 MAX_ROWS = 500

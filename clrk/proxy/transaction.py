@@ -13,23 +13,32 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from clrk.budget import Reservation
-from clrk.capture import BodyCapture
 from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
+from clrk.providers import ProviderParser
+from clrk.proxy.budget import Reservation
+from clrk.proxy.capture import BodyCapture
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
 from clrk.redact import Redactor
-
-if TYPE_CHECKING:
-    from clrk.runtime import Tunnel
-from clrk.providers import ProviderParser
+from clrk.snapshot import Snapshot
 
 METADATA_KEY = "clrk"
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """What a successful CONNECT established: who, and to where."""
+
+    agent: AgentIdentity
+    digest: bytes
+    host: str
+    port: int
+    sni: str | None = None  # the client's TLS server name, normalised, once its handshake is done
+    l4: Decision | None = None  # on a TLS Passthrough listener: the decision made on the CONNECT
 
 
 @dataclass(slots=True)
@@ -50,8 +59,6 @@ class Transaction:
     genai: ProviderParser | None = None  # set for model-provider calls
     upstream_response: bool = False  # False while the response (if any) is one the gateway made up
     request_rewritten: bool = False
-    routed: bool = False  # the AIProviderRoute rule's budget and backend were applied
-    credentials_injected: bool = False
     budget_pool: str | None = None
     budget_max: int | None = None
     budget_denied: bool = False
@@ -142,7 +149,7 @@ def _redacted_target(path: bytes, redactor: Redactor) -> bytes:
     return path if red is text else red.encode("latin-1")
 
 
-def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_REDACTOR) -> dict:
+def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_REDACTOR) -> Snapshot:
     """The raw facts of a finished transaction, for the recorder to turn into the record
     (`clrk.recorder.expand`), redacted by the transaction's gateway (`redactor` when it has none). On the
     proxy's thread: no formatting, and no copies unless something is redacted."""
@@ -159,7 +166,7 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
     if resp is not None:
         resp_ctype = tx.resp_h.get("content-type") if tx.resp_h is not None else resp.headers.get("content-type")
     d, a = tx.decision, tx.agent
-    raw: dict = {
+    raw: Snapshot = {
         "t0": tx.start,
         "t1": end,
         "ids": (tx.trace.trace_id, tx.trace.span_id, tx.trace.parent_span_id),
@@ -196,7 +203,7 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
     return raw
 
 
-def snapshot_l4(tx: Transaction, host: str, port: int, end: float, up: int, down: int, error: str | None) -> dict:
+def snapshot_l4(tx: Transaction, host: str, port: int, end: float, up: int, down: int, error: str | None) -> Snapshot:
     """The raw facts of a TLS Passthrough tunnel (one record per connection): bytes each way, no L7."""
     d, a = tx.decision, tx.agent
     return {

@@ -32,8 +32,8 @@ from mitmproxy.tls import ClientHello
 from clrk.decision import AuthResult, Decision, RequestFacts, decide
 from clrk.hostnames import norm_host
 from clrk.identity import trace_context
-from clrk.runtime import Runtime, Tunnel, deny_response, listener_port
-from clrk.transaction import Transaction, snapshot_l4
+from clrk.proxy.runtime import Runtime, deny_response, listener_port
+from clrk.proxy.transaction import Transaction, Tunnel, snapshot_l4
 
 log = logging.getLogger("clrk")
 

@@ -1,0 +1,70 @@
+"""Step Capture: bounded body capture on the pass-through (feeds the provider parser)."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from clrk.proxy.capture import BodyCapture, request_is_buffered, response_is_buffered
+from clrk.proxy.runtime import Runtime
+from clrk.proxy.transaction import METADATA_KEY, Transaction
+
+
+class Capture:
+    """Bounded body capture. Bodies of unknown or large size, and every event stream, are streamed through a
+    `BodyCapture` chunk by chunk (SSE reaches the agent live, memory stays bounded). Small bodies of known
+    length are left to mitmproxy to buffer, as bare mitmproxy does, and summarised from its bytes when the
+    record is made (`clrk.proxy.transaction.snapshot`); only an encoded one goes through a `BodyCapture`, whose
+    decoding is bounded (see `clrk.proxy.capture.request_is_buffered`)."""
+
+    name = "clrk_capture"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or flow.response or flow.error or tx.gateway is None:
+            return
+        h = tx.req_h or {}
+        if not request_is_buffered(h, provider=tx.genai is not None):
+            cfg = tx.gateway.capture
+            tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
+            flow.request.stream = tx.req_capture.feed
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.gateway is None or flow.request.stream:
+            return
+        h = tx.req_h or {}
+        if h.get("content-encoding"):
+            cfg = tx.gateway.capture
+            tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h["content-encoding"])
+            tx.req_capture.feed(flow.request.raw_content or b"")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        resp = flow.response
+        if tx is None or resp is None or flow.error or tx.gateway is None or tx.decision is None or not tx.decision.allow:
+            return
+        tx.upstream_response = True
+        rh = tx.response_headers(flow)
+        if not response_is_buffered(rh):
+            cfg = tx.gateway.capture
+            tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(rh.get("content-type")), rh.get("content-encoding"),
+                                          listener=tx.genai.feed if tx.genai is not None else None)
+            resp.stream = tx.resp_capture.feed
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        resp = flow.response
+        if tx is None or resp is None or tx.gateway is None or resp.stream or not tx.upstream_response:
+            return
+        # A buffered upstream response: the provider parser reads it whole (decoded, in bounded pieces).
+        encoding = tx.response_headers(flow).get("content-encoding")
+        if encoding:
+            cfg = tx.gateway.capture
+            tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(tx.response_headers(flow).get("content-type")), encoding,
+                                          listener=tx.genai.feed if tx.genai is not None else None)
+            tx.resp_capture.feed(resp.raw_content or b"")
+        elif tx.genai is not None and resp.raw_content:
+            tx.genai.feed(resp.raw_content)

@@ -1,0 +1,53 @@
+"""Step Failsafe, last: nothing goes upstream without an allow decision, whatever failed above."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from clrk.decision import Decision
+from clrk.escape import printable
+from clrk.identity import trace_context
+from clrk.proxy.runtime import Runtime, refuse
+from clrk.proxy.transaction import METADATA_KEY, Transaction
+
+log = logging.getLogger("clrk")
+
+
+class Failsafe:
+    """The last word before a request leaves. If a step above raised (`Gateway` logs it and carries on with
+    the next step), the request may lack the decision it needs: it is denied then, never let through."""
+
+    name = "clrk_failsafe"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def _deny(self, flow: http.HTTPFlow, tx: Transaction | None) -> None:
+        d = Decision(False, "failsafe", "clrk could not decide this request (see the gateway log); denied", 500)
+        if tx is None:
+            tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
+            flow.metadata[METADATA_KEY] = tx
+        refuse(flow, tx, d)
+        # Without the query: it may hold secrets, and the log is an output too.
+        log.error("clrk: %s %s had no decision after the addons ran; denied", printable(flow.request.method),
+                  printable(flow.request.pretty_url.split("?", 1)[0]))
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        pending = tx is not None and tx.facts is not None and tx.facts.model_pending and tx.decision is None
+        if tx is None or (tx.decision is None and not pending) or (tx.decision is not None and not tx.decision.allow):
+            if flow.request.stream:
+                flow.kill()  # the body would already be on its way upstream
+            else:
+                self._deny(flow, tx)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.decision is None or not tx.decision.allow:
+            self._deny(flow, tx)

@@ -1,0 +1,176 @@
+"""Step PolicyLoader: clrk's mitmproxy options, the policy loaded at start and reloaded when its files
+change, and the mitmproxy settings clrk relies on (forced on every configure)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import certifi
+from mitmproxy import ctx, exceptions
+
+from clrk.policy import CompiledPolicy, PolicyError, load_policy
+from clrk.policy.loader import policy_files
+from clrk.proxy.ca import ensure_ca
+from clrk.proxy.runtime import Runtime
+from clrk.settings import Settings
+
+log = logging.getLogger("clrk")
+
+RELOAD_POLL_SECONDS = 0.25
+MITMPROXY_DEFAULT_CONFDIR = "~/.mitmproxy"
+FORCED_OPTIONS = frozenset({"connection_strategy", "flow_detail", "confdir", "rawtcp"})  # see PolicyLoader._configure_mitmproxy
+
+
+class PolicyLoader:
+    """Declares clrk's options, loads the policy, reloads it when its files change."""
+
+    name = "clrk_policy"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self._watch: asyncio.Task | None = None
+        self._signature: tuple | None = None
+        self._loaded_from: str | None = None  # the clrk_policies value in force (file changes: _watch_loop)
+
+    def load(self, loader) -> None:
+        s = Settings()
+        loader.add_option("clrk_policies", str, s.policies, "clrk: policy file or directory (env CLRK_POLICIES).")
+        loader.add_option("clrk_db", str, s.db, "clrk: DuckDB file for records (env CLRK_DB).")
+        loader.add_option(
+            "clrk_dev_otlp_fallback_endpoint",
+            str,
+            s.dev_otlp_fallback_endpoint,
+            "clrk: dev tee; every span and log record is also sent to this OTLP/HTTP base URL (empty = off).",
+        )
+        loader.add_option("clrk_certs", str, s.certs, "clrk: directory of the gateway's CA (env CLRK_CERTS).")
+
+    def configure(self, updated: set[str]) -> None:
+        if FORCED_OPTIONS & updated:
+            # Every time, not once: a `-v`, `--flow-detail`, the confdir's config.yaml or a later `set` must
+            # not undo what clrk's security relies on.
+            self._configure_mitmproxy()
+        if "clrk_policies" in updated and (self.rt.policy is None or ctx.options.clrk_policies != self._loaded_from):
+            try:
+                policy = load_policy(ctx.options.clrk_policies)
+                self._apply(policy)
+            except PolicyError as e:
+                raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} is invalid:\n{e}") from None
+            except OSError as e:
+                raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} cannot be used: {e}") from None
+            self._signature = self._current_signature()
+            self._loaded_from = ctx.options.clrk_policies
+        if "clrk_dev_otlp_fallback_endpoint" in updated and self.rt.sink is not None:
+            self.rt.sink.send_config(export_config(self.rt.policy))
+
+    def _configure_mitmproxy(self) -> None:
+        changes: dict = {}
+        # Never touch an upstream before the decision: the default "eager" dials on CONNECT.
+        if ctx.options.connection_strategy != "lazy":
+            changes["connection_strategy"] = "lazy"
+        # mitmproxy's own flow log prints URLs with their query secrets; clrk logs redacted lines instead.
+        if ctx.options.flow_detail != 0:
+            changes["flow_detail"] = 0
+        # No opaque relays on a terminating listener: bytes that are not HTTP, and a 101 that is not a
+        # WebSocket, end the connection instead of becoming a raw TCP pipe (Passthrough has its own relay).
+        if ctx.options.rawtcp:
+            changes["rawtcp"] = False
+        if ctx.options.confdir == MITMPROXY_DEFAULT_CONFDIR:
+            ensure_ca(ctx.options.clrk_certs)
+            changes["confdir"] = str(Path(ctx.options.clrk_certs).resolve())
+        if changes:
+            ctx.options.update(**changes)
+
+    def _apply(self, policy: CompiledPolicy) -> None:
+        """Puts a policy in force. Everything that can fail happens before the swap; the recorder learns the
+        names to redact before the first record made under the new policy reaches it (same socket, in order)."""
+        self._apply_upstream_trust(policy)
+        idle = [g.idle_timeout for g in policy.gateways if g.idle_timeout is not None]
+        if idle and ctx.options.tcp_timeout != min(idle):
+            ctx.options.update(tcp_timeout=min(idle))
+        if self.rt.sink is not None:
+            self.rt.sink.send_config(export_config(policy))
+        self.rt.policy = policy
+
+    def _apply_upstream_trust(self, policy: CompiledPolicy) -> None:
+        """caBundle adds to the default trust store: mitmproxy takes one file, so write the union."""
+        bundles = sorted({g.ca_bundle for g in policy.gateways if g.ca_bundle})
+        if not bundles:
+            if ctx.options.ssl_verify_upstream_trusted_ca and "clrk-upstream-trust" in ctx.options.ssl_verify_upstream_trusted_ca:
+                ctx.options.update(ssl_verify_upstream_trusted_ca=None)
+            return
+        pem = Path(certifi.where()).read_bytes()
+        for b in bundles:
+            pem += b"\n" + Path(b).read_bytes()
+        digest = hashlib.sha256(pem).hexdigest()[:16]
+        out = Path(ctx.options.clrk_db).resolve().parent / f"clrk-upstream-trust-{digest}.pem"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_bytes(pem)
+            os.replace(tmp, out)
+        if ctx.options.ssl_verify_upstream_trusted_ca != str(out):
+            ctx.options.update(ssl_verify_upstream_trusted_ca=str(out))
+
+    def running(self) -> None:
+        self._watch = asyncio.create_task(self._watch_loop())
+
+    def done(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def _current_signature(self) -> tuple:
+        files = [str(p) for p in policy_files(ctx.options.clrk_policies)]
+        # Secret files and CA bundles count too: rotating a token file must take effect like a policy edit.
+        extra = list(self.rt.policy.referenced_files) if self.rt.policy is not None else []
+        sig = []
+        for f in files + extra:
+            try:
+                st = os.stat(f)
+                sig.append((f, st.st_mtime_ns, st.st_size))
+            except OSError:
+                sig.append((f, None, None))
+        return tuple(sig)
+
+    async def _watch_loop(self) -> None:
+        """Polls the policy files; a change is loaded off the event loop and swapped in whole. Nothing that
+        goes wrong in one round stops the next."""
+        while True:
+            await asyncio.sleep(RELOAD_POLL_SECONDS)
+            try:
+                await self._reload_if_changed()
+            except Exception as e:
+                log.error("clrk: policy reload failed (%s); the last good policy stays in force", e)
+
+    async def _reload_if_changed(self) -> None:
+        try:
+            sig = await asyncio.to_thread(self._current_signature)
+        except PolicyError as e:
+            sig = (str(e),)
+        if sig == self._signature:
+            return
+        self._signature = sig
+        try:
+            policy = await asyncio.to_thread(load_policy, ctx.options.clrk_policies)
+        except PolicyError as e:
+            log.error("clrk: policy reload failed; the last good policy stays in force:\n%s", e)
+            return
+        self._apply(policy)
+        log.info("clrk: policy reloaded from %s (%d documents)", ctx.options.clrk_policies, len(policy.documents))
+
+
+def export_config(policy: CompiledPolicy | None) -> dict:
+    gateways = {}
+    if policy is not None:
+        for g in policy.gateways:
+            gateways[g.name] = {"endpoint": g.otlp_endpoint, "headers": dict(g.otlp_headers)}
+    return {
+        "gateways": gateways,
+        "fallback": ctx.options.clrk_dev_otlp_fallback_endpoint or "",
+        # What the recorder redacts when it builds records (it only ever adds to these).
+        "redact_headers": sorted(policy.redact_headers) if policy is not None else [],
+        "redact_query": sorted(policy.redact_query) if policy is not None else [],
+    }

@@ -1,0 +1,120 @@
+"""Step Recording: one record per transaction, handed to the recorder process; the connection to it, the
+budget ledger's load, and the graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from mitmproxy import ctx, http
+
+from clrk.proxy.budget import day_start, utc_day
+from clrk.proxy.runtime import Runtime
+from clrk.proxy.sink import RecordSink
+from clrk.proxy.steps.policy import export_config
+from clrk.proxy.transaction import METADATA_KEY, Transaction
+
+log = logging.getLogger("clrk")
+
+DRAIN_SECONDS = 30
+
+
+class Recording:
+    """Ends each transaction with a record; owns the connection to the recorder process and the stop: on
+    SIGTERM/SIGINT no new connection is accepted, transactions in flight finish, every record is flushed."""
+
+    name = "clrk_recording"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self._stopping = False
+
+    async def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        # mitmproxy stops at once on SIGTERM/SIGINT; a gateway first lets what is in flight finish.
+        loop.add_signal_handler(signal.SIGTERM, self._graceful_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._graceful_stop, "SIGINT")
+        sink = RecordSink(ctx.options.clrk_db)
+        self.rt.sink = sink
+        sink.send_config(export_config(self.rt.policy))
+        for rec in self.rt.unsent:
+            sink.submit(rec)
+        self.rt.unsent.clear()
+        try:
+            await sink.start()
+        except Exception as e:  # keeps trying in the background; records wait (bounded) meanwhile
+            log.error("clrk: the recorder is not available yet: %s", e)
+            sink.reconnect_soon()
+        self._budgets_task = asyncio.create_task(self._load_budgets(sink))
+
+    def _graceful_stop(self, signame: str) -> None:
+        if self._stopping:
+            log.info("clrk: %s again: stopping now", signame)
+            ctx.master.shutdown()
+            return
+        self._stopping = True
+        log.info("clrk: %s: accepting no new connections; letting %d transaction(s) in flight finish (up to %ds; "
+                 "signal again to stop at once)", signame, self.rt.in_flight, DRAIN_SECONDS)
+        ctx.options.update(server=False)
+        self._drain_task = asyncio.create_task(self._drain_then_stop())
+
+    async def _drain_then_stop(self) -> None:
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self.rt.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.rt.in_flight > 0:
+            log.warning("clrk: %d transaction(s) still in flight after %ds; stopping anyway", self.rt.in_flight, DRAIN_SECONDS)
+        ctx.master.shutdown()
+
+    async def _load_budgets(self, sink: RecordSink) -> None:
+        """Today's usage per budget pool, from the store: budgets survive a restart. Retried until it works;
+        until then budgeted routes answer 503 (they cannot know what is left)."""
+        delay, warned = 0.2, False
+        while not self.rt.ledger.loaded:
+            day = utc_day(time.time())
+            try:
+                reply = await sink.request({"t": "budget_totals", "since": day_start(day)}, 30.0)
+                self.rt.ledger.load(day, reply["totals"])
+                if warned:
+                    log.info("clrk: today's token usage is read; budgeted routes serve again")
+                return
+            except Exception as e:
+                if not warned:
+                    log.error("clrk: cannot read today's token usage from the store (%s); budgeted routes answer "
+                              "503 until it can be read (retrying)", e)
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.recorded:
+            return
+        self.rt.finish(flow, tx)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.recorded:
+            return
+        if flow.response is None and flow.error is not None and tx.decision is not None and tx.decision.allow:
+            # mitmproxy ends a connection that stayed silent for tcp_timeout seconds by closing it, and the
+            # flow's error then reads "client disconnected". A request sent upstream that long ago and never
+            # answered is an upstream timeout: say so in the record.
+            sent = flow.request.timestamp_end or flow.request.timestamp_start
+            idle = ctx.options.tcp_timeout
+            if time.time() - sent >= idle * 0.95 and "disconnect" in flow.error.msg.lower():
+                tx.error = f"timeout: the upstream did not answer within {idle} s (tcp_timeout)"
+                tx.error_type = "timeout"
+        if flow.error is not None and tx.error is None:
+            blocked = self.rt.blocked.get(flow.client_conn.id)
+            if blocked is not None and blocked in flow.error.msg:  # the flow failed on the refused connection
+                tx.error_type = "policy_blocked"
+        self.rt.finish(flow, tx)
+
+    async def done(self) -> None:
+        if self.rt.sink is not None:
+            with contextlib.suppress(Exception):
+                await self.rt.sink.stop()
