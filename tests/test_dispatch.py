@@ -172,3 +172,34 @@ def test_the_gateway_process_puts_gateway_where_mitmdump_s_would(tmp_path):
     assert chain.count("Gateway") == 1 and chain[at - 1] == "Proxyserver" and chain[at + 1] == "ScriptLoader"
     assert {"NextLayer", "DnsResolver", "MapRemote", "TlsConfig", "UpstreamAuth"} <= set(chain[at + 1:])
     assert loaded
+
+
+def test_a_budgeted_call_whose_admission_raised_is_denied_not_sent_unaccounted(monkeypatch):
+    from clrk.proxy.steps.routing import ProviderRouting
+
+    def broken(self, flow):
+        raise RuntimeError("admission blew up")
+
+    monkeypatch.setattr(ProviderRouting, "route", broken)
+    docs = [
+        {"kind": "EgressGateway", "metadata": {"name": "gw"}, "spec": {}},
+        {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-a"},
+         "spec": {"credentials": {"tokenSha256": hashlib.sha256(b"tok").hexdigest()}}},
+        {"kind": "AIProviderRoute", "metadata": {"name": "chat", "namespace": "team-a"},
+         "spec": {"rules": [{"matches": [{"provider": "openai"}],
+                             "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 1000}}]}]}},
+    ]
+    a = TypeAdapter(Document)
+    g = Gateway()
+    g.rt.policy = compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+    g.rt.ledger.loaded = True
+    f = _flow("api.openai.com")
+    f.request.path, f.request.method = "/v1/chat/completions", "POST"
+    body = b'{"model":"gpt-4o-mini","messages":[]}'
+    f.request.headers["content-type"] = "application/json"
+    f.request.headers["content-length"] = str(len(body))
+    f.request.content = body
+    assert g.requestheaders(f) is None and f.response is None
+    g.request(f)
+    assert f.response is not None and f.response.status_code == 500
+    assert "token budget" in json.loads(f.response.content)["error"]

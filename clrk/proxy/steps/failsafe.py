@@ -24,8 +24,9 @@ class Failsafe:
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    def _deny(self, flow: http.HTTPFlow, tx: Transaction | None) -> None:
-        d = Decision(False, "failsafe", "clrk could not decide this request (see the gateway log); denied", 500)
+    def _deny(self, flow: http.HTTPFlow, tx: Transaction | None,
+              why: str = "clrk could not decide this request (see the gateway log); denied") -> None:
+        d = Decision(False, "failsafe", why, 500)
         if tx is None:
             tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
             flow.metadata[METADATA_KEY] = tx
@@ -51,3 +52,8 @@ class Failsafe:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or tx.decision is None or not tx.decision.allow:
             self._deny(flow, tx)
+            return
+        rule = tx.decision.provider_rule
+        if rule is not None and rule.budget is not None and tx.reservation is None:
+            # Allowed by a budgeted rule but never admitted (the step that admits raised): it would cost unaccounted.
+            self._deny(flow, tx, "clrk could not admit this call against its token budget (see the gateway log); denied")
