@@ -120,10 +120,12 @@ def run_hey(hey: str, proxy: str, url: str, conc: int, seconds: float | None = N
     return Result(rps, float(p50.group(1)) * 1000 if p50 else 0.0, float(p99.group(1)) * 1000 if p99 else 0.0, errors)
 
 
-def bare_argv(port: int, confdir: Path, optimized: bool = False) -> list[str]:
-    """Bare mitmdump as it ships (the contract's baseline) or under the `python -O` the clrk gateway runs with."""
-    python = [sys.executable, "-O"] if optimized else []
-    return [*python, str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+def bare_argv(port: int, confdir: Path, optimized: bool = False, noop: bool = False) -> list[str]:
+    """Bare mitmdump as it ships (the contract's baseline), under the `python -O` the clrk gateway runs with,
+    or (`noop`) started exactly as the gateway is, with a do-nothing addon in its place (`bench/noop_proxy.py`)."""
+    python = [sys.executable, "-O"] if optimized or noop else []
+    entry = str(REPO / "bench" / "noop_proxy.py") if noop else str(BIN / "mitmdump")
+    return [*python, entry, "-q", "--listen-host", "127.0.0.1", "-p", str(port),
             "--set", "ssl_insecure=true", "--set", f"confdir={confdir}"]
 
 
@@ -178,10 +180,10 @@ class Stack:
         # Bare mitmdump as it ships (the contract's baseline) and, to show clrk's own cost apart from what
         # -O takes off mitmproxy, under the same `python -O` the clrk gateway runs with.
         self.bares: dict[str, int] = {}
-        for name in ["bare", *(["bare -O"] if bare_optimized else [])]:
+        for name in ["bare", *(["bare -O", "noop -O"] if bare_optimized else [])]:
             self.bares[name] = port = free_port()
             slug = name.replace(" ", "-")
-            self._spawn(bare_argv(port, tmp / f"{slug}-certs", optimized=name != "bare"), slug)
+            self._spawn(bare_argv(port, tmp / f"{slug}-certs", optimized=name != "bare", noop=name == "noop -O"), slug)
         self.bare_port = self.bares["bare"]
         self.gateways: dict[str, tuple[int, Path]] = {}
         endpoints = {"clrk": f"http://127.0.0.1:{sink}"}
@@ -320,10 +322,15 @@ def bench_throughput(hey, stack: Stack, rounds: int, seconds: float, concs: list
             ratio = "" if name == "bare" else f"**{m[0] / b[0]:.2f}**" if name in stack.gateways else f"{m[0] / b[0]:.2f}"
             added = "" if name == "bare" else f"{m[1] - b[1]:+.2f}"
             lines.append(f"| {c} | {name} | {m[0]:.0f} | {ratio} | {md(m[1])} | {added} | {md(m[2])} | {m[3]} |")
+    if "noop -O" in names:
+        like = " / ".join(f"{med[('clrk', c)][0] / med[('noop -O', c)][0]:.2f}" for c in concs)
+        lines += ["", f"**Like for like** — clrk against mitmdump started the same way (`python -O`, clrk's master, a "
+                      f"do-nothing addon with Gateway's hooks in its place; `bench/noop_proxy.py`): **{like}** at c = "
+                      f"{' / '.join(map(str, concs))}."]
     if "bare -O" in names:
         own = " / ".join(f"{med[('clrk', c)][0] / med[('bare -O', c)][0]:.2f}" for c in concs)
-        lines += ["", f"clrk against bare mitmdump under the same `python -O` (clrk's own cost, without what -O takes off "
-                      f"mitmproxy): {own} at c = {' / '.join(map(str, concs))}."]
+        lines += ["", f"clrk against bare mitmdump under the same `python -O`, no addon at all: {own} at c = "
+                      f"{' / '.join(map(str, concs))}."]
     for n in stored:
         lines.append("")
         lines.append(f"{n}: {stored[n]} records stored of ~{sent[n]} requests sent (hey's count is rate × duration, approximate).")
