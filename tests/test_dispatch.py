@@ -15,15 +15,12 @@ import sys
 
 from mitmproxy import flow
 from mitmproxy.test import tflow
-from pydantic import TypeAdapter
 
 from clrk import mitmaddon
 from clrk.addons import EgressControl, Providers
 from clrk.mitmaddon import Gateway, run_steps
-from clrk.policy.compiled import compile_documents
-from clrk.policy.loader import SourcedDocument
-from clrk.policy.models import Document
 from clrk.transaction import METADATA_KEY
+from tests.harness.util import compile_policy
 
 
 def _policy(allow_host: str):
@@ -33,8 +30,7 @@ def _policy(allow_host: str):
          "spec": {"credentials": {"tokenSha256": hashlib.sha256(b"tok").hexdigest()}}},
         {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": [allow_host]}},
     ]
-    a = TypeAdapter(Document)
-    return compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+    return compile_policy(*docs)
 
 
 def _flow(host: str):
