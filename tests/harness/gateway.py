@@ -84,6 +84,39 @@ def read_all(s: socket.socket, timeout: float = 10) -> bytes:
     return out
 
 
+def _tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(bytes sent and not yet acknowledged, bytes received and not yet read) of the IPv4 TCP socket with these
+    ends, from /proc/net/tcp; None when there is no such socket."""
+    def key(addr: tuple[str, int]) -> str:
+        ip = socket.inet_aton(addr[0])[::-1].hex().upper()
+        return f"{ip}:{addr[1]:04X}"
+
+    want = (key(local), key(remote))
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if (fields[1], fields[2]) == want:
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    return None
+
+
+def wait_read_by_peer(s: socket.socket, timeout: float = 10.0) -> None:
+    """Returns once everything sent on `s` (a loopback connection) has been read by the process at the other
+    end: the gateway has taken in this piece on its own, and what is sent next arrives as another piece."""
+    ours, theirs = s.getsockname()[:2], s.getpeername()[:2]
+    deadline = time.monotonic() + timeout
+    while True:
+        mine, peer = _tcp_queues(ours, theirs), _tcp_queues(theirs, ours)
+        if mine is not None and peer is not None and mine[0] == 0 and peer[1] == 0:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the gateway did not read what was sent on {ours} within {timeout:g} s "
+                                 f"(unacknowledged, unread: {mine}, {peer})")
+        time.sleep(0.01)
+
+
 def exchange(gw: Gateway, raw: bytes, **tunnel_kw) -> bytes:
     """Sends exactly `raw` through a fresh tunnel (see `tunnel`) and returns all the gateway answers."""
     t = tunnel(gw, **tunnel_kw)
