@@ -306,7 +306,7 @@ def test_concurrent_agents_overshoot_only_by_what_they_used_beyond_their_reserva
     admitted = statuses.count(200)
     assert statuses.count(429) == 30 - admitted and len(reached(upstream, f"bound-hold-cost200-{t}")) == admitted
     assert admitted == 1000 // reservation  # every reservation that fits, and not one more
-    rows = [r for r in wait_rows(gw, inv, 30) if not r[A.CLRK_BUDGET_DENIED]]
+    rows = [r for r in gw.wait_records(30, timeout=15, invocation=inv) if not r[A.CLRK_BUDGET_DENIED]]
     assert all(r[A.CLRK_BUDGET_RESERVED] == reservation and r[A.CLRK_BUDGET_TOKENS] == 205 for r in rows)
     used = max(r[A.CLRK_BUDGET_DAILY_USED] for r in rows)
     excess = sum(r[A.CLRK_BUDGET_TOKENS] - r[A.CLRK_BUDGET_RESERVED] for r in rows)
@@ -317,11 +317,3 @@ def test_concurrent_agents_overshoot_only_by_what_they_used_beyond_their_reserva
     r = post(gw, f"{OPENAI}/v1/chat/completions", after, tag(), user="team-a.auditor")
     assert r.status_code == 429 and "and 0 of the day's 1000 are left" in r.json()["error"]
     assert not reached(upstream, f"bound-after-{t}")
-
-
-def wait_rows(gw: Gateway, inv: str, n: int) -> list[dict]:
-    deadline = time.monotonic() + 15
-    while len(rows := gw.records(invocation=inv)) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(rows) == n
-    return rows
