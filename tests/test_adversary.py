@@ -48,10 +48,6 @@ def gw(tmp_path_factory, pki, upstream, forbidden_upstream):
     g.stop()
 
 
-def reached(upstream, marker: str) -> list:
-    return [r for r in upstream.requests if marker in r.path]
-
-
 # --------------------------------------------------------------------------- one destination per request
 
 
@@ -83,7 +79,7 @@ def test_a_request_naming_another_destination_inside_an_allowed_tunnel_is_denied
     # The gateway's refusal (a policy decision: 403 with its own body), not a parser's 400.
     assert status_of(out) == 403, out[:300]
     assert b"clrk:" in out
-    assert not reached(upstream, i) and forbidden_upstream.connections == 0
+    assert not upstream.requests_with(i) and forbidden_upstream.connections == 0
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_DECISION] == "deny"
     assert rec[A.CLRK_DECISION_RULE] == "destination-check"
@@ -101,7 +97,7 @@ def test_absolute_form_that_agrees_with_the_tunnel_is_sent_in_origin_form_and_re
     i = new_invocation()
     out = exchange(gw, (request_line.format(i=i) + f"clrk-invocation-id: {i}\r\nConnection: close\r\n\r\n").encode())
     assert status_of(out) == 200
-    seen = reached(upstream, i)
+    seen = upstream.requests_with(i)
     assert len(seen) == 1 and seen[0].headers["x-api-key"] == SECRET
     assert seen[0].path == f"/json/{i}" and seen[0].headers["host"].lower() == host
     rec = gw.wait_record(invocation=i)
@@ -122,7 +118,7 @@ def test_malformed_framing_is_refused_by_the_protocol_layer_and_reaches_nothing(
     i = new_invocation()
     out = exchange(gw, raw.format(i=i).encode())
     assert status_of(out) == 400, out[:300]
-    assert not reached(upstream, i) and forbidden_upstream.connections == 0
+    assert not upstream.requests_with(i) and forbidden_upstream.connections == 0
 
 
 @pytest.mark.parametrize("fields", [
@@ -135,7 +131,7 @@ def test_http2_pseudo_headers_cannot_name_another_destination(gw, upstream, forb
     i = new_invocation()
     headers = [(k, v.format(i=i)) for k, v in fields] + [("clrk-invocation-id", i)]
     assert h2_exchange(gw, headers) == 403
-    assert not reached(upstream, i) and forbidden_upstream.connections == 0
+    assert not upstream.requests_with(i) and forbidden_upstream.connections == 0
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_DECISION] == "deny"
 
@@ -154,7 +150,7 @@ def test_http2_requests_the_protocol_layer_refuses_reach_nothing(gw, upstream, f
     connection-specific headers, no authority at all) before any hook runs."""
     i = new_invocation()
     assert h2_exchange(gw, [(k, v.format(i=i)) for k, v in fields]) is None
-    assert not reached(upstream, i) and forbidden_upstream.connections == 0
+    assert not upstream.requests_with(i) and forbidden_upstream.connections == 0
 
 
 def test_http2_scheme_is_the_tunnels(gw, upstream):
@@ -162,14 +158,14 @@ def test_http2_scheme_is_the_tunnels(gw, upstream):
     i = new_invocation()
     assert h2_exchange(gw, [(":method", "GET"), (":scheme", "http"), (":authority", ALLOWED), (":path", f"/json/{i}"),
                             ("clrk-invocation-id", i)]) == 200
-    assert len(reached(upstream, i)) == 1
+    assert len(upstream.requests_with(i)) == 1
     assert gw.wait_record(invocation=i)[A.URL_FULL] == f"https://allowed.test/json/{i}"
 
 
 def test_http2_to_the_allowed_host_is_served(gw, upstream):
     i = new_invocation()
     assert h2_exchange(gw, [(":method", "GET"), (":scheme", "https"), (":authority", ALLOWED), (":path", f"/json/{i}")]) == 200
-    assert len(reached(upstream, i)) == 1
+    assert len(upstream.requests_with(i)) == 1
 
 
 def test_connect_inside_a_tunnel_is_refused(gw, upstream, forbidden_upstream):
@@ -227,7 +223,7 @@ def test_an_upgrade_that_is_not_a_wellformed_websocket_is_refused(gw, upgrading_
     out = exchange(gw, raw)
     assert status_of(out) == 403, out[:300]  # refused by the gateway's rule, not by a parser
     assert b"echo:" not in out
-    assert not reached(upgrading_upstream, i)
+    assert not upgrading_upstream.requests_with(i)
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_DECISION] == "deny"
 
@@ -258,7 +254,7 @@ def test_a_wellformed_websocket_upgrade_to_an_allowed_host_passes(gw, upstream):
     raw = (f"GET /json/{i} HTTP/1.1\r\nHost: {ALLOWED}\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n"
            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\nConnection: close\r\n\r\n").encode()
     exchange(gw, raw)
-    seen = reached(upstream, i)
+    seen = upstream.requests_with(i)
     assert len(seen) == 1 and seen[0].headers["upgrade"].lower() == "websocket"
 
 
@@ -315,7 +311,7 @@ def test_deny_rules_match_methods_and_paths_case_insensitively(paths_gw, upstrea
                              "Connection: close\r\n\r\n".encode())
     assert status_of(out) == 403, out[:300]
     assert paths_gw.wait_record(invocation=i)[A.CLRK_DECISION_RULE] == "EgressDenyPolicy/default/no-admin"
-    assert not [r for r in upstream.requests if i in r.path]
+    assert not upstream.requests_with(i)
 
 
 # --------------------------------------------------------------------------- host names in one form

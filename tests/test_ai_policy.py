@@ -104,16 +104,11 @@ def client(inv: str, **kw) -> openai.OpenAI:
     return openai.OpenAI(api_key="sk-agent-has-no-real-key", max_retries=0, default_headers={"clrk-invocation-id": inv}, **kw)
 
 
-def seen_by_upstream(upstream, since: float) -> list:
-    with upstream.lock:
-        return [r for r in upstream.requests if r.time >= since]
-
-
 def test_model_rewrite_reaches_the_provider_and_the_record_keeps_both_models(gw, upstream, otlp, agent_env):
     i, t0 = new_invocation(), time.time()
     out = client(i).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert out.model == "gpt-4o-mini-2024"
-    sent = [json.loads(r.body) for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    sent = [json.loads(r.body) for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     assert [b["model"] for b in sent] == ["gpt-4o-mini"]
     rec = gw.wait_record(invocation=i)
     assert (rec[A.GEN_AI_REQUEST_MODEL], rec[A.GEN_AI_RESPONSE_MODEL]) == ("gpt-4o", "gpt-4o-mini-2024")
@@ -128,7 +123,7 @@ def test_streaming_request_gets_include_usage_and_its_usage_appears(gw, upstream
     i, t0 = new_invocation(), time.time()
     chunks = list(client(i).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True))
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 12  # the agent sees it too
-    sent = [json.loads(r.body) for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    sent = [json.loads(r.body) for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     assert sent[-1]["stream_options"] == {"include_usage": True}
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_BODY_REQUEST_REWRITTEN] is True and rec[A.CLRK_BODY_USAGE_VISIBLE] is True
@@ -143,7 +138,7 @@ def test_injected_keys_reach_the_provider_and_nothing_else(gw, upstream, otlp, a
     client(i).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     g = genai.Client(api_key="agent-gemini-key-not-real", http_options=types.HttpOptions(headers={"clrk-invocation-id": i}))
     assert g.models.generate_content(model="gemini-2.0-flash", contents="hi").text == "Hello!"
-    seen = seen_by_upstream(upstream, t0)
+    seen = upstream.requests_since(t0)
     chat = next(r for r in seen if r.path == "/v1/chat/completions")
     assert chat.headers["authorization"] == f"Bearer {OPENAI_KEY}"  # overwrote what the agent sent
     gem = next(r for r in seen if ":generateContent" in r.path)
@@ -173,7 +168,7 @@ def test_a_changed_secret_file_is_read_again_on_reload(gw, upstream, setup, pki,
             t0 = time.time()
             with gw.client() as c:
                 c.post("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.0-flash:generateContent", json={"contents": []})
-            gem = [r for r in seen_by_upstream(upstream, t0) if ":generateContent" in r.path]
+            gem = [r for r in upstream.requests_since(t0) if ":generateContent" in r.path]
             if gem and "key=AIza-rotated-FILE-SECRET-77" in gem[-1].path:
                 break
             time.sleep(0.1)
@@ -194,7 +189,7 @@ def test_credentials_go_only_where_their_route_goes(gw, upstream, agent_env):
                       headers={"clrk-invocation-id": i}).status_code == 200
         r = c.post("https://llm-b.test/v1/chat/completions", json={"model": "gpt-4o", "messages": []}, headers={"clrk-invocation-id": i})
     assert r.status_code == 403
-    seen = seen_by_upstream(upstream, t0)
+    seen = upstream.requests_since(t0)
     plain = next(x for x in seen if x.path == "/json/plain")
     claude = next(x for x in seen if x.path == "/v1/messages")
     assert "x-api-key" not in plain.headers and claude.headers["x-api-key"] == CATCHALL_KEY
@@ -207,7 +202,7 @@ def test_provider_call_no_rule_matches_is_denied_with_a_reason_naming_that(gw, u
     with pytest.raises(openai.PermissionDeniedError) as e:
         client(i).chat.completions.create(model="o1-preview", messages=[{"role": "user", "content": "hi"}])
     assert e.value.response.json()["error"].startswith("clrk: no AIProviderRoute rule matches openai model o1-preview")
-    assert not [r for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    assert not [r for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_APR_MATCHED] is False and rec[A.CLRK_DECISION] == "deny"
     assert rec[A.GEN_AI_REQUEST_MODEL] == "o1-preview"
@@ -222,7 +217,7 @@ def test_weighted_backends_share_the_traffic(gw, upstream, agent_env):
     c = client(i)
     for _ in range(30):
         c.chat.completions.create(model="balanced-model", messages=[{"role": "user", "content": "hi"}])
-    hosts = [r.headers["host"] for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    hosts = [r.headers["host"] for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     assert len(hosts) == 30
     assert {"api.openai.com", "llm-b.test"} == set(hosts)  # 2**-29 odds of a false failure
 
@@ -235,7 +230,7 @@ def test_budget_exhausted_is_a_429_before_the_provider_is_contacted(gw, upstream
     t0 = time.time()
     with pytest.raises(openai.RateLimitError) as e:
         c.chat.completions.create(model="budget-y", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
-    assert not [r for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    assert not [r for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     denied, first = gw.wait_records(2, invocation=i)
     estimate = denied[A.CLRK_BUDGET_RESERVED]
     assert estimate == 10 + len(json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "budget-y", "max_tokens": 10},
@@ -294,7 +289,7 @@ def test_the_agent_cannot_steer_its_reservation(gw, upstream, agent_env):
         client(i).chat.completions.create(model="clamp-b", messages=[{"role": "user", "content": "hi"}], max_tokens=10**12)
     assert "more than the whole day's 1000" in e.value.response.json()["error"]
     client(i).chat.completions.create(model="clamp-ok", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
-    assert [json.loads(r.body)["model"] for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"] == ["clamp-ok"]
+    assert [json.loads(r.body)["model"] for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"] == ["clamp-ok"]
     ok, absurd, negative = gw.wait_records(3, invocation=i)
     assert (negative[A.HTTP_RESPONSE_STATUS_CODE], negative.get(A.CLRK_BUDGET_RESERVED), negative.get(A.CLRK_BUDGET_TOKENS)) == (400, None, None)
     assert absurd[A.CLRK_BUDGET_RESERVED] > 10**12 and absurd.get(A.CLRK_BUDGET_TOKENS) is None
@@ -321,7 +316,7 @@ def test_a_budgeted_route_refuses_a_body_it_cannot_read(gw, upstream, whole):
     rec = gw.wait_record(invocation=i)
     assert (rec[A.CLRK_DECISION], rec[A.ERROR_TYPE], rec.get(A.HTTP_RESPONSE_STATUS_CODE)) == ("deny", "killed", None)
     assert rec[A.CLRK_DECISION_REASON] == "requests to a budgeted route need a Content-Length body of at most 32 MiB"
-    assert not [r for r in seen_by_upstream(upstream, t0) if r.path == "/v1/completions"]
+    assert not [r for r in upstream.requests_since(t0) if r.path == "/v1/completions"]
 
 
 def test_clrk_spend_while_running(gw, agent_env):
