@@ -3,11 +3,11 @@ official SDKs as agents and a fake provider that shows what actually reached it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +17,8 @@ import pytest
 
 from clrk import attributes as A
 from tests.harness import fake_provider
-from tests.harness.gateway import Gateway, agent_docs, gateway_doc, sha
+from tests.harness.gateway import Gateway, agent_docs, gateway_doc, sha, tunnel
+from tests.harness.util import new_invocation
 
 CLRK = str(Path(sys.executable).parent / "clrk")
 OPENAI_KEY = "sk-injected-SECRET-5f2a9c1e7b"
@@ -104,28 +105,11 @@ def client(inv: str, **kw) -> openai.OpenAI:
     return openai.OpenAI(api_key="sk-agent-has-no-real-key", max_retries=0, default_headers={"clrk-invocation-id": inv}, **kw)
 
 
-def inv() -> str:
-    return f"inv-{uuid.uuid4().hex[:10]}"
-
-
-def wait_rows(gw: Gateway, i: str, n: int) -> list[dict]:
-    deadline = time.monotonic() + 10
-    while len(rows := gw.records(invocation=i)) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(rows) == n, rows
-    return rows
-
-
-def seen_by_upstream(upstream, since: float) -> list:
-    with upstream.lock:
-        return [r for r in upstream.requests if r.time >= since]
-
-
 def test_model_rewrite_reaches_the_provider_and_the_record_keeps_both_models(gw, upstream, otlp, agent_env):
-    i, t0 = inv(), time.time()
+    i, t0 = new_invocation(), time.time()
     out = client(i).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert out.model == "gpt-4o-mini-2024"
-    sent = [json.loads(r.body) for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    sent = [json.loads(r.body) for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     assert [b["model"] for b in sent] == ["gpt-4o-mini"]
     rec = gw.wait_record(invocation=i)
     assert (rec[A.GEN_AI_REQUEST_MODEL], rec[A.GEN_AI_RESPONSE_MODEL]) == ("gpt-4o", "gpt-4o-mini-2024")
@@ -137,10 +121,10 @@ def test_model_rewrite_reaches_the_provider_and_the_record_keeps_both_models(gw,
 
 
 def test_streaming_request_gets_include_usage_and_its_usage_appears(gw, upstream, agent_env):
-    i, t0 = inv(), time.time()
+    i, t0 = new_invocation(), time.time()
     chunks = list(client(i).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True))
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 12  # the agent sees it too
-    sent = [json.loads(r.body) for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    sent = [json.loads(r.body) for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     assert sent[-1]["stream_options"] == {"include_usage": True}
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_BODY_REQUEST_REWRITTEN] is True and rec[A.CLRK_BODY_USAGE_VISIBLE] is True
@@ -151,16 +135,16 @@ def test_injected_keys_reach_the_provider_and_nothing_else(gw, upstream, otlp, a
     from google import genai
     from google.genai import types
 
-    i, t0 = inv(), time.time()
+    i, t0 = new_invocation(), time.time()
     client(i).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     g = genai.Client(api_key="agent-gemini-key-not-real", http_options=types.HttpOptions(headers={"clrk-invocation-id": i}))
     assert g.models.generate_content(model="gemini-2.0-flash", contents="hi").text == "Hello!"
-    seen = seen_by_upstream(upstream, t0)
+    seen = upstream.requests_since(t0)
     chat = next(r for r in seen if r.path == "/v1/chat/completions")
     assert chat.headers["authorization"] == f"Bearer {OPENAI_KEY}"  # overwrote what the agent sent
     gem = next(r for r in seen if ":generateContent" in r.path)
     assert f"key={GEMINI_KEY}" in gem.path
-    rows = wait_rows(gw, i, 2)
+    rows = gw.wait_records(2, invocation=i)
     cli = subprocess.run([CLRK, "records", "--db", str(gw.db), "--json", "--invocation", i], capture_output=True, text=True, check=True).stdout
     tail = subprocess.run([CLRK, "records", "--db", str(gw.db), "--limit", "0"], capture_output=True, text=True, check=True).stdout
     decoded = json.dumps([otlp.span(r[A.SPAN_ID]) for r in rows] + [otlp.log(r[A.SPAN_ID]) for r in rows])
@@ -185,7 +169,7 @@ def test_a_changed_secret_file_is_read_again_on_reload(gw, upstream, setup, pki,
             t0 = time.time()
             with gw.client() as c:
                 c.post("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.0-flash:generateContent", json={"contents": []})
-            gem = [r for r in seen_by_upstream(upstream, t0) if ":generateContent" in r.path]
+            gem = [r for r in upstream.requests_since(t0) if ":generateContent" in r.path]
             if gem and "key=AIza-rotated-FILE-SECRET-77" in gem[-1].path:
                 break
             time.sleep(0.1)
@@ -199,27 +183,27 @@ def test_a_changed_secret_file_is_read_again_on_reload(gw, upstream, setup, pki,
 def test_credentials_go_only_where_their_route_goes(gw, upstream, agent_env):
     """The gateway-wide key rides with provider calls only; a route's key is not carried to another vendor's
     host just because that host speaks the same schema."""
-    i, t0 = inv(), time.time()
+    i, t0 = new_invocation(), time.time()
     with gw.client() as c:
         assert c.get("https://allowed.test/json/plain", headers={"clrk-invocation-id": i}).status_code == 200
         assert c.post("https://api.anthropic.com/v1/messages", json={"model": "claude-3-5-sonnet", "max_tokens": 5, "messages": []},
                       headers={"clrk-invocation-id": i}).status_code == 200
         r = c.post("https://llm-b.test/v1/chat/completions", json={"model": "gpt-4o", "messages": []}, headers={"clrk-invocation-id": i})
     assert r.status_code == 403
-    seen = seen_by_upstream(upstream, t0)
+    seen = upstream.requests_since(t0)
     plain = next(x for x in seen if x.path == "/json/plain")
     claude = next(x for x in seen if x.path == "/v1/messages")
     assert "x-api-key" not in plain.headers and claude.headers["x-api-key"] == CATCHALL_KEY
     assert not [x for x in seen if x.headers.get("host") == "llm-b.test"]
-    assert CATCHALL_KEY not in json.dumps(wait_rows(gw, i, 3))
+    assert CATCHALL_KEY not in json.dumps(gw.wait_records(3, invocation=i))
 
 
 def test_provider_call_no_rule_matches_is_denied_with_a_reason_naming_that(gw, upstream, agent_env):
-    i, t0 = inv(), time.time()
+    i, t0 = new_invocation(), time.time()
     with pytest.raises(openai.PermissionDeniedError) as e:
         client(i).chat.completions.create(model="o1-preview", messages=[{"role": "user", "content": "hi"}])
     assert e.value.response.json()["error"].startswith("clrk: no AIProviderRoute rule matches openai model o1-preview")
-    assert not [r for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    assert not [r for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_APR_MATCHED] is False and rec[A.CLRK_DECISION] == "deny"
     assert rec[A.GEN_AI_REQUEST_MODEL] == "o1-preview"
@@ -230,25 +214,25 @@ def test_provider_call_no_rule_matches_is_denied_with_a_reason_naming_that(gw, u
 
 
 def test_weighted_backends_share_the_traffic(gw, upstream, agent_env):
-    i, t0 = inv(), time.time()
+    i, t0 = new_invocation(), time.time()
     c = client(i)
     for _ in range(30):
         c.chat.completions.create(model="balanced-model", messages=[{"role": "user", "content": "hi"}])
-    hosts = [r.headers["host"] for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
+    hosts = [r.headers["host"] for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     assert len(hosts) == 30
     assert {"api.openai.com", "llm-b.test"} == set(hosts)  # 2**-29 odds of a false failure
 
 
 def test_budget_exhausted_is_a_429_before_the_provider_is_contacted(gw, upstream, agent_env):
-    i = inv()
+    i = new_invocation()
     c = client(i)
     c.chat.completions.create(model="budget-cost990", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
     # 995 of 1000 used: a request that may cost more than the 5 left is refused, not clamped to them.
     t0 = time.time()
     with pytest.raises(openai.RateLimitError) as e:
         c.chat.completions.create(model="budget-y", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
-    assert not [r for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"]
-    denied, first = wait_rows(gw, i, 2)
+    assert not [r for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
+    denied, first = gw.wait_records(2, invocation=i)
     estimate = denied[A.CLRK_BUDGET_RESERVED]
     assert estimate == 10 + len(json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "budget-y", "max_tokens": 10},
                                            separators=(",", ":"))) // 4
@@ -260,7 +244,7 @@ def test_budget_exhausted_is_a_429_before_the_provider_is_contacted(gw, upstream
 
 
 def test_agent_scope_gives_each_agent_its_own_pool(gw, agent_env):
-    i = inv()
+    i = new_invocation()
     researcher = client(i)
     # ~29 reserved (10 output + body / 4) of 40, 17 used; then 17 + 29 no longer fits
     researcher.chat.completions.create(model="mine-a", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
@@ -272,7 +256,7 @@ def test_agent_scope_gives_each_agent_its_own_pool(gw, agent_env):
 
 
 def test_fifty_concurrent_requests_stay_within_the_budget(gw, agent_env):
-    i = inv()
+    i = new_invocation()
     client(i).chat.completions.create(model="crowd-cost900", messages=[{"role": "user", "content": "hi"}], max_tokens=20)
 
     def one(_):
@@ -286,7 +270,7 @@ def test_fifty_concurrent_requests_stay_within_the_budget(gw, agent_env):
         results = list(ex.map(one, range(50)))
     admitted = results.count(200)
     assert admitted >= 1 and results.count(429) == 50 - admitted
-    rows = wait_rows(gw, i, 51)
+    rows = gw.wait_records(51, invocation=i)
     used = max(r[A.CLRK_BUDGET_DAILY_USED] for r in rows)
     # The bound (clrk/budget.py): max + what admitted requests used beyond their reservations. Each reserves
     # 50 output tokens + its body / 4 (about 71) and used 17: nothing beyond, so the max holds exactly.
@@ -297,7 +281,7 @@ def test_fifty_concurrent_requests_stay_within_the_budget(gw, agent_env):
 
 def test_the_agent_cannot_steer_its_reservation(gw, upstream, agent_env):
     """A negative max tokens is refused (no refill), an absurd one too (no lock of the pool); neither is sent."""
-    i, t0 = inv(), time.time()
+    i, t0 = new_invocation(), time.time()
     with pytest.raises(openai.BadRequestError) as e:
         client(i).chat.completions.create(model="clamp-a", messages=[{"role": "user", "content": "hi"}], max_tokens=-1_000_000)
     assert e.value.response.json() == {"error": "clrk: a budgeted route cannot estimate this request: max_tokens must be a "
@@ -306,31 +290,38 @@ def test_the_agent_cannot_steer_its_reservation(gw, upstream, agent_env):
         client(i).chat.completions.create(model="clamp-b", messages=[{"role": "user", "content": "hi"}], max_tokens=10**12)
     assert "more than the whole day's 1000" in e.value.response.json()["error"]
     client(i).chat.completions.create(model="clamp-ok", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
-    assert [json.loads(r.body)["model"] for r in seen_by_upstream(upstream, t0) if r.path == "/v1/chat/completions"] == ["clamp-ok"]
-    ok, absurd, negative = wait_rows(gw, i, 3)
+    assert [json.loads(r.body)["model"] for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"] == ["clamp-ok"]
+    ok, absurd, negative = gw.wait_records(3, invocation=i)
     assert (negative[A.HTTP_RESPONSE_STATUS_CODE], negative.get(A.CLRK_BUDGET_RESERVED), negative.get(A.CLRK_BUDGET_TOKENS)) == (400, None, None)
     assert absurd[A.CLRK_BUDGET_RESERVED] > 10**12 and absurd.get(A.CLRK_BUDGET_TOKENS) is None
     assert ok[A.CLRK_BUDGET_TOKENS] == ok[A.CLRK_BUDGET_DAILY_USED] == 17 and ok[A.CLRK_BUDGET_DENIED] is False
 
 
-def test_a_budgeted_route_refuses_a_body_it_cannot_read(gw, agent_env):
-    import httpx
-
-    def chunks():
-        yield b'{"model": "gpt-3.5-turbo-instruct", '
-        yield b'"prompt": "hi", "max_tokens": 5}'
-
-    with gw.client() as c:
-        try:
-            r = c.post("https://api.openai.com/v1/completions", content=chunks(), headers={"content-type": "application/json"})
-            status = r.status_code
-        except httpx.HTTPError:
-            status = "cut"
-    assert status in (413, "cut")
+@pytest.mark.parametrize("whole", [False, True], ids=["body-still-coming", "whole-body-sent"])
+def test_a_budgeted_route_refuses_a_body_it_cannot_read(gw, upstream, whole):
+    """A chunked body (no Content-Length) cannot be estimated. It is refused on its headers, and since
+    answering would mean reading a body of unknown length first, the refusal is a cut connection (never a 413
+    the agent reads), whether or not the rest of the body is on its way: nothing is answered, the provider
+    sees nothing, and the record says why."""
+    i, t0 = new_invocation(), time.time()
+    t = tunnel(gw, "api.openai.com:443", sni="api.openai.com")
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (b'{"model": "gpt-3.5-turbo-instruct", ',
+                                                               b'"prompt": "hi", "max_tokens": 5}'))
+    t.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: api.openai.com\r\ncontent-type: application/json\r\n"
+              b"transfer-encoding: chunked\r\nclrk-invocation-id: " + i.encode() + b"\r\n\r\n"
+              + (body + b"0\r\n\r\n" if whole else body))
+    t.settimeout(10)  # a gateway waiting on the body instead would fail this read with TimeoutError
+    with contextlib.suppress(ConnectionResetError):  # cut with a reset, or:
+        assert t.recv(65536) == b"", "the gateway answered instead of cutting the connection"
+    t.close()
+    rec = gw.wait_record(invocation=i)
+    assert (rec[A.CLRK_DECISION], rec[A.ERROR_TYPE], rec.get(A.HTTP_RESPONSE_STATUS_CODE)) == ("deny", "killed", None)
+    assert rec[A.CLRK_DECISION_REASON] == "requests to a budgeted route need a Content-Length body of at most 32 MiB"
+    assert not [r for r in upstream.requests_since(t0) if r.path == "/v1/completions"]
 
 
 def test_clrk_spend_while_running(gw, agent_env):
-    i = inv()
+    i = new_invocation()
     client(i).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     gw.wait_record(invocation=i)
     out = subprocess.run([CLRK, "spend", "--db", str(gw.db), "--json", "--by", "agent,route,model", "--budgets"],
@@ -348,7 +339,7 @@ def test_clrk_spend_while_running(gw, agent_env):
 
 def test_restart_keeps_the_days_usage_and_a_reload_changes_the_budget(gw, setup, pki, upstream, otlp, agent_env):
     """Runs last in this module: it restarts the gateway."""
-    i = inv()
+    i = new_invocation()
     client(i).chat.completions.create(model="restart-cost95", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
     with pytest.raises(openai.RateLimitError):  # 100 of 100 used
         client(i).chat.completions.create(model="restart-z", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
@@ -356,7 +347,7 @@ def test_restart_keeps_the_days_usage_and_a_reload_changes_the_budget(gw, setup,
     gw.start()
     with pytest.raises(openai.RateLimitError):
         client(i).chat.completions.create(model="restart-z", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
-    rows = wait_rows(gw, i, 3)
+    rows = gw.wait_records(3, invocation=i)
     assert [(r[A.CLRK_BUDGET_DAILY_USED], r[A.CLRK_BUDGET_DENIED]) for r in rows] == [(100, True), (100, True), (100, False)]
 
     gw.write_policy(docs(pki, upstream, otlp.endpoint, setup[1], restart_budget=5000))
@@ -392,14 +383,14 @@ def test_a_large_body_is_read_for_its_model_without_building_it_and_rewritten_in
     """A 24 MiB chat body (20k messages, a 24 MiB string, the model named last as the OpenAI SDK writes it):
     the gateway finds the model without building the document, and the Backend's rewrite changes that member
     only — every other byte, spacing included, reaches the provider as the agent sent it."""
-    i, t0 = inv(), time.time()
+    i, t0 = new_invocation(), time.time()
     messages = b",".join(b'{"role":"user","content":"m%d"}' % n for n in range(20_000))
     filler = b'"' + b"x" * (24 << 20) + b'"'
     body = b'{"messages":[' + messages + b'],"metadata_blob":' + filler + b', "stream" : false,"model":"gpt-4o"}'
     r = httpx.post("https://api.openai.com/v1/chat/completions", content=body, proxy=gw.proxy_url(), verify=gw.ssl_context(),
                    trust_env=False, timeout=60, headers={"content-type": "application/json", "clrk-invocation-id": i})
     assert r.status_code == 200, r.text
-    sent = [x.body for x in seen_by_upstream(upstream, t0) if x.path == "/v1/chat/completions"]
+    sent = [x.body for x in upstream.requests_since(t0) if x.path == "/v1/chat/completions"]
     assert sent == [body.replace(b'"model":"gpt-4o"}', b'"model":"gpt-4o-mini"}')]
     rec = gw.wait_record(invocation=i)
     assert rec[A.GEN_AI_REQUEST_MODEL] == "gpt-4o" and rec[A.CLRK_BODY_REQUEST_REWRITTEN] is True

@@ -73,11 +73,6 @@ def post(gw: Gateway, url: str, body: dict | bytes, inv: str, user: str = "team-
         return c.post(url, content=content, headers={"content-type": "application/json", "clrk-invocation-id": inv})
 
 
-def reached(upstream, marker: str) -> list:
-    with upstream.lock:
-        return [r for r in upstream.requests if marker.encode() in r.body or marker in r.path]
-
-
 def input_estimate(body: dict) -> int:
     return len(json.dumps(body).encode()) // 4
 
@@ -112,7 +107,7 @@ def test_chat_choices_multiply_the_reservation_and_unreadable_counts_are_refused
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
     r = post(gw, f"{OPENAI}/v1/chat/completions", body, i)
     assert r.status_code == status, r.text
-    assert len(reached(upstream, model)) == (1 if status == 200 else 0)
+    assert len(upstream.requests_with(model)) == (1 if status == 200 else 0)
     rec = gw.wait_record(invocation=i)
     if status == 400:
         assert r.json()["error"].startswith("clrk: a budgeted route cannot estimate this request: ")
@@ -140,7 +135,7 @@ def test_legacy_completions_reserve_best_of_for_every_prompt(gw, upstream, extra
     body = {"model": model, **extra}
     r = post(gw, f"{OPENAI}/v1/completions", body, i)
     assert r.status_code == status, r.text
-    assert len(reached(upstream, model)) == (1 if status == 200 else 0)
+    assert len(upstream.requests_with(model)) == (1 if status == 200 else 0)
     assert gw.wait_record(invocation=i)[A.CLRK_BUDGET_RESERVED] == output + input_estimate(body)
 
 
@@ -162,7 +157,7 @@ def test_gemini_candidate_count_multiplies_the_reservation(gw, upstream, extra, 
     body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], **extra}
     r = post(gw, f"{GEMINI}/v1beta/models/{model}:generateContent", body, i)
     assert r.status_code == status, r.text
-    assert len(reached(upstream, model)) == (1 if status == 200 else 0)
+    assert len(upstream.requests_with(model)) == (1 if status == 200 else 0)
     rec = gw.wait_record(invocation=i)
     assert rec.get(A.CLRK_BUDGET_RESERVED) == (None if output is None else output + input_estimate(body))
 
@@ -195,7 +190,7 @@ def test_held_context_is_reserved_refused_or_past_the_pool_as_the_route_says(gw,
     r = post(gw, f"{OPENAI}/v1/responses", bodies["wide"], wide_i)
     assert r.status_code == 429 and "more than the whole day's 10000" in r.json()["error"]
     assert gw.wait_record(invocation=wide_i)[A.CLRK_BUDGET_RESERVED] == 100 + input_estimate(bodies["wide"]) + 128_000
-    assert not reached(upstream, f"refuse-{t}") and not reached(upstream, f"wide-{t}")
+    assert not upstream.requests_with(f"refuse-{t}") and not upstream.requests_with(f"wide-{t}")
     # the refusing route still serves what carries its whole input
     plain = {"model": f"refuse-{t}-plain", "input": "hi", "max_output_tokens": 100}
     assert post(gw, f"{OPENAI}/v1/responses", plain, tag()).status_code == 200
@@ -213,7 +208,7 @@ def test_assistants_runs_and_gemini_cached_content_are_held_context(gw, upstream
     i, model = tag(), f"cand-{tag()}"
     cached = {"cachedContent": "cachedContents/big-document", "contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     r = post(gw, f"{GEMINI}/v1beta/models/{model}:generateContent", cached, i)
-    assert r.status_code == 429 and not reached(upstream, model)
+    assert r.status_code == 429 and not upstream.requests_with(model)
     assert gw.wait_record(invocation=i)[A.CLRK_BUDGET_RESERVED] == 1024 + input_estimate(cached) + 128_000
 
 
@@ -234,8 +229,7 @@ def test_jobs_billed_after_the_answer_are_refused_on_a_budgeted_route(gw, upstre
     i, t0 = tag(), time.time()
     r = post(gw, host + path, body, i)
     assert r.status_code == 403 and "billed after this request is answered" in r.json()["error"]
-    with upstream.lock:
-        assert not [x for x in upstream.requests if x.time >= t0 and x.path.startswith(path)]
+    assert not [x for x in upstream.requests_since(t0) if x.path.startswith(path)]
     assert gw.wait_record(invocation=i)[A.CLRK_DECISION_RULE] == "AIProviderRoute/team-a/pool#rules[8]"
 
 
@@ -246,7 +240,7 @@ def test_a_body_the_gateway_cannot_parse_is_refused_not_estimated_as_small(gw, u
     i = tag()
     r = post(gw, f"{OPENAI}/v1/completions", deep, i)
     assert r.status_code == 400 and "reads as a JSON object" in r.json()["error"]
-    assert not reached(upstream, t)
+    assert not upstream.requests_with(t)
 
 
 # --------------------------------------------------------------------------- a shared pool under pressure
@@ -262,7 +256,7 @@ def test_a_greedy_request_cannot_lock_other_agents_out_of_the_pool(gw, upstream,
     th.start()
     try:
         deadline = time.monotonic() + 10
-        while not status and not reached(upstream, f"greedy-hold-{t}"):  # decided: answered, or held upstream
+        while not status and not upstream.requests_with(f"greedy-hold-{t}"):  # decided: answered, or held upstream
             assert time.monotonic() < deadline
             time.sleep(0.01)
         small = {"model": f"greedy-small-{t}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
@@ -271,7 +265,7 @@ def test_a_greedy_request_cannot_lock_other_agents_out_of_the_pool(gw, upstream,
     finally:
         fake_provider.RELEASE.set()
         th.join(30)
-    assert status == [429] and not reached(upstream, f"greedy-hold-{t}")
+    assert status == [429] and not upstream.requests_with(f"greedy-hold-{t}")
 
 
 def test_concurrent_agents_overshoot_only_by_what_they_used_beyond_their_reservations(gw, upstream):
@@ -296,17 +290,17 @@ def test_concurrent_agents_overshoot_only_by_what_they_used_beyond_their_reserva
         try:
             futures = [ex.submit(one, k) for k in range(30)]
             deadline = time.monotonic() + 20
-            while statuses.count(429) + len(reached(upstream, f"bound-hold-cost200-{t}")) < 30:
-                assert time.monotonic() < deadline, (statuses, len(reached(upstream, t)))
+            while statuses.count(429) + len(upstream.requests_with(f"bound-hold-cost200-{t}")) < 30:
+                assert time.monotonic() < deadline, (statuses, len(upstream.requests_with(t)))
                 time.sleep(0.02)
         finally:
             fake_provider.RELEASE.set()
         for f in futures:
             f.result(30)
     admitted = statuses.count(200)
-    assert statuses.count(429) == 30 - admitted and len(reached(upstream, f"bound-hold-cost200-{t}")) == admitted
+    assert statuses.count(429) == 30 - admitted and len(upstream.requests_with(f"bound-hold-cost200-{t}")) == admitted
     assert admitted == 1000 // reservation  # every reservation that fits, and not one more
-    rows = [r for r in wait_rows(gw, inv, 30) if not r[A.CLRK_BUDGET_DENIED]]
+    rows = [r for r in gw.wait_records(30, timeout=15, invocation=inv) if not r[A.CLRK_BUDGET_DENIED]]
     assert all(r[A.CLRK_BUDGET_RESERVED] == reservation and r[A.CLRK_BUDGET_TOKENS] == 205 for r in rows)
     used = max(r[A.CLRK_BUDGET_DAILY_USED] for r in rows)
     excess = sum(r[A.CLRK_BUDGET_TOKENS] - r[A.CLRK_BUDGET_RESERVED] for r in rows)
@@ -316,12 +310,4 @@ def test_concurrent_agents_overshoot_only_by_what_they_used_beyond_their_reserva
     after = {"model": f"bound-after-{t}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     r = post(gw, f"{OPENAI}/v1/chat/completions", after, tag(), user="team-a.auditor")
     assert r.status_code == 429 and "and 0 of the day's 1000 are left" in r.json()["error"]
-    assert not reached(upstream, f"bound-after-{t}")
-
-
-def wait_rows(gw: Gateway, inv: str, n: int) -> list[dict]:
-    deadline = time.monotonic() + 15
-    while len(rows := gw.records(invocation=inv)) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(rows) == n
-    return rows
+    assert not upstream.requests_with(f"bound-after-{t}")

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import base64
 import socket
-import ssl
 import time
-import uuid
 
-import h2.connection
-import h2.events
 import httpx
 import pytest
 
@@ -21,10 +17,16 @@ from tests.harness.gateway import (
     Gateway,
     agent_docs,
     basic,
+    connect,
+    exchange,
     gateway_doc,
+    h2_exchange,
     proxy_connect,
+    read_all,
     route,
+    status_of,
 )
+from tests.harness.util import new_invocation
 
 ALLOWED = "allowed.test"
 
@@ -39,41 +41,6 @@ def gw(tmp_path_factory, pki, upstream, forbidden_upstream):
     g = Gateway(tmp_path_factory.mktemp("bypass"), docs).start()
     yield g
     g.stop()
-
-
-def auth_header(user: str = "team-a.researcher", token: str = AGENT_TOKEN) -> str:
-    return basic(user, token)
-
-
-def connect(gw: Gateway, target: str, auth: str | None = None) -> tuple[socket.socket, bytes]:
-    return proxy_connect(gw.port, target, auth)
-
-
-def tls_request(gw: Gateway, target: str, sni: str, raw: bytes, alpn: list[str] | None = None) -> bytes:
-    s, head = connect(gw, target, auth_header())
-    assert head.startswith(b"HTTP/1.1 200"), head
-    ctx = gw.ssl_context()
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    t = ctx.wrap_socket(s, server_hostname=sni)
-    t.sendall(raw)
-    out = b""
-    t.settimeout(10)
-    try:
-        while chunk := t.recv(65536):
-            out += chunk
-    except (TimeoutError, ssl.SSLError, ConnectionError):
-        pass
-    t.close()
-    return out
-
-
-def wait_record(gw: Gateway, inv: str) -> dict:
-    return gw.wait_record(invocation=inv)
-
-
-def inv() -> str:
-    return f"inv-{uuid.uuid4().hex[:10]}"
 
 
 def test_the_allowed_host_works(gw):
@@ -93,12 +60,12 @@ def test_the_allowed_host_works(gw):
     "denied.test",
 ])
 def test_destinations_that_are_not_the_allowed_hostname(gw, target, forbidden_upstream):
-    i = inv()
+    i = new_invocation()
     sni = target if not target.startswith("[") and not target[0].isdigit() else ALLOWED  # no SNI for IPs: claim the allowed name
-    out = tls_request(gw, f"{target}:443", sni,
-                      f"GET /json/x HTTP/1.1\r\nHost: {target}\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
-    assert out.startswith(b"HTTP/1.1 403"), (target, out[:200])
-    rec = wait_record(gw, i)
+    out = exchange(gw, f"GET /json/x HTTP/1.1\r\nHost: {target}\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode(),
+                   target=f"{target}:443", sni=sni)
+    assert status_of(out) == 403, (target, out[:200])
+    rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_DECISION] == "deny"
     assert forbidden_upstream.connections == 0
 
@@ -106,146 +73,121 @@ def test_destinations_that_are_not_the_allowed_hostname(gw, target, forbidden_up
 @pytest.mark.parametrize("spelled", ["ALLOWED.TEST", "Allowed.Test.", "allowed.test."])
 def test_case_and_trailing_dot_are_the_same_host_not_a_loophole(gw, spelled):
     """Spellings of the allowed name are that name: allowed (and judged as such), never a different rule."""
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r = c.get(f"https://{spelled}/json/case", headers={"clrk-invocation-id": i})
     assert r.status_code == 200
-    assert wait_record(gw, i)[A.CLRK_DECISION_RULE] == "EgressRoute/default/only-one"
+    assert gw.wait_record(invocation=i)[A.CLRK_DECISION_RULE] == "EgressRoute/default/only-one"
 
 
 @pytest.mark.parametrize("spelled", ["DENIED.TEST", "denied.test."])
 def test_case_and_trailing_dot_do_not_open_a_denied_host(gw, spelled):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         assert c.get(f"https://{spelled}/x", headers={"clrk-invocation-id": i}).status_code == 403
 
 
 def test_connect_to_allowed_then_inner_host_of_a_denied_one_http1(gw, forbidden_upstream):
-    i = inv()
-    out = tls_request(gw, f"{ALLOWED}:443", ALLOWED,
-                      f"GET /x HTTP/1.1\r\nHost: denied.test\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
-    assert out.startswith(b"HTTP/1.1 403")
-    assert wait_record(gw, i)[A.CLRK_DECISION_RULE] == "destination-check"
+    i = new_invocation()
+    out = exchange(gw, f"GET /x HTTP/1.1\r\nHost: denied.test\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(out) == 403
+    assert gw.wait_record(invocation=i)[A.CLRK_DECISION_RULE] == "destination-check"
     assert forbidden_upstream.connections == 0
 
 
 def test_connect_to_allowed_then_inner_authority_of_a_denied_one_http2(gw, forbidden_upstream):
-    i = inv()
-    s, head = connect(gw, f"{ALLOWED}:443", auth_header())
-    assert head.startswith(b"HTTP/1.1 200")
-    ctx = gw.ssl_context()
-    ctx.set_alpn_protocols(["h2"])
-    t = ctx.wrap_socket(s, server_hostname=ALLOWED)
-    assert t.selected_alpn_protocol() == "h2"
-    conn = h2.connection.H2Connection()
-    conn.initiate_connection()
-    conn.send_headers(1, [(":method", "GET"), (":path", "/x"), (":scheme", "https"), (":authority", "denied.test"),
-                          ("clrk-invocation-id", i)], end_stream=True)
-    t.sendall(conn.data_to_send())
-    status = None
-    t.settimeout(10)
-    while status is None:
-        data = t.recv(65536)
-        if not data:
-            break
-        for ev in conn.receive_data(data):
-            if isinstance(ev, h2.events.ResponseReceived):
-                status = dict(ev.headers)[b":status"]
-        t.sendall(conn.data_to_send())
-    t.close()
-    assert status == b"403"
-    assert wait_record(gw, i)[A.CLRK_DECISION_RULE] == "destination-check"
+    i = new_invocation()
+    status = h2_exchange(gw, [(":method", "GET"), (":path", "/x"), (":scheme", "https"), (":authority", "denied.test"),
+                              ("clrk-invocation-id", i)])
+    assert status == 403
+    assert gw.wait_record(invocation=i)[A.CLRK_DECISION_RULE] == "destination-check"
     assert forbidden_upstream.connections == 0
 
 
 def test_sni_of_a_denied_host_inside_an_allowed_connect(gw, forbidden_upstream):
-    i = inv()
-    out = tls_request(gw, f"{ALLOWED}:443", "denied.test",
-                      f"GET /x HTTP/1.1\r\nHost: {ALLOWED}\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
-    assert out.startswith(b"HTTP/1.1 403")
-    assert "TLS server name denied.test" in wait_record(gw, i)[A.CLRK_DECISION_REASON]
+    i = new_invocation()
+    out = exchange(gw, f"GET /x HTTP/1.1\r\nHost: {ALLOWED}\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode(),
+                   sni="denied.test")
+    assert status_of(out) == 403
+    assert "TLS server name denied.test" in gw.wait_record(invocation=i)[A.CLRK_DECISION_REASON]
 
 
 def test_connect_to_the_allowed_host_on_another_port(gw, forbidden_upstream):
-    i = inv()
-    out = tls_request(gw, f"{ALLOWED}:8443", ALLOWED,
-                      f"GET /x HTTP/1.1\r\nHost: {ALLOWED}:8443\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
-    assert out.startswith(b"HTTP/1.1 403")
-    assert wait_record(gw, i)[A.SERVER_PORT] == 8443
+    i = new_invocation()
+    out = exchange(gw, f"GET /x HTTP/1.1\r\nHost: {ALLOWED}:8443\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode(),
+                   target=f"{ALLOWED}:8443")
+    assert status_of(out) == 403
+    assert gw.wait_record(invocation=i)[A.SERVER_PORT] == 8443
 
 
 def test_absolute_form_and_plain_http_proxying(gw, forbidden_upstream):
     """Plain HTTP through the proxy: judged the same way (the route allows 443 only, so even the allowed host
     is denied on 80), and the URL and Host must agree."""
     for url, host in ((f"http://{ALLOWED}/x", ALLOWED), ("http://denied.test/x", "denied.test"), (f"http://{ALLOWED}/x", "denied.test")):
-        i = inv()
+        i = new_invocation()
         s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-        s.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: {auth_header()}\r\n"
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: {basic("team-a.researcher", AGENT_TOKEN)}\r\n"
                   f"clrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
+        out = read_all(s)
         s.close()
-        assert out.startswith(b"HTTP/1.1 403"), (url, host, out[:100])
-        rec = wait_record(gw, i)
+        assert status_of(out) == 403, (url, host, out[:100])
+        rec = gw.wait_record(invocation=i)
         assert rec[A.CLRK_DECISION] == "deny" and rec[A.AGENT_NAME] == "researcher"
     # Absolute-form inside an allowed tunnel, naming a denied host.
-    i = inv()
-    out = tls_request(gw, f"{ALLOWED}:443", ALLOWED,
-                      f"GET https://denied.test/x HTTP/1.1\r\nHost: denied.test\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
-    assert out.startswith(b"HTTP/1.1 403")
+    i = new_invocation()
+    out = exchange(gw, f"GET https://denied.test/x HTTP/1.1\r\nHost: denied.test\r\nclrk-invocation-id: {i}\r\n"
+                       "Connection: close\r\n\r\n".encode())
+    assert status_of(out) == 403
     assert forbidden_upstream.connections == 0
 
 
 def test_websocket_upgrade_to_a_denied_host(gw, forbidden_upstream):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r = c.get("https://denied.test/ws", headers={"connection": "upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
                                                      "sec-websocket-key": base64.b64encode(b"0123456789abcdef").decode(),
                                                      "clrk-invocation-id": i})
     assert r.status_code == 403
-    assert wait_record(gw, i)[A.CLRK_DECISION] == "deny"
+    assert gw.wait_record(invocation=i)[A.CLRK_DECISION] == "deny"
     assert forbidden_upstream.connections == 0
 
 
 def test_raw_tcp_inside_an_allowed_tunnel_never_reaches_any_upstream(gw, upstream):
+    """Bytes that are neither TLS nor HTTP are read as HTTP and refused by the parser (nothing to judge or
+    record); once the gateway has logged the end of that client connection, no upstream was dialled for it."""
     before = upstream.connections
-    s, head = connect(gw, f"{ALLOWED}:443", auth_header())
-    assert head.startswith(b"HTTP/1.1 200")
+    s = connect(gw.port, f"{ALLOWED}:443")
+    client_port = s.getsockname()[1]
     s.sendall(b"\x00\x01not tls, not http\r\n\r\n" * 4)
-    s.settimeout(5)
-    try:
-        while s.recv(4096):
-            pass
-    except (TimeoutError, ConnectionError):
-        pass
+    out = read_all(s)
     s.close()
-    time.sleep(0.3)
+    assert status_of(out) == 400, out[:200]
+    gw.wait_client_gone(client_port)
     assert upstream.connections == before
 
 
 @pytest.mark.parametrize("auth", [None, "Basic " + base64.b64encode(b"team-a.researcher:").decode(), "Bearer xyz",
-                                  "Basic !!notbase64!!", auth_header("team-a.researcher", OTHER_TOKEN),
-                                  auth_header("team-b.reviewer", AGENT_TOKEN), auth_header("team-a.researcher:x", AGENT_TOKEN)])
+                                  "Basic !!notbase64!!", basic("team-a.researcher", OTHER_TOKEN),
+                                  basic("team-b.reviewer", AGENT_TOKEN), basic("team-a.researcher:x", AGENT_TOKEN)])
 def test_no_bad_or_borrowed_credentials(gw, auth):
-    s, head = connect(gw, f"{ALLOWED}:443", auth)
+    s, head = proxy_connect(gw.port, f"{ALLOWED}:443", auth)
     s.close()
     assert head.startswith(b"HTTP/1.1 407"), head
 
 
 def test_another_agent_with_its_own_valid_token_is_not_this_agent(gw):
     """team-b.reviewer is a valid agent but the route names only team-a/researcher."""
-    i = inv()
+    i = new_invocation()
     with gw.client("team-b.reviewer", OTHER_TOKEN) as c:
         assert c.get(f"https://{ALLOWED}/json/x", headers={"clrk-invocation-id": i}).status_code == 403
-    assert wait_record(gw, i)[A.AGENT_NAME] == "reviewer"
+    assert gw.wait_record(invocation=i)[A.AGENT_NAME] == "reviewer"
 
 
 def test_the_upstream_never_sees_proxy_credentials_or_the_invocation_header(gw, upstream):
     t0 = time.time()
     with httpx.Client(proxy=gw.proxy_url(), verify=gw.ssl_context(), trust_env=False) as c:
         c.get(f"https://{ALLOWED}/json/creds", headers={"clrk-invocation-id": "x"})
-    seen = [r for r in upstream.requests if r.time >= t0 and r.path == "/json/creds"]
+    seen = [r for r in upstream.requests_since(t0) if r.path == "/json/creds"]
     assert seen and "proxy-authorization" not in seen[0].headers and "clrk-invocation-id" not in seen[0].headers
 
 
@@ -256,7 +198,7 @@ def test_a_name_that_resolves_to_a_denied_ip_is_refused_at_connect(tmp_path, pki
     g = Gateway(tmp_path, docs).start()
     try:
         before = upstream.connections
-        i = inv()
+        i = new_invocation()
         with g.client() as c:
             r = c.get(f"https://localhost:{upstream.port}/json/x", headers={"clrk-invocation-id": i})
             r2 = c.get(f"https://2130706433:{upstream.port}/json/x")
@@ -274,9 +216,9 @@ def test_dot_segments_do_not_walk_out_of_an_allowed_path(tmp_path, pki, upstream
             route("public", [ALLOWED], paths=["/json/public/"])]
     g = Gateway(tmp_path, docs).start()
     try:
-        for path, status in (("/json/public/a", b"200"), ("/json/public/../secret", b"403"), ("/json/public/%2e%2e/secret", b"403"),
-                             ("//json/secret", b"403")):
-            out = tls_request(g, f"{ALLOWED}:443", ALLOWED, f"GET {path} HTTP/1.1\r\nHost: {ALLOWED}\r\nConnection: close\r\n\r\n".encode())
-            assert out.split(b" ", 2)[1] == status, (path, out[:120])
+        for path, status in (("/json/public/a", 200), ("/json/public/../secret", 403), ("/json/public/%2e%2e/secret", 403),
+                             ("//json/secret", 403)):
+            out = exchange(g, f"GET {path} HTTP/1.1\r\nHost: {ALLOWED}\r\nConnection: close\r\n\r\n".encode())
+            assert status_of(out) == status, (path, out[:120])
     finally:
         g.stop()

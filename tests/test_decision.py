@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import TypeAdapter
 
 from clrk.decision import AuthResult, RequestFacts, decide
 from clrk.hostnames import norm_host
-from clrk.policy.compiled import compile_documents
-from clrk.policy.loader import SourcedDocument
-from clrk.policy.models import Document
-
-_A = TypeAdapter(Document)
-
-
-def policy(*docs, env=None):
-    sds = [SourcedDocument(_A.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)]
-    return compile_documents(sds, env or {})
-
+from tests.harness.util import compile_policy
 
 GW = {"kind": "EgressGateway", "metadata": {"name": "gw"}, "spec": {}}
 AGENT = {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-a", "labels": {"tier": "batch"}},
@@ -34,13 +23,13 @@ def run(p, host, port=443, method="GET", path="/", user="team-a.bot", **kw):
 
 
 def test_no_agent_is_407_with_reason():
-    p = policy(GW, AGENT)
+    p = compile_policy(GW, AGENT)
     d = decide(p, p.gateways[0], AuthResult(None, "wrong token for agent team-a/bot"), RequestFacts("a.com", 443))
     assert (d.allow, d.status, d.rule, d.reason) == (False, 407, "authentication", "wrong token for agent team-a/bot")
 
 
 def test_default_deny_all_names_what_was_denied():
-    d = run(policy(GW, AGENT), "example.com", path="/x")
+    d = run(compile_policy(GW, AGENT), "example.com", path="/x")
     assert not d.allow and d.status == 403
     assert d.rule == "EgressGateway/gw/defaultPolicy"
     assert "GET example.com:443/x" in d.reason and "team-a/bot" in d.reason
@@ -48,7 +37,7 @@ def test_default_deny_all_names_what_was_denied():
 
 def test_allow_all_default():
     gw = {**GW, "spec": {"defaultPolicy": "allow-all"}}
-    d = run(policy(gw, AGENT), "example.com")
+    d = run(compile_policy(gw, AGENT), "example.com")
     assert d.allow and d.rule == "EgressGateway/gw/defaultPolicy"
 
 
@@ -56,7 +45,7 @@ def test_route_matches_host_port_method_path_and_agent():
     r = {"kind": "EgressRoute", "metadata": {"name": "gh"},
          "spec": {"hostnames": ["api.github.com", "*.pythonhosted.org"], "methods": ["get"], "paths": ["/repos/"],
                   "sourceAgents": {"namespaces": ["team-a"], "matchLabels": {"tier": "batch"}}}}
-    p = policy(GW, AGENT, OTHER, r)
+    p = compile_policy(GW, AGENT, OTHER, r)
     assert run(p, "api.github.com", path="/repos/x").rule == "EgressRoute/default/gh"
     assert run(p, "files.pythonhosted.org", path="/repos/x").allow
     assert run(p, "a.b.pythonhosted.org", path="/repos/x").allow
@@ -71,7 +60,7 @@ def test_deny_policy_overrides_allow_with_its_status_and_message():
     r = {"kind": "EgressRoute", "metadata": {"name": "all"}, "spec": {"hostnames": ["*"]}}
     dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "no-paste"},
           "spec": {"hostnames": ["pastebin.com"], "denyResponse": {"statusCode": 451, "message": "no pastes"}}}
-    p = policy(GW, AGENT, r, dn)
+    p = compile_policy(GW, AGENT, r, dn)
     d = run(p, "pastebin.com")
     assert (d.allow, d.status, d.rule, d.reason) == (False, 451, "EgressDenyPolicy/default/no-paste", "no pastes")
     assert run(p, "example.com").allow
@@ -79,7 +68,7 @@ def test_deny_policy_overrides_allow_with_its_status_and_message():
 
 def test_destination_must_agree_with_sni_and_host():
     r = {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": ["ok.com"]}}
-    p = policy(GW, AGENT, r)
+    p = compile_policy(GW, AGENT, r)
     assert run(p, "ok.com", sni="ok.com", authority="ok.com", authority_port=443).allow
     d = run(p, "ok.com", sni="evil.com")
     assert d.rule == "destination-check" and "evil.com" in d.reason
@@ -96,7 +85,7 @@ def test_norm_host(raw, norm):
 @pytest.mark.parametrize("host", ["140.82.112.6", "2130706433", "0x7f000001", "017700000001", "::ffff:8c52:7006", "api.github.com.evil.com"])
 def test_literal_and_lookalike_hosts_do_not_match_a_hostname_rule(host):
     r = {"kind": "EgressRoute", "metadata": {"name": "gh"}, "spec": {"hostnames": ["api.github.com"]}}
-    assert not run(policy(GW, AGENT, r), host).allow
+    assert not run(compile_policy(GW, AGENT, r), host).allow
 
 
 # ------------------------------------------------------------------------------------------- AIProviderRoute
@@ -116,7 +105,7 @@ def prov(p, host, path, model, pending=False, user="team-a.bot", provider="opena
 
 
 def test_provider_route_allows_matching_model_and_endpoint():
-    p = policy(GW, AGENT, OTHER, APR, BACKEND)
+    p = compile_policy(GW, AGENT, OTHER, APR, BACKEND)
     d = prov(p, "api.openai.com", "/v1/chat/completions", "gpt-4o-mini")
     assert d.allow and d.rule == "AIProviderRoute/team-a/chat#rules[0]" and d.provider_rule.route_name == "chat"
     assert not prov(p, "api.openai.com", "/v1/chat/completions", "gpt-3.5-turbo").allow
@@ -125,7 +114,7 @@ def test_provider_route_allows_matching_model_and_endpoint():
 
 
 def test_provider_route_waits_for_the_model_only_when_it_matters():
-    p = policy(GW, AGENT, OTHER, APR, BACKEND)
+    p = compile_policy(GW, AGENT, OTHER, APR, BACKEND)
     assert prov(p, "api.openai.com", "/v1/chat/completions", None, pending=True) is None
     # No AIProviderRoute serves team-b: nothing to wait for.
     assert prov(p, "api.openai.com", "/v1/chat/completions", None, pending=True, user="team-b.bot").allow is False
@@ -135,17 +124,17 @@ def test_provider_route_waits_for_the_model_only_when_it_matters():
 
 
 def test_unmatched_provider_call_falls_through_with_a_reason_naming_that():
-    p = policy(GW, AGENT, APR, BACKEND)
+    p = compile_policy(GW, AGENT, APR, BACKEND)
     d = prov(p, "api.openai.com", "/v1/chat/completions", "o1")
     assert not d.allow and d.rule == "EgressGateway/gw/defaultPolicy"
     assert d.reason.startswith("no AIProviderRoute rule matches openai model o1 at /v1/chat/completions, and no route allows")
     r = {"kind": "EgressRoute", "metadata": {"name": "oai"}, "spec": {"hostnames": ["api.openai.com"]}}
-    d = prov(policy(GW, AGENT, APR, BACKEND, r), "api.openai.com", "/v1/chat/completions", "o1")
+    d = prov(compile_policy(GW, AGENT, APR, BACKEND, r), "api.openai.com", "/v1/chat/completions", "o1")
     assert d.allow and d.rule == "EgressRoute/default/oai" and d.provider_rule is None
 
 
 def test_a_backend_name_is_a_provider():
-    p = policy(GW, AGENT, APR, BACKEND)
+    p = compile_policy(GW, AGENT, APR, BACKEND)
     d = prov(p, "llm.internal", "/v1/chat/completions", "llama-3")
     assert d.allow and d.rule == "AIProviderRoute/team-a/chat#rules[1]"
     assert [b.name for b, _ in d.provider_rule.backends] == ["vllm"]
@@ -155,7 +144,7 @@ def test_a_backend_sharing_a_schema_is_not_that_provider():
     """`provider: openai` covers OpenAI's own API, not every host that speaks its schema (whose route could
     carry OpenAI's key there)."""
     apr = {**APR, "spec": {**APR["spec"], "rules": [{"matches": [{"provider": "openai"}]}]}}
-    p = policy(GW, AGENT, apr, BACKEND)
+    p = compile_policy(GW, AGENT, apr, BACKEND)
     assert prov(p, "api.openai.com", "/v1/chat/completions", "gpt-4o").allow
     assert not prov(p, "llm.internal", "/v1/chat/completions", "gpt-4o").allow
 
@@ -164,7 +153,7 @@ def test_a_backend_sharing_a_schema_is_not_that_provider():
 def test_every_spelling_of_a_denied_ip_is_denied(spelling):
     allow_all = {**GW, "spec": {"defaultPolicy": "allow-all"}}
     dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "metadata"}, "spec": {"hostnames": ["169.254.169.254"]}}
-    p = policy(allow_all, AGENT, dn)
+    p = compile_policy(allow_all, AGENT, dn)
     d = run(p, norm_host(spelling), port=80)
     assert not d.allow and d.rule == "EgressDenyPolicy/default/metadata"
 
@@ -172,7 +161,7 @@ def test_every_spelling_of_a_denied_ip_is_denied(spelling):
 def test_a_rule_spells_an_ip_in_its_canonical_form_and_is_told_which():
     dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "lo"}, "spec": {"hostnames": ["0x7f000001"]}}
     with pytest.raises(ValueError, match="write '127.0.0.1'"):
-        policy({**GW, "spec": {"defaultPolicy": "allow-all"}}, AGENT, dn)
+        compile_policy({**GW, "spec": {"defaultPolicy": "allow-all"}}, AGENT, dn)
 
 
 @pytest.mark.parametrize("path,allowed", [
@@ -189,7 +178,7 @@ def test_paths_are_judged_as_the_server_would_read_them(path, allowed):
     r = {"kind": "EgressRoute", "metadata": {"name": "gh"}, "spec": {"hostnames": ["api.github.com"], "paths": ["/repos/"]}}
     dn = {"kind": "EgressDenyPolicy", "metadata": {"name": "secret"},
           "spec": {"hostnames": ["api.github.com"], "paths": ["/repos/acme/secret"]}}
-    p = policy(GW, AGENT, r, dn)
+    p = compile_policy(GW, AGENT, r, dn)
     assert run(p, "api.github.com", path=normalize_path(path), path_ambiguity=path_ambiguity(path)).allow is allowed
 
 

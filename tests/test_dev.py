@@ -8,10 +8,11 @@ import base64
 import gzip
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ from clrk.cli.dev.tui import DetailScreen, DevApp, HelpScreen
 from clrk.cli.feed import RecordFeed
 from tests.harness import fake_provider
 from tests.harness.gateway import AGENT_TOKEN, agent_docs, free_port, gateway_doc, route
+from tests.harness.util import new_invocation
 
 CLRK = str(Path(sys.executable).parent / "clrk")
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +155,7 @@ async def _until(pilot, cond, timeout: float = 15.0) -> None:
 
 
 def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
-    inv = f"inv-{uuid.uuid4().hex[:8]}"
+    inv = new_invocation()
     assert session.receiver is not None
     app = DevApp(RecordFeed(session.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status)
 
@@ -260,19 +262,35 @@ def test_tui_stays_bounded_and_responsive_under_a_burst(session):
 
 
 def test_clrk_tail_prints_records_as_they_are_stored(session):
-    inv = f"inv-{uuid.uuid4().hex[:8]}"
+    inv = new_invocation()
     proc = subprocess.Popen([CLRK, "tail", "--db", session.db, "--json", "--invocation", inv], stdout=subprocess.PIPE, text=True)
+    printed: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [printed.put(line) for line in proc.stdout], daemon=True).start()
+    paths: list[str] = []
     try:
-        time.sleep(1.0)  # tail starts at what is stored now
         with _client(session) as c:
+            # tail starts at what is stored when it first asks, and says nothing when it has: a probe sent until
+            # one is printed shows that it is following.
+            deadline = time.monotonic() + 15
+            while True:
+                c.get("https://allowed.test/json/tail-probe", headers={"clrk-invocation-id": inv})
+                try:
+                    paths.append(json.loads(printed.get(timeout=0.5))[A.URL_FULL].rsplit("/", 1)[1])
+                    break
+                except queue.Empty:
+                    assert time.monotonic() < deadline, "clrk tail printed none of the probes"
             for n in range(3):
                 c.get(f"https://allowed.test/json/tail{n}", headers={"clrk-invocation-id": inv})
-        lines = [json.loads(proc.stdout.readline()) for _ in range(3)]
+        while len([p for p in paths if p != "tail-probe"]) < 3:
+            x = json.loads(printed.get(timeout=10))
+            assert x[A.INVOCATION_ID] == inv
+            paths.append(x[A.URL_FULL].rsplit("/", 1)[1])
     finally:
         proc.terminate()
         proc.wait(10)
-    assert [x[A.URL_FULL].rsplit("/", 1)[1] for x in lines] == ["tail0", "tail1", "tail2"]
-    assert all(x[A.INVOCATION_ID] == inv for x in lines)
+    # In the order stored: the probes (a late one may follow the first), then the three requests.
+    probes = paths.count("tail-probe")
+    assert paths == ["tail-probe"] * probes + ["tail0", "tail1", "tail2"], paths
 
 
 def test_clrk_ca_says_how_to_trust_and_proxy(tmp_path):
@@ -290,7 +308,7 @@ def test_clrk_ca_says_how_to_trust_and_proxy(tmp_path):
 def test_the_tui_never_shows_a_secret(session, upstream):
     """Every secret an agent sends or the gateway injects, searched for in everything the TUI can show: each
     pane's table, the detail view of every record, span and log record, and the rendered screen."""
-    inv = f"inv-{uuid.uuid4().hex[:8]}"
+    inv = new_invocation()
     sent = {
         "authorization": "Bearer sk-agent-TUI-SECRET-1",
         "x-api-key": "xak-TUI-SECRET-2",
@@ -333,8 +351,9 @@ def test_the_tui_never_shows_a_secret(session, upstream):
                     seen.append(app.export_screenshot())
                     await pilot.press("escape")
             await pilot.press("4")
-            await pilot.pause(0.5)
-            seen.append(table_text(app.query_one("#spend-table", DataTable)))
+            spend = app.query_one("#spend-table", DataTable)
+            await _until(pilot, lambda: spend.row_count >= 1)  # the provider call's spend is shown
+            seen.append(table_text(spend))
             seen.append(app.export_screenshot())
 
     asyncio.run(drive())

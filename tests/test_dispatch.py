@@ -15,16 +15,13 @@ import sys
 
 from mitmproxy import flow
 from mitmproxy.test import tflow
-from pydantic import TypeAdapter
 
-from clrk.policy.compiled import compile_documents
-from clrk.policy.loader import SourcedDocument
-from clrk.policy.models import Document
 from clrk.proxy import gateway as mitmaddon
 from clrk.proxy.gateway import Gateway, run_steps
 from clrk.proxy.steps.egress import EgressControl
 from clrk.proxy.steps.providers import Providers
 from clrk.proxy.transaction import METADATA_KEY
+from tests.harness.util import compile_policy
 
 
 def _policy(allow_host: str):
@@ -34,8 +31,7 @@ def _policy(allow_host: str):
          "spec": {"credentials": {"tokenSha256": hashlib.sha256(b"tok").hexdigest()}}},
         {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": [allow_host]}},
     ]
-    a = TypeAdapter(Document)
-    return compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+    return compile_policy(*docs)
 
 
 def _flow(host: str):
@@ -189,9 +185,8 @@ def test_a_budgeted_call_whose_admission_raised_is_denied_not_sent_unaccounted(m
          "spec": {"rules": [{"matches": [{"provider": "openai"}],
                              "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 1000}}]}]}},
     ]
-    a = TypeAdapter(Document)
     g = Gateway()
-    g.rt.policy = compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+    g.rt.policy = compile_policy(*docs)
     g.rt.ledger.loaded = True
     f = _flow("api.openai.com")
     f.request.path, f.request.method = "/v1/chat/completions", "POST"

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -23,10 +21,13 @@ from tests.harness.gateway import (
     agent_docs,
     basic,
     deny,
+    exchange,
     gateway_doc,
     proxy_connect,
     route,
+    status_of,
 )
+from tests.harness.util import new_invocation, wait_for
 
 CLRK = str(Path(sys.executable).parent / "clrk")
 
@@ -47,12 +48,8 @@ def gw(tmp_path_factory, pki, upstream, forbidden_upstream, otlp):
     g.stop()
 
 
-def inv() -> str:
-    return f"inv-{uuid.uuid4().hex[:12]}"
-
-
 def test_allowed_request_is_recorded_with_every_non_provider_attribute(gw, upstream, otlp):
-    i = inv()
+    i = new_invocation()
     agent_span = "b7ad6b7169203331"
     agent_trace = "0af7651916cd43dd8448eb211c80319c"
     with gw.client() as c:
@@ -114,14 +111,14 @@ def test_allowed_request_is_recorded_with_every_non_provider_attribute(gw, upstr
 
 
 def test_invocation_id_from_baggage(gw):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         assert c.get("https://allowed.test/json/bag", headers={"baggage": f"user=x,invocation.id={i};p=1"}).status_code == 200
     assert gw.wait_record(invocation=i)[A.INVOCATION_ID] == i
 
 
 def test_deny_policy_answers_its_status_and_json_without_contacting_upstream(gw, forbidden_upstream):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r = c.get("https://pastebin.com/raw/abc", headers={"clrk-invocation-id": i})
     assert r.status_code == 451
@@ -136,7 +133,7 @@ def test_deny_policy_answers_its_status_and_json_without_contacting_upstream(gw,
 
 
 def test_default_deny_names_the_request_and_agent(gw, forbidden_upstream):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r = c.post("https://denied.test/upload?key=zzz", content=b"data", headers={"clrk-invocation-id": i})
     assert r.status_code == 403
@@ -149,16 +146,12 @@ def test_default_deny_names_the_request_and_agent(gw, forbidden_upstream):
 
 
 def test_source_agents_limit_a_route(gw):
-    i = inv()
+    i = new_invocation()
     with gw.client("team-b.reviewer", OTHER_TOKEN) as c:
         r = c.get("https://allowed.test/json/b", headers={"clrk-invocation-id": i})
     assert r.status_code == 403
     rec = gw.wait_record(invocation=i)
     assert rec[A.AGENT_NAME] == "reviewer" and rec[A.AGENT_KIND] == "ReviewAgent"
-
-
-def _connect(gw, target: str, auth: str | None) -> tuple[socket.socket, bytes]:
-    return proxy_connect(gw.port, target, basic(*auth.split(":", 1)) if auth is not None else None)
 
 
 @pytest.mark.parametrize(
@@ -172,13 +165,11 @@ def _connect(gw, target: str, auth: str | None) -> tuple[socket.socket, bytes]:
 )
 def test_missing_or_wrong_proxy_credentials_get_407(gw, auth, reason):
     before = len(gw.records(decision="deny"))
-    s, head = _connect(gw, "allowed.test:443", auth)
+    s, head = proxy_connect(gw.port, "allowed.test:443", basic(*auth.split(":", 1)) if auth is not None else None)
     s.close()
     assert head.startswith(b"HTTP/1.1 407"), head
     assert b'proxy-authenticate: basic realm="clrk"' in head.lower()
-    deadline = time.monotonic() + 10
-    while len(gw.records(decision="deny")) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: len(gw.records(decision="deny")) > before, "the record of the refused CONNECT")
     rec = gw.records(decision="deny", limit=1)[0]
     assert rec[A.HTTP_RESPONSE_STATUS_CODE] == 407 and rec[A.CLRK_DECISION_RULE] == "authentication"
     assert reason in rec[A.CLRK_DECISION_REASON]
@@ -193,7 +184,7 @@ def test_plain_http_proxying_needs_credentials_too(gw):
 
 
 def test_host_header_must_match_the_connect_target(gw, forbidden_upstream):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r = c.get("https://allowed.test/json/x", headers={"Host": "denied.test", "clrk-invocation-id": i})
     assert r.status_code == 403
@@ -204,23 +195,17 @@ def test_host_header_must_match_the_connect_target(gw, forbidden_upstream):
 
 
 def test_sni_must_match_the_connect_target(gw, forbidden_upstream):
-    i = inv()
-    s, head = _connect(gw, "allowed.test:443", f"team-a.researcher:{AGENT_TOKEN}")
-    assert head.startswith(b"HTTP/1.1 200")
-    tls = gw.ssl_context().wrap_socket(s, server_hostname="denied.test")
-    tls.sendall(f"GET /json/sni HTTP/1.1\r\nHost: allowed.test\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode())
-    data = b""
-    while chunk := tls.recv(65536):
-        data += chunk
-    tls.close()
-    assert data.startswith(b"HTTP/1.1 403"), data[:200]
+    i = new_invocation()
+    data = exchange(gw, f"GET /json/sni HTTP/1.1\r\nHost: allowed.test\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n".encode(),
+                    sni="denied.test")
+    assert status_of(data) == 403, data[:200]
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_DECISION_REASON] == "TLS server name denied.test does not match the CONNECT target allowed.test"
     assert forbidden_upstream.connections == 0
 
 
 def test_sse_reaches_the_client_chunk_by_chunk(gw, upstream):
-    i = inv()
+    i = new_invocation()
     upstream.sse_done.clear()
     t0 = time.monotonic()
     events = []
@@ -240,7 +225,7 @@ def test_sse_reaches_the_client_chunk_by_chunk(gw, upstream):
 
 
 def test_bodies_are_truncated_at_max_bytes_but_pass_whole(gw):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r = c.get("https://allowed.test/big?size=20000", headers={"clrk-invocation-id": i})
     assert len(r.content) == 20000
@@ -253,7 +238,7 @@ def test_bodies_are_truncated_at_max_bytes_but_pass_whole(gw):
 
 
 def test_gzip_is_captured_decoded_while_the_client_gets_the_original_bytes(gw, upstream):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c, c.stream("GET", "https://allowed.test/gzip", headers={"clrk-invocation-id": i, "accept-encoding": "gzip"}) as r:
         raw = b"".join(r.iter_raw())
     assert r.headers["content-encoding"] == "gzip"
@@ -268,7 +253,7 @@ def test_binary_bodies_are_base64(gw, upstream):
         h._send(200, b"\xff\xfe\x00binary", ctype="application/json")
 
     upstream.handlers["binary"] = handler
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         c.post("https://allowed.test/handler/binary", content=b'{"a":1}', headers={"clrk-invocation-id": i, "content-type": "application/json"})
     rec = gw.wait_record(invocation=i)
@@ -278,7 +263,7 @@ def test_binary_bodies_are_base64(gw, upstream):
 
 
 def test_content_types_outside_the_list_are_not_captured(gw):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         c.post("https://allowed.test/json/form", content=b"a=1&b=2", headers={"clrk-invocation-id": i, "content-type": "application/x-www-form-urlencoded"})
     rec = gw.wait_record(invocation=i)
@@ -292,7 +277,7 @@ def test_every_listed_header_and_query_secret_is_redacted_everywhere(gw, upstrea
         "x-goog-api-key": "goog-SECRET-3",
         "cookie": "sid=cookie-SECRET-4",
     }
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r1 = c.get("https://allowed.test/json/secret?key=query-SECRET-5", headers={**secrets, "clrk-invocation-id": i})
         r2 = c.get("https://allowed.test/cookie", headers={"clrk-invocation-id": i})
@@ -300,10 +285,7 @@ def test_every_listed_header_and_query_secret_is_redacted_everywhere(gw, upstrea
     # Upstream got them (the gateway forwards what the agent sends)...
     seen = upstream.requests_to("/json/secret")[-1]
     assert seen.headers["authorization"] == secrets["authorization"]
-    rows = [r for r in gw.records(invocation=i)]
-    while len(rows) < 2:
-        time.sleep(0.05)
-        rows = gw.records(invocation=i)
+    rows = gw.wait_records(2, invocation=i)
     spans = [otlp.span(r[A.SPAN_ID]) for r in rows] + [otlp.log(r[A.SPAN_ID]) for r in rows]
     needles = [*secrets.values(), "query-SECRET-5", upstream.cookie_value, AGENT_TOKEN, "otlp-header-secret-42"]
     cli = subprocess.run([CLRK, "records", "--db", str(gw.db), "--json", "--invocation", i], capture_output=True, text=True, check=True).stdout
@@ -325,13 +307,13 @@ def test_every_listed_header_and_query_secret_is_redacted_everywhere(gw, upstrea
 
 
 def test_upstream_failures_carry_error_type(gw, upstream):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         with pytest.raises(httpx.HTTPError):
             c.get("https://allowed.test/drop", headers={"clrk-invocation-id": i}).read()
     rec = gw.wait_record(invocation=i)
     assert rec[A.ERROR_TYPE] == "upstream_reset"
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r = c.get("https://allowed.test/status/503", headers={"clrk-invocation-id": i})
     assert r.status_code == 503
@@ -339,7 +321,7 @@ def test_upstream_failures_carry_error_type(gw, upstream):
 
 
 def test_clrk_records_reads_while_the_gateway_runs(gw):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         for n in range(3):
             c.get(f"https://allowed.test/json/cli{n}", headers={"clrk-invocation-id": i})
@@ -369,7 +351,7 @@ def test_openai_sdk_through_the_gateway(gw, upstream, monkeypatch):
         h._send(200, json.dumps(body).encode())
 
     upstream.handlers["chat"] = chat
-    i = inv()
+    i = new_invocation()
     # Configured the way a user would: proxy and CA bundle from the environment, the normal base URL.
     monkeypatch.setenv("HTTPS_PROXY", gw.proxy_url())
     monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca))
@@ -387,7 +369,7 @@ def test_openai_sdk_through_the_gateway(gw, upstream, monkeypatch):
 
 def test_large_bodies_stream_through_with_bounded_capture(gw, upstream):
     """Past the buffering threshold both directions are streamed: whole on the wire, bounded in the record."""
-    i = inv()
+    i = new_invocation()
     payload = b'{"blob":"' + b"y" * (1024 * 1024) + b'"}'
     with gw.client() as c:
         up = c.post("https://allowed.test/json/upload", content=payload,
@@ -395,10 +377,7 @@ def test_large_bodies_stream_through_with_bounded_capture(gw, upstream):
         down = c.get("https://allowed.test/big?size=3000000", headers={"clrk-invocation-id": i})
     assert up.json()["body_bytes"] == len(payload)
     assert len(down.content) == 3_000_000
-    rows = {r[A.URL_FULL]: r for r in gw.records(invocation=i)}
-    while len(rows) < 2:
-        time.sleep(0.05)
-        rows = {r[A.URL_FULL]: r for r in gw.records(invocation=i)}
+    rows = {r[A.URL_FULL]: r for r in gw.wait_records(2, invocation=i)}
     upload, big = rows["https://allowed.test/json/upload"], rows["https://allowed.test/big?size=3000000"]
     assert upload[A.CLRK_REQ_BYTES] == len(payload) and upload[A.CLRK_REQ_TRUNCATED] is True
     assert upload[A.REQUEST_BODY] == payload[:4096].decode()

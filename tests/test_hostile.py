@@ -6,13 +6,23 @@ from __future__ import annotations
 import gzip
 import os
 import socket
+import ssl
+import threading
 import time
-import uuid
 
 import pytest
 
 from clrk import attributes as A
-from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, basic, gateway_doc, route
+from tests.harness.gateway import (
+    AGENT_TOKEN,
+    Gateway,
+    agent_docs,
+    basic,
+    gateway_doc,
+    route,
+    wait_read_by_peer,
+)
+from tests.harness.util import new_invocation
 
 
 def rss_kb(pid: int) -> int:
@@ -22,13 +32,59 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+class WholeHeadUpstream:
+    """A TLS upstream with no limit on a request head (the fake upstream's http.server refuses a header line
+    past 64 KiB): it reads each head whole, keeps it, and answers 200, so what reaches it is what the gateway
+    passed on, with no race between its refusal and its close."""
+
+    def __init__(self, server_pem):
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(str(server_pem))
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.heads: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as t:
+                t.settimeout(30)
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := t.recv(1 << 20)):
+                    head += chunk
+                self.heads.append(head)
+                t.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+                          b"connection: close\r\n\r\n{}")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, pki, upstream):
+def whole_head_upstream(pki):
+    up = WholeHeadUpstream(pki[1])
+    yield up
+    up.close()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, pki, upstream, whole_head_upstream):
     from tests.harness import fake_provider
 
     fake_provider.install(upstream)
-    docs = [gateway_doc(aliases={h: upstream.address for h in ("allowed.test", "api.openai.com")}, ca_bundle=str(pki[0])),
-            *agent_docs(), route("ok", ["allowed.test"]),
+    aliases = {h: upstream.address for h in ("allowed.test", "api.openai.com")} | {"other.test": whole_head_upstream.address}
+    docs = [gateway_doc(aliases=aliases, ca_bundle=str(pki[0])),
+            *agent_docs(), route("ok", ["allowed.test", "other.test"]),
             {"kind": "AIProviderRoute", "metadata": {"name": "mini", "namespace": "team-a"},
              "spec": {"rules": [{"matches": [{"provider": "openai", "models": ["gpt-4o-mini"]}],
                                  "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 10}}]}]}}]
@@ -38,14 +94,14 @@ def gw(tmp_path_factory, pki, upstream):
 
 
 def test_json_nested_past_the_recursion_limit_is_denied_not_waved_through(gw, upstream):
-    i = f"inv-{uuid.uuid4().hex[:8]}"
+    i = new_invocation()
     body = b'{"model":"o1-pro","messages":[],"x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
     t0 = time.time()
     with gw.client() as c:
         r = c.post("https://api.openai.com/v1/chat/completions", content=body,
                    headers={"content-type": "application/json", "clrk-invocation-id": i})
     assert r.status_code == 403, r.text
-    assert not [x for x in upstream.requests if x.time >= t0 and x.path == "/v1/chat/completions"]
+    assert not [x for x in upstream.requests_since(t0) if x.path == "/v1/chat/completions"]
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_DECISION] == "deny"
 
@@ -64,7 +120,7 @@ def test_an_unauthenticated_compression_bomb_is_refused_on_its_headers(gw):
 
 def test_an_agents_compressed_body_is_decoded_within_bounds(gw, upstream):
     """An authenticated, allowed provider call with a gzip bomb for a body: parsed within the 32 MiB bound."""
-    i = f"inv-{uuid.uuid4().hex[:8]}"
+    i = new_invocation()
     bomb = gzip.compress(b'{"model":"gpt-4o-mini","messages":[' + b" " * (100 * 1024 * 1024) + b"]}")
     before = rss_kb(gw.proc.pid)
     with gw.client() as c:
@@ -95,19 +151,20 @@ def test_a_refused_upload_of_unknown_length_is_cut_not_buffered(gw):
     assert grown < 100_000, f"the proxy grew by {grown} kB while refusing a {sent} MB upload"
 
 
-def test_huge_headers_neither_break_the_gateway_nor_swell_the_record(gw, upstream):
-    """A 16 KB header passes and is recorded cut to 8 KiB; a 2 MB one is refused or failed by mitmproxy's own
-    limits, recorded just as bounded; the gateway serves the next request as usual."""
-    for size in (16_000, 2_000_000):
-        i = f"inv-hdr-{uuid.uuid4().hex[:8]}"
-        with gw.client() as c:
-            try:
-                c.get("https://allowed.test/json/hdr", headers={"x-big": "v" * size, "clrk-invocation-id": i})
-            except Exception:  # noqa: BLE001 - how mitmproxy answers a 2 MB header is its business
-                pass
-        rec = gw.wait_record(invocation=i)
-        assert len(rec[A.REQUEST_HEADERS]["x-big"]) < 8300
-        assert rec[A.REQUEST_HEADERS]["x-big"].endswith("more characters not recorded]")
+@pytest.mark.parametrize("size", [16_000, 2_000_000])
+def test_huge_headers_neither_break_the_gateway_nor_swell_the_record(gw, whole_head_upstream, size):
+    """A 16 KB and a 2 MB header value: the gateway sets no limit of its own on a request head, so each is
+    passed on whole and answered; the record keeps 8 KiB of it; the gateway serves the next request as usual."""
+    i = new_invocation("inv-hdr")
+    with gw.client() as c:
+        r = c.get(f"https://other.test/json/{i}", headers={"x-big": "v" * size, "clrk-invocation-id": i})
+    assert r.status_code == 200
+    (head,) = [h for h in whole_head_upstream.heads if h.startswith(f"GET /json/{i} ".encode())]
+    assert b"\r\nx-big: " + b"v" * size + b"\r\n" in head  # passed on whole
+    rec = gw.wait_record(invocation=i)
+    assert rec[A.HTTP_RESPONSE_STATUS_CODE] == 200 and A.ERROR_TYPE not in rec
+    assert len(rec[A.REQUEST_HEADERS]["x-big"]) < 8300
+    assert rec[A.REQUEST_HEADERS]["x-big"].endswith("more characters not recorded]")
     with gw.client() as c:
         assert c.get("https://allowed.test/json/after-hdr").status_code == 200
 
@@ -143,7 +200,7 @@ def bomb_gw(tmp_path_factory, pki, upstream):
 def test_a_decompression_bomb_from_an_upstream_costs_the_gateway_a_bounded_effort(bomb_gw):
     """The agent gets the upstream's bytes untouched; the gateway decodes them (for usage) only up to 50:1 and
     0.5 s of work, instead of inflating 4 GiB on the thread every connection shares."""
-    i = f"inv-{uuid.uuid4().hex[:8]}"
+    i = new_invocation()
     cpu0 = cpu_seconds(bomb_gw.proc.pid)
     with bomb_gw.client() as c, c.stream("GET", "https://api.openai.com/handler/bomb",
                                           headers={"clrk-invocation-id": i, "accept-encoding": "gzip"}) as r:
@@ -156,3 +213,23 @@ def test_a_decompression_bomb_from_an_upstream_costs_the_gateway_a_bounded_effor
     assert rec[A.CLRK_RESP_TRUNCATED] is True
     assert spent < 1.5, f"the gateway spent {spent:.1f} s of CPU on one bomb"
     assert "compression bomb" in bomb_gw.log()
+
+
+@pytest.mark.xfail(strict=True, reason="found while making these tests say what they prove: neither mitmproxy's HTTP/1 "
+                   "layer nor clrk bounds a request head, so a client that has not even authenticated has its endless "
+                   "header line held in memory whole (200 MB grew the gateway by ~200 MB)")
+def test_an_endless_request_head_is_cut_not_buffered(gw):
+    before = rss_kb(gw.proc.pid)
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    sent = 0
+    try:
+        s.sendall(b"GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\nx-endless: ")
+        for _ in range(64):  # 64 MiB of one header line, never ended
+            s.sendall(b"a" * (1 << 20))
+            sent += 1
+        wait_read_by_peer(s)  # all of it is in the gateway's hands now
+    except OSError:
+        pass  # the gateway hung up: what it should do
+    grown = rss_kb(gw.proc.pid) - before
+    s.close()
+    assert grown < 32_000, f"the gateway grew by {grown} kB holding a {sent} MiB request head"

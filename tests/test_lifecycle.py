@@ -8,7 +8,6 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from clrk import attributes as A
 from tests.harness.gateway import AGENT_TOKEN, REPO, Gateway, agent_docs, free_port, gateway_doc, route
 from tests.harness.otlp import OtlpReceiver
+from tests.harness.util import new_invocation, wait_for
 
 
 def docs_for(pki, upstream, *routes, endpoint: str = "") -> list[dict]:
@@ -57,9 +57,7 @@ def test_hot_reload_applies_within_a_second_and_a_bad_edit_keeps_the_last_good_p
 
         # A broken edit: logged with file, document and field; the last good policy stays in force.
         (gw.policies / "policy.yaml").write_text((gw.policies / "policy.yaml").read_text().replace("defaultPolicy: deny-all", "defaultPolicy: maybe"))
-        deadline = time.monotonic() + 5
-        while "policy reload failed" not in gw.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        gw.wait_log("policy reload failed", timeout=5)
         log = gw.log()
         assert "policy reload failed; the last good policy stays in force" in log
         assert "document 1 (EgressGateway test-gw): spec.defaultPolicy" in log
@@ -122,15 +120,12 @@ def test_otlp_endpoint_down_never_fails_a_request_and_every_row_is_stored(tmp_pa
     hanging = HangingEndpoint() if kind == "hanging" else None
     endpoint = hanging.endpoint if hanging else f"http://127.0.0.1:{free_port()}"
     gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]), endpoint=endpoint)).start()
-    i = f"inv-{uuid.uuid4().hex[:8]}"
+    i = new_invocation()
     try:
         with gw.client() as c:
             statuses = [c.get(f"https://allowed.test/json/{n}", headers={"clrk-invocation-id": i}).status_code for n in range(40)]
         assert statuses == [200] * 40
-        deadline = time.monotonic() + 10
-        while len(gw.records(invocation=i)) < 40 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(gw.records(invocation=i)) == 40
+        gw.wait_records(40, invocation=i)
     finally:
         rc = gw.stop()
         if hanging:
@@ -143,7 +138,7 @@ def test_dev_fallback_tees_without_replacing_the_gateway_endpoint(tmp_path, pki,
     own, tee = OtlpReceiver(), OtlpReceiver()
     gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]), endpoint=own.endpoint), fallback=tee.endpoint).start()
     try:
-        i = f"inv-{uuid.uuid4().hex[:8]}"
+        i = new_invocation()
         with gw.client() as c:
             assert c.get("https://allowed.test/json/tee", headers={"clrk-invocation-id": i}).status_code == 200
         rec = gw.wait_record(invocation=i)
@@ -159,7 +154,7 @@ def test_dev_fallback_tees_without_replacing_the_gateway_endpoint(tmp_path, pki,
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_graceful_stop_loses_no_row(tmp_path, pki, upstream, sig):
     gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]))).start()
-    i = f"inv-{uuid.uuid4().hex[:8]}"
+    i = new_invocation()
     n = 300
 
     def worker(k: int) -> list[int]:
@@ -176,19 +171,26 @@ def test_graceful_stop_loses_no_row(tmp_path, pki, upstream, sig):
     assert "records not stored" not in gw.log()
 
 
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
 def test_sigterm_lets_a_stream_in_flight_finish_and_records_it(tmp_path, pki, upstream):
     gw = Gateway(tmp_path, docs_for(pki, upstream, route("r1", ["allowed.test"]))).start()
-    i = f"inv-{uuid.uuid4().hex[:8]}"
+    i = new_invocation()
     got: list[bytes] = []
     upstream.sse_done.clear()
     with gw.client() as c, c.stream("GET", "https://allowed.test/sse?n=4&delay=0.7", headers={"clrk-invocation-id": i}) as r:
         it = r.iter_raw()
         got.append(next(it))
         gw.proc.send_signal(signal.SIGTERM)  # mid-stream
-        time.sleep(0.3)
-        # No new connection is accepted while the stream drains...
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
+        gw.wait_log("SIGTERM: accepting no new connections")
+        # No new connection is accepted while the stream drains (the listener closes just after that line)...
+        wait_for(lambda: _refused(gw.port), "the gateway to refuse new connections", timeout=5)
         got.extend(it)
     body = b"".join(got)
     assert body.count(b"event: tick") == 4 and body.endswith(b"data: [DONE]\n\n")
@@ -204,7 +206,7 @@ def test_mitmdump_script_entry_decides_and_records_like_clrk_run(tmp_path, pki, 
     the documented entry too, must behave the same."""
     gw = Gateway(tmp_path / "gw", docs_for(pki, upstream, route("allowed", ["allowed.test"])), entry="mitmdump").start()
     try:
-        i = f"inv-{uuid.uuid4().hex[:12]}"
+        i = new_invocation()
         with gw.client() as c:
             assert c.get("https://allowed.test/json/entry", headers={"clrk-invocation-id": i}).status_code == 200
             denied = c.get("https://api.github.com/entry", headers={"clrk-invocation-id": i + "-d"})

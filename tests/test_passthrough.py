@@ -5,7 +5,6 @@ clrk.l4.bytes_upstream."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import signal
 import socket
@@ -18,7 +17,18 @@ import httpx
 import pytest
 
 from clrk import attributes as A
-from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, deny, free_port, gateway_doc, route
+from tests.harness.gateway import (
+    AGENT_TOKEN,
+    Gateway,
+    agent_docs,
+    connect,
+    deny,
+    free_port,
+    gateway_doc,
+    route,
+    wait_read_by_peer,
+)
+from tests.harness.util import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +66,12 @@ def _seen(gw) -> set[str]:
 
 
 def _tunnel_records(gw, host: str, since: set[str], n: int = 1, timeout: float = 10.0) -> list[dict]:
-    """The CONNECT records for `host` that were not there before (`since`: span ids seen then)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """The CONNECT records for `host` that were not there before (`since`: span ids seen then), once there are `n`."""
+    def new() -> list[dict] | None:
         rows = [r for r in gw.records(host=host) if r[A.HTTP_REQUEST_METHOD] == "CONNECT" and r[A.SPAN_ID] not in since]
-        if len(rows) >= n or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
+        return rows if len(rows) >= n else None
+
+    return wait_for(new, f"{n} new CONNECT record(s) for {host}", timeout)
 
 
 def test_an_allowed_tunnel_goes_end_to_end_and_is_counted(pgw, pki, upstream):
@@ -109,25 +118,12 @@ def test_a_denied_connect_is_answered_on_the_connect_and_recorded(pgw, pki, host
     assert rec[A.CLRK_DECISION] == "deny" and reason in rec[A.CLRK_DECISION_REASON], rec[A.CLRK_DECISION_REASON]
 
 
-def _connect(port: int, target: str) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    auth = base64.b64encode(f"team-a.researcher:{AGENT_TOKEN}".encode()).decode()
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        assert chunk, "the gateway closed the connection instead of answering the CONNECT"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return s
-
-
 def test_a_client_hello_naming_another_host_is_refused(pgw, pki, upstream):
     since = _seen(pgw)
     before = upstream.connections
-    s = _connect(pgw.pass_port, "allowed.test:443")
+    s = connect(pgw.pass_port, "allowed.test:443")
     ctx = ssl.create_default_context(cafile=str(pki[0]))
-    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+    with pytest.raises(OSError):  # the gateway closes mid-handshake: an EOF or a reset, as the kernel delivers it
         ctx.wrap_socket(s, server_hostname="denied.test").do_handshake()
     s.close()
     (rec,) = _tunnel_records(pgw, "allowed.test", since)
@@ -139,7 +135,7 @@ def test_a_client_hello_naming_another_host_is_refused(pgw, pki, upstream):
 def test_a_tunnel_that_does_not_start_with_tls_is_closed(pgw, upstream):
     since = _seen(pgw)
     before = upstream.connections
-    s = _connect(pgw.pass_port, "allowed.test:443")
+    s = connect(pgw.pass_port, "allowed.test:443")
     s.sendall(b"GET /json/plain HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
     assert s.recv(4096) == b""  # closed, nothing relayed
     s.close()
@@ -239,9 +235,9 @@ def test_a_client_hello_in_pieces_is_judged_whole(pgw, pki, upstream, first):
     since = _seen(pgw)
     before = upstream.connections
     obj, inc, out, hello = _hello_bio(pki, "denied.test")
-    s = _connect(pgw.pass_port, "allowed.test:443")
+    s = connect(pgw.pass_port, "allowed.test:443")
     s.sendall(hello[:first])
-    time.sleep(0.3)
+    wait_read_by_peer(s)  # the gateway has the first piece alone
     s.sendall(hello[first:])
     assert _closed(s)
     s.close()
@@ -251,9 +247,9 @@ def test_a_client_hello_in_pieces_is_judged_whole(pgw, pki, upstream, first):
 
     since = _seen(pgw)
     obj, inc, out, hello = _hello_bio(pki, "allowed.test")
-    s = _connect(pgw.pass_port, "allowed.test:443")
+    s = connect(pgw.pass_port, "allowed.test:443")
     s.sendall(hello[:first])
-    time.sleep(0.3)
+    wait_read_by_peer(s)
     s.sendall(hello[first:])
     _finish_handshake(s, obj, inc, out)  # verified against the upstream's CA: not intercepted
     got = _exchange(s, obj, inc, out, b"GET /json/pieces HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
@@ -266,9 +262,9 @@ def test_a_client_hello_in_pieces_is_judged_whole(pgw, pki, upstream, first):
 def test_a_tunnel_that_starts_with_one_byte_then_something_else_is_closed(pgw, upstream):
     since = _seen(pgw)
     before = upstream.connections
-    s = _connect(pgw.pass_port, "allowed.test:443")
+    s = connect(pgw.pass_port, "allowed.test:443")
     s.sendall(b"S")
-    time.sleep(0.3)
+    wait_read_by_peer(s)  # one byte, too little to tell: the gateway has it and waits for more
     s.sendall(b"SH-2.0-OpenSSH_9.6\r\n")
     assert _closed(s)
     s.close()
@@ -279,7 +275,7 @@ def test_a_tunnel_that_starts_with_one_byte_then_something_else_is_closed(pgw, u
 def test_a_client_hello_with_two_server_names_is_refused(pgw, pki, upstream):
     since = _seen(pgw)
     _, _, _, hello = _hello_bio(pki, "allowed.test")
-    s = _connect(pgw.pass_port, "allowed.test:443")
+    s = connect(pgw.pass_port, "allowed.test:443")
     s.sendall(_with_server_names(hello, [b"denied.test", b"allowed.test"]))
     assert _closed(s)
     s.close()
@@ -321,7 +317,7 @@ def test_a_client_hello_that_never_ends_is_cut_and_others_are_not_slowed(pgw, pk
     up to 16 MiB, re-parsing all of it on every piece): the gateway cuts the tunnel past 64 KiB, and another
     agent's request meanwhile is answered at once."""
     port = pgw.pass_port if listener == "passthrough" else pgw.port
-    s = _connect(port, "allowed.test:443")
+    s = connect(port, "allowed.test:443")
     records = _tiny_records(200 * 1024 // 9)
     burst = 10 * 1024 // 9
     with pgw.client() as c:
@@ -333,7 +329,7 @@ def test_a_client_hello_that_never_ends_is_cut_and_others_are_not_slowed(pgw, pk
             except OSError:
                 cut = True
                 break
-            time.sleep(0.02)
+            time.sleep(0.02)  # the scenario: a client trickling records, each burst read on its own
         cut = cut or _closed(s, 3)
         assert cut and time.monotonic() - t0 < 8
         t1 = time.monotonic()
@@ -358,9 +354,9 @@ def test_a_split_client_hello_on_a_terminating_tunnel_is_still_intercepted(pgw):
     with pytest.raises(ssl.SSLWantReadError):
         obj.do_handshake()
     hello = out.read()
-    s = _connect(pgw.port, "allowed.test:443")
+    s = connect(pgw.port, "allowed.test:443")
     s.sendall(hello[:7])
-    time.sleep(0.3)
+    wait_read_by_peer(s)
     s.sendall(hello[7:])
     _finish_handshake(s, obj, inc, out)  # the gateway CA's certificate, as on any terminated tunnel
     got = _exchange(s, obj, inc, out, b"GET /json/split-terminate HTTP/1.1\r\nHost: allowed.test\r\n"
@@ -387,12 +383,12 @@ def _single_passthrough_gateway(tmp_path, pki, upstream):
 
 def test_a_tunnel_open_when_the_gateway_stops_is_recorded(tmp_path, pki, upstream):
     gw = _single_passthrough_gateway(tmp_path, pki, upstream)
-    s = _connect(gw.pass_port, "allowed.test:443")
+    s = connect(gw.pass_port, "allowed.test:443")
     t = ssl.create_default_context(cafile=str(pki[0])).wrap_socket(s, server_hostname="allowed.test")
     t.sendall(b"GET /sse?n=200&delay=0.3 HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
     assert t.recv(100).startswith(b"HTTP/1.1 200")
     gw.proc.send_signal(signal.SIGTERM)  # drains: the open tunnel is in flight
-    time.sleep(0.5)
+    gw.wait_log("SIGTERM: accepting no new connections")  # the first signal was taken as the graceful one
     gw.stop(signal.SIGTERM)  # again: stop now
     t.close()
     (rec,) = [r for r in gw.records() if r[A.HTTP_REQUEST_METHOD] == "CONNECT"]
@@ -402,24 +398,19 @@ def test_a_tunnel_open_when_the_gateway_stops_is_recorded(tmp_path, pki, upstrea
 def test_an_open_tunnel_ends_when_the_policy_stops_allowing_it(tmp_path, pki, upstream):
     gw = _single_passthrough_gateway(tmp_path, pki, upstream)
     try:
-        s = _connect(gw.pass_port, "allowed.test:443")
+        s = connect(gw.pass_port, "allowed.test:443")
         t = ssl.create_default_context(cafile=str(pki[0])).wrap_socket(s, server_hostname="allowed.test")
         t.sendall(b"GET /json/before HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
         assert t.recv(4096).startswith(b"HTTP/1.1 200")
         gw.write_policy([gw.gdoc, *agent_docs()])  # the route is gone; the agent is still known
-        deadline = time.monotonic() + 5
-        while "policy reloaded" not in gw.log():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        gw.wait_log("policy reloaded", timeout=5)
         with contextlib.suppress(OSError):
             t.sendall(b"GET /json/after-revocation HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
         assert _closed(t)
         t.close()
         assert not upstream.requests_to("/json/after-revocation")
-        deadline = time.monotonic() + 5
-        while not (recs := [r for r in gw.records() if r[A.HTTP_REQUEST_METHOD] == "CONNECT"]):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        recs = wait_for(lambda: [r for r in gw.records() if r[A.HTTP_REQUEST_METHOD] == "CONNECT"],
+                        "the record of the revoked tunnel", timeout=5)
         assert recs[0][A.ERROR_TYPE] == "policy_blocked" and recs[0][A.CLRK_DECISION] == "allow"
     finally:
         gw.stop()

@@ -6,22 +6,19 @@ sockets, in tests/test_addresses.py."""
 
 from __future__ import annotations
 
-import ssl
-import uuid
-
 import pytest
 
 from clrk import attributes as A
 from tests.harness.dns import DnsServer, resolver_wrapper
 from tests.harness.gateway import (
-    AGENT_TOKEN,
     OTHER_TOKEN,
     Gateway,
     agent_docs,
-    basic,
+    exchange,
     gateway_doc,
-    proxy_connect,
+    status_of,
 )
+from tests.harness.util import new_invocation
 
 RECORDS = {
     "allowed.test": ["127.0.0.1"],
@@ -30,10 +27,6 @@ RECORDS = {
     "llm-b.test": [["127.0.0.1"], ["127.0.0.3"]],
 }
 QTYPE_A = 1
-
-
-def inv() -> str:
-    return f"inv-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,7 @@ def route_gw(tmp_path_factory, pki, upstream, dns):
 
 def test_a_name_that_resolves_to_loopback_is_refused_by_default_and_never_dialled(default_gw, dns, upstream):
     before, asked = upstream.connections, dns.asked.get(("allowed.test", QTYPE_A), 0)
-    i = inv()
+    i = new_invocation()
     with default_gw.client() as c:
         r = c.get(f"https://allowed.test:{upstream.port}/json/private", headers={"clrk-invocation-id": i})
     assert r.status_code == 502
@@ -96,30 +89,16 @@ def test_a_name_that_resolves_to_loopback_is_refused_by_default_and_never_dialle
 
 def get_without_sni(gw: Gateway, target: str, invocation: str) -> bytes:
     """CONNECT by hand to an IP literal, TLS without a server name (as clients do for addresses), one request."""
-    s, head = proxy_connect(gw.port, target, basic("team-a.researcher", AGENT_TOKEN))
-    assert head.startswith(b"HTTP/1.1 200"), head
-    ctx = gw.ssl_context()
-    ctx.check_hostname = False
-    t = ctx.wrap_socket(s, server_hostname=None)
-    t.sendall(f"GET /json/literal HTTP/1.1\r\nHost: {target}\r\nclrk-invocation-id: {invocation}\r\n"
-              "Connection: close\r\n\r\n".encode())
-    out = b""
-    t.settimeout(10)
-    try:
-        while chunk := t.recv(65536):
-            out += chunk
-    except (TimeoutError, ssl.SSLError, ConnectionError):
-        pass
-    t.close()
-    return out
+    return exchange(gw, f"GET /json/literal HTTP/1.1\r\nHost: {target}\r\nclrk-invocation-id: {invocation}\r\n"
+                        "Connection: close\r\n\r\n".encode(), target=target, sni=None)
 
 
 @pytest.mark.parametrize("spelling", ["127.0.0.1", "[::ffff:127.0.0.1]", "2130706433", "[::1]"])
 def test_an_ip_literal_connect_to_loopback_is_refused_by_default(default_gw, upstream, spelling):
     before = upstream.connections
-    i = inv()
+    i = new_invocation()
     out = get_without_sni(default_gw, f"{spelling}:{upstream.port}", i)
-    assert out.startswith(b"HTTP/1.1 403"), out[:300]
+    assert status_of(out) == 403, out[:300]
     assert b"blockPrivateNetworks" in out
     rec = default_gw.wait_record(invocation=i)
     assert (rec[A.CLRK_DECISION], rec[A.CLRK_DECISION_RULE]) == ("deny", "EgressGateway/test-gw/blockPrivateNetworks")
@@ -139,7 +118,7 @@ def test_an_egress_route_with_cidrs_lets_its_name_reach_loopback_resolved_once_p
 
 def test_route_cidrs_open_only_for_the_routes_agents(route_gw, upstream):
     before = upstream.connections
-    i = inv()
+    i = new_invocation()
     with route_gw.client("team-b.reviewer", OTHER_TOKEN) as c:
         r = c.get(f"https://allowed.test:{upstream.port}/json/not-for-b", headers={"clrk-invocation-id": i})
     assert r.status_code == 502
@@ -150,7 +129,7 @@ def test_route_cidrs_open_only_for_the_routes_agents(route_gw, upstream):
 def test_deny_cidrs_beat_the_route_and_one_denied_answer_refuses_the_whole_name(route_gw, upstream):
     """other.test resolves to 127.0.0.1 (the upstream, opened by the route) and 127.0.0.2 (denied)."""
     before = upstream.connections
-    i = inv()
+    i = new_invocation()
     with route_gw.client() as c:
         r = c.get(f"https://other.test:{upstream.port}/json/two", headers={"clrk-invocation-id": i})
     assert r.status_code == 502
@@ -164,14 +143,14 @@ def test_deny_cidrs_beat_the_route_and_one_denied_answer_refuses_the_whole_name(
 def test_the_address_checked_is_the_address_dialled(route_gw, dns, upstream):
     """llm-b.test answers 127.0.0.1 once and 127.0.0.3 (not opened, and nothing listens there) ever after: had
     anything looked the name up again to dial it, the request could not have reached the upstream."""
-    i = inv()
+    i = new_invocation()
     with route_gw.client() as c:
         r = c.get(f"https://llm-b.test:{upstream.port}/json/rebind", headers={"clrk-invocation-id": i})
     assert r.status_code == 200, r.text
     assert "/json/rebind" in {r.path for r in upstream.requests}
     assert dns.asked[("llm-b.test", QTYPE_A)] == 1
     # A new connection is resolved again, and judged on the new answer.
-    j = inv()
+    j = new_invocation()
     with route_gw.client() as c:
         r = c.get(f"https://llm-b.test:{upstream.port}/json/rebind-2", headers={"clrk-invocation-id": j})
     assert r.status_code == 502

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import anthropic
@@ -19,6 +18,7 @@ import pytest
 from clrk import attributes as A
 from tests.harness import fake_provider
 from tests.harness.gateway import Gateway, agent_docs, gateway_doc, route
+from tests.harness.util import new_invocation
 
 CLRK = str(Path(sys.executable).parent / "clrk")
 PROVIDER_HOSTS = ["api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com"]
@@ -44,7 +44,7 @@ def env(gw, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca))
     for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
         monkeypatch.delenv(var, raising=False)
-    return f"inv-{uuid.uuid4().hex[:10]}"
+    return new_invocation()
 
 
 def genai_record(gw, otlp, inv: str, count: int = 1) -> dict:

@@ -225,15 +225,243 @@ def test_a_body_cut_mid_way_still_reports_what_it_saw():
     assert r.input_tokens == 125 and r.output_tokens == 1 and r.usage_visible
 
 
-@given(st.binary(max_size=3000), st.sampled_from(sorted(RECORDED)))
-@settings(max_examples=300, deadline=None)
-def test_garbage_never_raises(data, name):
-    host, path, ctype, _ = RECORDED[name]
+# ------------------------------------------------------------------------------------------ hostile input
+#
+# ProviderParser's entry points (request_body, feed, end) catch every exception, so calling them with garbage
+# proves nothing by not raising. What is tested instead: the hooks under that guard, called directly, raise
+# nothing (or, for on_event, only what base._event is written to expect), whatever JSON-ish values they get;
+# the guard's own record (parse_error) says what went wrong, and its catch-all for parser bugs (_fail) is
+# never reached; and whatever the input, the result is one the record can carry.
+
+PARSERS = {  # one parser of each provider and mode the hooks branch on
+    "openai-chat": ("api.openai.com", "/v1/chat/completions"),
+    "openai-responses": ("api.openai.com", "/v1/responses"),
+    "openai-completions": ("api.openai.com", "/v1/completions"),
+    "openai-thread-run": ("api.openai.com", "/v1/threads/thread_1/runs"),
+    "openai-batches": ("api.openai.com", "/v1/batches"),
+    "anthropic-messages": ("api.anthropic.com", "/v1/messages"),
+    "anthropic-complete": ("api.anthropic.com", "/v1/complete"),
+    "gemini-generate": ("generativelanguage.googleapis.com", "/v1beta/models/g:generateContent"),
+    "gemini-stream": ("generativelanguage.googleapis.com", "/v1beta/models/g:streamGenerateContent"),
+    "gemini-openai-compat": ("generativelanguage.googleapis.com", "/v1beta/openai/chat/completions"),
+}
+
+# \x1c-\x1f are white space to the count pattern but not to int(): a known way for on_request to raise, pinned
+# by test_a_count_padded_with_a_separator_is_read_or_invalid_never_raised and left out here.
+_SEPARATORS = {0x1C: None, 0x1D: None, 0x1E: None, 0x1F: None}
+_edge_numbers = st.sampled_from([0, 1, -1, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 0.5, 1.0, -0.0, 1e300,
+                                 float("inf"), float("-inf"), float("nan"), True, False])
+_scalars = (st.none() | st.booleans() | st.integers() | _edge_numbers | st.floats()
+            | st.sampled_from(["", "5", " 12 ", "-3", "1e3", "0x10", "[DONE]", "error", "usage"])
+            | (st.text(max_size=12) | st.from_regex(r"\s*[+-]?\d{1,40}\s*", fullmatch=True)).map(lambda t: t.translate(_SEPARATORS)))
+_docs = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_small_docs = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+                           max_leaves=3)
+
+
+def _mutations(template):
+    """`template` (a real body's JSON) with any of its values kept, replaced by any JSON value, or left out: the
+    shapes the parsers read, filled with what they must not trust."""
+    if isinstance(template, dict):  # each field left out one time in five, and sometimes one more added
+        items = [st.tuples(st.just(k), _mutations(v), st.integers(0, 4)) for k, v in template.items()]
+        return st.tuples(*items, st.dictionaries(st.text(max_size=8), _small_docs, max_size=1)).map(
+            lambda t: {**{k: v for k, v, keep in t[:-1] if keep}, **t[-1]})
+    if isinstance(template, list):
+        return st.lists(st.one_of(*[_mutations(v) for v in template]) if template else _small_docs, max_size=len(template) + 1)
+    return st.one_of(st.just(template), _scalars, _small_docs)
+
+
+def _events(stream: list[bytes]) -> list[tuple[str, object]]:
+    p = SseParser()
+    return [(e, d if d == "[DONE]" else json.loads(d)) for piece in stream for e, d in p.feed(piece)]
+
+
+# What each provider's parser is given: real requests, bodies and stream events (tests/harness/provider_bodies.py).
+_TEMPLATES = {
+    "openai": {
+        "request": [{"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": False}, "max_tokens": 10,
+                     "max_completion_tokens": 20, "max_output_tokens": 30, "n": 2, "best_of": 3, "prompt": ["a", "b"],
+                     "previous_response_id": "resp_1", "conversation": "conv_1", "max_prompt_tokens": 500},
+                    {"model": "gpt-4o", "prompt": {"id": "pmpt_1"}, "messages": [{"role": "user", "content": "hi"}]}],
+        "body": [B.openai_chat_json(), B.openai_responses_json(), B.openai_embeddings_json(), B.openai_error_json()],
+        "events": [*_events(B.openai_chat_stream()), *_events(B.openai_responses_stream()),
+                   ("error", {"type": "error", "error": {"type": "server_error", "code": "server_error"}})],
+    },
+    "anthropic": {
+        "request": [{"model": "claude-3-5-sonnet-latest", "stream": True, "max_tokens": 100, "max_tokens_to_sample": 200}],
+        "body": [B.anthropic_message_json(), B.anthropic_error_json()],
+        "events": [*_events(B.anthropic_message_stream()),
+                   ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "x"}}),
+                   ("completion", {"type": "completion", "completion": "hi", "stop_reason": "stop_sequence", "model": "claude-2"})],
+    },
+    "google_genai": {
+        "request": [{"contents": [], "generationConfig": {"maxOutputTokens": 64, "candidateCount": 2},
+                     "generation_config": {"max_output_tokens": "128", "candidate_count": "0"},
+                     "cachedContent": "cachedContents/1", "cached_content": "x", "max_tokens": 5, "n": 2}],
+        "body": [B.gemini_generate_json(), B.gemini_embed_json(), B.gemini_error_json(), b"".join(B.gemini_json_array_stream())],
+        "events": _events(B.gemini_sse()),
+    },
+}
+_STRATEGIES = {
+    provider: {
+        "request": st.one_of(*map(_mutations, t["request"]), st.dictionaries(st.text(max_size=8), _docs, max_size=4)),
+        "body": st.one_of(*(_mutations(json.loads(b)) for b in t["body"]), _docs),
+        "event": st.tuples(st.sampled_from(sorted({e for e, _ in t["events"]} | {"", "message"})) | st.text(max_size=8),
+                           st.one_of(*(_mutations(d).map(json.dumps) for _, d in t["events"] if d != "[DONE]"),
+                                     st.just("[DONE]"), st.text(max_size=50))),
+    }
+    for provider, t in _TEMPLATES.items()
+}
+
+
+def _tail(body: st.SearchStrategy) -> st.SearchStrategy:
+    """The last bytes of such a body as text (what on_truncated_json reads), or any text."""
+    return st.tuples(body.map(json.dumps), st.integers(0, 600)).map(lambda t: t[0][t[1]:]) | st.text(max_size=200)
+
+
+# What base._event is written to catch from on_event: anything else escapes to feed()'s catch-all for parser
+# bugs, which stops reading the rest of the stream.
+EVENT_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def _assert_recordable(p) -> None:
+    """What any input may leave in a parser: values of the types the record and the budget expect."""
+    r = p.result
+    for v in (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens, r.reasoning_tokens):
+        assert v is None or (type(v) is int and -(2**63) <= v < 2**63), v
+    if r.usage_visible:
+        assert r.input_tokens is not None or r.output_tokens is not None
+    assert isinstance(r.stream, bool) and isinstance(r.usage_visible, bool)
+    assert isinstance(r.finish_reasons, list) and all(isinstance(x, str) for x in r.finish_reasons)
+    for v in (r.request_model, r.response_model, r.response_id, r.error_type, r.parse_error, p.invalid,
+              p.server_context, p.unbudgetable):
+        assert v is None or isinstance(v, str), v
+    for v in (p.max_output_tokens, p.max_input_tokens):
+        assert v is None or (type(v) is int and 0 < v < 2**63), v
+    assert type(p.choices) is int and p.choices >= 1
+    from clrk import wire
+
+    wire.pack_record({"genai": r.attributes()})
+
+
+@given(name=st.sampled_from(sorted(PARSERS)), status=st.sampled_from([None, 200, 400, 429, 529]), data=st.data())
+@settings(max_examples=400, deadline=None)
+def test_provider_hooks_raise_nothing_their_guard_does_not_expect(name, status, data):
+    """Each hook, called with what its caller in base.py can hand it (real requests, bodies and events with any
+    value replaced or left out), raises nothing, except on_event what base._event notes; the result stays
+    one the record can carry."""
+    host, path = PARSERS[name]
+    p = parser_for(DEFAULT_HOSTS, host, path)
+    shapes = _STRATEGIES[p.name]
+    p.status = status
+    request = data.draw(shapes["request"], "request")
+    p.on_request(request)  # request_body hands it any dict a body parses to
+    p.ensure_stream_usage(request)
+    for doc in data.draw(st.lists(shapes["body"], max_size=2), "bodies"):  # end() hands these any JSON value
+        p.on_json(doc)
+        p.on_error(doc)
+    for event, payload in data.draw(st.lists(shapes["event"], max_size=4), "events"):
+        try:
+            p.on_event(event, payload)
+        except EVENT_ERRORS:
+            pass  # noted by base._event as an unreadable event; the stream goes on
+    p.on_truncated_json(data.draw(_tail(shapes["body"]), "tail"))
+    _assert_recordable(p)
+
+
+# Found by the tests above; each is a hook raising what its guard does not expect. Strict: fixing the parser
+# makes these fail until the marker goes.
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="count() takes '5\\x1f' for a count (\\s matches \\x1c-\\x1f) "
+                   "and int() then raises ValueError out of on_request: request_body notes the body as not understood, "
+                   "drops request_doc and skips the rest of on_request (n, caps, server context, batch)")
+@pytest.mark.parametrize("name", ["openai-chat", "anthropic-messages", "gemini-generate"])
+def test_a_count_padded_with_a_separator_is_read_or_invalid_never_raised(name):
+    host, path = PARSERS[name]
+    p = parser_for(DEFAULT_HOSTS, host, path)
+    p.on_request({"max_tokens": "5\x1f", "generationConfig": {"maxOutputTokens": "\x1c5"}})
+    assert p.max_output_tokens == 5 or p.invalid is not None
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="on_event lets json's RecursionError out (not one of "
+                   "base._event's expected errors): feed()'s catch-all then stops reading the stream as events, and the usage, ids and finish "
+                   "reasons after that event are lost or half-read from the tail")
+@pytest.mark.parametrize("name", ["openai-chat", "openai-responses", "anthropic", "gemini-sse"])
+def test_one_deeply_nested_event_does_not_end_the_reading_of_a_stream(name):
+    host, path, ctype, body = RECORDED[name]
+    whole = run(host, path, 200, ctype, [body])
+    r = run(host, path, 200, ctype, [b"data: " + b"[" * 100_000 + b"\n\n", body])
+    assert r.parse_error is not None and r.parse_error.startswith("unreadable "), r.parse_error
+    assert r.attributes() == whole.attributes()
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError, reason="object_after_key catches ValueError only: a body's tail "
+                   "nested past json's depth raises RecursionError out of on_truncated_json into end()'s catch-all")
+@pytest.mark.parametrize(("name", "key"), [("openai-chat", "usage"), ("anthropic-messages", "usage"),
+                                           ("gemini-generate", "usageMetadata")])
+def test_a_deeply_nested_tail_raises_nothing(name, key):
+    host, path = PARSERS[name]
+    p = parser_for(DEFAULT_HOSTS, host, path)
+    p.on_truncated_json(f'"{key}": ' + "[" * 60_000)  # within the 64 KiB tail a body past 1 MiB is read from
+
+
+def _bodies(provider: str) -> st.SearchStrategy:
+    g = _STRATEGIES[provider]
+    return st.one_of(st.binary(max_size=3000), g["request"].map(lambda v: json.dumps(v).encode()),
+                     g["body"].map(lambda v: json.dumps(v).encode()), st.lists(g["event"], max_size=6).map(B.sse))
+
+
+@given(name=st.sampled_from(sorted(PARSERS)), ctype=st.sampled_from(["application/json", "text/event-stream"]),
+       cut=st.integers(0, 3000), status=st.sampled_from([200, 429]), draw=st.data())
+@settings(max_examples=600, deadline=None)
+def test_garbage_is_noted_by_the_guard_never_raised(name, ctype, cut, status, draw):
+    """Garbage through the guarded entry points: the request and response guards say what they could not read
+    in parse_error, no hook ever raises into the catch-all meant for parser bugs, and the result stays one the
+    record can carry."""
+    from clrk.providers.base import loads
+
+    host, path = PARSERS[name]
+    data = draw.draw(_bodies(parser_for(DEFAULT_HOSTS, host, path).name), "body")
+    try:
+        parsed, error = loads(data), None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        parsed, error = None, e
+
     p = parser_for(DEFAULT_HOSTS, host, path)
     p.request_body(data)
-    p.response_headers(200, ctype)
-    p.feed(data)
-    p.end()
+    assert p.request_size == len(data)
+    if not data:
+        assert p.request_doc is None and p.result.parse_error is None
+    elif error is not None:
+        assert p.request_doc is None
+        assert p.result.parse_error.startswith(f"request body not understood: {type(error).__name__}: ")
+    else:  # on_request raised nothing: the guard had nothing to note
+        assert (p.request_doc is not None) == isinstance(parsed, dict) and p.result.parse_error is None
+    _assert_recordable(p)
+
+    p = parser_for(DEFAULT_HOSTS, host, path)
+    bugs: list[Exception] = []
+    fail = p._fail
+    p._fail = lambda e: (bugs.append(e), fail(e))  # the catch-all for parser bugs
+    p.response_headers(status, ctype)
+    p.feed(data[:cut])
+    p.feed(data[cut:])
+    r = p.end()
+    assert bugs == [], bugs
+    if ctype == "text/event-stream":
+        assert r.parse_error is None or r.parse_error.startswith("unreadable "), r.parse_error
+    elif not data:
+        assert r.parse_error is None
+    elif error is not None:
+        assert r.parse_error.startswith("response body is not complete JSON: ")
+    else:
+        assert r.parse_error is None
+    _assert_recordable(p)
 
 
 _json_values = st.recursive(

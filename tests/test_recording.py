@@ -29,6 +29,7 @@ from clrk.cli.dev.tui import DetailScreen, DevApp, record_row, transaction_text
 from clrk.cli.feed import RecordFeed
 from tests.harness import fake_provider
 from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, basic, gateway_doc, proxy_connect, route
+from tests.harness.util import new_invocation
 
 CLRK = str(Path(sys.executable).parent / "clrk")
 AUTH = basic("team-a.researcher", AGENT_TOKEN)
@@ -38,8 +39,6 @@ UNSAFE = {*map(chr, range(0x20)), "\x7f", *map(chr, range(0x80, 0xA0)), "\u061c"
           "\u2029", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))} - {"\n"}
 
 
-def inv() -> str:
-    return f"inv-{uuid.uuid4().hex[:10]}"
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -135,7 +134,7 @@ def status(gw: Gateway) -> dict:
 
 
 def test_undecodable_bytes_and_controls_in_a_tunnelled_request_are_recorded_losslessly(gw):
-    i = inv()
+    i = new_invocation()
     path = b"/json/a\x80\xff\\x41\x1b[2J?q=\x00\x7f"  # a literal backslash-x too: the escape must stay unambiguous
     value = b"v\x80\xfe\\ \x1b[31m\x7f\x00end"  # no CR: a line break in a value is refused (test_adversary)
     sent_inv = i.encode() + b"\xff\x1b[2J"
@@ -156,7 +155,7 @@ def test_undecodable_bytes_and_controls_in_a_tunnelled_request_are_recorded_loss
 def test_undecodable_bytes_and_controls_in_a_plain_proxy_request_are_recorded_losslessly(gw):
     """Plain-HTTP proxying (denied here: port 80). Header values were kept one character per byte, so an
     invalid byte 0x9b became U+009B, a terminal's CSI."""
-    i = inv()
+    i = new_invocation()
     value = b"a\x9b31m\xc3\xa9\xff"
     plain(gw, b"GET http://allowed.test/p\x1b[2J?q=\x00 HTTP/1.1\r\nHost: allowed.test\r\nProxy-Authorization: "
           + AUTH.encode() + b"\r\nx-v: " + value + b"\r\nclrk-invocation-id: " + i.encode() + b"\r\nConnection: close\r\n\r\n")
@@ -170,7 +169,7 @@ def test_undecodable_bytes_and_controls_in_a_plain_proxy_request_are_recorded_lo
 
 def test_an_invocation_id_in_baggage_is_recorded_from_its_bytes(gw):
     """Percent-escapes are bytes: %C3%A9 is é, a lone %E9 is no UTF-8 (it was U+FFFD, its byte lost)."""
-    i = inv()
+    i = new_invocation()
     tunnel(gw, "allowed.test", b"GET /json/bag HTTP/1.1\r\nHost: allowed.test\r\nbaggage: k=v, invocation.id=" + i.encode()
            + b"%C3%A9%E9%1b;p=1\r\ntraceparent: 00-\xff\x1b-zz\r\nConnection: close\r\n\r\n")
     rec = gw.wait_record(invocation=i + "é\\xe9\x1b")
@@ -182,7 +181,7 @@ def test_an_invocation_id_in_baggage_is_recorded_from_its_bytes(gw):
 def test_a_request_mitmproxy_refuses_on_its_headers_is_recorded_with_its_agent(gw, hostile_upstream, via):
     """A header name no HTTP token has: mitmproxy answers 400 before any step sees the request. It used to
     leave no record at all."""
-    i = inv()
+    i = new_invocation()
     path = f"/json/malformed-{i}".encode()
     head = b"Host: allowed.test\r\nx-\x80\xff: v\r\nclrk-invocation-id: " + i.encode() + b"\r\nConnection: close\r\n\r\n"
     if via == "tunnel":
@@ -200,7 +199,7 @@ def test_a_request_mitmproxy_refuses_on_its_headers_is_recorded_with_its_agent(g
 
 def test_lone_surrogates_from_the_agent_and_the_upstream_are_recorded_escaped(gw):
     """A JSON "\\ud800" parses to a str UTF-8 cannot encode: its record used to be dropped whole."""
-    i = inv()
+    i = new_invocation()
     body = b'{"model":"hostile-surrogates\\ud800","messages":[{"role":"user","content":"\\udfff"}],"max_tokens":5}'
     with gw.client() as c:
         r = c.post("https://api.openai.com/v1/chat/completions", content=body,
@@ -225,7 +224,7 @@ def test_lone_surrogates_from_the_agent_and_the_upstream_are_recorded_escaped(gw
 def test_a_status_code_no_record_holds_costs_neither_this_record_nor_the_next(gw, code):
     """99999999999 fits msgpack but not the INTEGER column: its batch, and every record after it, used to wait
     forever; 10**30 fits neither: its record was dropped at the proxy."""
-    i, after = inv(), inv()
+    i, after = new_invocation(), new_invocation()
     tunnel(gw, "allowed.test", f"GET /hostile-status/{code} HTTP/1.1\r\nHost: allowed.test\r\nclrk-invocation-id: {i}\r\n"
            "Connection: close\r\n\r\n".encode())
     with gw.client() as c:
@@ -265,7 +264,7 @@ def test_the_budget_counts_charges_whose_records_needed_mending_after_a_restart(
 
 
 def test_negative_usage_from_an_upstream_refunds_nothing(gw):
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         for model in ("hostile-refund", "gpt-4o-mini"):
             assert c.post("https://api.openai.com/v1/chat/completions", headers={"clrk-invocation-id": i},
@@ -372,7 +371,7 @@ def assert_terminal_safe(out: str, lines: int) -> None:
 
 
 def test_clrk_records_and_tail_print_no_control_character(gw):
-    i = inv()
+    i = new_invocation()
     tails = {mode: subprocess.Popen([CLRK, "tail", "--db", str(gw.db), "--invocation", i, *flags], stdout=subprocess.PIPE)
              for mode, flags in (("table", []), ("json", ["--json"]))}
     try:
@@ -400,7 +399,7 @@ def test_clrk_records_and_tail_print_no_control_character(gw):
 
 def test_the_tui_shows_hostile_records_as_plain_escaped_text(gw):
     """Cells used to be str, which Textual reads as markup: the "[/]" in a model name stopped the UI."""
-    i = inv()
+    i = new_invocation()
     hostile_records(gw, i)
     wait_records(gw, i, 2)
     app = DevApp(RecordFeed(str(gw.db), query={"invocation": i}, from_start=True))

@@ -16,6 +16,7 @@ import pytest
 
 from clrk import attributes as A
 from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, basic, gateway_doc, route
+from tests.harness.util import new_invocation
 
 R = A.REDACTED
 JSON = "application/json"
@@ -38,8 +39,6 @@ def gw(tmp_path_factory, pki, upstream, otlp):
     gateway.stop()
 
 
-def inv() -> str:
-    return f"inv-{uuid.uuid4().hex[:12]}"
 
 
 def secret(label: str) -> str:
@@ -70,7 +69,7 @@ def test_an_oauth_code_exchange_keeps_no_credential(gw, upstream, otlp):
                                  "expires_in": 3600, "scope": "repo read"}).encode())
 
     upstream.handlers["oauth"] = token_endpoint
-    i = inv()
+    i = new_invocation()
     form = f"grant_type=authorization_code&code={code}&client_id=app-123&client_secret={cs}&redirect_uri=https%3A%2F%2Fa.test%2Fcb"
     with gw.client() as c:
         r = c.post("https://allowed.test/handler/oauth/token", content=form,
@@ -95,7 +94,7 @@ def test_headers_and_query_parameters_are_redacted_by_name(gw, upstream, otlp):
         h._send(200, b'{"ok": true}', headers={"x-refresh-token": resp_token, "x-request-id": "req-kept-1"})
 
     upstream.handlers["s3"] = presigned
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         r = c.get(f"https://allowed.test/handler/s3/obj?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={cred}"
                   f"&X-Amz-Security-Token={sts}&X-Amz-Signature={sig}&code={code}&otp={otp}&page=2",
@@ -112,7 +111,7 @@ def test_headers_and_query_parameters_are_redacted_by_name(gw, upstream, otlp):
     assert_nowhere(gw, otlp, rec, [*values.values(), sig, cred, sts, code, otp, resp_token])
 
     # An injected credential is redacted whatever its name (`appid` has no sensitive word).
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         assert c.get("https://api.github.com/json/app", headers={"clrk-invocation-id": i}).status_code == 200
     assert "appid=APPID-INJECTED-SECRET" in upstream.requests_to("/json/app")[-1].path
@@ -132,7 +131,7 @@ def test_json_bodies_lose_their_secrets_and_keep_their_counts(gw, upstream, otlp
         }).encode())
 
     upstream.handlers["api"] = api
-    i = inv()
+    i = new_invocation()
     body = {"model": "m", "max_tokens": 100, "config": {"db": {"Password": pw}}, "items": [{"pin": pin, "label": "a"}],
             "vault": {"anything": vault, "n": 1}, "credentials": [[{"x": nested}], arr, 5], "note": "token rotation"}
     with gw.client() as c:
@@ -156,7 +155,7 @@ def test_a_secret_cut_by_max_bytes_is_not_kept_in_part(gw, upstream, otlp):
     assert 0 < cut_at < len(tok)  # maxBytes falls inside the secret
 
     upstream.handlers["cut"] = lambda h, seen: h._send(200, body)
-    i = inv()
+    i = new_invocation()
     with gw.client() as c:
         assert c.get("https://allowed.test/handler/cut", headers={"clrk-invocation-id": i}).content == body
     rec = gw.wait_record(invocation=i)
@@ -176,7 +175,7 @@ def test_event_streams_are_redacted_event_by_event(gw, upstream, otlp):
         h.end_chunked()
 
     upstream.handlers["sse"] = stream
-    i = inv()
+    i = new_invocation()
     with gw.client() as c, c.stream("GET", "https://allowed.test/handler/sse", headers={"clrk-invocation-id": i}) as r:
         got = b"".join(r.iter_raw())
     assert s1.encode() in got and s2.encode() in got

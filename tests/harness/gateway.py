@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import yaml
 
@@ -46,6 +49,117 @@ def proxy_connect(port: int, target: str, proxy_authorization: str | None = None
 
 def basic(user: str, token: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+
+
+def connect(port: int, target: str, user: str = "team-a.researcher", token: str = AGENT_TOKEN) -> socket.socket:
+    """A CONNECT tunnel the gateway accepted (200), as the agent `user`; the raw socket, nothing sent yet."""
+    s, head = proxy_connect(port, target, basic(user, token))
+    assert head, "the gateway closed the connection instead of answering the CONNECT"
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return s
+
+
+def tunnel(gw: Gateway, target: str = "allowed.test:443", sni: str | None = "allowed.test",
+           alpn: list[str] | None = None) -> ssl.SSLSocket:
+    """An accepted CONNECT to `target`, then TLS with the gateway's CA, naming `sni` (None: no server name, as
+    clients do for an IP address) and offering `alpn`. The SNI is given on its own: tests make it disagree."""
+    s = connect(gw.port, target)
+    ctx = gw.ssl_context()
+    if sni is None:
+        ctx.check_hostname = False
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx.wrap_socket(s, server_hostname=sni)
+
+
+def read_all(s: socket.socket, timeout: float = 10) -> bytes:
+    """Everything `s` receives until the peer closes (or resets, or `timeout` seconds pass with nothing)."""
+    s.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except (TimeoutError, OSError):
+        pass
+    return out
+
+
+def _tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(bytes sent and not yet acknowledged, bytes received and not yet read) of the IPv4 TCP socket with these
+    ends, from /proc/net/tcp; None when there is no such socket."""
+    def key(addr: tuple[str, int]) -> str:
+        ip = socket.inet_aton(addr[0])[::-1].hex().upper()
+        return f"{ip}:{addr[1]:04X}"
+
+    want = (key(local), key(remote))
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if (fields[1], fields[2]) == want:
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    return None
+
+
+def wait_read_by_peer(s: socket.socket, timeout: float = 10.0) -> None:
+    """Returns once everything sent on `s` (a loopback connection) has been read by the process at the other
+    end: the gateway has taken in this piece on its own, and what is sent next arrives as another piece."""
+    ours, theirs = s.getsockname()[:2], s.getpeername()[:2]
+    deadline = time.monotonic() + timeout
+    while True:
+        mine, peer = _tcp_queues(ours, theirs), _tcp_queues(theirs, ours)
+        if mine is not None and peer is not None and mine[0] == 0 and peer[1] == 0:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the gateway did not read what was sent on {ours} within {timeout:g} s "
+                                 f"(unacknowledged, unread: {mine}, {peer})")
+        time.sleep(0.01)
+
+
+def exchange(gw: Gateway, raw: bytes, **tunnel_kw) -> bytes:
+    """Sends exactly `raw` through a fresh tunnel (see `tunnel`) and returns all the gateway answers."""
+    t = tunnel(gw, **tunnel_kw)
+    t.sendall(raw)
+    out = read_all(t)
+    t.close()
+    return out
+
+
+def status_of(out: bytes) -> int:
+    """The status code of a raw HTTP/1 response."""
+    assert out.startswith(b"HTTP/1."), out[:200]
+    return int(out.split(b" ", 2)[1])
+
+
+def h2_exchange(gw: Gateway, headers: list[tuple[str, str]], target: str = "allowed.test:443",
+                sni: str = "allowed.test") -> int | None:
+    """One HTTP/2 request with exactly these header fields (pseudo-headers included, unvalidated); its status,
+    or None when the stream or the connection was reset instead."""
+    t = tunnel(gw, target, sni, alpn=["h2"])
+    assert t.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
+                                                               normalize_outbound_headers=False))
+    conn.initiate_connection()
+    conn.send_headers(1, headers, end_stream=True)
+    t.sendall(conn.data_to_send())
+    t.settimeout(10)
+    status = None
+    try:
+        while status is None:
+            data = t.recv(65536)
+            if not data:
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                    return None
+            t.sendall(conn.data_to_send())
+    except (TimeoutError, OSError):
+        pass
+    t.close()
+    return status
 
 
 def sha(s: str) -> str:
@@ -188,6 +302,7 @@ class Gateway:
             con.close()
 
     def wait_record(self, timeout: float = 10.0, **query) -> dict:
+        """The newest record matching `query`, once there is one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rows = self.records(**query)
@@ -195,3 +310,28 @@ class Gateway:
                 return rows[0]
             time.sleep(0.05)
         raise AssertionError(f"no record matching {query}; gateway log:\n{self.log()[-3000:]}")
+
+    def wait_records(self, n: int, timeout: float = 10.0, **query) -> list[dict]:
+        """The records matching `query` (newest first) once there are `n`; fails if there are more, or fewer
+        after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while len(rows := self.records(**query)) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(rows) == n, f"{len(rows)} records matching {query}, expected {n}: {rows}"
+        return rows
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        """Returns once the gateway's log says `text`: the gateway's own word that something has happened."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc is not None and self.proc.poll() is not None and text not in self.log():
+                raise AssertionError(f"the gateway exited ({self.proc.returncode}) without logging {text!r}:\n"
+                                     f"{self.log()[-3000:]}")
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"the gateway did not log {text!r} within {timeout:g} s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def wait_client_gone(self, client_port: int, timeout: float = 10.0) -> None:
+        """Returns once the gateway has logged the end of the client connection from 127.0.0.1:`client_port`
+        (mitmproxy's "client disconnect"): from then on nothing more happens on that connection's behalf."""
+        self.wait_log(f"[127.0.0.1:{client_port}] client disconnect", timeout)

@@ -205,6 +205,16 @@ class FakeUpstream:
         with self.lock:
             return [r for r in self.requests if r.path.startswith(prefix)]
 
+    def requests_with(self, marker: str) -> list[Seen]:
+        """The requests whose path or body holds `marker` (an id only one test sends)."""
+        with self.lock:
+            return [r for r in self.requests if marker in r.path or marker.encode() in r.body]
+
+    def requests_since(self, t: float) -> list[Seen]:
+        """The requests received at `time.time()` >= `t`."""
+        with self.lock:
+            return [r for r in self.requests if r.time >= t]
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
