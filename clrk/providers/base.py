@@ -97,7 +97,7 @@ def as_int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63 else None
 
 
-_COUNT_TEXT = re.compile(r"\s*[+-]?\d{1,30}\s*")
+_COUNT_TEXT = re.compile(r"[ \t\n\r]*[+-]?[0-9]{1,30}[ \t\n\r]*")  # JSON white space and ASCII digits: what int() reads
 
 
 def object_after_key(text: str, key: str) -> Any:
@@ -106,7 +106,7 @@ def object_after_key(text: str, key: str) -> Any:
         try:
             value, _ = json.JSONDecoder().raw_decode(text, m.end())
             return value
-        except ValueError:
+        except (ValueError, RecursionError):  # a tail nested past json's depth is as unreadable as a cut one
             continue
     return None
 
@@ -240,7 +240,7 @@ class ProviderParser:
     def _event(self, event: str, payload: str) -> None:
         try:
             self.on_event(event, payload)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             self.result.parse_error = f"unreadable {event or 'message'} event: {e}"
 
     def end(self) -> GenAiResult:

@@ -18,6 +18,7 @@ import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from clrk.proxy import limits
 from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime
 from clrk.proxy.steps.auth import ProxyAuth
@@ -34,6 +35,9 @@ from clrk.proxy.steps.routing import ProviderRouting
 TRAFFIC_HOOKS = ("client_disconnected", "http_connect", "next_layer", "requestheaders", "request", "responseheaders",
                  "response", "error", "server_connect", "server_connected", "server_connect_error")
 
+
+# mitmproxy buffers a message head without limit; bounded before any connection exists.
+limits.install()
 
 class Gateway:
     """clrk inside mitmproxy. This is the one place the order of the steps is written; each is a file of
