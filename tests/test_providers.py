@@ -489,3 +489,15 @@ def test_provider_json_parsing_is_exactly_json_loads(data):
 
     assert _outcome(loads, data) == _outcome(json.loads, data)
     assert _outcome(loads, data.decode("latin-1")) == _outcome(json.loads, data.decode("latin-1"))
+
+
+@pytest.mark.parametrize(("name", "doc"), [
+    ("openai-chat", {"error": {"code": "x" * 100_000}}),
+    ("anthropic-messages", {"type": "error", "error": {"type": "x" * 100_000}}),
+    ("gemini-generate", {"error": {"status": "x" * 100_000}}),
+])
+def test_an_upstreams_error_type_is_bounded(name, doc):
+    host, path = PARSERS[name]
+    p = parser_for(DEFAULT_HOSTS, host, path)
+    p.on_error(doc)
+    assert p.result.error_type == "x" * 64

@@ -105,7 +105,7 @@ class AnthropicParser(ProviderParser):
     def on_error(self, doc: Any) -> None:
         err = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(err, dict) and isinstance(err.get("type"), str):
-            self.result.error_type = err["type"]
+            self.result.error_type = str(err["type"])[:64]  # the upstream writes it: bounded
         elif isinstance(doc, dict):
             self.result.error_type = "error"
 

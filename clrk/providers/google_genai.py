@@ -108,7 +108,7 @@ class GoogleGenAIParser(ProviderParser):
         for d in doc if isinstance(doc, list) else [doc]:
             err = d.get("error") if isinstance(d, dict) else None
             if isinstance(err, dict):
-                self.result.error_type = str(err.get("status") or err.get("code") or "error")
+                self.result.error_type = str(err.get("status") or err.get("code") or "error")[:64]  # the upstream writes it: bounded
                 return
 
     def on_truncated_json(self, tail: str) -> None:

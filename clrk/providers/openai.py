@@ -183,7 +183,7 @@ class OpenAIParser(ProviderParser):
         err = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(err, dict):
             code = err.get("code") or err.get("type")
-            self.result.error_type = str(code) if code else "error"
+            self.result.error_type = str(code)[:64] if code else "error"  # the upstream writes it: bounded
 
     def on_truncated_json(self, tail: str) -> None:
         self._usage(object_after_key(tail, "usage"))
