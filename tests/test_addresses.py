@@ -11,7 +11,8 @@ import pytest
 from clrk.addresses import CidrTable, embedded_ipv4, parse_network, refusal
 from clrk.hostnames import norm_host
 from clrk.policy import PolicyError, load_policy
-from tests.test_decision import AGENT, OTHER, agent, policy, run
+from tests.harness.util import compile_policy as policy
+from tests.test_decision import AGENT, OTHER, agent, run
 
 ALLOW_ALL = {"kind": "EgressGateway", "metadata": {"name": "gw"}, "spec": {"defaultPolicy": "allow-all"}}
 PRIVATE_RULE = "EgressGateway/gw/blockPrivateNetworks"
