@@ -293,7 +293,7 @@ def test_a_record_that_cannot_be_stored_is_counted_and_logged_with_its_ids(gw):
 def test_records_a_proxy_drops_are_counted_by_the_recorder(tmp_path, monkeypatch):
     """The proxy's queue is bounded while the recorder does not keep up; what it drops used to be only in the
     proxy's log: `clrk status` said 0 dropped."""
-    from clrk import sink as sink_module
+    from clrk.proxy import sink as sink_module
 
     now = time.time()
     raw = {"t0": now, "t1": now, "method": b"GET", "scheme": "https", "host": "x.test", "port": 443, "path": b"/",
