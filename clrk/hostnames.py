@@ -112,6 +112,9 @@ def path_ambiguity(path: str) -> str | None:
     return None
 
 
+_NOT_IN_HOST = re.compile(r"[/@?#\\ \t]")
+
+
 def _authority(text: str, default_port: int) -> tuple[str, int] | None:
     """(host in normal form, port) of a Host value or :authority, or None when it is not one."""
     host, sep, port = text.rpartition(":")
@@ -120,7 +123,7 @@ def _authority(text: str, default_port: int) -> tuple[str, int] | None:
     if port:
         if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
             return None
-    if not host or any(c in host for c in "/@?#\\ \t"):
+    if not host or _NOT_IN_HOST.search(host):
         return None
     return norm_host(host), int(port) if port else default_port
 
@@ -146,7 +149,13 @@ def request_target(dst: str, default_port: int, authority: str, hosts: Sequence[
         return None, None, "the request names no host (it has no Host header)"
     first: tuple[str, int] | None = None
     for name in names:
-        claim = (dst, default_port) if name == dst else _authority(name, default_port)
+        if name == dst:
+            claim: tuple[str, int] | None = (dst, default_port)
+        elif name.startswith(dst) and name[len(dst)] == ":" and (p := name[len(dst) + 1:]).isdigit() and p.isascii() \
+                and len(p) <= 5 and 0 < int(p) < 65536:
+            claim = (dst, int(p))  # the usual "host:port", without parsing
+        else:
+            claim = _authority(name, default_port)
         if claim is None:
             return None, None, f"{name[:200]!r} is not a host name"
         if first is None:

@@ -36,11 +36,11 @@ def _refuse_response(self: _http1.Http1Client):
 
 
 def _bounded(read_headers, refuse):
+    # A plain function returning the original generator: no extra generator frame on every event.
     def read(self, event):
         if isinstance(event, events.DataReceived) and len(self.buf) > MAX_HEAD:
-            yield from refuse(self)
-            return
-        yield from read_headers(self, event)
+            return refuse(self)
+        return read_headers(self, event)
 
     read.__wrapped__ = read_headers
     return read
