@@ -150,14 +150,19 @@ def _fmt_row(r: dict) -> str:
     ).rstrip()
 
 
-def cmd_records(args: argparse.Namespace) -> None:
+def _check_since(since: str | None) -> None:
+    """A `--since` the store cannot read is a usage error, said before anything is asked of it."""
     from clrk.recorder.store import parse_since
 
-    if args.since:
+    if since:
         try:
-            parse_since(args.since)
+            parse_since(since)
         except ValueError as e:
             _die(str(e), 2)
+
+
+def cmd_records(args: argparse.Namespace) -> None:
+    _check_since(args.since)
     query = {
         "agent": args.agent,
         "since": args.since,
@@ -235,13 +240,8 @@ def cmd_spend(args: argparse.Namespace) -> None:
     import time
 
     from clrk.proxy.budget import day_start, utc_day
-    from clrk.recorder.store import parse_since
 
-    if args.since:
-        try:
-            parse_since(args.since)
-        except ValueError as e:
-            _die(str(e), 2)
+    _check_since(args.since)
     by = [b.strip() for b in args.by.split(",") if b.strip()]
     bad = [b for b in by if b not in ("day", "agent", "route", "model")]
     if bad:
