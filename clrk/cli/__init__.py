@@ -373,20 +373,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         cmd_run(args, extra)
-    elif args.command == "records":
-        cmd_records(args)
-    elif args.command == "spend":
-        cmd_spend(args)
-    elif args.command == "dev":
-        cmd_dev(args)
-    elif args.command == "status":
-        cmd_status(args)
-    elif args.command == "tail":
-        cmd_tail(args)
-    elif args.command == "ca":
-        cmd_ca(args)
     elif args.command == "policy":
         (cmd_policy_check if args.policy_command == "check" else cmd_policy_schema)(args)
+    else:
+        {"records": cmd_records, "spend": cmd_spend, "dev": cmd_dev, "status": cmd_status, "tail": cmd_tail,
+         "ca": cmd_ca}[args.command](args)
 
 
 if __name__ == "__main__":
