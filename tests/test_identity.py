@@ -12,15 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import tflow, tutils
-from pydantic import TypeAdapter
 
 from clrk import identity as I
 from clrk.identity import AuthThrottle, authenticate
-from clrk.policy.compiled import compile_documents
-from clrk.policy.loader import SourcedDocument
-from clrk.policy.models import Document
 from clrk.proxy.gateway import Gateway
 from clrk.proxy.transaction import METADATA_KEY
+from tests.harness.util import compile_policy
 
 
 def _policy():
@@ -28,8 +25,7 @@ def _policy():
             {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-a"},
              "spec": {"credentials": {"tokenSha256": hashlib.sha256(b"tok").hexdigest()}}},
             {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": ["example.com"]}}]
-    a = TypeAdapter(Document)
-    return compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+    return compile_policy(*docs)
 
 
 POLICY = _policy()
