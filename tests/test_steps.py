@@ -7,26 +7,35 @@ One section per step, in data-path order."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
 import json
+import ssl
 import time
 
 import pytest
-from mitmproxy import exceptions, http
+import yaml
+from mitmproxy import exceptions, http, options
 from mitmproxy.addons.dumper import Dumper
 from mitmproxy.addons.proxyserver import Proxyserver as ProxyServer
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.test import taddons, tflow
 
+from clrk.policy.compiled import BudgetConfig
+from clrk.providers import DEFAULT_HOSTS, parser_for
 from clrk.proxy.budget import utc_day
 from clrk.proxy.capture import BodyCapture
 from clrk.proxy.gateway import Gateway
 from clrk.proxy.runtime import Runtime
-from clrk.proxy.steps.egress import websocket_problem
+from clrk.proxy.steps import routing
+from clrk.proxy.steps.egress import EgressControl, websocket_problem
+from clrk.proxy.steps.passthrough import CountingRelay
 from clrk.proxy.steps.policy import PolicyLoader
-from clrk.proxy.steps.routing import estimate
+from clrk.proxy.steps.routing import ProviderRouting, estimate
 from clrk.proxy.transaction import METADATA_KEY
 from tests.harness.util import compile_policy
 
@@ -138,8 +147,6 @@ def denied(f: http.HTTPFlow) -> tuple[int, str]:
 
 
 def test_policy_loader_loads_forces_mitmproxy_settings_and_keeps_the_last_good_policy(tmp_path):
-    import yaml
-
     rt = Runtime()
     loader = PolicyLoader(rt)
     policy = tmp_path / "policy.yaml"
@@ -163,8 +170,6 @@ def test_policy_loader_loads_forces_mitmproxy_settings_and_keeps_the_last_good_p
 
 
 def test_policy_loader_reloads_a_changed_file_and_ignores_a_broken_one(tmp_path, caplog):
-    import yaml
-
     rt = Runtime()
     loader = PolicyLoader(rt)
     policy = tmp_path / "policy.yaml"
@@ -239,6 +244,95 @@ def test_plain_http_proxying_authenticates_every_request(g):
     assert denied(plain(basic(token="wrong-token-000")))[0] == 407
     f = plain(basic())
     assert f.response is None and "proxy-authorization" not in f.request.headers
+
+
+# ------------------------------------------------------------------------------------------------ Passthrough
+
+PASS_PORT, TERM_PORT = 9443, 8080
+PASS_POLICY = compile_policy(
+    _doc("EgressGateway", "gw", {"listeners": [
+        {"name": "t", "port": TERM_PORT, "protocol": "TLS", "tls": {"mode": "Terminate"}},
+        {"name": "p", "port": PASS_PORT, "protocol": "TLS", "tls": {"mode": "Passthrough"}}]}),
+    DOCS[1],
+    _doc("EgressRoute", "hosts", {"hostnames": ["allowed.test", "pastebin.com"]}),
+    _doc("EgressRoute", "get-only", {"hostnames": ["other.test"], "methods": ["GET"]}),
+    _doc("EgressDenyPolicy", "no-admin", {"hostnames": ["pastebin.com"], "paths": ["/admin"]}),
+)
+
+
+def client_hello(sni: str | None) -> bytes:
+    """The first flight of a real TLS client (Python's ssl) naming `sni`."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no trust store needed: the handshake stops at its first flight
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+@pytest.fixture
+def pg() -> Gateway:
+    gw = Gateway(Runtime())
+    gw.rt.policy = PASS_POLICY
+    return gw
+
+
+def pass_connect(g: Gateway, host: str, port: int = 443) -> http.HTTPFlow:
+    c = tflow.tflow(req=tflow.treq(method=b"CONNECT", host=host, port=port, authority=f"{host}:{port}".encode(),
+                                   path=b"", headers=http.Headers(proxy_authorization=basic()), content=b""))
+    c.client_conn.sockname = ("127.0.0.1", PASS_PORT)
+    g.http_connect(c)
+    return c
+
+
+@pytest.mark.parametrize("host,allowed,why", [
+    ("allowed.test", True, None),
+    ("other.test", False, "no route allows"),  # a route limited to methods cannot be checked on a tunnel
+    ("pastebin.com", False, "no-admin"),  # a deny limited to paths denies the tunnel whole
+    ("evil.test", False, "no route allows"),
+])
+def test_a_passthrough_connect_is_decided_at_l4_and_a_denial_is_its_answer(pg, host, allowed, why):
+    c = pass_connect(pg, host)
+    if allowed:
+        assert c.response is None and pg.rt.tunnels[c.client_conn.id].l4.allow
+        assert (host, 443) in pg.rt.allowed[c.client_conn.id]
+        return
+    status, error = denied(c)
+    assert status == 403 and why in error and c.client_conn.id not in pg.rt.tunnels
+    assert pg.rt.unsent[-1]["method"] == b"CONNECT" and pg.rt.unsent[-1]["decision"][0] == "deny"
+
+
+def test_the_same_connect_on_a_terminating_listener_is_left_to_the_request_decisions(pg):
+    c = tflow.tflow(req=tflow.treq(method=b"CONNECT", host="other.test", port=443, authority=b"other.test:443",
+                                   path=b"", headers=http.Headers(proxy_authorization=basic()), content=b""))
+    c.client_conn.sockname = ("127.0.0.1", TERM_PORT)
+    pg.http_connect(c)
+    assert c.response is None and pg.rt.tunnels[c.client_conn.id].l4 is None
+
+
+@pytest.mark.parametrize("sni,relayed,why", [
+    ("allowed.test", True, None),
+    (None, True, None),  # no server name (an IP-address client): the CONNECT target is what was judged
+    ("other.test", False, "TLS server name other.test does not match the CONNECT target allowed.test"),
+])
+def test_a_passthrough_tunnel_is_relayed_only_when_its_client_hello_names_the_target(pg, sni, relayed, why):
+    c = pass_connect(pg, "allowed.test")
+    hello = parse_client_hello(client_hello(sni))
+    assert hello is not None
+    ctx = Context(c.client_conn, options.Options())
+    ctx.server.address = ("allowed.test", 443)
+    layer = pg.passthrough._tunnel_layer(ctx, pg.rt.tunnels[c.client_conn.id], hello, None)
+    if relayed:
+        assert isinstance(layer, CountingRelay) and c.client_conn.id in pg.passthrough.open
+        pg.passthrough.done()  # the gateway stops with it open: recorded as far as it went
+        rec = pg.rt.unsent[-1]
+        assert rec["decision"][0] == "allow" and rec["error"] == "clrk: gateway stopped with the tunnel open"
+    else:
+        assert not isinstance(layer, CountingRelay) and c.client_conn.id not in pg.passthrough.open
+        rec = pg.rt.unsent[-1]
+        assert rec["decision"] == ("deny", "passthrough", why)
 
 
 # ------------------------------------------------------------------------------------------------ EgressControl
@@ -391,8 +485,6 @@ def test_a_budgeted_call_whose_body_the_gateway_does_not_read_is_cut_before_it_i
 
 
 def test_until_the_ledger_is_read_a_budgeted_call_waits_then_is_answered_503(g, monkeypatch):
-    import clrk.proxy.steps.routing as routing
-
     g.rt.ledger.loaded = False
     monkeypatch.setattr(routing, "LEDGER_WAIT_SECONDS", 0.0)
     c = connect(g, "api.openai.com")
@@ -401,16 +493,11 @@ def test_until_the_ledger_is_read_a_budgeted_call_waits_then_is_answered_503(g, 
     f.request.raw_content = f.metadata["body"]
     pending = g.request(f)
     assert pending is not None and f.response is None  # mitmproxy awaits it before the request can leave
-    import asyncio
-
     asyncio.run(pending)
     assert denied(f)[0] == 503
 
 
 def test_estimate_is_output_times_generations_plus_input_plus_held_context():
-    from clrk.policy.compiled import BudgetConfig
-    from clrk.providers import DEFAULT_HOSTS, parser_for
-
     budget = BudgetConfig(max_tokens_per_day=10**6, per_agent=False, reserve_tokens=100, server_context_tokens=1000)
     assert estimate(None, budget) == 100
     p = parser_for(DEFAULT_HOSTS, "api.openai.com", "/v1/responses")
@@ -493,8 +580,6 @@ def test_an_upstream_connection_refused_by_policy_is_recorded_as_policy_blocked(
 
 
 def test_a_step_that_raises_leaves_a_denial_not_an_open_door(g, monkeypatch):
-    from clrk.proxy.steps.egress import EgressControl
-
     def broken(self, flow):
         raise RuntimeError("boom")
 
@@ -509,8 +594,6 @@ def _rebuilt(g: Gateway) -> Gateway:
 
 
 def test_a_budgeted_call_never_admitted_is_denied_by_the_failsafe(g, monkeypatch):
-    from clrk.proxy.steps.routing import ProviderRouting
-
     def broken(self, flow, tx, rule):
         raise RuntimeError("boom")
 
