@@ -60,7 +60,11 @@ DOCS = [
         {"matches": [{"provider": "openai", "endpoints": ["/v1/completions"]}],
          "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 1000}}]},
     ]}, ns="team-a"),
-    _doc("AIProviderRoute", "gemini", {"rules": [{"matches": [{"provider": "google_genai"}]}]}, ns="team-a"),
+    _doc("Backend", "gemini-main", {"schema": {"name": "google_genai"},
+                                    "upstream": {"host": "generativelanguage.googleapis.com", "port": 443},
+                                    "modelRewrites": [{"from": "gemini-a", "to": "gemini-b"}]}),
+    _doc("AIProviderRoute", "gemini", {"rules": [{"matches": [{"provider": "google_genai"}],
+                                                  "backendRefs": [{"name": "gemini-main"}]}]}, ns="team-a"),
     _doc("CredentialInjectionPolicy", "openai-key", {
         "targetRefs": [{"kind": "AIProviderRoute", "name": "openai"}],
         "target": {"type": "Header", "name": "Authorization", "prefix": "Bearer "}, "secretRef": {"env": "K_OPENAI"}}),
@@ -437,6 +441,19 @@ def test_a_backend_moves_the_call_and_rewrites_only_the_model(g):
     rec = answer(g, f, body=b'{"model":"gpt-4o-mini-2024","usage":{"prompt_tokens":3,"completion_tokens":4}}')
     assert rec["rewritten"] is True
     assert rec["genai"]["gen_ai.request.model"] == "gpt-4o" and rec["genai"]["gen_ai.response.model"] == "gpt-4o-mini-2024"
+
+
+def test_a_backend_renames_a_model_named_by_the_path_and_leaves_the_query_and_body(g):
+    c = connect(g, "generativelanguage.googleapis.com")
+    body = b'{"contents": [], "model": "gemini-a"}'  # a body member of that name is not the model here
+    f = send(g, request(c, "/v1beta/models/gemini-a:streamGenerateContent?alt=sse", "POST", body))
+    assert f.request.path == "/v1beta/models/gemini-b:streamGenerateContent?alt=sse&key=AIza-STEP-SECRET"
+    assert f.request.raw_content == body
+    rec = answer(g, f)
+    assert rec["rewritten"] is True and rec["genai"]["gen_ai.request.model"] == "gemini-a"
+    unchanged = send(g, request(c, "/v1beta/models/gemini-c:generateContent", "POST", body))
+    assert unchanged.request.path == "/v1beta/models/gemini-c:generateContent?key=AIza-STEP-SECRET"
+    assert answer(g, unchanged)["rewritten"] is False
 
 
 def test_a_budgeted_call_is_admitted_on_its_estimate_and_settled_on_its_usage(g):

@@ -256,6 +256,10 @@ class ProviderParser:
         """The members that ask a streaming request for usage in its stream, where the API needs asking."""
         return {}
 
+    def request_sent(self) -> None:
+        """The request has been read and changed as needed: what was kept of its body is let go."""
+        self.request_doc, self.request_spans, self.request_bytes = None, None, b""
+
     def changed_body(self, members: Mapping[str, Any]) -> bytes:
         """The request body with `members` set: only they are encoded, every other byte is the agent's (the
         body as decoded, if the agent compressed it). Needs the body still held (until the request leaves)."""

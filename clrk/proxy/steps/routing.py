@@ -95,8 +95,7 @@ class ProviderRouting:
                 self._mutate(flow.request, tx, backend, usage_needed=rule.budget is not None)
         finally:
             if tx.genai is not None:
-                # The body has been read and possibly rewritten: let it go.
-                tx.genai.request_doc, tx.genai.request_spans, tx.genai.request_bytes = None, None, b""
+                tx.genai.request_sent()  # the body has been read and possibly rewritten: let it go
 
     @staticmethod
     def _unbudgetable(flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> Decision | None:
