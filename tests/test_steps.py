@@ -63,8 +63,11 @@ DOCS = [
     _doc("Backend", "gemini-main", {"schema": {"name": "google_genai"},
                                     "upstream": {"host": "generativelanguage.googleapis.com", "port": 443},
                                     "modelRewrites": [{"from": "gemini-a", "to": "gemini-b"}]}),
+    # Budgeted: routed on the request hook, after its query-parameter key went in on the headers.
     _doc("AIProviderRoute", "gemini", {"rules": [{"matches": [{"provider": "google_genai"}],
-                                                  "backendRefs": [{"name": "gemini-main"}]}]}, ns="team-a"),
+                                                  "backendRefs": [{"name": "gemini-main"}],
+                                                  "filters": [{"type": "TokenBudget",
+                                                               "tokenBudget": {"maxTokensPerDay": 10**9}}]}]}, ns="team-a"),
     _doc("CredentialInjectionPolicy", "openai-key", {
         "targetRefs": [{"kind": "AIProviderRoute", "name": "openai"}],
         "target": {"type": "Header", "name": "Authorization", "prefix": "Bearer "}, "secretRef": {"env": "K_OPENAI"}}),

@@ -79,9 +79,9 @@ def test_anthropic_rewrites_the_model_and_needs_no_asking_for_usage():
 
 @pytest.mark.parametrize("path,expected", [
     ("/v1beta/models/gemini-a:generateContent", "/v1beta/models/gemini-b:generateContent"),
-    ("/v1beta/models/gemini-a:streamGenerateContent?alt=sse&x=/models/q:z",
-     "/v1beta/models/gemini-b:streamGenerateContent?alt=sse&x=/models/q:z"),
-    ("/v1beta/tunedModels/gemini-a:generateContent?", "/v1beta/tunedModels/gemini-b:generateContent?"),
+    # The path only: the query is the request's to keep (routing applies the path before it).
+    ("/v1beta/models/gemini-a:streamGenerateContent?alt=sse&x=/models/q:z", "/v1beta/models/gemini-b:streamGenerateContent"),
+    ("/v1beta/tunedModels/gemini-a:generateContent?", "/v1beta/tunedModels/gemini-b:generateContent"),
 ])
 def test_gemini_names_the_model_in_the_path_and_leaves_the_body(path, expected):
     p = parsed(GEMINI, path, {"model": "in-the-body", "contents": []})

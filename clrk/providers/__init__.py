@@ -30,10 +30,10 @@ def parser_for(provider_hosts: Mapping[str, str], host: str, path: str) -> Provi
     if name is None:
         return None
     cls = REGISTRY[name]
-    path_only, sep, query = path.partition("?")
+    path_only, _, query = path.partition("?")
     op = cls.operation(path_only)
     operation, model = op if op else (None, None)
-    return cls(operation, model, path_only, query if sep else None)
+    return cls(operation, model, path_only, query)
 
 
 __all__ = ["DEFAULT_HOSTS", "NO_CHANGES", "REGISTRY", "GenAiResult", "ProviderParser", "RequestChanges", "parser_for"]

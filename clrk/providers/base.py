@@ -17,9 +17,9 @@ as values it hands back, never by touching the request or response:
 it asks for, input the provider adds by reference, and whether it is a job billed after the answer.
 
 Providers implement `operation(path)`, `on_request(doc)`, `model_change(model)` and `stream_usage_change()`
-where their API differs from the default (the model in a top-level `model` member, usage always reported), `on_event(event, data)` for SSE, `on_json(doc)` for a whole JSON
-body, `on_error(doc)` for an error body, and `on_truncated_json(tail)` for a JSON body too large to parse
-whole (usage is read from its tail). Everything runs on the proxy's event loop: O(piece), no blocking.
+where their API differs from the defaults (the model in a top-level `model` member, usage reported without
+asking), `on_event(event, data)` for SSE, `on_json(doc)` for a whole JSON body, `on_error(doc)` for an error
+body, and `on_truncated_json(tail)` for a JSON body too large to parse whole (usage is read from its tail). Everything runs on the proxy's event loop: O(piece), no blocking.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def loads(data: bytes | bytearray | str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class RequestChanges:
-    """What a provider asks to change in a request, as values: `path`, the new request target (with its
-    query), when the model is named by the path; `members`, top-level members of the JSON body to set (new
-    ones are added). Empty (false) when nothing is to change."""
+    """What a provider asks to change in a request, as values: `path`, the new path (its query is left as
+    the request has it by then: a key injected into it stays), when the model is named by the path;
+    `members`, top-level members of the JSON body to set (new ones are added). Empty (false) when nothing
+    is to change."""
 
     path: str | None = None
     members: Mapping[str, Any] = field(default_factory=dict)
@@ -151,10 +152,10 @@ class ProviderParser:
         """(gen_ai.operation.name, model named by the path) for an endpoint this provider serves, else None."""
         raise NotImplementedError
 
-    def __init__(self, operation: str | None, path_model: str | None, path: str, query: str | None):
+    def __init__(self, operation: str | None, path_model: str | None, path: str, query: str):
         self.result = GenAiResult(self.system, self.provider_name, operation, request_model=path_model)
         self.path = path  # the request target's path, without its query
-        self.query = query  # what follows its "?", None without one
+        self.query = query  # what follows its "?"
         self.status: int | None = None
         self.request_doc: dict | None = None  # the parsed request body, until the request has left
         # Where each top-level member sits in a large body (whose request_doc holds only the small members).
@@ -247,7 +248,8 @@ class ProviderParser:
         return RequestChanges(path, members) if path is not None or members else NO_CHANGES
 
     def model_change(self, model: str) -> tuple[str | None, dict[str, Any]]:
-        """(new path or None, members to set) naming `model` instead of the request's: by default the body's
+        """(new path without its query, or None; members to set) naming `model` instead of the request's: by
+        default the body's
         top-level `model` member, where the body has one."""
         doc = self.request_doc
         return None, ({"model": model} if doc is not None and "model" in doc else {})

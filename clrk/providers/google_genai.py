@@ -67,9 +67,7 @@ class GoogleGenAIParser(ProviderParser):
     def model_change(self, model: str) -> tuple[str | None, dict[str, Any]]:
         # The model is named by the path; the body is left as it is.
         path = _PATH_MODEL.sub(lambda m: m.group(1) + model + m.group(2), self.path, count=1)
-        if path == self.path:
-            return None, {}
-        return path + ("" if self.query is None else "?" + self.query), {}
+        return (None if path == self.path else path), {}
 
     def _usage(self, u: Any) -> None:
         if not isinstance(u, dict):

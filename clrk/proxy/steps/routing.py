@@ -169,7 +169,8 @@ class ProviderRouting:
         if not changes:
             return
         if changes.path is not None:
-            req.path = changes.path
+            _, sep, query = req.path.partition("?")
+            req.path = changes.path + sep + query  # the query as it is now: a key injected on the headers stays
         if changes.members:
             req.set_content(genai.changed_body(changes.members))  # set_content encodes again, if the agent did
         tx.request_rewritten = True
