@@ -385,6 +385,64 @@ def test_an_absolute_form_request_agreeing_with_its_tunnel_leaves_in_origin_form
     assert f.response is None and f.request.authority == "" and f.request.headers["host"] == "allowed.test"
 
 
+ALIAS_POLICY = compile_policy(
+    _doc("EgressGateway", "gw", {"upstreamTLS": {"hostAliases": {"aliased.test": "127.0.0.1:9999"}}}),
+    DOCS[1],
+    _doc("EgressRoute", "names", {"hostnames": ["aliased.test", "localhost"]}),
+)
+
+
+def dial(g: Gateway, tunnel: http.HTTPFlow, host: str, port: int = 443) -> server_hooks.ServerConnectionHookData:
+    """mitmproxy about to open the upstream connection `tunnel`'s request needs; whatever the guard returned
+    to be awaited, awaited."""
+    data = server_hooks.ServerConnectionHookData(tflow.tserver_conn(), tunnel.client_conn)
+    data.server.address, data.server.sni = (host, port), None
+    pending = g.server_connect(data)
+    if pending is not None:
+        asyncio.run(pending)
+    return data
+
+
+def test_an_alias_is_dialled_and_the_destination_restored_once_connected(g):
+    g.rt.policy = ALIAS_POLICY
+    c = connect(g, "aliased.test")
+    assert send(g, request(c)).response is None
+    data = dial(g, c, "aliased.test")
+    assert data.server.error is None and data.server.address == ("127.0.0.1", 9999)
+    assert data.server.sni == "aliased.test"  # TLS and its certificate check name the real host
+    g.server_connected(data)
+    assert data.server.address == ("aliased.test", 443)  # connection reuse matches on what was allowed
+
+
+def test_a_name_that_leads_to_loopback_is_refused_and_the_address_judged_is_the_one_dialled(g):
+    g.rt.policy = ALIAS_POLICY
+    c = connect(g, "localhost")
+    assert send(g, request(c)).response is None  # allowed by name
+    data = dial(g, c, "localhost")
+    assert data.server.error.startswith("clrk: localhost is not allowed: it resolves to 127.0.0.1")
+    assert g.rt.blocked[c.client_conn.id] == data.server.error
+
+
+@pytest.mark.parametrize("ip", ["10.1.2.3", "169.254.169.254", "127.0.0.1"])
+def test_an_address_in_a_private_network_is_refused_even_where_a_decision_allowed_it(g, ip):
+    c = connect(g, "allowed.test")
+    assert send(g, request(c)).response is None
+    g.rt.allow(c.client_conn, ip, 443, g.rt.tunnels[c.client_conn.id].agent)  # as if a decision had
+    data = dial(g, c, ip)
+    assert data.server.error is not None and "is not allowed" in data.server.error
+
+
+def test_the_invocation_header_stays_home_and_the_trace_continues_from_the_gateway(g):
+    c = connect(g, "allowed.test")
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    f = send(g, request(c, headers={"clrk-invocation-id": "inv-step-1", "traceparent": parent}))
+    assert "clrk-invocation-id" not in f.request.headers
+    tx = f.metadata[METADATA_KEY]
+    assert f.request.headers["traceparent"] == tx.trace.traceparent() != parent
+    assert tx.trace.trace_id == "0af7651916cd43dd8448eb211c80319c" and tx.trace.parent_span_id == "b7ad6b7169203331"
+    assert answer(g, f)["inv"] == "inv-step-1"
+
+
 def test_a_101_nobody_asked_for_is_cut(g):
     c = connect(g, "allowed.test")
     f = send(g, request(c))
