@@ -4,7 +4,6 @@ throttle on repeated failures (delays, window, the bound on answers held back, t
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 
@@ -17,6 +16,7 @@ from clrk import identity as I
 from clrk.identity import AuthThrottle, authenticate
 from clrk.proxy.gateway import Gateway
 from clrk.proxy.transaction import METADATA_KEY
+from tests.harness.gateway import basic
 from tests.harness.util import compile_policy
 
 
@@ -29,10 +29,6 @@ def _policy():
 
 
 POLICY = _policy()
-
-
-def basic(user: str, token: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
 
 
 REASONS = {I.AUTH_MISSING, I.AUTH_NOT_BASIC, I.AUTH_MALFORMED, I.AUTH_UNKNOWN_AGENT, I.AUTH_WRONG_TOKEN}

@@ -37,6 +37,7 @@ from clrk.proxy.steps.passthrough import CountingRelay
 from clrk.proxy.steps.policy import PolicyLoader
 from clrk.proxy.steps.routing import ProviderRouting, estimate
 from clrk.proxy.transaction import METADATA_KEY
+from tests.harness.gateway import basic
 from tests.harness.util import compile_policy
 
 TOKEN = "tok-bot-0123456789"
@@ -78,8 +79,7 @@ DOCS = [
 POLICY = compile_policy(*DOCS, env={"K_OPENAI": OPENAI_KEY, "K_GEMINI": "AIza-STEP-SECRET"})
 
 
-def basic(user: str = "team-a.bot", token: str = TOKEN) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+AUTH = basic("team-a.bot", TOKEN)
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def g() -> Gateway:
     return gw
 
 
-def connect(g: Gateway, host: str, port: int = 443, auth: str | None = basic()) -> http.HTTPFlow:
+def connect(g: Gateway, host: str, port: int = 443, auth: str | None = AUTH) -> http.HTTPFlow:
     """A CONNECT through the gateway's http_connect hook; the tunnel's client connection is the flow's."""
     f = tflow.tflow(req=tflow.treq(method=b"CONNECT", host=host, port=port, authority=f"{host}:{port}".encode(),
                                    path=b"", headers=http.Headers(), content=b""))
@@ -209,7 +209,7 @@ def test_connect_with_credentials_opens_a_tunnel_and_drops_the_header(g):
     assert g.rt.unsent == []  # an accepted CONNECT is not a transaction; its requests are
 
 
-@pytest.mark.parametrize("auth", [None, basic(token="wrong-token-000"), basic(user="team-a.nobody"), "Bearer x"])
+@pytest.mark.parametrize("auth", [None, basic("team-a.bot", "wrong-token-000"), basic("team-a.nobody", TOKEN), "Bearer x"])
 def test_connect_without_valid_credentials_is_a_407_recorded_without_the_secret(g, auth):
     c = connect(g, "allowed.test", auth=auth)
     status, error = denied(c)
@@ -225,7 +225,7 @@ def test_connect_inside_a_tunnel_is_refused(g):
     inner = tflow.tflow(client_conn=outer.client_conn, req=tflow.treq(
         method=b"CONNECT", host="other.test", port=443, authority=b"other.test:443", path=b"", headers=http.Headers(),
         content=b""))
-    inner.request.headers["proxy-authorization"] = basic()
+    inner.request.headers["proxy-authorization"] = AUTH
     g.http_connect(inner)
     assert denied(inner)[0] == 403 and g.rt.tunnels[outer.client_conn.id].host == "allowed.test"
 
@@ -248,8 +248,8 @@ def test_plain_http_proxying_authenticates_every_request(g):
         return send(g, f)
 
     assert denied(plain(None))[0] == 407
-    assert denied(plain(basic(token="wrong-token-000")))[0] == 407
-    f = plain(basic())
+    assert denied(plain(basic("team-a.bot", "wrong-token-000")))[0] == 407
+    f = plain(AUTH)
     assert f.response is None and "proxy-authorization" not in f.request.headers
 
 
@@ -288,7 +288,7 @@ def pg() -> Gateway:
 
 def pass_connect(g: Gateway, host: str, port: int = 443) -> http.HTTPFlow:
     c = tflow.tflow(req=tflow.treq(method=b"CONNECT", host=host, port=port, authority=f"{host}:{port}".encode(),
-                                   path=b"", headers=http.Headers(proxy_authorization=basic()), content=b""))
+                                   path=b"", headers=http.Headers(proxy_authorization=AUTH), content=b""))
     c.client_conn.sockname = ("127.0.0.1", PASS_PORT)
     g.http_connect(c)
     return c
@@ -313,7 +313,7 @@ def test_a_passthrough_connect_is_decided_at_l4_and_a_denial_is_its_answer(pg, h
 
 def test_the_same_connect_on_a_terminating_listener_is_left_to_the_request_decisions(pg):
     c = tflow.tflow(req=tflow.treq(method=b"CONNECT", host="other.test", port=443, authority=b"other.test:443",
-                                   path=b"", headers=http.Headers(proxy_authorization=basic()), content=b""))
+                                   path=b"", headers=http.Headers(proxy_authorization=AUTH), content=b""))
     c.client_conn.sockname = ("127.0.0.1", TERM_PORT)
     pg.http_connect(c)
     assert c.response is None and pg.rt.tunnels[c.client_conn.id].l4 is None
