@@ -222,7 +222,7 @@ def test_an_upgrade_that_is_not_a_wellformed_websocket_is_refused(gw, upgrading_
     i = new_invocation()
     raw = (f"GET /handler/switch/{i} HTTP/1.1\r\nHost: {ALLOWED}\r\n{upgrade_headers}clrk-invocation-id: {i}\r\n\r\n"
            "after-the-upgrade").encode()
-    out = exchange(gw, raw)
+    out = exchange(gw, raw, hang_up_after_answer=True)  # the refusal keeps the connection for a next request
     assert status_of(out) == 403, out[:300]  # refused by the gateway's rule, not by a parser
     assert b"echo:" not in out
     assert not upgrading_upstream.requests_with(i)

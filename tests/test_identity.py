@@ -4,7 +4,6 @@ throttle on repeated failures (delays, window, the bound on answers held back, t
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 
@@ -12,15 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import tflow, tutils
-from pydantic import TypeAdapter
 
 from clrk import identity as I
 from clrk.identity import AuthThrottle, authenticate
-from clrk.policy.compiled import compile_documents
-from clrk.policy.loader import SourcedDocument
-from clrk.policy.models import Document
 from clrk.proxy.gateway import Gateway
 from clrk.proxy.transaction import METADATA_KEY
+from tests.harness.gateway import basic
+from tests.harness.util import compile_policy
 
 
 def _policy():
@@ -28,15 +25,10 @@ def _policy():
             {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-a"},
              "spec": {"credentials": {"tokenSha256": hashlib.sha256(b"tok").hexdigest()}}},
             {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": ["example.com"]}}]
-    a = TypeAdapter(Document)
-    return compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+    return compile_policy(*docs)
 
 
 POLICY = _policy()
-
-
-def basic(user: str, token: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
 
 
 REASONS = {I.AUTH_MISSING, I.AUTH_NOT_BASIC, I.AUTH_MALFORMED, I.AUTH_UNKNOWN_AGENT, I.AUTH_WRONG_TOKEN}

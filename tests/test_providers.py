@@ -360,7 +360,10 @@ def test_provider_hooks_raise_nothing_their_guard_does_not_expect(name, status, 
     p.status = status
     request = data.draw(shapes["request"], "request")
     p.on_request(request)  # request_body hands it any dict a body parses to
-    p.ensure_stream_usage(request)
+    p.request_doc = request  # as request_body keeps it for the changes asked of it
+    changes = p.request_changes("another-model", stream_usage=True)
+    if changes.members:
+        p.changed_body(changes.members)
     for doc in data.draw(st.lists(shapes["body"], max_size=2), "bodies"):  # end() hands these any JSON value
         p.on_json(doc)
         p.on_error(doc)

@@ -14,13 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import tflow
-from pydantic import TypeAdapter
 
 from clrk import wire
 from clrk.attributes import REDACTED, SENSITIVE_WORDS
-from clrk.policy.compiled import compile_documents
-from clrk.policy.loader import SourcedDocument
-from clrk.policy.models import Document
 from clrk.proxy.gateway import Gateway
 from clrk.redact import (
     CACHE_MAX,
@@ -31,6 +27,7 @@ from clrk.redact import (
     parse_json_path,
     redact_url,
 )
+from tests.harness.util import compile_policy
 
 R = REDACTED
 
@@ -273,8 +270,7 @@ def test_a_gateway_policy_adds_its_names_and_paths(tmp_path):
             {"kind": "CredentialInjectionPolicy", "metadata": {"name": "inj"},
              "spec": {"targetRefs": [{"kind": "EgressGateway", "name": "gw"}], "target": {"type": "QueryParam", "name": "appid"},
                       "secretRef": {"env": "APPID"}}}]
-    a = TypeAdapter(Document)
-    p = compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {"APPID": "x"})
+    p = compile_policy(*docs, env={"APPID": "x"})
     r = p.gateways[0].redactor
     assert r.header("x-wallet-id") and r.query_param("otp") and r.query_param("appid") and r.header("authorization")
     assert r.body(b'{"vault": {"a": "b"}}', JSON) == b'{"vault": {"a": "[REDACTED]"}}'
@@ -368,9 +364,8 @@ def test_the_proxy_hands_the_recorder_only_redacted_facts():
             {"kind": "Agent", "metadata": {"name": "bot", "namespace": "team-a"},
              "spec": {"credentials": {"tokenSha256": hashlib.sha256(b"tok").hexdigest()}}},
             {"kind": "EgressRoute", "metadata": {"name": "ok"}, "spec": {"hostnames": ["example.com"]}}]
-    a = TypeAdapter(Document)
     g = Gateway()
-    g.rt.policy = compile_documents([SourcedDocument(a.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)], {})
+    g.rt.policy = compile_policy(*docs)
     f = tflow.tflow()
     f.request.host, f.request.port, f.request.scheme = "example.com", 443, "https"
     f.request.path = "/upload?X-Amz-Signature=SIG-SECRET-1&X-Amz-Credential=CRED-SECRET-2&page=2"

@@ -1,7 +1,9 @@
 """Provider intelligence: which transactions are model calls, and what they cost.
 
-One module per provider implements `ProviderParser` (clrk/providers/base.py); `REGISTRY` maps a provider
-name (also a Backend's `schema.name`) to its parser. Adding a provider is its module and one line here.
+One module per provider implements `ProviderParser` (clrk/providers/base.py), the translator of its API:
+which call and model a request is, what to change in it (`RequestChanges`, values the proxy applies), what
+usage and response model the response carried (`GenAiResult`). `REGISTRY` maps a provider name (also a
+Backend's `schema.name`) to its parser. Adding a provider is its module and one line here.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from clrk.providers.anthropic import AnthropicParser
-from clrk.providers.base import GenAiResult, ProviderParser
+from clrk.providers.base import NO_CHANGES, GenAiResult, ProviderParser, RequestChanges
 from clrk.providers.google_genai import GoogleGenAIParser
 from clrk.providers.openai import OpenAIParser
 
@@ -34,4 +36,4 @@ def parser_for(provider_hosts: Mapping[str, str], host: str, path: str) -> Provi
     return cls(operation, model, path_only, query)
 
 
-__all__ = ["DEFAULT_HOSTS", "REGISTRY", "GenAiResult", "ProviderParser", "parser_for"]
+__all__ = ["DEFAULT_HOSTS", "NO_CHANGES", "REGISTRY", "GenAiResult", "ProviderParser", "RequestChanges", "parser_for"]

@@ -1,21 +1,32 @@
 """The protocol every provider implements, and the body plumbing they share.
 
-A `ProviderParser` sees one transaction: the request body, the response status and content type, then
-every decoded piece of the response body (the whole body, however long, in bounded memory), then the end.
-Out comes a `GenAiResult`: operation, models, ids, finish reasons, usage, provider error type.
+A `ProviderParser` is one provider API's translator for one transaction. It answers three questions, each
+as values it hands back, never by touching the request or response:
+
+- which call is this, which model: `operation(path)` (from the path alone, to decide on headers), then the
+  request body (`request_body`), which may name the model and what the budget estimate needs;
+- what to change in the request: `request_changes(model, stream_usage)` returns a `RequestChanges` (a new
+  path, top-level JSON members to set) for a Backend's model rewrite and for usage in a stream; the proxy
+  applies them in one place (clrk/proxy/steps/routing.py), the body through `changed_body`, which splices
+  the changed members in and leaves every other byte as the agent sent it;
+- what the response carried: the response status and content type, then every decoded piece of the
+  response body (the whole body, however long, in bounded memory), then the end. Out comes a
+  `GenAiResult`: operation, models, ids, finish reasons, usage, provider error type.
 
 `on_request(doc)` also reads what a token budget estimates the call by: max output tokens, how many generations
 it asks for, input the provider adds by reference, and whether it is a job billed after the answer.
 
-Providers implement `on_request(doc)`, `on_event(event, data)` for SSE, `on_json(doc)` for a whole JSON
-body, `on_error(doc)` for an error body, and `on_truncated_json(tail)` for a JSON body too large to parse
-whole (usage is read from its tail). Everything runs on the proxy's event loop: O(piece), no blocking.
+Providers implement `operation(path)`, `on_request(doc)`, `model_change(model)` and `stream_usage_change()`
+where their API differs from the defaults (the model in a top-level `model` member, usage reported without
+asking), `on_event(event, data)` for SSE, `on_json(doc)` for a whole JSON body, `on_error(doc)` for an error
+body, and `on_truncated_json(tail)` for a JSON body too large to parse whole (usage is read from its tail). Everything runs on the proxy's event loop: O(piece), no blocking.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,6 +57,23 @@ def loads(data: bytes | bytearray | str) -> Any:
         except orjson.JSONDecodeError:
             pass
     return json.loads(data)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestChanges:
+    """What a provider asks to change in a request, as values: `path`, the new path (its query is left as
+    the request has it by then: a key injected into it stays), when the model is named by the path;
+    `members`, top-level members of the JSON body to set (new ones are added). Empty (false) when nothing
+    is to change."""
+
+    path: str | None = None
+    members: Mapping[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.path is not None or bool(self.members)
+
+
+NO_CHANGES = RequestChanges()
 
 
 @dataclass(slots=True)
@@ -118,7 +146,6 @@ class ProviderParser:
     system: ClassVar[str]  # gen_ai.system (the seed's value)
     provider_name: ClassVar[str]  # gen_ai.provider.name (current semconv)
     hosts: ClassVar[tuple[str, ...]]  # public API hosts
-    model_in_path: ClassVar[bool] = False  # the model is named by the URL path, not the body
 
     @classmethod
     def operation(cls, path: str) -> tuple[str, str | None] | None:
@@ -127,8 +154,8 @@ class ProviderParser:
 
     def __init__(self, operation: str | None, path_model: str | None, path: str, query: str):
         self.result = GenAiResult(self.system, self.provider_name, operation, request_model=path_model)
-        self.path = path
-        self.query = query
+        self.path = path  # the request target's path, without its query
+        self.query = query  # what follows its "?"
         self.status: int | None = None
         self.request_doc: dict | None = None  # the parsed request body, until the request has left
         # Where each top-level member sits in a large body (whose request_doc holds only the small members).
@@ -207,9 +234,44 @@ class ProviderParser:
         found = [n for k in keys if (n := self.count(doc, k, zero_unset)) is not None]
         return max(found) if found else None
 
-    def ensure_stream_usage(self, doc: dict) -> bool:
-        """Asks a streaming request for usage in its stream, where the API needs asking; True if changed."""
-        return False
+    # ------------------------------------------------------------------ request changes
+
+    def request_changes(self, model: str | None = None, stream_usage: bool = False) -> RequestChanges:
+        """What to change so that this request asks the upstream for `model` (None: the model it names) and,
+        with `stream_usage`, reports its usage if it streams: values read from the request as parsed, which
+        stays as it is. `NO_CHANGES` when nothing is to change."""
+        path, members = self.model_change(model) if model is not None else (None, {})
+        if stream_usage:
+            usage = self.stream_usage_change()
+            if usage:
+                members = {**members, **usage}
+        return RequestChanges(path, members) if path is not None or members else NO_CHANGES
+
+    def model_change(self, model: str) -> tuple[str | None, dict[str, Any]]:
+        """(new path without its query, or None; members to set) naming `model` instead of the request's: by
+        default the body's
+        top-level `model` member, where the body has one."""
+        doc = self.request_doc
+        return None, ({"model": model} if doc is not None and "model" in doc else {})
+
+    def stream_usage_change(self) -> dict[str, Any]:
+        """The members that ask a streaming request for usage in its stream, where the API needs asking."""
+        return {}
+
+    def request_sent(self) -> None:
+        """The request has been read and changed as needed: what was kept of its body is let go."""
+        self.request_doc, self.request_spans, self.request_bytes = None, None, b""
+
+    def changed_body(self, members: Mapping[str, Any]) -> bytes:
+        """The request body with `members` set: only they are encoded, every other byte is the agent's (the
+        body as decoded, if the agent compressed it). Needs the body still held (until the request leaves)."""
+        body = self.request_bytes
+        spans = self.request_spans or shallow.members(body)
+        if spans is not None:
+            return shallow.splice(body, spans, members)
+        # Parsed whole by json but past what the member walk reads within its bounds: written out again.
+        assert self.request_doc is not None
+        return json.dumps({**self.request_doc, **members}, separators=(",", ":"), ensure_ascii=False).encode()
 
     # ------------------------------------------------------------------ response
 

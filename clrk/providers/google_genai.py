@@ -21,6 +21,7 @@ from clrk.hostnames import loose_path
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 
 _PATH = re.compile(r"/(?:models|tunedModels)/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$")
+_PATH_MODEL = re.compile(r"(/(?:models|tunedModels)/)[^/:]+(:)")  # the model segment, as the path spells it
 _OPS = {
     "generateContent": "chat",
     "streamGenerateContent": "chat",
@@ -34,7 +35,6 @@ class GoogleGenAIParser(ProviderParser):
     system = "google_genai"
     provider_name = "gcp.gemini"
     hosts = ("generativelanguage.googleapis.com",)
-    model_in_path = True
 
     @classmethod
     def operation(cls, path: str) -> tuple[str, str | None] | None:
@@ -63,6 +63,11 @@ class GoogleGenAIParser(ProviderParser):
             self.server_context = "cachedContent"
         if unquote(loose_path(self.path)).endswith((":batchGenerateContent", ":asyncBatchEmbedContent")):
             self.unbudgetable = "batch jobs are billed after this request is answered"
+
+    def model_change(self, model: str) -> tuple[str | None, dict[str, Any]]:
+        # The model is named by the path; the body is left as it is.
+        path = _PATH_MODEL.sub(lambda m: m.group(1) + model + m.group(2), self.path, count=1)
+        return (None if path == self.path else path), {}
 
     def _usage(self, u: Any) -> None:
         if not isinstance(u, dict):

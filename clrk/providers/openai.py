@@ -81,15 +81,16 @@ class OpenAIParser(ProviderParser):
         elif _JOBS.search(path):
             self.unbudgetable = "batch, fine-tuning and eval jobs are billed after this request is answered"
 
-    def ensure_stream_usage(self, doc: dict) -> bool:
+    def stream_usage_change(self) -> dict[str, Any]:
         # Chat and text completion streams carry usage only when asked; the Responses API always does.
-        if self._responses_api or doc.get("stream") is not True or self.result.operation not in ("chat", "text_completion"):
-            return False
+        doc = self.request_doc
+        if (doc is None or self._responses_api or doc.get("stream") is not True
+                or self.result.operation not in ("chat", "text_completion")):
+            return {}
         opts = doc.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage") is True:
-            return False
-        doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-        return True
+            return {}
+        return {"stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
 
     # ------------------------------------------------------------------ usage
 

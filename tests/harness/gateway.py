@@ -117,11 +117,39 @@ def wait_read_by_peer(s: socket.socket, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def exchange(gw: Gateway, raw: bytes, **tunnel_kw) -> bytes:
-    """Sends exactly `raw` through a fresh tunnel (see `tunnel`) and returns all the gateway answers."""
+def read_response(s: socket.socket, timeout: float = 10) -> bytes:
+    """One whole HTTP/1 response from `s`: its head and the Content-Length body after it (what arrives early
+    of anything after that is returned too)."""
+    s.settimeout(timeout)
+    out = b""
+    while b"\r\n\r\n" not in out:
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def exchange(gw: Gateway, raw: bytes, *, hang_up_after_answer: bool = False, **tunnel_kw) -> bytes:
+    """Sends exactly `raw` through a fresh tunnel (see `tunnel`) and returns all the gateway answers, up to
+    its closing the connection. `hang_up_after_answer`: once a whole response is in, the agent ends its side
+    (what it sent past that request stays unfinished), and the gateway, seeing the end, closes too: for a
+    connection the gateway would otherwise keep open for a next request."""
     t = tunnel(gw, **tunnel_kw)
     t.sendall(raw)
-    out = read_all(t)
+    out = b""
+    if hang_up_after_answer:
+        out = read_response(t)
+        t.shutdown(socket.SHUT_WR)
+    out += read_all(t)
     t.close()
     return out
 

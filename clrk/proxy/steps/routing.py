@@ -13,16 +13,13 @@ an estimate past what is left (429), which is refused rather than clamped so tha
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import re
 from collections.abc import Awaitable
 
 from mitmproxy import http
 
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
-from clrk.providers import shallow
 from clrk.providers.base import ProviderParser
 from clrk.proxy.capture import request_is_buffered
 from clrk.proxy.runtime import Runtime, refuse
@@ -98,8 +95,7 @@ class ProviderRouting:
                 self._mutate(flow.request, tx, backend, usage_needed=rule.budget is not None)
         finally:
             if tx.genai is not None:
-                # The body has been read and possibly rewritten: let it go.
-                tx.genai.request_doc, tx.genai.request_spans, tx.genai.request_bytes = None, None, b""
+                tx.genai.request_sent()  # the body has been read and possibly rewritten: let it go
 
     @staticmethod
     def _unbudgetable(flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> Decision | None:
@@ -164,26 +160,17 @@ class ProviderRouting:
     @staticmethod
     def _mutate(req: http.Request, tx: Transaction, backend: BackendTarget | None, usage_needed: bool) -> None:
         """The Backend's model rewrite; stream usage switched on where the Backend asks for it or a budget
-        needs it (a budget settles on usage it can see)."""
+        needs it (a budget settles on usage it can see). The provider says what to change; this is the one
+        place it is applied."""
         genai = tx.genai
         assert genai is not None
-        doc = genai.request_doc
-        changed: list[str] = []  # the members to write back
         new_model = backend.rewrite_model(genai.result.request_model) if backend is not None else None
-        if new_model is not None:
-            if genai.model_in_path:
-                req.path = re.sub(r"(/(?:models|tunedModels)/)[^/:]+(:)", lambda m: m.group(1) + new_model + m.group(2), req.path, count=1)
-                tx.request_rewritten = True
-            elif doc is not None and "model" in doc:
-                doc["model"] = new_model
-                changed.append("model")
-        if (usage_needed or (backend is not None and backend.ensure_stream_usage)) and doc is not None and genai.ensure_stream_usage(doc):
-            changed.append("stream_options")
-        if changed and doc is not None:
-            body = genai.request_bytes  # decoded, if the agent compressed it: set_content encodes again
-            spans = genai.request_spans or shallow.members(body)
-            if spans is not None:  # only what changed is re-encoded; every other byte is the agent's
-                req.set_content(shallow.splice(body, spans, {k: doc[k] for k in changed}))
-            else:
-                req.set_content(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode())
-            tx.request_rewritten = True
+        changes = genai.request_changes(new_model, usage_needed or (backend is not None and backend.ensure_stream_usage))
+        if not changes:
+            return
+        if changes.path is not None:
+            _, sep, query = req.path.partition("?")
+            req.path = changes.path + sep + query  # the query as it is now: a key injected on the headers stays
+        if changes.members:
+            req.set_content(genai.changed_body(changes.members))  # set_content encodes again, if the agent did
+        tx.request_rewritten = True
