@@ -515,6 +515,65 @@ class CredentialInjectionPolicy(Spec):
     spec: CredentialInjectionPolicySpec
 
 
+# --------------------------------------------------------------------------- ModelPricing
+
+MAX_PRICE_PER_MTOK = 1_000_000.0  # USD per million tokens: far above any real price, and finite
+
+
+def _price(v: float | None) -> float | None:
+    if v is not None and not (0 <= v <= MAX_PRICE_PER_MTOK):
+        raise ValueError(f"a price is USD per million tokens, from 0 to {MAX_PRICE_PER_MTOK:g}")
+    return v
+
+
+Price = Annotated[float, AfterValidator(_price)]
+
+
+class ModelPriceEntry(Spec):
+    """The price of the models one glob matches, in USD per million tokens."""
+
+    provider: str = Field(min_length=1, description=(
+        "The provider whose calls this price applies to: openai (also every Backend with schema openai), anthropic, "
+        "google_genai, or * for any."))
+    model: str = Field(min_length=1, description=(
+        "A glob on the model that answered (else the one asked for), e.g. gpt-4o* or llama-3.1-*; matched without "
+        "regard to case."))
+    input_per_m_tok: Price = Field(alias="inputPerMTok", description="Input tokens not read from or written to a cache.")
+    output_per_m_tok: Price = Field(alias="outputPerMTok", description="Output tokens (reasoning included, unless reasoningPerMTok).")
+    cached_input_per_m_tok: Price | None = Field(default=None, alias="cachedInputPerMTok", description=(
+        "Input tokens read from the provider's cache (default: inputPerMTok)."))
+    cache_write_per_m_tok: Price | None = Field(default=None, alias="cacheWritePerMTok", description=(
+        "Input tokens written to the provider's cache (default: inputPerMTok)."))
+    reasoning_per_m_tok: Price | None = Field(default=None, alias="reasoningPerMTok", description=(
+        "Reasoning (thinking) output tokens (default: outputPerMTok)."))
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, v: str) -> str:
+        if v != "*" and v not in PROVIDERS:
+            raise ValueError(f"{v!r} is not a provider: one of {', '.join(PROVIDERS)}, or *")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        _check_globs([v])
+        return v.lower()
+
+
+class ModelPricingSpec(Spec):
+    models: list[ModelPriceEntry] = Field(min_length=1)
+
+
+class ModelPricing(Spec):
+    """Prices that override or add to the bundled price data (USD); the first entry that matches wins."""
+
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["ModelPricing"]
+    metadata: Metadata
+    spec: ModelPricingSpec
+
+
 Document = Annotated[
     EgressGateway
     | Agent
@@ -522,7 +581,8 @@ Document = Annotated[
     | EgressDenyPolicy
     | AIProviderRoute
     | Backend
-    | CredentialInjectionPolicy,
+    | CredentialInjectionPolicy
+    | ModelPricing,
     Field(discriminator="kind"),
 ]
 KINDS = (
@@ -533,4 +593,5 @@ KINDS = (
     AIProviderRoute,
     Backend,
     CredentialInjectionPolicy,
+    ModelPricing,
 )

@@ -62,6 +62,11 @@ class Runtime:
             self.in_flight -= 1
         if tx.genai is not None:
             tx.genai.end()
+            r = tx.genai.result
+            if r.usage_visible:  # priced from what the provider reported (a cut stream: what it reported so far)
+                tx.cost, tx.cost_source = self.policy.pricing.cost_of(
+                    r.system, r.response_model, r.input_tokens, r.output_tokens, r.cache_read_tokens,
+                    r.cache_creation_tokens, r.reasoning_tokens, tx.start, r.request_model)
         if tx.reservation is not None:
             r = tx.genai.result if tx.genai is not None else None
             status = flow.response.status_code if flow.response is not None and tx.upstream_response else None

@@ -12,6 +12,8 @@ from pathlib import Path
 import certifi
 from mitmproxy import ctx, exceptions
 
+from clrk.cost import BUNDLED
+from clrk.cost import preload as preload_prices
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
 from clrk.proxy.ca import ensure_ca
@@ -93,6 +95,8 @@ class PolicyLoader:
             ctx.options.update(tcp_timeout=min(idle))
         if self.rt.sink is not None:
             self.rt.sink.send_config(export_config(policy))
+        if policy.provider_rules or policy.pricing is not BUNDLED:
+            preload_prices()  # off the event loop, once: the first model call's price lookup finds it loaded
         self.rt.policy = policy
 
     def _apply_upstream_trust(self, policy: CompiledPolicy) -> None:

@@ -1,0 +1,188 @@
+"""Prices and costs (clrk.cost): known usage × known prices per provider, cached and reasoning tokens,
+long-context tiers, ModelPricing overrides, unknown models, the bounded cache, and the no-network rule.
+
+The hand-written figures are the providers' list prices as genai-prices 0.2.3 (pinned) carries them; the
+last test holds every model of the three providers against genai-prices' own calculator.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from clrk import attributes as A
+from clrk import cost
+from clrk.cost import POLICY, UNKNOWN, PriceBook, cost_of
+from clrk.policy import PolicyError, load_policy
+
+NOW = time.time()
+LIB = cost.library_source()
+
+
+def usd(per_mtok_sum: float) -> float:
+    return per_mtok_sum / 1e6
+
+
+@pytest.mark.parametrize("provider, model, usage, expected", [
+    # OpenAI: input includes cached tokens ($2.50 / $1.25 cached / $10 out), dated ids match their model
+    ("openai", "gpt-4o-2024-08-06", (1000, 500, 200, 0, 0), usd(800 * 2.5 + 200 * 1.25 + 500 * 10)),
+    ("openai", "gpt-4o", (1000, 500, 0, 0, 0), usd(1000 * 2.5 + 500 * 10)),
+    # reasoning tokens are within the output and billed at the output price ($1.10 / $4.40, cached $0.55)
+    ("openai", "o3-mini", (2000, 3000, 1000, 0, 2500), usd(1000 * 1.1 + 1000 * 0.55 + 3000 * 4.4)),
+    # Anthropic: input includes cache reads ($0.30) and writes ($3.75); $3 / $15
+    ("anthropic", "claude-3-5-sonnet-20241022", (60, 6, 30, 20, 0), usd(10 * 3 + 30 * 0.3 + 20 * 3.75 + 6 * 15)),
+    ("anthropic", "claude-3-5-haiku-latest", (1000, 100, 0, 0, 0), usd(1000 * 0.8 + 100 * 4)),
+    # Gemini: output includes thoughts, priced as output ($0.30 / $2.50, cached $0.03)
+    ("google_genai", "gemini-2.5-flash", (1000, 700, 400, 0, 500), usd(600 * 0.3 + 400 * 0.03 + 700 * 2.5)),
+    ("google_genai", "gemini-2.0-flash-001", (11, 11, 5, 0, 7), usd(6 * 0.1 + 5 * 0.025 + 11 * 0.4)),
+    # long context: past 200k input tokens every token takes the higher tier ($1.25 -> $2.50 in, $10 -> $15 out)
+    ("google_genai", "gemini-2.5-pro", (200_000, 1000, 0, 0, 0), usd(200_000 * 1.25 + 1000 * 10)),
+    ("google_genai", "gemini-2.5-pro", (200_001, 1000, 0, 0, 0), usd(200_001 * 2.5 + 1000 * 15)),
+])
+def test_known_usage_times_known_prices(provider, model, usage, expected):
+    got, source = cost_of(provider, model, *usage, when=NOW)
+    assert source == LIB and LIB.startswith("genai-prices ")
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_unknown_model_has_no_cost_not_zero():
+    assert cost_of("openai", "my-finetune-that-no-one-lists", 1000, 10) == (None, UNKNOWN)
+    assert cost_of("anthropic", None, 1000, 10) == (None, UNKNOWN)
+    assert cost_of("some_future_provider", "gpt-4o", 1000, 10) == (None, UNKNOWN)
+    # a model priced per audio hour, not per token, is unknown too
+    assert cost_of("openai", "whisper-1", 1000, 10) == (None, UNKNOWN)
+
+
+def test_counts_the_record_cannot_hold_are_read_as_zero():
+    # what a provider reports is data: a negative or non-integer count never makes a refund
+    got, _ = cost_of("openai", "gpt-4o", -5, 10, cache_read=True, reasoning=-1, when=NOW)
+    assert got == pytest.approx(usd(10 * 10))
+    # more cached than input (an inconsistent report) does not go below zero either
+    got, _ = cost_of("openai", "gpt-4o", 10, 0, cache_read=50, when=NOW)
+    assert got == pytest.approx(usd(50 * 1.25))
+
+
+GATEWAY = "apiVersion: clrk.apoxy.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: gw}\nspec: {}\n---\n"
+PRICING = GATEWAY + """
+apiVersion: clrk.apoxy.dev/v1alpha1
+kind: ModelPricing
+metadata: {name: negotiated}
+spec:
+  models:
+  - {provider: openai, model: "gpt-4o*", inputPerMTok: 2.0, outputPerMTok: 8.0, cachedInputPerMTok: 1.0}
+  - {provider: anthropic, model: "claude-*", inputPerMTok: 3.0, outputPerMTok: 15.0, cachedInputPerMTok: 0.3,
+     cacheWritePerMTok: 3.75, reasoningPerMTok: 20}
+  - {provider: "*", model: "Llama-3.1-*", inputPerMTok: 0.2, outputPerMTok: 0.6}
+"""
+
+
+def test_model_pricing_overrides_and_adds_prices(tmp_path):
+    (tmp_path / "p.yaml").write_text(PRICING)
+    book = load_policy(tmp_path).pricing
+    # overrides the bundled price of every gpt-4o* model, dated ids included
+    assert book.cost_of("openai", "gpt-4o-2024-08-06", 1000, 500, 200, when=NOW) == (
+        pytest.approx(usd(800 * 2 + 200 * 1 + 500 * 8)), POLICY)
+    assert book.cost_of("anthropic", "claude-sonnet-4-5", 100, 50, 10, 20, 30, when=NOW) == (
+        pytest.approx(usd(70 * 3 + 10 * 0.3 + 20 * 3.75 + 20 * 15 + 30 * 20)), POLICY)
+    # adds an open model under any provider, glob matched without regard to case; cache defaults to input
+    assert book.cost_of("openai", "llama-3.1-70b-instruct", 1000, 100, 500, when=NOW) == (
+        pytest.approx(usd(1000 * 0.2 + 100 * 0.6)), POLICY)
+    # what no entry matches keeps the bundled price
+    assert book.cost_of("openai", "gpt-5", 1000, 0, when=NOW) == (pytest.approx(usd(1000 * 1.25)), LIB)
+    assert book.cost_of("openai", "nobody-lists-this", 1000, 0) == (None, UNKNOWN)
+
+
+@pytest.mark.parametrize("entry, error", [
+    ('{provider: openai, model: "x", inputPerMTok: -1, outputPerMTok: 1}', "spec.models[0].inputPerMTok"),
+    ('{provider: openai, model: "x", inputPerMTok: 1, outputPerMTok: .inf}', "spec.models[0].outputPerMTok"),
+    ('{provider: azure, model: "x", inputPerMTok: 1, outputPerMTok: 1}', "spec.models[0].provider"),
+    ('{provider: openai, model: "x", inputPerMTok: 1}', "spec.models[0].outputPerMTok"),
+    ('{provider: openai, model: "x", inputPerMTok: 1, outputPerMTok: 1, currency: EUR}', "spec.models[0].currency"),
+])
+def test_model_pricing_is_validated(tmp_path, entry, error):
+    (tmp_path / "p.yaml").write_text(GATEWAY +
+        f"apiVersion: clrk.apoxy.dev/v1alpha1\nkind: ModelPricing\nmetadata: {{name: bad}}\nspec:\n  models:\n  - {entry}\n")
+    with pytest.raises(PolicyError) as e:
+        load_policy(tmp_path)
+    assert "p.yaml: document 2 (ModelPricing bad)" in str(e.value) and error in str(e.value)
+
+
+def test_a_model_seen_before_is_a_dict_hit_and_the_cache_is_bounded():
+    book = PriceBook()
+    assert book.price("openai", "gpt-4o-2024-08-06", NOW) is book.price("openai", "gpt-4o-2024-08-06", NOW)
+    t0 = time.perf_counter()
+    for _ in range(10_000):
+        book.cost_of("openai", "gpt-4o-2024-08-06", 1000, 500, 200, when=NOW)
+    per_call = (time.perf_counter() - t0) / 10_000
+    assert per_call < 20e-6, per_call  # ≈ 1 µs here; a library calculation is ≈ 50 µs
+    for i in range(cost.CACHE_SIZE + 10):  # models come from requests: an agent can name any number of them
+        book.price("openai", f"gpt-4o-made-up-{i}", NOW)
+    assert len(book._cache) <= cost.CACHE_SIZE
+
+
+def test_cost_of_attributes_prices_the_model_that_answered():
+    attrs = {A.GEN_AI_SYSTEM: "openai", A.GEN_AI_REQUEST_MODEL: "gpt-4o", A.GEN_AI_RESPONSE_MODEL: "gpt-4o-mini-2024-07-18",
+             A.GEN_AI_USAGE_INPUT_TOKENS: 1000, A.GEN_AI_USAGE_OUTPUT_TOKENS: 100}
+    assert cost.BUNDLED.cost_of_attributes(attrs, NOW)[0] == pytest.approx(usd(1000 * 0.15 + 100 * 0.6))
+
+
+def test_prices_never_come_from_the_network():
+    """Loading and using the prices with every socket refused: nothing is fetched, no updater thread runs,
+    and a price update installed in genai-prices (what its UpdatePrices does) is not what clrk uses."""
+    code = """
+import socket, threading
+def refuse(*a, **k): raise AssertionError("network use")
+socket.socket.connect = refuse; socket.create_connection = refuse; socket.getaddrinfo = refuse
+from clrk import cost
+cost.preload().join()
+from genai_prices import data_snapshot
+data_snapshot.set_custom_snapshot(data_snapshot.DataSnapshot(providers=[], from_auto_update=True))
+usd, source = cost.cost_of("openai", "gpt-4o", 1000, 0)
+assert source.startswith("genai-prices ") and abs(usd - 0.0025) < 1e-12, (usd, source)
+assert not [t for t in threading.enumerate() if "genai" in t.name], threading.enumerate()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_every_bundled_model_is_priced_as_genai_prices_prices_it():
+    """The fast path (flat per-token rates, tiers) against the library's own calculation, for every model of
+    the three providers and usages with cache reads, cache writes, reasoning and long context."""
+    from genai_prices import Usage, data
+
+    when = datetime.fromtimestamp(NOW, UTC)
+    ids = {v: k for k, v in cost.PROVIDER_IDS.items()}
+    checked = 0
+    for prov in data.providers:
+        if prov.id not in ids:
+            continue
+        for info in prov.models:
+            for i, o, cr, cw, r in [(1000, 500, 0, 0, 0), (300_000, 2000, 1000, 500, 700), (1200, 4000, 200, 0, 3000),
+                                    (150_000, 10, 120_000, 0, 0), (250_000, 100, 0, 100_000, 50)]:
+                try:
+                    lib = info.calc_price(Usage(input_tokens=i, output_tokens=o, cache_read_tokens=cr, cache_write_tokens=cw,
+                                                output_reasoning_tokens=r), prov, genai_request_timestamp=when).total_price
+                except ValueError:  # usage a model's units cannot take (no cache writes, say)
+                    continue
+                got, source = cost.BUNDLED.cost_of(ids[prov.id], info.id, i, o, cr, cw, r, NOW)
+                if got is None:  # priced in other units (audio hours, per request): unknown, not a wrong figure
+                    assert source == UNKNOWN
+                    break
+                assert got == pytest.approx(float(lib), rel=1e-9, abs=1e-12), (prov.id, info.id, (i, o, cr, cw, r))
+                checked += 1
+    assert checked > 500
+
+
+def test_an_unlisted_dated_id_of_the_model_asked_for_takes_its_price():
+    # a snapshot newer than the price data answers for the alias asked for
+    assert cost_of("openai", "gpt-4o-mini-2031-01-01", 1000, 0, when=NOW, request_model="gpt-4o-mini") == (
+        pytest.approx(usd(1000 * 0.15)), LIB)
+    # a different model that answered (a Backend rewrote the request) is never priced as the one asked for
+    assert cost_of("openai", "llama-local", 1000, 0, when=NOW, request_model="gpt-4o") == (None, UNKNOWN)
+    # no answer's model: the one asked for
+    assert cost_of("openai", None, 1000, 0, when=NOW, request_model="gpt-4o")[0] == pytest.approx(usd(1000 * 2.5))
