@@ -57,6 +57,9 @@ CLRK_BUDGET_DAILY_MAX: Final = "clrk.budget.daily_max"
 CLRK_BUDGET_POOL: Final = "clrk.budget.pool"  # which pool was charged (route rule, and agent for scope Agent)
 CLRK_BUDGET_TOKENS: Final = "clrk.budget.tokens"  # what this transaction cost the pool
 CLRK_BUDGET_RESERVED: Final = "clrk.budget.reserved"  # its estimate: reserved at admission, or what did not fit (429)
+CLRK_BUDGET_DAILY_COST: Final = "clrk.budget.daily_cost"  # USD: the pool's spending today after this transaction
+CLRK_BUDGET_DAILY_MAX_COST: Final = "clrk.budget.daily_max_cost"  # USD: the pool's maxCostPerDay
+CLRK_BUDGET_COST: Final = "clrk.budget.cost"  # USD: what this transaction cost the pool
 CLRK_L4_BYTES_UPSTREAM: Final = "clrk.l4.bytes_upstream"  # TLS Passthrough: bytes the agent sent upstream through the tunnel
 CLRK_DECISION: Final = "clrk.decision"
 CLRK_DECISION_RULE: Final = "clrk.decision.rule"
@@ -137,6 +140,9 @@ COLUMNS: Final[dict[str, str]] = {
     CLRK_BUDGET_POOL: "VARCHAR",
     CLRK_BUDGET_TOKENS: "BIGINT",
     CLRK_BUDGET_RESERVED: "BIGINT",
+    CLRK_BUDGET_DAILY_COST: "DOUBLE",
+    CLRK_BUDGET_DAILY_MAX_COST: "DOUBLE",
+    CLRK_BUDGET_COST: "DOUBLE",
     CLRK_L4_BYTES_UPSTREAM: "BIGINT",
     CLRK_DECISION: "VARCHAR",
     CLRK_DECISION_RULE: "VARCHAR",

@@ -72,6 +72,13 @@ class ModelPrice:
     source: str
     max_rate: float  # the highest price of any token kind: what a dollar budget reserves output at
 
+    def highest_rate(self, input_tokens: int) -> float:
+        """USD per token of the dearest kind of token for a call of this input size: what a dollar budget
+        reserves a call's estimate at (the output price, for every listed model)."""
+        n = input_tokens
+        return max(_rate_at(self.input, n), _rate_at(self.output, n), _rate_at(self.cache_read, n),
+                   _rate_at(self.cache_write, n), _rate_at(self.reasoning, n))
+
     def cost(self, input_tokens: int, output_tokens: int, cache_read: int = 0, cache_write: int = 0,
              reasoning: int = 0) -> float:
         """USD for this usage (counts as clrk records them: input includes the cache, output the reasoning)."""
@@ -293,3 +300,14 @@ def cost_of(provider: str, model: str | None, input_tokens: int | None, output_t
     policy's prices, `CompiledPolicy.pricing`) or the bundled prices alone."""
     return (book or BUNDLED).cost_of(provider, model, input_tokens, output_tokens, cache_read, cache_write,
                                      reasoning, when, request_model)
+
+
+def format_usd(v: float | None) -> str:
+    """Dollars for a person to read: cents from a dollar up, else down to a millionth of a cent (one call of a
+    small model costs a few millionths of a dollar)."""
+    if v is None:
+        return "-"
+    if v >= 1:
+        return f"${v:,.2f}"
+    text = f"{v:.8f}".rstrip("0")
+    return "$" + (text if len(text.split(".")[1]) >= 2 else f"{v:.2f}")

@@ -186,3 +186,78 @@ def test_an_unlisted_dated_id_of_the_model_asked_for_takes_its_price():
     assert cost_of("openai", "llama-local", 1000, 0, when=NOW, request_model="gpt-4o") == (None, UNKNOWN)
     # no answer's model: the one asked for
     assert cost_of("openai", None, 1000, 0, when=NOW, request_model="gpt-4o")[0] == pytest.approx(usd(1000 * 2.5))
+
+
+# --------------------------------------------------------------------------- dollar budgets (the ledger)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from clrk.proxy.budget import BudgetLedger, day_start, utc_day  # noqa: E402
+
+T0 = day_start(datetime(2026, 11, 30).date()) + 3600
+
+
+def test_a_pool_admits_only_what_fits_under_each_of_its_limits():
+    led = BudgetLedger(lambda: T0)
+    led.load(utc_day(T0), {"p": 0}, {"p": 4.0})
+    assert led.admit("p", None, 100, 5.0, 1.5) is None  # $4 spent + $1.50 > $5: refused, not clamped
+    r = led.admit("p", None, 100, 5.0, 0.75)
+    assert r is not None and r.cost == 0.75 and led.left_cost("p", 5.0) == pytest.approx(0.25)
+    assert led.admit("p", 1000, 901, 5.0, 0.01) is None  # the dollars fit, the tokens do not
+    assert led.admit("p", None, 1, 5.0, 0.0) is not None  # a reservation is never free, but $1e-9 fits
+    led.settle(r, 80, 0.25)  # settled to its cost
+    assert led.used_cost_today("p") == pytest.approx(4.25) and led.left_cost("p", 5.0) == pytest.approx(0.75 - 1e-9)
+
+
+def test_a_served_call_without_a_cost_is_charged_its_reserved_dollars_and_a_new_day_starts_from_zero():
+    now = [T0]
+    led = BudgetLedger(lambda: now[0])
+    led.load(utc_day(T0), {})
+    r = led.admit("p", None, 10, 1.0, 0.4)
+    led.settle(r, None, None)
+    assert led.used_cost_today("p") == pytest.approx(0.4) and not led.reserved_cost
+    now[0] += 86400
+    assert led.used_cost_today("p") == 0 and led.admit("p", None, 10, 1.0, 0.99) is not None
+
+
+@given(spent=st.floats(0, 20), max_cost=st.floats(0.01, 20),
+       calls=st.lists(st.tuples(st.floats(0.001, 3), st.floats(0, 6)), min_size=1, max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_concurrent_dollar_admissions_overshoot_only_by_what_calls_cost_beyond_their_reservations(spent, max_cost, calls):
+    """All calls are admitted before any settles (the worst case); each costs `actual` after reserving `reserve`."""
+    led = BudgetLedger(lambda: T0)
+    led.load(utc_day(T0), {}, {"p": spent})
+    admitted = [(res, actual) for reserve, actual in calls if (res := led.admit("p", None, 1, max_cost, reserve))]
+    assert sum(r.cost for r, _ in admitted) <= max(0.0, max_cost - spent) + 1e-9
+    for res, actual in admitted:
+        led.settle(res, 1, actual)
+    excess = sum(max(0.0, a - r.cost) for r, a in admitted)
+    assert led.used_cost_today("p") <= max(spent, max_cost) + excess + 1e-9
+
+
+@pytest.mark.parametrize("budget, error", [
+    ("{maxCostPerDay: 25.0, scope: Agent}", None),
+    ("{maxTokensPerDay: 1000, maxCostPerDay: 0.5}", None),
+    ("{scope: Agent}", "a TokenBudget needs maxTokensPerDay, maxCostPerDay (USD), or both"),
+    ("{maxCostPerDay: 0}", "maxCostPerDay"),
+    ("{maxCostPerDay: .nan}", "maxCostPerDay"),
+    ("{maxCostPerDay: 1e300}", "maxCostPerDay"),
+])
+def test_a_token_budget_takes_a_dollar_limit(tmp_path, budget, error):
+    (tmp_path / "p.yaml").write_text(GATEWAY + f"""apiVersion: clrk.apoxy.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: r}}
+spec:
+  rules:
+  - matches: [{{provider: openai}}]
+    filters: [{{type: TokenBudget, tokenBudget: {budget}}}]
+""")
+    if error is None:
+        rule = load_policy(tmp_path).provider_rules[0]
+        assert rule.budget is not None and rule.budget.max_cost_per_day in (25.0, 0.5)
+        assert rule.budget.max_tokens_per_day in (None, 1000)
+        return
+    with pytest.raises(PolicyError) as e:
+        load_policy(tmp_path)
+    assert error in str(e.value) and "spec.rules[0].filters[0].tokenBudget" in str(e.value)

@@ -151,10 +151,11 @@ class BackendTarget:
 
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
-    max_tokens_per_day: int
+    max_tokens_per_day: int | None  # None: a dollar limit only
     per_agent: bool
     reserve_tokens: int
     server_context_tokens: int | None = 128_000  # None: calls with input the provider holds are refused
+    max_cost_per_day: float | None = None  # USD
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,7 +522,8 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 if f.type == "TokenBudget" and f.token_budget is not None:
                     tb = f.token_budget
                     budget = BudgetConfig(tb.max_tokens_per_day, tb.scope == "Agent", tb.reserve_tokens,
-                                          tb.server_context_tokens if tb.server_context == "Reserve" else None)
+                                          tb.server_context_tokens if tb.server_context == "Reserve" else None,
+                                          tb.max_cost_per_day)
             provider_rules.append(
                 ProviderRule(
                     ref=f"AIProviderRoute/{r.metadata.namespace}/{r.metadata.name}#rules[{i}]",

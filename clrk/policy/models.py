@@ -387,13 +387,17 @@ class BackendRef(Spec):
 
 # Far above any real budget, and keeps every count the record carries within its 64-bit columns.
 MAX_BUDGET_TOKENS = 10**15
+MAX_BUDGET_USD = 1e12  # likewise for dollars (and finite)
 
 
 class TokenBudget(Spec):
     """A day's tokens for a rule's calls: each call is admitted only if its estimate fits in what is left."""
 
-    max_tokens_per_day: int = Field(gt=0, le=MAX_BUDGET_TOKENS, description=(
+    max_tokens_per_day: int | None = Field(default=None, gt=0, le=MAX_BUDGET_TOKENS, description=(
         "Tokens (input + output) the pool may use per UTC day."))
+    max_cost_per_day: float | None = Field(default=None, gt=0, le=MAX_BUDGET_USD, description=(
+        "US dollars the pool may spend per UTC day, at the prices of gen_ai.usage.cost (ModelPricing, else the "
+        "bundled price data); a call to a model with no known price is refused."))
     scope: Literal["Route", "Agent"] = Field(
         default="Route", description="Route: one pool for every agent the rule serves; Agent: a pool per agent.")
     # Held at admission for a request that names no max output tokens (settled to the real usage after).
@@ -410,6 +414,8 @@ class TokenBudget(Spec):
 
     @model_validator(mode="after")
     def _server_context(self) -> TokenBudget:
+        if self.max_tokens_per_day is None and self.max_cost_per_day is None:
+            raise ValueError("a TokenBudget needs maxTokensPerDay, maxCostPerDay (USD), or both")
         if self.server_context == "Refuse" and "server_context_tokens" in self.model_fields_set:
             raise ValueError("serverContextTokens is what serverContext: Reserve reserves; with Refuse, leave it out")
         return self
@@ -422,7 +428,7 @@ class RouteFilter(Spec):
     @model_validator(mode="after")
     def _config(self) -> RouteFilter:
         if self.type == "TokenBudget" and self.token_budget is None:
-            raise ValueError("a TokenBudget filter needs 'tokenBudget: {maxTokensPerDay: N}'")
+            raise ValueError("a TokenBudget filter needs 'tokenBudget: {maxTokensPerDay: N}' (or maxCostPerDay: USD)")
         return self
 
 

@@ -78,7 +78,17 @@ class Runtime:
             else:
                 actual = None  # served but usage unseen: the reservation is charged
             tx.budget_charged = tx.reservation.tokens if actual is None else actual
-            tx.budget_used = self.ledger.settle(tx.reservation, actual)
+            if r is not None and r.usage_visible and tx.cost is not None:
+                actual_cost: float | None = tx.cost
+            elif actual == 0:
+                actual_cost = 0.0
+            else:  # served, but its usage or its model's price unseen: the reserved dollars are charged
+                actual_cost = None
+            res = tx.reservation
+            tx.budget_used = self.ledger.settle(res, actual, actual_cost)
+            tx.budget_charged_cost = res.cost if actual_cost is None else actual_cost
+            if tx.budget_max_cost is not None:
+                tx.budget_used_cost = self.ledger.used_cost_today(res.pool)
             tx.reservation = None
         self.submit(snapshot(tx, flow, self.policy.redactor))
         # mitmproxy's flows are reference cycles, freed only by the collector: a transaction left on its flow

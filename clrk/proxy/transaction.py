@@ -67,6 +67,9 @@ class Transaction:
     budget_charged: int | None = None
     budget_reserved: int | None = None  # the call's estimate: held at admission, or what did not fit
     budget_used: int | None = None
+    budget_max_cost: float | None = None  # maxCostPerDay (USD)
+    budget_used_cost: float | None = None  # the pool's dollars today after this call
+    budget_charged_cost: float | None = None  # what this call cost the pool in dollars
     cost: float | None = None  # gen_ai.usage.cost: USD of the call's usage (clrk.cost), when priced
     cost_source: str | None = None  # clrk.cost.source, set when the call's usage was seen
     recorded: bool = False
@@ -207,6 +210,8 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
     if tx.budget_pool is not None:
         raw["budget"] = (tx.budget_pool, tx.budget_denied, tx.budget_max, tx.budget_used, tx.budget_charged)
         raw["budget_reserved"] = tx.budget_reserved  # a key of its own: a recorder of either version reads the tuple
+        if tx.budget_charged_cost is not None or tx.budget_max_cost is not None:
+            raw["budget_cost"] = (tx.budget_max_cost, tx.budget_used_cost, tx.budget_charged_cost)
     return raw
 
 
