@@ -9,10 +9,11 @@ the network, but only through `UpdatePrices`, which clrk never starts; and price
 
 Cost on the proxy's thread: a model seen before is a dict hit (per (provider, model), bounded) and five
 multiplications (≈ 1 µs); ordinary traffic never comes here. The first lookup of a model scans its
-provider's price list (≈ 100 models: tens of µs). Loading the data costs ≈ 0.25 s and ≈ 21 MB once per
-process (0.4 s and 32 MB where Python cannot cache its bytecode): the gateway does it off the event loop at
-start (`preload`) when its policy has AIProviderRoutes or ModelPricing, and otherwise only on the first
-model call whose usage it sees.
+provider's price list (≈ 100 models: tens of µs). The data of all ≈ 45 providers would cost ≈ 25 MB in the
+gateway process, so a child interpreter reads it once and hands back the three providers clrk prices
+(≈ 3 MB here; ≈ 0.5 s of the child's CPU); the gateway does that off the event loop at start (`preload`)
+when its policy has AIProviderRoutes or ModelPricing, and otherwise on the first model call whose usage it
+sees.
 
 Usage is read as clrk records it (OpenTelemetry's rules): input tokens include cache reads and cache writes,
 output tokens include reasoning tokens. Input not read from or written to a cache is billed at the input
@@ -27,6 +28,7 @@ per-call tools — a call using them is priced as standard text tokens.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import threading
 import time
@@ -37,10 +39,13 @@ from typing import Any
 
 from clrk import attributes as A
 
+log = logging.getLogger("clrk")
+
 POLICY = "policy"  # clrk.cost.source of a price from a ModelPricing document
 UNKNOWN = "unknown"  # clrk.cost.source when the model has no known price: the record carries no cost
 PER_MTOK = 1_000_000
 CACHE_SIZE = 4096  # (provider, model) lookups kept: models come from requests and responses, so bounded
+MAX_MODEL_LENGTH = 256  # a longer "model" is no model id (real ones are under 100 characters): never looked up
 
 # clrk's gen_ai.system -> genai-prices' provider id
 PROVIDER_IDS: Mapping[str, str] = {"openai": "openai", "anthropic": "anthropic", "google_genai": "google"}
@@ -141,16 +146,54 @@ def library_source() -> str:
     return _load()[0]
 
 
+# Run in a child interpreter: reads the bundled data (never the auto-updated snapshot), with every connection
+# refused, and hands back the providers clrk prices (with those they fall back to) as a pickle. The whole data
+# costs ≈ 25 MB in the process that imports it, and Python does not give that back when most is dropped; the
+# three providers clrk needs cost ≈ 3 MB.
+_EXTRACT = """
+import pickle, socket, sys
+def _refused(*a, **k):
+    raise OSError("clrk: genai-prices may not use the network")
+socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = _refused
+from importlib.metadata import version
+from genai_prices import data
+wanted = set(sys.argv[1:])
+wanted |= {f for p in data.providers if p.id in wanted for f in (p.fallback_model_providers or ())}
+sys.stdout.buffer.write(pickle.dumps((version("genai-prices"), [p for p in data.providers if p.id in wanted]), 5))
+"""
+
+
+def _extract() -> tuple[str, list[Any]]:
+    import pickle
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _EXTRACT, *sorted(set(PROVIDER_IDS.values()))],
+                         capture_output=True, timeout=120, check=True).stdout
+    import genai_prices.types  # noqa: F401 - the classes the pickle names
+
+    version, providers = pickle.loads(out)  # noqa: S301 - our own child's answer on a pipe
+    return version, providers
+
+
 def _load() -> tuple[str, dict[str, Any]]:
     global _library
     if _library is None:
         with _library_lock:
             if _library is None:
-                from importlib.metadata import version
+                try:
+                    version, providers = _extract()
+                except Exception as e:  # no child process here: the data in this process (≈ 25 MB)
+                    log.warning("clrk: reading prices in a child process failed (%s); reading them here", e)
+                    from importlib.metadata import version as _version
 
-                from genai_prices import data  # the bundled snapshot: never the auto-updated one
+                    from genai_prices import data  # the bundled snapshot: never the auto-updated one
 
-                _library = (f"genai-prices {version('genai-prices')}", {p.id: p for p in data.providers})
+                    version = _version("genai-prices")
+                    wanted = set(PROVIDER_IDS.values())
+                    providers = [p for p in data.providers if p.id in wanted or any(
+                        p.id in (q.fallback_model_providers or ()) for q in data.providers if q.id in wanted)]
+                _library = (f"genai-prices {version}", {p.id: p for p in providers})
     return _library
 
 
@@ -233,8 +276,8 @@ class PriceBook:
 
     def price(self, provider: str, model: str | None, when: float | None = None) -> ModelPrice | None:
         """The price of `model` served by `provider` (clrk's gen_ai.system) at `when` (epoch seconds), or None."""
-        if not model:
-            return None
+        if not isinstance(model, str) or not model or len(model) > MAX_MODEL_LENGTH or not isinstance(provider, str):
+            return None  # what a request or response names is data: no model id is a list, or a megabyte long
         key = (provider, model)
         hit = self._cache.get(key)
         if when is None:
@@ -260,8 +303,8 @@ class PriceBook:
         dated snapshot newer than the price data, `gpt-4o-2025-..` for `gpt-4o`), the price of the one asked
         for. A different model that answered (a Backend's rewrite) is never priced as the one asked for."""
         price = self.price(provider, response_model or request_model, when)
-        if (price is None and response_model and request_model and response_model != request_model
-                and response_model.startswith(request_model)):
+        if (price is None and isinstance(response_model, str) and isinstance(request_model, str) and request_model
+                and response_model != request_model and response_model.startswith(request_model)):
             price = self.price(provider, request_model, when)
         return price
 

@@ -130,24 +130,31 @@ def test_cost_of_attributes_prices_the_model_that_answered():
     assert cost.BUNDLED.cost_of_attributes(attrs, NOW)[0] == pytest.approx(usd(1000 * 0.15 + 100 * 0.6))
 
 
-def test_prices_never_come_from_the_network():
+@pytest.mark.parametrize("child", [True, False], ids=["child-process", "in-process-fallback"])
+def test_prices_never_come_from_the_network(child):
     """Loading and using the prices with every socket refused: nothing is fetched, no updater thread runs,
-    and a price update installed in genai-prices (what its UpdatePrices does) is not what clrk uses."""
-    code = """
+    and a price update installed in genai-prices (what its UpdatePrices does) is not what clrk uses — whether
+    the data is read by the child interpreter (which refuses connections itself) or, failing that, here."""
+    code = f"""
 import socket, threading
 def refuse(*a, **k): raise AssertionError("network use")
 socket.socket.connect = refuse; socket.create_connection = refuse; socket.getaddrinfo = refuse
 from clrk import cost
+if not {child}:
+    def no_child(): raise OSError("no child process")
+    cost._extract = no_child
 cost.preload().join()
 from genai_prices import data_snapshot
 data_snapshot.set_custom_snapshot(data_snapshot.DataSnapshot(providers=[], from_auto_update=True))
 usd, source = cost.cost_of("openai", "gpt-4o", 1000, 0)
 assert source.startswith("genai-prices ") and abs(usd - 0.0025) < 1e-12, (usd, source)
+assert sorted(cost._library[1]) == ["anthropic", "google", "openai"], sorted(cost._library[1])
 assert not [t for t in threading.enumerate() if "genai" in t.name], threading.enumerate()
-print("ok")
+import sys
+print("ok", "genai_prices.data" in sys.modules)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "ok", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == f"ok {not child}", out.stderr  # the whole data stays out of this process
 
 
 def test_every_bundled_model_is_priced_as_genai_prices_prices_it():
@@ -261,3 +268,25 @@ spec:
     with pytest.raises(PolicyError) as e:
         load_policy(tmp_path)
     assert error in str(e.value) and "spec.rules[0].filters[0].tokenBudget" in str(e.value)
+
+
+@pytest.mark.parametrize("model", [123, ["gpt-4o"], {"m": 1}, True, "gpt-4o" + "x" * 300, "\x00\u202e"])
+def test_a_model_that_is_no_model_id_is_unknown_and_never_cached(model):
+    """A request's or a response's `model` is data: whatever it is, pricing answers unknown without raising."""
+    book = PriceBook()
+    assert book.cost_of("openai", model, 1000, 10, when=NOW) == (None, UNKNOWN)
+    assert book.cost_of("openai", "gpt-4o-2031-01-01", 1000, 10, when=NOW, request_model=model)[1] in (UNKNOWN,)
+    assert not [k for k in book._cache if len(k[1]) > cost.MAX_MODEL_LENGTH]
+
+
+def test_a_record_that_cannot_be_built_whole_keeps_its_dollar_charge():
+    """The day's dollars are rebuilt from the stored records at start: salvage keeps them (a value no column
+    fits, such as a NaN, stays out)."""
+    from clrk.recorder.expand import salvage
+
+    raw = {"ids": ("a" * 32, "b" * 16, None), "t0": T0, "budget": ("pool", False, None, 10, 5),
+           "budget_cost": (5.0, 1.25, 0.5), "genai": object()}
+    rec = salvage(raw, "a value no column fits")
+    assert (rec[A.CLRK_BUDGET_DAILY_MAX_COST], rec[A.CLRK_BUDGET_DAILY_COST], rec[A.CLRK_BUDGET_COST]) == (5.0, 1.25, 0.5)
+    rec = salvage({**raw, "budget_cost": (float("nan"), "x", 0.5)}, "why")
+    assert rec[A.CLRK_BUDGET_COST] == 0.5 and A.CLRK_BUDGET_DAILY_MAX_COST not in rec and A.CLRK_BUDGET_DAILY_COST not in rec

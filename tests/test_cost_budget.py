@@ -105,12 +105,14 @@ def test_a_call_that_may_cost_more_than_the_day_is_refused_in_dollars(gw, upstre
     assert A.CLRK_BUDGET_COST not in rec and A.GEN_AI_USAGE_COST not in rec  # charged nothing, as for tokens
 
 
-def test_a_model_without_a_price_cannot_be_admitted_under_a_dollar_limit(gw, upstream):
-    i, model = tag(), f"unpriced-{tag()}"
+@pytest.mark.parametrize("model", [f"unpriced-{tag()}", "usd-" + "\u202e" * 3 + "a" * 20_000], ids=["unlisted", "hostile"])
+def test_a_model_without_a_price_cannot_be_admitted_under_a_dollar_limit(gw, upstream, model):
+    """Unlisted, or no model id at all (20 kB, bidi controls): refused before the upstream, the name bounded."""
+    i = tag()
     r = post(gw, {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}, i)
     assert r.status_code == 403
-    assert r.json()["error"] == (f"clrk: a dollar budget cannot bound calls to model {model}: it has no known price "
-                                 "(a ModelPricing entry can give it one)")
+    assert r.json()["error"] == (f"clrk: a dollar budget cannot bound calls to model {model[:200]}: it has no known "
+                                 "price (a ModelPricing entry can give it one)")
     assert not upstream.requests_with(model)
     assert gw.wait_record(invocation=i)[A.CLRK_DECISION] == "deny"
 

@@ -8,6 +8,7 @@ import weakref
 
 from mitmproxy import connection, http
 
+from clrk.cost import UNKNOWN
 from clrk.decision import Decision
 from clrk.escape import printable
 from clrk.identity import AuthThrottle
@@ -64,9 +65,13 @@ class Runtime:
             tx.genai.end()
             r = tx.genai.result
             if r.usage_visible:  # priced from what the provider reported (a cut stream: what it reported so far)
-                tx.cost, tx.cost_source = self.policy.pricing.cost_of(
-                    r.system, r.response_model, r.input_tokens, r.output_tokens, r.cache_read_tokens,
-                    r.cache_creation_tokens, r.reasoning_tokens, tx.start, r.request_model)
+                try:
+                    tx.cost, tx.cost_source = self.policy.pricing.cost_of(
+                        r.system, r.response_model, r.input_tokens, r.output_tokens, r.cache_read_tokens,
+                        r.cache_creation_tokens, r.reasoning_tokens, tx.start, r.request_model)
+                except Exception:  # never at the price of the record and the budget settlement below
+                    log.exception("clrk: cannot price a call to %s", printable(str(r.response_model or r.request_model)[:100]))
+                    tx.cost, tx.cost_source = None, UNKNOWN
         if tx.reservation is not None:
             r = tx.genai.result if tx.genai is not None else None
             status = flow.response.status_code if flow.response is not None and tx.upstream_response else None

@@ -95,7 +95,7 @@ class PolicyLoader:
             ctx.options.update(tcp_timeout=min(idle))
         if self.rt.sink is not None:
             self.rt.sink.send_config(export_config(policy))
-        if policy.provider_rules or policy.pricing is not BUNDLED:
+        if _may_price(policy):
             preload_prices()  # off the event loop, once: the first model call's price lookup finds it loaded
         self.rt.policy = policy
 
@@ -178,3 +178,11 @@ def export_config(policy: CompiledPolicy | None) -> dict:
         "redact_headers": sorted(policy.redact_headers) if policy is not None else [],
         "redact_query": sorted(policy.redact_query) if policy is not None else [],
     }
+
+
+def _may_price(policy: CompiledPolicy) -> bool:
+    """Whether model calls may be allowed (and so priced): an AIProviderRoute, ModelPricing, a default of
+    allow-all, or an EgressRoute to a provider's host. Otherwise the prices are read on the first priced call."""
+    if policy.provider_rules or policy.pricing is not BUNDLED or any(g.default_allow for g in policy.gateways):
+        return True
+    return any(r.matches_host(host) for r in policy.routes for host in policy.provider_hosts)

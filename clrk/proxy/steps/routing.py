@@ -174,7 +174,7 @@ class ProviderRouting:
         that may serve it (the one asked for, or a Backend's rewrite of it); or the model without a price."""
         genai, policy = tx.genai, self.rt.policy
         model = genai.result.request_model if genai is not None else None
-        if genai is None or policy is None or not model:
+        if genai is None or policy is None or not isinstance(model, str) or not model:
             return "a model the gateway cannot name"
         models = {model}
         for backend, weight in rule.backends:
