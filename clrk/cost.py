@@ -12,8 +12,7 @@ multiplications (≈ 1 µs); ordinary traffic never comes here. The first lookup
 provider's price list (≈ 100 models: tens of µs). The data of all ≈ 45 providers would cost ≈ 25 MB in the
 gateway process, so a child interpreter reads it once and hands back the three providers clrk prices
 (≈ 3 MB here; ≈ 0.5 s of the child's CPU); the gateway does that off the event loop at start (`preload`)
-when its policy has AIProviderRoutes or ModelPricing, and otherwise on the first model call whose usage it
-sees.
+when its policy may allow model calls, and otherwise on the first model call whose usage it sees.
 
 Usage is read as clrk records it (OpenTelemetry's rules): input tokens include cache reads and cache writes,
 output tokens include reasoning tokens. Input not read from or written to a cache is billed at the input

@@ -7,6 +7,7 @@ last test holds every model of the three providers against genai-prices' own cal
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -290,3 +291,16 @@ def test_a_record_that_cannot_be_built_whole_keeps_its_dollar_charge():
     assert (rec[A.CLRK_BUDGET_DAILY_MAX_COST], rec[A.CLRK_BUDGET_DAILY_COST], rec[A.CLRK_BUDGET_COST]) == (5.0, 1.25, 0.5)
     rec = salvage({**raw, "budget_cost": (float("nan"), "x", 0.5)}, "why")
     assert rec[A.CLRK_BUDGET_COST] == 0.5 and A.CLRK_BUDGET_DAILY_MAX_COST not in rec and A.CLRK_BUDGET_DAILY_COST not in rec
+
+
+def test_the_largest_counts_a_record_holds_give_a_finite_cost():
+    """Usage is what the upstream says: 64-bit counts (what the parsers keep) price to a finite float, which
+    a dollar pool then counts as spent."""
+    big = 2**63 - 1
+    got, source = cost_of("anthropic", "claude-3-5-sonnet-20241022", big, big, big, big, big, when=NOW)
+    assert source == LIB and math.isfinite(got) and got > 1e12
+    led = BudgetLedger(lambda: T0)
+    led.load(utc_day(T0), {})
+    res = led.admit("p", None, 10, 5.0, 0.1)
+    led.settle(res, 2**62, got)
+    assert led.left_cost("p", 5.0) < 0 and led.admit("p", None, 1, 5.0, 1e-6) is None
