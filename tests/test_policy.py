@@ -226,6 +226,8 @@ def test_ai_provider_example_checks_with_the_example_policies(tmp_path):
     assert [r.ref for r in p.provider_rules] == ["AIProviderRoute/team-a/openai#rules[0]", "AIProviderRoute/team-a/anthropic#rules[0]"]
     assert [i.field for i in p.injections_for("AIProviderRoute", "anthropic", "team-a")] == ["x-api-key"]
     assert p.provider_rules[0].budget.per_agent and p.provider_rules[0].backends[0][0].model_rewrites == (("gpt-4o", "gpt-4o-mini"),)
+    assert p.provider_rules[0].budget.max_cost_per_day == 5.0
+    assert p.pricing.cost_of("openai", "gpt-4.1-2025-04-14", 1_000_000, 0) == (1.8, "policy")
 
 
 # ------------------------------------------------------------------------------------------ fuzzing
