@@ -186,6 +186,9 @@ def test_clrk_spend_in_dollars(gw):
                           capture_output=True, text=True, check=True).stdout
     assert text.splitlines()[0].split() == ["model", "requests", "input", "output", "total", "usd", "unpriced"]
     assert "of $5.00 spent, $0.00 left" in text
+    line = subprocess.run([CLRK, "records", "--db", str(gw.db), "--invocation", i], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert line.endswith(f"{model} 10/5 tok $0.0564")  # one record a line: its tokens and its dollars
 
 
 def test_a_restart_keeps_the_days_dollars(gw):

@@ -141,6 +141,10 @@ def _fmt_row(r: dict) -> str:
     tokens = ""
     if r.get(A.GEN_AI_USAGE_INPUT_TOKENS) is not None:
         tokens = f"{r.get(A.GEN_AI_USAGE_INPUT_TOKENS)}/{r.get(A.GEN_AI_USAGE_OUTPUT_TOKENS, 0)} tok"
+    if isinstance(r.get(A.GEN_AI_USAGE_COST), (int, float)):
+        from clrk.cost import format_usd
+
+        tokens += f" {format_usd(r[A.GEN_AI_USAGE_COST])}"
     dur = f"{r.get(A.CLRK_DURATION_MS, 0):.1f}ms"
     err = f" error={r[A.ERROR_TYPE]}" if r.get(A.ERROR_TYPE) else ""
     why = f"  ({r.get(A.CLRK_DECISION_REASON)})" if r.get(A.CLRK_DECISION) == "deny" else ""
