@@ -453,7 +453,9 @@ def bench_store(tmp: Path, rows: int) -> str:
                           A.SERVER_ADDRESS: "api.openai.com", A.SERVER_PORT: 443, A.HTTP_RESPONSE_STATUS_CODE: 200,
                           A.AGENT_NAMESPACE: ns, A.AGENT_NAME: name, A.CLRK_APR_NAMESPACE: ns, A.CLRK_APR_NAME: "llm",
                           A.GEN_AI_SYSTEM: "openai", A.GEN_AI_REQUEST_MODEL: models[i % 4], A.GEN_AI_USAGE_INPUT_TOKENS: 100 + i % 50,
-                          A.GEN_AI_USAGE_OUTPUT_TOKENS: 20 + i % 7, A.CLRK_DECISION: "allow", A.CLRK_COMPONENT: A.COMPONENT_EGRESS})
+                          A.GEN_AI_USAGE_OUTPUT_TOKENS: 20 + i % 7, A.CLRK_DECISION: "allow", A.CLRK_COMPONENT: A.COMPONENT_EGRESS,
+                          A.GEN_AI_USAGE_COST: None if i % 10 == 0 else (100 + i % 50) * 2.5e-6,
+                          A.CLRK_COST_SOURCE: "unknown" if i % 10 == 0 else "genai-prices 0.2.3"})
         store.insert(chunk)
     store.close()
     sock = wire.socket_path(db)
@@ -469,6 +471,7 @@ def bench_store(tmp: Path, rows: int) -> str:
         timings = {}
         for label, argv in (("clrk spend (by day, agent, route, model)", [clrk, "spend", "--db", str(db), "--json"]),
                             ("clrk spend --since 1h --budgets", [clrk, "spend", "--db", str(db), "--since", "1h", "--budgets"]),
+                            ("clrk spend --usd (by day, agent, route, model)", [clrk, "spend", "--db", str(db), "--usd"]),
                             ("clrk records --since 1h (newest 100)", [clrk, "records", "--db", str(db), "--since", "1h"]),
                             ("clrk records --agent team-a/writer --json --limit 1000",
                              [clrk, "records", "--db", str(db), "--agent", "team-a/writer", "--json", "--limit", "1000"])):

@@ -24,6 +24,7 @@ GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: Final = "gen_ai.usage.cache_read.input_tok
 GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
 GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tokens"
 GEN_AI_RESPONSE_STREAM: Final = "gen_ai.response.stream"
+GEN_AI_USAGE_COST: Final = "gen_ai.usage.cost"  # USD (no semconv name yet; the contract's, as Langfuse/OpenLLMetry use)
 
 # --- HTTP / URL / server (OpenTelemetry HTTP semantic conventions) ---
 HTTP_REQUEST_METHOD: Final = "http.request.method"
@@ -49,12 +50,16 @@ CLRK_BODY_TRUNCATED: Final = "clrk.body.truncated"
 CLRK_BODY_USAGE_VISIBLE: Final = "clrk.body.usage_visible"
 CLRK_BODY_REQUEST_REWRITTEN: Final = "clrk.body.request_rewritten"
 CLRK_DURATION_MS: Final = "clrk.duration_ms"
+CLRK_COST_SOURCE: Final = "clrk.cost.source"  # where gen_ai.usage.cost's prices come from: "genai-prices X.Y.Z", policy, unknown
 CLRK_BUDGET_DENIED: Final = "clrk.budget.denied"
 CLRK_BUDGET_DAILY_USED: Final = "clrk.budget.daily_used"
 CLRK_BUDGET_DAILY_MAX: Final = "clrk.budget.daily_max"
 CLRK_BUDGET_POOL: Final = "clrk.budget.pool"  # which pool was charged (route rule, and agent for scope Agent)
 CLRK_BUDGET_TOKENS: Final = "clrk.budget.tokens"  # what this transaction cost the pool
 CLRK_BUDGET_RESERVED: Final = "clrk.budget.reserved"  # its estimate: reserved at admission, or what did not fit (429)
+CLRK_BUDGET_DAILY_COST: Final = "clrk.budget.daily_cost"  # USD: the pool's spending today after this transaction
+CLRK_BUDGET_DAILY_MAX_COST: Final = "clrk.budget.daily_max_cost"  # USD: the pool's maxCostPerDay
+CLRK_BUDGET_COST: Final = "clrk.budget.cost"  # USD: what this transaction cost the pool
 CLRK_L4_BYTES_UPSTREAM: Final = "clrk.l4.bytes_upstream"  # TLS Passthrough: bytes the agent sent upstream through the tunnel
 CLRK_DECISION: Final = "clrk.decision"
 CLRK_DECISION_RULE: Final = "clrk.decision.rule"
@@ -106,6 +111,8 @@ COLUMNS: Final[dict[str, str]] = {
     GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: "BIGINT",
     GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: "BIGINT",
     GEN_AI_RESPONSE_STREAM: "BOOLEAN",
+    GEN_AI_USAGE_COST: "DOUBLE",
+    CLRK_COST_SOURCE: "VARCHAR",
     HTTP_REQUEST_METHOD: "VARCHAR",
     HTTP_RESPONSE_STATUS_CODE: "INTEGER",
     URL_FULL: "VARCHAR",
@@ -133,6 +140,9 @@ COLUMNS: Final[dict[str, str]] = {
     CLRK_BUDGET_POOL: "VARCHAR",
     CLRK_BUDGET_TOKENS: "BIGINT",
     CLRK_BUDGET_RESERVED: "BIGINT",
+    CLRK_BUDGET_DAILY_COST: "DOUBLE",
+    CLRK_BUDGET_DAILY_MAX_COST: "DOUBLE",
+    CLRK_BUDGET_COST: "DOUBLE",
     CLRK_L4_BYTES_UPSTREAM: "BIGINT",
     CLRK_DECISION: "VARCHAR",
     CLRK_DECISION_RULE: "VARCHAR",

@@ -199,6 +199,7 @@ def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
             await _until(pilot, lambda: spend.row_count >= 1)
             srow = spend.get_row_at(0)
             assert [str(c) for c in srow[:3]] == ["team-a/researcher", "team-a/llm", "gpt-4o-mini"]
+            assert str(srow[7]).startswith("$") and float(str(srow[7])[1:]) > 0  # priced: gpt-4o-mini's list price
             budgets = app.query_one("#budget-table", DataTable)
             await _until(pilot, lambda: budgets.row_count >= 1)
             assert str(budgets.get_row_at(0)[2]) == "100000"

@@ -226,6 +226,8 @@ def test_ai_provider_example_checks_with_the_example_policies(tmp_path):
     assert [r.ref for r in p.provider_rules] == ["AIProviderRoute/team-a/openai#rules[0]", "AIProviderRoute/team-a/anthropic#rules[0]"]
     assert [i.field for i in p.injections_for("AIProviderRoute", "anthropic", "team-a")] == ["x-api-key"]
     assert p.provider_rules[0].budget.per_agent and p.provider_rules[0].backends[0][0].model_rewrites == (("gpt-4o", "gpt-4o-mini"),)
+    assert p.provider_rules[0].budget.max_cost_per_day == 5.0
+    assert p.pricing.cost_of("openai", "gpt-4.1-2025-04-14", 1_000_000, 0) == (1.8, "policy")
 
 
 # ------------------------------------------------------------------------------------------ fuzzing
@@ -235,9 +237,11 @@ from hypothesis import strategies as st  # noqa: E402
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False), st.text(max_size=30))
 _values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20)
-_KINDS = ["EgressGateway", "Agent", "EgressRoute", "EgressDenyPolicy", "AIProviderRoute", "Backend", "CredentialInjectionPolicy", "Nope"]
+_KINDS = ["EgressGateway", "Agent", "EgressRoute", "EgressDenyPolicy", "AIProviderRoute", "Backend", "CredentialInjectionPolicy",
+          "ModelPricing", "Nope"]
 _FIELDS = ["hostnames", "ports", "methods", "paths", "sourceAgents", "credentials", "rules", "matches", "upstream", "schema",
-           "targetRefs", "target", "secretRef", "otlp", "listeners", "upstreamTLS", "denyResponse", "filters", "modelRewrites"]
+           "targetRefs", "target", "secretRef", "otlp", "listeners", "upstreamTLS", "denyResponse", "filters", "modelRewrites",
+           "models"]
 _docs = st.fixed_dictionaries(
     {"kind": st.sampled_from(_KINDS), "metadata": st.fixed_dictionaries({"name": st.text(max_size=20)}) | _values},
     optional={"apiVersion": st.sampled_from(["clrk.apoxy.dev/v1alpha1", "v2"]) | st.text(max_size=5),

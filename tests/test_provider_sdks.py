@@ -24,7 +24,7 @@ CLRK = str(Path(sys.executable).parent / "clrk")
 PROVIDER_HOSTS = ["api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com"]
 # What the SDKs raise when the provider's connection dies mid-stream.
 CUT_ERRORS = (openai.APIConnectionError, anthropic.APIConnectionError, httpx2.TransportError)
-GENAI_KEYS = [k for k in A.ATTRIBUTE_KEYS if k.startswith("gen_ai.")] + [A.CLRK_BODY_USAGE_VISIBLE]
+GENAI_KEYS = [k for k in A.ATTRIBUTE_KEYS if k.startswith("gen_ai.")] + [A.CLRK_BODY_USAGE_VISIBLE, A.CLRK_COST_SOURCE]
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,24 @@ def genai_record(gw, otlp, inv: str, count: int = 1) -> dict:
         time.sleep(0.1)
     assert len(rows) == count, rows
     rec = rows[0]
-    span = otlp.span(rec[A.SPAN_ID])
+    span, log = otlp.span(rec[A.SPAN_ID]), otlp.log(rec[A.SPAN_ID])
     for k in GENAI_KEYS:
         assert span["attributes"].get(k) == rec.get(k), k
+        assert log["attributes"].get(k) == rec.get(k), k
     if rec.get(A.GEN_AI_OPERATION_NAME):
         assert span["name"] == f"{rec[A.GEN_AI_OPERATION_NAME]} {rec[A.GEN_AI_REQUEST_MODEL]}"
     return rec
+
+
+def cost(rec: dict) -> tuple:
+    """(gen_ai.usage.cost, clrk.cost.source): the bundled prices are genai-prices' (pinned)."""
+    source = rec.get(A.CLRK_COST_SOURCE)
+    assert source is None or source in ("unknown", "policy") or source.startswith("genai-prices "), source
+    return rec.get(A.GEN_AI_USAGE_COST), (source.split()[0] if source else None)
+
+
+def usd(per_mtok_sum: float):
+    return pytest.approx(per_mtok_sum / 1e6, rel=1e-9)
 
 
 def usage(rec: dict) -> tuple:
@@ -89,6 +101,7 @@ def test_openai_chat_json(gw, otlp, oai):
     assert (rec["gen_ai.request.model"], rec["gen_ai.response.model"], rec["gen_ai.response.id"]) == ("gpt-4o-mini", "gpt-4o-mini-2024", "chatcmpl-abc123")
     assert rec["gen_ai.response.finish_reasons"] == ["stop"] and rec["gen_ai.response.stream"] is False
     assert usage(rec) == (12, 5, 4, None, 2) and rec["clrk.body.usage_visible"] is True
+    assert cost(rec) == (usd(8 * 0.15 + 4 * 0.075 + 5 * 0.6), "genai-prices")
     assert rec[A.REQUEST_HEADERS]["authorization"] == A.REDACTED
 
 
@@ -102,6 +115,8 @@ def test_openai_chat_stream(gw, otlp, oai, include_usage):
     assert rec["gen_ai.response.stream"] is True and rec["gen_ai.response.finish_reasons"] == ["length"]
     assert rec["clrk.body.usage_visible"] is include_usage
     assert usage(rec)[:2] == ((12, 3) if include_usage else (None, None))
+    # no usage seen: nothing to price, so no cost and no source (not a zero)
+    assert cost(rec) == ((usd(12 * 0.15 + 3 * 0.6), "genai-prices") if include_usage else (None, None))
 
 
 def test_openai_stream_first_chunk_arrives_before_the_provider_finishes(gw, otlp, oai, upstream):
@@ -167,6 +182,14 @@ def test_openai_stream_cut_midway(gw, otlp, oai):
     rec = genai_record(gw, otlp, inv)
     assert rec[A.ERROR_TYPE] == "upstream_reset"
     assert rec["gen_ai.response.id"] == "chatcmpl-stream1" and rec["clrk.body.usage_visible"] is False
+    assert cost(rec) == (None, None)
+
+
+def test_a_model_without_a_known_price_has_no_cost(gw, otlp, oai):
+    client, inv = oai
+    client.chat.completions.create(model="my-own-llama", messages=[{"role": "user", "content": "hi"}])
+    rec = genai_record(gw, otlp, inv)
+    assert usage(rec) == (12, 5, 4, None, 2) and cost(rec) == (None, "unknown")
 
 
 def test_usage_is_read_from_a_response_larger_than_max_bytes(gw, otlp, oai):
@@ -196,6 +219,8 @@ def test_anthropic_messages_json(gw, otlp, claude):
     assert (rec["gen_ai.request.model"], rec["gen_ai.response.model"]) == ("claude-3-5-sonnet", "claude-3-5-sonnet-20241022")
     assert rec["gen_ai.response.finish_reasons"] == ["end_turn"]
     assert usage(rec) == (60, 6, 30, 20, None)
+    # $3 in, $0.30 cache read, $3.75 cache write, $15 out; input counts include the cache
+    assert cost(rec) == (usd(10 * 3 + 30 * 0.3 + 20 * 3.75 + 6 * 15), "genai-prices")
     # The SDK sends its key as x-api-key or Authorization, depending on its version: redacted either way.
     key_headers = {k: v for k, v in rec[A.REQUEST_HEADERS].items() if k in ("x-api-key", "authorization")}
     assert key_headers and set(key_headers.values()) == {A.REDACTED}
@@ -209,6 +234,7 @@ def test_anthropic_messages_stream(gw, otlp, claude):
     rec = genai_record(gw, otlp, inv)
     assert rec["gen_ai.response.stream"] is True and rec["gen_ai.response.finish_reasons"] == ["max_tokens"]
     assert usage(rec) == (125, 15, 100, 0, None)
+    assert cost(rec) == (usd(25 * 3 + 100 * 0.3 + 15 * 15), "genai-prices")
 
 
 def test_anthropic_error_and_cut_stream(gw, otlp, claude):
@@ -225,6 +251,7 @@ def test_anthropic_error_and_cut_stream(gw, otlp, claude):
     rec = genai_record(gw, otlp, inv + "-cut")
     assert rec[A.ERROR_TYPE] == "upstream_reset"
     assert usage(rec)[:2] == (125, 1) and rec["clrk.body.usage_visible"] is True  # as far as the stream got
+    assert rec[A.GEN_AI_RESPONSE_MODEL] == "claude-cut-20241022" and cost(rec) == (None, "unknown")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -261,6 +288,8 @@ def test_gemini_generate_content(gw, otlp, gemini):
     assert (rec["gen_ai.system"], rec["gen_ai.provider.name"], rec["gen_ai.operation.name"]) == ("google_genai", "gcp.gemini", "chat")
     assert (rec["gen_ai.request.model"], rec["gen_ai.response.model"], rec["gen_ai.response.id"]) == ("gemini-2.0-flash", "gemini-2.0-flash-001", "resp-gem-1")
     assert usage(rec) == (11, 11, 5, None, 7) and rec["gen_ai.response.finish_reasons"] == ["STOP"]
+    # $0.10 in, $0.025 cached, $0.40 out (thoughts within it)
+    assert cost(rec) == (usd(6 * 0.1 + 5 * 0.025 + 11 * 0.4), "genai-prices")
     assert rec[A.REQUEST_HEADERS]["x-goog-api-key"] == A.REDACTED
 
 
@@ -270,6 +299,7 @@ def test_gemini_stream(gw, otlp, gemini):
     assert text == "Hello!"
     rec = genai_record(gw, otlp, inv)
     assert rec["gen_ai.response.stream"] is True and usage(rec) == (8, 7, None, None, 4)
+    assert cost(rec) == (usd(8 * 0.1 + 7 * 0.4), "genai-prices")
     assert rec["gen_ai.response.finish_reasons"] == ["MAX_TOKENS"]
 
 
@@ -283,6 +313,7 @@ def test_gemini_stream_cut_midway(gw, otlp, gemini):
     rec = genai_record(gw, otlp, inv)
     assert rec[A.ERROR_TYPE] == "upstream_reset"
     assert usage(rec)[:2] == (8, 1) and rec["clrk.body.usage_visible"] is True  # the running total so far
+    assert cost(rec) == (usd(8 * 0.1 + 1 * 0.4), "genai-prices")  # priced as far as the stream got
 
 
 def test_gemini_embeddings_and_error(gw, otlp, gemini):
@@ -311,3 +342,4 @@ def test_gemini_json_array_stream_without_alt_sse(gw, otlp, env):
     assert r.status_code == 200 and len(r.json()) == 3
     rec = genai_record(gw, otlp, env)
     assert rec["gen_ai.response.stream"] is True and usage(rec) == (8, 7, None, None, 4)
+    assert cost(rec) == (usd(8 * 0.1 + 7 * 0.4), "genai-prices")

@@ -141,6 +141,10 @@ def _fmt_row(r: dict) -> str:
     tokens = ""
     if r.get(A.GEN_AI_USAGE_INPUT_TOKENS) is not None:
         tokens = f"{r.get(A.GEN_AI_USAGE_INPUT_TOKENS)}/{r.get(A.GEN_AI_USAGE_OUTPUT_TOKENS, 0)} tok"
+    if isinstance(r.get(A.GEN_AI_USAGE_COST), (int, float)):
+        from clrk.cost import format_usd
+
+        tokens += f" {format_usd(r[A.GEN_AI_USAGE_COST])}"
     dur = f"{r.get(A.CLRK_DURATION_MS, 0):.1f}ms"
     err = f" error={r[A.ERROR_TYPE]}" if r.get(A.ERROR_TYPE) else ""
     why = f"  ({r.get(A.CLRK_DECISION_REASON)})" if r.get(A.CLRK_DECISION) == "deny" else ""
@@ -239,6 +243,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_spend(args: argparse.Namespace) -> None:
     import time
 
+    from clrk.cost import format_usd
     from clrk.proxy.budget import day_start, utc_day
 
     _check_since(args.since)
@@ -246,7 +251,8 @@ def cmd_spend(args: argparse.Namespace) -> None:
     bad = [b for b in by if b not in ("day", "agent", "route", "model")]
     if bad:
         _die(f"--by {','.join(bad)}: choose from day, agent, route, model", 2)
-    rows = read_store(args.db, "spend", {"by": by, "since": args.since, "agent": args.agent, "route": args.route, "model": args.model})
+    rows = read_store(args.db, "spend", {"by": by, "since": args.since, "agent": args.agent, "route": args.route,
+                                         "model": args.model, "usd": args.usd})
     budgets = read_store(args.db, "budgets", {"since": day_start(utc_day(time.time()))}) if args.budgets else []
     out = sys.stdout
     if args.json:
@@ -255,9 +261,10 @@ def cmd_spend(args: argparse.Namespace) -> None:
         for b in budgets:
             out.write(json_line({"budget": b}) + "\n")
         return
-    header = [*by, "requests", "input", "output", "total"]
+    header = [*by, "requests", "input", "output", "total"] + (["usd", "unpriced"] if args.usd else [])
     table = [[printable(str(r.get(b) if r.get(b) is not None else "-")) for b in by]
-             + [str(r["requests"]), str(r["input_tokens"]), str(r["output_tokens"]), str(r["total_tokens"])] for r in rows]
+             + [str(r["requests"]), str(r["input_tokens"]), str(r["output_tokens"]), str(r["total_tokens"])]
+             + ([format_usd(r.get("cost_usd")), str(r.get("unpriced") or 0)] if args.usd else []) for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     out.write("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip() + "\n")
     for row in table:
@@ -267,7 +274,11 @@ def cmd_spend(args: argparse.Namespace) -> None:
         for b in budgets:
             mx = b["max_tokens"] if b["max_tokens"] is not None else "?"
             left = b["left_tokens"] if b["left_tokens"] is not None else "?"
-            out.write(f"  {printable(b['pool'])}: {b['used_tokens']} of {mx} tokens used, {left} left\n")
+            line = f"  {printable(b['pool'])}: {b['used_tokens']} of {mx} tokens used, {left} left"
+            if b.get("max_usd") is not None:
+                line += (f"; {format_usd(b.get('used_usd'))} of {format_usd(b['max_usd'])} spent, "
+                         f"{format_usd(b.get('left_usd'))} left")
+            out.write(line + "\n")
 
 
 # --------------------------------------------------------------------------- policy
@@ -355,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--route", help="namespace/name of an AIProviderRoute")
     sp.add_argument("--model", help="requested model")
     sp.add_argument("--budgets", action="store_true", help="also show today's usage of each token budget pool")
+    sp.add_argument("--usd", action="store_true", help="add what the calls cost in US dollars (gen_ai.usage.cost) and "
+                    "how many had no known price, largest first")
 
     pol = sub.add_parser("policy", help="check a policy, or print its JSON Schema")
     psub = pol.add_subparsers(dest="policy_command", required=True)

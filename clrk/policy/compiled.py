@@ -17,6 +17,7 @@ from pathlib import Path
 
 from clrk.addresses import CidrTable, IPAddress, IPNetwork, parse_network
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
+from clrk.cost import BUNDLED, POLICY, PriceBook, PriceOverride, flat_price
 from clrk.hostnames import canonical_ip
 from clrk.policy import models as m
 from clrk.policy.loader import PolicyError, SourcedDocument, load_documents
@@ -150,10 +151,11 @@ class BackendTarget:
 
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
-    max_tokens_per_day: int
+    max_tokens_per_day: int | None  # None: a dollar limit only
     per_agent: bool
     reserve_tokens: int
     server_context_tokens: int | None = 128_000  # None: calls with input the provider holds are refused
+    max_cost_per_day: float | None = None  # USD
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +268,8 @@ class CompiledPolicy:
     redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
     # For a transaction no gateway owns: every name any gateway redacts.
     redactor: Redactor = field(default=DEFAULT_REDACTOR, compare=False, repr=False)
+    # What model calls cost: the ModelPricing entries, then the bundled price data (clrk.cost).
+    pricing: PriceBook = field(default=BUNDLED, compare=False, repr=False)
 
     def gateway_for_port(self, port: int | None) -> GatewayConfig | None:
         """The gateway listening on `port`; with a single gateway, that one for every port."""
@@ -518,7 +522,8 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 if f.type == "TokenBudget" and f.token_budget is not None:
                     tb = f.token_budget
                     budget = BudgetConfig(tb.max_tokens_per_day, tb.scope == "Agent", tb.reserve_tokens,
-                                          tb.server_context_tokens if tb.server_context == "Reserve" else None)
+                                          tb.server_context_tokens if tb.server_context == "Reserve" else None,
+                                          tb.max_cost_per_day)
             provider_rules.append(
                 ProviderRule(
                     ref=f"AIProviderRoute/{r.metadata.namespace}/{r.metadata.name}#rules[{i}]",
@@ -548,6 +553,14 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             key = (ref.kind, ref.name)
             injections[key] = injections.get(key, ()) + ((ref.namespace, inj),)
 
+    overrides = []
+    for sd in by_kind.get("ModelPricing", []):
+        mp: m.ModelPricing = sd.doc  # type: ignore[assignment]
+        for e in mp.spec.models:
+            price = flat_price(POLICY, e.input_per_m_tok, e.output_per_m_tok, e.cached_input_per_m_tok,
+                               e.cache_write_per_m_tok, e.reasoning_per_m_tok)
+            overrides.append(PriceOverride(e.provider, e.model, price))
+
     if problems:
         raise PolicyError(problems)
     gateways = [
@@ -573,6 +586,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         redact_headers=frozenset(redact_headers),
         redact_query=frozenset(redact_query),
         redactor=Redactor(redact_headers, redact_query),
+        pricing=PriceBook(overrides) if overrides else BUNDLED,
     )
 
 

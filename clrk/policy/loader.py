@@ -104,7 +104,7 @@ def _validation_problems(file: str, index: int, raw: object, err: ValidationErro
         if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = ["kind"]
         if e["type"] == "union_tag_invalid":
-            msg = "unknown kind; expected one of EgressGateway, Agent, EgressRoute, EgressDenyPolicy, AIProviderRoute, Backend, CredentialInjectionPolicy"
+            msg = "unknown kind; expected one of EgressGateway, Agent, EgressRoute, EgressDenyPolicy, AIProviderRoute, Backend, CredentialInjectionPolicy, ModelPricing"
         elif e["type"] == "union_tag_not_found":
             msg = "missing 'kind'"
         elif e["type"] == "extra_forbidden":

@@ -387,13 +387,17 @@ class BackendRef(Spec):
 
 # Far above any real budget, and keeps every count the record carries within its 64-bit columns.
 MAX_BUDGET_TOKENS = 10**15
+MAX_BUDGET_USD = 1e12  # likewise for dollars (and finite)
 
 
 class TokenBudget(Spec):
     """A day's tokens for a rule's calls: each call is admitted only if its estimate fits in what is left."""
 
-    max_tokens_per_day: int = Field(gt=0, le=MAX_BUDGET_TOKENS, description=(
+    max_tokens_per_day: int | None = Field(default=None, gt=0, le=MAX_BUDGET_TOKENS, description=(
         "Tokens (input + output) the pool may use per UTC day."))
+    max_cost_per_day: float | None = Field(default=None, gt=0, le=MAX_BUDGET_USD, description=(
+        "US dollars the pool may spend per UTC day, at the prices of gen_ai.usage.cost (ModelPricing, else the "
+        "bundled price data); a call to a model with no known price is refused."))
     scope: Literal["Route", "Agent"] = Field(
         default="Route", description="Route: one pool for every agent the rule serves; Agent: a pool per agent.")
     # Held at admission for a request that names no max output tokens (settled to the real usage after).
@@ -410,6 +414,8 @@ class TokenBudget(Spec):
 
     @model_validator(mode="after")
     def _server_context(self) -> TokenBudget:
+        if self.max_tokens_per_day is None and self.max_cost_per_day is None:
+            raise ValueError("a TokenBudget needs maxTokensPerDay, maxCostPerDay (USD), or both")
         if self.server_context == "Refuse" and "server_context_tokens" in self.model_fields_set:
             raise ValueError("serverContextTokens is what serverContext: Reserve reserves; with Refuse, leave it out")
         return self
@@ -422,7 +428,7 @@ class RouteFilter(Spec):
     @model_validator(mode="after")
     def _config(self) -> RouteFilter:
         if self.type == "TokenBudget" and self.token_budget is None:
-            raise ValueError("a TokenBudget filter needs 'tokenBudget: {maxTokensPerDay: N}'")
+            raise ValueError("a TokenBudget filter needs 'tokenBudget: {maxTokensPerDay: N}' (or maxCostPerDay: USD)")
         return self
 
 
@@ -515,6 +521,65 @@ class CredentialInjectionPolicy(Spec):
     spec: CredentialInjectionPolicySpec
 
 
+# --------------------------------------------------------------------------- ModelPricing
+
+MAX_PRICE_PER_MTOK = 1_000_000.0  # USD per million tokens: far above any real price, and finite
+
+
+def _price(v: float | None) -> float | None:
+    if v is not None and not (0 <= v <= MAX_PRICE_PER_MTOK):
+        raise ValueError(f"a price is USD per million tokens, from 0 to {MAX_PRICE_PER_MTOK:g}")
+    return v
+
+
+Price = Annotated[float, AfterValidator(_price)]
+
+
+class ModelPriceEntry(Spec):
+    """The price of the models one glob matches, in USD per million tokens."""
+
+    provider: str = Field(min_length=1, description=(
+        "The provider whose calls this price applies to: openai (also every Backend with schema openai), anthropic, "
+        "google_genai, or * for any."))
+    model: str = Field(min_length=1, description=(
+        "A glob on the model that answered (else the one asked for), e.g. gpt-4o* or llama-3.1-*; matched without "
+        "regard to case."))
+    input_per_m_tok: Price = Field(alias="inputPerMTok", description="Input tokens not read from or written to a cache.")
+    output_per_m_tok: Price = Field(alias="outputPerMTok", description="Output tokens (reasoning included, unless reasoningPerMTok).")
+    cached_input_per_m_tok: Price | None = Field(default=None, alias="cachedInputPerMTok", description=(
+        "Input tokens read from the provider's cache (default: inputPerMTok)."))
+    cache_write_per_m_tok: Price | None = Field(default=None, alias="cacheWritePerMTok", description=(
+        "Input tokens written to the provider's cache (default: inputPerMTok)."))
+    reasoning_per_m_tok: Price | None = Field(default=None, alias="reasoningPerMTok", description=(
+        "Reasoning (thinking) output tokens (default: outputPerMTok)."))
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, v: str) -> str:
+        if v != "*" and v not in PROVIDERS:
+            raise ValueError(f"{v!r} is not a provider: one of {', '.join(PROVIDERS)}, or *")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        _check_globs([v])
+        return v.lower()
+
+
+class ModelPricingSpec(Spec):
+    models: list[ModelPriceEntry] = Field(min_length=1)
+
+
+class ModelPricing(Spec):
+    """Prices that override or add to the bundled price data (USD); the first entry that matches wins."""
+
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["ModelPricing"]
+    metadata: Metadata
+    spec: ModelPricingSpec
+
+
 Document = Annotated[
     EgressGateway
     | Agent
@@ -522,7 +587,8 @@ Document = Annotated[
     | EgressDenyPolicy
     | AIProviderRoute
     | Backend
-    | CredentialInjectionPolicy,
+    | CredentialInjectionPolicy
+    | ModelPricing,
     Field(discriminator="kind"),
 ]
 KINDS = (
@@ -533,4 +599,5 @@ KINDS = (
     AIProviderRoute,
     Backend,
     CredentialInjectionPolicy,
+    ModelPricing,
 )

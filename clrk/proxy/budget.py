@@ -25,6 +25,12 @@ provider, so it is not part of it. (For a fixed maxTokensPerDay; after a reload 
 until usage is back under the new one. Reservations made the day before still count until they settle, but
 their usage is not charged to the new day.)
 
+Dollar limits (`maxCostPerDay`) keep a second account per pool with the same mechanics: a call reserves its
+estimate priced at the highest per-token price of the model it may be served by (its output price, in
+practice), is admitted only if that fits in the dollars left, and settles to its cost (clrk.cost) — so the
+same bound holds in dollars: spent ≤ maxCostPerDay + Σ max(0, cost − reserved cost). A call is admitted only
+if it fits under every limit the pool has.
+
 The ledger lives in the proxy (admission is on the request path, a dict lookup); it is rebuilt at start
 from the day's records in the store, so a restart keeps the day's usage. Every charge reaches the store:
 a record that cannot be stored whole is stored without what does not fit, its budget fields kept
@@ -55,6 +61,7 @@ class Reservation:
     pool: str
     tokens: int
     day: dt.date
+    cost: float = 0.0  # USD held in the pool's dollar account (0 without a maxCostPerDay)
 
 
 class BudgetLedger:
@@ -64,6 +71,8 @@ class BudgetLedger:
         self._day_bounds = (day_start(self.day), day_start(self.day + dt.timedelta(days=1)))
         self.used: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
+        self.used_cost: dict[str, float] = {}  # USD, pools with a maxCostPerDay
+        self.reserved_cost: dict[str, float] = {}
         self.loaded = False
 
     def _roll(self) -> dt.date:
@@ -76,13 +85,24 @@ class BudgetLedger:
         if today != self.day:
             self.day = today
             self.used = {}
+            self.used_cost = {}
         return today
 
-    def load(self, day: dt.date, totals: Mapping[str, int]) -> None:
-        """The day's settled usage per pool, from the store."""
+    def load(self, day: dt.date, totals: Mapping[str, int], cost_totals: Mapping[str, float] | None = None) -> None:
+        """The day's settled usage per pool (tokens, and USD), from the store."""
         if day == self._roll():
             self.used = {pool: min(total, MAX_TOKENS) for pool, total in totals.items()}
+            self.used_cost = {pool: float(total) for pool, total in (cost_totals or {}).items() if total}
         self.loaded = True
+
+    def used_cost_today(self, pool: str) -> float:
+        self._roll()
+        return self.used_cost.get(pool, 0.0)
+
+    def left_cost(self, pool: str, max_cost: float) -> float:
+        """The dollars the pool can still reserve today (negative once spending passed the maximum)."""
+        self._roll()
+        return max_cost - self.used_cost.get(pool, 0.0) - self.reserved_cost.get(pool, 0.0)
 
     def used_today(self, pool: str) -> int:
         self._roll()
@@ -93,24 +113,42 @@ class BudgetLedger:
         self._roll()
         return max_tokens - self.used.get(pool, 0) - self.reserved.get(pool, 0)
 
-    def admit(self, pool: str, max_tokens: int, tokens: int) -> Reservation | None:
-        """Reserves `tokens` (at least 1) if they fit in what the pool has left today; None if they do not."""
+    def admit(self, pool: str, max_tokens: int | None, tokens: int, max_cost: float | None = None,
+              cost: float = 0.0) -> Reservation | None:
+        """Reserves `tokens` (at least 1) and, with a dollar limit, `cost` USD (more than 0) if they fit in what
+        the pool has left today under each limit it has; None if they do not."""
         day = self._roll()
         tokens = max(tokens, 1)  # a free reservation would be admitted into a spent pool
-        if self.used.get(pool, 0) + self.reserved.get(pool, 0) + tokens > max_tokens:
+        if max_tokens is not None and self.used.get(pool, 0) + self.reserved.get(pool, 0) + tokens > max_tokens:
             return None
+        if max_cost is not None:
+            cost = max(cost, 1e-9)  # likewise in dollars
+            if self.used_cost.get(pool, 0.0) + self.reserved_cost.get(pool, 0.0) + cost > max_cost:
+                return None
+            self.reserved_cost[pool] = self.reserved_cost.get(pool, 0.0) + cost
+        else:
+            cost = 0.0
         self.reserved[pool] = self.reserved.get(pool, 0) + tokens
-        return Reservation(pool, tokens, day)
+        return Reservation(pool, tokens, day, cost)
 
-    def settle(self, res: Reservation, actual: int | None) -> int:
-        """Replaces the reservation by the real usage (or charges the reservation when usage is unknown);
-        returns the pool's usage today."""
+    def settle(self, res: Reservation, actual: int | None, actual_cost: float | None = None) -> int:
+        """Replaces the reservation by the real usage (or charges the reservation when usage is unknown), and
+        its dollars by the real cost (likewise); returns the pool's usage today."""
         left = self.reserved.get(res.pool, 0) - res.tokens
         if left > 0:
             self.reserved[res.pool] = left
         else:
             self.reserved.pop(res.pool, None)
+        if res.cost:
+            left_cost = self.reserved_cost.get(res.pool, 0.0) - res.cost
+            if left_cost > 1e-12:  # float sums of reservations: what is left of nothing is nothing
+                self.reserved_cost[res.pool] = left_cost
+            else:
+                self.reserved_cost.pop(res.pool, None)
         today = self._roll()
         if res.day == today:
             self.used[res.pool] = min(self.used.get(res.pool, 0) + (res.tokens if actual is None else actual), MAX_TOKENS)
+            charge = res.cost if actual_cost is None else actual_cost
+            if charge:  # kept for every pool, so a dollar limit added later today knows what was spent
+                self.used_cost[res.pool] = self.used_cost.get(res.pool, 0.0) + charge
         return self.used.get(res.pool, 0)

@@ -8,6 +8,7 @@ import weakref
 
 from mitmproxy import connection, http
 
+from clrk.cost import UNKNOWN
 from clrk.decision import Decision
 from clrk.escape import printable
 from clrk.identity import AuthThrottle
@@ -62,6 +63,15 @@ class Runtime:
             self.in_flight -= 1
         if tx.genai is not None:
             tx.genai.end()
+            r = tx.genai.result
+            if r.usage_visible:  # priced from what the provider reported (a cut stream: what it reported so far)
+                try:
+                    tx.cost, tx.cost_source = self.policy.pricing.cost_of(
+                        r.system, r.response_model, r.input_tokens, r.output_tokens, r.cache_read_tokens,
+                        r.cache_creation_tokens, r.reasoning_tokens, tx.start, r.request_model)
+                except Exception:  # never at the price of the record and the budget settlement below
+                    log.exception("clrk: cannot price a call to %s", printable(str(r.response_model or r.request_model)[:100]))
+                    tx.cost, tx.cost_source = None, UNKNOWN
         if tx.reservation is not None:
             r = tx.genai.result if tx.genai is not None else None
             status = flow.response.status_code if flow.response is not None and tx.upstream_response else None
@@ -73,7 +83,17 @@ class Runtime:
             else:
                 actual = None  # served but usage unseen: the reservation is charged
             tx.budget_charged = tx.reservation.tokens if actual is None else actual
-            tx.budget_used = self.ledger.settle(tx.reservation, actual)
+            if r is not None and r.usage_visible and tx.cost is not None:
+                actual_cost: float | None = tx.cost
+            elif actual == 0:
+                actual_cost = 0.0
+            else:  # served, but its usage or its model's price unseen: the reserved dollars are charged
+                actual_cost = None
+            res = tx.reservation
+            tx.budget_used = self.ledger.settle(res, actual, actual_cost)
+            tx.budget_charged_cost = res.cost if actual_cost is None else actual_cost
+            if tx.budget_max_cost is not None:
+                tx.budget_used_cost = self.ledger.used_cost_today(res.pool)
             tx.reservation = None
         self.submit(snapshot(tx, flow, self.policy.redactor))
         # mitmproxy's flows are reference cycles, freed only by the collector: a transaction left on its flow

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
+from clrk import attributes as A
 from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
@@ -66,6 +67,11 @@ class Transaction:
     budget_charged: int | None = None
     budget_reserved: int | None = None  # the call's estimate: held at admission, or what did not fit
     budget_used: int | None = None
+    budget_max_cost: float | None = None  # maxCostPerDay (USD)
+    budget_used_cost: float | None = None  # the pool's dollars today after this call
+    budget_charged_cost: float | None = None  # what this call cost the pool in dollars
+    cost: float | None = None  # gen_ai.usage.cost: USD of the call's usage (clrk.cost), when priced
+    cost_source: str | None = None  # clrk.cost.source, set when the call's usage was seen
     recorded: bool = False
     error: str | None = None  # what went wrong, when the gateway knows better than flow.error
     error_type: str | None = None  # error.type, set where the failure happens (else derived from the message)
@@ -194,12 +200,18 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
     }
     if tx.genai is not None:
         pr = d.provider_rule if d is not None else None
-        raw["genai"] = tx.genai.result.attributes()
+        genai = raw["genai"] = tx.genai.result.attributes()
+        if tx.cost_source is not None:
+            genai[A.CLRK_COST_SOURCE] = tx.cost_source
+            if tx.cost is not None:
+                genai[A.GEN_AI_USAGE_COST] = tx.cost
         raw["genai_error"] = tx.genai.result.error_type
         raw["apr"] = (pr.route_name, pr.route_namespace) if pr is not None else None
     if tx.budget_pool is not None:
         raw["budget"] = (tx.budget_pool, tx.budget_denied, tx.budget_max, tx.budget_used, tx.budget_charged)
         raw["budget_reserved"] = tx.budget_reserved  # a key of its own: a recorder of either version reads the tuple
+        if tx.budget_charged_cost is not None or tx.budget_max_cost is not None:
+            raw["budget_cost"] = (tx.budget_max_cost, tx.budget_used_cost, tx.budget_charged_cost)
     return raw
 
 

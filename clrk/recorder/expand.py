@@ -172,6 +172,8 @@ def expand(raw: Snapshot, redactor: Redactor) -> dict:
     if budget is not None:
         _budget(rec, budget, escaped)
         rec[A.CLRK_BUDGET_RESERVED] = raw.get("budget_reserved")
+        if raw.get("budget_cost") is not None:
+            _budget_cost(rec, raw["budget_cost"])
 
     req_bytes, req_body, req_trunc = raw["req_body"]
     resp_bytes, resp_body, resp_trunc = raw["resp_body"]
@@ -219,6 +221,13 @@ def _budget(rec: dict, budget, escaped: list[str]) -> None:
     rec[A.CLRK_BUDGET_POOL] = _text(pool, A.CLRK_BUDGET_POOL, escaped)
     rec[A.CLRK_BUDGET_DENIED] = denied
     rec[A.CLRK_BUDGET_DAILY_MAX], rec[A.CLRK_BUDGET_DAILY_USED], rec[A.CLRK_BUDGET_TOKENS] = mx, used, charged
+
+
+def _budget_cost(rec: dict, budget_cost) -> None:
+    """The dollar figures of a budgeted call: finite floats only (a value no column fits stays out)."""
+    for key, value in zip((A.CLRK_BUDGET_DAILY_MAX_COST, A.CLRK_BUDGET_DAILY_COST, A.CLRK_BUDGET_COST), budget_cost, strict=True):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            rec[key] = float(value)
 
 
 # --------------------------------------------------------------------------- when the record cannot be built
@@ -275,7 +284,8 @@ def salvage(raw, why: str) -> dict | None:
             rec[key] = read()
         except Exception:  # noqa: S112 - optional: what cannot be read stays out
             continue
-    for part, fill in (("decision", _decision), ("agent", _agent), ("budget", _salvage_budget)):
+    for part, fill in (("decision", _decision), ("agent", _agent), ("budget", _salvage_budget),
+                       ("budget_cost", lambda rec, v, _escaped: _budget_cost(rec, v))):
         try:
             fill(rec, raw[part], escaped)
         except Exception:  # noqa: S112 - optional: what cannot be read stays out

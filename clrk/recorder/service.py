@@ -32,7 +32,15 @@ from clrk import attributes as A
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.recorder.expand import expand, salvage
 from clrk.recorder.export import Exporter
-from clrk.recorder.store import Store, StoreError, budget_totals, fetch_budgets, fetch_records, fetch_spend
+from clrk.recorder.store import (
+    Store,
+    StoreError,
+    budget_cost_totals,
+    budget_totals,
+    fetch_budgets,
+    fetch_records,
+    fetch_spend,
+)
 from clrk.redact import Redactor
 from clrk.wire import WireError, pack, read_message, record_ids
 
@@ -187,8 +195,8 @@ class Recorder:
                         writer.write(pack({"t": "error", "id": msg.get("id"), "message": str(e)}))
                 elif t == "budget_totals":
                     await self.flush()
-                    totals = await asyncio.to_thread(self._budget_totals, float(msg.get("since") or 0))
-                    writer.write(pack({"t": "ok", "id": msg.get("id"), "totals": totals}))
+                    totals, cost_totals = await asyncio.to_thread(self._budget_totals, float(msg.get("since") or 0))
+                    writer.write(pack({"t": "ok", "id": msg.get("id"), "totals": totals, "cost_totals": cost_totals}))
                 elif t == "status":
                     await self.flush()
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped,
@@ -216,10 +224,10 @@ class Recorder:
         finally:
             cur.close()
 
-    def _budget_totals(self, since: float) -> dict[str, int]:
+    def _budget_totals(self, since: float) -> tuple[dict[str, int], dict[str, float]]:
         cur = self.store.cursor()
         try:
-            return budget_totals(cur, since)
+            return budget_totals(cur, since), budget_cost_totals(cur, since)
         finally:
             cur.close()
 

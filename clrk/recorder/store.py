@@ -311,7 +311,9 @@ SPEND_DIMENSIONS = {
 
 
 def spend_sql(query: Mapping) -> tuple[str, list]:
-    """Token spend of provider calls grouped by any of day, agent, route, model (`by`), newest day first."""
+    """Token and dollar spend of provider calls grouped by any of day, agent, route, model (`by`), newest day
+    first, then by tokens (or by dollars with `usd`). `cost_usd` sums the priced calls; `unpriced` counts the
+    calls whose usage was seen but whose model has no known price (their dollars are not in `cost_usd`)."""
     by = [d for d in (query.get("by") or list(SPEND_DIMENSIONS)) if d in SPEND_DIMENSIONS]
     cols = [f"{SPEND_DIMENSIONS[d]} AS {d}" for d in by]
     inp, out = q(A.GEN_AI_USAGE_INPUT_TOKENS), q(A.GEN_AI_USAGE_OUTPUT_TOKENS)
@@ -321,6 +323,8 @@ def spend_sql(query: Mapping) -> tuple[str, list]:
         f"coalesce(sum({out}), 0) AS output_tokens",
         f"coalesce(sum(coalesce({inp}, 0) + coalesce({out}, 0)), 0) AS total_tokens",
         f"count(*) FILTER (WHERE {q(A.CLRK_BUDGET_DENIED)}) AS budget_denied",
+        f"coalesce(sum({q(A.GEN_AI_USAGE_COST)}), 0) AS cost_usd",
+        f"count(*) FILTER (WHERE {q(A.CLRK_COST_SOURCE)} = 'unknown') AS unpriced",
     ]
     where, params = [f"{q(A.GEN_AI_SYSTEM)} IS NOT NULL"], []
     if query.get("since"):
@@ -333,7 +337,8 @@ def spend_sql(query: Mapping) -> tuple[str, list]:
     sql = f"SELECT {', '.join(cols)} FROM {TABLE} WHERE {' AND '.join(where)}"
     if by:
         sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(len(by)))
-    order = (["day DESC"] if "day" in by else []) + ["total_tokens DESC"]
+    order = (["day DESC"] if "day" in by else []) + (["cost_usd DESC", "total_tokens DESC"] if query.get("usd")
+                                                      else ["total_tokens DESC"])
     return sql + " ORDER BY " + ", ".join(order), params
 
 
@@ -345,14 +350,17 @@ def fetch_spend(cur: duckdb.DuckDBPyConnection, query: Mapping) -> list[dict]:
 
 
 def fetch_budgets(cur: duckdb.DuckDBPyConnection, since: float) -> list[dict]:
-    """Each budget pool's tokens charged since `since` and its latest known daily maximum."""
+    """Each budget pool's tokens and dollars charged since `since` and its latest known daily maximums."""
     pool, tokens, mx, t = q(A.CLRK_BUDGET_POOL), q(A.CLRK_BUDGET_TOKENS), q(A.CLRK_BUDGET_DAILY_MAX), q(A.TIME)
+    cost, mc = q(A.CLRK_BUDGET_COST), q(A.CLRK_BUDGET_DAILY_MAX_COST)
     rows = cur.execute(
-        f"SELECT {pool}, coalesce(sum({tokens}), 0), arg_max({mx}, {t}) FROM {TABLE} "
-        f"WHERE {t} >= to_timestamp(?) AND {pool} IS NOT NULL GROUP BY 1 ORDER BY 1",
+        f"SELECT {pool}, coalesce(sum({tokens}), 0), arg_max({mx}, {t}), coalesce(sum({cost}), 0), arg_max({mc}, {t}) "
+        f"FROM {TABLE} WHERE {t} >= to_timestamp(?) AND {pool} IS NOT NULL GROUP BY 1 ORDER BY 1",
         [since],
     ).fetchall()
-    return [{"pool": p, "used_tokens": int(u), "max_tokens": m, "left_tokens": None if m is None else max(0, m - int(u))} for p, u, m in rows]
+    return [{"pool": p, "used_tokens": int(u), "max_tokens": m, "left_tokens": None if m is None else max(0, m - int(u)),
+             "used_usd": float(uc), "max_usd": c, "left_usd": None if c is None else max(0.0, c - float(uc))}
+            for p, u, m, uc, c in rows]
 
 
 def budget_totals(cur: duckdb.DuckDBPyConnection, since: float) -> dict[str, int]:
@@ -363,6 +371,17 @@ def budget_totals(cur: duckdb.DuckDBPyConnection, since: float) -> dict[str, int
         [since],
     ).fetchall()
     return {pool: int(total or 0) for pool, total in rows}
+
+
+def budget_cost_totals(cur: duckdb.DuckDBPyConnection, since: float) -> dict[str, float]:
+    """Dollars charged per budget pool since `since` (epoch seconds)."""
+    rows = cur.execute(
+        f"SELECT {q(A.CLRK_BUDGET_POOL)}, sum({q(A.CLRK_BUDGET_COST)}) FROM {TABLE} "
+        f"WHERE {q(A.TIME)} >= to_timestamp(?) AND {q(A.CLRK_BUDGET_POOL)} IS NOT NULL "
+        f"AND {q(A.CLRK_BUDGET_COST)} IS NOT NULL GROUP BY 1",
+        [since],
+    ).fetchall()
+    return {pool: float(total or 0) for pool, total in rows}
 
 
 def open_readonly(path: str | Path, wait: float = 5.0) -> duckdb.DuckDBPyConnection:

@@ -46,7 +46,7 @@ class DevSession:
         since = day_start(utc_day(time.time()))
         try:
             with wire.BlockingClient(wire.socket_path(self.db), timeout=5) as c:
-                spend = c.request({"t": "spend", "query": {"by": ["agent", "route", "model"], "since": "24h"}})["rows"]
+                spend = c.request({"t": "spend", "query": {"by": ["agent", "route", "model"], "since": "24h", "usd": True}})["rows"]
                 budgets = c.request({"t": "budgets", "query": {"since": since}})["rows"]
             return spend, budgets
         except (OSError, wire.WireError):

@@ -30,6 +30,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedCont
 
 from clrk import attributes as A
 from clrk.cli.feed import RecordFeed
+from clrk.cost import format_usd
 from clrk.escape import printable, printable_block
 from clrk.providers.sse import SseParser
 
@@ -40,8 +41,8 @@ SPEND_EVERY = 2.0
 RECORD_COLUMNS = ("time", "agent", "decision", "method", "host", "model", "status", "tokens in/out", "ms")
 TRACE_COLUMNS = ("time", "span", "kind", "status", "ms", "trace", "span id")
 LOG_COLUMNS = ("time", "severity", "event", "agent", "decision", "host", "status", "span id")
-SPEND_COLUMNS = ("agent", "route", "model", "requests", "input", "output", "total")
-BUDGET_COLUMNS = ("budget pool", "used today", "max", "left")
+SPEND_COLUMNS = ("agent", "route", "model", "requests", "input", "output", "total", "usd", "unpriced")
+BUDGET_COLUMNS = ("budget pool", "used today", "max", "left", "usd today", "max usd")
 KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 HELP = """\
 clrk dev — keys
@@ -311,12 +312,14 @@ class DevApp(App):
         t.clear()
         for r in spend:
             t.add_row(cell(r.get("agent") or "-"), cell(r.get("route") or "-"), cell(r.get("model") or "-"), cell(r["requests"]),
-                      cell(r["input_tokens"]), cell(r["output_tokens"]), cell(r["total_tokens"]))
+                      cell(r["input_tokens"]), cell(r["output_tokens"]), cell(r["total_tokens"]),
+                      cell(format_usd(r.get("cost_usd"))), cell(r.get("unpriced") or 0))
         b = self.query_one("#budget-table", DataTable)
         b.clear()
         for r in budgets:
             b.add_row(cell(r["pool"]), cell(r["used_tokens"]), cell(r["max_tokens"] if r["max_tokens"] is not None else "?"),
-                      cell(r["left_tokens"] if r["left_tokens"] is not None else "?"))
+                      cell(r["left_tokens"] if r["left_tokens"] is not None else "?"),
+                      cell(format_usd(r.get("used_usd"))), cell(format_usd(r.get("max_usd"))))
 
     def _refilter(self) -> None:
         for store, table_id, attrs_of, row in (

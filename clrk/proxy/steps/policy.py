@@ -12,6 +12,8 @@ from pathlib import Path
 import certifi
 from mitmproxy import ctx, exceptions
 
+from clrk.cost import BUNDLED
+from clrk.cost import preload as preload_prices
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
 from clrk.proxy.ca import ensure_ca
@@ -93,6 +95,8 @@ class PolicyLoader:
             ctx.options.update(tcp_timeout=min(idle))
         if self.rt.sink is not None:
             self.rt.sink.send_config(export_config(policy))
+        if _may_price(policy):
+            preload_prices()  # off the event loop, once: the first model call's price lookup finds it loaded
         self.rt.policy = policy
 
     def _apply_upstream_trust(self, policy: CompiledPolicy) -> None:
@@ -174,3 +178,11 @@ def export_config(policy: CompiledPolicy | None) -> dict:
         "redact_headers": sorted(policy.redact_headers) if policy is not None else [],
         "redact_query": sorted(policy.redact_query) if policy is not None else [],
     }
+
+
+def _may_price(policy: CompiledPolicy) -> bool:
+    """Whether model calls may be allowed (and so priced): an AIProviderRoute, ModelPricing, a default of
+    allow-all, or an EgressRoute to a provider's host. Otherwise the prices are read on the first priced call."""
+    if policy.provider_rules or policy.pricing is not BUNDLED or any(g.default_allow for g in policy.gateways):
+        return True
+    return any(r.matches_host(host) for r in policy.routes for host in policy.provider_hosts)

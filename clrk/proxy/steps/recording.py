@@ -77,7 +77,7 @@ class Recording:
             day = utc_day(time.time())
             try:
                 reply = await sink.request({"t": "budget_totals", "since": day_start(day)}, 30.0)
-                self.rt.ledger.load(day, reply["totals"])
+                self.rt.ledger.load(day, reply["totals"], reply.get("cost_totals"))
                 if warned:
                     log.info("clrk: today's token usage is read; budgeted routes serve again")
                 return

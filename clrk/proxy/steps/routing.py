@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 
 from mitmproxy import http
 
+from clrk.cost import format_usd
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
 from clrk.providers.base import ProviderParser
@@ -131,17 +132,57 @@ class ProviderRouting:
             return False
         tokens = estimate(tx.genai, budget)
         tx.budget_reserved = min(tokens, INT64_MAX)
-        tx.reservation = ledger.admit(pool, budget.max_tokens_per_day, tokens)
+        cost, rate = 0.0, 0.0
+        if budget.max_cost_per_day is not None:
+            tx.budget_max_cost = budget.max_cost_per_day
+            tx.budget_used_cost = ledger.used_cost_today(pool)
+            priced = self._admission_rate(tx, rule, tokens)
+            if isinstance(priced, str):
+                self._deny(flow, tx, Decision(False, rule.ref, f"a dollar budget cannot bound calls to {priced}: it has "
+                                                               "no known price (a ModelPricing entry can give it one)", 403))
+                return False
+            rate = priced
+            cost = tokens * rate
+        tx.reservation = ledger.admit(pool, budget.max_tokens_per_day, tokens, budget.max_cost_per_day, cost)
         if tx.reservation is None:
             tx.budget_denied = True
             tx.budget_used = ledger.used_today(pool)
-            mx, left = budget.max_tokens_per_day, max(0, ledger.left(pool, budget.max_tokens_per_day))
-            more = (f"more than the whole day's {mx}" if tokens > mx else f"and {left} of the day's {mx} are left")
+            mx = budget.max_tokens_per_day
+            if mx is not None and ledger.left(pool, mx) < max(tokens, 1):
+                left = max(0, ledger.left(pool, mx))
+                more = (f"more than the whole day's {mx}" if tokens > mx else f"and {left} of the day's {mx} are left")
+                what = f"{tokens} tokens, {more}"
+            else:
+                mc = budget.max_cost_per_day
+                assert mc is not None
+                left_usd = max(0.0, ledger.left_cost(pool, mc))
+                more = (f"more than the whole day's ${mc:g}" if cost > mc
+                        else f"and {format_usd(left_usd)} of the day's ${mc:g} are left")
+                what = f"{format_usd(cost)} ({tokens} tokens at {format_usd(rate * 1e6)} per million), {more}"
             self._deny(flow, tx, Decision(False, rule.ref, f"token budget exceeded for route {rule.route_name}: this "
-                                                           f"request may cost up to {tokens} tokens, {more}", 429))
+                                                           f"request may cost up to {what}", 429))
             return False
         tx.budget_used = ledger.used_today(pool)
         return True
+
+    def _admission_rate(self, tx: Transaction, rule: ProviderRule, tokens: int) -> float | str:
+        """USD per token a dollar budget reserves the call's estimate at: the dearest token price of every model
+        that may serve it (the one asked for, or a Backend's rewrite of it); or the model without a price."""
+        genai, policy = tx.genai, self.rt.policy
+        model = genai.result.request_model if genai is not None else None
+        if genai is None or policy is None or not isinstance(model, str) or not model:
+            return "a model the gateway cannot name"
+        models = {model}
+        for backend, weight in rule.backends:
+            if weight > 0:
+                models.add(backend.rewrite_model(model) or model)
+        rate = 0.0
+        for m in sorted(models):
+            price = policy.pricing.price(genai.result.system, m, tx.start)
+            if price is None:
+                return f"model {m[:200]}"
+            rate = max(rate, price.highest_rate(tokens))
+        return rate
 
     def _deny(self, flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
         refuse(flow, tx, d)
