@@ -368,15 +368,16 @@ def _sse_times(stack: Stack, via: str | None, n: int, delay: float) -> list[tupl
     return out
 
 
-def bench_sse(stack: Stack, rounds: int) -> str:
+def bench_sse(stack: Stack, rounds: int, connections: int | None = None) -> str:
     targets = {"direct": None, "bare": stack.proxy("bare"), "clrk": stack.proxy("clrk")}
     n, delay = 10, 0.05
+    connections = connections or rounds * 5
     got: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in targets}
-    for r in range(rounds * 5):
+    for r in range(connections):
         order = list(targets) if r % 2 == 0 else list(reversed(targets))
         for name in order:
             got[name].append(_sse_times(stack, targets[name], n, delay))
-    lines = [f"{n} events {int(delay * 1000)} ms apart; {rounds * 5} client connections per path, two streams on "
+    lines = [f"{n} events {int(delay * 1000)} ms apart; {connections} client connections per path, two streams on "
              "each (the first opens the upstream connection, the second reuses it); medians.", "",
              "| path | first stream: first event ms | second stream: first event ms | vs direct | total ms |",
              "|---|---:|---:|---:|---:|"]
@@ -577,8 +578,8 @@ def main() -> None:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     download, transactions, store_rows = 2**30, 100_000, 1_000_000
     if args.smoke:
-        args.rounds, args.seconds = 1, 1.0
-        download, transactions, store_rows = 20 * 2**20, 2_000, 20_000
+        args.rounds, args.seconds = 1, 0.4
+        download, transactions, store_rows = 8 * 2**20, 500, 5_000
     concs = [int(c) for c in args.concurrency.split(",")]
     hey = ensure_hey()
     stamp = f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {machine()}."
@@ -597,7 +598,7 @@ def main() -> None:
                     sections["throughput"] = f"{stamp} Command: {cmd}.\n\n" + bench_throughput(
                         hey, stack, args.rounds, args.seconds, concs, [*stack.bares, "clrk"])
                 if "sse" in only:
-                    sections["sse"] = f"{stamp}\n\n" + bench_sse(stack, args.rounds)
+                    sections["sse"] = f"{stamp}\n\n" + bench_sse(stack, args.rounds, 1 if args.smoke else None)
                 if "memory" in only:
                     sections["memory"] = f"{stamp}\n\n" + bench_memory(hey, stack, download, transactions)
         if "otlp" in only:
