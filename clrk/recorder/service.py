@@ -49,7 +49,7 @@ class Recorder:
         self.socket_path = socket_path
         self.parent_pid = parent_pid
         self.store = Store(db_path)
-        self.exporter = Exporter()
+        self.exporter = Exporter(store_stats=lambda: (self.written, self.dropped))
         self.buffer: deque[dict] = deque()  # raw transaction facts, expanded into records when written
         self.unwritten: list[dict] = []  # records DuckDB refused, retried (bounded: MAX_BUFFERED_ROWS)
         self.store_error: str | None = None
@@ -116,6 +116,7 @@ class Recorder:
             log.warning("record %s could not be built whole; stored what could be read of it", record_ids(raw),
                         exc_info=True)
             rows.append(row)
+        self.exporter.sample(rows)  # before the store: each row says whether its span and log were exported
         return rows
 
     def _bound_buffer(self) -> None:
