@@ -20,9 +20,12 @@ import pytest
 from opentelemetry import trace
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -86,8 +89,34 @@ def test_receiver_takes_otlp_json_and_gzip_and_rejects_garbage():
                           headers={"content-type": "application/json", "content-encoding": "gzip"})
         assert resp.status_code == 200 and r.logs[0]["body"] == "hi" and r.logs[0]["span_id"] == span_id
         assert httpx.post(f"{r.endpoint}/v1/traces", content=b"\xff\x00garbage", headers={"content-type": "application/x-protobuf"}).status_code == 400
-        assert httpx.post(f"{r.endpoint}/v1/metrics", content=b"").status_code == 404
-        assert r.received["rejected"] == 1
+        assert httpx.post(f"{r.endpoint}/v1/profiles", content=b"").status_code == 404
+        assert httpx.post(f"{r.endpoint}/v1/metrics", content=b"\xff\x00garbage").status_code == 400
+        assert r.received["rejected"] == 2
+    finally:
+        r.stop()
+
+
+def test_receiver_keeps_the_latest_value_of_each_metric_series_the_sdk_exports():
+    r = OtlpReceiver(port=0).start()
+    try:
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{r.endpoint}/v1/metrics"),
+                                               export_interval_millis=3_600_000)
+        mp = MeterProvider(metric_readers=[reader], resource=Resource.create({"clrk.gateway.name": "g"}))
+        meter = mp.get_meter("t")
+        c = meter.create_counter("clrk.egress.requests", unit="{request}")
+        h = meter.create_histogram("http.client.request.duration", unit="s", explicit_bucket_boundaries_advisory=[0.1, 1])
+        c.add(2, {"clrk.decision": "allow"})
+        c.add(1, {"clrk.decision": "deny"})
+        h.record(0.5, {"http.request.method": "GET"})
+        mp.force_flush()
+        c.add(3, {"clrk.decision": "allow"})
+        mp.shutdown()  # exports once more: cumulative, so the latest point is the total
+        got = {(p["name"], tuple(p["attributes"].items())): p for p in r.metrics.values()}
+        assert got[("clrk.egress.requests", (("clrk.decision", "allow"),))]["value"] == 5
+        assert got[("clrk.egress.requests", (("clrk.decision", "deny"),))]["value"] == 1
+        hist = got[("http.client.request.duration", (("http.request.method", "GET"),))]
+        assert (hist["count"], hist["sum"], hist["bounds"], hist["buckets"], hist["unit"]) == (1, 0.5, [0.1, 1.0], [0, 1, 0], "s")
+        assert r.received["metrics"] == 6 and r.received["rejected"] == 0
     finally:
         r.stop()
 
