@@ -61,6 +61,7 @@ def test_instruments_units_buckets_and_values_of_known_rows():
     ]
     for i, r in enumerate(rows):
         m.record(r, exported=i % 2 == 0)
+    m.commit()  # counters are summed per batch, then handed to the SDK
     got = collect(reader)
 
     unit, points = got["gen_ai.client.token.usage"]
@@ -121,6 +122,7 @@ def test_a_pool_seen_yesterday_reports_nothing_used_today():
     m = GatewayMetrics(Resource.create({}), [reader])
     m.record(chat(**{A.TIME: NOW - 86400 * 2, A.CLRK_BUDGET_POOL: "p", A.CLRK_BUDGET_DAILY_USED: 500,
                      A.CLRK_BUDGET_DAILY_MAX: 1000}), exported=None)
+    m.commit()
     got = collect(reader)
     assert [p.value for p in got["clrk.budget.tokens.used"][1]] == [0]
     assert "clrk.export.records" not in got  # no span export, no sampling decision to count

@@ -263,12 +263,14 @@ class Exporter:
     def export(self, rows: list[Mapping]) -> int:
         n = 0
         with self._lock:
+            counted: set[str] = set()
             for row in rows:
                 p = self.pipelines.get(row.get(A.CLRK_GATEWAY_NAME) or "")
                 if p is None:
                     continue
                 sampled = row.get(A.CLRK_EXPORT_SAMPLED)
                 if p.metrics is not None:
+                    counted.add(row.get(A.CLRK_GATEWAY_NAME) or "")
                     try:
                         p.metrics.record(row, sampled if p.tracing else None)
                     except Exception:  # one bad row must not stop the metrics of the others
@@ -280,6 +282,11 @@ class Exporter:
                     n += 1
                 except Exception:  # one bad row must not stop the export of the others
                     log.exception("could not build OTLP span for a record")
+            for name in counted:
+                try:
+                    self.pipelines[name].metrics.commit()  # type: ignore[union-attr]
+                except Exception:
+                    log.exception("could not count a batch of records in the metrics")
         return n
 
     def shutdown(self, timeout: float) -> None:

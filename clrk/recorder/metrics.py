@@ -13,9 +13,9 @@ docs/METRICS.md lists every instrument.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -60,10 +60,6 @@ _SAMPLED = {True: {A.CLRK_EXPORT_SAMPLED: True}, False: {A.CLRK_EXPORT_SAMPLED: 
 _INPUT, _OUTPUT = "input", "output"
 
 
-def _today(now: float | None = None) -> dt.date:
-    return (dt.datetime.now(dt.UTC) if now is None else dt.datetime.fromtimestamp(now, dt.UTC)).date()
-
-
 class GatewayMetrics:
     """The instruments of one EgressGateway and the MeterProvider that exports them to `readers`."""
 
@@ -93,8 +89,10 @@ class GatewayMetrics:
                                                description="Response body bytes on the wire, upstream to agent.")
         self.export_records = m.create_counter(
             EXPORT_RECORDS, unit="{record}", description="Records whose span and log were exported, or not (sampling).")
+        self._counts: dict[tuple, list[int]] = {}  # counter attributes -> [requests, bytes up, bytes down]
+        self._exported = {True: 0, False: 0}
         self._lock = threading.Lock()
-        self.budgets: dict[str, tuple[dt.date, int, int | None]] = {}  # pool -> (day, used, max)
+        self.budgets: dict[str, tuple[int, int, int | None]] = {}  # pool -> (UTC day number, used, max)
         m.create_observable_gauge(BUDGET_USED, [self._observe_used], unit="{token}",
                                   description="Tokens a budget pool has used today (UTC).")
         m.create_observable_gauge(BUDGET_LIMIT, [self._observe_limit], unit="{token}",
@@ -113,28 +111,21 @@ class GatewayMetrics:
                                         description="Records that could not be stored.")
 
     def record(self, row: Mapping, exported: bool | None) -> None:
-        """Counts one stored transaction; `exported` is its sampling decision (None: the gateway exports no spans)."""
+        """Counts one stored transaction; `exported` is its sampling decision (None: the gateway exports no spans).
+        Histograms are recorded at once; counters are summed here per attribute set and handed to the SDK by
+        `commit` (once per batch: an SDK call costs microseconds, a dict update a fraction of one)."""
         status = row.get(A.HTTP_RESPONSE_STATUS_CODE)
         error = row.get(A.ERROR_TYPE)
         decision = row.get(A.CLRK_DECISION)
-        attrs = {A.CLRK_DECISION: decision or "none"}
-        rule = row.get(A.CLRK_DECISION_RULE)
-        if rule:
-            attrs[A.CLRK_DECISION_RULE] = rule
-        agent = row.get(A.AGENT_NAME)
-        if agent is not None:
-            attrs[A.AGENT_NAMESPACE] = row.get(A.AGENT_NAMESPACE)
-            attrs[A.AGENT_NAME] = agent
-        if status is not None:
-            attrs[A.HTTP_RESPONSE_STATUS_CODE] = status
-        self.requests.add(1, attrs)
-        up, down = row.get(A.CLRK_REQ_BYTES), row.get(A.CLRK_RESP_BYTES)
-        if up:
-            self.request_bytes.add(up, attrs)
-        if down:
-            self.response_bytes.add(down, attrs)
+        key = (decision, row.get(A.CLRK_DECISION_RULE), row.get(A.AGENT_NAMESPACE), row.get(A.AGENT_NAME), status)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += row.get(A.CLRK_REQ_BYTES) or 0
+        counts[2] += row.get(A.CLRK_RESP_BYTES) or 0
         if exported is not None:
-            self.export_records.add(1, _SAMPLED[exported])
+            self._exported[exported] += 1
 
         seconds = (row.get(A.CLRK_DURATION_MS) or 0.0) / 1000.0
         if decision == "allow":
@@ -150,11 +141,33 @@ class GatewayMetrics:
                 self._gen_ai(row, op, error, seconds)
         pool = row.get(A.CLRK_BUDGET_POOL)
         if pool is not None and row.get(A.CLRK_BUDGET_DAILY_USED) is not None:
-            day = _today(row.get(A.TIME))
+            day = int((row.get(A.TIME) or 0) // 86400)  # the UTC day
             with self._lock:
                 seen = self.budgets.get(pool)
                 if seen is None or seen[0] <= day:
                     self.budgets[pool] = (day, row[A.CLRK_BUDGET_DAILY_USED], row.get(A.CLRK_BUDGET_DAILY_MAX))
+
+    def commit(self) -> None:
+        """Hands the counts summed by `record` since the last commit to the SDK."""
+        counts, self._counts = self._counts, {}
+        for (decision, rule, namespace, agent, status), (n, up, down) in counts.items():
+            attrs = {A.CLRK_DECISION: decision or "none"}
+            if rule:
+                attrs[A.CLRK_DECISION_RULE] = rule
+            if agent is not None:
+                attrs[A.AGENT_NAMESPACE] = namespace
+                attrs[A.AGENT_NAME] = agent
+            if status is not None:
+                attrs[A.HTTP_RESPONSE_STATUS_CODE] = status
+            self.requests.add(n, attrs)
+            if up:
+                self.request_bytes.add(up, attrs)
+            if down:
+                self.response_bytes.add(down, attrs)
+        for sampled in (True, False):
+            if self._exported[sampled]:
+                self.export_records.add(self._exported[sampled], _SAMPLED[sampled])
+                self._exported[sampled] = 0
 
     def _gen_ai(self, row: Mapping, op: str, error: str | None, seconds: float) -> None:
         attrs = {A.GEN_AI_OPERATION_NAME: op}
@@ -175,7 +188,7 @@ class GatewayMetrics:
         self.operation_duration.record(seconds, attrs)
 
     def _observe_used(self, options: CallbackOptions):
-        today = _today()
+        today = int(time.time() // 86400)
         with self._lock:
             pools = list(self.budgets.items())
         return [Observation(used if day == today else 0, {A.CLRK_BUDGET_POOL: pool}) for pool, (day, used, _) in pools]
