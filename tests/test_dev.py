@@ -186,7 +186,8 @@ async def _until(pilot, cond, timeout: float = 15.0) -> None:
 def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
     inv = new_invocation()
     assert session.receiver is not None
-    app = DevApp(RecordFeed(session.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status)
+    app = DevApp(RecordFeed(session.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status,
+                 metrics=session.receiver.metrics)
 
     async def drive():
         async with app.run_test(size=(200, 50)) as pilot:
@@ -231,6 +232,23 @@ def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
             budgets = app.query_one("#budget-table", DataTable)
             await _until(pilot, lambda: budgets.row_count >= 1)
             assert str(budgets.get_row_at(0)[2]) == "100000"
+
+            # The tee's metrics (every 5 s), the latest value of each series.
+            await pilot.press("5")
+            metrics = app.query_one("#metrics-table", DataTable)
+
+            def shown() -> dict[str, list[str]]:
+                out: dict[str, list[str]] = {}
+                for i in range(metrics.row_count):
+                    row = [str(c) for c in metrics.get_row_at(i)]
+                    out.setdefault(row[0], []).append(f"{row[2]} | {row[3]}")
+                return out
+
+            await _until(pilot, lambda: "gen_ai.client.token.usage" in shown(), timeout=20)
+            m = shown()
+            assert any("gen_ai.token.type=output" in r and "sum 3," in r for r in m["gen_ai.client.token.usage"])
+            assert any("clrk.decision=deny" in r for r in m["clrk.egress.requests"])
+            assert not any(inv in r or "sk-tui-SECRET" in r for rows in m.values() for r in rows)
 
             # Filter by invocation; then by an agent with no traffic: nothing shows.
             await pilot.press("1", "slash")

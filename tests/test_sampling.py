@@ -9,8 +9,10 @@ import pytest
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from clrk import attributes as A
+from clrk.policy import PolicyError
 from clrk.policy.models import EgressGateway
 from clrk.recorder.sampling import Sampler, trace_kept
+from tests.harness.util import compile_policy
 
 rng = random.Random(16)
 
@@ -147,3 +149,24 @@ def test_the_policy_fields():
                 {"otlp": {"metrics": {"intervalSeconds": 0}}}, {"otlp": {"sampling": {"rate": 0.1}}}):
         with pytest.raises(ValueError):
             EgressGateway.model_validate({"kind": "EgressGateway", "metadata": {"name": "g"}, "spec": bad})
+
+
+def _gw(name: str, **spec) -> dict:
+    return {"apiVersion": "clrk.apoxy.dev/v1alpha1", "kind": "EgressGateway", "metadata": {"name": name}, "spec": spec}
+
+
+def test_what_the_recorder_is_sent_and_a_prometheus_port_taken_twice():
+    p = compile_policy(_gw("g", listeners=[{"name": "l", "port": 8080}],
+                           otlp={"sampling": {"ratio": 0.5, "keepRules": ["EgressRoute/*"]}, "metrics": {"enabled": False}},
+                           metrics={"prometheus": {"address": "0.0.0.0", "port": 9464}}))
+    t = p.gateways[0].telemetry
+    assert t["metrics"] is None and t["prometheus"] == ["0.0.0.0", 9464]
+    assert Sampler(t["sampling"]).config() == Sampler({"ratio": 0.5, "keep_rules": ["EgressRoute/*"]}).config()
+    assert compile_policy(_gw("g")).gateways[0].telemetry["metrics"] == 60.0
+    for docs in ([_gw("g", listeners=[{"name": "l", "port": 9464}], metrics={"prometheus": {"port": 9464}})],
+                 [_gw("a", listeners=[{"name": "l", "port": 8080}], metrics={"prometheus": {"port": 9464}}),
+                  _gw("b", listeners=[{"name": "l", "port": 8081}], metrics={"prometheus": {"port": 9464}})],
+                 [_gw("a", listeners=[{"name": "l", "port": 8080}], metrics={"prometheus": {"port": 9464}}),
+                  _gw("b", listeners=[{"name": "l", "port": 9464}])]):
+        with pytest.raises(PolicyError, match="port 9464 is already used"):
+            compile_policy(*docs)
