@@ -3,18 +3,23 @@ reader: names, units, advisory buckets, attributes and exact values for known ro
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 
+import httpx
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.resources import Resource
 
 from clrk import attributes as A
+from clrk.recorder.export import Exporter
 from clrk.recorder.metrics import (
     GEN_AI_DURATION_BUCKETS,
     HTTP_DURATION_BUCKETS,
     TOKEN_BUCKETS,
     GatewayMetrics,
 )
+from tests.harness.gateway import free_port
 
 NOW = time.time()
 
@@ -130,3 +135,27 @@ def test_a_pool_seen_yesterday_reports_nothing_used_today():
     m.record(chat(**{A.TIME: NOW - 86400, A.CLRK_BUDGET_POOL: "p", A.CLRK_BUDGET_DAILY_USED: 900}), None)  # late, older
     assert [p.value for p in collect(reader)["clrk.budget.tokens.used"][1]] == [7]
     m.shutdown()
+
+
+def test_a_prometheus_port_in_use_is_said_and_the_rest_goes_on(caplog):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    exporter = Exporter()
+    try:
+        with caplog.at_level(logging.ERROR, logger="clrk.export"):
+            exporter.configure({"g": {"endpoint": "", "prometheus": ["127.0.0.1", port]},
+                                "h": {"endpoint": "", "prometheus": ["127.0.0.1", free_port()]}}, "")
+        assert f"cannot serve Prometheus metrics on 127.0.0.1:{port}" in caplog.text
+        assert "is the port in use" in caplog.text
+        row = {A.TIME: NOW, A.CLRK_GATEWAY_NAME: "h", A.CLRK_DECISION: "deny", A.CLRK_DURATION_MS: 1.0}
+        exporter.sample([row])
+        assert A.CLRK_EXPORT_SAMPLED not in row  # h exports no spans: no sampling decision
+        assert exporter.export([row, {**row, A.CLRK_GATEWAY_NAME: "g"}]) == 0
+        h = exporter.pipelines["h"].prometheus
+        text = httpx.get(f"http://127.0.0.1:{h.port}/metrics", trust_env=False, timeout=10).text
+        assert 'clrk_egress_requests_total{clrk_decision="deny"' in text
+    finally:
+        exporter.shutdown(5.0)
+        taken.close()
