@@ -18,7 +18,7 @@ from clrk.recorder.sampling import ratio_bound, trace_kept
 from tests.harness import fake_provider
 from tests.harness.gateway import Gateway, agent_docs, free_port, gateway_doc, route
 from tests.harness.otlp import OtlpReceiver
-from tests.harness.util import new_invocation
+from tests.harness.util import new_invocation, wait_for
 
 OPENAI = "api.openai.com"
 BUDGET_MAX = 200
@@ -225,3 +225,18 @@ def test_hostile_scrapes_do_not_stop_the_prometheus_endpoint(gw, setup):
         assert "clrk_records_stored_total" in scrape(port)
     finally:
         idle.close()
+
+
+def test_after_a_restart_the_budget_gauges_start_from_the_store(gw, setup):
+    """Last: it restarts the module's gateway. The pool charged by the first test shows at once, no traffic."""
+    port = setup[1]
+    before = prom_sum(scrape(port), "clrk_budget_tokens_used")
+    assert before > 0
+    line = f"Prometheus metrics on http://127.0.0.1:{port}/metrics"
+    gw.stop()
+    gw.start()
+    wait_for(lambda: gw.log().count(line) >= 3, "the restarted recorder's Prometheus endpoint")  # start, reload, restart
+    text = scrape(port)
+    assert prom_sum(text, "clrk_budget_tokens_used") == before
+    assert prom_sum(text, "clrk_budget_tokens_limit") == BUDGET_MAX
+    assert "clrk_egress_requests_total" not in text  # nothing counted since the restart

@@ -86,7 +86,7 @@ class Pipeline:
     it: {"metrics": interval seconds or None, "sampling": {...}, "prometheus": [address, port] or None}."""
 
     def __init__(self, gateway: str, targets: list[tuple[str, Mapping[str, str]]], telemetry: Mapping | None = None,
-                 dev_endpoint: str = "", store_stats=None):
+                 dev_endpoint: str = "", store_stats=None, budgets: list[dict] | None = None):
         telemetry = telemetry or {}
         self.targets = targets
         self.key = (targets, repr(sorted(telemetry.items())))
@@ -135,6 +135,13 @@ class Pipeline:
             except RuntimeError as e:  # the rest of the export works without it
                 log.error("gateway %s: %s", gateway, e)
         self.metrics = GatewayMetrics(resource, readers, self.export_stats, store_stats) if readers else None
+        if self.metrics is not None and budgets:
+            self.metrics.seed_budgets(budgets)
+        if self.prometheus is not None:
+            try:
+                self.prometheus.serve()  # last: the first scrape sees the gauges filled in
+            except RuntimeError as e:
+                log.error("gateway %s: %s", gateway, e)
 
     def export_stats(self) -> tuple[int, int]:
         """(spans and log records waiting in the export queues, dropped by them so far)."""
@@ -210,7 +217,9 @@ class Exporter:
         self._retired_dropped = 0
         self.store_stats = store_stats
 
-    def configure(self, gateways: Mapping[str, Mapping], fallback: str) -> None:
+    def configure(self, gateways: Mapping[str, Mapping], fallback: str, budgets: list[dict] | None = None) -> None:
+        """(Re)builds the pipelines whose settings changed. `budgets` is today's usage per pool from the store
+        (`fetch_budgets`), for the gauges of new pipelines."""
         fallback = fallback.rstrip("/") if fallback else ""
         wanted: dict[str, tuple[list, Mapping]] = {}
         for name, cfg in gateways.items():
@@ -231,7 +240,7 @@ class Exporter:
             new = dict(keep)
             for name, (targets, telemetry) in wanted.items():
                 if name not in new:
-                    new[name] = Pipeline(name, targets, telemetry, fallback, self.store_stats)
+                    new[name] = Pipeline(name, targets, telemetry, fallback, self.store_stats, budgets)
             self._retired_dropped += sum(p.dropped for p in retired)
             self.pipelines = new
         for p in retired:

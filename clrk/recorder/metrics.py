@@ -149,6 +149,15 @@ class GatewayMetrics:
                 if seen is None or seen[0] <= day:
                     self.budgets[pool] = (day, row[A.CLRK_BUDGET_DAILY_USED], row.get(A.CLRK_BUDGET_DAILY_MAX))
 
+    def seed_budgets(self, pools: list[dict]) -> None:
+        """Today's usage per pool as the store has it (`clrk.recorder.store.fetch_budgets` since the start of
+        the UTC day), for pools no record has shown yet: the gauges are right from the recorder's start."""
+        today = int(time.time() // 86400)
+        with self._lock:
+            for p in pools:
+                if p.get("pool") is not None and p["pool"] not in self.budgets:
+                    self.budgets[p["pool"]] = (today, int(p.get("used_tokens") or 0), p.get("max_tokens"))
+
     def commit(self) -> None:
         """Hands the counts summed by `record` since the last commit to the SDK."""
         counts, self._counts = self._counts, {}
@@ -227,6 +236,7 @@ def otlp_reader(endpoint: str, headers: Mapping[str, str], interval_s: float) ->
 
 class PrometheusEndpoint:
     """`http://address:port/metrics` in the recorder process, with a registry of its own (one per gateway).
+    Its reader is made first (the MeterProvider needs it); `serve` opens the port once the metrics are ready.
 
     Built on opentelemetry-exporter-prometheus (the `prometheus` extra): the same SDK instruments as OTLP,
     translated to Prometheus names by the OTel project's own rules (units as suffixes, `_total`)."""
@@ -234,21 +244,27 @@ class PrometheusEndpoint:
     def __init__(self, address: str, port: int):
         try:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry
         except ImportError as e:
             raise RuntimeError("spec.metrics.prometheus needs opentelemetry-exporter-prometheus: "
                                "pip install 'clrk[prometheus]'") from e
         self.registry = CollectorRegistry(auto_describe=False)
         self.reader = PrometheusMetricReader(registry=self.registry)
-        try:
-            self.server, self.thread = start_http_server(port, addr=address, registry=self.registry)
-        except OSError as e:
-            self.reader.shutdown()
-            raise RuntimeError(f"cannot serve Prometheus metrics on {address}:{port} ({e.strerror}): "
-                               "is the port in use? Change spec.metrics.prometheus.port") from e
         self.address, self.port = address, port
-        log.info("Prometheus metrics on http://%s:%d/metrics", address, port)
+        self.server = None
+
+    def serve(self) -> None:
+        from prometheus_client import start_http_server
+
+        try:
+            self.server, self.thread = start_http_server(self.port, addr=self.address, registry=self.registry)
+        except OSError as e:
+            raise RuntimeError(f"cannot serve Prometheus metrics on {self.address}:{self.port} ({e.strerror}): "
+                               "is the port in use? Change spec.metrics.prometheus.port") from e
+        log.info("Prometheus metrics on http://%s:%d/metrics", self.address, self.port)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None

@@ -166,7 +166,12 @@ class Recorder:
                     self.redact_query = self.redact_query | frozenset(msg.get("redact_query") or ())
                     self.redactor = Redactor(self.redact_headers, self.redact_query)
                     try:
-                        await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "")
+                        try:  # today's usage per pool, so budget gauges are right before any new record
+                            budgets = await asyncio.to_thread(self._read, "budgets", {"since": time.time() // 86400 * 86400})
+                        except Exception:
+                            budgets = []
+                        await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "",
+                                                budgets)
                     except Exception:  # export is best effort: the store keeps working without it
                         log.exception("cannot set up OTLP export")
                 elif t == "flush":
