@@ -16,7 +16,7 @@ from clrk import attributes as A
 from clrk.recorder.metrics import GEN_AI_DURATION_BUCKETS, HTTP_DURATION_BUCKETS, TOKEN_BUCKETS
 from clrk.recorder.sampling import ratio_bound, trace_kept
 from tests.harness import fake_provider
-from tests.harness.gateway import Gateway, agent_docs, free_port, gateway_doc, route
+from tests.harness.gateway import Gateway, agent_docs, exchange, free_port, gateway_doc, route, status_of
 from tests.harness.otlp import OtlpReceiver
 from tests.harness.util import new_invocation, wait_for
 
@@ -225,6 +225,29 @@ def test_hostile_scrapes_do_not_stop_the_prometheus_endpoint(gw, setup):
         assert "clrk_records_stored_total" in scrape(port)
     finally:
         idle.close()
+
+
+def test_an_agent_spraying_methods_paths_and_ids_adds_no_series(gw, setup):
+    """Raw requests with invented methods, random paths, queries and invocation ids: none becomes a label."""
+    port = setup[1]
+    before = scrape(port)
+    series = {line.split(" ")[0] for line in before.splitlines() if line.startswith("http_client_request_duration_seconds_count")}
+    rng = random.Random(3)
+    marks = []
+    for i in range(12):
+        method = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(6)) if i % 2 else "GET"
+        mark = f"spray{rng.getrandbits(40):x}"
+        marks.append(mark)
+        raw = (f"{method} /ok/{mark}?q={mark} HTTP/1.1\r\nHost: allowed.test\r\nclrk-invocation-id: {mark}\r\n"
+               f"Connection: close\r\n\r\n").encode()
+        assert status_of(exchange(gw, raw)) in (200, 501)  # the upstream's answer: it was let through
+    gw.wait_record(invocation=marks[-1])
+    text = scrape(port)
+    methods = set(re.findall(r'http_request_method="([^"]*)"', text))
+    assert methods <= {"GET", "POST", "_OTHER"} and "_OTHER" in methods
+    assert not any(m in text for m in marks)
+    after = {line.split(" ")[0] for line in text.splitlines() if line.startswith("http_client_request_duration_seconds_count")}
+    assert len(after - series) <= 2  # GET 200 and _OTHER 501 at most, not one per method or path
 
 
 def test_after_a_restart_the_budget_gauges_start_from_the_store(gw, setup):
