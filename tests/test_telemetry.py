@@ -24,11 +24,11 @@ OPENAI = "api.openai.com"
 BUDGET_MAX = 200
 
 
-def policy(pki, upstream, endpoint: str, prom_port: int, ratio: float) -> list[dict]:
+def policy(pki, upstream, endpoint: str, prom_port: int, ratio: float, parent_based: bool = False) -> list[dict]:
     gw = gateway_doc(endpoint=endpoint, aliases={OPENAI: upstream.address, "allowed.test": upstream.address,
                                                  "denied.test": upstream.address}, ca_bundle=str(pki[0]))
     gw["spec"]["otlp"]["metrics"] = {"intervalSeconds": 1}
-    gw["spec"]["otlp"]["sampling"] = {"ratio": ratio}
+    gw["spec"]["otlp"]["sampling"] = {"ratio": ratio, "parentBased": parent_based}
     gw["spec"]["metrics"] = {"prometheus": {"port": prom_port}}
     apr = {"apiVersion": "clrk.apoxy.dev/v1alpha1", "kind": "AIProviderRoute",
            "metadata": {"name": "openai", "namespace": "team-a"},
@@ -209,6 +209,24 @@ def test_ratio_half_keeps_whole_traces_by_trace_id_after_a_reload(gw, setup, rx,
     assert prom_sum(scrape(setup[1]), "clrk_egress_requests_total") == len(rows) + 1
 
 
+def test_parent_based_follows_the_agents_sampled_flag_through_the_gateway(gw, setup, rx, pki, upstream):
+    reloads = gw.log().count("policy reloaded")
+    gw.write_policy(policy(pki, upstream, rx.endpoint, setup[1], 0.0, parent_based=True))
+    wait_for(lambda: gw.log().count("policy reloaded") > reloads, "the reload")
+    inv = new_invocation("parent")
+    t_on, t_off = "4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c"
+    with gw.client() as c:
+        for t, flags in ((t_on, "01"), (t_off, "00")):
+            r = c.get("https://allowed.test/ok", headers={"clrk-invocation-id": inv, "traceparent": f"00-{t}-00f067aa0ba902b7-{flags}"})
+            assert r.status_code == 200
+        assert c.get("https://allowed.test/ok", headers={"clrk-invocation-id": inv}).status_code == 200  # no traceparent
+    rows = {r[A.TRACE_ID]: r for r in gw.wait_records(3, invocation=inv)}
+    assert rows[t_on][A.CLRK_EXPORT_SAMPLED] is True and rows[t_off][A.CLRK_EXPORT_SAMPLED] is False
+    (own,) = [r for t, r in rows.items() if t not in (t_on, t_off)]
+    assert own[A.CLRK_EXPORT_SAMPLED] is False  # no agent flag: the ratio (0) decides
+    assert rows[t_on][A.REQUEST_HEADERS]["traceparent"].endswith("-01")
+
+
 def test_hostile_scrapes_do_not_stop_the_prometheus_endpoint(gw, setup):
     port = setup[1]
     with httpx.Client(trust_env=False, timeout=10) as c:
@@ -256,9 +274,10 @@ def test_after_a_restart_the_budget_gauges_start_from_the_store(gw, setup):
     before = prom_sum(scrape(port), "clrk_budget_tokens_used")
     assert before > 0
     line = f"Prometheus metrics on http://127.0.0.1:{port}/metrics"
+    served = gw.log().count(line)
     gw.stop()
     gw.start()
-    wait_for(lambda: gw.log().count(line) >= 3, "the restarted recorder's Prometheus endpoint")  # start, reload, restart
+    wait_for(lambda: gw.log().count(line) > served, "the restarted recorder's Prometheus endpoint")
     text = scrape(port)
     assert prom_sum(text, "clrk_budget_tokens_used") == before
     assert prom_sum(text, "clrk_budget_tokens_limit") == BUDGET_MAX
