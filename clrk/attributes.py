@@ -66,6 +66,8 @@ CLRK_DECISION_RULE: Final = "clrk.decision.rule"
 CLRK_DECISION_REASON: Final = "clrk.decision.reason"
 CLRK_RECORD_ESCAPED: Final = "clrk.record.escaped"  # fields whose bytes were not UTF-8, escaped as clrk.escape says
 CLRK_RECORD_INCOMPLETE: Final = "clrk.record.incomplete"  # why values this record should hold are missing
+CLRK_EXPORT_SAMPLED: Final = "clrk.export.sampled"  # its span and log were exported (spec.otlp.sampling); record only
+CLRK_RESP_FIRST_CHUNK_MS: Final = "clrk.resp.first_chunk_ms"  # streamed answers: request start to first body bytes
 
 # --- agent identity ---
 AGENT_KIND: Final = "agent.kind"
@@ -134,6 +136,7 @@ COLUMNS: Final[dict[str, str]] = {
     CLRK_BODY_USAGE_VISIBLE: "BOOLEAN",
     CLRK_BODY_REQUEST_REWRITTEN: "BOOLEAN",
     CLRK_DURATION_MS: "DOUBLE",
+    CLRK_RESP_FIRST_CHUNK_MS: "DOUBLE",
     CLRK_BUDGET_DENIED: "BOOLEAN",
     CLRK_BUDGET_DAILY_USED: "BIGINT",
     CLRK_BUDGET_DAILY_MAX: "BIGINT",
@@ -149,6 +152,7 @@ COLUMNS: Final[dict[str, str]] = {
     CLRK_DECISION_REASON: "VARCHAR",
     CLRK_RECORD_ESCAPED: "VARCHAR[]",
     CLRK_RECORD_INCOMPLETE: "VARCHAR",
+    CLRK_EXPORT_SAMPLED: "BOOLEAN",
     AGENT_KIND: "VARCHAR",
     AGENT_NAMESPACE: "VARCHAR",
     AGENT_NAME: "VARCHAR",
@@ -164,7 +168,8 @@ COLUMNS: Final[dict[str, str]] = {
 
 # Keys that describe the record itself rather than the transaction: not span/log attributes.
 NON_ATTRIBUTE_KEYS: Final = frozenset(
-    {TIME, END_TIME, TRACE_ID, SPAN_ID, PARENT_SPAN_ID, REQUEST_HEADERS, RESPONSE_HEADERS, REQUEST_BODY, RESPONSE_BODY}
+    {TIME, END_TIME, TRACE_ID, SPAN_ID, PARENT_SPAN_ID, REQUEST_HEADERS, RESPONSE_HEADERS, REQUEST_BODY, RESPONSE_BODY,
+     CLRK_EXPORT_SAMPLED}
 )
 ATTRIBUTE_KEYS: Final = tuple(k for k in COLUMNS if k not in NON_ATTRIBUTE_KEYS)
 

@@ -45,5 +45,6 @@ class Snapshot(TypedDict):
     budget: NotRequired[tuple[str, bool, int | None, int | None, int | None]]  # pool, denied, max, used, charged
     budget_reserved: NotRequired[int | None]
     budget_cost: NotRequired[tuple[float | None, float | None, float | None]]  # USD: max, used today, charged
+    first_chunk: NotRequired[float]  # a streamed answer: when its first body bytes arrived (epoch seconds)
     l4: NotRequired[int]  # a TLS Passthrough tunnel: bytes agent → upstream
     incomplete: NotRequired[str]  # what the proxy could not encode (only on that failure path)

@@ -20,9 +20,12 @@ import pytest
 from opentelemetry import trace
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -86,8 +89,34 @@ def test_receiver_takes_otlp_json_and_gzip_and_rejects_garbage():
                           headers={"content-type": "application/json", "content-encoding": "gzip"})
         assert resp.status_code == 200 and r.logs[0]["body"] == "hi" and r.logs[0]["span_id"] == span_id
         assert httpx.post(f"{r.endpoint}/v1/traces", content=b"\xff\x00garbage", headers={"content-type": "application/x-protobuf"}).status_code == 400
-        assert httpx.post(f"{r.endpoint}/v1/metrics", content=b"").status_code == 404
-        assert r.received["rejected"] == 1
+        assert httpx.post(f"{r.endpoint}/v1/profiles", content=b"").status_code == 404
+        assert httpx.post(f"{r.endpoint}/v1/metrics", content=b"\xff\x00garbage").status_code == 400
+        assert r.received["rejected"] == 2
+    finally:
+        r.stop()
+
+
+def test_receiver_keeps_the_latest_value_of_each_metric_series_the_sdk_exports():
+    r = OtlpReceiver(port=0).start()
+    try:
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{r.endpoint}/v1/metrics"),
+                                               export_interval_millis=3_600_000)
+        mp = MeterProvider(metric_readers=[reader], resource=Resource.create({"clrk.gateway.name": "g"}))
+        meter = mp.get_meter("t")
+        c = meter.create_counter("clrk.egress.requests", unit="{request}")
+        h = meter.create_histogram("http.client.request.duration", unit="s", explicit_bucket_boundaries_advisory=[0.1, 1])
+        c.add(2, {"clrk.decision": "allow"})
+        c.add(1, {"clrk.decision": "deny"})
+        h.record(0.5, {"http.request.method": "GET"})
+        mp.force_flush()
+        c.add(3, {"clrk.decision": "allow"})
+        mp.shutdown()  # exports once more: cumulative, so the latest point is the total
+        got = {(p["name"], tuple(p["attributes"].items())): p for p in r.metrics.values()}
+        assert got[("clrk.egress.requests", (("clrk.decision", "allow"),))]["value"] == 5
+        assert got[("clrk.egress.requests", (("clrk.decision", "deny"),))]["value"] == 1
+        hist = got[("http.client.request.duration", (("http.request.method", "GET"),))]
+        assert (hist["count"], hist["sum"], hist["bounds"], hist["buckets"], hist["unit"]) == (1, 0.5, [0.1, 1.0], [0, 1, 0], "s")
+        assert r.received["metrics"] == 6 and r.received["rejected"] == 0
     finally:
         r.stop()
 
@@ -157,7 +186,8 @@ async def _until(pilot, cond, timeout: float = 15.0) -> None:
 def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
     inv = new_invocation()
     assert session.receiver is not None
-    app = DevApp(RecordFeed(session.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status)
+    app = DevApp(RecordFeed(session.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status,
+                 metrics=session.receiver.metrics)
 
     async def drive():
         async with app.run_test(size=(200, 50)) as pilot:
@@ -203,6 +233,23 @@ def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
             budgets = app.query_one("#budget-table", DataTable)
             await _until(pilot, lambda: budgets.row_count >= 1)
             assert str(budgets.get_row_at(0)[2]) == "100000"
+
+            # The tee's metrics (every 5 s), the latest value of each series.
+            await pilot.press("5")
+            metrics = app.query_one("#metrics-table", DataTable)
+
+            def shown() -> dict[str, list[str]]:
+                out: dict[str, list[str]] = {}
+                for i in range(metrics.row_count):
+                    row = [str(c) for c in metrics.get_row_at(i)]
+                    out.setdefault(row[0], []).append(f"{row[2]} | {row[3]}")
+                return out
+
+            await _until(pilot, lambda: "gen_ai.client.token.usage" in shown(), timeout=20)
+            m = shown()
+            assert any("gen_ai.token.type=output" in r and "sum 3," in r for r in m["gen_ai.client.token.usage"])
+            assert any("clrk.decision=deny" in r for r in m["clrk.egress.requests"])
+            assert not any(inv in r or "sk-tui-SECRET" in r for rows in m.values() for r in rows)
 
             # Filter by invocation; then by an agent with no traffic: nothing shows.
             await pilot.press("1", "slash")

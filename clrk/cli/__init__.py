@@ -65,7 +65,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
         _die(str(e))
     assert session.receiver is not None
     try:
-        DevApp(RecordFeed(args.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status).run()
+        DevApp(RecordFeed(args.db), session.receiver.spans, session.receiver.logs, session.read_spend, status=session.status,
+               metrics=session.receiver.metrics).run()
     finally:
         session.stop()
     print(f"clrk dev: gateway stopped; its log is {session.log_path}", file=sys.stderr)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from clrk.addresses import CidrTable, IPAddress, IPNetwork, parse_network
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
@@ -240,6 +241,9 @@ class GatewayConfig:
     passthrough_ports: frozenset[int] = frozenset()  # listeners in TLS Passthrough mode
     block_private: bool = True  # blockPrivateNetworks
     idle_timeout: int | None = None  # idleTimeoutSeconds (None: mitmproxy's tcp_timeout as set)
+    # What the recorder's exporter does for it beyond endpoint and headers: metrics, sampling, Prometheus
+    # (plain data, sent to the recorder as is: `clrk.recorder.export.GatewayExport` reads it).
+    telemetry: Mapping[str, Any] = field(default_factory=dict, compare=False)
     # What its records redact: the defaults, every injected credential name, its captureBody.redact.
     redactor: Redactor = field(default=DEFAULT_REDACTOR, compare=False, repr=False)
 
@@ -399,6 +403,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
     redacts: list[m.Redact] = []  # each gateway's captureBody.redact, made into its Redactor once injections are known
     referenced: list[str] = []
     port_owner: dict[int, str] = {}
+    prometheus_owner: dict[int, str] = {}
     for sd in by_kind.get("EgressGateway", []):
         g: m.EgressGateway = sd.doc  # type: ignore[assignment]
         base = Path(sd.file).parent
@@ -423,10 +428,18 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             referenced.append(ca)
         ports = []
         for li in g.spec.listeners:
-            if li.port in port_owner:
-                problems.append(f"{where(sd)}: spec.listeners: port {li.port} is already used by EgressGateway {port_owner[li.port]}")
+            if li.port in port_owner or li.port in prometheus_owner:
+                problems.append(f"{where(sd)}: spec.listeners: port {li.port} is already used by EgressGateway "
+                                f"{port_owner.get(li.port) or prometheus_owner[li.port]}")
             port_owner[li.port] = g.metadata.name
             ports.append(li.port)
+        prom = g.spec.metrics.prometheus
+        if prom is not None:
+            if prom.port in port_owner or prom.port in prometheus_owner:
+                owner = port_owner.get(prom.port) or prometheus_owner[prom.port]
+                problems.append(f"{where(sd)}: spec.metrics.prometheus.port: port {prom.port} is already used by "
+                                f"EgressGateway {owner}")
+            prometheus_owner[prom.port] = g.metadata.name
         types = g.spec.otlp.capture_body.include_content_types
         redacts.append(g.spec.otlp.capture_body.redact)
         gateways.append(
@@ -448,6 +461,11 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 passthrough_ports=frozenset(li.port for li in g.spec.listeners if li.tls.mode == "Passthrough"),
                 block_private=g.spec.block_private_networks,
                 idle_timeout=g.spec.idle_timeout_seconds,
+                telemetry={
+                    "metrics": g.spec.otlp.metrics.interval_seconds if g.spec.otlp.metrics.enabled else None,
+                    "sampling": g.spec.otlp.sampling.model_dump(by_alias=False),
+                    "prometheus": [prom.address, prom.port] if prom is not None else None,
+                },
             )
         )
     if not gateways:

@@ -167,10 +167,38 @@ class CaptureBody(Spec):
         return out
 
 
+class OtlpMetrics(Spec):
+    """Metrics over OTLP/HTTP (`/v1/metrics` beside traces and logs), pushed every `intervalSeconds`."""
+
+    enabled: bool = True
+    interval_seconds: float = Field(default=60.0, ge=1.0, le=3600.0)
+
+
+SAMPLING_CLASSES = ("denied", "error", "budget")
+
+
+class Sampling(Spec):
+    """Which transactions' spans and log records are exported, decided on the finished record in the recorder
+    (the store keeps every record; metrics count every transaction)."""
+
+    ratio: float = Field(default=1.0, ge=0.0, le=1.0)  # share of ordinary transactions, by trace id
+    always_keep: list[Literal["denied", "error", "budget"]] = list(SAMPLING_CLASSES)
+    keep_agents: list[str] = []  # globs over "namespace/name" of agents whose transactions are always exported
+    keep_rules: list[str] = []  # globs over clrk.decision.rule (e.g. "AIProviderRoute/team-a/*")
+    parent_based: bool = False  # follow the sampled flag of the agent's traceparent when it sent one
+
+    @field_validator("keep_agents", "keep_rules")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        return _check_globs([g.strip() for g in v])
+
+
 class Otlp(Spec):
     endpoint: str = ""
     headers: dict[str, str] = {}
     capture_body: CaptureBody = CaptureBody()
+    metrics: OtlpMetrics = OtlpMetrics()
+    sampling: Sampling = Sampling()
 
     @field_validator("endpoint")
     @classmethod
@@ -210,10 +238,30 @@ class UpstreamTLS(Spec):
         return out
 
 
+class PrometheusEndpoint(Spec):
+    """A scrape endpoint (`http://address:port/metrics`) served by the recorder process."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        ip = canonical_ip(v.strip().strip("[]"))
+        if ip is None:
+            raise ValueError(f"{v!r} is not an IP address to listen on (e.g. 127.0.0.1, or 0.0.0.0 for every interface)")
+        return ip
+
+
+class Metrics(Spec):
+    prometheus: PrometheusEndpoint | None = None
+
+
 class EgressGatewaySpec(Spec):
     default_policy: Literal["deny-all", "allow-all"] = "deny-all"
     listeners: list[Listener] = []
     otlp: Otlp = Otlp()
+    metrics: Metrics = Metrics()
     upstream_tls: UpstreamTLS = Field(default=UpstreamTLS(), alias="upstreamTLS")
     invocation_header: str = Field(default="clrk-invocation-id", min_length=1)
     # Resolved addresses (and IP-literal destinations) in loopback, private, link-local, CGNAT and unique-local

@@ -158,7 +158,7 @@ class BodyCapture:
     """
 
     __slots__ = ("limit", "applies", "wanted", "wire_bytes", "buf", "truncated", "decoder", "listener", "error", "_active",
-                 "decoded", "decode_seconds")
+                 "decoded", "decode_seconds", "first_at")
 
     def __init__(
         self,
@@ -177,6 +177,7 @@ class BodyCapture:
         self.decoder: StreamDecoder | None = None
         self.decoded = 0  # decoded bytes so far (encoded bodies only)
         self.decode_seconds = 0.0
+        self.first_at = 0.0  # epoch seconds of the first bytes (time to first chunk of a stream)
         enc = (content_encoding or "").strip().lower()
         if enc and enc != "identity" and (self.wanted or listener):
             if enc in StreamDecoder.SUPPORTED:
@@ -191,6 +192,8 @@ class BodyCapture:
 
     def feed(self, chunk: bytes) -> bytes:
         """Called with each chunk on its way through; returns it unchanged."""
+        if not self.wire_bytes and chunk:
+            self.first_at = time.time()
         self.wire_bytes += len(chunk)
         if self._active and chunk:
             if self.decoder is None:

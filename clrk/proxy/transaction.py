@@ -207,6 +207,8 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
                 genai[A.GEN_AI_USAGE_COST] = tx.cost
         raw["genai_error"] = tx.genai.result.error_type
         raw["apr"] = (pr.route_name, pr.route_namespace) if pr is not None else None
+    if resp is not None and resp.stream and tx.resp_capture is not None and tx.resp_capture.first_at:
+        raw["first_chunk"] = tx.resp_capture.first_at
     if tx.budget_pool is not None:
         raw["budget"] = (tx.budget_pool, tx.budget_denied, tx.budget_max, tx.budget_used, tx.budget_charged)
         raw["budget_reserved"] = tx.budget_reserved  # a key of its own: a recorder of either version reads the tuple

@@ -185,6 +185,9 @@ def expand(raw: Snapshot, redactor: Redactor) -> dict:
     rec[A.CLRK_BODY_BYTES] = len(req_body or b"") + len(resp_body or b"")
     rec[A.REQUEST_BODY], rec[A.RESPONSE_BODY], rec[A.CLRK_BODY_B64] = _bodies(req_body, resp_body)
 
+    first = raw.get("first_chunk")
+    if isinstance(first, float) and first >= t0:
+        rec[A.CLRK_RESP_FIRST_CHUNK_MS] = round((first - t0) * 1000.0, 3)
     if "l4" in raw:  # a TLS Passthrough tunnel
         rec[A.CLRK_L4_BYTES_UPSTREAM] = raw["l4"]
 

@@ -1,8 +1,11 @@
-"""Best-effort OTLP/HTTP export: one span and one log record per transaction, per EgressGateway.
+"""Best-effort OTLP/HTTP export: one span and one log record per transaction, and metrics, per EgressGateway.
 
 Each gateway gets its own OTel SDK TracerProvider and LoggerProvider (resource `service.name=clrk-egress`)
-with batch processors and OTLP/HTTP protobuf exporters at `endpoint`/v1/traces and /v1/logs. The dev
-fallback endpoint, when set, is one more pair of processors on every gateway: a tee, not a replacement.
+with batch processors and OTLP/HTTP protobuf exporters at `endpoint`/v1/traces and /v1/logs, and a
+MeterProvider (`clrk.recorder.metrics`) exporting to `endpoint`/v1/metrics and, if asked, a Prometheus
+endpoint. The dev fallback endpoint, when set, is one more set of processors on every gateway: a tee, not a
+replacement. Which spans and logs are exported is `spec.otlp.sampling` (`clrk.recorder.sampling`), decided
+before the rows are stored so each row says it (`clrk.export.sampled`); metrics count every row.
 
 This runs in the recorder process, never in the proxy: building an SDK span costs ~190 µs of Python, and a
 slow or dead endpoint only ever fills (bounded, dropping) SDK queues here.
@@ -31,6 +34,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from clrk import attributes as A
+from clrk.recorder.metrics import DEV_INTERVAL_S, GatewayMetrics, PrometheusEndpoint, otlp_reader
+from clrk.recorder.sampling import Sampler
 
 log = logging.getLogger("clrk.export")
 
@@ -76,10 +81,17 @@ def log_body(row: Mapping) -> dict:
 
 
 class Pipeline:
-    """The SDK providers of one EgressGateway."""
+    """The SDK providers of one EgressGateway: spans and logs to its `targets` (if any), metrics to them and to
+    its Prometheus endpoint (if any). `telemetry` is the gateway's `GatewayConfig.telemetry` as the proxy sent
+    it: {"metrics": interval seconds or None, "sampling": {...}, "prometheus": [address, port] or None}."""
 
-    def __init__(self, gateway: str, targets: list[tuple[str, Mapping[str, str]]]):
+    def __init__(self, gateway: str, targets: list[tuple[str, Mapping[str, str]]], telemetry: Mapping | None = None,
+                 dev_endpoint: str = "", store_stats=None, budgets: list[dict] | None = None):
+        telemetry = telemetry or {}
         self.targets = targets
+        self.key = (targets, repr(sorted(telemetry.items())))
+        self.sampler = Sampler(telemetry.get("sampling"))
+        self.tracing = bool(targets)
         resource = Resource.create({"service.name": SERVICE_NAME, A.CLRK_GATEWAY_NAME: gateway})
         self.ids = PresetIds()
         # shutdown_on_exit=False: the SDK's atexit flush would retry a dead endpoint for its full timeout;
@@ -108,6 +120,37 @@ class Pipeline:
             self.processors += [spans, logs]
         self.tracer = self.tracer_provider.get_tracer("clrk")
         self.logger = self.logger_provider.get_logger("clrk")
+
+        readers = []
+        interval = telemetry.get("metrics", 60.0)
+        if interval:
+            for endpoint, headers in targets:
+                readers.append(otlp_reader(endpoint, headers, DEV_INTERVAL_S if endpoint == dev_endpoint else interval))
+        self.prometheus: PrometheusEndpoint | None = None
+        prom = telemetry.get("prometheus")
+        if prom:
+            try:
+                self.prometheus = PrometheusEndpoint(str(prom[0]), int(prom[1]))
+                readers.append(self.prometheus.reader)
+            except RuntimeError as e:  # the rest of the export works without it
+                log.error("gateway %s: %s", gateway, e)
+        self.metrics = GatewayMetrics(resource, readers, self.export_stats, store_stats) if readers else None
+        if self.metrics is not None and budgets:
+            self.metrics.seed_budgets(budgets)
+        if self.prometheus is not None:
+            try:
+                self.prometheus.serve()  # last: the first scrape sees the gauges filled in
+            except RuntimeError as e:
+                log.error("gateway %s: %s", gateway, e)
+
+    def export_stats(self) -> tuple[int, int]:
+        """(spans and log records waiting in the export queues, dropped by them so far)."""
+        waiting = 0
+        for proc in self.processors:
+            q = getattr(getattr(proc, "_batch_processor", None), "_queue", None)
+            if q is not None:
+                waiting += len(q)
+        return waiting, self.dropped
 
     def _count_drops(self) -> None:
         """The SDK's queues drop their oldest item when full (and only log it): count what this emit pushes out.
@@ -150,41 +193,76 @@ class Pipeline:
             event_name="clrk.transaction",
         )
 
+    def close_listeners(self) -> None:
+        """Frees the Prometheus port at once (its successor may need it); the rest winds down in `shutdown`."""
+        if self.prometheus is not None:
+            self.prometheus.close()
+            self.prometheus = None
+
     def shutdown(self) -> None:
+        self.close_listeners()
         self.tracer_provider.shutdown()
         self.logger_provider.shutdown()
+        if self.metrics is not None:
+            self.metrics.shutdown()  # a last export: counts up to the end reach the backend
 
 
 class Exporter:
-    """All pipelines, rebuilt when the proxy sends a new configuration (policy reload)."""
+    """All pipelines, rebuilt when the proxy sends a new configuration (policy reload). `store_stats` gives the
+    recorder's (records stored, records dropped) for the metrics of that name."""
 
-    def __init__(self) -> None:
+    def __init__(self, store_stats=None) -> None:
         self.pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
         self._retired_dropped = 0
+        self.store_stats = store_stats
 
-    def configure(self, gateways: Mapping[str, Mapping], fallback: str) -> None:
-        new: dict[str, Pipeline] = {}
-        retired: list[Pipeline] = []
+    def configure(self, gateways: Mapping[str, Mapping], fallback: str, budgets: list[dict] | None = None) -> None:
+        """(Re)builds the pipelines whose settings changed. `budgets` is today's usage per pool from the store
+        (`fetch_budgets`), for the gauges of new pipelines."""
+        fallback = fallback.rstrip("/") if fallback else ""
+        wanted: dict[str, tuple[list, Mapping]] = {}
+        for name, cfg in gateways.items():
+            targets: list[tuple[str, Mapping[str, str]]] = []
+            if cfg.get("endpoint"):
+                targets.append((cfg["endpoint"], cfg.get("headers") or {}))
+            if fallback:
+                targets.append((fallback, {}))
+            telemetry = {k: cfg[k] for k in ("metrics", "sampling", "prometheus") if k in cfg}
+            if targets or telemetry.get("prometheus"):
+                wanted[name] = (targets, telemetry)
         with self._lock:
-            for name, cfg in gateways.items():
-                targets: list[tuple[str, Mapping[str, str]]] = []
-                if cfg.get("endpoint"):
-                    targets.append((cfg["endpoint"], cfg.get("headers") or {}))
-                if fallback:
-                    targets.append((fallback.rstrip("/"), {}))
-                old = self.pipelines.get(name)
-                if old is not None and old.targets == targets:
-                    new[name] = old
-                elif targets:
-                    new[name] = Pipeline(name, targets)
-            retired = [p for n, p in self.pipelines.items() if new.get(n) is not p]
+            keep = {n: p for n, p in self.pipelines.items()
+                    if n in wanted and p.key == (wanted[n][0], repr(sorted(wanted[n][1].items())))}
+            retired = [p for p in self.pipelines.values() if p not in keep.values()]
+            for p in retired:
+                p.close_listeners()
+            new = dict(keep)
+            for name, (targets, telemetry) in wanted.items():
+                if name not in new:
+                    new[name] = Pipeline(name, targets, telemetry, fallback, self.store_stats, budgets)
             self._retired_dropped += sum(p.dropped for p in retired)
             self.pipelines = new
         for p in retired:
             threading.Thread(target=p.shutdown, name="clrk-otlp-retire", daemon=True).start()
         for name, p in new.items():
-            log.info("OTLP export for gateway %s -> %s", name, ", ".join(t[0] for t in p.targets))
+            if p.targets:
+                log.info("OTLP export for gateway %s -> %s", name, ", ".join(t[0] for t in p.targets))
+
+    def sample(self, rows: list[dict]) -> None:
+        """Decides which rows' spans and logs are exported (`clrk.export.sampled`), before they are stored.
+        Rows of a gateway that exports no spans get no decision."""
+        with self._lock:
+            pipelines = self.pipelines
+            if not pipelines:
+                return
+            groups: dict[str, list[dict]] = {}
+            for row in rows:
+                groups.setdefault(row.get(A.CLRK_GATEWAY_NAME) or "", []).append(row)
+            for name, group in groups.items():
+                p = pipelines.get(name)
+                if p is not None and p.tracing:
+                    p.sampler.decide(group)
 
     def dropped(self) -> int:
         """Spans and log records dropped by full export queues (slow or dead endpoints) since start."""
@@ -194,15 +272,30 @@ class Exporter:
     def export(self, rows: list[Mapping]) -> int:
         n = 0
         with self._lock:
+            counted: set[str] = set()
             for row in rows:
                 p = self.pipelines.get(row.get(A.CLRK_GATEWAY_NAME) or "")
                 if p is None:
+                    continue
+                sampled = row.get(A.CLRK_EXPORT_SAMPLED)
+                if p.metrics is not None:
+                    counted.add(row.get(A.CLRK_GATEWAY_NAME) or "")
+                    try:
+                        p.metrics.record(row, sampled if p.tracing else None)
+                    except Exception:  # one bad row must not stop the metrics of the others
+                        log.exception("could not count a record in the metrics")
+                if not p.tracing or sampled is False:
                     continue
                 try:
                     p.emit(row)
                     n += 1
                 except Exception:  # one bad row must not stop the export of the others
                     log.exception("could not build OTLP span for a record")
+            for name in counted:
+                try:
+                    self.pipelines[name].metrics.commit()  # type: ignore[union-attr]
+                except Exception:
+                    log.exception("could not count a batch of records in the metrics")
         return n
 
     def shutdown(self, timeout: float) -> None:

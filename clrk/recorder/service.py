@@ -57,7 +57,7 @@ class Recorder:
         self.socket_path = socket_path
         self.parent_pid = parent_pid
         self.store = Store(db_path)
-        self.exporter = Exporter()
+        self.exporter = Exporter(store_stats=lambda: (self.written, self.dropped))
         self.buffer: deque[dict] = deque()  # raw transaction facts, expanded into records when written
         self.unwritten: list[dict] = []  # records DuckDB refused, retried (bounded: MAX_BUFFERED_ROWS)
         self.store_error: str | None = None
@@ -124,6 +124,7 @@ class Recorder:
             log.warning("record %s could not be built whole; stored what could be read of it", record_ids(raw),
                         exc_info=True)
             rows.append(row)
+        self.exporter.sample(rows)  # before the store: each row says whether its span and log were exported
         return rows
 
     def _bound_buffer(self) -> None:
@@ -173,7 +174,12 @@ class Recorder:
                     self.redact_query = self.redact_query | frozenset(msg.get("redact_query") or ())
                     self.redactor = Redactor(self.redact_headers, self.redact_query)
                     try:
-                        await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "")
+                        try:  # today's usage per pool, so budget gauges are right before any new record
+                            budgets = await asyncio.to_thread(self._read, "budgets", {"since": time.time() // 86400 * 86400})
+                        except Exception:
+                            budgets = []
+                        await asyncio.to_thread(self.exporter.configure, msg.get("gateways") or {}, msg.get("fallback") or "",
+                                                budgets)
                     except Exception:  # export is best effort: the store keeps working without it
                         log.exception("cannot set up OTLP export")
                 elif t == "flush":

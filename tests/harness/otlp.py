@@ -1,5 +1,6 @@
-"""A real OTLP/HTTP receiver on 127.0.0.1 that decodes protobuf with opentelemetry-proto, for the tests of
-the gateway's exporter; it also keeps the raw payloads, so tests can search the wire for secrets."""
+"""A real OTLP/HTTP receiver on 127.0.0.1 that decodes protobuf with opentelemetry-proto (traces, logs and
+metrics), for the tests of the gateway's exporter; it also keeps the raw payloads, so tests can search the
+wire for secrets."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
 )
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 
-from clrk.cli.dev.receiver import any_value
+from clrk.cli.dev.receiver import any_value, decode_metrics, series_key
 from clrk.cli.dev.receiver import attributes as attrs
 
 
@@ -26,6 +31,7 @@ from clrk.cli.dev.receiver import attributes as attrs
 class Received:
     spans: list[dict] = field(default_factory=list)
     logs: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)  # every data point of every export, in arrival order
     raw: list[bytes] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)
 
@@ -76,6 +82,11 @@ class OtlpReceiver:
                                         "severity": r.severity_text, "event_name": r.event_name, "resource": res,
                                     })
                     out = ExportLogsServiceResponse().SerializeToString()
+                elif self.path == "/v1/metrics":
+                    points = decode_metrics(ExportMetricsServiceRequest.FromString(body))
+                    with receiver.lock:
+                        receiver.got.metrics.extend(points)
+                    out = ExportMetricsServiceResponse().SerializeToString()
                 else:
                     self.send_response(404)
                     self.send_header("content-length", "0")
@@ -98,6 +109,31 @@ class OtlpReceiver:
 
     def log(self, span_id: str, timeout: float = 15.0) -> dict:
         return self._wait(lambda: next((r for r in self.got.logs if r["span_id"] == span_id), None), timeout, f"log of span {span_id}")
+
+    def latest(self, gateway: str | None = None) -> dict[str, list[dict]]:
+        """{metric name: the latest point of each of its series} (cumulative metrics: the totals so far), of
+        the gateway's resource when named."""
+        with self.lock:
+            points = list(self.got.metrics)
+        last: dict[tuple, dict] = {}
+        for p in points:
+            if gateway is None or p["resource"].get("clrk.gateway.name") == gateway:
+                last[series_key(p)] = p
+        out: dict[str, list[dict]] = {}
+        for p in last.values():
+            out.setdefault(p["name"], []).append(p)
+        return out
+
+    def wait_metrics(self, check, timeout: float = 15.0, gateway: str | None = None) -> dict[str, list[dict]]:
+        """`latest(gateway)` once `check` of it is true (exports arrive every few seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.latest(gateway)
+            if check(got):
+                return got
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"the OTLP receiver never got the metrics expected; it has {sorted(got)}")
+            time.sleep(0.1)
 
     def _wait(self, fn, timeout: float, what: str):
         deadline = time.monotonic() + timeout

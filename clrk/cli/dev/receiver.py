@@ -1,5 +1,6 @@
-"""The in-process OTLP/HTTP receiver of `clrk dev` (127.0.0.1:14318): /v1/traces and /v1/logs, protobuf or
-JSON encoded (optionally gzip), decoded with opentelemetry-proto into plain dicts kept in bounded deques.
+"""The in-process OTLP/HTTP receiver of `clrk dev` (127.0.0.1:14318): /v1/traces, /v1/logs and /v1/metrics,
+protobuf or JSON encoded (optionally gzip), decoded with opentelemetry-proto into plain dicts kept in bounded
+deques (metrics: the latest value of each series, which is what cumulative metrics need).
 
 OTLP/JSON writes trace and span ids as hex, where proto3 JSON would expect base64; they are converted
 before parsing.
@@ -22,6 +23,10 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
+)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -97,6 +102,36 @@ def decode_logs(req: ExportLogsServiceRequest) -> list[dict]:
     return out
 
 
+def decode_metrics(req: ExportMetricsServiceRequest) -> list[dict]:
+    """One dict per data point: metric name, unit, kind (sum, gauge, histogram), attributes, resource, and the
+    value (sum, gauge) or count, sum, bounds and bucket counts (histogram)."""
+    out = []
+    for rm in req.resource_metrics:
+        resource = attributes(rm.resource.attributes)
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                base = {"name": m.name, "unit": m.unit, "kind": kind, "resource": resource}
+                if kind in ("sum", "gauge"):
+                    data = getattr(m, kind)
+                    for p in data.data_points:
+                        value = p.as_int if p.WhichOneof("value") == "as_int" else p.as_double
+                        extra = {"monotonic": data.is_monotonic} if kind == "sum" else {}
+                        out.append({**base, **extra, "attributes": attributes(p.attributes), "value": value,
+                                    "time_ns": p.time_unix_nano})
+                elif kind == "histogram":
+                    for p in m.histogram.data_points:
+                        out.append({**base, "attributes": attributes(p.attributes), "count": p.count, "sum": p.sum,
+                                    "bounds": list(p.explicit_bounds), "buckets": list(p.bucket_counts),
+                                    "time_ns": p.time_unix_nano})
+    return out
+
+
+def series_key(point: dict) -> tuple:
+    """What identifies one series: gateway, metric, attributes."""
+    return (point["resource"].get("clrk.gateway.name"), point["name"], tuple(sorted(point["attributes"].items())))
+
+
 class OtlpReceiver:
     def __init__(
         self,
@@ -105,11 +140,14 @@ class OtlpReceiver:
         keep: int = 2000,
         on_spans: Callable[[list[dict]], None] | None = None,
         on_logs: Callable[[list[dict]], None] | None = None,
+        on_metrics: Callable[[list[dict]], None] | None = None,
     ):
         self.spans: deque[dict] = deque(maxlen=keep)
         self.logs: deque[dict] = deque(maxlen=keep)
-        self.on_spans, self.on_logs = on_spans, on_logs
-        self.received = {"spans": 0, "logs": 0, "rejected": 0}
+        self.metrics: dict[tuple, dict] = {}  # series_key -> its latest point (bounded by `keep` series)
+        self.keep = keep
+        self.on_spans, self.on_logs, self.on_metrics = on_spans, on_logs, on_metrics
+        self.received = {"spans": 0, "logs": 0, "metrics": 0, "rejected": 0}
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -163,8 +201,20 @@ class OtlpReceiver:
                 if self.on_logs and items:
                     self.on_logs(items)
                 reply = ExportLogsServiceResponse()
+            elif h.path == "/v1/metrics":
+                req = ExportMetricsServiceRequest()
+                self._parse(req, body, as_json)
+                items = decode_metrics(req)
+                for p in items:
+                    key = series_key(p)
+                    if key in self.metrics or len(self.metrics) < self.keep:
+                        self.metrics[key] = p
+                self.received["metrics"] += len(items)
+                if self.on_metrics and items:
+                    self.on_metrics(items)
+                reply = ExportMetricsServiceResponse()
             else:
-                return self._reply(h, 404, b"not an OTLP path: use /v1/traces or /v1/logs", "text/plain")
+                return self._reply(h, 404, b"not an OTLP path: use /v1/traces, /v1/logs or /v1/metrics", "text/plain")
         except (DecodeError, json_format.ParseError, ValueError, OSError) as e:
             self.received["rejected"] += 1
             return self._reply(h, 400, f"undecodable OTLP payload: {e}".encode(), "text/plain")

@@ -1,4 +1,4 @@
-"""The `clrk dev` terminal UI: records, otel-traces, otel-logs and spend, live.
+"""The `clrk dev` terminal UI: records, otel-traces, otel-logs, spend and otel-metrics, live.
 
 Records come from the gateway's store (polled in a worker thread through the recorder's socket); traces
 and logs from the in-process OTLP receiver the gateway tees to. Every pane keeps the newest MAX_ROWS rows
@@ -43,11 +43,12 @@ TRACE_COLUMNS = ("time", "span", "kind", "status", "ms", "trace", "span id")
 LOG_COLUMNS = ("time", "severity", "event", "agent", "decision", "host", "status", "span id")
 SPEND_COLUMNS = ("agent", "route", "model", "requests", "input", "output", "total", "usd", "unpriced")
 BUDGET_COLUMNS = ("budget pool", "used today", "max", "left", "usd today", "max usd")
+METRIC_COLUMNS = ("metric", "unit", "attributes", "value")
 KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 HELP = """\
 clrk dev — keys
 
-  1 2 3 4     records, otel-traces, otel-logs, spend
+  1 2 3 4 5   records, otel-traces, otel-logs, spend, otel-metrics
   enter       the whole transaction (attributes, redacted headers, bodies, SSE as events)
   /           filter by agent or invocation id (enter applies, empty clears)
   escape      close a view / the filter
@@ -174,6 +175,7 @@ class DevApp(App):
         Binding("2", "tab('traces')", "otel-traces"),
         Binding("3", "tab('logs')", "otel-logs"),
         Binding("4", "tab('spend')", "spend"),
+        Binding("5", "tab('metrics')", "otel-metrics"),
     ]
 
     def __init__(
@@ -184,6 +186,7 @@ class DevApp(App):
         read_spend: Callable[[], tuple[list[dict], list[dict]]] | None = None,
         max_rows: int = MAX_ROWS,
         status: Callable[[], str] | None = None,
+        metrics: dict | None = None,
     ):
         super().__init__()
         self.feed = feed
@@ -200,6 +203,8 @@ class DevApp(App):
         self._spend: tuple[list[dict], list[dict]] | None = None
         self._stop = threading.Event()
         self.counts = {"records": 0, "spans": 0, "logs": 0}
+        self.metric_source = metrics if metrics is not None else {}  # the receiver's latest point per series
+        self._metrics_shown = -1.0
 
     # ------------------------------------------------------------------ layout
 
@@ -216,11 +221,14 @@ class DevApp(App):
             with TabPane("spend", id="spend"):
                 yield DataTable(id="spend-table", zebra_stripes=True)
                 yield DataTable(id="budget-table", zebra_stripes=True)
+            with TabPane("otel-metrics", id="metrics"):
+                yield DataTable(id="metrics-table", zebra_stripes=True)
         yield Footer()
 
     def on_mount(self) -> None:
         for table_id, cols in (("records-table", RECORD_COLUMNS), ("traces-table", TRACE_COLUMNS), ("logs-table", LOG_COLUMNS),
-                               ("spend-table", SPEND_COLUMNS), ("budget-table", BUDGET_COLUMNS)):
+                               ("spend-table", SPEND_COLUMNS), ("budget-table", BUDGET_COLUMNS),
+                               ("metrics-table", METRIC_COLUMNS)):
             self.query_one(f"#{table_id}", DataTable).add_columns(*cols)
         self.query_one("#records-table", DataTable).focus()
         self.set_interval(TICK, self.tick)
@@ -258,6 +266,9 @@ class DevApp(App):
         if self._spend is not None:
             self._show_spend(*self._spend)
             self._spend = None
+        if time.monotonic() - self._metrics_shown >= SPEND_EVERY:
+            self._metrics_shown = time.monotonic()
+            self._show_metrics()
         conn = "connected" if self.feed.connected else "waiting for the gateway"
         extra = f" | {self.status()}" if self.status else ""
         flt = f" | filter: {self.filter_text}" if self.filter_text else ""
@@ -320,6 +331,23 @@ class DevApp(App):
             b.add_row(cell(r["pool"]), cell(r["used_tokens"]), cell(r["max_tokens"] if r["max_tokens"] is not None else "?"),
                       cell(r["left_tokens"] if r["left_tokens"] is not None else "?"),
                       cell(format_usd(r.get("used_usd"))), cell(format_usd(r.get("max_usd"))))
+
+    def _show_metrics(self) -> None:
+        """Every series the tee has sent, its latest value (cumulative: the totals since the gateway started)."""
+        points = list(self.metric_source.values())  # one C-level copy: the receiver's threads may add meanwhile
+        if not points:
+            return
+        points.sort(key=lambda p: (p["name"], sorted(p["attributes"].items())))
+        t = self.query_one("#metrics-table", DataTable)
+        t.clear()
+        for p in points[: self.max_rows]:
+            attrs = ", ".join(f"{k}={v}" for k, v in sorted(p["attributes"].items()))
+            if p["kind"] == "histogram":
+                mean = p["sum"] / p["count"] if p["count"] else 0
+                value = f"count {p['count']}, sum {p['sum']:g}, mean {mean:.4g}"
+            else:
+                value = f"{p['value']:g}"
+            t.add_row(cell(p["name"]), cell(p["unit"]), cell(attrs or "-"), cell(value))
 
     def _refilter(self) -> None:
         for store, table_id, attrs_of, row in (

@@ -170,7 +170,7 @@ def export_config(policy: CompiledPolicy | None) -> dict:
     gateways = {}
     if policy is not None:
         for g in policy.gateways:
-            gateways[g.name] = {"endpoint": g.otlp_endpoint, "headers": dict(g.otlp_headers)}
+            gateways[g.name] = {"endpoint": g.otlp_endpoint, "headers": dict(g.otlp_headers), **g.telemetry}
     return {
         "gateways": gateways,
         "fallback": ctx.options.clrk_dev_otlp_fallback_endpoint or "",
