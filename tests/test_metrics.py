@@ -14,6 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from clrk import attributes as A
 from clrk.recorder.export import Exporter
 from clrk.recorder.metrics import (
+    COST_BUCKETS,
     GEN_AI_DURATION_BUCKETS,
     HTTP_DURATION_BUCKETS,
     TOKEN_BUCKETS,
@@ -49,8 +50,8 @@ def test_instruments_units_buckets_and_values_of_known_rows():
     reader = InMemoryMetricReader()
     m = GatewayMetrics(Resource.create({}), [reader], lambda: (3, 7), lambda: (40, 2))
     rows = [
-        chat(),
-        chat(**{A.GEN_AI_RESPONSE_STREAM: True, A.CLRK_RESP_FIRST_CHUNK_MS: 30.0, A.GEN_AI_USAGE_INPUT_TOKENS: 20,
+        chat(**{A.GEN_AI_USAGE_COST: 0.0125}),
+        chat(**{A.GEN_AI_USAGE_COST: 0.5, A.GEN_AI_RESPONSE_STREAM: True, A.CLRK_RESP_FIRST_CHUNK_MS: 30.0, A.GEN_AI_USAGE_INPUT_TOKENS: 20,
                 A.GEN_AI_USAGE_OUTPUT_TOKENS: 3, A.CLRK_DURATION_MS: 900.0}),
         chat(**{A.ERROR_TYPE: "rate_limit_exceeded", A.HTTP_RESPONSE_STATUS_CODE: 429,
                 A.GEN_AI_USAGE_INPUT_TOKENS: None, A.GEN_AI_USAGE_OUTPUT_TOKENS: None}),
@@ -82,6 +83,10 @@ def test_instruments_units_buckets_and_values_of_known_rows():
     assert unit == "s" and all(tuple(p.explicit_bounds) == GEN_AI_DURATION_BUCKETS for p in points)
     assert sorted((p.attributes.get("error.type", ""), p.count, round(p.sum, 6)) for p in points) == [
         ("", 2, 1.15), ("rate_limit_exceeded", 1, 0.25)]  # allowed operations only: the denials are not
+
+    unit, points = got["gen_ai.client.cost"]  # priced calls only; an unpriced one adds no zero
+    assert unit == "USD" and all(tuple(p.explicit_bounds) == COST_BUCKETS for p in points)
+    assert [(p.count, round(p.sum, 6), p.attributes["gen_ai.request.model"]) for p in points] == [(2, 0.5125, "gpt-4o")]
 
     unit, points = got["gen_ai.client.operation.time_to_first_chunk"]
     assert unit == "s" and [(p.count, p.sum) for p in points] == [(1, 0.03)]

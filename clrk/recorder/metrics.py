@@ -41,8 +41,12 @@ EXPORT_TIMEOUT_S = 10.0
 # Advisory bucket boundaries of the semantic conventions.
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 GEN_AI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+# USD per call: a cent's fraction up to a large batch of long-context calls.
+COST_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 50)
 HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 
+# No semantic-convention name exists for cost yet; this is the name the contract and the peer gateways use.
+GEN_AI_CLIENT_COST = "gen_ai.client.cost"
 EGRESS_REQUESTS = "clrk.egress.requests"
 EGRESS_REQUEST_BYTES = "clrk.egress.request.body.size"
 EGRESS_RESPONSE_BYTES = "clrk.egress.response.body.size"
@@ -76,6 +80,9 @@ class GatewayMetrics:
         self.operation_duration = m.create_histogram(
             GEN_AI_CLIENT_OPERATION_DURATION, unit="s", description="GenAI operation duration.",
             explicit_bucket_boundaries_advisory=GEN_AI_DURATION_BUCKETS)
+        self.cost = m.create_histogram(
+            GEN_AI_CLIENT_COST, unit="USD", description="What a model call cost, priced from its usage.",
+            explicit_bucket_boundaries_advisory=COST_BUCKETS)
         self.time_to_first_chunk = m.create_histogram(
             GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK, unit="s",
             description="Time from the request's first byte to the first chunk of the response stream.",
@@ -191,6 +198,9 @@ class GatewayMetrics:
             self.token_usage.record(tokens_in, {**attrs, GEN_AI_TOKEN_TYPE: _INPUT})
         if tokens_out is not None:
             self.token_usage.record(tokens_out, {**attrs, GEN_AI_TOKEN_TYPE: _OUTPUT})
+        cost = row.get(A.GEN_AI_USAGE_COST)
+        if cost is not None:
+            self.cost.record(cost, attrs)
         first = row.get(A.CLRK_RESP_FIRST_CHUNK_MS)
         if first is not None and row.get(A.GEN_AI_RESPONSE_STREAM):
             self.time_to_first_chunk.record(first / 1000.0, attrs if error is None else {**attrs, A.ERROR_TYPE: error})
