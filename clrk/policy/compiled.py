@@ -222,6 +222,22 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """A port an EgressGateway listens on, on one local address."""
+
+    gateway: str
+    name: str
+    address: str
+    port: int
+    passthrough: bool
+
+    @property
+    def mode(self) -> str:
+        """mitmproxy's mode spec that opens it (`regular@127.0.0.1:8080`; an IPv6 address unbracketed)."""
+        return f"regular@{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """One EgressGateway: its listeners, export target, capture bounds and upstream TLS settings."""
 
@@ -238,6 +254,7 @@ class GatewayConfig:
     passthrough_ports: frozenset[int] = frozenset()  # listeners in TLS Passthrough mode
     block_private: bool = True  # blockPrivateNetworks
     idle_timeout: int | None = None  # idleTimeoutSeconds (None: mitmproxy's tcp_timeout as set)
+    listeners: tuple[ListenerConfig, ...] = ()
     # What its records redact: the defaults, every injected credential name, its captureBody.redact.
     redactor: Redactor = field(default=DEFAULT_REDACTOR, compare=False, repr=False)
 
@@ -290,6 +307,11 @@ class CompiledPolicy:
 
     def listener_ports(self) -> list[int]:
         return sorted({p for g in self.gateways for p in g.ports})
+
+    @cached_property
+    def listeners(self) -> tuple[ListenerConfig, ...]:
+        """Every listener the policy declares, by port."""
+        return tuple(sorted((li for g in self.gateways for li in g.listeners), key=lambda li: li.port))
 
     @cached_property
     def passthrough_ports(self) -> frozenset[int]:
@@ -444,6 +466,8 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 passthrough_ports=frozenset(li.port for li in g.spec.listeners if li.tls.mode == "Passthrough"),
                 block_private=g.spec.block_private_networks,
                 idle_timeout=g.spec.idle_timeout_seconds,
+                listeners=tuple(ListenerConfig(g.metadata.name, li.name, li.address, li.port, li.tls.mode == "Passthrough")
+                                for li in g.spec.listeners),
             )
         )
     if not gateways:
