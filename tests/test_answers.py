@@ -57,8 +57,17 @@ def gw(tmp_path_factory, pki, upstream, rogue):
         h.connection.shutdown(socket.SHUT_RDWR)  # reads the request, closes before any header
         h.close_connection = True
 
+    def short(h, seen):
+        h.send_response(200)  # promises 1000 bytes of JSON, sends 10, hangs up
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", "1000")
+        h.end_headers()
+        h.wfile.write(b'{"partial"')
+        h.cut()
+
     upstream.handlers["silent"] = silent
     upstream.handlers["hangup"] = hang_up
+    upstream.handlers["short"] = short
     closed = f"127.0.0.1:{free_port()}"  # nothing listens there
     aliases = {h: upstream.address for h in ["allowed.test", *PROVIDERS]}
     aliases.update({"refused.test": closed, "dead.test": closed, "badcert.test": rogue.address})
@@ -174,6 +183,17 @@ def test_an_upstream_closing_before_its_headers_is_a_502_upstream_reset(gw, upst
         r = c.get("https://allowed.test/handler/hangup", headers={"clrk-invocation-id": i})
         assert r.status_code == 502 and r.json() == {"error": "clrk: upstream allowed.test:443: upstream_reset"}
         assert c.get("https://allowed.test/json/after").status_code == 200  # the same agent connection, served on
+    rec = gw.wait_record(invocation=i)
+    assert (rec[A.HTTP_RESPONSE_STATUS_CODE], rec[A.ERROR_TYPE]) == (502, "upstream_reset")
+
+
+def test_a_response_cut_before_any_of_it_was_passed_on_is_replaced_by_the_502(gw, upstream):
+    """A small fixed-length response is held whole before it is passed on: cut mid-way, the agent gets clrk's
+    502 rather than half a body or mitmproxy's page."""
+    i = new_invocation()
+    with gw.client() as c:
+        r = c.get("https://allowed.test/handler/short", headers={"clrk-invocation-id": i})
+    assert r.status_code == 502 and r.json() == {"error": "clrk: upstream allowed.test:443: upstream_reset"}
     rec = gw.wait_record(invocation=i)
     assert (rec[A.HTTP_RESPONSE_STATUS_CODE], rec[A.ERROR_TYPE]) == (502, "upstream_reset")
 
