@@ -67,7 +67,12 @@ def gw(tmp_path_factory, pki, upstream, rogue):
 
     upstream.handlers["silent"] = silent
     upstream.handlers["hangup"] = hang_up
+    def garbage(h, seen):
+        h.wfile.write(b"SSH-2.0-OpenSSH_9.6 not http\r\n\r\n")  # an answer that is no HTTP at all
+        h.cut()
+
     upstream.handlers["short"] = short
+    upstream.handlers["garbage"] = garbage
     closed = f"127.0.0.1:{free_port()}"  # nothing listens there
     aliases = {h: upstream.address for h in ["allowed.test", *PROVIDERS]}
     aliases.update({"refused.test": closed, "dead.test": closed, "badcert.test": rogue.address})
@@ -185,6 +190,14 @@ def test_an_upstream_closing_before_its_headers_is_a_502_upstream_reset(gw, upst
         assert c.get("https://allowed.test/json/after").status_code == 200  # the same agent connection, served on
     rec = gw.wait_record(invocation=i)
     assert (rec[A.HTTP_RESPONSE_STATUS_CODE], rec[A.ERROR_TYPE]) == (502, "upstream_reset")
+
+
+def test_an_upstream_answering_something_that_is_not_http_is_a_502(gw):
+    i = new_invocation()
+    with gw.client() as c:
+        r = c.get("https://allowed.test/handler/garbage", headers={"clrk-invocation-id": i})
+    assert r.status_code == 502 and r.json() == {"error": "clrk: upstream allowed.test:443: upstream_error"}
+    assert gw.wait_record(invocation=i)[A.ERROR_TYPE] == "upstream_error"
 
 
 def test_a_response_cut_before_any_of_it_was_passed_on_is_replaced_by_the_502(gw, upstream):
