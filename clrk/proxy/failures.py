@@ -14,7 +14,7 @@
   above (a 504), and keeps watching the agent's connection. A connection with nothing waiting upstream is
   closed as before.
 
-Patched once at import, for the mitmproxy 12 the project pins; `tests/test_upstream_errors.py` fails if an
+Patched once at import, for the mitmproxy 12 the project pins; `tests/test_answers.py` fails if an
 upgrade moves these methods. Nothing here runs for a request that does not fail.
 """
 
@@ -53,13 +53,13 @@ def _handle_protocol_error(original):
     def handle_protocol_error(self: HttpStream, event):
         if not _answerable(self, event):
             return original(self, event)
-        return _answer(self, event, original)
+        return _answer(self, event)
 
     handle_protocol_error.__wrapped__ = original
     return handle_protocol_error
 
 
-def _answer(self: HttpStream, event: ResponseProtocolError, original):
+def _answer(self: HttpStream, event: ResponseProtocolError):
     """mitmproxy's own handling, with the error hook's answer sent in place of its error page."""
     flow = self.flow
     upstream_response = flow.response
