@@ -107,6 +107,23 @@ def test_an_explicit_mode_is_left_alone_and_said(tmp_path, pki, upstream):
         gw.stop()
 
 
+@pytest.mark.parametrize("entry", ["clrk", "mitmdump"])
+def test_a_listener_that_cannot_be_bound_at_start_stops_the_gateway_saying_which(tmp_path, pki, upstream, entry):
+    """At start a gateway that cannot listen where its policy says does not half-start, whichever way it runs."""
+    ok, bad = free_port(), free_port()
+    extra = ["--listen-host", "127.0.0.1", "-p", str(free_port())] if entry == "mitmdump" else []
+    gw = Gateway(tmp_path, policy(pki, upstream, [listener("ok", ok), listener("elsewhere", bad, address="192.0.2.1")]),
+                 entry=entry, listen_args=False, mitmproxy_args=extra)
+    try:
+        gw.start()  # may see mitmdump's own start-up listener before the declared ones fail
+    except RuntimeError:
+        pass
+    assert gw.proc.wait(30) == 1
+    gw._log.close()
+    assert (f"clrk: listener elsewhere of EgressGateway test-gw cannot listen on 192.0.2.1:{bad}" in gw.log()
+            and "the gateway does not start" in gw.log())
+
+
 # ------------------------------------------------------------------------------------------- in process
 
 

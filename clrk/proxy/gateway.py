@@ -93,7 +93,7 @@ class Gateway:
         self.policy.configure(updated)
 
     async def running(self) -> None:
-        self.policy.running()
+        await self.policy.running()
         await self.recording.running()
         # What start-up built (mitmproxy, every module, the policy) lives as long as the process: frozen, it is
         # left out of the collector's full passes, which otherwise walk those ~100k objects every few thousand

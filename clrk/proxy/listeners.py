@@ -17,13 +17,13 @@ and stops servers to match). clrk sets `mode` to one `regular@<address>:<port>` 
   `--listen-host`, all interfaces if unset, and `-p`); clrk replaces it with the declared listeners as soon
   as it runs. `clrk run` (and `--listen-host 127.0.0.1` by hand) avoid that moment.
 
-A listener whose address cannot be bound is logged with its name, address and reason; the others stay
-open (at start, mitmproxy then stops: a gateway that cannot listen where it was told does not half-start).
+A listener whose address cannot be bound is logged with its name, address and reason; after a reload the
+others stay open, at start the gateway stops (mitmproxy's start-up check): a gateway that cannot listen where
+it was told does not half-start.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from mitmproxy import ctx
@@ -53,9 +53,11 @@ class Listeners:
         self._names: dict[str, str] = {}  # mode spec -> "listener <name> of EgressGateway <gateway>"
         self._told_operator = False
         self._reported: set[tuple[str, str]] = set()
-        self._update: asyncio.Task | None = None
+        self._watching = None  # mitmproxy's proxyserver addon, once its server changes are followed
+        self._started = False  # past start-up: a listener that fails no longer stops the gateway
 
     def apply(self, policy: CompiledPolicy) -> None:
+        self._watch_servers()
         current = list(ctx.options.mode)
         if current != MITMPROXY_DEFAULT_MODE and current != self._set:
             if policy.listeners and not self._told_operator:
@@ -69,15 +71,21 @@ class Listeners:
         if wanted != current:
             ctx.options.update(mode=wanted)  # mitmproxy opens what is new and closes what is gone
 
-    def running(self) -> None:
+    async def running(self) -> None:
+        """`mitmdump -s`: mitmproxy opened its servers before it loaded clrk, and updates them on a change of
+        `mode` only once it runs. Open the declared listeners now, awaited, so that one that cannot be bound
+        stops the start-up as it does under `clrk run`."""
         proxyserver = ctx.master.addons.get("proxyserver")
-        if proxyserver is None:
-            return
-        proxyserver.servers.changed.connect(self._servers_changed)
-        if self._set is not None and {s.mode.full_spec for s in proxyserver.servers} != set(self._set):
-            # `mitmdump -s`: mitmproxy opened its servers before it loaded clrk, and only updates them on a
-            # change of `mode` once it runs: open the declared listeners now (after its start-up, in order).
-            self._update = asyncio.create_task(proxyserver.servers.update([ProxyMode.parse(m) for m in self._set]))
+        if proxyserver is not None and self._set is not None and \
+                {s.mode.full_spec for s in proxyserver.servers} != set(self._set):
+            await proxyserver.servers.update([ProxyMode.parse(m) for m in self._set])
+        self._started = True
+
+    def _watch_servers(self) -> None:
+        proxyserver = ctx.master.addons.get("proxyserver") if self._watching is None else None
+        if proxyserver is not None:
+            self._watching = proxyserver
+            proxyserver.servers.changed.connect(self._servers_changed)
 
     def _servers_changed(self) -> None:
         """After mitmproxy (re)started its servers: a listener it could not open is named, with why."""
@@ -89,6 +97,7 @@ class Listeners:
                 continue
             self._reported.add((spec, str(e)))
             what = self._names.get(spec, f"mode {spec}")
-            log.error("clrk: %s cannot listen on %s:%s: %s; the other listeners stay open", what,
+            log.error("clrk: %s cannot listen on %s:%s: %s; %s", what,
                       server.mode.listen_host(ctx.options.listen_host) or "0.0.0.0",
-                      server.mode.listen_port(ctx.options.listen_port), e)
+                      server.mode.listen_port(ctx.options.listen_port), e,
+                      "the other listeners stay open" if self._started else "the gateway does not start")

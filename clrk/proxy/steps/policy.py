@@ -119,9 +119,9 @@ class PolicyLoader:
         if ctx.options.ssl_verify_upstream_trusted_ca != str(out):
             ctx.options.update(ssl_verify_upstream_trusted_ca=str(out))
 
-    def running(self) -> None:
-        self.listeners.running()
+    async def running(self) -> None:
         self._watch = asyncio.create_task(self._watch_loop())
+        await self.listeners.running()
 
     def done(self) -> None:
         if self._watch is not None:
