@@ -157,6 +157,26 @@ def test_a_refused_connection_is_clrk_json_and_the_agents_connection_stays_usabl
         assert json.loads(rec[A.RESPONSE_BODY]) == {"error": "clrk: upstream refused.test:443: connection_refused"}
 
 
+def test_head_requests_get_answers_without_a_body_and_the_connection_stays_in_step(gw):
+    """A body after a HEAD answer would be read as the start of the next response: there is none, for a
+    failed upstream and for a denial alike."""
+    i = new_invocation()
+    t = tunnel(gw, "refused.test:443", "refused.test")
+    t.sendall(f"HEAD /a HTTP/1.1\r\nHost: refused.test\r\nclrk-invocation-id: {i}\r\n\r\n".encode()
+              + get("refused.test", "/b", i))
+    both = read_answers(t, 2)
+    head, _, rest = both.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and b"content-length: 0" in head.lower() and rest.startswith(b"HTTP/1.1 502 ")
+    assert_clrk_json(rest, 502, "clrk: upstream refused.test:443: connection_refused")
+    t.close()
+    t = tunnel(gw, "api.openai.com:443", "api.openai.com")  # no rule allows HEAD here: a denial
+    t.sendall(b"HEAD /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n" + get("api.openai.com", "/v1/models", i))
+    both = read_answers(t, 2)
+    head, _, rest = both.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 ") and b"content-length: 0" in head.lower() and rest.startswith(b"HTTP/1.1 403 ")
+    t.close()
+
+
 def test_a_body_still_arriving_when_the_upstream_fails_gets_the_answer_then_the_connection_ends(gw):
     """A chunked upload is streamed (its upstream dialled at once); the upstream cannot be reached while the
     agent is still sending: the agent reads the 502 JSON, and the HTTP/1 connection is closed since the rest of

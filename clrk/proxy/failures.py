@@ -75,6 +75,8 @@ def _answer(self: HttpStream, event: ResponseProtocolError):
         flow.response = upstream_response
         yield SendHttp(event, self.context.client)
     else:
+        if flow.request.method.upper() == "HEAD":
+            answer.content = b""  # an answer to HEAD has no body (the next response on the connection would be off)
         content = answer.raw_content or b""
         yield SendHttp(ResponseHeaders(self.stream_id, answer, not content), self.context.client)
         if content:

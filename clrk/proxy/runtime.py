@@ -99,6 +99,8 @@ def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
         flow.kill()
     else:
         flow.response = deny_response(d, tx.genai.name if tx.genai is not None else None, tx.budget_denied)
+        if req.method.upper() == "HEAD":
+            flow.response.content = b""  # mitmproxy would write the body after the head: no HEAD answer has one
     log.info("clrk: denied %s %s:%s%s for %s: %s", printable(req.method), tx.dst_name, tx.dst_port,
              printable(req.path.split("?", 1)[0]), tx.agent.ref if tx.agent else "unauthenticated client", printable(d.reason))
 
