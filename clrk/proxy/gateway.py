@@ -78,8 +78,7 @@ class Gateway:
         # What an allow decision sets in motion runs where the decision is made, once per request.
         self.egress.then_allowed(self.routing.route, self.credentials.inject)
         steps = (self.policy, self.auth, self.passthrough, self.providers, self.egress, self.capture, self.upstream,
-                 self.recording,
-                 self.failsafe)
+                 self.recording, self.failsafe)
         self.steps: dict[str, tuple[Step, ...]] = {
             hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None))) for hook in TRAFFIC_HOOKS
         }
