@@ -12,12 +12,15 @@ def gateway_command() -> list[str]:
 
 
 def gateway_argv(policies: str, db: str, certs: str, ports: list[int], host: str, fallback: str, extra: list[str]) -> list[str]:
-    """The command line of a clrk gateway: mitmdump's options, clrk's set."""
+    """The command line of a clrk gateway: mitmdump's options, clrk's set. The gateway opens the policy's
+    listeners itself (clrk/proxy/listeners.py); `ports` replaces them (`--port`: one mode per port, so the
+    gateway leaves them as given), and `host` overrides every listener's address (`--listen-host`)."""
     argv = gateway_command()
     for p in ports:
-        argv += ["--mode", f"regular@{p}"]
+        argv += ["--mode", f"regular@{host or '127.0.0.1'}:{p}"]
+    if host:
+        argv += ["--listen-host", host]
     argv += [
-        "--listen-host", host,
         "--set", f"clrk_policies={Path(policies).resolve()}",
         "--set", f"clrk_db={Path(db).resolve()}",
         "--set", f"clrk_certs={Path(certs).resolve()}",

@@ -202,7 +202,7 @@ def test_provider_call_no_rule_matches_is_denied_with_a_reason_naming_that(gw, u
     i, t0 = new_invocation(), time.time()
     with pytest.raises(openai.PermissionDeniedError) as e:
         client(i).chat.completions.create(model="o1-preview", messages=[{"role": "user", "content": "hi"}])
-    assert e.value.response.json()["error"].startswith("clrk: no AIProviderRoute rule matches openai model o1-preview")
+    assert e.value.response.json()["error"]["message"].startswith("clrk: no AIProviderRoute rule matches openai model o1-preview")
     assert not [r for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"]
     rec = gw.wait_record(invocation=i)
     assert rec[A.CLRK_APR_MATCHED] is False and rec[A.CLRK_DECISION] == "deny"
@@ -236,8 +236,9 @@ def test_budget_exhausted_is_a_429_before_the_provider_is_contacted(gw, upstream
     estimate = denied[A.CLRK_BUDGET_RESERVED]
     assert estimate == 10 + len(json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "budget-y", "max_tokens": 10},
                                            separators=(",", ":"))) // 4
-    assert e.value.response.json() == {"error": "clrk: token budget exceeded for route openai-chat: this request may cost up to "
-                                                f"{estimate} tokens, and 5 of the day's 1000 are left"}
+    assert e.value.response.json()["error"] == {  # OpenAI's error shape, clrk's text (docs/POLICY.md)
+        "message": f"clrk: token budget exceeded for route openai-chat: this request may cost up to {estimate} tokens, "
+                   "and 5 of the day's 1000 are left", "type": "insufficient_quota", "code": "clrk_budget_exceeded"}
     assert (first[A.CLRK_BUDGET_DAILY_USED], first[A.CLRK_BUDGET_DAILY_MAX], first[A.CLRK_BUDGET_DENIED]) == (995, 1000, False)
     assert denied[A.CLRK_BUDGET_DENIED] is True and denied[A.HTTP_RESPONSE_STATUS_CODE] == 429
     assert (denied[A.CLRK_BUDGET_DAILY_USED], denied[A.CLRK_BUDGET_DAILY_MAX], denied.get(A.CLRK_BUDGET_TOKENS)) == (995, 1000, None)
@@ -284,11 +285,11 @@ def test_the_agent_cannot_steer_its_reservation(gw, upstream, agent_env):
     i, t0 = new_invocation(), time.time()
     with pytest.raises(openai.BadRequestError) as e:
         client(i).chat.completions.create(model="clamp-a", messages=[{"role": "user", "content": "hi"}], max_tokens=-1_000_000)
-    assert e.value.response.json() == {"error": "clrk: a budgeted route cannot estimate this request: max_tokens must be a "
-                                                "positive integer, not -1000000"}
+    assert e.value.response.json()["error"]["message"] == ("clrk: a budgeted route cannot estimate this request: max_tokens "
+                                                           "must be a positive integer, not -1000000")
     with pytest.raises(openai.RateLimitError) as e:
         client(i).chat.completions.create(model="clamp-b", messages=[{"role": "user", "content": "hi"}], max_tokens=10**12)
-    assert "more than the whole day's 1000" in e.value.response.json()["error"]
+    assert "more than the whole day's 1000" in e.value.response.json()["error"]["message"]
     client(i).chat.completions.create(model="clamp-ok", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
     assert [json.loads(r.body)["model"] for r in upstream.requests_since(t0) if r.path == "/v1/chat/completions"] == ["clamp-ok"]
     ok, absurd, negative = gw.wait_records(3, invocation=i)

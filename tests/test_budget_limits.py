@@ -17,6 +17,7 @@ import pytest
 from clrk import attributes as A
 from tests.harness import fake_provider
 from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, gateway_doc, sha
+from tests.harness.util import clrk_message
 
 HOSTS = ["api.openai.com", "generativelanguage.googleapis.com", "api.anthropic.com"]
 TOKENS = {"team-a.researcher": AGENT_TOKEN, "team-a.writer": "tok-writer-5151515151", "team-a.auditor": "tok-auditor-6262626262"}
@@ -110,11 +111,11 @@ def test_chat_choices_multiply_the_reservation_and_unreadable_counts_are_refused
     assert len(upstream.requests_with(model)) == (1 if status == 200 else 0)
     rec = gw.wait_record(invocation=i)
     if status == 400:
-        assert r.json()["error"].startswith("clrk: a budgeted route cannot estimate this request: ")
+        assert clrk_message(r.json()).startswith("clrk: a budgeted route cannot estimate this request: ")
         assert rec.get(A.CLRK_BUDGET_RESERVED) is None
         return
     if status == 429:
-        assert "more than the whole day's 10000" in r.json()["error"] and rec[A.CLRK_BUDGET_DENIED] is True
+        assert "more than the whole day's 10000" in clrk_message(r.json()) and rec[A.CLRK_BUDGET_DENIED] is True
     if output is not None:
         assert rec[A.CLRK_BUDGET_RESERVED] == output + input_estimate(body)
     else:
@@ -184,11 +185,11 @@ def test_held_context_is_reserved_refused_or_past_the_pool_as_the_route_says(gw,
     # serverContext: Refuse
     r = post(gw, f"{OPENAI}/v1/responses", bodies["refuse"], refuse_i)
     assert r.status_code == 403
-    assert r.json()["error"] == (f"clrk: this request bills input the provider holds ({field}), which the gateway cannot "
+    assert clrk_message(r.json()) == (f"clrk: this request bills input the provider holds ({field}), which the gateway cannot "
                                  "estimate: route pool refuses such calls (serverContext: Refuse)")
     # the default 128000 held tokens do not fit in a pool of 10000
     r = post(gw, f"{OPENAI}/v1/responses", bodies["wide"], wide_i)
-    assert r.status_code == 429 and "more than the whole day's 10000" in r.json()["error"]
+    assert r.status_code == 429 and "more than the whole day's 10000" in clrk_message(r.json())
     assert gw.wait_record(invocation=wide_i)[A.CLRK_BUDGET_RESERVED] == 100 + input_estimate(bodies["wide"]) + 128_000
     assert not upstream.requests_with(f"refuse-{t}") and not upstream.requests_with(f"wide-{t}")
     # the refusing route still serves what carries its whole input
@@ -228,7 +229,7 @@ JOBS = [
 def test_jobs_billed_after_the_answer_are_refused_on_a_budgeted_route(gw, upstream, host, path, body):
     i, t0 = tag(), time.time()
     r = post(gw, host + path, body, i)
-    assert r.status_code == 403 and "billed after this request is answered" in r.json()["error"]
+    assert r.status_code == 403 and "billed after this request is answered" in clrk_message(r.json())
     assert not [x for x in upstream.requests_since(t0) if x.path.startswith(path)]
     assert gw.wait_record(invocation=i)[A.CLRK_DECISION_RULE] == "AIProviderRoute/team-a/pool#rules[8]"
 
@@ -239,7 +240,7 @@ def test_a_body_the_gateway_cannot_parse_is_refused_not_estimated_as_small(gw, u
     deep = b'{"model":"legacy-' + t.encode() + b'","prompt":"hi","n":100,"max_tokens":4000,"user":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     i = tag()
     r = post(gw, f"{OPENAI}/v1/completions", deep, i)
-    assert r.status_code == 400 and "reads as a JSON object" in r.json()["error"]
+    assert r.status_code == 400 and "reads as a JSON object" in clrk_message(r.json())
     assert not upstream.requests_with(t)
 
 
@@ -309,5 +310,5 @@ def test_concurrent_agents_overshoot_only_by_what_they_used_beyond_their_reserva
     # Spent: a further request of any agent is refused before the upstream.
     after = {"model": f"bound-after-{t}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     r = post(gw, f"{OPENAI}/v1/chat/completions", after, tag(), user="team-a.auditor")
-    assert r.status_code == 429 and "and 0 of the day's 1000 are left" in r.json()["error"]
+    assert r.status_code == 429 and "and 0 of the day's 1000 are left" in clrk_message(r.json())
     assert not upstream.requests_with(f"bound-after-{t}")

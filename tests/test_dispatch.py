@@ -197,4 +197,4 @@ def test_a_budgeted_call_whose_admission_raised_is_denied_not_sent_unaccounted(m
     assert g.requestheaders(f) is None and f.response is None
     g.request(f)
     assert f.response is not None and f.response.status_code == 500
-    assert "token budget" in json.loads(f.response.content)["error"]
+    assert "token budget" in json.loads(f.response.content)["error"]["message"]  # the provider shape: OpenAI here

@@ -29,9 +29,10 @@ def test_an_upstream_with_an_untrusted_certificate_is_a_clean_502_with_error_typ
             i = new_invocation()
             with gw.client() as c:
                 r = c.get("https://allowed.test/json/x", headers={"clrk-invocation-id": i})
-            assert r.status_code == 502
+            assert r.status_code == 502 and r.json() == {"error": "clrk: upstream allowed.test:443: tls_error"}
             rec = gw.wait_record(invocation=i)
             assert rec[A.ERROR_TYPE] == "tls_error" and rec[A.CLRK_DECISION] == "allow"
+            assert rec[A.HTTP_RESPONSE_STATUS_CODE] == 502  # what the agent received
             assert not rogue.requests  # the handshake failed: no request was sent to it
         finally:
             gw.stop()
@@ -201,13 +202,15 @@ def test_a_hanging_endpoint_fills_a_bounded_queue_that_counts_its_drops(tmp_path
         hang.close()
 
 
-def test_an_upstream_that_never_answers_is_cut_after_the_idle_timeout(tmp_path, pki, upstream):
+def test_an_upstream_that_never_answers_is_a_504_after_the_idle_timeout(tmp_path, pki, upstream):
     """mitmproxy's tcp_timeout (600 s by default, 2 s here) ends an upstream that went silent: the agent gets
-    an error instead of waiting forever, and the transaction is recorded with error.type timeout."""
+    clrk's 504 instead of waiting forever, and the transaction is recorded with error.type timeout."""
     import httpx
 
+    release = threading.Event()
+
     def silent(h, seen):
-        time.sleep(8)  # the scenario: an upstream that takes the request and never answers (past tcp_timeout)
+        release.wait(30)  # the scenario: an upstream that takes the request and never answers (past tcp_timeout)
 
     upstream.handlers["silent"] = silent
     docs = [gateway_doc(aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0])), *agent_docs(), route("r", ["allowed.test"])]
@@ -215,12 +218,14 @@ def test_an_upstream_that_never_answers_is_cut_after_the_idle_timeout(tmp_path, 
     try:
         i = new_invocation()
         t0 = time.monotonic()
-        with gw.client() as c, pytest.raises(httpx.HTTPError):
-            c.get("https://allowed.test/handler/silent", headers={"clrk-invocation-id": i})
+        with gw.client() as c:
+            r = c.get("https://allowed.test/handler/silent", headers={"clrk-invocation-id": i})
+        assert r.status_code == 504 and r.json() == {"error": "clrk: upstream allowed.test:443: timeout"}
         assert time.monotonic() - t0 < 6
         rec = gw.wait_record(invocation=i)
         assert rec[A.ERROR_TYPE] == "timeout" and rec[A.CLRK_DURATION_MS] >= 1900
-        assert "Closing connection due to inactivity" in gw.log()
+        assert rec[A.HTTP_RESPONSE_STATUS_CODE] == 504
+        assert "Upstream silent for 2 s" in gw.log()
         # An agent that gives up by itself before that is not an upstream timeout.
         i = new_invocation()
         with httpx.Client(proxy=gw.proxy_url(), verify=gw.ssl_context(), trust_env=False, timeout=0.5) as c:
@@ -228,6 +233,7 @@ def test_an_upstream_that_never_answers_is_cut_after_the_idle_timeout(tmp_path, 
                 c.get("https://allowed.test/handler/silent", headers={"clrk-invocation-id": i})
         assert gw.wait_record(invocation=i)[A.ERROR_TYPE] == "client_disconnected"
     finally:
+        release.set()
         gw.stop()
 
 
@@ -252,9 +258,10 @@ def test_an_upstream_name_that_does_not_resolve_is_a_clean_502_with_dns_error(tm
             with gw.client() as c:
                 r = c.get("https://missing.example.test/json/x", headers={"clrk-invocation-id": i})
             assert r.status_code == 502 and time.monotonic() - t0 < 10
+            assert r.json() == {"error": "clrk: upstream missing.example.test:443: dns_error"} and "server" not in r.headers
             rec = gw.wait_record(invocation=i)
             assert (rec[A.ERROR_TYPE], rec[A.CLRK_DECISION]) == ("dns_error", "allow")
-            assert A.HTTP_RESPONSE_STATUS_CODE not in rec  # no upstream answered; the 502 is the gateway's
+            assert rec[A.HTTP_RESPONSE_STATUS_CODE] == 502  # what the agent received: the gateway's answer
             assert "missing.example.test" in dns.queries  # it was asked, and said no
         finally:
             gw.stop()

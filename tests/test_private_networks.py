@@ -77,10 +77,10 @@ def test_a_name_that_resolves_to_loopback_is_refused_by_default_and_never_dialle
     i = new_invocation()
     with default_gw.client() as c:
         r = c.get(f"https://allowed.test:{upstream.port}/json/private", headers={"clrk-invocation-id": i})
-    assert r.status_code == 502
-    assert "clrk: allowed.test is not allowed: it resolves to 127.0.0.1, in 127.0.0.0/8 (loopback)" in r.text
+    assert r.status_code == 502 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"].startswith("clrk: allowed.test is not allowed: it resolves to 127.0.0.1, in 127.0.0.0/8 (loopback)")
     rec = default_gw.wait_record(invocation=i)
-    assert (rec[A.CLRK_DECISION], rec[A.ERROR_TYPE]) == ("allow", "policy_blocked")
+    assert (rec[A.CLRK_DECISION], rec[A.ERROR_TYPE], rec[A.HTTP_RESPONSE_STATUS_CODE]) == ("allow", "policy_blocked", 502)
     assert dns.asked[("allowed.test", QTYPE_A)] == asked + 1  # resolved, through the test server, once
     assert upstream.connections == before
     assert (f"blocked allowed.test:{upstream.port}: it resolves to 127.0.0.1, in 127.0.0.0/8 (loopback), a private "

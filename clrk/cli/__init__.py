@@ -34,17 +34,29 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
     from clrk.proxy.ca import ensure_ca
 
     policy = _checked_policy(args.policies)
-    ports = [args.port] if args.port else policy.listener_ports() or [8080]
+    ports = [args.port] if args.port else []
     cert = ensure_ca(args.certs)
     argv = gateway_argv(args.policies, args.db, args.certs, ports, args.host, args.dev_otlp_fallback_endpoint, extra)
+    where = [f"{args.host or '127.0.0.1'}:{args.port}"] if args.port else _listening(policy, args.host)
+    if args.host and not args.port and policy.listeners:
+        print(f"clrk: --host {args.host} is not used: the policy's listeners bind their own address (a listener's "
+              "`address` in the EgressGateway; --host applies with --port, or to a policy without listeners)",
+              file=sys.stderr)
     print(
-        f"clrk: gateway on {args.host or '0.0.0.0'}:{','.join(map(str, ports))}, policies {args.policies}, "
+        f"clrk: gateway on {', '.join(where)}, policies {args.policies}, "
         f"records in {args.db}\nclrk: agents trust {cert} and set "
-        f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@localhost:{ports[0]}  (clrk ca tells more)",
+        f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@localhost:{where[0].rsplit(':', 1)[1]}  (clrk ca tells more)",
         file=sys.stderr,
         flush=True,
     )
     os.execv(argv[0], argv)
+
+
+def _listening(policy, host: str) -> list[str]:
+    """Where the gateway will listen: the policy's listeners (or mitmproxy's 8080), `host` overriding addresses."""
+    from clrk.proxy.listeners import wanted_modes
+
+    return [m.split("@", 1)[1] for m in wanted_modes(policy, host, None)]
 
 
 # --------------------------------------------------------------------------- dev
@@ -56,8 +68,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
     from clrk.cli.feed import RecordFeed
     from clrk.proxy.ca import ensure_ca
 
-    policy = _checked_policy(args.policies)
-    ports = [args.port] if args.port else policy.listener_ports() or [8080]
+    _checked_policy(args.policies)
+    ports = [args.port] if args.port else []
     ensure_ca(args.certs)
     try:
         session = DevSession(args.policies, args.db, args.certs, ports, otlp_port=args.otlp_port, host=args.host).start()
@@ -318,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
     run.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
     run.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
-    run.add_argument("--port", type=int, default=None, help="listen port (default: the EgressGateway listeners)")
-    run.add_argument("--host", default="", help="listen address (default: all interfaces)")
+    run.add_argument("--port", type=int, default=None, help="listen on this port only (default: the EgressGateway listeners)")
+    run.add_argument("--host", default="", help="listen address with --port, or for a policy without listeners "
+                    "(default 127.0.0.1); declared listeners bind their own `address`")
     run.add_argument("--dev-otlp-fallback-endpoint", default=s.dev_otlp_fallback_endpoint, help=argparse.SUPPRESS)
 
     rec = sub.add_parser("records", help="print recorded transactions, newest first (works while the gateway runs)")
@@ -335,10 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dv = sub.add_parser("dev", help="the gateway with an in-process OTLP receiver and a live terminal UI")
     dv.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
-    dv.add_argument("--port", type=int, default=None, help="listen port (default: the EgressGateway listeners)")
+    dv.add_argument("--port", type=int, default=None, help="listen on this port only (default: the EgressGateway listeners)")
     dv.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
     dv.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
-    dv.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    dv.add_argument("--host", default="", help="listen address with --port, or for a policy without listeners "
+                    "(default 127.0.0.1); declared listeners bind their own `address`")
     dv.add_argument("--otlp-port", type=int, default=14318, help="the in-process OTLP/HTTP receiver's port (default: %(default)s)")
 
     tl = sub.add_parser("tail", help="print records as the gateway stores them (one line each, or --json)")

@@ -225,6 +225,22 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """A port an EgressGateway listens on, on one local address."""
+
+    gateway: str
+    name: str
+    address: str
+    port: int
+    passthrough: bool
+
+    @property
+    def mode(self) -> str:
+        """mitmproxy's mode spec that opens it (`regular@127.0.0.1:8080`; an IPv6 address unbracketed)."""
+        return f"regular@{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """One EgressGateway: its listeners, export target, capture bounds and upstream TLS settings."""
 
@@ -244,6 +260,7 @@ class GatewayConfig:
     # What the recorder's exporter does for it beyond endpoint and headers: metrics, sampling, Prometheus
     # (plain data, sent to the recorder as is: `clrk.recorder.export.GatewayExport` reads it).
     telemetry: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    listeners: tuple[ListenerConfig, ...] = ()
     # What its records redact: the defaults, every injected credential name, its captureBody.redact.
     redactor: Redactor = field(default=DEFAULT_REDACTOR, compare=False, repr=False)
 
@@ -298,6 +315,11 @@ class CompiledPolicy:
 
     def listener_ports(self) -> list[int]:
         return sorted({p for g in self.gateways for p in g.ports})
+
+    @cached_property
+    def listeners(self) -> tuple[ListenerConfig, ...]:
+        """Every listener the policy declares, by port."""
+        return tuple(sorted((li for g in self.gateways for li in g.listeners), key=lambda li: li.port))
 
     @cached_property
     def passthrough_ports(self) -> frozenset[int]:
@@ -466,6 +488,8 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                     "sampling": g.spec.otlp.sampling.model_dump(by_alias=False),
                     "prometheus": [prom.address, prom.port] if prom is not None else None,
                 },
+                listeners=tuple(ListenerConfig(g.metadata.name, li.name, li.address, li.port, li.tls.mode == "Passthrough")
+                                for li in g.spec.listeners),
             )
         )
     if not gateways:

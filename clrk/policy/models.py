@@ -117,9 +117,21 @@ class ListenerTLS(Spec):
 
 class Listener(Spec):
     name: str = Field(min_length=1)
+    # The local address it binds: this machine only unless the policy says otherwise (0.0.0.0 or :: for every
+    # interface). An IP address, so what is opened is exactly what is written.
+    address: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
     protocol: Literal["TLS", "HTTP"] = "TLS"
     tls: ListenerTLS = ListenerTLS()
+
+    @field_validator("address")
+    @classmethod
+    def _ip_address(cls, v: str) -> str:
+        ip = canonical_ip(v.strip().strip("[]"))
+        if ip is None or v.strip().strip("[]") != ip:
+            raise ValueError(f"{v!r} is not an IP address in its usual spelling: write e.g. 127.0.0.1 (this machine "
+                             "only), 0.0.0.0 (every IPv4 interface), :: (every interface) or one interface's address")
+        return ip
 
 
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

@@ -18,7 +18,7 @@ import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from clrk.proxy import limits
+from clrk.proxy import failures, limits
 from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime
 from clrk.proxy.steps.auth import ProxyAuth
@@ -31,6 +31,7 @@ from clrk.proxy.steps.policy import PolicyLoader
 from clrk.proxy.steps.providers import Providers
 from clrk.proxy.steps.recording import Recording
 from clrk.proxy.steps.routing import ProviderRouting
+from clrk.proxy.steps.upstream import UpstreamFailure
 
 TRAFFIC_HOOKS = ("client_disconnected", "http_connect", "next_layer", "requestheaders", "request", "responseheaders",
                  "response", "error", "server_connect", "server_connected", "server_connect_error")
@@ -38,6 +39,8 @@ TRAFFIC_HOOKS = ("client_disconnected", "http_connect", "next_layer", "requesthe
 
 # mitmproxy buffers a message head without limit; bounded before any connection exists.
 limits.install()
+# mitmproxy answers failed upstreams with its own HTML page, or by closing a silent agent's connection.
+failures.install()
 
 class Gateway:
     """clrk inside mitmproxy. This is the one place the order of the steps is written; each is a file of
@@ -52,6 +55,7 @@ class Gateway:
         ProviderRouting  token budgets and Backends of the matched AIProviderRoute rule
         Credentials      provider keys injected on the upstream request
       Capture          bounded body capture on the pass-through (feeds the provider parser)
+      UpstreamFailure  an upstream that failed before answering: clrk's JSON 502/504 instead of mitmproxy's page
       Recording        one record per transaction, handed to the recorder process
       Failsafe         last: nothing goes upstream without an allow decision, whatever failed above
     """
@@ -68,12 +72,13 @@ class Gateway:
         self.routing = ProviderRouting(rt)
         self.credentials = Credentials(rt)
         self.capture = Capture(rt)
+        self.upstream = UpstreamFailure(rt)
         self.recording = Recording(rt)
         self.failsafe = Failsafe(rt)
         # What an allow decision sets in motion runs where the decision is made, once per request.
         self.egress.then_allowed(self.routing.route, self.credentials.inject)
-        steps = (self.policy, self.auth, self.passthrough, self.providers, self.egress, self.capture, self.recording,
-                 self.failsafe)
+        steps = (self.policy, self.auth, self.passthrough, self.providers, self.egress, self.capture, self.upstream,
+                 self.recording, self.failsafe)
         self.steps: dict[str, tuple[Step, ...]] = {
             hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None))) for hook in TRAFFIC_HOOKS
         }
@@ -87,7 +92,7 @@ class Gateway:
         self.policy.configure(updated)
 
     async def running(self) -> None:
-        self.policy.running()
+        await self.policy.running()
         await self.recording.running()
         # What start-up built (mitmproxy, every module, the policy) lives as long as the process: frozen, it is
         # left out of the collector's full passes, which otherwise walk those ~100k objects every few thousand

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 import weakref
 
 from mitmproxy import connection, http
 
 from clrk.cost import UNKNOWN
 from clrk.decision import Decision
+from clrk.errors import JSON_HEADERS, error_body, no_retry_headers, seconds_until_utc_midnight
 from clrk.escape import printable
 from clrk.identity import AuthThrottle
 from clrk.policy import CompiledPolicy
@@ -108,26 +109,43 @@ class Runtime:
 
 
 def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
-    """Denies the request: the JSON answer of the contract, or — when its body has yet to arrive and is large
-    or of unknown length — a cut connection, since answering would mean reading and holding that body first.
-    The record says who was denied and why either way."""
+    """Denies the request: the JSON answer of the contract (in the provider's error shape on a provider's API),
+    or — when its body has yet to arrive and is large or of unknown length — a cut connection, since answering
+    would mean reading and holding that body first. The record says who was denied and why either way."""
     tx.decision = d
     req = flow.request
     h = tx.req_h or {}
     if not req.stream and req.raw_content is None and has_body(h) and not request_is_buffered(h, False):
         flow.kill()
     else:
-        flow.response = deny_response(d)
+        flow.response = deny_response(d, tx.genai.name if tx.genai is not None else None, tx.budget_denied)
+        if req.method.upper() == "HEAD":
+            flow.response.content = b""  # mitmproxy would write the body after the head: no HEAD answer has one
     log.info("clrk: denied %s %s:%s%s for %s: %s", printable(req.method), tx.dst_name, tx.dst_port,
              printable(req.path.split("?", 1)[0]), tx.agent.ref if tx.agent else "unauthenticated client", printable(d.reason))
 
 
-def deny_response(d: Decision) -> http.Response:
-    headers = {"content-type": "application/json", "cache-control": "no-store"}
+def deny_response(d: Decision, provider: str | None = None, budget_exceeded: bool = False) -> http.Response:
+    """The gateway's answer for a refusal: `{"error": "clrk: <reason>"}`, or `provider`'s error shape with that
+    text. A budget refusal says when to come back (the UTC day's end) and that retrying sooner is useless."""
+    headers = dict(JSON_HEADERS)
     if d.status == 407:
         headers["proxy-authenticate"] = 'Basic realm="clrk"'
-    body = json.dumps({"error": f"clrk: {d.answer or d.reason}"}).encode()
+    if budget_exceeded:
+        code = "clrk_budget_exceeded"
+        headers.update(no_retry_headers(seconds_until_utc_midnight(time.time())))
+    elif d.status == 503:
+        code = "clrk_unavailable"
+        headers["retry-after"] = "1"  # the budget ledger being read at start: a moment
+    else:
+        code = "clrk_denied" if d.status < 500 else "clrk_error"
+    body = error_body(provider, d.status, f"clrk: {d.answer or d.reason}", code)
     return http.Response.make(d.status, body, headers)
+
+
+def gateway_answer(status: int, message: str, provider: str | None, code: str) -> http.Response:
+    """An answer the gateway makes for a request it let through (an upstream that failed, say)."""
+    return http.Response.make(status, error_body(provider, status, message, code), dict(JSON_HEADERS))
 
 
 def listener_port(client: connection.Client) -> int | None:

@@ -18,37 +18,10 @@ import math
 
 from clrk import attributes as A
 from clrk import escape
+from clrk.errors import error_type
 from clrk.hostnames import norm_host
 from clrk.redact import Redactor, decode_headers, redact_url
 from clrk.snapshot import Snapshot
-
-
-def error_type(message: str) -> str:
-    """A short, stable error.type for mitmproxy's error messages."""
-    m = message.lower()
-    if "from client, refusing" in m or m.startswith("invalid request scheme"):  # mitmproxy's request checks
-        return "invalid_request"
-    if "clrk:" in m and "not allowed" in m:
-        return "policy_blocked"
-    if "clrk:" in m and "gateway stopped" in m:
-        return "gateway_stopped"
-    if "refused" in m or "[errno 111]" in m:  # asyncio says "[Errno 111] Connect call failed (...)"
-        return "connection_refused"
-    if "[errno 113]" in m or "[errno 101]" in m:
-        return "host_unreachable"
-    if "timed out" in m or "timeout" in m:
-        return "timeout"
-    if "certificate" in m or "tls" in m or "ssl" in m or "handshake" in m:
-        return "tls_error"
-    if "name or service not known" in m or "nodename" in m or "getaddrinfo" in m or "name resolution" in m:
-        return "dns_error"
-    if "client disconnected" in m or "client closed" in m:
-        return "client_disconnected"
-    if "reset" in m or "eof" in m or "closed" in m or "incomplete" in m or "peer" in m:
-        return "upstream_reset"
-    if "killed" in m:
-        return "killed"
-    return "upstream_error"
 
 
 def _bodies(req: bytes | None, resp: bytes | None) -> tuple[str | None, str | None, bool]:

@@ -247,7 +247,8 @@ def deny(name: str, hostnames: list[str], **spec) -> dict:
 
 class Gateway:
     def __init__(self, workdir: Path, docs: list[dict], *, fallback: str = "", env: dict | None = None,
-                 mitmproxy_args: list[str] | None = None, wrapper: list[str] | None = None, entry: str = "clrk"):
+                 mitmproxy_args: list[str] | None = None, wrapper: list[str] | None = None, entry: str = "clrk",
+                 listen_args: bool = True):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.policies = self.dir / "policies"
@@ -259,6 +260,7 @@ class Gateway:
         self.mitmproxy_args = list(mitmproxy_args or [])
         self.wrapper = list(wrapper or [])  # a command the gateway runs under (e.g. in its own mount namespace)
         self.entry = entry
+        self.listen_args = listen_args  # False: no --listen-host/-p, the gateway listens where its policy says
         self.env = {**os.environ, "CLRK_TEST_REVIEWER_TOKEN": OTHER_TOKEN, **(env or {})}
         self.write_policy(docs)
         self.proc: subprocess.Popen | None = None
@@ -275,8 +277,8 @@ class Gateway:
 
     def start(self, timeout: float = 30.0) -> Gateway:
         command = [MITMDUMP, "-s", str(REPO / "addons" / "clrk.py")] if self.entry == "mitmdump" else gateway_command()
-        argv = [*command, "--listen-host", "127.0.0.1", "-p", str(self.port),
-                "--set", f"clrk_policies={self.policies}", "--set", f"clrk_db={self.db}",
+        listen = ["--listen-host", "127.0.0.1", "-p", str(self.port)] if self.listen_args else []
+        argv = [*command, *listen, "--set", f"clrk_policies={self.policies}", "--set", f"clrk_db={self.db}",
                 "--set", f"clrk_certs={self.certs}"]
         if self.fallback:
             argv += ["--set", f"clrk_dev_otlp_fallback_endpoint={self.fallback}"]

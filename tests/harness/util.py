@@ -39,3 +39,9 @@ def compile_policy(*docs: dict, env: Mapping[str, str] | None = None) -> Compile
     `env` only (never the test process's environment)."""
     sourced = [SourcedDocument(_DOCUMENT.validate_python(d), "mem.yaml", i + 1) for i, d in enumerate(docs)]
     return compile_documents(sourced, dict(env or {}))
+
+
+def clrk_message(body: dict) -> str:
+    """The `clrk: ...` text of a gateway answer, in clrk's own shape or a provider's (docs/POLICY.md, Errors)."""
+    error = body["error"]
+    return error if isinstance(error, str) else error["message"]

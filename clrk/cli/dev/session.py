@@ -15,7 +15,7 @@ from clrk.proxy.budget import day_start, utc_day
 
 class DevSession:
     def __init__(self, policies: str, db: str, certs: str, ports: list[int], otlp_port: int = DEFAULT_PORT,
-                 host: str = "127.0.0.1", log_path: str | None = None):
+                 host: str = "", log_path: str | None = None):
         self.policies, self.db, self.certs, self.ports, self.host = policies, db, certs, ports, host
         self.otlp_port = otlp_port
         self.log_path = Path(log_path or Path(db).with_name("clrk-dev.log"))

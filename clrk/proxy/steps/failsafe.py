@@ -25,7 +25,7 @@ class Failsafe:
         self.rt = rt
 
     def _deny(self, flow: http.HTTPFlow, tx: Transaction | None,
-              why: str = "clrk could not decide this request (see the gateway log); denied") -> None:
+              why: str = "the gateway could not decide this request (see its log); denied") -> None:
         d = Decision(False, "failsafe", why, 500)
         if tx is None:
             tx = Transaction(start=flow.request.timestamp_start, trace=trace_context(None))
@@ -56,4 +56,4 @@ class Failsafe:
         rule = tx.decision.provider_rule
         if rule is not None and rule.budget is not None and tx.reservation is None:
             # Allowed by a budgeted rule but never admitted (the step that admits raised): it would cost unaccounted.
-            self._deny(flow, tx, "clrk could not admit this call against its token budget (see the gateway log); denied")
+            self._deny(flow, tx, "the gateway could not admit this call against its token budget (see its log); denied")

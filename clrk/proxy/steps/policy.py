@@ -1,5 +1,6 @@
 """Step PolicyLoader: clrk's mitmproxy options, the policy loaded at start and reloaded when its files
-change, and the mitmproxy settings clrk relies on (forced on every configure)."""
+change, the listeners it declares (`clrk/proxy/listeners.py`), and the mitmproxy settings clrk relies on
+(forced on every configure)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from clrk.cost import preload as preload_prices
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
 from clrk.proxy.ca import ensure_ca
+from clrk.proxy.listeners import Listeners
 from clrk.proxy.runtime import Runtime
 from clrk.settings import Settings
 
@@ -37,6 +39,7 @@ class PolicyLoader:
         self._watch: asyncio.Task | None = None
         self._signature: tuple | None = None
         self._loaded_from: str | None = None  # the clrk_policies value in force (file changes: _watch_loop)
+        self.listeners = Listeners()
 
     def load(self, loader) -> None:
         s = Settings()
@@ -90,6 +93,7 @@ class PolicyLoader:
         """Puts a policy in force. Everything that can fail happens before the swap; the recorder learns the
         names to redact before the first record made under the new policy reaches it (same socket, in order)."""
         self._apply_upstream_trust(policy)
+        self.listeners.apply(policy)
         idle = [g.idle_timeout for g in policy.gateways if g.idle_timeout is not None]
         if idle and ctx.options.tcp_timeout != min(idle):
             ctx.options.update(tcp_timeout=min(idle))
@@ -119,8 +123,9 @@ class PolicyLoader:
         if ctx.options.ssl_verify_upstream_trusted_ca != str(out):
             ctx.options.update(ssl_verify_upstream_trusted_ca=str(out))
 
-    def running(self) -> None:
+    async def running(self) -> None:
         self._watch = asyncio.create_task(self._watch_loop())
+        await self.listeners.running()
 
     def done(self) -> None:
         if self._watch is not None:
