@@ -38,7 +38,7 @@ from clrk.proxy.steps.policy import PolicyLoader
 from clrk.proxy.steps.routing import ProviderRouting, estimate
 from clrk.proxy.transaction import METADATA_KEY
 from tests.harness.gateway import basic
-from tests.harness.util import compile_policy
+from tests.harness.util import clrk_message, compile_policy
 
 TOKEN = "tok-bot-0123456789"
 OPENAI_KEY = "sk-injected-STEP-SECRET"
@@ -146,8 +146,9 @@ def answer(g: Gateway, f: http.HTTPFlow, status: int = 200, body: bytes = b"{}",
 
 
 def denied(f: http.HTTPFlow) -> tuple[int, str]:
+    """(status, the `clrk: ...` text) of the gateway's answer, in clrk's shape or the provider's."""
     assert f.response is not None, "not denied"
-    return f.response.status_code, json.loads(f.response.content)["error"]
+    return f.response.status_code, clrk_message(json.loads(f.response.content))
 
 
 # ------------------------------------------------------------------------------------------------ PolicyLoader
