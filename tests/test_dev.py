@@ -297,8 +297,9 @@ def test_clrk_ca_says_how_to_trust_and_proxy(tmp_path):
     out = subprocess.run([CLRK, "ca", "--certs", str(tmp_path / "certs"), "--policies", str(REPO / "policies")],
                          capture_output=True, text=True, check=True).stdout
     cert = str((tmp_path / "certs" / "mitmproxy-ca-cert.pem").resolve())
-    for line in (f"export SSL_CERT_FILE={cert}", f"export REQUESTS_CA_BUNDLE={cert}", f"export NODE_EXTRA_CA_CERTS={cert}",
-                 f"curl --cacert {cert}", "export HTTPS_PROXY=http://team-a.researcher:<token>@localhost:8080"):
+    for line in (f"CA={cert}", "export SSL_CERT_FILE=$CA REQUESTS_CA_BUNDLE=$CA CURL_CA_BUNDLE=$CA NODE_EXTRA_CA_CERTS=$CA",
+                 "curl --cacert $CA", "export HTTPS_PROXY=http://team-a.researcher:<token>@localhost:8080",
+                 "export NODE_USE_ENV_PROXY=1", "new EnvHttpProxyAgent()", "fetchOptions: {dispatcher: new ProxyAgent("):
         assert line in out
     key = tmp_path / "certs" / "mitmproxy-ca.pem"
     assert oct(key.stat().st_mode & 0o777) == "0o600"

@@ -85,15 +85,24 @@ def cmd_ca(args: argparse.Namespace) -> None:
         f"clrk's CA certificate: {cert}",
         "(its private key, mitmproxy-ca.pem beside it, is mode 0600 and never leaves this machine)",
         "",
-        "Trust it in the agent's environment:",
-        f"  Python (requests, httpx, openai, anthropic, google-genai):  export SSL_CERT_FILE={cert}",
-        f"                                                             export REQUESTS_CA_BUNDLE={cert}",
-        f"  Node.js:  export NODE_EXTRA_CA_CERTS={cert}",
-        f"  curl:     curl --cacert {cert} ...   (or export CURL_CA_BUNDLE={cert})",
+        "Trust it in the agent's environment (each client reads its own variable: set them all):",
+        f"  CA={cert}",
+        "  export SSL_CERT_FILE=$CA REQUESTS_CA_BUNDLE=$CA CURL_CA_BUNDLE=$CA NODE_EXTRA_CA_CERTS=$CA",
+        "    Python ssl, httpx and the openai / anthropic / google-genai SDKs: SSL_CERT_FILE; requests: REQUESTS_CA_BUNDLE",
+        "    curl: CURL_CA_BUNDLE (it wins over SSL_CERT_DIR and SSL_CERT_FILE), or curl --cacert $CA",
+        "    Node: NODE_EXTRA_CA_CERTS",
         "",
         "Send the agent's traffic through the gateway (the token is the agent's; only its sha256 is in the policy):",
     ]
     lines += [f"  export HTTPS_PROXY=http://{user}:<token>@{args.host}:{port}" for user in agents] or ["  (no Agent in the policy)"]
+    lines += [
+        "",
+        "Node's fetch ignores HTTPS_PROXY: a Node agent set up as above alone goes around the gateway.",
+        "  Node >= 24.5 or 22.21:  export NODE_USE_ENV_PROXY=1",
+        "  Node 20 (npm install undici):  setGlobalDispatcher(new EnvHttpProxyAgent())  (from undici), or per client",
+        "    new OpenAI({fetchOptions: {dispatcher: new ProxyAgent(process.env.HTTPS_PROXY)}})",
+        "  docs/CLIENTS.md has the details.",
+    ]
     print("\n".join(lines))
 
 
