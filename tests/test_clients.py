@@ -19,7 +19,7 @@ import yaml
 from clrk import attributes as A
 from tests.harness import fake_provider
 from tests.harness.gateway import Gateway, gateway_doc, route
-from tests.harness.util import new_invocation
+from tests.harness.util import new_invocation, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO / "tests" / "node"
@@ -124,3 +124,15 @@ def test_clrk_ca_gives_the_readme_trust_line(gw):
     assert readme[0] == "CA=$PWD/certs/mitmproxy-ca-cert.pem" and len(readme) == 2
     ca = [line.strip() for line in out.splitlines()]
     assert f"CA={gw.ca.resolve()}" in ca and readme[1] in ca
+
+
+def test_the_gateway_puts_a_policy_with_warnings_in_force_and_logs_them(gw):
+    """A reference that leads nowhere makes no rule wider: the gateway loads the policy and logs why."""
+    gw.write_policy([route("typo", ["api.github.com"], sourceAgents={"namespaces": ["team-q"]})], name="typo.yaml")
+    try:
+        gw.wait_log("spec.sourceAgents.namespaces[0]: no Agent is in namespace 'team-q'")
+        assert "clrk: policy warning: " in gw.log() and "policy reload failed" not in gw.log()
+    finally:
+        reloads = gw.log().count("policy reloaded")
+        (gw.policies / "typo.yaml").unlink()
+        wait_for(lambda: gw.log().count("policy reloaded") > reloads, "the reload without typo.yaml")

@@ -290,11 +290,17 @@ def cmd_policy_check(args: argparse.Namespace) -> None:
     except PolicyError as e:
         print(str(e), file=sys.stderr)
         sys.exit(1)
+    for w in policy.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     counts: dict[str, int] = {}
     for sd in policy.documents:
         counts[sd.doc.kind] = counts.get(sd.doc.kind, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
-    print(f"{args.path}: ok ({summary})")
+    n = len(policy.warnings)
+    warned = f"; {n} warning{'s' * (n != 1)}" if n else ""
+    print(f"{args.path}: ok ({summary}){warned}")
+    if n and args.strict:
+        sys.exit(1)
 
 
 def cmd_policy_schema(args: argparse.Namespace) -> None:
@@ -367,8 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pol = sub.add_parser("policy", help="check a policy, or print its JSON Schema")
     psub = pol.add_subparsers(dest="policy_command", required=True)
-    chk = psub.add_parser("check", help="validate a policy file or directory (exit 1 with every problem listed)")
-    chk.add_argument("path", nargs="?", default=s.policies)
+    chk = psub.add_parser("check", help="validate a policy file or directory: exit 1 with every error listed; "
+                          "warnings (references that lead nowhere) are printed")
+    chk.add_argument("path", nargs="?", default=s.policies, help="policy file or directory (default: %(default)s)")
+    chk.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     psub.add_parser("schema", help="print the JSON Schema of a policy document")
     return p
 

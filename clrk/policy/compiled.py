@@ -19,6 +19,7 @@ from clrk.addresses import CidrTable, IPAddress, IPNetwork, parse_network
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.hostnames import canonical_ip
 from clrk.policy import models as m
+from clrk.policy.check import cross_reference_warnings
 from clrk.policy.loader import PolicyError, SourcedDocument, load_documents
 from clrk.providers import DEFAULT_HOSTS as DEFAULT_PROVIDER_HOSTS
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
@@ -266,6 +267,8 @@ class CompiledPolicy:
     redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
     # For a transaction no gateway owns: every name any gateway redacts.
     redactor: Redactor = field(default=DEFAULT_REDACTOR, compare=False, repr=False)
+    # References that lead nowhere (clrk.policy.check): the policy is in force with them, the gateway logs them.
+    warnings: tuple[str, ...] = ()
 
     def gateway_for_port(self, port: int | None) -> GatewayConfig | None:
         """The gateway listening on `port`; with a single gateway, that one for every port."""
@@ -379,12 +382,12 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         if key in seen:
             first = seen[key]
             problems.append(
-                f"{sd.file}: document {sd.index} ({key[0]} {key[2]}): duplicate of {first.file} document {first.index}"
+                f"{sd.where}: duplicate of {first.file}:{first.line} document {first.index}"
             )
         seen[key] = sd
 
     def where(sd: SourcedDocument) -> str:
-        return f"{sd.file}: document {sd.index} ({sd.doc.kind} {sd.doc.metadata.name})"
+        return sd.where
 
     by_kind: dict[str, list[SourcedDocument]] = {}
     for sd in docs:
@@ -573,6 +576,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         redact_headers=frozenset(redact_headers),
         redact_query=frozenset(redact_query),
         redactor=Redactor(redact_headers, redact_query),
+        warnings=tuple(cross_reference_warnings(docs)),
     )
 
 

@@ -94,6 +94,8 @@ class PolicyLoader:
         if self.rt.sink is not None:
             self.rt.sink.send_config(export_config(policy))
         self.rt.policy = policy
+        for w in policy.warnings:  # in force all the same: they make no rule wider (clrk.policy.check)
+            log.warning("clrk: policy warning: %s", w)
 
     def _apply_upstream_trust(self, policy: CompiledPolicy) -> None:
         """caBundle adds to the default trust store: mitmproxy takes one file, so write the union."""
