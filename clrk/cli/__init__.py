@@ -309,6 +309,15 @@ def cmd_policy_schema(args: argparse.Namespace) -> None:
     print(json.dumps(json_schema(), indent=2))
 
 
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from clrk.cli.demo import run
+
+    sys.exit(run(keep=args.keep, port=args.port, workdir=args.dir))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -371,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="requested model")
     sp.add_argument("--budgets", action="store_true", help="also show today's usage of each token budget pool")
 
+    dm = sub.add_parser("demo", help="the AI features in a minute: a gateway and a local fake provider, OpenAI, Anthropic "
+                        "and Gemini calls with the official SDKs (one over budget), then spend and records")
+    dm.add_argument("--port", type=int, default=None, help="the gateway's port on 127.0.0.1 (default: a free one)")
+    dm.add_argument("--dir", default=None, help="work in this directory, and keep it (default: a temporary one)")
+    dm.add_argument("--keep", action="store_true", help="keep the temporary directory (policy, store, logs)")
+
     pol = sub.add_parser("policy", help="check a policy, or print its JSON Schema")
     psub = pol.add_subparsers(dest="policy_command", required=True)
     chk = psub.add_parser("check", help="validate a policy file or directory: exit 1 with every error listed; "
@@ -394,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         (cmd_policy_check if args.policy_command == "check" else cmd_policy_schema)(args)
     else:
         {"records": cmd_records, "spend": cmd_spend, "dev": cmd_dev, "status": cmd_status, "tail": cmd_tail,
-         "ca": cmd_ca}[args.command](args)
+         "ca": cmd_ca, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":
