@@ -3,6 +3,7 @@ what the gateway did (the records in its store say the same)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +31,11 @@ def test_clrk_demo_shows_the_ai_features_in_a_minute(tmp_path):
                  "budgets today (UTC)", "gen_ai.usage.input_tokens"):
         assert said in text, said
     spend = text[text.index("$ clrk spend"):text.index("$ clrk records")]
+    # `clrk records`, text view: the request's path, and every column where the one above has it.
+    records = text[text.index("$ clrk records"):text.index("The gen_ai attributes")].strip().splitlines()[1:]
+    assert len(records) == 5 and all(":443/v1/" in line for line in records)
+    for column in (r"\s(\S+:443/)", r"\s(allow|deny)\s", r"\s(200|429)\s"):
+        assert len({re.search(column, line).start(1) for line in records}) == 1, (column, records)
     assert "demo/openai" in spend and "demo/anthropic" in spend and "demo/gemini" in spend
 
     con = open_readonly(str(tmp_path / "data" / "clrk.duckdb"))
@@ -46,3 +52,10 @@ def test_clrk_demo_shows_the_ai_features_in_a_minute(tmp_path):
     everything = text + out.stderr + (tmp_path / "gateway.log").read_text() + repr(rows)
     assert PROVIDER_KEY not in everything
     assert "sk-the-agent-has-no-key" not in everything
+
+
+def test_clrk_version_and_run_help():
+    out = subprocess.run([CLRK, "--version"], capture_output=True, text=True, check=True).stdout
+    assert re.fullmatch(r"clrk \d+\.\d+\.\d+\S*\n", out), out
+    usage = subprocess.run([CLRK, "run", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "usage: clrk run [options] [-- mitmdump args ...]" in usage and "passed to mitmdump" in usage

@@ -372,10 +372,12 @@ def assert_terminal_safe(out: str, lines: int) -> None:
 
 def test_clrk_records_and_tail_print_no_control_character(gw):
     i = new_invocation()
-    tails = {mode: subprocess.Popen([CLRK, "tail", "--db", str(gw.db), "--invocation", i, *flags], stdout=subprocess.PIPE)
+    tails = {mode: subprocess.Popen([CLRK, "tail", "--db", str(gw.db), "--invocation", i, *flags], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
              for mode, flags in (("table", []), ("json", ["--json"]))}
     try:
-        time.sleep(1.0)  # tail starts at what is stored now
+        for p in tails.values():  # tail starts at what is stored when it connects, and says when it has
+            assert b"clrk tail: following" in p.stderr.readline()
         hostile_records(gw, i)
         stored = wait_records(gw, i, 2)
         assert any("\x1b" in r.get(A.GEN_AI_REQUEST_MODEL, "") for r in stored)

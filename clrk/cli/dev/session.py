@@ -53,8 +53,13 @@ class DevSession:
             return [], []
 
     def status(self) -> str:
+        """The header's part about this session: where agents point, and where the OTLP tee listens."""
+        host = "localhost" if self.host in ("", "0.0.0.0", "::", "127.0.0.1") else self.host
+        ports = ",".join(map(str, self.ports))
+        out = (f"proxy {self.host or '0.0.0.0'}:{ports} | "
+               f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@{host}:{self.ports[0]}")
         r = self.receiver
-        return f"OTLP {r.endpoint}" if r else ""
+        return out + (f" | OTLP {r.endpoint}" if r else "")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
