@@ -136,3 +136,23 @@ def test_the_gateway_puts_a_policy_with_warnings_in_force_and_logs_them(gw):
         reloads = gw.log().count("policy reloaded")
         (gw.policies / "typo.yaml").unlink()
         wait_for(lambda: gw.log().count("policy reloaded") > reloads, "the reload without typo.yaml")
+
+
+def test_node_fetch_goes_around_the_gateway_without_a_dispatcher(gw, node, upstream):
+    """Why docs/CLIENTS.md asks Node 20 for code: with HTTPS_PROXY (and NODE_USE_ENV_PROXY=1) set and nothing
+    in code, Node's fetch connects straight to the provider. The provider here is the fake upstream's own
+    port, which the gateway would never dial (an IP literal on loopback), so any connection it gets is direct.
+    On a Node that honours NODE_USE_ENV_PROXY the call must go through the gateway instead (and be refused)."""
+    version = tuple(int(x) for x in subprocess.run([node, "-p", "process.versions.node"], capture_output=True,
+                                                    text=True, check=True).stdout.strip().split(".")[:2])
+    honours_env = version >= (24, 5) or (22, 21) <= version < (23, 0)
+    inv = new_invocation("node-env")
+    before = upstream.connections
+    env = {**SYSTEM_CA_ENV, "NODE_USE_ENV_PROXY": "1", "OPENAI_BASE_URL": f"https://127.0.0.1:{upstream.port}/v1"}
+    out = user_shell(gw, f"{trust_lines()}\n{node} {NODE_DIR / 'openai_chat.mjs'} env {inv}", env)
+    assert out.returncode == 1 and json.loads(out.stdout)["ok"] is False, out.stdout + out.stderr
+    if honours_env:
+        assert gw.wait_record(invocation=inv)[A.CLRK_DECISION] == "deny" and upstream.connections == before
+    else:
+        assert upstream.connections > before  # straight to the provider: the gateway never saw the call
+        assert gw.records(invocation=inv) == []

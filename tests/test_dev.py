@@ -169,7 +169,7 @@ def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
             assert {"allowed.test", "denied.test", "api.openai.com"} <= set(hosts)
             # The header says where agents point.
             assert f"proxy 127.0.0.1:{session.ports[0]}" in app.sub_title
-            assert f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@localhost:{session.ports[0]}" in app.sub_title
+            assert f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@127.0.0.1:{session.ports[0]}" in app.sub_title
             chat = rows[hosts.index("api.openai.com")]
             assert str(chat[5]) == "gpt-4o-mini" and str(chat[7]) == "12/3"
             assert str(rows[hosts.index("denied.test")][2]) == "deny"

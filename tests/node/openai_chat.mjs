@@ -1,6 +1,7 @@
 // One chat completion with the official `openai` npm package, sent through the gateway the way docs/CLIENTS.md
 // tells Node 20 users to: argv[2] is "dispatcher" (the SDK's fetchOptions with an undici ProxyAgent) or
-// "global" (undici's EnvHttpProxyAgent as the global dispatcher, which reads HTTPS_PROXY / NO_PROXY).
+// "global" (undici's EnvHttpProxyAgent as the global dispatcher, which reads HTTPS_PROXY / NO_PROXY), or "env"
+// (nothing in code: what an agent configured by environment variables alone does).
 // The gateway's CA comes from NODE_EXTRA_CA_CERTS. Prints the answer as one JSON line.
 import OpenAI from "openai";
 import { EnvHttpProxyAgent, ProxyAgent, setGlobalDispatcher } from "undici";

@@ -54,7 +54,7 @@ class DevSession:
 
     def status(self) -> str:
         """The header's part about this session: where agents point, and where the OTLP tee listens."""
-        host = "localhost" if self.host in ("", "0.0.0.0", "::", "127.0.0.1") else self.host
+        host = "localhost" if self.host in ("", "0.0.0.0", "::") else self.host  # where the gateway can be reached
         ports = ",".join(map(str, self.ports))
         out = (f"proxy {self.host or '0.0.0.0'}:{ports} | "
                f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@{host}:{self.ports[0]}")
