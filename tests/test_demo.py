@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from clrk import attributes as A
 from clrk.cli.demo.provider import PROVIDER_KEY
 from clrk.recorder.store import fetch_records, open_readonly
@@ -16,10 +18,17 @@ from clrk.recorder.store import fetch_records, open_readonly
 CLRK = str(Path(sys.executable).parent / "clrk")
 
 
-def test_clrk_demo_shows_the_ai_features_in_a_minute(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One run of `clrk demo` for the module: (its output, its directory, seconds it took)."""
+    d = tmp_path_factory.mktemp("demo")
     t0 = time.monotonic()
-    out = subprocess.run([CLRK, "demo", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=90)
-    took = time.monotonic() - t0
+    out = subprocess.run([CLRK, "demo", "--dir", str(d)], capture_output=True, text=True, timeout=90)
+    return out, d, time.monotonic() - t0
+
+
+def test_clrk_demo_shows_the_ai_features_in_a_minute(demo):
+    out, tmp_path, took = demo
     assert out.returncode == 0, out.stdout + out.stderr
     assert took < 60, took
     text = out.stdout
@@ -59,3 +68,34 @@ def test_clrk_version_and_run_help():
     assert re.fullmatch(r"clrk \d+\.\d+\.\d+\S*\n", out), out
     usage = subprocess.run([CLRK, "run", "--help"], capture_output=True, text=True, check=True).stdout
     assert "usage: clrk run [options] [-- mitmdump args ...]" in usage and "passed to mitmdump" in usage
+
+
+def test_records_on_a_terminal_has_a_header(demo):
+    """On a terminal `clrk records` names its columns (piped, it prints records only, one per line)."""
+    import os
+    import pty
+
+    tmp_path = demo[1]
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([CLRK, "records", "--db", str(tmp_path / "data" / "clrk.duckdb")], stdout=follower,
+                              stderr=subprocess.PIPE, timeout=60, check=True)
+        assert proc.returncode == 0
+        os.close(follower)
+        follower = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO once the terminal's other end is closed and read dry
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    lines = out.decode().splitlines()
+    assert lines[0].split() == ["time", "agent", "decision", "method", "status", "ms", "model", "tokens", "destination"]
+    assert len(lines) == 6 and lines[1].index("POST") == lines[0].index("method")
