@@ -58,7 +58,11 @@ def test_clrk_demo_shows_the_ai_features_in_a_minute(demo):
     assert all(r[A.AGENT_NAME] == "agent" and r[A.AGENT_NAMESPACE] == "demo" for r in rows)
     assert all(r[A.GEN_AI_USAGE_INPUT_TOKENS] for r in rows if r[A.HTTP_RESPONSE_STATUS_CODE] == 200)
     # The injected key reached the provider (it answers nothing without it) and nothing else.
-    everything = text + out.stderr + (tmp_path / "gateway.log").read_text() + repr(rows)
+    log = (tmp_path / "gateway.log").read_text()
+    # One timestamp format in the gateway's log, mitmproxy's lines and the recorder's alike.
+    assert "clrk-recorder INFO: recorder" in log
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\.\d{3}\] ", line) for line in log.splitlines()), log
+    everything = text + out.stderr + log + repr(rows)
     assert PROVIDER_KEY not in everything
     assert "sk-the-agent-has-no-key" not in everything
 
