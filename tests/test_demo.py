@@ -61,7 +61,7 @@ def test_clrk_demo_shows_the_ai_features_in_a_minute(demo):
     log = (tmp_path / "gateway.log").read_text()
     # One timestamp format in the gateway's log, mitmproxy's lines and the recorder's alike.
     assert "clrk-recorder INFO: recorder" in log
-    assert all(re.match(r"\[\d\d:\d\d:\d\d\.\d{3}\] ", line) for line in log.splitlines()), log
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\.\d{3}\][ [][^ ]", line) for line in log.splitlines()), log
     everything = text + out.stderr + log + repr(rows)
     assert PROVIDER_KEY not in everything
     assert "sk-the-agent-has-no-key" not in everything
