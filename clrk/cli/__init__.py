@@ -99,7 +99,7 @@ def cmd_ca(args: argparse.Namespace) -> None:
         "",
         "Node's fetch ignores HTTPS_PROXY: a Node agent set up as above alone goes around the gateway.",
         "  Node >= 24.5 or 22.21:  export NODE_USE_ENV_PROXY=1",
-        "  Node 20 (npm install undici):  setGlobalDispatcher(new EnvHttpProxyAgent())  (from undici), or per client",
+        "  Node 18 / 20 (npm install undici):  setGlobalDispatcher(new EnvHttpProxyAgent())  (from undici), or per client",
         "    new OpenAI({fetchOptions: {dispatcher: new ProxyAgent(process.env.HTTPS_PROXY)}})",
         "  docs/CLIENTS.md has the details.",
     ]
