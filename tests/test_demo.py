@@ -75,7 +75,7 @@ def test_clrk_version_and_run_help():
 
 
 def test_records_on_a_terminal_has_a_header(demo):
-    """On a terminal `clrk records` names its columns (piped, it prints records only, one per line)."""
+    """On a terminal `clrk records` names its store and columns (piped, it prints records only, one per line)."""
     import os
     import pty
 
@@ -101,5 +101,6 @@ def test_records_on_a_terminal_has_a_header(demo):
             os.close(follower)
         os.close(leader)
     lines = out.decode().splitlines()
-    assert lines[0].split() == ["time", "agent", "decision", "method", "status", "ms", "model", "tokens", "destination"]
-    assert len(lines) == 6 and lines[1].index("POST") == lines[0].index("method")
+    assert lines[0] == f"5 records from {tmp_path / 'data' / 'clrk.duckdb'}, newest first, at most 100 (--limit)"
+    assert lines[1].split() == ["time", "agent", "decision", "method", "status", "ms", "model", "tokens", "destination"]
+    assert len(lines) == 7 and lines[2].index("POST") == lines[1].index("method")

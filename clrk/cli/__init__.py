@@ -213,7 +213,11 @@ def cmd_records(args: argparse.Namespace) -> None:
     }
     rows = read_store(args.db, "query", query)
     out = sys.stdout
-    lines = [json_line(r) for r in rows] if args.json else _table_lines(rows, header=out.isatty())
+    human = out.isatty() and not args.json
+    lines = [json_line(r) for r in rows] if args.json else _table_lines(rows, header=human)
+    if human:  # on a terminal: which store, and how much of it (piped, the records only, one per line)
+        shown = "all" if not args.limit else f"at most {args.limit} (--limit)"
+        out.write(printable(f"{len(rows)} records from {os.path.abspath(args.db)}, newest first, {shown}") + "\n")
     for line in lines:
         out.write(line + "\n")
 
