@@ -133,8 +133,14 @@ def test_cross_references_are_checked(tmp_path):
     text = text.replace("targetRefs: [{kind: AIProviderRoute, name: openai-chat}]", "targetRefs: [{kind: AIProviderRoute, name: ghost}]")
     with pytest.raises(PolicyError) as e:
         load_policy(write(tmp_path, text), env={"HONEYCOMB_API_KEY": "k", "OPENAI_API_KEY": "k"})
-    assert any("backendRefs[0].name: no Backend named 'nope'" in p for p in e.value.problems)
-    assert any("targetRefs[0]: no AIProviderRoute named 'ghost'" in p for p in e.value.problems)
+    f = tmp_path / "p.yaml"
+    lines = text.splitlines()
+    # Each problem says where the reference was written: file:line:column.
+    for problem, target in (("spec.rules[0].backendRefs[0].name: no Backend named 'nope'", "nope"),
+                            ("spec.targetRefs[0].name: no AIProviderRoute named 'ghost'", "ghost")):
+        (found,) = [p for p in e.value.problems if problem in p]
+        line, col = map(int, found.removeprefix(f"{f}:").split(":")[:2])
+        assert lines[line - 1][col - 1:].startswith(target), (found, lines[line - 1])
 
 
 @pytest.mark.parametrize(
@@ -326,17 +332,19 @@ spec:
 def test_references_that_lead_nowhere_are_warnings_naming_the_line(tmp_path):
     p = load_policy(write(tmp_path, TYPOS), env={"KEY": "k"})  # valid: in force all the same
     f = str(tmp_path / "p.yaml")
-    assert list(p.warnings) == [
-        f"{f}:13: document 4 (EgressRoute typo-ns): spec.sourceAgents.namespaces[1]: no Agent is in namespace 'team-q'",
-        f"{f}:17: document 5 (EgressRoute typo-names): spec.sourceAgents.names[1]: no Agent is named 'reseacher' (in any namespace)",
-        f"{f}:17: document 5 (EgressRoute typo-names): spec.sourceAgents.names[2]: no Agent is named 'team-b/researcher'",
-        f"{f}:21: document 6 (EgressDenyPolicy typo-label): spec.sourceAgents.matchLabels: no Agent has the label tier=btach",
-        f"{f}:25: document 7 (AIProviderRoute nobody-together): spec.sourceAgents: no Agent matches namespaces, names and "
+    assert list(p.warnings) == [  # file:line:column of the entry that leads nowhere
+        f"{f}:15:64: document 4 (EgressRoute typo-ns): spec.sourceAgents.namespaces[1]: no Agent is in namespace 'team-q'",
+        f"{f}:19:63: document 5 (EgressRoute typo-names): spec.sourceAgents.names[1]: no Agent is named 'reseacher' (in any namespace)",
+        f"{f}:19:74: document 5 (EgressRoute typo-names): spec.sourceAgents.names[2]: no Agent is named 'team-b/researcher'",
+        f"{f}:23:63: document 6 (EgressDenyPolicy typo-label): spec.sourceAgents.matchLabels.tier: no Agent has the label tier=btach",
+        f"{f}:28:17: document 7 (AIProviderRoute nobody-together): spec.sourceAgents: no Agent matches namespaces, names and "
         "matchLabels together, so the rule applies to no agent",
-        f"{f}:37: document 9 (CredentialInjectionPolicy key): spec.targetRefs[0]: no AIProviderRoute named 'fine' in namespace "
-        "'team-b' (nothing is injected for this target)",
+        f"{f}:40:63: document 9 (CredentialInjectionPolicy key): spec.targetRefs[0].namespace: no AIProviderRoute named 'fine' in "
+        "namespace 'team-b' (nothing is injected for this target)",
     ]
-
+    lines = TYPOS.splitlines()
+    assert lines[15 - 1][64 - 1:].startswith("team-q") and lines[19 - 1][63 - 1:].startswith("reseacher")
+    assert lines[23 - 1][63 - 1:].startswith("btach") and lines[40 - 1][63 - 1:].startswith("team-b")
 
 def test_cli_check_prints_warnings_and_fails_on_them_with_strict(tmp_path):
     write(tmp_path, TYPOS)

@@ -386,9 +386,6 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             )
         seen[key] = sd
 
-    def where(sd: SourcedDocument) -> str:
-        return sd.where
-
     by_kind: dict[str, list[SourcedDocument]] = {}
     for sd in docs:
         by_kind.setdefault(sd.doc.kind, []).append(sd)
@@ -403,7 +400,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         base = Path(sd.file).parent
         headers = {}
         for k, v in g.spec.otlp.headers.items():
-            expanded = _expand_vars(v, f"{where(sd)}: spec.otlp.headers.{k}", problems, env)
+            expanded = _expand_vars(v, sd.at(f"spec.otlp.headers.{k}"), problems, env)
             headers[k] = expanded
         aliases = {}
         for host, target in g.spec.upstream_tls.host_aliases.items():
@@ -417,13 +414,13 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 if Path(ca).is_file():
                     ca_path = Path(ca)
                 else:
-                    problems.append(f"{where(sd)}: spec.upstreamTLS.caBundle: {ca} is not a readable PEM file")
+                    problems.append(f"{sd.at('spec.upstreamTLS.caBundle')}: {ca} is not a readable PEM file")
             ca = str(ca_path.resolve())
             referenced.append(ca)
         ports = []
-        for li in g.spec.listeners:
+        for n, li in enumerate(g.spec.listeners):
             if li.port in port_owner:
-                problems.append(f"{where(sd)}: spec.listeners: port {li.port} is already used by EgressGateway {port_owner[li.port]}")
+                problems.append(f"{sd.at(f'spec.listeners[{n}].port')}: port {li.port} is already used by EgressGateway {port_owner[li.port]}")
             port_owner[li.port] = g.metadata.name
             ports.append(li.port)
         types = g.spec.otlp.capture_body.include_content_types
@@ -461,7 +458,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         if creds.token_sha256:
             digest = bytes.fromhex(creds.token_sha256)
         else:
-            token = read_secret(creds.token_from, Path(sd.file).parent, f"{where(sd)}: spec.credentials.tokenFrom", problems, env, referenced)  # type: ignore[arg-type]
+            token = read_secret(creds.token_from, Path(sd.file).parent, sd.at("spec.credentials.tokenFrom"), problems, env, referenced)  # type: ignore[arg-type]
             if token is None:
                 continue
             digest = hashlib.sha256(token.encode()).digest()
@@ -505,17 +502,17 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             for j, match in enumerate(rule.matches):
                 if match.provider not in m.PROVIDERS and match.provider not in backends:
                     problems.append(
-                        f"{where(sd)}: spec.rules[{i}].matches[{j}].provider: {match.provider!r} is neither a provider "
+                        f"{sd.at(f'spec.rules[{i}].matches[{j}].provider')}: {match.provider!r} is neither a provider "
                         f"({', '.join(m.PROVIDERS)}) nor the name of a Backend"
                     )
             targets = []
             for j, ref in enumerate(rule.backend_refs):
                 if ref.name not in backends:
-                    problems.append(f"{where(sd)}: spec.rules[{i}].backendRefs[{j}].name: no Backend named {ref.name!r}")
+                    problems.append(f"{sd.at(f'spec.rules[{i}].backendRefs[{j}].name')}: no Backend named {ref.name!r}")
                 else:
                     targets.append((backends[ref.name], ref.weight))
             if targets and not any(w for _, w in targets):
-                problems.append(f"{where(sd)}: spec.rules[{i}].backendRefs: every weight is 0, nothing could serve this rule")
+                problems.append(f"{sd.at(f'spec.rules[{i}].backendRefs')}: every weight is 0, nothing could serve this rule")
             budget = None
             for f in rule.filters:
                 if f.type == "TokenBudget" and f.token_budget is not None:
@@ -541,9 +538,9 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         c: m.CredentialInjectionPolicy = sd.doc  # type: ignore[assignment]
         for j, ref in enumerate(c.spec.target_refs):
             if ref.name not in names.get(ref.kind, set()):
-                problems.append(f"{where(sd)}: spec.targetRefs[{j}]: no {ref.kind} named {ref.name!r}")
+                problems.append(f"{sd.at(f'spec.targetRefs[{j}].name')}: no {ref.kind} named {ref.name!r}")
         (redact_headers if c.spec.target.type == "Header" else redact_query).add(c.spec.target.name.lower())
-        secret = read_secret(c.spec.secret_ref, Path(sd.file).parent, f"{where(sd)}: spec.secretRef", problems, env, referenced)
+        secret = read_secret(c.spec.secret_ref, Path(sd.file).parent, sd.at("spec.secretRef"), problems, env, referenced)
         if secret is None:
             continue
         inj = Injection(c.metadata.name, c.spec.target.type, c.spec.target.name, c.spec.target.prefix, secret)
@@ -565,7 +562,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         agents=agents,
         deny_rules=deny_rules,
         routes=routes,
-        documents=tuple(docs),
+        documents=tuple(replace(sd, node=None) for sd in docs),  # the YAML was for messages only
         deny_cidrs=CidrTable((net, rule) for rule in deny_rules for net in rule.ip_cidrs),
         cidr_routes=tuple(r for r in routes if r.lead_cidrs),
         referenced_files=tuple(dict.fromkeys(referenced)),

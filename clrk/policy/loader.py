@@ -9,8 +9,9 @@ errors: the second `hostnames:` in a document would otherwise silently replace t
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -35,12 +36,27 @@ class SourcedDocument:
     file: str
     index: int  # 1-based position in the file
     line: int = 0  # 1-based line where the document starts (0: not from a file)
+    # The document's YAML, to say where a field was written; dropped once the policy is compiled.
+    node: yaml.Node | None = field(default=None, compare=False, repr=False)
 
     @property
     def where(self) -> str:
         """`file:line: document N (Kind name)`: how messages about this document begin."""
         at = f"{self.file}:{self.line}" if self.line else self.file
         return f"{at}: document {self.index} ({self.doc.kind} {self.doc.metadata.name})"
+
+    def at(self, path: str) -> str:
+        """`file:line:column: document N (Kind name): path`, the position of the field `path` (as written in
+        YAML, e.g. `spec.rules[0].backendRefs[1].name`), or of the nearest part of it that was written."""
+        if self.node is None:
+            return f"{self.where}: {path}"
+        loc = [int(i) if i else k for k, i in _PATH_PART.findall(path)]
+        mark = _node_at(self.node, loc).start_mark
+        return (f"{self.file}:{mark.line + 1}:{mark.column + 1}: document {self.index} "
+                f"({self.doc.kind} {self.doc.metadata.name}): {path}")
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -190,7 +206,7 @@ def load_documents(path: str | os.PathLike) -> list[SourcedDocument]:
                 problems.append(f"{name}:{line}: document {index}: expected a mapping with 'kind', 'metadata' and 'spec'")
                 continue
             try:
-                docs.append(SourcedDocument(_ADAPTER.validate_python(raw), name, index, line))
+                docs.append(SourcedDocument(_ADAPTER.validate_python(raw), name, index, line, node))
             except ValidationError as e:
                 problems.extend(_validation_problems(name, index, raw, node, e))
     if problems:
