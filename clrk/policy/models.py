@@ -510,7 +510,7 @@ class AIProviderRouteSpec(Spec):
     source_agents: SourceAgents = SourceAgents()
     """Which agents the route serves (empty: every agent)."""
     rules: list[ProviderRule] = Field(min_length=1)
-    """Checked in order; the first whose matches fit the call decides it."""
+    """Rules of every AIProviderRoute serving the agent are checked in the order written (files in name order); the first whose matches fit the call allows it, with its backends and filters."""
 
 
 class AIProviderRoute(Spec):
