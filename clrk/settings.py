@@ -1,14 +1,22 @@
-"""Process settings from the environment (CLRK_POLICIES, CLRK_DB, ...), the defaults of the mitmproxy options."""
+"""Process settings from the environment (CLRK_POLICIES, CLRK_DB, ...), the defaults of the mitmproxy options
+clrk adds (`clrk_policies`, ...). The descriptions are those options' help, and docs/CLI.md's."""
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLRK_", extra="ignore")
 
-    policies: str = "policies"
-    db: str = "data/clrk.duckdb"
-    dev_otlp_fallback_endpoint: str = ""
-    certs: str = "certs"
+    policies: str = Field("policies", description="clrk: policy file or directory (env CLRK_POLICIES).")
+    db: str = Field("data/clrk.duckdb", description="clrk: DuckDB file for records (env CLRK_DB).")
+    dev_otlp_fallback_endpoint: str = Field("", description=(
+        "clrk: dev tee; every span and log record is also sent to this OTLP/HTTP base URL (empty = off)."))
+    certs: str = Field("certs", description="clrk: directory of the gateway's CA (env CLRK_CERTS).")
+
+
+def option_help(name: str) -> str:
+    """The help of mitmproxy option `clrk_<name>`."""
+    return Settings.model_fields[name].description or ""

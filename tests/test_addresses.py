@@ -237,7 +237,7 @@ def test_bad_cidrs_are_load_errors_naming_file_document_field_and_fix(tmp_path, 
                  f"spec: {{cidrs: {cidrs}}}\n")
     with pytest.raises(PolicyError) as e:
         load_policy(f)
-    assert f"{f}: document 2 (EgressDenyPolicy d): {fragment}" in str(e.value)
+    assert f"{f}:6:15: document 2 (EgressDenyPolicy d): {fragment}" in str(e.value)
 
 
 def test_a_rule_without_hostnames_or_cidrs_is_a_load_error(tmp_path):

@@ -188,7 +188,8 @@ def test_clrk_spend_in_dollars(gw):
     assert "of $5.00 spent, $0.00 left" in text
     line = subprocess.run([CLRK, "records", "--db", str(gw.db), "--invocation", i], capture_output=True, text=True,
                           check=True).stdout.strip()
-    assert line.endswith(f"{model} 10/5 tok $0.0564")  # one record a line: its tokens and its dollars
+    cells = line.split()  # one record a line: ... model, tokens, dollars, then the destination
+    assert cells[-4:-1] == [model, "10/5", "$0.0564"], line
 
 
 def test_a_restart_keeps_the_days_dollars(gw):

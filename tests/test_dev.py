@@ -197,6 +197,9 @@ def test_tui_shows_records_traces_logs_and_spend_live(session, tmp_path):
             rows = [records.get_row_at(i) for i in range(records.row_count)]
             hosts = [str(r[4]) for r in rows]
             assert {"allowed.test", "denied.test", "api.openai.com"} <= set(hosts)
+            # The header says where agents point.
+            assert f"proxy 127.0.0.1:{session.ports[0]}" in app.sub_title
+            assert f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@127.0.0.1:{session.ports[0]}" in app.sub_title
             chat = rows[hosts.index("api.openai.com")]
             assert str(chat[5]) == "gpt-4o-mini" and str(chat[7]) == "12/3"
             assert str(rows[hosts.index("denied.test")][2]) == "deny"
@@ -341,12 +344,25 @@ def test_clrk_tail_prints_records_as_they_are_stored(session):
     assert paths == ["tail-probe"] * probes + ["tail0", "tail1", "tail2"], paths
 
 
+def test_clrk_tail_says_what_it_waits_for(session, tmp_path):
+    """On stderr (stdout is the records'): waiting for a gateway, then following one."""
+    for db, said in ((str(tmp_path / "none.duckdb"), f"clrk tail: waiting for a gateway writing {tmp_path / 'none.duckdb'}"),
+                     (session.db, f"clrk tail: following the gateway writing {session.db}; waiting for its next records")):
+        proc = subprocess.Popen([CLRK, "tail", "--db", db], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr.readline().startswith(said)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 def test_clrk_ca_says_how_to_trust_and_proxy(tmp_path):
     out = subprocess.run([CLRK, "ca", "--certs", str(tmp_path / "certs"), "--policies", str(REPO / "policies")],
                          capture_output=True, text=True, check=True).stdout
     cert = str((tmp_path / "certs" / "mitmproxy-ca-cert.pem").resolve())
-    for line in (f"export SSL_CERT_FILE={cert}", f"export REQUESTS_CA_BUNDLE={cert}", f"export NODE_EXTRA_CA_CERTS={cert}",
-                 f"curl --cacert {cert}", "export HTTPS_PROXY=http://team-a.researcher:<token>@localhost:8080"):
+    for line in (f"CA={cert}", "export SSL_CERT_FILE=$CA REQUESTS_CA_BUNDLE=$CA CURL_CA_BUNDLE=$CA NODE_EXTRA_CA_CERTS=$CA",
+                 "curl --cacert $CA", "export HTTPS_PROXY=http://team-a.researcher:<token>@localhost:8080",
+                 "export NODE_USE_ENV_PROXY=1", "new EnvHttpProxyAgent()", "fetchOptions: {dispatcher: new ProxyAgent("):
         assert line in out
     key = tmp_path / "certs" / "mitmproxy-ca.pem"
     assert oct(key.stat().st_mode & 0o777) == "0o600"

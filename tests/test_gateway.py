@@ -389,5 +389,9 @@ def test_clrk_status_reports_the_recorder(gw):
     out = subprocess.run([CLRK, "status", "--db", str(gw.db), "--json"], capture_output=True, text=True, check=True).stdout
     st = json.loads(out)
     assert st["written"] > 0 and st["dropped"] == 0 and st["proxies"] == 1
+    # The footprint is both processes: the proxy, and the recorder it started.
+    assert st["proxy_pid"] == gw.proc.pid and st["proxy_rss_mb"] > 10 and st["recorder_rss_mb"] > 10
+    text = subprocess.run([CLRK, "status", "--db", str(gw.db)], capture_output=True, text=True, check=True).stdout
+    assert f"memory (RSS): proxy (pid {gw.proc.pid}) " in text and " MB, recorder " in text
     missing = subprocess.run([CLRK, "status", "--db", str(gw.db) + ".nope"], capture_output=True, text=True)
     assert missing.returncode == 1 and "no gateway is writing" in missing.stderr

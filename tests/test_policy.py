@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,9 +122,10 @@ def test_errors_name_file_document_and_field_path(tmp_path):
         load_policy(write(tmp_path, text), env={"HONEYCOMB_API_KEY": "k", "OPENAI_API_KEY": "k"})
     problems = e.value.problems
     f = str(tmp_path / "p.yaml")
-    assert any(p.startswith(f"{f}: document 3 (EgressRoute github-read): spec.ports[0]:") for p in problems), problems
-    assert any(p.startswith(f"{f}: document 4 (EgressDenyPolicy no-paste): spec.denyResponse.statusCode:") for p in problems)
-    assert any(p.startswith(f"{f}: document 2 (Agent researcher): spec.credentials.tokenSha256:") for p in problems)
+    # file:line:column of the value in error, as compilers say it
+    assert any(p.startswith(f"{f}:30:11: document 3 (EgressRoute github-read): spec.ports[0]:") for p in problems), problems
+    assert any(p.startswith(f"{f}:40:30: document 4 (EgressDenyPolicy no-paste): spec.denyResponse.statusCode:") for p in problems)
+    assert any(p.startswith(f"{f}:24:18: document 2 (Agent researcher): spec.credentials.tokenSha256:") for p in problems)
 
 
 def test_cross_references_are_checked(tmp_path):
@@ -130,19 +133,31 @@ def test_cross_references_are_checked(tmp_path):
     text = text.replace("targetRefs: [{kind: AIProviderRoute, name: openai-chat}]", "targetRefs: [{kind: AIProviderRoute, name: ghost}]")
     with pytest.raises(PolicyError) as e:
         load_policy(write(tmp_path, text), env={"HONEYCOMB_API_KEY": "k", "OPENAI_API_KEY": "k"})
-    assert any("backendRefs[0].name: no Backend named 'nope'" in p for p in e.value.problems)
-    assert any("targetRefs[0]: no AIProviderRoute named 'ghost'" in p for p in e.value.problems)
+    f = tmp_path / "p.yaml"
+    lines = text.splitlines()
+    # Each problem says where the reference was written: file:line:column.
+    for problem, target in (("spec.rules[0].backendRefs[0].name: no Backend named 'nope'", "nope"),
+                            ("spec.targetRefs[0].name: no AIProviderRoute named 'ghost'", "ghost")):
+        (found,) = [p for p in e.value.problems if problem in p]
+        line, col = map(int, found.removeprefix(f"{f}:").split(":")[:2])
+        assert lines[line - 1][col - 1:].startswith(target), (found, lines[line - 1])
 
 
 @pytest.mark.parametrize(
     "text,fragment",
     [
-        ("kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: [a.com], hostnamez: [b.com]}\n", "spec.hostnamez: unknown field"),
-        ("kind: EgressRoute\nmetadata: {name: a}\nspec:\n  hostnames: [a.com]\n  hostnames: [b.com]\n", "duplicate key 'hostnames'"),
+        ("kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: [a.com], hostnamez: [b.com]}\n",
+         "p.yaml:3:28: document 1 (EgressRoute a): spec.hostnamez: unknown field"),
+        ("kind: EgressRoute\nmetadata: {name: a}\nspec:\n  hostnames: [a.com]\n  hostnames: [b.com]\n",
+         "p.yaml:5:3: invalid YAML: duplicate key 'hostnames'"),
+        ("kind: EgressRoute\nmetadata: {name: a}\nspec: {ports: [443]}\n",
+         "p.yaml:3:7: document 1 (EgressRoute a): spec: set hostnames, cidrs or both"),
+        ("kind: EgressRoute\nmetadata: {name: a}\n", "p.yaml:1:1: document 1 (EgressRoute a): spec: Field required"),
         ("kind: Wat\nmetadata: {name: a}\n", "kind: unknown kind"),
         ("kind: EgressRoute\nmetadata: {name: a}\nspec: {hostnames: ['bad host']}\n", "'bad host' is not a hostname"),
         ("- just\n- a list\n", "expected a mapping"),
-        ("kind: EgressRoute\nmetadata: {name: a\n", "invalid YAML at line"),
+        ("kind: EgressRoute\nmetadata: {name: a\n", "p.yaml:3:1: invalid YAML: expected ',' or '}', but got '<stream end>'"),
+        ("kind: EgressRoute\nmetadata:\n  name: a\n   bad: indent\n", "p.yaml:4:7: invalid YAML: mapping values are not allowed here"),
         ("kind: EgressGateway\nmetadata: {name: g}\nspec: {upstreamTLS: {hostAliases: {a.com: '" + "x" * 64 + ".test:443'}}}\n",
          "labels of at most 63 characters"),
         ("kind: Backend\nmetadata: {name: b}\nspec: {schema: {name: openai}, upstream: {host: '" + ".".join(["y" * 60] * 5) + "'}}\n",
@@ -163,7 +178,7 @@ def test_capture_redaction_additions_are_validated_at_load(tmp_path):
     with pytest.raises(PolicyError) as e:
         load_policy(write(tmp_path, text))
     where = f"{tmp_path / 'p.yaml'}: document 1 (EgressGateway g): spec.otlp.captureBody.redact"
-    problems = e.value.problems
+    problems = [re.sub(r"^(.*?p\.yaml):\d+:\d+:", r"\1:", p) for p in e.value.problems]  # positions: test_bad_documents
     assert f"{where}.headers[1]: 'not a header' is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)" in problems
     assert f"{where}.queryParams[1]: a query parameter name may not be empty" in problems
     assert any(p.startswith(f"{where}.jsonPaths[1]: '$..pin': recursive descent") for p in problems), problems
@@ -271,3 +286,78 @@ def test_any_text_is_a_policy_or_a_policy_error(tmp_path_factory, text):
         load_policy(d, env={})
     except PolicyError:
         pass
+
+
+TYPOS = """
+kind: EgressGateway
+metadata: {name: g}
+---
+kind: Agent
+metadata: {name: researcher, namespace: team-a, labels: {tier: batch}}
+spec: {credentials: {tokenSha256: "HASH_A"}}
+---
+kind: Agent
+metadata: {name: reviewer, namespace: team-b}
+spec: {credentials: {tokenSha256: "HASH_B"}}
+---
+kind: EgressRoute
+metadata: {name: typo-ns}
+spec: {hostnames: [a.com], sourceAgents: {namespaces: [team-a, team-q]}}
+---
+kind: EgressRoute
+metadata: {name: typo-names}
+spec: {hostnames: [a.com], sourceAgents: {names: [researcher, reseacher, team-b/researcher, team-b/reviewer]}}
+---
+kind: EgressDenyPolicy
+metadata: {name: typo-label}
+spec: {hostnames: [b.com], sourceAgents: {matchLabels: {tier: btach}}}
+---
+kind: AIProviderRoute
+metadata: {name: nobody-together, namespace: team-a}
+spec:
+  sourceAgents: {namespaces: [team-a], names: [reviewer]}
+  rules: [{matches: [{provider: openai}]}]
+---
+kind: AIProviderRoute
+metadata: {name: fine, namespace: team-a}
+spec:
+  sourceAgents: {namespaces: [team-a], matchLabels: {tier: batch}}
+  rules: [{matches: [{provider: anthropic}]}]
+---
+kind: CredentialInjectionPolicy
+metadata: {name: key}
+spec:
+  targetRefs: [{kind: AIProviderRoute, name: fine, namespace: team-b}, {kind: AIProviderRoute, name: fine, namespace: team-a}]
+  target: {type: Header, name: x-api-key}
+  secretRef: {env: KEY}
+""".replace("HASH_A", "ab" * 32).replace("HASH_B", "cd" * 32)
+
+
+def test_references_that_lead_nowhere_are_warnings_naming_the_line(tmp_path):
+    p = load_policy(write(tmp_path, TYPOS), env={"KEY": "k"})  # valid: in force all the same
+    f = str(tmp_path / "p.yaml")
+    assert list(p.warnings) == [  # file:line:column of the entry that leads nowhere
+        f"{f}:15:64: document 4 (EgressRoute typo-ns): spec.sourceAgents.namespaces[1]: no Agent is in namespace 'team-q'",
+        f"{f}:19:63: document 5 (EgressRoute typo-names): spec.sourceAgents.names[1]: no Agent is named 'reseacher' (in any namespace)",
+        f"{f}:19:74: document 5 (EgressRoute typo-names): spec.sourceAgents.names[2]: no Agent is named 'team-b/researcher'",
+        f"{f}:23:63: document 6 (EgressDenyPolicy typo-label): spec.sourceAgents.matchLabels.tier: no Agent has the label tier=btach",
+        f"{f}:28:17: document 7 (AIProviderRoute nobody-together): spec.sourceAgents: no Agent matches namespaces, names and "
+        "matchLabels together, so the rule applies to no agent",
+        f"{f}:40:63: document 9 (CredentialInjectionPolicy key): spec.targetRefs[0].namespace: no AIProviderRoute named 'fine' in "
+        "namespace 'team-b' (nothing is injected for this target)",
+    ]
+    lines = TYPOS.splitlines()
+    assert lines[15 - 1][64 - 1:].startswith("team-q") and lines[19 - 1][63 - 1:].startswith("reseacher")
+    assert lines[23 - 1][63 - 1:].startswith("btach") and lines[40 - 1][63 - 1:].startswith("team-b")
+
+def test_cli_check_prints_warnings_and_fails_on_them_with_strict(tmp_path):
+    write(tmp_path, TYPOS)
+    env = {**os.environ, "KEY": "k"}
+    out = subprocess.run([CLRK, "policy", "check", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("; 6 warnings")
+    assert out.stderr.count("warning: ") == 6 and "no Agent is in namespace 'team-q'" in out.stderr
+    strict = subprocess.run([CLRK, "policy", "check", "--strict", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert strict.returncode == 1 and strict.stderr == out.stderr
+    clean = subprocess.run([CLRK, "policy", "check", "--strict", str(REPO / "policies")], capture_output=True, text=True)
+    assert clean.returncode == 0 and clean.stderr == "" and "warning" not in clean.stdout

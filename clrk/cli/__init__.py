@@ -68,11 +68,13 @@ def cmd_dev(args: argparse.Namespace) -> None:
     from clrk.cli.feed import RecordFeed
     from clrk.proxy.ca import ensure_ca
 
-    _checked_policy(args.policies)
+    policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else []
     ensure_ca(args.certs)
+    where = [f"{args.host or '127.0.0.1'}:{args.port}"] if args.port else _listening(policy, args.host)
     try:
-        session = DevSession(args.policies, args.db, args.certs, ports, otlp_port=args.otlp_port, host=args.host).start()
+        session = DevSession(args.policies, args.db, args.certs, ports, otlp_port=args.otlp_port, host=args.host,
+                             listening=where).start()
     except (OSError, RuntimeError) as e:
         _die(str(e))
     assert session.receiver is not None
@@ -98,15 +100,24 @@ def cmd_ca(args: argparse.Namespace) -> None:
         f"clrk's CA certificate: {cert}",
         "(its private key, mitmproxy-ca.pem beside it, is mode 0600 and never leaves this machine)",
         "",
-        "Trust it in the agent's environment:",
-        f"  Python (requests, httpx, openai, anthropic, google-genai):  export SSL_CERT_FILE={cert}",
-        f"                                                             export REQUESTS_CA_BUNDLE={cert}",
-        f"  Node.js:  export NODE_EXTRA_CA_CERTS={cert}",
-        f"  curl:     curl --cacert {cert} ...   (or export CURL_CA_BUNDLE={cert})",
+        "Trust it in the agent's environment (each client reads its own variable: set them all):",
+        f"  CA={cert}",
+        "  export SSL_CERT_FILE=$CA REQUESTS_CA_BUNDLE=$CA CURL_CA_BUNDLE=$CA NODE_EXTRA_CA_CERTS=$CA",
+        "    Python ssl, httpx and the openai / anthropic / google-genai SDKs: SSL_CERT_FILE; requests: REQUESTS_CA_BUNDLE",
+        "    curl: CURL_CA_BUNDLE (it wins over SSL_CERT_DIR and SSL_CERT_FILE), or curl --cacert $CA",
+        "    Node: NODE_EXTRA_CA_CERTS",
         "",
         "Send the agent's traffic through the gateway (the token is the agent's; only its sha256 is in the policy):",
     ]
     lines += [f"  export HTTPS_PROXY=http://{user}:<token>@{args.host}:{port}" for user in agents] or ["  (no Agent in the policy)"]
+    lines += [
+        "",
+        "Node's fetch ignores HTTPS_PROXY: a Node agent set up as above alone goes around the gateway.",
+        "  Node >= 24.5 or 22.21:  export NODE_USE_ENV_PROXY=1",
+        "  Node 18 / 20 (npm install undici):  setGlobalDispatcher(new EnvHttpProxyAgent())  (from undici), or per client",
+        "    new OpenAI({fetchOptions: {dispatcher: new ProxyAgent(process.env.HTTPS_PROXY)}})",
+        "  docs/CLIENTS.md has the details.",
+    ]
     print("\n".join(lines))
 
 
@@ -144,27 +155,58 @@ def read_store(db: str, kind: str, query: dict) -> list[dict]:
 def _line(r: dict, as_json: bool) -> str:
     """One record as one terminal-safe line: whatever the agent sent, it cannot break the line or reach the
     terminal as control sequences (`clrk.escape`)."""
-    return json_line(r) if as_json else printable(_fmt_row(r))
+    return json_line(r) if as_json else _table_lines([r], TAIL_WIDTHS)[0]
 
 
-def _fmt_row(r: dict) -> str:
+# The text view's columns; the last (destination: host:port and path, then error and reason) is left free.
+COLUMNS = ("time", "agent", "decision", "method", "status", "ms", "model", "tokens", "usd")
+# Widths `clrk tail` keeps (records arrive one by one); `clrk records` fits its columns to what it prints.
+TAIL_WIDTHS = (24, 24, 8, 7, 6, 9, 24, 11, 11)
+_RIGHT = {"status", "ms", "tokens", "usd"}
+_MAX_WIDTH = 40  # a longer agent or model name is cut with "…" so that the columns stay aligned
+
+
+def _cells(r: dict) -> list[str]:
+    from urllib.parse import urlsplit
+
     agent = f"{r.get(A.AGENT_NAMESPACE)}/{r.get(A.AGENT_NAME)}" if r.get(A.AGENT_NAME) else "-"
-    status = str(r.get(A.HTTP_RESPONSE_STATUS_CODE, "-"))
-    model = r.get(A.GEN_AI_REQUEST_MODEL) or ""
     tokens = ""
     if r.get(A.GEN_AI_USAGE_INPUT_TOKENS) is not None:
-        tokens = f"{r.get(A.GEN_AI_USAGE_INPUT_TOKENS)}/{r.get(A.GEN_AI_USAGE_OUTPUT_TOKENS, 0)} tok"
+        tokens = f"{r.get(A.GEN_AI_USAGE_INPUT_TOKENS)}/{r.get(A.GEN_AI_USAGE_OUTPUT_TOKENS) or 0}"
+    usd = ""
     if isinstance(r.get(A.GEN_AI_USAGE_COST), (int, float)):
         from clrk.cost import format_usd
 
-        tokens += f" {format_usd(r[A.GEN_AI_USAGE_COST])}"
-    dur = f"{r.get(A.CLRK_DURATION_MS, 0):.1f}ms"
-    err = f" error={r[A.ERROR_TYPE]}" if r.get(A.ERROR_TYPE) else ""
-    why = f"  ({r.get(A.CLRK_DECISION_REASON)})" if r.get(A.CLRK_DECISION) == "deny" else ""
-    return (
-        f"{r.get(A.TIME, '')[:23]}Z  {agent:24} {r.get(A.CLRK_DECISION, '-'):5} {r.get(A.HTTP_REQUEST_METHOD, ''):6} "
-        f"{r.get(A.SERVER_ADDRESS, '')}:{r.get(A.SERVER_PORT, '')} {status:>4} {dur:>9} {model} {tokens}{err}{why}"
-    ).rstrip()
+        usd = format_usd(r[A.GEN_AI_USAGE_COST])
+    try:
+        path = urlsplit(r.get(A.URL_FULL) or "").path
+    except ValueError:
+        path = ""
+    dest = f"{r.get(A.SERVER_ADDRESS, '')}:{r.get(A.SERVER_PORT, '')}{path}"
+    if r.get(A.ERROR_TYPE):
+        dest += f"  error={r[A.ERROR_TYPE]}"
+    if r.get(A.CLRK_DECISION) == "deny":
+        dest += f"  ({r.get(A.CLRK_DECISION_REASON)})"
+    cells = [f"{(r.get(A.TIME) or '')[:23]}Z", agent, str(r.get(A.CLRK_DECISION) or "-"), str(r.get(A.HTTP_REQUEST_METHOD) or ""),
+             str(r.get(A.HTTP_RESPONSE_STATUS_CODE) or "-"), f"{r.get(A.CLRK_DURATION_MS) or 0:.1f}",
+             str(r.get(A.GEN_AI_REQUEST_MODEL) or ""), tokens, usd, dest]
+    return [printable(c) for c in cells]
+
+
+def _table_lines(rows: list[dict], widths: tuple[int, ...] | None = None, header: bool = False) -> list[str]:
+    """Records as aligned text lines (`widths` fixed, or fitted to these rows), with a header line if asked."""
+    table = [_cells(r) for r in rows]
+    if widths is None:
+        widths = tuple(min(_MAX_WIDTH, max([len(h), *(len(row[i]) for row in table)])) for i, h in enumerate(COLUMNS))
+    out = []
+    for row in ([[*COLUMNS, "destination"]] if header else []) + table:
+        cells = []
+        for name, cell, w in zip(COLUMNS, row, widths, strict=False):
+            if len(cell) > w:
+                cell = cell[: w - 1] + "…"
+            cells.append(cell.rjust(w) if name in _RIGHT else cell.ljust(w))
+        out.append(("  ".join(cells) + "  " + row[-1]).rstrip())
+    return out
 
 
 def _check_since(since: str | None) -> None:
@@ -191,8 +233,13 @@ def cmd_records(args: argparse.Namespace) -> None:
     }
     rows = read_store(args.db, "query", query)
     out = sys.stdout
-    for r in rows:
-        out.write(_line(r, args.json) + "\n")
+    human = out.isatty() and not args.json
+    lines = [json_line(r) for r in rows] if args.json else _table_lines(rows, header=human)
+    if human:  # on a terminal: which store, and how much of it (piped, the records only, one per line)
+        shown = "all" if not args.limit else f"at most {args.limit} (--limit)"
+        out.write(printable(f"{len(rows)} records from {os.path.abspath(args.db)}, newest first, {shown}") + "\n")
+    for line in lines:
+        out.write(line + "\n")
 
 
 # --------------------------------------------------------------------------- tail
@@ -204,13 +251,18 @@ def cmd_tail(args: argparse.Namespace) -> None:
     from clrk.cli.feed import RecordFeed
 
     feed = RecordFeed(args.db, query={"agent": args.agent, "invocation": args.invocation, "host": args.host})
-    waiting = False
+    said = None  # what tail last said of its state on stderr: "following" or "waiting"
+    if not args.json and sys.stdout.isatty():
+        print(_table_lines([], TAIL_WIDTHS, header=True)[0], flush=True)
     try:
         while True:
             rows = feed.poll()
-            if not feed.connected and not waiting:
-                print(f"clrk tail: waiting for a gateway writing {args.db} ...", file=sys.stderr, flush=True)
-            waiting = not feed.connected
+            state = "following" if feed.connected else "waiting"
+            if state != said:
+                print(f"clrk tail: following the gateway writing {args.db}; waiting for its next records (Ctrl-C to stop)"
+                      if feed.connected else f"clrk tail: waiting for a gateway writing {args.db} ...",
+                      file=sys.stderr, flush=True)
+                said = state
             for r in rows:
                 sys.stdout.write(_line(r, args.json) + "\n")
             sys.stdout.flush()
@@ -224,6 +276,31 @@ def cmd_tail(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- status
 
 
+def _rss_mb(pid: int) -> float | None:
+    """Resident memory of process `pid` in MB (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _memory(recorder_pid: int) -> dict:
+    """The footprint of a gateway: its recorder and the proxy process that started it (the recorder's parent)."""
+    out: dict = {"recorder_rss_mb": _rss_mb(recorder_pid)}
+    try:
+        with open(f"/proc/{recorder_pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return out
+    if ppid > 1:
+        out.update(proxy_pid=ppid, proxy_rss_mb=_rss_mb(ppid))
+    return out
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from clrk import wire
 
@@ -233,6 +310,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     except (OSError, wire.WireError):
         _die(f"no gateway is writing {args.db} (its recorder does not answer on {wire.socket_path(args.db)})")
     st = {k: v for k, v in st.items() if k not in ("t", "id")}
+    st.update(_memory(st["pid"]))
     if args.json:
         print(json.dumps(st))
     else:
@@ -240,6 +318,9 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"recorder pid {st['pid']} for {args.db}: {st['written']} records written this run, "
               f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped{at_proxy}; "
               f"{st['proxies']} proxy process(es) connected")
+        if st.get("recorder_rss_mb") is not None:
+            proxy = f"proxy (pid {st['proxy_pid']}) {st['proxy_rss_mb']} MB, " if st.get("proxy_rss_mb") is not None else ""
+            print(f"memory (RSS): {proxy}recorder {st['recorder_rss_mb']} MB")
         if st.get("incomplete"):
             print(f"{st['incomplete']} records stored incomplete: values they should hold could not be stored "
                   "(clrk.record.incomplete says which; the gateway log names each)")
@@ -305,11 +386,17 @@ def cmd_policy_check(args: argparse.Namespace) -> None:
     except PolicyError as e:
         print(str(e), file=sys.stderr)
         sys.exit(1)
+    for w in policy.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     counts: dict[str, int] = {}
     for sd in policy.documents:
         counts[sd.doc.kind] = counts.get(sd.doc.kind, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
-    print(f"{args.path}: ok ({summary})")
+    n = len(policy.warnings)
+    warned = f"; {n} warning{'s' * (n != 1)}" if n else ""
+    print(f"{args.path}: ok ({summary}){warned}")
+    if n and args.strict:
+        sys.exit(1)
 
 
 def cmd_policy_schema(args: argparse.Namespace) -> None:
@@ -318,15 +405,40 @@ def cmd_policy_schema(args: argparse.Namespace) -> None:
     print(json.dumps(json_schema(), indent=2))
 
 
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from clrk.cli.demo import run
+
+    sys.exit(run(keep=args.keep, port=args.port, workdir=args.dir))
+
+
 # --------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    s = Settings()
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clrk")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
+    """The command line; `s` gives the defaults (the environment's CLRK_* settings unless given)."""
+    s = s if s is not None else Settings()
     p = argparse.ArgumentParser(prog="clrk", description="clrk: the egress gateway for AI agents")
+    p.add_argument("--version", action="version", version=f"clrk {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the gateway (mitmdump with the clrk addon); args after -- go to mitmdump")
+    run = sub.add_parser("run", help="run the gateway (mitmdump with the clrk addon); args after -- go to mitmdump",
+                         usage="clrk run [options] [-- mitmdump args ...]",
+                         description="Runs the gateway: mitmdump with clrk's addon built in, under python -O, on the "
+                                     "EgressGateway's listeners.",
+                         epilog="Everything after -- is passed to mitmdump as is, e.g. clrk run -- --set tcp_timeout=120 "
+                                "or -- --set termlog_verbosity=warn.")
     run.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
     run.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
     run.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
@@ -384,10 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--usd", action="store_true", help="add what the calls cost in US dollars (gen_ai.usage.cost) and "
                     "how many had no known price, largest first")
 
+    dm = sub.add_parser("demo", help="the AI features in a minute: a gateway and a local fake provider, OpenAI, Anthropic "
+                        "and Gemini calls with the official SDKs (one over budget), then spend and records")
+    dm.add_argument("--port", type=int, default=None, help="the gateway's port on 127.0.0.1 (default: a free one)")
+    dm.add_argument("--dir", default=None, help="work in this directory, and keep it (default: a temporary one)")
+    dm.add_argument("--keep", action="store_true", help="keep the temporary directory (policy, store, logs)")
+
     pol = sub.add_parser("policy", help="check a policy, or print its JSON Schema")
     psub = pol.add_subparsers(dest="policy_command", required=True)
-    chk = psub.add_parser("check", help="validate a policy file or directory (exit 1 with every problem listed)")
-    chk.add_argument("path", nargs="?", default=s.policies)
+    chk = psub.add_parser("check", help="validate a policy file or directory: exit 1 with every error listed; "
+                          "warnings (references that lead nowhere) are printed")
+    chk.add_argument("path", nargs="?", default=s.policies, help="policy file or directory (default: %(default)s)")
+    chk.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     psub.add_parser("schema", help="print the JSON Schema of a policy document")
     return p
 
@@ -405,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         (cmd_policy_check if args.policy_command == "check" else cmd_policy_schema)(args)
     else:
         {"records": cmd_records, "spend": cmd_spend, "dev": cmd_dev, "status": cmd_status, "tail": cmd_tail,
-         "ca": cmd_ca}[args.command](args)
+         "ca": cmd_ca, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":

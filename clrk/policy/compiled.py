@@ -21,6 +21,7 @@ from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.cost import BUNDLED, POLICY, PriceBook, PriceOverride, flat_price
 from clrk.hostnames import canonical_ip
 from clrk.policy import models as m
+from clrk.policy.check import cross_reference_warnings
 from clrk.policy.loader import PolicyError, SourcedDocument, load_documents
 from clrk.providers import DEFAULT_HOSTS as DEFAULT_PROVIDER_HOSTS
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
@@ -291,6 +292,8 @@ class CompiledPolicy:
     redactor: Redactor = field(default=DEFAULT_REDACTOR, compare=False, repr=False)
     # What model calls cost: the ModelPricing entries, then the bundled price data (clrk.cost).
     pricing: PriceBook = field(default=BUNDLED, compare=False, repr=False)
+    # References that lead nowhere (clrk.policy.check): the policy is in force with them, the gateway logs them.
+    warnings: tuple[str, ...] = ()
 
     def gateway_for_port(self, port: int | None) -> GatewayConfig | None:
         """The gateway listening on `port`; with a single gateway, that one for every port."""
@@ -409,12 +412,9 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         if key in seen:
             first = seen[key]
             problems.append(
-                f"{sd.file}: document {sd.index} ({key[0]} {key[2]}): duplicate of {first.file} document {first.index}"
+                f"{sd.where}: duplicate of {first.file}:{first.line} document {first.index}"
             )
         seen[key] = sd
-
-    def where(sd: SourcedDocument) -> str:
-        return f"{sd.file}: document {sd.index} ({sd.doc.kind} {sd.doc.metadata.name})"
 
     by_kind: dict[str, list[SourcedDocument]] = {}
     for sd in docs:
@@ -431,7 +431,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         base = Path(sd.file).parent
         headers = {}
         for k, v in g.spec.otlp.headers.items():
-            expanded = _expand_vars(v, f"{where(sd)}: spec.otlp.headers.{k}", problems, env)
+            expanded = _expand_vars(v, sd.at(f"spec.otlp.headers.{k}"), problems, env)
             headers[k] = expanded
         aliases = {}
         for host, target in g.spec.upstream_tls.host_aliases.items():
@@ -445,13 +445,13 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 if Path(ca).is_file():
                     ca_path = Path(ca)
                 else:
-                    problems.append(f"{where(sd)}: spec.upstreamTLS.caBundle: {ca} is not a readable PEM file")
+                    problems.append(f"{sd.at('spec.upstreamTLS.caBundle')}: {ca} is not a readable PEM file")
             ca = str(ca_path.resolve())
             referenced.append(ca)
         ports = []
-        for li in g.spec.listeners:
+        for n, li in enumerate(g.spec.listeners):
             if li.port in port_owner or li.port in prometheus_owner:
-                problems.append(f"{where(sd)}: spec.listeners: port {li.port} is already used by EgressGateway "
+                problems.append(f"{sd.at(f'spec.listeners[{n}].port')}: port {li.port} is already used by EgressGateway "
                                 f"{port_owner.get(li.port) or prometheus_owner[li.port]}")
             port_owner[li.port] = g.metadata.name
             ports.append(li.port)
@@ -459,7 +459,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         if prom is not None:
             if prom.port in port_owner or prom.port in prometheus_owner:
                 owner = port_owner.get(prom.port) or prometheus_owner[prom.port]
-                problems.append(f"{where(sd)}: spec.metrics.prometheus.port: port {prom.port} is already used by "
+                problems.append(f"{sd.at('spec.metrics.prometheus.port')}: port {prom.port} is already used by "
                                 f"EgressGateway {owner}")
             prometheus_owner[prom.port] = g.metadata.name
         types = g.spec.otlp.capture_body.include_content_types
@@ -504,7 +504,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         if creds.token_sha256:
             digest = bytes.fromhex(creds.token_sha256)
         else:
-            token = read_secret(creds.token_from, Path(sd.file).parent, f"{where(sd)}: spec.credentials.tokenFrom", problems, env, referenced)  # type: ignore[arg-type]
+            token = read_secret(creds.token_from, Path(sd.file).parent, sd.at("spec.credentials.tokenFrom"), problems, env, referenced)  # type: ignore[arg-type]
             if token is None:
                 continue
             digest = hashlib.sha256(token.encode()).digest()
@@ -548,17 +548,17 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
             for j, match in enumerate(rule.matches):
                 if match.provider not in m.PROVIDERS and match.provider not in backends:
                     problems.append(
-                        f"{where(sd)}: spec.rules[{i}].matches[{j}].provider: {match.provider!r} is neither a provider "
+                        f"{sd.at(f'spec.rules[{i}].matches[{j}].provider')}: {match.provider!r} is neither a provider "
                         f"({', '.join(m.PROVIDERS)}) nor the name of a Backend"
                     )
             targets = []
             for j, ref in enumerate(rule.backend_refs):
                 if ref.name not in backends:
-                    problems.append(f"{where(sd)}: spec.rules[{i}].backendRefs[{j}].name: no Backend named {ref.name!r}")
+                    problems.append(f"{sd.at(f'spec.rules[{i}].backendRefs[{j}].name')}: no Backend named {ref.name!r}")
                 else:
                     targets.append((backends[ref.name], ref.weight))
             if targets and not any(w for _, w in targets):
-                problems.append(f"{where(sd)}: spec.rules[{i}].backendRefs: every weight is 0, nothing could serve this rule")
+                problems.append(f"{sd.at(f'spec.rules[{i}].backendRefs')}: every weight is 0, nothing could serve this rule")
             budget = None
             for f in rule.filters:
                 if f.type == "TokenBudget" and f.token_budget is not None:
@@ -585,9 +585,9 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         c: m.CredentialInjectionPolicy = sd.doc  # type: ignore[assignment]
         for j, ref in enumerate(c.spec.target_refs):
             if ref.name not in names.get(ref.kind, set()):
-                problems.append(f"{where(sd)}: spec.targetRefs[{j}]: no {ref.kind} named {ref.name!r}")
+                problems.append(f"{sd.at(f'spec.targetRefs[{j}].name')}: no {ref.kind} named {ref.name!r}")
         (redact_headers if c.spec.target.type == "Header" else redact_query).add(c.spec.target.name.lower())
-        secret = read_secret(c.spec.secret_ref, Path(sd.file).parent, f"{where(sd)}: spec.secretRef", problems, env, referenced)
+        secret = read_secret(c.spec.secret_ref, Path(sd.file).parent, sd.at("spec.secretRef"), problems, env, referenced)
         if secret is None:
             continue
         inj = Injection(c.metadata.name, c.spec.target.type, c.spec.target.name, c.spec.target.prefix, secret)
@@ -617,7 +617,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         agents=agents,
         deny_rules=deny_rules,
         routes=routes,
-        documents=tuple(docs),
+        documents=tuple(replace(sd, node=None) for sd in docs),  # the YAML was for messages only
         deny_cidrs=CidrTable((net, rule) for rule in deny_rules for net in rule.ip_cidrs),
         cidr_routes=tuple(r for r in routes if r.lead_cidrs),
         referenced_files=tuple(dict.fromkeys(referenced)),
@@ -629,6 +629,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         redact_query=frozenset(redact_query),
         redactor=Redactor(redact_headers, redact_query),
         pricing=PriceBook(overrides) if overrides else BUNDLED,
+        warnings=tuple(cross_reference_warnings(docs)),
     )
 
 

@@ -1,15 +1,17 @@
 """Reads policy YAML (a file or a directory of them) into validated documents.
 
-Every error names the file, the document (its 1-based position and, where readable, its kind and name) and
-the field path, and says what to do. All errors of a load are reported together. Duplicate YAML keys are
+Every error names the file, the line and column of the mistake (`file:line:column:`, as compilers do, so
+editors jump there), the document (its 1-based position and, where readable, its kind and name) and the
+field path, and says what to do. All errors of a load are reported together. Duplicate YAML keys are
 errors: the second `hostnames:` in a document would otherwise silently replace the first.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,6 +35,28 @@ class SourcedDocument:
     doc: Document
     file: str
     index: int  # 1-based position in the file
+    line: int = 0  # 1-based line where the document starts (0: not from a file)
+    # The document's YAML, to say where a field was written; dropped once the policy is compiled.
+    node: yaml.Node | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def where(self) -> str:
+        """`file:line: document N (Kind name)`: how messages about this document begin."""
+        at = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{at}: document {self.index} ({self.doc.kind} {self.doc.metadata.name})"
+
+    def at(self, path: str) -> str:
+        """`file:line:column: document N (Kind name): path`, the position of the field `path` (as written in
+        YAML, e.g. `spec.rules[0].backendRefs[1].name`), or of the nearest part of it that was written."""
+        if self.node is None:
+            return f"{self.where}: {path}"
+        loc = [int(i) if i else k for k, i in _PATH_PART.findall(path)]
+        mark = _node_at(self.node, loc).start_mark
+        return (f"{self.file}:{mark.line + 1}:{mark.column + 1}: document {self.index} "
+                f"({self.doc.kind} {self.doc.metadata.name}): {path}")
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -92,8 +116,24 @@ def _describe(raw: object) -> str:
     return ""
 
 
-def _validation_problems(file: str, index: int, raw: object, err: ValidationError) -> list[str]:
-    where = f"{file}: document {index}{_describe(raw)}"
+def _node_at(node: yaml.Node, loc: list) -> yaml.Node:
+    """The deepest YAML node along a validation error's path (where the mistake was written)."""
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    child = v
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            child = node.value[part]
+        if child is None:
+            break
+        node = child
+    return node
+
+
+def _validation_problems(file: str, index: int, raw: object, node: yaml.Node, err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors(include_url=False):
         loc = list(e["loc"])
@@ -111,8 +151,34 @@ def _validation_problems(file: str, index: int, raw: object, err: ValidationErro
             msg = "unknown field (check the spelling against `clrk policy schema`)"
         elif e["type"] == "literal_error" and loc == ["apiVersion"]:
             msg = f"must be {API_VERSION}"
-        problems.append(f"{where}: {_format_loc(loc)}: {msg}")
+        mark = _node_at(node, loc).start_mark
+        if e["type"] == "extra_forbidden" or (e["type"] == "missing" and len(loc) > 1):
+            # The key itself for an unknown field; the mapping that lacks it for a missing one.
+            parent = _node_at(node, loc[:-1])
+            mark = next((k.start_mark for k, _ in getattr(parent, "value", []) if isinstance(k, yaml.ScalarNode)
+                         and k.value == str(loc[-1])), parent.start_mark)
+        problems.append(f"{file}:{mark.line + 1}:{mark.column + 1}: document {index}{_describe(raw)}: {_format_loc(loc)}: {msg}")
     return problems
+
+
+def _read_yaml(name: str, text: str) -> tuple[list[tuple[yaml.Node, object]], str | None]:
+    """Every document of `text` as (node, value), or the syntax error as `file:line:column: ...`."""
+    out = []
+    loader = None
+    try:
+        loader = _UniqueKeyLoader(text)
+        while loader.check_node():
+            node = loader.get_node()
+            out.append((node, loader.construct_document(node)))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        context = f" ({e.context})" if getattr(e, "context", None) and getattr(e, "problem", None) else ""
+        return [], f"{at}: invalid YAML: {getattr(e, 'problem', None) or e}{context}"
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return out, None
 
 
 def load_documents(path: str | os.PathLike) -> list[SourcedDocument]:
@@ -126,25 +192,23 @@ def load_documents(path: str | os.PathLike) -> list[SourcedDocument]:
         except (OSError, UnicodeDecodeError) as e:
             problems.append(f"{name}: cannot read: {e}")
             continue
-        try:
-            raws = list(yaml.load_all(text, Loader=_UniqueKeyLoader))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problems.append(f"{name}: invalid YAML{at}: {getattr(e, 'problem', None) or e}")
+        nodes, error = _read_yaml(name, text)
+        if error:
+            problems.append(error)
             continue
         index = 0
-        for raw in raws:
+        for node, raw in nodes:
             if raw is None:  # an empty document between '---' separators
                 continue
             index += 1
+            line = node.start_mark.line + 1
             if not isinstance(raw, dict):
-                problems.append(f"{name}: document {index}: expected a mapping with 'kind', 'metadata' and 'spec'")
+                problems.append(f"{name}:{line}: document {index}: expected a mapping with 'kind', 'metadata' and 'spec'")
                 continue
             try:
-                docs.append(SourcedDocument(_ADAPTER.validate_python(raw), name, index))
+                docs.append(SourcedDocument(_ADAPTER.validate_python(raw), name, index, line, node))
             except ValidationError as e:
-                problems.extend(_validation_problems(name, index, raw, e))
+                problems.extend(_validation_problems(name, index, raw, node, e))
     if problems:
         raise PolicyError(problems)
     return docs

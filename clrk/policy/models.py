@@ -27,13 +27,17 @@ _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True,
+                              use_attribute_docstrings=True)
 
 
 class Metadata(Spec):
     name: str = Field(min_length=1, max_length=253)
+    """The document's name: lower-case letters, digits, '-' and '.'; rules and records refer to it."""
     namespace: str = Field(default="default", min_length=1, max_length=253)
+    """Groups documents and agents (an agent's proxy user name is `<namespace>.<name>`)."""
     labels: dict[str, str] = {}
+    """Free key/value pairs; `sourceAgents.matchLabels` selects agents by them."""
 
     @field_validator("name", "namespace")
     @classmethod
@@ -93,13 +97,18 @@ class SourceAgents(Spec):
     """Which agents a rule applies to. Every non-empty field must match; an empty selector matches all."""
 
     namespaces: list[str] = []
+    """Agents in any of these namespaces (empty: any namespace)."""
     names: list[str] = []  # "name" (any namespace) or "namespace/name"
+    """Agents with any of these names: `name` (in any namespace) or `namespace/name` (empty: any name)."""
     match_labels: dict[str, str] = {}
+    """Agents carrying every one of these labels (empty: any labels)."""
 
 
 class SecretRef(Spec):
     env: str | None = None
+    """Read the secret from this environment variable of the gateway process."""
     file: str | None = None
+    """Read the secret from this file (relative to the policy file), re-read when it changes; surrounding whitespace is dropped."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SecretRef:
@@ -113,16 +122,20 @@ class SecretRef(Spec):
 
 class ListenerTLS(Spec):
     mode: Literal["Terminate", "Passthrough"] = "Terminate"
+    """Terminate: the gateway terminates TLS with its CA and judges every request; Passthrough: the agent's TLS session goes end to end, judged at L4 on the CONNECT target (host, port, agent) only."""
 
 
 class Listener(Spec):
     name: str = Field(min_length=1)
-    # The local address it binds: this machine only unless the policy says otherwise (0.0.0.0 or :: for every
-    # interface). An IP address, so what is opened is exactly what is written.
+    """The listener's name (for people: the gateway goes by its port)."""
     address: str = "127.0.0.1"
+    """The local IP address it binds: 127.0.0.1 (this machine only) unless the policy says otherwise — 0.0.0.0 or :: for every interface."""
     port: int = Field(ge=1, le=65535)
+    """The TCP port agents connect to (`HTTPS_PROXY=http://...@host:port`)."""
     protocol: Literal["TLS", "HTTP"] = "TLS"
+    """Informational: every listener is an HTTP proxy that agents reach with CONNECT for HTTPS (and plain requests for HTTP); the value does not change how it listens."""
     tls: ListenerTLS = ListenerTLS()
+    """How TLS is handled on this listener."""
 
     @field_validator("address")
     @classmethod
@@ -158,14 +171,20 @@ class Redact(Spec):
     """Names and JSON paths a gateway redacts on top of the defaults (clrk.redact); never fewer."""
 
     headers: list[Annotated[str, AfterValidator(_header_name)]] = []
+    """Header names whose values are replaced by [REDACTED] in records (any case)."""
     query_params: list[Annotated[str, AfterValidator(_query_name)]] = []
+    """Query parameter (and form field) names whose values are redacted."""
     json_paths: list[Annotated[str, AfterValidator(_json_path)]] = []
+    """JSON paths into request and response bodies whose values are redacted: `$`, `.name`, `['name']`, `[*]` or `.*`, `[N]`."""
 
 
 class CaptureBody(Spec):
     max_bytes: int = Field(default=65536, ge=0, le=64 * 1024 * 1024)
+    """At most this many bytes of each request and response body are stored (0: none); usage is still read from the whole body."""
     include_content_types: list[str] = DEFAULT_CAPTURE_TYPES
+    """Media types whose bodies are captured (`type/*` for a whole type); other bodies are counted, not stored."""
     redact: Redact = Redact()
+    """Names and JSON paths redacted on top of the built-in ones (which cannot be turned off)."""
 
     @field_validator("include_content_types")
     @classmethod
@@ -183,7 +202,9 @@ class OtlpMetrics(Spec):
     """Metrics over OTLP/HTTP (`/v1/metrics` beside traces and logs), pushed every `intervalSeconds`."""
 
     enabled: bool = True
+    """Push metrics to the endpoint's /v1/metrics (when the gateway has an endpoint)."""
     interval_seconds: float = Field(default=60.0, ge=1.0, le=3600.0)
+    """How often they are pushed, in seconds (1 to 3600)."""
 
 
 SAMPLING_CLASSES = ("denied", "error", "budget")
@@ -193,11 +214,16 @@ class Sampling(Spec):
     """Which transactions' spans and log records are exported, decided on the finished record in the recorder
     (the store keeps every record; metrics count every transaction)."""
 
-    ratio: float = Field(default=1.0, ge=0.0, le=1.0)  # share of ordinary transactions, by trace id
+    ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of ordinary transactions exported, decided by trace id (a whole trace is kept or dropped)."""
     always_keep: list[Literal["denied", "error", "budget"]] = list(SAMPLING_CLASSES)
-    keep_agents: list[str] = []  # globs over "namespace/name" of agents whose transactions are always exported
-    keep_rules: list[str] = []  # globs over clrk.decision.rule (e.g. "AIProviderRoute/team-a/*")
-    parent_based: bool = False  # follow the sampled flag of the agent's traceparent when it sent one
+    """Classes exported whatever the ratio: denials, errors, budget refusals; [] for none."""
+    keep_agents: list[str] = []
+    """Globs over `namespace/name` of agents whose transactions are always exported."""
+    keep_rules: list[str] = []
+    """Globs over `clrk.decision.rule` (e.g. `AIProviderRoute/team-a/*`) always exported."""
+    parent_based: bool = False
+    """Follow the sampled flag of the agent's `traceparent` (when it sent one) instead of the ratio."""
 
     @field_validator("keep_agents", "keep_rules")
     @classmethod
@@ -207,10 +233,15 @@ class Sampling(Spec):
 
 class Otlp(Spec):
     endpoint: str = ""
+    """OTLP/HTTP base URL (clrk appends /v1/traces and /v1/logs); empty: records go to the store only."""
     headers: dict[str, str] = {}
+    """HTTP headers sent with every export, e.g. an API key; `${VAR}` is replaced by the environment variable VAR."""
     capture_body: CaptureBody = CaptureBody()
+    """What of each body the records (store and OTLP) keep."""
     metrics: OtlpMetrics = OtlpMetrics()
+    """Metrics pushed to the endpoint's /v1/metrics (docs/METRICS.md)."""
     sampling: Sampling = Sampling()
+    """Which transactions' spans and logs are exported; the store keeps every record."""
 
     @field_validator("endpoint")
     @classmethod
@@ -225,7 +256,9 @@ class Otlp(Spec):
 
 class UpstreamTLS(Spec):
     ca_bundle: str | None = None
+    """A PEM file of CA certificates trusted for upstream TLS in addition to the default store (relative to the policy file)."""
     host_aliases: dict[str, str] = {}
+    """`host: 'address:port'`: connect there for this host, keeping its SNI, Host header and certificate check; the target is the operator's own and not judged by blockPrivateNetworks."""
 
     @field_validator("host_aliases")
     @classmethod
@@ -254,7 +287,9 @@ class PrometheusEndpoint(Spec):
     """A scrape endpoint (`http://address:port/metrics`) served by the recorder process."""
 
     address: str = "127.0.0.1"
+    """The local IP address the scrape endpoint binds (0.0.0.0 for every interface)."""
     port: int = Field(ge=1, le=65535)
+    """Its TCP port; not a listener's, nor another gateway's."""
 
     @field_validator("address")
     @classmethod
@@ -267,28 +302,41 @@ class PrometheusEndpoint(Spec):
 
 class Metrics(Spec):
     prometheus: PrometheusEndpoint | None = None
+    """A Prometheus scrape endpoint with the same instruments as the OTLP metrics (none by default)."""
 
 
 class EgressGatewaySpec(Spec):
     default_policy: Literal["deny-all", "allow-all"] = "deny-all"
+    """What happens to a request no rule allows or denies: deny-all (403) or allow-all."""
     listeners: list[Listener] = []
+    """The ports the gateway listens on (none: `clrk run` uses 8080)."""
     otlp: Otlp = Otlp()
+    """Where records are exported as OTLP spans and logs, and what of the bodies they keep."""
     metrics: Metrics = Metrics()
+    """Metrics served for scraping (Prometheus)."""
     upstream_tls: UpstreamTLS = Field(default=UpstreamTLS(), alias="upstreamTLS")
+    """How the gateway connects to upstreams."""
     invocation_header: str = Field(default="clrk-invocation-id", min_length=1)
+    """The request header whose value becomes the record's `invocation.id` (removed before forwarding)."""
     # Resolved addresses (and IP-literal destinations) in loopback, private, link-local, CGNAT and unique-local
     # ranges are refused unless an EgressRoute's cidrs allow them or the host is in upstreamTLS.hostAliases.
     block_private_networks: bool = True
+    """Refuse destinations that are, or resolve to, loopback, private, link-local (cloud metadata), CGNAT, unique-local and reserved addresses, unless an EgressRoute's cidrs allow the range or the host is in hostAliases."""
     # A client connection with no traffic either way for this long is closed (mitmproxy's tcp_timeout, 600 s
     # unless set; it also bounds how long an upstream may stay silent before answering).
     idle_timeout_seconds: int | None = Field(default=None, ge=1, le=86400)
+    """Close a client connection with no traffic either way for this long; also bounds how long an upstream may stay silent before answering (default: mitmproxy's tcp_timeout, 600 s)."""
 
 
 class EgressGateway(Spec):
     api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
     kind: Literal["EgressGateway"]
+    """The document's kind."""
     metadata: Metadata
+    """Name, namespace and labels."""
     spec: EgressGatewaySpec = EgressGatewaySpec()
+    """What the document says."""
 
 
 # --------------------------------------------------------------------------- Agent
@@ -300,7 +348,9 @@ class TokenFrom(SecretRef):
 
 class AgentCredentials(Spec):
     token_sha256: str | None = None
+    """The sha256 of the agent's token, in hex (`printf %s \"$TOKEN\" | sha256sum`); the token itself is never in the policy."""
     token_from: TokenFrom | None = None
+    """Read the token itself from an environment variable or a file (hashed at load, re-read on reload)."""
 
     @field_validator("token_sha256")
     @classmethod
@@ -318,16 +368,24 @@ class AgentCredentials(Spec):
 
 class AgentSpec(Spec):
     kind: str = "Agent"
+    """What kind of agent this is (free text, recorded as `agent.kind`)."""
     uid: str | None = None
+    """A stable id of the agent (recorded as `agent.uid`)."""
     revision: str | None = None
+    """The agent's version or revision (recorded as `agent.revision`)."""
     credentials: AgentCredentials
+    """How the agent proves who it is: the token in its proxy credentials."""
 
 
 class Agent(Spec):
     api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
     kind: Literal["Agent"]
+    """The document's kind."""
     metadata: Metadata
+    """Name, namespace and labels."""
     spec: AgentSpec
+    """What the document says."""
 
     @field_validator("metadata")
     @classmethod
@@ -343,11 +401,17 @@ class Agent(Spec):
 
 class _HostRuleSpec(Spec):
     hostnames: list[Hostname] = []
+    """Destination host names: exact (`api.github.com`), `*.suffix` (sub-domains only, not the suffix itself) or `*`; in normal form (lower-case, IDNA 2008 A-labels, canonical IP addresses)."""
     cidrs: list[str] = []  # address ranges; see EgressRoute and EgressDenyPolicy for what each makes of them
+    """Address ranges. EgressRoute: with hostnames, the private ranges those names may resolve to; alone, IP-literal destinations inside them. EgressDenyPolicy: destinations that are or resolve to an address inside them."""
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = []
+    """Destination ports (empty: any port)."""
     methods: list[str] = []
+    """HTTP methods, upper case (empty: any method)."""
     paths: list[str] = []
+    """Path prefixes matching whole segments (`/v1/models` covers `/v1/models/x`, not `/v1/models-internal`); the query is never part of the match (empty: any path)."""
     source_agents: SourceAgents = SourceAgents()
+    """Which agents the rule applies to (empty: every agent)."""
 
     @field_validator("hostnames")
     @classmethod
@@ -389,18 +453,25 @@ class EgressRouteSpec(_HostRuleSpec):
     blockPrivateNetworks refuses the others); `cidrs` alone: IP-literal destinations inside them."""
 
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = [443]
+    """Destination ports (default 443)."""
 
 
 class EgressRoute(Spec):
     api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
     kind: Literal["EgressRoute"]
+    """The document's kind."""
     metadata: Metadata
+    """Name, namespace and labels."""
     spec: EgressRouteSpec
+    """What the document says."""
 
 
 class DenyResponse(Spec):
     status_code: int = Field(default=403, ge=400, le=599)
+    """The HTTP status of the denial (400-599)."""
     message: str | None = None
+    """Said in the answer as `{\"error\": \"clrk: <message>\"}` (default: the reason of the decision)."""
 
 
 class EgressDenyPolicySpec(_HostRuleSpec):
@@ -409,13 +480,18 @@ class EgressDenyPolicySpec(_HostRuleSpec):
     apply; methods and paths cannot, so a rule limited to them denies the connection anyway)."""
 
     deny_response: DenyResponse = DenyResponse()
+    """The answer a denied request gets."""
 
 
 class EgressDenyPolicy(Spec):
     api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
     kind: Literal["EgressDenyPolicy"]
+    """The document's kind."""
     metadata: Metadata
+    """Name, namespace and labels."""
     spec: EgressDenyPolicySpec
+    """What the document says."""
 
 
 # --------------------------------------------------------------------------- AIProviderRoute
@@ -423,8 +499,11 @@ class EgressDenyPolicy(Spec):
 
 class ProviderMatch(Spec):
     provider: str
+    """openai, anthropic, google_genai, or the name of a Backend (its calls, whichever host they went to)."""
     models: list[str] = []
+    """Model name globs (`gpt-4o*`) the request's model must match (empty: any model; a call naming none matches only then)."""
     endpoints: list[str] = []
+    """Request path globs (`/v1/chat/completions`) (empty: any endpoint)."""
 
     @field_validator("models")
     @classmethod
@@ -442,7 +521,9 @@ class ProviderMatch(Spec):
 
 class BackendRef(Spec):
     name: str
+    """The Backend serving the rule's calls."""
     weight: int = Field(default=1, ge=0, le=1_000_000)
+    """The share of calls this Backend gets among the rule's backendRefs (0: none)."""
 
 
 # Far above any real budget, and keeps every count the record carries within its 64-bit columns.
@@ -483,7 +564,9 @@ class TokenBudget(Spec):
 
 class RouteFilter(Spec):
     type: Literal["TokenBudget"]
+    """The filter's kind."""
     token_budget: TokenBudget | None = None
+    """The daily token budget (for type TokenBudget)."""
 
     @model_validator(mode="after")
     def _config(self) -> RouteFilter:
@@ -494,20 +577,29 @@ class RouteFilter(Spec):
 
 class ProviderRule(Spec):
     matches: list[ProviderMatch] = Field(min_length=1)
+    """The calls this rule allows: any one of these matches."""
     backend_refs: list[BackendRef] = []
+    """Where the calls go instead of the host they named, weighted (empty: where the agent sent them)."""
     filters: list[RouteFilter] = []
+    """What else applies to the calls, e.g. a TokenBudget."""
 
 
 class AIProviderRouteSpec(Spec):
     source_agents: SourceAgents = SourceAgents()
+    """Which agents the route serves (empty: every agent)."""
     rules: list[ProviderRule] = Field(min_length=1)
+    """Rules of every AIProviderRoute serving the agent are checked in the order written (files in name order); the first whose matches fit the call allows it, with its backends and filters."""
 
 
 class AIProviderRoute(Spec):
     api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
     kind: Literal["AIProviderRoute"]
+    """The document's kind."""
     metadata: Metadata
+    """Name, namespace and labels."""
     spec: AIProviderRouteSpec
+    """What the document says."""
 
 
 # --------------------------------------------------------------------------- Backend
@@ -515,11 +607,14 @@ class AIProviderRoute(Spec):
 
 class BackendSchema(Spec):
     name: Literal["openai", "anthropic", "google_genai"]
+    """The API the backend speaks: openai, anthropic or google_genai (how its calls are read and recorded)."""
 
 
 class BackendUpstream(Spec):
     host: str
+    """The backend's host name (one host, no wildcard)."""
     port: int = Field(default=443, ge=1, le=65535)
+    """The backend's TLS port."""
 
     @field_validator("host")
     @classmethod
@@ -532,25 +627,36 @@ class BackendUpstream(Spec):
 
 class ModelRewrite(Spec):
     from_: str = Field(alias="from")
+    """A model name glob; the first rewrite whose glob matches the requested model applies."""
     to: str = Field(min_length=1)
+    """The model sent to the backend instead (the record keeps both)."""
 
 
 class BodyMutation(Spec):
     ensure_stream_usage: bool = False
+    """Ask for usage in streamed OpenAI calls (`stream_options.include_usage`), so records and budgets see their tokens."""
 
 
 class BackendSpec(Spec):
     schema_: BackendSchema = Field(alias="schema")
+    """The API the backend speaks."""
     upstream: BackendUpstream
+    """Where the backend is."""
     model_rewrites: list[ModelRewrite] = []
+    """Model names to replace before the call is sent, in order."""
     body_mutation: BodyMutation = BodyMutation()
+    """Changes made to the request body."""
 
 
 class Backend(Spec):
     api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
     kind: Literal["Backend"]
+    """The document's kind."""
     metadata: Metadata
+    """Name, namespace and labels."""
     spec: BackendSpec
+    """What the document says."""
 
 
 # --------------------------------------------------------------------------- CredentialInjectionPolicy
@@ -558,27 +664,40 @@ class Backend(Spec):
 
 class TargetRef(Spec):
     kind: Literal["AIProviderRoute", "EgressRoute", "EgressGateway"]
+    """The kind of document the credential goes with: an AIProviderRoute or EgressRoute (calls it allows), or an EgressGateway (provider calls through it that no route credential covers)."""
     name: str
+    """That document's name."""
     namespace: str | None = None
+    """That document's namespace (empty: the name in any namespace)."""
 
 
 class InjectionTarget(Spec):
     type: Literal["Header", "QueryParam"]
+    """Header or QueryParam."""
     name: str = Field(min_length=1)
+    """The header or query parameter set (overwriting what the agent sent); redacted in every record."""
     prefix: str = ""
+    """Put before the secret, e.g. `Bearer `."""
 
 
 class CredentialInjectionPolicySpec(Spec):
     target_refs: list[TargetRef] = Field(min_length=1)
+    """The routes or gateways whose allowed calls carry the credential."""
     target: InjectionTarget
+    """Where in the request the credential goes."""
     secret_ref: SecretRef
+    """Where the gateway reads the credential (never the agent)."""
 
 
 class CredentialInjectionPolicy(Spec):
     api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
     kind: Literal["CredentialInjectionPolicy"]
+    """The document's kind."""
     metadata: Metadata
+    """Name, namespace and labels."""
     spec: CredentialInjectionPolicySpec
+    """What the document says."""
 
 
 # --------------------------------------------------------------------------- ModelPricing
@@ -629,15 +748,20 @@ class ModelPriceEntry(Spec):
 
 class ModelPricingSpec(Spec):
     models: list[ModelPriceEntry] = Field(min_length=1)
+    """Prices by provider and model glob; the first entry that matches a call wins."""
 
 
 class ModelPricing(Spec):
     """Prices that override or add to the bundled price data (USD); the first entry that matches wins."""
 
     api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
     kind: Literal["ModelPricing"]
+    """The document's kind."""
     metadata: Metadata
+    """Name, namespace and labels."""
     spec: ModelPricingSpec
+    """What the document says."""
 
 
 Document = Annotated[

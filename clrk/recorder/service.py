@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", required=True)
     p.add_argument("--parent-pid", type=int, default=None)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s clrk-recorder %(levelname)s %(message)s", stream=sys.stderr)
+    # The timestamp as mitmproxy writes it in the same log: [HH:MM:SS.mmm], local time.
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s.%(msecs)03d] clrk-recorder %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
     _quiet_otel_logs()
     try:
         rec = Recorder(args.db, args.socket, args.parent_pid)

@@ -15,8 +15,10 @@ from clrk.proxy.budget import day_start, utc_day
 
 class DevSession:
     def __init__(self, policies: str, db: str, certs: str, ports: list[int], otlp_port: int = DEFAULT_PORT,
-                 host: str = "", log_path: str | None = None):
+                 host: str = "", log_path: str | None = None, listening: list[str] | None = None):
         self.policies, self.db, self.certs, self.ports, self.host = policies, db, certs, ports, host
+        # Where agents reach the gateway ("address:port" each): the policy's listeners unless --port says one.
+        self.listening = listening or [f"{host or '127.0.0.1'}:{p}" for p in ports]
         self.otlp_port = otlp_port
         self.log_path = Path(log_path or Path(db).with_name("clrk-dev.log"))
         self.receiver: OtlpReceiver | None = None
@@ -53,8 +55,14 @@ class DevSession:
             return [], []
 
     def status(self) -> str:
+        """The header's part about this session: where agents point, and where the OTLP tee listens."""
+        first = self.listening[0] if self.listening else "127.0.0.1:8080"
+        address, port = first.rsplit(":", 1)
+        host = "localhost" if address.strip("[]") in ("0.0.0.0", "::") else address  # a wildcard is reached locally
+        out = (f"proxy {', '.join(self.listening) or first} | "
+               f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@{host}:{port}")
         r = self.receiver
-        return f"OTLP {r.endpoint}" if r else ""
+        return out + (f" | OTLP {r.endpoint}" if r else "")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -20,7 +20,7 @@ from clrk.policy.loader import policy_files
 from clrk.proxy.ca import ensure_ca
 from clrk.proxy.listeners import Listeners
 from clrk.proxy.runtime import Runtime
-from clrk.settings import Settings
+from clrk.settings import Settings, option_help
 
 log = logging.getLogger("clrk")
 
@@ -43,15 +43,8 @@ class PolicyLoader:
 
     def load(self, loader) -> None:
         s = Settings()
-        loader.add_option("clrk_policies", str, s.policies, "clrk: policy file or directory (env CLRK_POLICIES).")
-        loader.add_option("clrk_db", str, s.db, "clrk: DuckDB file for records (env CLRK_DB).")
-        loader.add_option(
-            "clrk_dev_otlp_fallback_endpoint",
-            str,
-            s.dev_otlp_fallback_endpoint,
-            "clrk: dev tee; every span and log record is also sent to this OTLP/HTTP base URL (empty = off).",
-        )
-        loader.add_option("clrk_certs", str, s.certs, "clrk: directory of the gateway's CA (env CLRK_CERTS).")
+        for name in Settings.model_fields:  # clrk_policies, clrk_db, clrk_dev_otlp_fallback_endpoint, clrk_certs
+            loader.add_option(f"clrk_{name}", str, getattr(s, name), option_help(name))
 
     def configure(self, updated: set[str]) -> None:
         if FORCED_OPTIONS & updated:
@@ -102,6 +95,8 @@ class PolicyLoader:
         if _may_price(policy):
             preload_prices()  # off the event loop, once: the first model call's price lookup finds it loaded
         self.rt.policy = policy
+        for w in policy.warnings:  # in force all the same: they make no rule wider (clrk.policy.check)
+            log.warning("clrk: policy warning: %s", w)
 
     def _apply_upstream_trust(self, policy: CompiledPolicy) -> None:
         """caBundle adds to the default trust store: mitmproxy takes one file, so write the union."""
