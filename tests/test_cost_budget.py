@@ -22,6 +22,7 @@ import pytest
 from clrk import attributes as A
 from tests.harness import fake_provider
 from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, gateway_doc, sha
+from tests.harness.util import clrk_message
 
 CLRK = str(Path(sys.executable).parent / "clrk")
 OPENAI = "https://api.openai.com"
@@ -96,7 +97,7 @@ def test_a_call_that_may_cost_more_than_the_day_is_refused_in_dollars(gw, upstre
     r = post(gw, body, i)
     assert r.status_code == 429
     reserved = 200 + len(json.dumps(body).encode()) // 4
-    err = r.json()["error"]
+    err = clrk_message(r.json())
     assert err.startswith("clrk: token budget exceeded for route dollars: this request may cost up to ")
     assert f"({reserved} tokens at $10,000.00 per million), more than the whole day's $1" in err
     assert not upstream.requests_with(model)
@@ -111,7 +112,7 @@ def test_a_model_without_a_price_cannot_be_admitted_under_a_dollar_limit(gw, ups
     i = tag()
     r = post(gw, {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}, i)
     assert r.status_code == 403
-    assert r.json()["error"] == (f"clrk: a dollar budget cannot bound calls to model {model[:200]}: it has no known "
+    assert clrk_message(r.json()) == (f"clrk: a dollar budget cannot bound calls to model {model[:200]}: it has no known "
                                  "price (a ModelPricing entry can give it one)")
     assert not upstream.requests_with(model)
     assert gw.wait_record(invocation=i)[A.CLRK_DECISION] == "deny"
@@ -152,7 +153,7 @@ def test_a_dollar_budget_reached_by_concurrent_agents_holds_its_bound(gw, upstre
     admitted = statuses.count(200)
     assert admitted == int(MAX_USD // reserved_usd) and statuses.count(429) == 24 - admitted
     assert len(upstream.requests_with(f"usd-hold-cost2000-{t}")) == admitted
-    refusal = next(a for a in answers if a.status_code == 429).json()["error"]
+    refusal = clrk_message(next(a for a in answers if a.status_code == 429).json())
     assert refusal.startswith("clrk: token budget exceeded for route dollars: this request may cost up to $")
     assert "of the day's $5 are left" in refusal
     rows = gw.wait_records(24, timeout=15, invocation=inv)
