@@ -45,4 +45,7 @@ class Snapshot(TypedDict):
     budget: NotRequired[tuple[str, bool, int | None, int | None, int | None]]  # pool, denied, max, used, charged
     budget_reserved: NotRequired[int | None]
     l4: NotRequired[int]  # a TLS Passthrough tunnel: bytes agent → upstream
+    # a WebSocket session: (messages agent → upstream, messages upstream → agent, close code, closed by
+    # "client" | "upstream" | "gateway", close reason)
+    ws: NotRequired[tuple[int, int, int | None, str | None, str | None]]
     incomplete: NotRequired[str]  # what the proxy could not encode (only on that failure path)

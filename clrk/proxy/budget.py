@@ -102,6 +102,14 @@ class BudgetLedger:
         self.reserved[pool] = self.reserved.get(pool, 0) + tokens
         return Reservation(pool, tokens, day)
 
+    def charge(self, res: Reservation, tokens: int) -> int:
+        """Charges usage reported while the reservation is still held (a WebSocket session reports usage per
+        response, and keeps its reservation until it ends); returns the pool's usage today."""
+        today = self._roll()
+        if res.day == today and tokens > 0:
+            self.used[res.pool] = min(self.used.get(res.pool, 0) + tokens, MAX_TOKENS)
+        return self.used.get(res.pool, 0)
+
     def settle(self, res: Reservation, actual: int | None) -> int:
         """Replaces the reservation by the real usage (or charges the reservation when usage is unknown);
         returns the pool's usage today."""
