@@ -44,7 +44,8 @@ def policy_docs(pki, wsup, *, echo_allowed: bool = True) -> list[dict]:
             {"matches": [{"provider": "openai", "models": ["budget-rt*"]}],
              "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 400, "reserveTokens": 10}}]},
         ]}, ns="team-a"),
-        doc("AIProviderRoute", "live", {"rules": [{"matches": [{"provider": "google_genai"}]}]}, ns="team-a"),
+        doc("AIProviderRoute", "live", {"rules": [{"matches": [{"provider": "google_genai", "models": ["gemini-live-*"]}]}]},
+            ns="team-a"),
         doc("CredentialInjectionPolicy", "openai-key", {
             "targetRefs": [{"kind": "AIProviderRoute", "name": "realtime"}],
             "target": {"type": "Header", "name": "Authorization", "prefix": "Bearer "}, "secretRef": {"env": "CLRK_TEST_OPENAI_KEY"}}),
@@ -202,6 +203,20 @@ def test_gemini_live_model_from_setup_and_usage_from_binary_frames(gw, wsup):
     assert rec[A.RESPONSE_BODY].startswith("base64:")  # Gemini answers in binary frames
 
 
+def test_gemini_live_setup_naming_a_model_no_rule_allows_ends_the_session(gw, wsup):
+    inv = new_invocation("live")
+    with open_ws(gw, f"wss://generativelanguage.googleapis.com{LIVE_PATH}?inv={inv}", inv) as ws:
+        ws.send(json.dumps({"setup": {"model": "models/gemini-ultra-9"}}))
+        with pytest.raises(ConnectionClosed) as e:
+            ws.recv(timeout=10)
+    assert e.value.rcvd is not None and e.value.rcvd.code == 1008
+    rec = gw.wait_record(invocation=inv)
+    assert rec[A.ERROR_TYPE] == "policy_denied" and rec[A.GEN_AI_REQUEST_MODEL] == "gemini-ultra-9"
+    assert rec[A.CLRK_WS_CLOSE_REASON].startswith("clrk: no AIProviderRoute rule matches google_genai model gemini-ultra-9")
+    assert len(rec[A.CLRK_WS_CLOSE_REASON].encode()) <= 123  # what a close frame holds
+    assert wsup.sessions_with(inv)[0].messages == []  # the setup never left
+
+
 def test_a_spent_budget_closes_the_session_with_1008(gw, wsup):
     inv = new_invocation("budget")
     codes = []
@@ -314,8 +329,11 @@ def test_fragmented_frames_and_pings_reach_the_upstream_as_one_message(gw, wsup)
     inv = new_invocation("frag")
     t = raw_session(gw, f"/echo?{inv}", inv)
     t.sendall(frame(0x1, b"frag", fin=False) + frame(0x9, b"ping!") + frame(0x0, b"men", fin=False) + frame(0x0, b"ted"))
+    head = b""
+    while b"fragmented" not in head:  # the echo, before the close (frames after a close are not relayed)
+        head += t.recv(65536)
     t.sendall(frame(0x8, struct.pack("!H", 1000)))
-    got = server_frames(read_all(t))
+    got = server_frames(head + read_all(t))
     assert b"".join(p for o, p in got if o in (0x1, 0x0)) == b"fragmented"  # the echo
     assert (0xA, b"ping!") in got  # the upstream's pong came back
     rec = gw.wait_record(invocation=inv)

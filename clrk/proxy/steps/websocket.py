@@ -298,6 +298,15 @@ class WebSocketSessions:
             if rp is not None:
                 tx.genai = rp
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A realtime handshake whose URL names no model (Gemini Live names it in `setup`): the rules' model
+        globs are judged once the session names it (`_judge`), not now against no model at all."""
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or not tx.websocket or tx.facts is None or not isinstance(tx.genai, RealtimeParser):
+            return
+        if tx.genai.result.request_model is None:
+            tx.facts.model_later = True
+
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or tx.recorded or self.rt.policy is None:
@@ -372,6 +381,7 @@ class WebSocketSessions:
                 failure = AuthResult(None, f"credentials of agent {tx.tunnel.agent.ref} are no longer valid", AUTH_FAILED)
         facts = tx.facts
         facts.model, facts.model_pending = s.model, False
+        facts.model_later = s.model is None  # still unnamed: judged as at the handshake
         gateway = policy.gateway_for_port(listener_port(flow.client_conn))
         return decide(policy, gateway, failure or AuthResult(agent), facts)
 
