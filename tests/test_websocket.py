@@ -25,7 +25,7 @@ from tests.harness.ws_upstream import WsUpstream
 
 OPENAI_KEY = "sk-injected-REALTIME-SECRET-77aa"
 GEMINI_KEY = "AIza-injected-LIVE-SECRET-99bb"
-HOSTS = ["api.openai.com", "generativelanguage.googleapis.com", "allowed.test", "other.test"]
+HOSTS = ["api.openai.com", "generativelanguage.googleapis.com", "allowed.test"]
 ENV = {"CLRK_TEST_OPENAI_KEY": OPENAI_KEY, "CLRK_TEST_GEMINI_KEY": GEMINI_KEY}
 LIVE_PATH = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
 
@@ -35,9 +35,12 @@ def doc(kind, name, spec, ns=None):
             "metadata": {"name": name, **({"namespace": ns} if ns else {})}, "spec": spec}
 
 
-def policy_docs(pki, wsup, *, echo_allowed: bool = True) -> list[dict]:
+def policy_docs(pki, wsup, *, echo_allowed: bool = True, raw_upstream: str | None = None) -> list[dict]:
+    aliases = {h: wsup.address for h in HOSTS}
+    if raw_upstream is not None:  # other.test: a hand-written server (tests/harness/upstream.py handlers)
+        aliases["other.test"] = raw_upstream
     out = [
-        gateway_doc(aliases={h: wsup.address for h in HOSTS}, ca_bundle=str(pki[0]), max_bytes=512),
+        gateway_doc(aliases=aliases, ca_bundle=str(pki[0]), max_bytes=512),
         *agent_docs(),
         doc("AIProviderRoute", "realtime", {"rules": [
             {"matches": [{"provider": "openai", "models": ["gpt-realtime*"]}]},
@@ -54,7 +57,7 @@ def policy_docs(pki, wsup, *, echo_allowed: bool = True) -> list[dict]:
             "target": {"type": "QueryParam", "name": "key"}, "secretRef": {"env": "CLRK_TEST_GEMINI_KEY"}}),
     ]
     if echo_allowed:
-        out.append(doc("EgressRoute", "echo", {"hostnames": ["allowed.test"]}))
+        out.append(doc("EgressRoute", "echo", {"hostnames": ["allowed.test", "other.test"]}))
     return out
 
 
@@ -66,8 +69,8 @@ def wsup(pki):
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, pki, wsup, otlp):
-    docs = policy_docs(pki, wsup)
+def gw(tmp_path_factory, pki, wsup, otlp, upstream):
+    docs = policy_docs(pki, wsup, raw_upstream=upstream.address)
     docs[0]["spec"]["otlp"]["endpoint"] = otlp.endpoint
     g = Gateway(tmp_path_factory.mktemp("ws-gw"), docs, env=ENV).start()
     g.docs = docs
@@ -372,6 +375,41 @@ def test_a_close_with_an_odd_code_is_answered_and_recorded(gw, wsup, payload, ex
     rec = gw.wait_record(invocation=inv)
     assert rec[A.CLRK_WS_CLOSE_CODE] == expect and rec[A.CLRK_WS_CLOSED_BY] == "client"
     assert got[-1][0] == 0x8
+
+
+def _deflating_upstream(handler, seen) -> None:
+    """Accepts a WebSocket with permessage-deflate nobody offered, then sends a compressed 64 MiB of zeros."""
+    import hashlib
+    import zlib
+
+    accept = base64.b64encode(hashlib.sha1((seen.headers["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
+                                           .encode()).digest()).decode()
+    handler.wfile.write((f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n").encode())
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = c.compress(b"\x00" * (64 * 1024 * 1024)) + c.flush(zlib.Z_SYNC_FLUSH)
+    bomb = bomb[:-4]  # RFC 7692: the trailing 00 00 ff ff is left off
+    handler.wfile.write(bytes([0xC2, 127]) + struct.pack("!Q", len(bomb)) + bomb)  # FIN + RSV1, binary
+    handler.wfile.flush()
+    handler.close_connection = True
+
+
+def test_compression_an_upstream_accepts_unasked_is_refused(gw, upstream):
+    upstream.handlers["deflate"] = _deflating_upstream
+    inv = new_invocation("deflate")
+    t = tunnel(gw, "other.test:443", "other.test")
+    key = base64.b64encode(os.urandom(16)).decode()
+    t.sendall((f"GET /handler/deflate/{inv} HTTP/1.1\r\nHost: other.test\r\nConnection: Upgrade\r\n"
+               f"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+               f"Sec-WebSocket-Extensions: permessage-deflate\r\nclrk-invocation-id: {inv}\r\n\r\n").encode())
+    out = read_all(t)
+    head, _, rest = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101") and b"sec-websocket-extensions" not in head.lower()
+    got = server_frames(rest)
+    assert [op for op, _ in got] == [0x8] and struct.unpack("!H", got[0][1][:2])[0] == 1002  # RSV1 unnegotiated
+    assert "sec-websocket-extensions" not in upstream.requests_with(inv)[0].headers  # the offer was removed
+    rec = gw.wait_record(invocation=inv)
+    assert rec[A.CLRK_WS_CLOSE_CODE] == 1002 and rec[A.CLRK_RESP_BYTES] == 0
 
 
 def test_an_upstream_that_never_answers_nor_closes_does_not_hold_the_session(gw, wsup):

@@ -298,6 +298,15 @@ class WebSocketSessions:
             if rp is not None:
                 tx.genai = rp
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or resp.status_code != 101:
+            return  # the ordinary response: one comparison
+        if "sec-websocket-extensions" in resp.headers:
+            # Not offered (removed from the handshake), so not accepted: mitmproxy would otherwise inflate
+            # what an upstream compresses unasked.
+            del resp.headers["sec-websocket-extensions"]
+
     def request(self, flow: http.HTTPFlow) -> None:
         """A realtime handshake whose URL names no model (Gemini Live names it in `setup`): the rules' model
         globs are judged once the session names it (`_judge`), not now against no model at all."""
