@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import wsproto.events
 from mitmproxy import ctx, http, websocket
@@ -272,7 +272,6 @@ class Session:
     up_messages: int = 0
     down_messages: int = 0
     charged: int = 0  # tokens charged to the budget as usage arrived
-    started: float = field(default_factory=time.time)
 
 
 class WebSocketSessions:
