@@ -45,6 +45,7 @@ from wsproto import ConnectionState
 from wsproto.frame_protocol import Opcode
 
 from clrk.decision import AuthResult, Decision, decide
+from clrk.escape import printable
 from clrk.identity import AUTH_FAILED
 from clrk.providers.realtime import RealtimeParser, realtime_parser
 from clrk.proxy.runtime import Runtime, listener_port
@@ -370,7 +371,7 @@ class WebSocketSessions:
                 why = f"clrk: {d.answer or d.reason}"
                 tx.error, tx.error_type = f"the policy now denies this session: {why}", "policy_denied"
                 log.info("clrk: closed a WebSocket session of %s to %s: %s", tx.agent.ref if tx.agent else "?",
-                         tx.dst_name, d.reason)
+                         tx.dst_name, printable(d.reason))  # the reason may quote a model the agent named
                 close_after_hook(flow, POLICY_CLOSE, why)
                 return
         if tx.reservation is not None and tx.budget_max is not None and tx.budget_pool is not None:
