@@ -278,6 +278,29 @@ def test_a_message_after_a_reload_that_denies_the_session_ends_it(gw, wsup, pki)
         reload_policy(gw, gw.docs)
 
 
+def test_revoking_the_agents_token_ends_its_open_sessions(gw, wsup, pki):
+    inv = new_invocation("revoke")
+    rotated = policy_docs(pki, wsup, raw_upstream=gw.docs[0]["spec"]["upstreamTLS"]["hostAliases"]["other.test"])
+    rotated[0]["spec"]["otlp"]["endpoint"] = gw.docs[0]["spec"]["otlp"]["endpoint"]
+    rotated[1]["spec"]["credentials"] = {"tokenSha256": "0" * 64}  # team-a/researcher's token rotated
+    try:
+        with open_ws(gw, f"wss://allowed.test/echo?{inv}", inv) as ws:
+            ws.send("before")
+            assert ws.recv(timeout=10) == "before"
+            reload_policy(gw, rotated)
+            ws.send("after the rotation")
+            with pytest.raises(ConnectionClosed) as e:
+                ws.recv(timeout=10)
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1008
+        assert AGENT_TOKEN not in e.value.rcvd.reason and "researcher" not in e.value.rcvd.reason  # the fixed answer
+        rec = gw.wait_record(invocation=inv)
+        assert rec[A.ERROR_TYPE] == "policy_denied" and rec[A.CLRK_WS_CLOSE_REASON] == e.value.rcvd.reason
+        assert e.value.rcvd.reason.startswith("clrk: proxy authentication failed")
+        assert wsup.sessions_with(inv)[0].messages == ["before"]
+    finally:
+        reload_policy(gw, gw.docs)
+
+
 # --------------------------------------------------------------------------- as the adversary, by hand
 
 

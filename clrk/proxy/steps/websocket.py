@@ -46,7 +46,7 @@ from wsproto.frame_protocol import Opcode
 
 from clrk.decision import AuthResult, Decision, decide
 from clrk.escape import printable
-from clrk.identity import AUTH_FAILED
+from clrk.identity import AUTH_FAILED, authenticate
 from clrk.providers.realtime import RealtimeParser, realtime_parser
 from clrk.proxy.runtime import Runtime, listener_port
 from clrk.proxy.transaction import METADATA_KEY, Transaction, snapshot
@@ -368,8 +368,8 @@ class WebSocketSessions:
             s.policy, s.model = policy, model
             d = self._decide(s, flow)
             if d is not None and not d.allow:
-                why = f"clrk: {d.answer or d.reason}"
-                tx.error, tx.error_type = f"the policy now denies this session: {why}", "policy_denied"
+                why = f"clrk: {d.answer or d.reason}"  # what the agent reads (a fixed answer for credentials)
+                tx.error, tx.error_type = f"the policy now denies this session: {d.reason}", "policy_denied"
                 log.info("clrk: closed a WebSocket session of %s to %s: %s", tx.agent.ref if tx.agent else "?",
                          tx.dst_name, printable(d.reason))  # the reason may quote a model the agent named
                 close_after_hook(flow, POLICY_CLOSE, why)
@@ -383,11 +383,17 @@ class WebSocketSessions:
         policy = self.rt.policy
         if policy is None or tx.facts is None:
             return None
-        agent, failure = tx.agent, None
+        # The agent's credentials are checked again too: revoking or rotating a token ends its sessions.
+        failure = None
         if tx.tunnel is not None:
             agent = policy.agent_still_valid(tx.tunnel.agent.username, tx.tunnel.digest)
             if agent is None:
                 failure = AuthResult(None, f"credentials of agent {tx.tunnel.agent.ref} are no longer valid", AUTH_FAILED)
+        else:  # plain-HTTP proxying: the handshake carried them
+            auth = authenticate(policy, (tx.req_h or {}).get("proxy-authorization"))
+            agent = auth.agent
+            if agent is None:
+                failure = auth
         facts = tx.facts
         facts.model, facts.model_pending = s.model, False
         facts.model_later = s.model is None  # still unnamed: judged as at the handshake
