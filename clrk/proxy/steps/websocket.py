@@ -424,7 +424,10 @@ class WebSocketSessions:
 
     def done(self) -> None:
         """The gateway stops: each open session is told (1001) and recorded now, as far as it went."""
-        server = ctx.master.addons.get("proxyserver") if ctx.master is not None else None
+        if not self.open:
+            return
+        master = getattr(ctx, "master", None)
+        server = master.addons.get("proxyserver") if master is not None else None
         for s in list(self.open.values()):
             self.open.pop(s.flow.id, None)
             if s.tx.error is None:
