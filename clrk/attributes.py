@@ -61,6 +61,11 @@ CLRK_BUDGET_DAILY_COST: Final = "clrk.budget.daily_cost"  # USD: the pool's spen
 CLRK_BUDGET_DAILY_MAX_COST: Final = "clrk.budget.daily_max_cost"  # USD: the pool's maxCostPerDay
 CLRK_BUDGET_COST: Final = "clrk.budget.cost"  # USD: what this transaction cost the pool
 CLRK_L4_BYTES_UPSTREAM: Final = "clrk.l4.bytes_upstream"  # TLS Passthrough: bytes the agent sent upstream through the tunnel
+CLRK_WS_MESSAGES_UP: Final = "clrk.ws.messages_up"  # WebSocket session: messages the agent sent
+CLRK_WS_MESSAGES_DOWN: Final = "clrk.ws.messages_down"  # WebSocket session: messages the upstream sent
+CLRK_WS_CLOSE_CODE: Final = "clrk.ws.close_code"  # WebSocket session: the close code it ended with
+CLRK_WS_CLOSE_REASON: Final = "clrk.ws.close_reason"  # WebSocket session: the reason of that close frame
+CLRK_WS_CLOSED_BY: Final = "clrk.ws.closed_by"  # WebSocket session: client | upstream | gateway
 CLRK_DECISION: Final = "clrk.decision"
 CLRK_DECISION_RULE: Final = "clrk.decision.rule"
 CLRK_DECISION_REASON: Final = "clrk.decision.reason"
@@ -147,6 +152,11 @@ COLUMNS: Final[dict[str, str]] = {
     CLRK_BUDGET_DAILY_MAX_COST: "DOUBLE",
     CLRK_BUDGET_COST: "DOUBLE",
     CLRK_L4_BYTES_UPSTREAM: "BIGINT",
+    CLRK_WS_MESSAGES_UP: "BIGINT",
+    CLRK_WS_MESSAGES_DOWN: "BIGINT",
+    CLRK_WS_CLOSE_CODE: "INTEGER",
+    CLRK_WS_CLOSE_REASON: "VARCHAR",
+    CLRK_WS_CLOSED_BY: "VARCHAR",
     CLRK_DECISION: "VARCHAR",
     CLRK_DECISION_RULE: "VARCHAR",
     CLRK_DECISION_REASON: "VARCHAR",

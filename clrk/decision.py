@@ -12,10 +12,18 @@ and is called again with the model once the body is in.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 from clrk.addresses import literal, private, views
-from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig, HostRule, ProviderRule
+from clrk.policy.compiled import (
+    AgentIdentity,
+    CompiledPolicy,
+    GatewayConfig,
+    HostRule,
+    ProviderMatchRule,
+    ProviderRule,
+)
 
 RULE_AUTH = "authentication"
 RULE_DESTINATION = "destination-check"
@@ -46,6 +54,10 @@ class RequestFacts:
     provider_names: tuple[str, ...] = ()
     model: str | None = None
     model_pending: bool = False
+    # The model is named later, inside the session (a realtime WebSocket whose URL names none: Gemini Live's
+    # `setup` message): a rule's model globs cannot be judged at the handshake, and are judged once the
+    # session names its model (clrk.proxy.steps.websocket).
+    model_later: bool = False
     # Set by the proxy when the request itself leaves its destination unclear (two Host headers, a target that
     # is not a path, a folded header line...): denied as a destination mismatch.
     target_problem: str | None = None
@@ -84,6 +96,14 @@ class AuthResult:
 
 def _dest(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _provider_match(mt: ProviderMatchRule, req: RequestFacts) -> bool:
+    if mt.matches(req.provider_names, req.model, req.path):
+        return True
+    # A model named later: the rule's other conditions now, its model globs once the session names the model.
+    return (req.model is None and req.model_later and mt.provider in req.provider_names
+            and (not mt.endpoints or any(fnmatch.fnmatchcase(req.path or "", e) for e in mt.endpoints)))
 
 
 def decide(
@@ -142,9 +162,10 @@ def decide(
         if candidates and req.model is None and req.model_pending:
             return None
         for pr in candidates:
-            if any(mt.matches(req.provider_names, req.model, req.path) and not (ambiguous and mt.endpoints)
-                   for mt in pr.matches):
+            if any(_provider_match(mt, req) and not (ambiguous and mt.endpoints) for mt in pr.matches):
                 what = f"{req.provider} {req.model or 'request'} to {req.path}"
+                if req.model is None and req.model_later:
+                    what += " (its model is judged when the session names it)"
                 return Decision(True, pr.ref, f"{what} allowed by {pr.ref}", provider_rule=pr)
         provider_note = f"no AIProviderRoute rule matches {req.provider} model {req.model or '(unknown)'} at {req.path}, and "
 

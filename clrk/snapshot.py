@@ -47,4 +47,7 @@ class Snapshot(TypedDict):
     budget_cost: NotRequired[tuple[float | None, float | None, float | None]]  # USD: max, used today, charged
     first_chunk: NotRequired[float]  # a streamed answer: when its first body bytes arrived (epoch seconds)
     l4: NotRequired[int]  # a TLS Passthrough tunnel: bytes agent → upstream
+    # a WebSocket session: (messages agent → upstream, messages upstream → agent, close code, closed by
+    # "client" | "upstream" | "gateway", close reason)
+    ws: NotRequired[tuple[int, int, int | None, str | None, str | None]]
     incomplete: NotRequired[str]  # what the proxy could not encode (only on that failure path)

@@ -131,6 +131,18 @@ class BudgetLedger:
         self.reserved[pool] = self.reserved.get(pool, 0) + tokens
         return Reservation(pool, tokens, day, cost)
 
+    def charge(self, res: Reservation, tokens: int, cost: float = 0.0) -> int:
+        """Charges usage reported while the reservation is still held (a WebSocket session reports usage per
+        response, and keeps its reservation until it ends): tokens, and their dollars; returns the pool's usage
+        today."""
+        today = self._roll()
+        if res.day == today:
+            if tokens > 0:
+                self.used[res.pool] = min(self.used.get(res.pool, 0) + tokens, MAX_TOKENS)
+            if cost > 0:
+                self.used_cost[res.pool] = self.used_cost.get(res.pool, 0.0) + cost
+        return self.used.get(res.pool, 0)
+
     def settle(self, res: Reservation, actual: int | None, actual_cost: float | None = None) -> int:
         """Replaces the reservation by the real usage (or charges the reservation when usage is unknown), and
         its dollars by the real cost (likewise); returns the pool's usage today."""

@@ -32,15 +32,20 @@ from clrk.proxy.steps.providers import Providers
 from clrk.proxy.steps.recording import Recording
 from clrk.proxy.steps.routing import ProviderRouting
 from clrk.proxy.steps.upstream import UpstreamFailure
+from clrk.proxy.steps.websocket import WebSocketSessions
+from clrk.proxy.steps.websocket import install as install_websocket_layer
 
 TRAFFIC_HOOKS = ("client_disconnected", "http_connect", "next_layer", "requestheaders", "request", "responseheaders",
-                 "response", "error", "server_connect", "server_connected", "server_connect_error")
+                 "response", "error", "server_connect", "server_connected", "server_connect_error",
+                 "websocket_start", "websocket_message", "websocket_end")
 
 
 # mitmproxy buffers a message head without limit; bounded before any connection exists.
 limits.install()
 # mitmproxy answers failed upstreams with its own HTML page, or by closing a silent agent's connection.
 failures.install()
+# mitmproxy keeps every WebSocket message on its flow; clrk's relay keeps none (steps/websocket.py).
+install_websocket_layer()
 
 class Gateway:
     """clrk inside mitmproxy. This is the one place the order of the steps is written; each is a file of
@@ -50,6 +55,7 @@ class Gateway:
       ProxyAuth        who is asking, and for where (Proxy-Authorization on CONNECT or per request)
       Passthrough      TLS Passthrough listeners: CONNECT decided at L4, ClientHello checked, bytes relayed
       Providers        model-provider calls recognised and parsed (gen_ai.* attributes, usage)
+      WebSocketSessions  WebSocket sessions after the 101: bounded, judged per message, accounted, recorded
       EgressControl    the decision; denials answered here; the last guard before any upstream connection;
                        where it allows a request, it runs once what an allow sets in motion:
         ProviderRouting  token budgets and Backends of the matched AIProviderRoute rule
@@ -68,6 +74,7 @@ class Gateway:
         self.auth = ProxyAuth(rt)
         self.passthrough = Passthrough(rt)
         self.providers = Providers(rt)
+        self.websocket = WebSocketSessions(rt)
         self.egress = EgressControl(rt)
         self.routing = ProviderRouting(rt)
         self.credentials = Credentials(rt)
@@ -77,8 +84,8 @@ class Gateway:
         self.failsafe = Failsafe(rt)
         # What an allow decision sets in motion runs where the decision is made, once per request.
         self.egress.then_allowed(self.routing.route, self.credentials.inject)
-        steps = (self.policy, self.auth, self.passthrough, self.providers, self.egress, self.capture, self.upstream,
-                 self.recording, self.failsafe)
+        steps = (self.policy, self.auth, self.passthrough, self.providers, self.websocket, self.egress, self.capture,
+                 self.upstream, self.recording, self.failsafe)
         self.steps: dict[str, tuple[Step, ...]] = {
             hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None))) for hook in TRAFFIC_HOOKS
         }
@@ -104,6 +111,7 @@ class Gateway:
     async def done(self) -> None:
         self.policy.done()
         self.passthrough.done()  # open tunnels recorded before the last records are shipped
+        self.websocket.done()  # and open WebSocket sessions
         await self.recording.done()
 
 

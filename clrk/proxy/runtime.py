@@ -15,6 +15,7 @@ from clrk.escape import printable
 from clrk.identity import AuthThrottle
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
+from clrk.providers.base import GenAiResult
 from clrk.proxy.budget import MAX_TOKENS, BudgetLedger
 from clrk.proxy.capture import has_body, request_is_buffered
 from clrk.proxy.sink import RecordSink
@@ -66,13 +67,7 @@ class Runtime:
             tx.genai.end()
             r = tx.genai.result
             if r.usage_visible:  # priced from what the provider reported (a cut stream: what it reported so far)
-                try:
-                    tx.cost, tx.cost_source = self.policy.pricing.cost_of(
-                        r.system, r.response_model, r.input_tokens, r.output_tokens, r.cache_read_tokens,
-                        r.cache_creation_tokens, r.reasoning_tokens, tx.start, r.request_model)
-                except Exception:  # never at the price of the record and the budget settlement below
-                    log.exception("clrk: cannot price a call to %s", printable(str(r.response_model or r.request_model)[:100]))
-                    tx.cost, tx.cost_source = None, UNKNOWN
+                self.price(tx, r)
         if tx.reservation is not None:
             r = tx.genai.result if tx.genai is not None else None
             status = flow.response.status_code if flow.response is not None and tx.upstream_response else None
@@ -100,6 +95,19 @@ class Runtime:
         # mitmproxy's flows are reference cycles, freed only by the collector: a transaction left on its flow
         # would wait for it too, and be traversed. Later hooks of this flow find no transaction: it is recorded.
         flow.metadata.pop(METADATA_KEY, None)
+
+    def price(self, tx: Transaction, r: GenAiResult) -> float | None:
+        """Sets the transaction's cost (USD, or None when the model has no known price) and its source from the
+        usage in `r`; returns the cost."""
+        assert self.policy is not None
+        try:
+            tx.cost, tx.cost_source = self.policy.pricing.cost_of(
+                r.system, r.response_model, r.input_tokens, r.output_tokens, r.cache_read_tokens,
+                r.cache_creation_tokens, r.reasoning_tokens, tx.start, r.request_model)
+        except Exception:  # never at the price of the record and the budget settlement
+            log.exception("clrk: cannot price a call to %s", printable(str(r.response_model or r.request_model)[:100]))
+            tx.cost, tx.cost_source = None, UNKNOWN
+        return tx.cost
 
     def submit(self, rec: Snapshot) -> None:
         if self.sink is not None:

@@ -163,6 +163,12 @@ def expand(raw: Snapshot, redactor: Redactor) -> dict:
         rec[A.CLRK_RESP_FIRST_CHUNK_MS] = round((first - t0) * 1000.0, 3)
     if "l4" in raw:  # a TLS Passthrough tunnel
         rec[A.CLRK_L4_BYTES_UPSTREAM] = raw["l4"]
+    ws = raw.get("ws")
+    if ws is not None:  # a WebSocket session
+        up, down, code, closed_by, reason = ws
+        rec[A.CLRK_WS_MESSAGES_UP], rec[A.CLRK_WS_MESSAGES_DOWN], rec[A.CLRK_WS_CLOSE_CODE] = up, down, code
+        rec[A.CLRK_WS_CLOSED_BY] = _text(closed_by, A.CLRK_WS_CLOSED_BY, escaped)
+        rec[A.CLRK_WS_CLOSE_REASON] = _text(reason, A.CLRK_WS_CLOSE_REASON, escaped)
 
     status = raw["status"]
     error = raw["error"]

@@ -91,8 +91,8 @@ class Recording:
 
     def response(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        if tx is None or tx.recorded:
-            return
+        if tx is None or tx.recorded or flow.websocket is not None:
+            return  # a WebSocket session is recorded when it ends (WebSocketSessions)
         self.rt.finish(flow, tx)
 
     def error(self, flow: http.HTTPFlow) -> None:
