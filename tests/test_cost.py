@@ -8,6 +8,7 @@ last test holds every model of the three providers against genai-prices' own cal
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import time
@@ -109,7 +110,7 @@ def test_model_pricing_is_validated(tmp_path, entry, error):
         f"apiVersion: clrk.apoxy.dev/v1alpha1\nkind: ModelPricing\nmetadata: {{name: bad}}\nspec:\n  models:\n  - {entry}\n")
     with pytest.raises(PolicyError) as e:
         load_policy(tmp_path)
-    assert "p.yaml: document 2 (ModelPricing bad)" in str(e.value) and error in str(e.value)
+    assert re.search(r"p\.yaml:11:\d+: document 2 \(ModelPricing bad\)", str(e.value)) and error in str(e.value)
 
 
 def test_a_model_seen_before_is_a_dict_hit_and_the_cache_is_bounded():
