@@ -391,14 +391,15 @@ def bench_sse(stack: Stack, rounds: int, connections: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _peak_rss_while(pid: int, work) -> float:
-    peak = rss_mb(pid)
+def _peaks_while(pids: dict[str, int], work) -> dict[str, float]:
+    """The peak RSS (MB) of each process while `work()` runs, sampled every 50 ms."""
+    peak = {k: rss_mb(p) for k, p in pids.items()}
     stop = threading.Event()
 
     def sample():
-        nonlocal peak
         while not stop.is_set():
-            peak = max(peak, rss_mb(pid))
+            for k, p in pids.items():
+                peak[k] = max(peak[k], rss_mb(p))
             time.sleep(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -411,9 +412,21 @@ def _peak_rss_while(pid: int, work) -> float:
     return peak
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 def bench_memory(hey: str, stack: Stack, download_bytes: int, transactions: int) -> str:
+    """Peak RSS of the proxy and of the recorder it started (each its own peak: their sum is an upper bound of
+    what they held at once)."""
     pid = stack.pid("clrk")
-    base = rss_mb(pid)
+    recorders = _children(pid)
+    procs = {"proxy": pid, **({"recorder": recorders[0]} if recorders else {})}
+    base = {k: rss_mb(p) for k, p in procs.items()}
     url = f"https://localhost:{stack.upstream_port}/bytes?size={download_bytes}"
     curl = shutil.which("curl")
     cacert = str(stack.tmp / "certs" / "mitmproxy-ca-cert.pem")
@@ -421,15 +434,25 @@ def bench_memory(hey: str, stack: Stack, download_bytes: int, transactions: int)
     def download():
         subprocess.run([curl, "-s", "-o", "/dev/null", "--cacert", cacert, "-x", stack.proxy("clrk"), url], check=True)
 
-    t0 = time.monotonic()
-    peak_dl = _peak_rss_while(pid, download)
-    secs = time.monotonic() - t0
-    peak_tx = _peak_rss_while(pid, lambda: run_hey(hey, stack.proxy("clrk"), stack.url, 8, n=transactions))
+    def peaks(work) -> tuple[dict[str, float], float]:
+        t0 = time.monotonic()
+        out = _peaks_while(procs, work)
+        return out, time.monotonic() - t0
+
+    peak_dl, secs = peaks(download)
+    peak_tx, _ = peaks(lambda: run_hey(hey, stack.proxy("clrk"), stack.url, 8, n=transactions))
     mib = download_bytes / 2**20
+
+    def row(what: str, peak: dict[str, float]) -> str:
+        total = sum(peak.values())
+        return (f"| {what} | {base['proxy']:.0f} | {peak['proxy']:.0f} | {base.get('recorder', 0):.0f} | "
+                f"{peak.get('recorder', 0):.0f} | {total:.0f} |")
+
     return "\n".join([
-        "| run | clrk proxy RSS before MB | peak RSS MB |", "|---|---:|---:|",
-        f"| {mib:.0f} MiB download ({mib / secs:.0f} MiB/s) | {base:.0f} | {peak_dl:.0f} |",
-        f"| {transactions} transactions (c=8) | {base:.0f} | {peak_tx:.0f} |",
+        "| run | proxy RSS before MB | proxy peak MB | recorder before MB | recorder peak MB | both, peak MB |",
+        "|---|---:|---:|---:|---:|---:|",
+        row(f"{mib:.0f} MiB download ({mib / secs:.0f} MiB/s)", peak_dl),
+        row(f"{transactions} transactions (c=8)", peak_tx),
     ])
 
 
