@@ -129,6 +129,10 @@ def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
         flow.response = deny_response(d, tx.genai.name if tx.genai is not None else None, tx.budget_denied)
         if req.method.upper() == "HEAD":
             flow.response.content = b""  # mitmproxy would write the body after the head: no HEAD answer has one
+        if tx.facts is not None and tx.facts.protocol_problem is not None and req.http_version.startswith("HTTP/1"):
+            # A refused protocol switch: what the agent sent after the request was meant for the other protocol,
+            # never to be read as a next HTTP request. The connection ends with the answer.
+            flow.response.headers["connection"] = "close"
     log.info("clrk: denied %s %s:%s%s for %s: %s", printable(req.method), tx.dst_name, tx.dst_port,
              printable(req.path.split("?", 1)[0]), tx.agent.ref if tx.agent else "unauthenticated client", printable(d.reason))
 
