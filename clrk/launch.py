@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,3 +31,16 @@ def gateway_argv(policies: str, db: str, certs: str, ports: list[int], host: str
     if fallback:
         argv += ["--set", f"clrk_dev_otlp_fallback_endpoint={fallback}"]
     return argv + extra
+
+
+def stop_gateway(proc: subprocess.Popen | None, timeout: float = 60.0) -> None:
+    """Stops a gateway process the way Ctrl-C would (SIGTERM: transactions in flight finish, records are
+    flushed), killing it only if it has not ended within `timeout` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import yaml
 from clrk import wire
 from clrk.cli.demo.pki import make_upstream_pki
 from clrk.cli.demo.provider import PROVIDER_KEY, DemoProvider
-from clrk.launch import gateway_argv
+from clrk.launch import gateway_argv, stop_gateway
 
 AGENT = ("demo", "agent")
 AGENT_TOKEN = "demo-token"
@@ -136,13 +135,7 @@ class Demo:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gateway(self.proc)
         if self.proc is not None:
             self._log.close()
         if self.provider is not None:

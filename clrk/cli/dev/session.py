@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 from clrk import wire
 from clrk.cli.dev.receiver import DEFAULT_PORT, OtlpReceiver
-from clrk.launch import gateway_argv
+from clrk.launch import gateway_argv, stop_gateway
 from clrk.proxy.budget import day_start, utc_day
 
 
@@ -65,12 +64,7 @@ class DevSession:
         return out + (f" | OTLP {r.endpoint}" if r else "")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_gateway(self.proc)
         if self.receiver is not None:
             self.receiver.stop()
             self.receiver = None
