@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import weakref
@@ -13,6 +14,7 @@ from clrk.decision import Decision
 from clrk.errors import JSON_HEADERS, error_body, no_retry_headers, seconds_until_utc_midnight
 from clrk.escape import printable
 from clrk.identity import AuthThrottle
+from clrk.mcp import rpc_error
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.providers.base import GenAiResult
@@ -137,6 +139,12 @@ def deny_response(d: Decision, provider: str | None = None, budget_exceeded: boo
     """The gateway's answer for a refusal: `{"error": "clrk: <reason>"}`, or `provider`'s error shape with that
     text. A budget refusal says when to come back (the UTC day's end) and that retrying sooner is useless."""
     headers = dict(JSON_HEADERS)
+    if d.rpc_errors is not None:
+        # An MCP request: answered in JSON-RPC, so the agent's MCP client reports the refusal as the call's error.
+        errors = [rpc_error(i, code, text) for i, code, text in d.rpc_errors]
+        doc = errors if d.rpc_batch else (errors[0] if errors else None)
+        return http.Response.make(d.status if doc is not None else 202, json.dumps(doc).encode() if doc is not None else b"",
+                                  headers)
     if d.status == 407:
         headers["proxy-authenticate"] = 'Basic realm="clrk"'
     if budget_exceeded:

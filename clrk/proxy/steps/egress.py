@@ -19,7 +19,7 @@ from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_ta
 from clrk.identity import invocation_from_baggage
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
-from clrk.proxy.capture import request_is_buffered
+from clrk.proxy.capture import has_body, request_is_buffered
 from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime, listener_port, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
@@ -88,6 +88,12 @@ class EgressControl:
             protocol_problem=protocol_problem,
             path_ambiguity=path_ambiguity(req.path),
         )
+        if tx.mcp is not None and req.method == "POST" and has_body(h):
+            # An MCP request is judged on its messages: its body is read first (bounded like a provider's).
+            if request_is_buffered(h, provider=True):
+                tx.facts.mcp_pending = True
+            else:
+                tx.facts.mcp_problem = "an MCP request body of unknown length or over 32 MiB cannot be judged"
         if tx.gateway is not None:
             inv = h.get(tx.gateway.invocation_header)
             if inv is not None:
@@ -116,7 +122,7 @@ class EgressControl:
         assert policy is not None
         model = tx.genai.result.request_model if tx.genai else None
         facts = tx.facts
-        facts.model, facts.model_pending = model, False
+        facts.model, facts.model_pending, facts.mcp_pending = model, False, False
         d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
         assert d is not None
         return self._apply(flow, tx, d, "request", body_in=True)

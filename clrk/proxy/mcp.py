@@ -1,0 +1,164 @@
+"""One HTTP transaction's MCP messages (`McpExchange`): the requests its POST body carried, the answers that came
+back (a JSON body, or the events of an SSE stream, read by `McpStream` as they pass), listings filtered to what
+the MCPRoute allows, and one child record per JSON-RPC request/response pair (`children`, in the snapshot).
+
+Only transactions to an MCPRoute's server, or carrying the transport's own headers, have an exchange: ordinary
+traffic never reaches this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from clrk import mcp
+from clrk.mcp import InvalidMessage, McpBody, McpMessage
+from clrk.policy.compiled import McpRule
+from clrk.redact import Redactor
+
+log = logging.getLogger("clrk")
+
+EVENT_LIMIT = 32 * 1024 * 1024  # one SSE event (or a streamed JSON answer) held at most, to judge it whole
+
+
+class McpExchange:
+    """The MCP side of one transaction. `rule`: the MCPRoute that allowed it (None: recognised on an ordinary
+    route, recorded but not filtered)."""
+
+    __slots__ = ("session", "version", "rule", "body", "pending", "done", "filtered")
+
+    def __init__(self, session: str | None, version: str | None):
+        self.session = session
+        self.version = version
+        self.rule: McpRule | None = None
+        self.body: McpBody | None = None
+        self.pending: dict[str | int | None, tuple[McpMessage, float]] = {}  # request id -> (request, when)
+        # finished pairs and lone messages: (request or None, answer or None, start, end)
+        self.done: list[tuple[McpMessage | None, McpMessage | None, float, float]] = []
+        self.filtered = 0  # listing entries removed
+
+    def request(self, body: McpBody, now: float) -> None:
+        """The messages of the POST body: requests wait for their answer; notifications and answers to the
+        server's own requests stand alone."""
+        self.body = body
+        for m in body.messages:
+            if m.kind == "request":
+                self.pending[m.id] = (m, now)
+            else:
+                self.done.append((m, None, now, now))
+
+    def answer(self, doc: object, now: float) -> object:
+        """One answer from the server (a message or a batch): paired with its request, a listing filtered;
+        returns the document as the agent must see it."""
+        for d in doc if isinstance(doc, list) else [doc]:
+            try:
+                m = mcp.message(d)
+            except InvalidMessage:
+                continue
+            asked = self.pending.pop(m.id, None) if m.kind in ("response", "error") else None
+            if asked is not None:
+                req, t0 = asked
+                if self.rule is not None and m.kind == "response" and req.method in mcp.LISTS:
+                    self.filtered += mcp.filter_listing(d, req.method, self.rule.allows)
+                self.done.append((req, m, t0, now))
+            else:  # a server-to-client request or notification, or an answer to nothing asked here
+                self.done.append((m, None, now, now))
+        return doc
+
+    def wants_listing(self) -> bool:
+        """A listing is awaited whose answer may need filtering."""
+        return self.rule is not None and any(req.method in mcp.LISTS for req, _ in self.pending.values())
+
+    def rewrite_json(self, body: bytes, now: float) -> bytes | None:
+        """A JSON answer read whole: the bytes the agent gets instead, or None to keep them."""
+        try:
+            doc = mcp.loads(body)
+        except InvalidMessage:
+            return None
+        before = self.filtered
+        self.answer(doc, now)
+        return json.dumps(doc, separators=(",", ":")).encode() if self.filtered != before else None
+
+    def children(self, end: float, denied: bool, limit: int, capture: bool, redactor: Redactor) -> list[dict]:
+        """One child record's facts per pair (the recorder makes them rows: `clrk.recorder.expand.mcp_rows`).
+        Requests left unanswered end with the transaction: refused by the gateway, or no answer came."""
+        out = []
+        pairs = self.done + [(req, None, t0, end) for req, t0 in self.pending.values()]
+        for req, ans, t0, t1 in pairs:
+            first = req or ans
+            assert first is not None
+            error = None
+            if ans is not None and ans.is_error:
+                err = ans.doc.get("error")
+                error = str(err.get("code")) if isinstance(err, dict) and "code" in err else "tool_error"
+            elif ans is None and req is not None and req.kind == "request":
+                error = "policy_denied" if denied else "no_response"
+            out.append({
+                "span": os.urandom(8).hex(), "t0": t0, "t1": t1, "method": first.method, "kind": first.target_kind,
+                "target": first.target, "id": None if first.id is None else str(first.id), "error": error,
+                "req": _captured(req, limit, redactor) if capture and req is not None else None,
+                "resp": _captured(ans, limit, redactor) if capture and ans is not None else None,
+            })
+        return out
+
+
+def _captured(m: McpMessage, limit: int, redactor: Redactor) -> bytes | None:
+    raw = json.dumps(m.doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return redactor.body(raw[:limit] if len(raw) > limit else raw, "application/json")
+
+
+class McpStream:
+    """The stream callable for an MCP answer streamed through the gateway: an SSE stream is passed on event by
+    event (each one read, a listing in it filtered), a JSON answer of unknown length is held whole (bounded) and
+    passed on at its end. `inner` is the capture's own callable, fed what the upstream sent."""
+
+    __slots__ = ("exchange", "inner", "events", "json", "held", "failed")
+
+    def __init__(self, exchange: McpExchange, inner: Callable[[bytes], bytes] | None, sse: bool):
+        self.exchange = exchange
+        self.inner = inner
+        self.events = mcp.SseEvents(EVENT_LIMIT) if sse else None
+        self.held = bytearray()
+        self.failed = False
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if self.inner is not None:
+            self.inner(chunk)
+        if self.failed:
+            return chunk
+        now = time.time()
+        if self.events is None:
+            if chunk:
+                self.held += chunk
+                if len(self.held) > EVENT_LIMIT:
+                    return self._give_up("a JSON answer longer than the limit")
+                return b""
+            body = bytes(self.held)
+            self.held.clear()
+            return self.exchange.rewrite_json(body, now) or body
+        try:
+            events = self.events.feed(chunk) if chunk else [self.events.rest()]
+        except InvalidMessage as e:
+            return self._give_up(str(e))
+        out = []
+        for ev in events:
+            data = mcp.event_data(ev) if ev else None
+            if data is None:
+                out.append(ev)
+                continue
+            new = self.exchange.rewrite_json(data.encode(), now)
+            out.append(mcp.replace_event_data(ev, new.decode()) if new is not None else ev)
+        return b"".join(out)
+
+    def _give_up(self, why: str) -> bytes:
+        """What cannot be judged is not passed on while a listing may need filtering; else it is, unread."""
+        self.failed = True
+        if self.exchange.wants_listing():
+            raise InvalidMessage(f"clrk: MCP answer not passed on: {why}")
+        log.warning("clrk: MCP answer no longer read: %s", why)
+        held = bytes(self.held) + (self.events.rest() if self.events is not None else b"")
+        self.held.clear()
+        return held

@@ -1,0 +1,84 @@
+"""Step McpTraffic: MCP (JSON-RPC over Streamable HTTP) recognised on MCPRoute servers and on allowed routes
+that carry the transport's headers; POST bodies read and parsed before the decision (`clrk.decision` judges
+each tool, prompt and resource named); answers paired with their requests and listings filtered."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from clrk import mcp
+from clrk.mcp import InvalidMessage
+from clrk.proxy.capture import PROVIDER_BUFFER_LIMIT, BodyCapture
+from clrk.proxy.mcp import McpExchange, McpStream
+from clrk.proxy.runtime import Runtime
+from clrk.proxy.transaction import METADATA_KEY, Transaction
+
+
+class McpTraffic:
+    """Follows the MCP messages of a transaction: the request's before it is decided, the answer's as it passes
+    (`clrk.proxy.mcp.McpStream` for streamed answers, installed by Capture), one child record per pair."""
+
+    name = "clrk_mcp"
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        policy = self.rt.policy
+        if tx is None or policy is None or tx.dst_name is None or flow.response or flow.error:
+            return
+        h = tx.req_h or {}
+        if tx.dst_name in policy.mcp_hosts or policy.mcp_wildcards or mcp.looks_like_mcp(h):
+            tx.mcp = McpExchange(h.get("mcp-session-id"), h.get("mcp-protocol-version"))
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.mcp is None or flow.response or flow.error or flow.request.stream:
+            return
+        facts = tx.facts
+        body = flow.request.raw_content
+        h = tx.req_h or {}
+        problem = None
+        if body and h.get("content-encoding"):
+            decoded = BodyCapture(PROVIDER_BUFFER_LIMIT, True, h["content-encoding"])
+            decoded.feed(body)
+            body = decoded.captured if not decoded.truncated and not decoded.error else None
+            if body is None:
+                problem = f"a {h['content-encoding'][:32]} body that does not decode within {PROVIDER_BUFFER_LIMIT} bytes"
+        if body and flow.request.method == "POST":
+            try:
+                tx.mcp.request(mcp.parse_body(body), tx.start)
+            except InvalidMessage as e:
+                problem = str(e)
+        if facts is not None and facts.mcp_pending:
+            facts.mcp, facts.mcp_problem, facts.mcp_pending = tx.mcp.body, problem, False
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.mcp is None or flow.response is None:
+            return
+        d = tx.decision
+        tx.mcp.rule = d.mcp_rule if d is not None and d.allow else None
+        rh = tx.response_headers(flow)
+        if tx.mcp.session is None:
+            tx.mcp.session = rh.get("mcp-session-id")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        resp = flow.response
+        if tx is None or tx.mcp is None or resp is None or resp.stream or not tx.upstream_response:
+            return
+        ctype = tx.response_headers(flow).get("content-type") or ""
+        if not ctype.startswith(mcp.JSON_TYPES) and not ctype.startswith(mcp.SSE_TYPE):
+            return
+        body = resp.content  # decoded by mitmproxy (bounded: a buffered answer is at most 32 MiB)
+        if not body:
+            return
+        if ctype.startswith(mcp.SSE_TYPE):  # a short event stream the upstream gave a length
+            s = McpStream(tx.mcp, None, sse=True)
+            new = s(body) + s(b"")
+        else:
+            new = tx.mcp.rewrite_json(body, resp.timestamp_end or tx.start) or body
+        if new != body:
+            resp.content = new

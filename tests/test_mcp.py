@@ -1,0 +1,259 @@
+"""MCP egress: JSON-RPC over Streamable HTTP recognised, judged per tool (MCPRoute), listings filtered, one child
+record per request/response pair — with the official `mcp` SDK on both ends (its MCPServer over TLS on loopback,
+its client through the gateway), and hand-written hostile bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx2
+import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from clrk import attributes as A
+from clrk import mcp
+from clrk.decision import AuthResult, RequestFacts, decide
+from tests.harness.gateway import Gateway, agent_docs, gateway_doc
+from tests.harness.mcp_upstream import McpUpstream
+from tests.harness.util import compile_policy, wait_for
+
+MCP_KEY = "mcp-injected-SECRET-4242"
+ACCEPT = "application/json, text/event-stream"
+
+
+def doc(kind, name, spec, ns=None):
+    return {"apiVersion": "clrk.apoxy.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": name, **({"namespace": ns} if ns else {})}, "spec": spec}
+
+
+MCP_ROUTE = doc("MCPRoute", "github-mcp", {
+    "servers": [{"hostname": "allowed.test", "port": 443, "path": "/mcp"},
+                {"hostname": "other.test", "port": 443, "path": "/mcp"}],
+    "sourceAgents": {"namespaces": ["team-a"]},
+    "tools": {"allow": ["search_*", "get_*"], "deny": ["delete_*"]},
+}, ns="team-a")
+
+
+# --------------------------------------------------------------------------- parsing and deciding (in-process)
+
+
+@pytest.mark.parametrize("body, why", [
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"tools/list","params":{"name":"x"}}', "appears twice"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"TOOLS/call","params":{"name":"delete_repository"}}', "spelled otherwise"),
+    (b'{"jsonrpc":"2.0","id":1,"method":" tools/call","params":{"name":"delete_repository"}}', "spelled otherwise"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":["delete_repository"]}}', "params.name as a string"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":"delete_repository"}', "params.name as a string"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a"}', "not JSON"),
+    (b'{"jsonrpc":"1.0","id":1,"method":"tools/call","params":{"name":"a"}}', "JSON-RPC 2.0"),
+    (b'[]', "empty"),
+    (b'{"jsonrpc":"2.0","id":true,"method":"ping"}', "id must be"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"ping","x":NaN}', "not JSON"),
+])
+def test_bodies_the_gateway_will_not_guess_at(body, why):
+    with pytest.raises(mcp.InvalidMessage, match=why):
+        mcp.parse_body(body)
+
+
+def test_a_batch_is_read_message_by_message():
+    b = mcp.parse_body(json.dumps([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": "b", "method": "tools/call", "params": {"name": "delete_repository", "arguments": {}}},
+        {"jsonrpc": "2.0", "id": 7, "result": {}},
+    ]).encode())
+    assert b.batch and [(m.kind, m.method, m.target) for m in b.messages] == [
+        ("request", "tools/list", None), ("notification", "notifications/initialized", None),
+        ("request", "tools/call", "delete_repository"), ("response", None, None)]
+
+
+def _facts(body: bytes | None, problem: str | None = None, path: str = "/mcp") -> RequestFacts:
+    return RequestFacts("allowed.test", 443, "POST", path, mcp=mcp.parse_body(body) if body else None, mcp_problem=problem)
+
+
+def _call(name: str, msg_id: int = 1) -> dict:
+    return {"jsonrpc": "2.0", "id": msg_id, "method": "tools/call", "params": {"name": name, "arguments": {}}}
+
+
+@pytest.fixture(scope="module")
+def policy(pki):
+    return compile_policy(gateway_doc(aliases={}, ca_bundle=str(pki[0])), *agent_docs(), MCP_ROUTE,
+                          env={"CLRK_TEST_REVIEWER_TOKEN": "tok-reviewer"})
+
+
+def _decide(policy, facts):
+    agent = policy.agents["team-a.researcher"][0]
+    return decide(policy, policy.gateways[0], AuthResult(agent), facts)
+
+
+def test_tools_are_judged_by_name(policy):
+    assert _decide(policy, _facts(json.dumps(_call("search_repos")).encode())).allow
+    d = _decide(policy, _facts(json.dumps(_call("delete_repository")).encode()))
+    assert not d.allow and d.rule == "MCPRoute/team-a/github-mcp"
+    assert d.rpc_errors == ((1, -32001, "clrk: tool delete_repository is not allowed by MCPRoute team-a/github-mcp"),)
+    # deny globs hold whatever the letter case; a name no allow glob matches is refused too
+    assert not _decide(policy, _facts(json.dumps(_call("DELETE_Repository")).encode())).allow
+    assert not _decide(policy, _facts(json.dumps(_call("create_repo")).encode())).allow
+
+
+def test_a_denied_call_hidden_in_a_batch_refuses_the_batch(policy):
+    d = _decide(policy, _facts(json.dumps([_call("search_repos", 1), _call("delete_repository", 2)]).encode()))
+    assert not d.allow and d.rpc_batch
+    assert [(i, code) for i, code, _ in d.rpc_errors] == [(1, -32001), (2, -32001)]
+    assert "not sent" in d.rpc_errors[0][2] and "delete_repository is not allowed" in d.rpc_errors[1][2]
+
+
+def test_unreadable_bodies_and_other_agents(policy):
+    d = _decide(policy, _facts(None, problem="the body is not JSON"))
+    assert not d.allow and d.status == 400 and d.rpc_errors[0][1] == -32600
+    # ambiguous paths on an MCP server are refused, not left to an EgressRoute
+    f = _facts(json.dumps(_call("delete_repository")).encode(), path="/mcp")
+    f.path_ambiguity = "an encoded slash"
+    assert not _decide(policy, f).allow
+    other = policy.agents["team-b.reviewer"][0]
+    d = decide(policy, policy.gateways[0], AuthResult(other), _facts(json.dumps(_call("search_repos")).encode()))
+    assert not d.allow and d.rule.endswith("defaultPolicy")  # the route is team-a's
+
+
+def test_listings_are_filtered(policy):
+    rule = policy.mcp_rules[0]
+    doc_ = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "search_repos"}, {"name": "delete_repository"},
+                                                           {"name": 3}, "junk", {"name": "get_issue"}]}}
+    assert mcp.filter_listing(doc_, "tools/list", rule.allows) == 3
+    assert [t["name"] for t in doc_["result"]["tools"]] == ["search_repos", "get_issue"]
+
+
+def test_sse_events_are_split_whole_and_bounded():
+    ev = mcp.SseEvents(64)
+    assert ev.feed(b"event: message\ndata: {\"a\"") == []
+    assert ev.feed(b":1}\n\ndata: x\r\n\r\nid: 3") == [b"event: message\ndata: {\"a\":1}\n\n", b"data: x\r\n\r\n"]
+    assert mcp.event_data(b"event: message\ndata: {\"a\":1}\n\n") == '{"a":1}'
+    with pytest.raises(mcp.InvalidMessage):
+        ev.feed(b"x" * 100)
+
+
+# --------------------------------------------------------------------------- through a real gateway
+
+
+@pytest.fixture(scope="module")
+def servers(pki):
+    sse, js = McpUpstream(pki[1], json_response=False), McpUpstream(pki[1], json_response=True)
+    yield sse, js
+    sse.close()
+    js.close()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, pki, servers):
+    sse, js = servers
+    docs = [
+        gateway_doc(aliases={"allowed.test": sse.address, "other.test": js.address}, ca_bundle=str(pki[0]),
+                    max_bytes=65536),
+        *agent_docs(),
+        MCP_ROUTE,
+        doc("CredentialInjectionPolicy", "mcp-key", {
+            "targetRefs": [{"kind": "MCPRoute", "name": "github-mcp"}],
+            "target": {"type": "Header", "name": "Authorization", "prefix": "Bearer "},
+            "secretRef": {"env": "CLRK_TEST_MCP_KEY"}}),
+    ]
+    g = Gateway(tmp_path_factory.mktemp("mcp-gw"), docs, env={"CLRK_TEST_MCP_KEY": MCP_KEY}).start()
+    yield g
+    g.stop()
+
+
+async def _session(gw: Gateway, host: str, work):
+    client = httpx2.AsyncClient(proxy=gw.proxy_url(), verify=gw.ssl_context(), trust_env=False, timeout=30)
+    async with client, streamable_http_client(f"https://{host}/mcp", http_client=client) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            return await work(session)
+
+
+@pytest.mark.parametrize("host", ["allowed.test", "other.test"])  # answers on SSE streams, then as JSON bodies
+def test_sdk_client_sees_allowed_tools_and_is_refused_the_rest(gw, servers, host):
+    server = servers[0] if host == "allowed.test" else servers[1]
+    server.called.clear()
+
+    async def work(session):
+        listed = await session.list_tools()
+        found = await session.call_tool("search_repos", {"query": "clrk"})
+        with pytest.raises(MCPError) as refused:
+            await session.call_tool("delete_repository", {"name": "prod"})
+        failed = await session.call_tool("get_issue", {"number": -1})
+        return listed, found, refused.value, failed
+
+    listed, found, refused, failed = asyncio.run(_session(gw, host, work))
+    assert sorted(t.name for t in listed.tools) == ["get_issue", "search_repos"]
+    assert found.content[0].text == "found: clrk"
+    assert refused.error.code == -32001
+    assert refused.error.message == "clrk: tool delete_repository is not allowed by MCPRoute team-a/github-mcp"
+    assert failed.is_error
+    assert [c[0] for c in server.called] == ["search_repos", "get_issue"]  # the refused call never arrived
+    assert server.authorizations and all(a == f"Bearer {MCP_KEY}" for a in server.authorizations)
+
+    rows = _wait_children(gw, host, 3)
+    by_tool = {r[A.GEN_AI_TOOL_NAME]: r for r in rows}
+    ok, denied, err = by_tool["search_repos"], by_tool["delete_repository"], by_tool["get_issue"]
+    assert ok[A.GEN_AI_OPERATION_NAME] == "execute_tool" and A.ERROR_TYPE not in ok
+    assert ok[A.MCP_SESSION_ID].startswith("sha256:") and ok[A.MCP_PROTOCOL_VERSION]
+    assert json.loads(ok[A.REQUEST_BODY])["params"]["arguments"] == {"query": "clrk"}
+    assert "found: clrk" in ok[A.RESPONSE_BODY]
+    assert denied[A.ERROR_TYPE] == "policy_denied" and denied[A.CLRK_DECISION] == "deny"
+    assert denied[A.CLRK_DECISION_RULE] == "MCPRoute/team-a/github-mcp"
+    assert err[A.ERROR_TYPE] == "tool_error"
+    parents = {r[A.SPAN_ID]: r for r in gw.records(host=host)}
+    for r in rows:
+        parent = parents[r[A.PARENT_SPAN_ID]]
+        assert parent[A.TRACE_ID] == r[A.TRACE_ID] and A.MCP_METHOD_NAME not in parent
+    assert MCP_KEY not in json.dumps(gw.records(host=host))
+
+
+def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:
+    def calls():
+        rows = [r for r in gw.records(host=host) if r.get(A.MCP_METHOD_NAME) == "tools/call"]
+        return rows if len(rows) >= n else None
+
+    rows = wait_for(calls, f"{n} tools/call records for {host}")
+    return rows[:n]
+
+
+def _post(gw: Gateway, body: bytes, host: str = "other.test") -> tuple[int, bytes]:
+    with gw.client() as c:
+        r = c.post(f"https://{host}/mcp", content=body,
+                   headers={"content-type": "application/json", "accept": ACCEPT, "mcp-protocol-version": "2025-06-18"})
+        return r.status_code, r.content
+
+
+@pytest.mark.parametrize("body, code", [
+    (json.dumps([_call("search_repos", 1), _call("delete_repository", 2)]).encode(), -32001),
+    (b'{"jsonrpc":"2.0","id":1,"method":"Tools/Call","params":{"name":"delete_repository"}}', -32600),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"ping","params":{"name":"delete_repository"}}', -32600),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":{"$":"delete_repository"}}}', -32600),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repository"', -32600),
+    (b'\xff\xfe not json at all', -32600),
+])
+def test_hostile_bodies_never_reach_the_server(gw, servers, body, code):
+    servers[1].called.clear()
+    before = len(servers[1].authorizations)
+    status, answer = _post(gw, body)
+    doc_ = json.loads(answer)
+    first = doc_[0] if isinstance(doc_, list) else doc_
+    assert first["error"]["code"] == code and first["error"]["message"].startswith("clrk: ")
+    assert len(servers[1].authorizations) == before and servers[1].called == []
+    # the gateway is still serving
+    assert _post(gw, json.dumps({"jsonrpc": "2.0", "id": 9, "method": "ping"}).encode())[0] < 500
+
+
+def test_huge_params_are_judged_and_forwarded(gw, servers):
+    before = len(servers[1].authorizations)
+    big = {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+           "params": {"name": "search_repos", "arguments": {"query": "x" * (3 * 1024 * 1024)}}}
+    status, answer = _post(gw, json.dumps(big).encode())
+    assert b"clrk:" not in answer  # the server answered (no session: its own error), not the gateway
+    assert len(servers[1].authorizations) == before + 1
+    huge_denied = {**big, "params": {"name": "delete_repository", "arguments": big["params"]["arguments"]}}
+    status, answer = _post(gw, json.dumps(huge_denied).encode())
+    assert json.loads(answer)["error"]["code"] == -32001
+    assert len(servers[1].authorizations) == before + 1
