@@ -36,6 +36,11 @@ MCP_PROTOCOL_VERSION: Final = "mcp.protocol.version"
 MCP_RESOURCE_URI: Final = "mcp.resource.uri"
 JSONRPC_REQUEST_ID: Final = "jsonrpc.request.id"
 
+
+def is_mcp_child(row) -> bool:
+    """A child record of an MCP message (not a transaction): it names a method, or answers a request by id."""
+    return MCP_METHOD_NAME in row or JSONRPC_REQUEST_ID in row
+
 # --- HTTP / URL / server (OpenTelemetry HTTP semantic conventions) ---
 HTTP_REQUEST_METHOD: Final = "http.request.method"
 HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"

@@ -2,7 +2,8 @@
 
 The order is the policy contract's: authenticate → destination agreement → EgressDenyPolicy →
 blockPrivateNetworks (IP-literal destinations; a name's addresses are judged when it is resolved, see
-`clrk.addresses`) → AIProviderRoute → EgressRoute → defaultPolicy. Every `Decision` carries the rule that made
+`clrk.addresses`) → MCPRoute (each JSON-RPC message of the body: `clrk.mcp`) → AIProviderRoute → EgressRoute →
+defaultPolicy. Every `Decision` carries the rule that made
 it and a reason a human can act on; both are recorded and the reason is what a denied agent reads.
 
 A provider call's model usually sits in its request body. `decide` is first called when the headers

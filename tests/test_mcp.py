@@ -146,11 +146,11 @@ def servers(pki):
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, pki, servers):
+def gw(tmp_path_factory, pki, servers, otlp):
     sse, js = servers
     docs = [
         gateway_doc(aliases={"allowed.test": sse.address, "other.test": js.address}, ca_bundle=str(pki[0]),
-                    max_bytes=65536),
+                    max_bytes=65536, endpoint=otlp.endpoint),
         *agent_docs(),
         MCP_ROUTE,
         doc("CredentialInjectionPolicy", "mcp-key", {
@@ -172,7 +172,7 @@ async def _session(gw: Gateway, host: str, work):
 
 
 @pytest.mark.parametrize("host", ["allowed.test", "other.test"])  # answers on SSE streams, then as JSON bodies
-def test_sdk_client_sees_allowed_tools_and_is_refused_the_rest(gw, servers, host):
+def test_sdk_client_sees_allowed_tools_and_is_refused_the_rest(gw, servers, otlp, host):
     server = servers[0] if host == "allowed.test" else servers[1]
     server.called.clear()
 
@@ -208,6 +208,12 @@ def test_sdk_client_sees_allowed_tools_and_is_refused_the_rest(gw, servers, host
         parent = parents[r[A.PARENT_SPAN_ID]]
         assert parent[A.TRACE_ID] == r[A.TRACE_ID] and A.MCP_METHOD_NAME not in parent
     assert MCP_KEY not in json.dumps(gw.records(host=host))
+    span = otlp.span(ok[A.SPAN_ID])
+    assert span["name"] == "tools/call search_repos" and span["parent_span_id"] == ok[A.PARENT_SPAN_ID]
+    assert span["attributes"][A.GEN_AI_TOOL_NAME] == "search_repos" and span["attributes"][A.MCP_METHOD_NAME] == "tools/call"
+    assert otlp.span(denied[A.SPAN_ID])["name"] == "tools/call delete_repository"
+    assert otlp.span(ok[A.PARENT_SPAN_ID])["name"] == f"POST {host}"
+    assert MCP_KEY not in json.dumps(otlp.got.spans) + json.dumps(otlp.got.logs)
 
 
 def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:

@@ -65,6 +65,11 @@ class McpExchange:
                     self.filtered += mcp.filter_listing(d, req.method, self.rule.allows)
                 self.done.append((req, m, t0, now))
             else:  # a server-to-client request or notification, or an answer to nothing asked here
+                if self.rule is not None and m.kind == "response":
+                    # An answer whose request this transaction did not carry (one replayed on the session's GET
+                    # stream): a listing is recognised by its shape, and filtered all the same.
+                    for method in mcp.LISTS:
+                        self.filtered += mcp.filter_listing(d, method, self.rule.allows)
                 self.done.append((m, None, now, now))
         return doc
 

@@ -31,6 +31,9 @@ class McpTraffic:
         h = tx.req_h or {}
         if tx.dst_name in policy.mcp_hosts or policy.mcp_wildcards or mcp.looks_like_mcp(h):
             tx.mcp = McpExchange(h.get("mcp-session-id"), h.get("mcp-protocol-version"))
+            if "accept-encoding" in h:
+                # Answers are read (and listings filtered) as they pass: asked for uncompressed.
+                flow.request.headers["accept-encoding"] = "identity"
 
     def request(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
