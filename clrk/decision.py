@@ -169,7 +169,7 @@ def decide(
             embedded = f" ({refused.matched})" if refused.matched != refused.address else ""
             return Decision(False, refused.rule, f"{_dest(req.host, req.port)}{embedded} is {refused.why}", 403)
 
-    if req.path is not None and (req.host in policy.mcp_hosts or policy.mcp_wildcards):
+    if req.path is not None and policy.mcp_host(req.host):
         for mr in policy.mcp_rules:
             if mr.agents.matches(agent) and mr.server_for(req.host, req.port, req.path, ambiguous) is not None:
                 if req.mcp_pending:

@@ -117,6 +117,13 @@ def test_unreadable_bodies_and_other_agents(policy):
     assert not d.allow and d.rule.endswith("defaultPolicy")  # the route is team-a's
 
 
+def test_wildcard_servers_name_only_their_hosts(pki):
+    route = {**MCP_ROUTE, "spec": {**MCP_ROUTE["spec"], "servers": [{"hostname": "*.mcp.example", "path": "/"}]}}
+    p = compile_policy(gateway_doc(aliases={}, ca_bundle=str(pki[0])), route)
+    assert p.mcp_host("a.mcp.example") and not p.mcp_host("mcp.example") and not p.mcp_host("api.openai.com")
+    assert not compile_policy(gateway_doc(aliases={}, ca_bundle=str(pki[0]))).mcp_host("a.mcp.example")
+
+
 def test_listings_are_filtered(policy):
     rule = policy.mcp_rules[0]
     doc_ = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "search_repos"}, {"name": "delete_repository"},

@@ -329,9 +329,11 @@ class CompiledPolicy:
     provider_names_by_host: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     provider_rules: tuple[ProviderRule, ...] = ()
     mcp_rules: tuple[McpRule, ...] = ()
-    # Every host an MCPRoute names exactly, and whether any names a wildcard: the one lookup ordinary traffic pays.
+    # Every host an MCPRoute names exactly, the suffixes of its `*.suffix` ones, and whether one says `*`: what
+    # `mcp_host` looks up, the one question ordinary traffic pays for.
     mcp_hosts: frozenset[str] = frozenset()
-    mcp_wildcards: bool = False
+    mcp_suffixes: tuple[str, ...] = ()
+    mcp_any_host: bool = False
     # (target kind, target name) -> injections; namespaces checked by `injections_for`
     injections: Mapping[tuple[str, str], tuple[tuple[str | None, Injection], ...]] = field(default_factory=dict, repr=False)
     # Every name any gateway of this policy redacts beyond SENSITIVE_WORDS (what the recorder redacts again).
@@ -352,6 +354,10 @@ class CompiledPolicy:
             if port in g.ports:
                 return g
         return None
+
+    def mcp_host(self, host: str) -> bool:
+        """Whether an MCPRoute names a server on `host` (any port, any path)."""
+        return host in self.mcp_hosts or self.mcp_any_host or (bool(self.mcp_suffixes) and host.endswith(self.mcp_suffixes))
 
     def agent_still_valid(self, username: str, digest: bytes) -> AgentIdentity | None:
         """The agent an open tunnel authenticated as, under this policy: None when it is gone or its token
@@ -695,7 +701,8 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         provider_rules=tuple(provider_rules),
         mcp_rules=tuple(mcp_rules),
         mcp_hosts=frozenset(h for r in mcp_rules for hr, _ in r.servers for h in hr.exact_hosts),
-        mcp_wildcards=any(hr.any_host or hr.wildcard_suffixes for r in mcp_rules for hr, _ in r.servers),
+        mcp_suffixes=tuple(s for r in mcp_rules for hr, _ in r.servers for s in hr.wildcard_suffixes),
+        mcp_any_host=any(hr.any_host for r in mcp_rules for hr, _ in r.servers),
         injections=injections,
         redact_headers=frozenset(redact_headers),
         redact_query=frozenset(redact_query),

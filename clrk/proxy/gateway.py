@@ -87,6 +87,7 @@ class Gateway:
         self.failsafe = Failsafe(rt)
         # What an allow decision sets in motion runs where the decision is made, once per request.
         self.egress.then_allowed(self.routing.route, self.credentials.inject)
+        self.egress.read_mcp = self.mcp.read_request
         steps = (self.policy, self.auth, self.passthrough, self.providers, self.websocket, self.mcp, self.egress, self.capture,
                  self.upstream, self.recording, self.failsafe)
         self.steps: dict[str, tuple[Step, ...]] = {

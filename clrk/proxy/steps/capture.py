@@ -8,6 +8,7 @@ from clrk.mcp import JSON_TYPES, SSE_TYPE
 from clrk.proxy.capture import PROVIDER_BUFFER_LIMIT, BodyCapture, request_is_buffered, response_is_buffered
 from clrk.proxy.mcp import McpStream
 from clrk.proxy.runtime import Runtime
+from clrk.proxy.steps.mcp import answer_body, answer_headers
 from clrk.proxy.transaction import METADATA_KEY, Transaction
 
 
@@ -50,6 +51,8 @@ class Capture:
             return
         tx.upstream_response = True
         rh = tx.response_headers(flow)
+        if tx.mcp is not None:
+            answer_headers(tx, rh)
         if not response_is_buffered(rh) and not (tx.mcp is not None and mcp_response_buffered(rh)):
             cfg = tx.gateway.capture
             tx.resp_capture = BodyCapture(cfg.max_bytes, cfg.wants(rh.get("content-type")), rh.get("content-encoding"),
@@ -67,6 +70,8 @@ class Capture:
         resp = flow.response
         if tx is None or resp is None or tx.gateway is None or resp.stream or not tx.upstream_response:
             return
+        if tx.mcp is not None:
+            answer_body(flow, tx)
         # A buffered upstream response: the provider parser reads it whole (decoded, in bounded pieces).
         encoding = tx.response_headers(flow).get("content-encoding")
         if encoding:

@@ -38,6 +38,7 @@ class EgressControl:
         self._allowed: tuple[Step, ...] = ()  # routing, then credentials (set by the Gateway: then_allowed)
         self._allowed_routing: tuple[Step, ...] = ()
         self._allowed_credentials: tuple[Step, ...] = ()
+        self.read_mcp: Step | None = None  # McpTraffic.read_request (set by the Gateway)
 
     def then_allowed(self, routing: Step, credentials: Step) -> None:
         """The steps an allow decision sets in motion, in order, each under its own error guard: the
@@ -110,6 +111,8 @@ class EgressControl:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or flow.response or flow.error:
             return None
+        if tx.mcp is not None and self.read_mcp is not None:
+            self.read_mcp(flow)  # an MCP request's messages, which the decision judges
         d = tx.decision
         if d is not None:
             # Allowed on the headers: a budgeted call was left to be routed now, with its body in (see _apply).

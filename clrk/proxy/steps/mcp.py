@@ -15,8 +15,9 @@ from clrk.proxy.transaction import METADATA_KEY, Transaction
 
 
 class McpTraffic:
-    """Follows the MCP messages of a transaction: the request's before it is decided, the answer's as it passes
-    (`clrk.proxy.mcp.McpStream` for streamed answers, installed by Capture), one child record per pair."""
+    """Recognises MCP transactions (the one hook: a set lookup for ordinary requests) and reads their requests
+    before they are decided (`read_request`, called by EgressControl). Answers are read by Capture, which calls
+    `answer_headers` and `answer_body`, or streams them through `clrk.proxy.mcp.McpStream`."""
 
     name = "clrk_mcp"
 
@@ -29,13 +30,15 @@ class McpTraffic:
         if tx is None or policy is None or tx.dst_name is None or flow.response or flow.error:
             return
         h = tx.req_h or {}
-        if tx.dst_name in policy.mcp_hosts or policy.mcp_wildcards or mcp.looks_like_mcp(h):
+        if policy.mcp_host(tx.dst_name) or mcp.looks_like_mcp(h):
             tx.mcp = McpExchange(h.get("mcp-session-id"), h.get("mcp-protocol-version"))
             if "accept-encoding" in h:
                 # Answers are read (and listings filtered) as they pass: asked for uncompressed.
                 flow.request.headers["accept-encoding"] = "identity"
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def read_request(self, flow: http.HTTPFlow) -> None:
+        """The POST body's messages, parsed before the decision. Not a hook (ordinary requests would pay for it):
+        `EgressControl.request` calls it for transactions that have an exchange."""
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or tx.mcp is None or flow.response or flow.error or flow.request.stream:
             return
@@ -57,31 +60,30 @@ class McpTraffic:
         if facts is not None and facts.mcp_pending:
             facts.mcp, facts.mcp_problem, facts.mcp_pending = tx.mcp.body, problem, False
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        if tx is None or tx.mcp is None or flow.response is None:
-            return
-        d = tx.decision
-        tx.mcp.rule = d.mcp_rule if d is not None and d.allow else None
-        rh = tx.response_headers(flow)
-        if tx.mcp.session is None:
-            tx.mcp.session = rh.get("mcp-session-id")
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        resp = flow.response
-        if tx is None or tx.mcp is None or resp is None or resp.stream or not tx.upstream_response:
-            return
-        ctype = tx.response_headers(flow).get("content-type") or ""
-        if not ctype.startswith(mcp.JSON_TYPES) and not ctype.startswith(mcp.SSE_TYPE):
-            return
-        body = resp.content  # decoded by mitmproxy (bounded: a buffered answer is at most 32 MiB)
-        if not body:
-            return
-        if ctype.startswith(mcp.SSE_TYPE):  # a short event stream the upstream gave a length
-            s = McpStream(tx.mcp, None, sse=True)
-            new = s(body) + s(b"")
-        else:
-            new = tx.mcp.rewrite_json(body, resp.timestamp_end or tx.start) or body
-        if new != body:
-            resp.content = new
+def answer_headers(tx: Transaction, rh: dict[str, str]) -> None:
+    """The answer's head: the session it names, and the route whose listings its body is filtered to."""
+    assert tx.mcp is not None
+    d = tx.decision
+    tx.mcp.rule = d.mcp_rule if d is not None and d.allow else None
+    if tx.mcp.session is None:
+        tx.mcp.session = rh.get("mcp-session-id")
+
+
+def answer_body(flow: http.HTTPFlow, tx: Transaction) -> None:
+    """A buffered answer, read whole: its messages paired with their requests, a listing filtered."""
+    resp = flow.response
+    assert tx.mcp is not None and resp is not None
+    ctype = tx.response_headers(flow).get("content-type") or ""
+    if not ctype.startswith(mcp.JSON_TYPES) and not ctype.startswith(mcp.SSE_TYPE):
+        return
+    body = resp.content  # decoded by mitmproxy (bounded: a buffered answer is at most 32 MiB)
+    if not body:
+        return
+    if ctype.startswith(mcp.SSE_TYPE):  # a short event stream the upstream gave a length
+        s = McpStream(tx.mcp, None, sse=True)
+        new = s(body) + s(b"")
+    else:
+        new = tx.mcp.rewrite_json(body, resp.timestamp_end or tx.start) or body
+    if new != body:
+        resp.content = new
