@@ -192,7 +192,7 @@ def test_sdk_client_sees_allowed_tools_and_is_refused_the_rest(gw, servers, otlp
         return listed, found, refused.value, failed
 
     listed, found, refused, failed = asyncio.run(_session(gw, host, work))
-    assert sorted(t.name for t in listed.tools) == ["get_issue", "search_repos"]
+    assert sorted(t.name for t in listed.tools) == ["get_issue", "search_confirmed", "search_repos"]  # no delete_*
     assert found.content[0].text == "found: clrk"
     assert refused.error.code == -32001
     assert refused.error.message == "clrk: tool delete_repository is not allowed by MCPRoute team-a/github-mcp"
@@ -221,6 +221,53 @@ def test_sdk_client_sees_allowed_tools_and_is_refused_the_rest(gw, servers, otlp
     assert otlp.span(denied[A.SPAN_ID])["name"] == "tools/call delete_repository"
     assert otlp.span(ok[A.PARENT_SPAN_ID])["name"] == f"POST {host}"
     assert MCP_KEY not in json.dumps(otlp.got.spans) + json.dumps(otlp.got.logs)
+
+
+def test_server_messages_on_the_stream_and_a_session_across_posts(gw, servers):
+    """A tool that reports progress and asks the client (elicitation) while it runs: the server's notification and request
+    arrive on the POST's event stream, the client's answer in a POST of its own; each is a child record, all of
+    one session."""
+    from mcp import types
+
+    async def elicited(context, params):
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    async def work(session):
+        progress = []
+
+        async def on_progress(done, total, message):
+            progress.append(message)
+
+        result = await session.call_tool("search_confirmed", {"query": "clrk"}, progress_callback=on_progress)
+        assert progress == ["about to search clrk"]
+        return result
+
+    async def run():
+        client = httpx2.AsyncClient(proxy=gw.proxy_url(), verify=gw.ssl_context(), trust_env=False, timeout=30)
+        async with client, streamable_http_client("https://allowed.test/mcp", http_client=client) as (read, write):
+            async with ClientSession(read, write, elicitation_callback=elicited) as session:
+                await session.initialize()
+                return await work(session)
+
+    result = asyncio.run(run())
+    assert result.content[0].text == "confirmed: accept"
+
+    def rows():
+        got = [r for r in gw.records(host="allowed.test") if A.is_mcp_child(r)]
+        methods = [r.get(A.MCP_METHOD_NAME) for r in got]
+        return got if "elicitation/create" in methods and any(
+            r.get(A.GEN_AI_TOOL_NAME) == "search_confirmed" for r in got) else None
+
+    got = wait_for(rows, "the children of the elicited call")
+    call = next(r for r in got if r.get(A.GEN_AI_TOOL_NAME) == "search_confirmed")
+    session_rows = [r for r in got if r.get(A.MCP_SESSION_ID) == call[A.MCP_SESSION_ID]]
+    methods = {r.get(A.MCP_METHOD_NAME) for r in session_rows}
+    assert {"initialize", "notifications/initialized", "tools/call", "notifications/progress",
+            "elicitation/create"} <= methods
+    elicit = next(r for r in session_rows if r.get(A.MCP_METHOD_NAME) == "elicitation/create")
+    answer = next(r for r in session_rows if A.MCP_METHOD_NAME not in r and r.get(A.JSONRPC_REQUEST_ID) == elicit[A.JSONRPC_REQUEST_ID])
+    assert json.loads(answer[A.REQUEST_BODY])["result"]["action"] == "accept"
+    assert len({r[A.PARENT_SPAN_ID] for r in session_rows}) >= 3  # several POSTs, one session
 
 
 def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:

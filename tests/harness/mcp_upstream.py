@@ -9,13 +9,18 @@ import time
 from pathlib import Path
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tests.harness.gateway import free_port
 
-TOOLS = ("search_repos", "get_issue", "delete_repository")
+TOOLS = ("search_repos", "get_issue", "delete_repository", "search_confirmed")
+
+
+class Confirm(BaseModel):
+    ok: bool
 
 
 class McpUpstream:
@@ -43,6 +48,14 @@ class McpUpstream:
             """Delete a repository."""
             self.called.append(("delete_repository", {"name": name}))
             return f"deleted {name}"
+
+        @server.tool()
+        async def search_confirmed(query: str, ctx: Context) -> str:
+            """Search once the user confirms: a progress notification, then an elicitation (a request from the server)."""
+            await ctx.report_progress(0.5, 1.0, f"about to search {query}")
+            answer = await ctx.elicit(f"search {query}?", Confirm)
+            self.called.append(("search_confirmed", {"query": query, "action": answer.action}))
+            return f"confirmed: {answer.action}"
 
         app = server.streamable_http_app(
             json_response=json_response,
