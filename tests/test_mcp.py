@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -21,6 +25,8 @@ from tests.harness.mcp_upstream import McpUpstream
 from tests.harness.util import compile_policy, wait_for
 
 MCP_KEY = "mcp-injected-SECRET-4242"
+REPO = Path(__file__).resolve().parents[1]
+CLRK = str(Path(sys.executable).parent / "clrk")
 ACCEPT = "application/json, text/event-stream"
 
 
@@ -268,6 +274,28 @@ def test_server_messages_on_the_stream_and_a_session_across_posts(gw, servers):
     answer = next(r for r in session_rows if A.MCP_METHOD_NAME not in r and r.get(A.JSONRPC_REQUEST_ID) == elicit[A.JSONRPC_REQUEST_ID])
     assert json.loads(answer[A.REQUEST_BODY])["result"]["action"] == "accept"
     assert len({r[A.PARENT_SPAN_ID] for r in session_rows}) >= 3  # several POSTs, one session
+
+
+def test_clrk_records_and_the_dev_filter_show_mcp_calls(gw, servers):
+    """`clrk records --mcp` lists the messages alone, readably (method and tool where a model would be); the
+    TUI's filter "mcp" (or a tool name) keeps them."""
+    from clrk.cli.dev.tui import matches
+
+    asyncio.run(_session(gw, "other.test", lambda s: s.call_tool("get_issue", {"number": 7})))
+    wait_for(lambda: any(r.get(A.GEN_AI_TOOL_NAME) == "get_issue" for r in gw.records(host="other.test")), "get_issue")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    text = subprocess.run([CLRK, "records", "--db", str(gw.db), "--mcp", "--limit", "0"], capture_output=True,
+                          text=True, check=True, env=env).stdout.splitlines()
+    assert text and all("  MCP  " in line for line in text)
+    assert any("tools/call get_issue" in line for line in text)
+    assert any("tools/call delete_repository" in line and "deny" in line for line in text)
+    rows = [json.loads(line) for line in subprocess.run(
+        [CLRK, "records", "--db", str(gw.db), "--mcp", "--json", "--limit", "0"], capture_output=True, text=True,
+        check=True, env=env).stdout.splitlines()]
+    assert rows and all(A.is_mcp_child(r) for r in rows)
+    call = next(r for r in rows if r.get(A.GEN_AI_TOOL_NAME) == "get_issue")
+    parent = next(r for r in gw.records(host="other.test") if r[A.SPAN_ID] == call[A.PARENT_SPAN_ID])
+    assert matches("mcp", call) and matches("get_issue", call) and not matches("mcp", parent)
 
 
 def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:
