@@ -162,16 +162,18 @@ def servers(pki):
 def gw(tmp_path_factory, pki, servers, otlp):
     sse, js = servers
     docs = [
-        gateway_doc(aliases={"allowed.test": sse.address, "other.test": js.address}, ca_bundle=str(pki[0]),
-                    max_bytes=65536, endpoint=otlp.endpoint),
+        gateway_doc(aliases={"allowed.test": sse.address, "other.test": js.address, "llm-b.test": js.address},
+                    ca_bundle=str(pki[0]), max_bytes=65536, endpoint=otlp.endpoint),
         *agent_docs(),
         MCP_ROUTE,
+        doc("EgressRoute", "plain-mcp", {"hostnames": ["llm-b.test"]}),
         doc("CredentialInjectionPolicy", "mcp-key", {
             "targetRefs": [{"kind": "MCPRoute", "name": "github-mcp"}],
             "target": {"type": "Header", "name": "Authorization", "prefix": "Bearer "},
             "secretRef": {"env": "CLRK_TEST_MCP_KEY"}}),
     ]
     g = Gateway(tmp_path_factory.mktemp("mcp-gw"), docs, env={"CLRK_TEST_MCP_KEY": MCP_KEY}).start()
+    g.docs = docs
     yield g
     g.stop()
 
@@ -296,6 +298,65 @@ def test_clrk_records_and_the_dev_filter_show_mcp_calls(gw, servers):
     call = next(r for r in rows if r.get(A.GEN_AI_TOOL_NAME) == "get_issue")
     parent = next(r for r in gw.records(host="other.test") if r[A.SPAN_ID] == call[A.PARENT_SPAN_ID])
     assert matches("mcp", call) and matches("get_issue", call) and not matches("mcp", parent)
+
+
+def test_mcp_on_an_ordinary_route_is_recorded_not_judged(gw, servers):
+    """No MCPRoute names llm-b.test; an EgressRoute allows it: its MCP traffic (known by the transport's headers)
+    is recorded message by message, and no tool is judged there (nor any credential injected)."""
+    servers[1].called.clear()
+
+    async def work(session):
+        return await session.call_tool("delete_repository", {"name": "x"})
+
+    assert asyncio.run(_session(gw, "llm-b.test", work)).content[0].text == "deleted x"
+    assert servers[1].called == [("delete_repository", {"name": "x"})]
+    assert servers[1].authorizations[-1] is None
+    row = wait_for(lambda: next((r for r in gw.records(host="llm-b.test")
+                                 if r.get(A.GEN_AI_TOOL_NAME) == "delete_repository"), None), "the unjudged call")
+    assert row[A.CLRK_DECISION_RULE] == "EgressRoute/default/plain-mcp" and A.ERROR_TYPE not in row
+
+
+def test_an_mcproute_change_applies_without_a_restart(gw, servers):
+    """Hot reload: the route now allows delete_*; the next call goes through; the old policy comes back."""
+    allowing = json.loads(json.dumps(gw.docs))
+    route = next(d for d in allowing if d["kind"] == "MCPRoute")
+    route["spec"]["tools"] = {"allow": ["*"]}
+    try:
+        reloads = gw.log().count("policy reloaded")
+        gw.write_policy(allowing)
+        wait_for(lambda: gw.log().count("policy reloaded") > reloads, "the reload")
+
+        async def work(session):
+            names = sorted(t.name for t in (await session.list_tools()).tools)
+            return names, await session.call_tool("delete_repository", {"name": "y"})
+
+        names, done = asyncio.run(_session(gw, "other.test", work))
+        assert "delete_repository" in names and done.content[0].text == "deleted y"
+    finally:
+        reloads = gw.log().count("policy reloaded")
+        gw.write_policy(gw.docs)
+        wait_for(lambda: gw.log().count("policy reloaded") > reloads, "the reload back")
+    status, answer = _post(gw, json.dumps(_call("delete_repository")).encode())
+    assert json.loads(answer)["error"]["code"] == -32001
+
+
+def test_a_listing_split_into_single_bytes_is_filtered_whole(policy):
+    """The event stream reader holds each event until it is whole, however the bytes arrive."""
+    from clrk.proxy.mcp import McpExchange, McpStream
+
+    ex = McpExchange("s", "2025-06-18")
+    ex.rule = policy.mcp_rules[0]
+    ex.request(mcp.parse_body(b'{"jsonrpc":"2.0","id":4,"method":"tools/list"}'), 0.0)
+    listing = {"jsonrpc": "2.0", "id": 4, "result": {"tools": [{"name": "delete_repository"}, {"name": "get_issue"}]}}
+    wire = b"event: message\r\ndata: " + json.dumps(listing).encode() + b"\r\n\r\n: keep-alive\n\n"
+    seen = []
+    stream = McpStream(ex, seen.append, sse=True)
+    out = b"".join(stream(wire[i:i + 1]) for i in range(len(wire))) + stream(b"")
+    assert b"".join(seen) == wire  # the capture saw what the upstream sent
+    events = out.split(b"\n\n")
+    assert json.loads(mcp.event_data(events[0] + b"\n\n"))["result"]["tools"] == [{"name": "get_issue"}]
+    assert events[0].startswith(b"event: message\n") and b": keep-alive" in out
+    assert ex.filtered == 1 and not ex.pending
 
 
 def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:
