@@ -37,7 +37,8 @@ def doc(kind, name, spec, ns=None):
 
 MCP_ROUTE = doc("MCPRoute", "github-mcp", {
     "servers": [{"hostname": "allowed.test", "port": 443, "path": "/mcp"},
-                {"hostname": "other.test", "port": 443, "path": "/mcp"}],
+                {"hostname": "other.test", "port": 443, "path": "/mcp"},
+                {"hostname": "api.github.com", "port": 443, "path": "/"}],  # the older HTTP+SSE transport
     "sourceAgents": {"namespaces": ["team-a"]},
     "tools": {"allow": ["search_*", "get_*"], "deny": ["delete_*"]},
 }, ns="team-a")
@@ -152,17 +153,18 @@ def test_sse_events_are_split_whole_and_bounded():
 
 @pytest.fixture(scope="module")
 def servers(pki):
-    sse, js = McpUpstream(pki[1], json_response=False), McpUpstream(pki[1], json_response=True)
-    yield sse, js
-    sse.close()
-    js.close()
+    sse, js, legacy = McpUpstream(pki[1]), McpUpstream(pki[1], json_response=True), McpUpstream(pki[1], legacy=True)
+    yield sse, js, legacy
+    for s in (sse, js, legacy):
+        s.close()
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, pki, servers, otlp):
-    sse, js = servers
+    sse, js, legacy = servers
     docs = [
-        gateway_doc(aliases={"allowed.test": sse.address, "other.test": js.address, "llm-b.test": js.address},
+        gateway_doc(aliases={"allowed.test": sse.address, "other.test": js.address, "llm-b.test": js.address,
+                             "api.github.com": legacy.address},
                     ca_bundle=str(pki[0]), max_bytes=65536, endpoint=otlp.endpoint),
         *agent_docs(),
         MCP_ROUTE,
@@ -357,6 +359,38 @@ def test_a_listing_split_into_single_bytes_is_filtered_whole(policy):
     assert json.loads(mcp.event_data(events[0] + b"\n\n"))["result"]["tools"] == [{"name": "get_issue"}]
     assert events[0].startswith(b"event: message\n") and b": keep-alive" in out
     assert ex.filtered == 1 and not ex.pending
+
+
+def test_the_older_http_sse_transport(gw, servers):
+    """GET /sse carries the answers, POST /messages/ the requests: the POSTs are judged, the listing on the
+    stream is filtered (by its shape: its request went in another transaction), and a refused call never
+    reaches the server (this transport's client reads answers only from the stream, so it waits in vain)."""
+    from mcp.client.sse import sse_client
+
+    legacy = servers[2]
+    legacy.called.clear()
+
+    def factory(headers=None, timeout=None, auth=None):
+        return httpx2.AsyncClient(proxy=gw.proxy_url(), verify=gw.ssl_context(), trust_env=False, headers=headers,
+                                  timeout=timeout or 30, auth=auth)
+
+    async def run():
+        async with sse_client("https://api.github.com/sse", httpx_client_factory=factory) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                names = sorted(t.name for t in (await session.list_tools()).tools)
+                found = await session.call_tool("search_repos", {"query": "old"})
+                with pytest.raises(MCPError, match="timed out"):
+                    await session.call_tool("delete_repository", {"name": "z"}, read_timeout_seconds=1.0)
+                return names, found
+
+    names, found = asyncio.run(run())
+    assert "delete_repository" not in names and "search_repos" in names
+    assert found.content[0].text == "found: old"
+    assert [c[0] for c in legacy.called] == ["search_repos"]
+    denied = wait_for(lambda: next((r for r in gw.records(host="api.github.com")
+                                    if r.get(A.GEN_AI_TOOL_NAME) == "delete_repository"), None), "the refused call")
+    assert denied[A.ERROR_TYPE] == "policy_denied"
 
 
 def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:

@@ -1,5 +1,6 @@
 """Real MCP servers (the official `mcp` package's MCPServer, Streamable HTTP) over TLS on 127.0.0.1, for the
-gateway to reach through `upstreamTLS.hostAliases`: one answering on SSE streams, one with JSON bodies. Each
+gateway to reach through `upstreamTLS.hostAliases`: answering on SSE streams, with JSON bodies, or over the
+older HTTP+SSE transport (`legacy`). Each
 keeps the tool calls it executed and the bearer token each request carried, for tests to check what arrived."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Confirm(BaseModel):
 
 
 class McpUpstream:
-    def __init__(self, server_pem: Path, json_response: bool):
+    def __init__(self, server_pem: Path, json_response: bool = False, legacy: bool = False):
         self.called: list[tuple[str, dict]] = []
         self.authorizations: list[str | None] = []
         server = MCPServer("clrk-test")
@@ -57,9 +58,11 @@ class McpUpstream:
             self.called.append(("search_confirmed", {"query": query, "action": answer.action}))
             return f"confirmed: {answer.action}"
 
-        app = server.streamable_http_app(
-            json_response=json_response,
-            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+        open_host = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+        if legacy:  # the older HTTP+SSE transport: GET /sse announces the POST endpoint /messages/?session_id=
+            app = server.sse_app(transport_security=open_host)
+        else:
+            app = server.streamable_http_app(json_response=json_response, transport_security=open_host)
         self.port = free_port()
         config = uvicorn.Config(self._seeing(app), host="127.0.0.1", port=self.port, ssl_certfile=str(server_pem),
                                 ssl_keyfile=str(server_pem), log_level="warning", lifespan="on")
