@@ -20,7 +20,7 @@ from mcp.shared.exceptions import MCPError
 from clrk import attributes as A
 from clrk import mcp
 from clrk.decision import AuthResult, RequestFacts, decide
-from tests.harness.gateway import Gateway, agent_docs, gateway_doc
+from tests.harness.gateway import Gateway, agent_docs, gateway_doc, h2_exchange
 from tests.harness.mcp_upstream import McpUpstream
 from tests.harness.util import compile_policy, wait_for
 
@@ -427,6 +427,21 @@ def test_hostile_bodies_never_reach_the_server(gw, servers, body, code):
     assert len(servers[1].authorizations) == before and servers[1].called == []
     # the gateway is still serving
     assert _post(gw, json.dumps({"jsonrpc": "2.0", "id": 9, "method": "ping"}).encode())[0] < 500
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "GET"])
+def test_an_http2_body_without_a_length_is_judged_too(gw, servers, method):
+    """HTTP/2 carries a body without content-length, on any method: it is read and judged all the same."""
+    before = len(servers[1].authorizations)
+    status = h2_exchange(gw, [(":method", method), (":scheme", "https"), (":authority", "other.test"), (":path", "/mcp"),
+                              ("content-type", "application/json"), ("accept", ACCEPT)],
+                         "other.test:443", "other.test", body=json.dumps(_call("delete_repository", 77)).encode())
+    assert status == 200  # the gateway's JSON-RPC refusal
+    assert len(servers[1].authorizations) == before and servers[1].called == []
+    row = wait_for(lambda: next((r for r in gw.records(host="other.test")
+                                 if r.get(A.JSONRPC_REQUEST_ID) == "77" and r.get(A.HTTP_REQUEST_METHOD) is None
+                                 and r.get(A.CLRK_DECISION) == "deny"), None), "the refused HTTP/2 call")
+    assert row[A.GEN_AI_TOOL_NAME] == "delete_repository"
 
 
 def test_huge_params_are_judged_and_forwarded(gw, servers):

@@ -19,7 +19,7 @@ from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_ta
 from clrk.identity import invocation_from_baggage
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
-from clrk.proxy.capture import has_body, request_is_buffered
+from clrk.proxy.capture import request_is_buffered
 from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime, listener_port, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
@@ -89,8 +89,9 @@ class EgressControl:
             protocol_problem=protocol_problem,
             path_ambiguity=path_ambiguity(req.path),
         )
-        if tx.mcp is not None and req.method == "POST" and has_body(h):
-            # An MCP request is judged on its messages: its body is read first (bounded like a provider's).
+        if tx.mcp is not None:
+            # An MCP request is judged on its messages: its body (any method's; HTTP/2 may send one without a
+            # length) is read first, bounded like a provider's.
             if request_is_buffered(h, provider=True):
                 tx.facts.mcp_pending = True
             else:

@@ -52,7 +52,7 @@ class McpTraffic:
             body = decoded.captured if not decoded.truncated and not decoded.error else None
             if body is None:
                 problem = f"a {h['content-encoding'][:32]} body that does not decode within {PROVIDER_BUFFER_LIMIT} bytes"
-        if body and flow.request.method == "POST":
+        if body:  # whatever the method: a body on an MCP route is JSON-RPC, or refused
             try:
                 tx.mcp.request(mcp.parse_body(body), tx.start)
             except InvalidMessage as e:
