@@ -131,6 +131,20 @@ def test_wildcard_servers_name_only_their_hosts(pki):
     assert not compile_policy(gateway_doc(aliases={}, ca_bundle=str(pki[0]))).mcp_host("a.mcp.example")
 
 
+def test_the_documented_example_loads(tmp_path):
+    import shutil
+
+    from clrk.policy import load_policy
+
+    for f in [*(REPO / "policies").glob("*.yaml"), REPO / "docs" / "examples" / "mcp.yaml"]:
+        shutil.copy(f, tmp_path / f.name)
+    p = load_policy(tmp_path, env={"GITHUB_MCP_TOKEN": "t"})
+    rule = p.mcp_rules[0]
+    assert rule.allows("tool", "search_code") and not rule.allows("tool", "delete_file")
+    assert not rule.allows("prompt", "anything") and rule.allows("resource", "repo://a/b")
+    assert p.injections_for("MCPRoute", "github-mcp", "team-a")[0].field == "Authorization"
+
+
 def test_listings_are_filtered(policy):
     rule = policy.mcp_rules[0]
     doc_ = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "search_repos"}, {"name": "delete_repository"},
