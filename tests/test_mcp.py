@@ -38,7 +38,8 @@ def doc(kind, name, spec, ns=None):
 MCP_ROUTE = doc("MCPRoute", "github-mcp", {
     "servers": [{"hostname": "allowed.test", "port": 443, "path": "/mcp"},
                 {"hostname": "other.test", "port": 443, "path": "/mcp"},
-                {"hostname": "api.github.com", "port": 443, "path": "/"}],  # the older HTTP+SSE transport
+                {"hostname": "api.github.com", "port": 443, "path": "/"},  # the older HTTP+SSE transport
+                {"hostname": "denied.test", "port": 443, "path": "/handler/mcp-split"}],  # hand-written answers
     "sourceAgents": {"namespaces": ["team-a"]},
     "tools": {"allow": ["search_*", "get_*"], "deny": ["delete_*"]},
 }, ns="team-a")
@@ -174,11 +175,11 @@ def servers(pki):
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, pki, servers, otlp):
+def gw(tmp_path_factory, pki, servers, otlp, upstream):
     sse, js, legacy = servers
     docs = [
         gateway_doc(aliases={"allowed.test": sse.address, "other.test": js.address, "llm-b.test": js.address,
-                             "api.github.com": legacy.address},
+                             "api.github.com": legacy.address, "denied.test": upstream.address},
                     ca_bundle=str(pki[0]), max_bytes=65536, endpoint=otlp.endpoint),
         *agent_docs(),
         MCP_ROUTE,
@@ -367,7 +368,9 @@ def test_a_listing_split_into_single_bytes_is_filtered_whole(policy):
     wire = b"event: message\r\ndata: " + json.dumps(listing).encode() + b"\r\n\r\n: keep-alive\n\n"
     seen = []
     stream = McpStream(ex, seen.append, sse=True)
-    out = b"".join(stream(wire[i:i + 1]) for i in range(len(wire))) + stream(b"")
+    pieces = [stream(wire[i:i + 1]) for i in range(len(wire))] + [stream(b"")]
+    assert all(isinstance(p, list) and b"" not in p for p in pieces)  # never an empty piece: it would end the body
+    out = b"".join(b"".join(p) for p in pieces)
     assert b"".join(seen) == wire  # the capture saw what the upstream sent
     events = out.split(b"\n\n")
     assert json.loads(mcp.event_data(events[0] + b"\n\n"))["result"]["tools"] == [{"name": "get_issue"}]
@@ -405,6 +408,34 @@ def test_the_older_http_sse_transport(gw, servers):
     denied = wait_for(lambda: next((r for r in gw.records(host="api.github.com")
                                     if r.get(A.GEN_AI_TOOL_NAME) == "delete_repository"), None), "the refused call")
     assert denied[A.ERROR_TYPE] == "policy_denied"
+
+
+def test_an_event_stream_cut_mid_event_reaches_the_agent_whole_and_filtered(gw, upstream):
+    """A hand-written server sends the tools/list answer as a chunked event stream cut inside events: the agent
+    gets every event whole, in order, the listing filtered, and the stream's end only at its end."""
+    import time
+
+    listing = {"jsonrpc": "2.0", "id": 31, "result": {"tools": [{"name": "delete_repository"}, {"name": "get_issue"}]}}
+    wire = (b": opening\n\nevent: message\ndata: " + json.dumps(listing).encode() + b"\n\n"
+            + b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n\n')
+    cuts = (5, 40, len(wire) - 10)
+
+    def split(handler, seen):
+        handler.start_chunked(200, "text/event-stream")
+        for a, b in zip((0, *cuts), (*cuts, len(wire)), strict=True):
+            handler._chunk(wire[a:b])
+            time.sleep(0.05)  # each piece its own read: the gateway must hold the event, not end the stream
+        handler.end_chunked()
+
+    upstream.handlers["mcp-split"] = split
+    with gw.client() as c:
+        r = c.post("https://denied.test/handler/mcp-split", content=json.dumps({"jsonrpc": "2.0", "id": 31,
+                   "method": "tools/list"}), headers={"content-type": "application/json", "accept": ACCEPT})
+    events = [e for e in r.content.split(b"\n\n") if e]
+    assert events[0] == b": opening"
+    assert json.loads(mcp.event_data(events[1] + b"\n\n"))["result"]["tools"] == [{"name": "get_issue"}]
+    assert json.loads(mcp.event_data(events[2] + b"\n\n"))["method"] == "notifications/tools/list_changed"
+    assert len(events) == 3
 
 
 def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:

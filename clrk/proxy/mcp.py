@@ -129,7 +129,9 @@ class McpStream:
         self.held = bytearray()
         self.failed = False
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        """What to pass on for `chunk` (b"": the end). Nothing to pass yet is [], never b"": mitmproxy writes an
+        empty piece of a chunked body as the body's last chunk."""
         if self.inner is not None:
             self.inner(chunk)
         if self.failed:
@@ -140,10 +142,11 @@ class McpStream:
                 self.held += chunk
                 if len(self.held) > EVENT_LIMIT:
                     return self._give_up("a JSON answer longer than the limit")
-                return b""
+                return []
             body = bytes(self.held)
             self.held.clear()
-            return self.exchange.rewrite_json(body, now) or body
+            out = self.exchange.rewrite_json(body, now) or body
+            return [out] if out else []
         try:
             events = self.events.feed(chunk) if chunk else [self.events.rest()]
         except InvalidMessage as e:
@@ -156,7 +159,7 @@ class McpStream:
                 continue
             new = self.exchange.rewrite_json(data.encode(), now)
             out.append(mcp.replace_event_data(ev, new.decode()) if new is not None else ev)
-        return b"".join(out)
+        return [b"".join(out)] if any(out) else []
 
     def _give_up(self, why: str) -> bytes:
         """What cannot be judged is not passed on while a listing may need filtering; else it is, unread."""
@@ -166,4 +169,4 @@ class McpStream:
         log.warning("clrk: MCP answer no longer read: %s", why)
         held = bytes(self.held) + (self.events.rest() if self.events is not None else b"")
         self.held.clear()
-        return held
+        return [held] if held else []

@@ -82,7 +82,7 @@ def answer_body(flow: http.HTTPFlow, tx: Transaction) -> None:
         return
     if ctype.startswith(mcp.SSE_TYPE):  # a short event stream the upstream gave a length
         s = McpStream(tx.mcp, None, sse=True)
-        new = s(body) + s(b"")
+        new = b"".join([*s(body), *s(b"")])
     else:
         new = tx.mcp.rewrite_json(body, resp.timestamp_end or tx.start) or body
     if new != body:
