@@ -489,6 +489,18 @@ def test_an_http2_body_without_a_length_is_judged_too(gw, servers, method):
     assert row[A.GEN_AI_TOOL_NAME] == "delete_repository"
 
 
+def test_a_batch_of_many_messages_is_judged_whole_and_recorded_within_bounds(gw, servers):
+    from clrk.proxy.mcp import MAX_CHILDREN
+
+    before = len(servers[1].authorizations)
+    batch = [{"jsonrpc": "2.0", "id": i, "method": "ping"} for i in range(MAX_CHILDREN + 500)]
+    status, answer = _post(gw, json.dumps([*batch, _call("delete_repository", "last")]).encode())
+    refused = json.loads(answer)
+    assert len(refused) == MAX_CHILDREN + 501 and refused[-1]["error"]["code"] == -32001
+    assert len(servers[1].authorizations) == before
+    gw.wait_log("carried 1501 messages; the first 1000 are recorded")
+
+
 def test_huge_params_are_judged_and_forwarded(gw, servers):
     before = len(servers[1].authorizations)
     big = {"jsonrpc": "2.0", "id": 5, "method": "tools/call",

@@ -22,13 +22,16 @@ from clrk.redact import Redactor
 log = logging.getLogger("clrk")
 
 EVENT_LIMIT = 32 * 1024 * 1024  # one SSE event (or a streamed JSON answer) held at most, to judge it whole
+# Messages one transaction keeps for its child records (a session's GET stream may carry any number): past
+# this they are still read and filtered, and counted, but not recorded one by one.
+MAX_CHILDREN = 1000
 
 
 class McpExchange:
     """The MCP side of one transaction. `rule`: the MCPRoute that allowed it (None: recognised on an ordinary
     route, recorded but not filtered)."""
 
-    __slots__ = ("session", "version", "rule", "body", "pending", "done", "filtered")
+    __slots__ = ("session", "version", "rule", "body", "pending", "done", "filtered", "unrecorded")
 
     def __init__(self, session: str | None, version: str | None):
         self.session = session
@@ -39,6 +42,13 @@ class McpExchange:
         # finished pairs and lone messages: (request or None, answer or None, start, end)
         self.done: list[tuple[McpMessage | None, McpMessage | None, float, float]] = []
         self.filtered = 0  # listing entries removed
+        self.unrecorded = 0  # messages past MAX_CHILDREN
+
+    def _keep(self, pair: tuple[McpMessage | None, McpMessage | None, float, float]) -> None:
+        if len(self.done) < MAX_CHILDREN:
+            self.done.append(pair)
+        else:
+            self.unrecorded += 1
 
     def request(self, body: McpBody, now: float) -> None:
         """The messages of the POST body: requests wait for their answer; notifications and answers to the
@@ -48,7 +58,7 @@ class McpExchange:
             if m.kind == "request":
                 self.pending[m.id] = (m, now)
             else:
-                self.done.append((m, None, now, now))
+                self._keep((m, None, now, now))
 
     def answer(self, doc: object, now: float) -> object:
         """One answer from the server (a message or a batch): paired with its request, a listing filtered;
@@ -63,14 +73,14 @@ class McpExchange:
                 req, t0 = asked
                 if self.rule is not None and m.kind == "response" and req.method in mcp.LISTS:
                     self.filtered += mcp.filter_listing(d, req.method, self.rule.allows)
-                self.done.append((req, m, t0, now))
+                self._keep((req, m, t0, now))
             else:  # a server-to-client request or notification, or an answer to nothing asked here
                 if self.rule is not None and m.kind == "response":
                     # An answer whose request this transaction did not carry (one replayed on the session's GET
                     # stream): a listing is recognised by its shape, and filtered all the same.
                     for method in mcp.LISTS:
                         self.filtered += mcp.filter_listing(d, method, self.rule.allows)
-                self.done.append((m, None, now, now))
+                self._keep((m, None, now, now))
         return doc
 
     def wants_listing(self) -> bool:
@@ -92,6 +102,10 @@ class McpExchange:
         Requests left unanswered end with the transaction: refused by the gateway, or no answer came."""
         out = []
         pairs = self.done + [(req, None, t0, end) for req, t0 in self.pending.values()]
+        if len(pairs) > MAX_CHILDREN or self.unrecorded:
+            log.warning("clrk: an MCP transaction carried %d messages; the first %d are recorded one by one",
+                        len(pairs) + self.unrecorded, MAX_CHILDREN)
+            pairs = pairs[:MAX_CHILDREN]
         for req, ans, t0, t1 in pairs:
             first = req or ans
             assert first is not None
