@@ -132,6 +132,23 @@ def test_wildcard_servers_name_only_their_hosts(pki):
     assert not compile_policy(gateway_doc(aliases={}, ca_bundle=str(pki[0]))).mcp_host("a.mcp.example")
 
 
+@pytest.mark.parametrize("spec, fragment", [
+    ("{}", "spec.servers: Field required"),
+    ("{servers: []}", "spec.servers: List should have at least 1 item"),
+    ("{servers: [{hostname: API.example.com}]}", "write 'api.example.com'"),
+    ("{servers: [{hostname: a.example, path: mcp}]}", "spec.servers[0].path: 'mcp' must be a path prefix"),
+    ("{servers: [{hostname: a.example}], tools: {allowed: [x]}}", "spec.tools.allowed: unknown field"),
+    ("{servers: [{hostname: a.example, port: 0}]}", "spec.servers[0].port"),
+])
+def test_an_invalid_mcproute_is_refused_with_the_field_named(tmp_path, spec, fragment):
+    from clrk.policy import PolicyError, load_policy
+
+    (tmp_path / "p.yaml").write_text(f"kind: MCPRoute\nmetadata: {{name: m}}\nspec: {spec}\n")
+    with pytest.raises(PolicyError) as e:
+        load_policy(tmp_path)
+    assert "document 1 (MCPRoute m)" in str(e.value) and fragment in str(e.value)
+
+
 def test_the_documented_example_loads(tmp_path):
     import shutil
 
