@@ -65,6 +65,18 @@ def test_bodies_the_gateway_will_not_guess_at(body, why):
         mcp.parse_body(body)
 
 
+def test_a_body_too_intricate_to_judge_quickly_is_refused():
+    many = json.dumps({**_call("search_repos"), "params": {"name": "search_repos", "arguments": {
+        "q": [{} for _ in range(mcp.MAX_CONTAINERS)]}}}).encode()
+    with pytest.raises(mcp.InvalidMessage, match="not judged"):
+        mcp.parse_body(many)
+    big_string = json.dumps({**_call("search_repos"), "params": {"name": "search_repos", "arguments": {
+        "q": "{[" * mcp.MAX_CONTAINERS}}}).encode()  # brackets inside strings count: a bound, not a verdict
+    with pytest.raises(mcp.InvalidMessage):
+        mcp.parse_body(big_string)
+    assert mcp.parse_body(json.dumps(_call("search_repos")).encode()).messages[0].target == "search_repos"
+
+
 def test_a_batch_is_read_message_by_message():
     b = mcp.parse_body(json.dumps([
         {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
@@ -453,6 +465,27 @@ def test_an_event_stream_cut_mid_event_reaches_the_agent_whole_and_filtered(gw, 
     assert json.loads(mcp.event_data(events[1] + b"\n\n"))["result"]["tools"] == [{"name": "get_issue"}]
     assert json.loads(mcp.event_data(events[2] + b"\n\n"))["method"] == "notifications/tools/list_changed"
     assert len(events) == 3
+
+
+@pytest.mark.parametrize("answer", [
+    b'{"jsonrpc":"2.0","id":32,"result":{"tools":[{"name":"get_issue"}],"tools":[{"name":"delete_repository"}]}}',
+    b'{"jsonrpc":"2.0","id":32,"result":{"tools":[{"name":"delete_repository"}]',
+    json.dumps({"jsonrpc": "2.0", "id": 32, "result": {"tools": [{"name": "delete_repository"}],
+                                                       "pad": [{} for _ in range(mcp.MAX_CONTAINERS)]}}).encode(),
+])
+def test_a_listing_the_gateway_cannot_read_is_not_passed_on(gw, upstream, answer):
+    """A server's tools/list answer with a repeated member, cut short, or too intricate to read in bounded
+    time: the agent gets the gateway's JSON-RPC error instead of a listing nobody filtered."""
+    def reply(handler, seen):
+        handler._send(200, answer)
+
+    upstream.handlers["mcp-split"] = reply
+    with gw.client() as c:
+        r = c.post("https://denied.test/handler/mcp-split", content=json.dumps({"jsonrpc": "2.0", "id": 32,
+                   "method": "tools/list"}), headers={"content-type": "application/json", "accept": ACCEPT})
+    assert b"delete_repository" not in r.content
+    got = r.json()
+    assert got["id"] == 32 and got["error"]["code"] == -32603 and got["error"]["message"].startswith("clrk: ")
 
 
 def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:

@@ -90,12 +90,28 @@ class McpExchange:
     def rewrite_json(self, body: bytes, now: float) -> bytes | None:
         """A JSON answer read whole: the bytes the agent gets instead, or None to keep them."""
         try:
-            doc = mcp.loads(body)
-        except InvalidMessage:
-            return None
+            doc = mcp.loads_bounded(body)
+        except InvalidMessage as e:
+            return self._unreadable(str(e), now)
         before = self.filtered
         self.answer(doc, now)
         return json.dumps(doc, separators=(",", ":")).encode() if self.filtered != before else None
+
+    def _unreadable(self, why: str, now: float) -> bytes | None:
+        """An answer that cannot be read: passed on as it is, unless a listing awaits its answer, which is then
+        the gateway's JSON-RPC error (a listing is never passed on unfiltered)."""
+        if not self.wants_listing():
+            return None
+        errors = []
+        for msg_id, (req, t0) in list(self.pending.items()):
+            if req.method in mcp.LISTS:
+                err = mcp.rpc_error(msg_id, mcp.INTERNAL_ERROR, f"clrk: the server's answer could not be read to filter "
+                                                               f"it ({why[:200]})")
+                self._keep((req, mcp.message(err), t0, now))
+                del self.pending[msg_id]
+                errors.append(err)
+        log.warning("clrk: an MCP answer could not be read (%s); the listing it may hold is answered with an error", why)
+        return json.dumps(errors[0] if len(errors) == 1 else errors).encode()
 
     def children(self, end: float, denied: bool, limit: int, capture: bool, redactor: Redactor) -> list[dict]:
         """One child record's facts per pair (the recorder makes them rows: `clrk.recorder.expand.mcp_rows`).
