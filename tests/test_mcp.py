@@ -5,6 +5,7 @@ its client through the gateway), and hand-written hostile bodies."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -562,3 +563,74 @@ def test_huge_params_are_judged_and_forwarded(gw, servers):
     status, answer = _post(gw, json.dumps(huge_denied).encode())
     assert json.loads(answer)["error"]["code"] == -32001
     assert len(servers[1].authorizations) == before + 1
+
+
+# --------------------------------------------------------------------------- the steps in-process (mitmproxy's tflow)
+
+
+@pytest.fixture
+def sg():
+    """A real Gateway on the in-process test policy of tests/test_steps.py plus an MCPRoute for mcp.test."""
+    import time as _time
+
+    from clrk.proxy.budget import utc_day
+    from clrk.proxy.gateway import Gateway as ProxyGateway
+    from clrk.proxy.runtime import Runtime
+    from tests.test_steps import DOCS
+
+    route = {**MCP_ROUTE, "spec": {**MCP_ROUTE["spec"], "servers": [{"hostname": "mcp.test", "path": "/mcp"}],
+                                   "sourceAgents": {}}}
+    g = ProxyGateway(Runtime())
+    g.rt.policy = compile_policy(*DOCS, route, env={"K_OPENAI": "k", "K_GEMINI": "k"})
+    g.rt.ledger.load(utc_day(_time.time()), {})
+    return g
+
+
+def test_ordinary_requests_get_no_mcp_exchange(sg):
+    from tests.test_steps import answer, connect, request, send
+
+    f = send(sg, request(connect(sg, "allowed.test"), "/mcp", "POST", json.dumps(_call("delete_repository")).encode(),
+                         headers={"content-type": "application/json"}))
+    assert f.metadata["clrk"].mcp is None
+    assert "mcp" not in answer(sg, f)
+
+
+def test_an_mcp_body_nobody_read_is_refused_not_let_through(sg):
+    """Should reading the body be skipped (a step failing quietly), the request is refused, never judged as empty."""
+    from tests.test_steps import connect, request, send
+
+    sg.egress.read_mcp = None
+    f = send(sg, request(connect(sg, "mcp.test"), "/mcp", "POST", json.dumps(_call("search_repos")).encode(),
+                         headers={"content-type": "application/json"}))
+    assert f.response is not None and f.response.status_code == 400
+    assert json.loads(f.response.content)["error"] == {"code": -32600,
+                                                       "message": "clrk: the MCP request body could not be read"}
+
+
+def test_a_buffered_listing_is_filtered_and_each_pair_is_a_child(sg):
+    from tests.test_steps import answer, connect, request, send
+
+    body = json.dumps([{"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                       {"jsonrpc": "2.0", "method": "notifications/initialized"}]).encode()
+    f = send(sg, request(connect(sg, "mcp.test"), "/mcp", "POST", body,
+                         headers={"content-type": "application/json", "mcp-protocol-version": "2025-03-26",
+                                  "mcp-session-id": "sess-secret-1", "accept-encoding": "gzip"}))
+    assert f.request.headers["accept-encoding"] == "identity" and f.metadata["clrk"].decision.allow
+    listing = json.dumps([{"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "delete_repository"},
+                                                                            {"name": "search_repos"}]}}]).encode()
+    snap = answer(sg, f, body=listing)
+    assert json.loads(f.response.content)[0]["result"]["tools"] == [{"name": "search_repos"}]
+    kids = {c["method"]: c for c in snap["mcp"]}
+    assert set(kids) == {"tools/list", "notifications/initialized"}
+    assert kids["tools/list"]["id"] == "1" and kids["tools/list"]["error"] is None
+    assert b"search_repos" in kids["tools/list"]["resp"] and b"delete_repository" not in kids["tools/list"]["resp"]
+    assert kids["notifications/initialized"]["id"] is None and kids["notifications/initialized"]["resp"] is None
+    assert snap["mcp_session"] == ("sess-secret-1", "2025-03-26")
+    from clrk.recorder.expand import expand, mcp_rows
+    from clrk.redact import DEFAULT
+
+    parent = expand(snap, DEFAULT)
+    rows = mcp_rows(snap, parent)
+    assert all(r[A.PARENT_SPAN_ID] == parent[A.SPAN_ID] and r[A.TRACE_ID] == parent[A.TRACE_ID] for r in rows)
+    assert {r[A.MCP_SESSION_ID] for r in rows} == {"sha256:" + hashlib.sha256(b"sess-secret-1").hexdigest()[:16]}
+    assert "sess-secret-1" not in json.dumps([parent, *rows])

@@ -126,6 +126,8 @@ class EgressControl:
         assert policy is not None
         model = tx.genai.result.request_model if tx.genai else None
         facts = tx.facts
+        if facts.mcp_pending:  # still waiting: its body was not read, so its messages cannot be judged
+            facts.mcp_problem = "the MCP request body could not be read"
         facts.model, facts.model_pending, facts.mcp_pending = model, False, False
         d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
         assert d is not None
