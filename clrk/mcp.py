@@ -207,6 +207,14 @@ def event_data(event: bytes) -> str | None:
     return "\n".join(data) if data else None
 
 
+def event_type(event: bytes) -> str:
+    """The `event:` field of one SSE event (`message` when it has none)."""
+    for line in event.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if line.startswith("event:"):
+            return line[6:].strip()
+    return "message"
+
+
 def replace_event_data(event: bytes, data: str) -> bytes:
     """The event with its data replaced by `data` (one line: compact JSON), its other fields kept."""
     lines = event.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n").split("\n")

@@ -320,6 +320,7 @@ def test_server_messages_on_the_stream_and_a_session_across_posts(gw, servers):
     assert {"initialize", "notifications/initialized", "tools/call", "notifications/progress",
             "elicitation/create"} <= methods
     elicit = next(r for r in session_rows if r.get(A.MCP_METHOD_NAME) == "elicitation/create")
+    assert A.ERROR_TYPE not in elicit  # a request from the server: its answer comes in the client's next POST
     answer = next(r for r in session_rows if A.MCP_METHOD_NAME not in r and r.get(A.JSONRPC_REQUEST_ID) == elicit[A.JSONRPC_REQUEST_ID])
     assert json.loads(answer[A.REQUEST_BODY])["result"]["action"] == "accept"
     assert len({r[A.PARENT_SPAN_ID] for r in session_rows}) >= 3  # several POSTs, one session
@@ -438,6 +439,21 @@ def test_the_older_http_sse_transport(gw, servers):
     denied = wait_for(lambda: next((r for r in gw.records(host="api.github.com")
                                     if r.get(A.GEN_AI_TOOL_NAME) == "delete_repository"), None), "the refused call")
     assert denied[A.ERROR_TYPE] == "policy_denied"
+
+    # The POST was answered 202 (no answer there, no error); the answer, on the GET stream, is paired with the
+    # request by session and id: its record names the tool and holds the result.
+    def pair():
+        rows = [r for r in gw.records(host="api.github.com") if r.get(A.GEN_AI_TOOL_NAME) == "search_repos"]
+        return rows if len(rows) == 2 else None
+
+    rows = wait_for(pair, "the search_repos call and its answer on the stream")
+    parents = {r[A.SPAN_ID]: r for r in gw.records(host="api.github.com") if not A.is_mcp_child(r)}
+    sent = next(r for r in rows if parents[r[A.PARENT_SPAN_ID]][A.HTTP_REQUEST_METHOD] == "POST")
+    answered = next(r for r in rows if parents[r[A.PARENT_SPAN_ID]][A.HTTP_REQUEST_METHOD] == "GET")
+    assert A.ERROR_TYPE not in sent and "search_repos" in sent[A.REQUEST_BODY] and A.RESPONSE_BODY not in sent
+    assert answered[A.MCP_METHOD_NAME] == "tools/call" and "found: old" in answered[A.RESPONSE_BODY]
+    assert answered[A.JSONRPC_REQUEST_ID] == sent[A.JSONRPC_REQUEST_ID] and answered[A.TIME] == sent[A.TIME]
+    assert answered[A.MCP_SESSION_ID] == sent[A.MCP_SESSION_ID]
 
 
 def test_an_event_stream_cut_mid_event_reaches_the_agent_whole_and_filtered(gw, upstream):

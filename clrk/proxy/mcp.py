@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from urllib.parse import parse_qs, urlsplit
 
 from clrk import mcp
 from clrk.mcp import InvalidMessage, McpBody, McpMessage
@@ -27,15 +29,66 @@ EVENT_LIMIT = 32 * 1024 * 1024  # one SSE event (or a streamed JSON answer) held
 MAX_CHILDREN = 1000
 
 
+SessionKey = tuple[str, str, int, str]  # (agent, host, port, session id)
+
+
+class McpSessions:
+    """Requests whose answer may come in another transaction of their session: over the older HTTP+SSE
+    transport the POST is answered 202 and its answer arrives on the session's GET stream (Streamable HTTP
+    does so when a stream is resumed). Kept per (agent, host, port, session) without their bodies, bounded:
+    the oldest session goes first past MAX_SESSIONS, a session's oldest request past MAX_CHILDREN."""
+
+    MAX_SESSIONS = 4096
+
+    def __init__(self) -> None:
+        self.waiting: OrderedDict[SessionKey, OrderedDict[str | int | None, tuple[McpMessage, float]]] = OrderedDict()
+
+    def park(self, key: SessionKey, req: McpMessage, t0: float) -> None:
+        ids = self.waiting.get(key)
+        if ids is None:
+            ids = self.waiting[key] = OrderedDict()
+            if len(self.waiting) > self.MAX_SESSIONS:
+                self.waiting.popitem(last=False)
+        ids[req.id] = (McpMessage(req.kind, req.id, req.method, req.target, req.target_kind), t0)  # no body kept
+        if len(ids) > MAX_CHILDREN:
+            ids.popitem(last=False)
+
+    def claim(self, key: SessionKey, msg_id: str | int | None) -> tuple[McpMessage, float] | None:
+        ids = self.waiting.get(key)
+        if ids is None:
+            return None
+        found = ids.pop(msg_id, None)
+        if not ids:
+            del self.waiting[key]
+        return found
+
+
+def session_of_endpoint(url: str) -> str | None:
+    """The session id an HTTP+SSE endpoint URL names (`/messages/?session_id=...`)."""
+    try:
+        query = parse_qs(urlsplit(url).query)
+    except ValueError:
+        return None
+    for name in ("session_id", "sessionId"):
+        if query.get(name):
+            return query[name][0]
+    return None
+
+
 class McpExchange:
     """The MCP side of one transaction. `rule`: the MCPRoute that allowed it (None: recognised on an ordinary
-    route, recorded but not filtered)."""
+    route, recorded but not filtered). `sessions` and `where` (agent, host, port): where requests wait for an
+    answer in another transaction of their session."""
 
-    __slots__ = ("session", "version", "rule", "body", "pending", "done", "filtered", "unrecorded")
+    __slots__ = ("session", "version", "rule", "body", "pending", "done", "filtered", "unrecorded", "sessions",
+                 "where")
 
-    def __init__(self, session: str | None, version: str | None):
+    def __init__(self, session: str | None, version: str | None, sessions: McpSessions | None = None,
+                 where: tuple[str, str, int] | None = None):
         self.session = session
         self.version = version
+        self.sessions = sessions
+        self.where = where
         self.rule: McpRule | None = None
         self.body: McpBody | None = None
         self.pending: dict[str | int | None, tuple[McpMessage, float]] = {}  # request id -> (request, when)
@@ -50,15 +103,37 @@ class McpExchange:
         else:
             self.unrecorded += 1
 
+    def _key(self) -> SessionKey | None:
+        if self.sessions is None or self.where is None or not self.session:
+            return None
+        return (*self.where, self.session)
+
     def request(self, body: McpBody, now: float) -> None:
-        """The messages of the POST body: requests wait for their answer; notifications and answers to the
-        server's own requests stand alone."""
+        """The messages of the POST body: requests wait for their answer (here, or in another transaction of
+        their session); notifications and answers to the server's own requests stand alone."""
         self.body = body
+        key = self._key()
         for m in body.messages:
             if m.kind == "request":
                 self.pending[m.id] = (m, now)
+                if key is not None:
+                    self.sessions.park(key, m, now)  # type: ignore[union-attr]
             else:
                 self._keep((m, None, now, now))
+
+    def learn_endpoint(self, data: str) -> None:
+        """HTTP+SSE: the stream's `endpoint` event names the session its POSTs will carry."""
+        if self.session is None:
+            self.session = session_of_endpoint(data.strip())
+
+    def settle(self, answered_elsewhere: bool) -> None:
+        """The transaction is over: requests it did not see answered wait no longer, unless its answer said they
+        will be answered elsewhere (202)."""
+        key = self._key()
+        if key is None or answered_elsewhere:
+            return
+        for msg_id in self.pending:
+            self.sessions.claim(key, msg_id)  # type: ignore[union-attr]
 
     def answer(self, doc: object, now: float) -> object:
         """One answer from the server (a message or a batch): paired with its request, a listing filtered;
@@ -68,7 +143,13 @@ class McpExchange:
                 m = mcp.message(d)
             except InvalidMessage:
                 continue
-            asked = self.pending.pop(m.id, None) if m.kind in ("response", "error") else None
+            asked = None
+            if m.kind in ("response", "error"):
+                asked = self.pending.pop(m.id, None)
+                key = self._key()
+                if key is not None:  # answered: waits no longer (here), or was asked in another transaction
+                    claimed = self.sessions.claim(key, m.id)  # type: ignore[union-attr]
+                    asked = asked or claimed
             if asked is not None:
                 req, t0 = asked
                 if self.rule is not None and m.kind == "response" and req.method in mcp.LISTS:
@@ -113,28 +194,32 @@ class McpExchange:
         log.warning("clrk: an MCP answer could not be read (%s); the listing it may hold is answered with an error", why)
         return json.dumps(errors[0] if len(errors) == 1 else errors).encode()
 
-    def children(self, end: float, denied: bool, limit: int, capture: bool, redactor: Redactor) -> list[dict]:
+    def children(self, end: float, denied: bool, limit: int, capture: bool, redactor: Redactor,
+                 answered_elsewhere: bool = False) -> list[dict]:
         """One child record's facts per pair (the recorder makes them rows: `clrk.recorder.expand.mcp_rows`).
-        Requests left unanswered end with the transaction: refused by the gateway, or no answer came."""
+        Requests left unanswered end with the transaction: refused by the gateway, no answer came, or — the
+        server said 202 — answered in another transaction of the session (its record names the request)."""
+        self.settle(answered_elsewhere and not denied)
         out = []
-        pairs = self.done + [(req, None, t0, end) for req, t0 in self.pending.values()]
+        # (request or lone message, answer, start, end, a request of this transaction left unanswered)
+        pairs = [(*pair, False) for pair in self.done] + [(req, None, t0, end, True) for req, t0 in self.pending.values()]
         if len(pairs) > MAX_CHILDREN or self.unrecorded:
             log.warning("clrk: an MCP transaction carried %d messages; the first %d are recorded one by one",
                         len(pairs) + self.unrecorded, MAX_CHILDREN)
             pairs = pairs[:MAX_CHILDREN]
-        for req, ans, t0, t1 in pairs:
+        for req, ans, t0, t1, unanswered in pairs:
             first = req or ans
             assert first is not None
             error = None
             if ans is not None and ans.is_error:
                 err = ans.doc.get("error")
                 error = str(err.get("code")) if isinstance(err, dict) and "code" in err else "tool_error"
-            elif ans is None and req is not None and req.kind == "request":
-                error = "policy_denied" if denied else "no_response"
+            elif unanswered:
+                error = "policy_denied" if denied else (None if answered_elsewhere else "no_response")
             out.append({
                 "span": os.urandom(8).hex(), "t0": t0, "t1": t1, "method": first.method, "kind": first.target_kind,
                 "target": first.target, "id": None if first.id is None else str(first.id), "error": error,
-                "req": _captured(req, limit, redactor) if capture and req is not None else None,
+                "req": _captured(req, limit, redactor) if capture and req is not None and req.doc else None,
                 "resp": _captured(ans, limit, redactor) if capture and ans is not None else None,
             })
         return out
@@ -185,6 +270,10 @@ class McpStream:
         for ev in events:
             data = mcp.event_data(ev) if ev else None
             if data is None:
+                out.append(ev)
+                continue
+            if mcp.event_type(ev) == "endpoint":  # HTTP+SSE: where the session's POSTs go (not JSON-RPC)
+                self.exchange.learn_endpoint(data)
                 out.append(ev)
                 continue
             new = self.exchange.rewrite_json(data.encode(), now)

@@ -20,6 +20,7 @@ from clrk.policy.compiled import AgentIdentity
 from clrk.providers.base import GenAiResult
 from clrk.proxy.budget import MAX_TOKENS, BudgetLedger
 from clrk.proxy.capture import has_body, request_is_buffered
+from clrk.proxy.mcp import McpSessions
 from clrk.proxy.sink import RecordSink
 from clrk.proxy.transaction import METADATA_KEY, Transaction, Tunnel, snapshot
 from clrk.snapshot import Snapshot
@@ -45,6 +46,7 @@ class Runtime:
         self.blocked: dict[str, str] = {}
         self.unsent: list[Snapshot] = []
         self.in_flight = 0  # transactions begun and not yet recorded (what a graceful stop waits for)
+        self.mcp_sessions = McpSessions()  # MCP requests waiting for an answer in another transaction
 
     def allow(self, client: connection.Client, host: str, port: int, agent: AgentIdentity) -> None:
         allowed = self.allowed.get(client.id)

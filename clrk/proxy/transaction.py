@@ -213,8 +213,9 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
         raw["first_chunk"] = tx.resp_capture.first_at
     if tx.mcp is not None:
         rule = tx.mcp.rule or (d.mcp_rule if d is not None else None)
+        elsewhere = resp is not None and tx.upstream_response and resp.status_code == 202  # answered on another stream
         raw["mcp"] = tx.mcp.children(end, d is not None and not d.allow, limit, (rule.capture_arguments if rule else True)
-                                     and limit > 0, redactor)
+                                     and limit > 0, redactor, elsewhere)
         raw["mcp_session"] = (tx.mcp.session, tx.mcp.version)
     if tx.budget_pool is not None:
         raw["budget"] = (tx.budget_pool, tx.budget_denied, tx.budget_max, tx.budget_used, tx.budget_charged)

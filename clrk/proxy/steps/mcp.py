@@ -9,7 +9,7 @@ from mitmproxy import http
 from clrk import mcp
 from clrk.mcp import InvalidMessage
 from clrk.proxy.capture import PROVIDER_BUFFER_LIMIT, BodyCapture
-from clrk.proxy.mcp import McpExchange, McpStream
+from clrk.proxy.mcp import McpExchange, McpStream, session_of_endpoint
 from clrk.proxy.runtime import Runtime
 from clrk.proxy.transaction import METADATA_KEY, Transaction
 
@@ -31,7 +31,10 @@ class McpTraffic:
             return
         h = tx.req_h or {}
         if policy.mcp_host(tx.dst_name) or mcp.looks_like_mcp(h):
-            tx.mcp = McpExchange(h.get("mcp-session-id"), h.get("mcp-protocol-version"))
+            # The session: Streamable HTTP's header, or the older transport's endpoint URL (`?session_id=`).
+            session = h.get("mcp-session-id") or (session_of_endpoint(flow.request.path) if "?" in flow.request.path else None)
+            where = (tx.agent.ref if tx.agent is not None else "", tx.dst_name, tx.dst_port or 0)
+            tx.mcp = McpExchange(session, h.get("mcp-protocol-version"), self.rt.mcp_sessions, where)
             if "accept-encoding" in h:
                 # Answers are read (and listings filtered) as they pass: asked for uncompressed.
                 flow.request.headers["accept-encoding"] = "identity"
