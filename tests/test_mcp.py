@@ -411,8 +411,9 @@ def test_a_listing_split_into_single_bytes_is_filtered_whole(policy):
 
 def test_the_older_http_sse_transport(gw, servers):
     """GET /sse carries the answers, POST /messages/ the requests: the POSTs are judged, the listing on the
-    stream is filtered (by its shape: its request went in another transaction), and a refused call never
-    reaches the server (this transport's client reads answers only from the stream, so it waits in vain)."""
+    stream is filtered (paired with its request by session and id), and a refused call never reaches the
+    server: its POST gets 202 and its error goes on the stream (this transport's clients read answers only
+    there), before the next bytes the server sends on it."""
     from mcp.client.sse import sse_client
 
     legacy = servers[2]
@@ -427,12 +428,16 @@ def test_the_older_http_sse_transport(gw, servers):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 names = sorted(t.name for t in (await session.list_tools()).tools)
+                refused = asyncio.create_task(session.call_tool("delete_repository", {"name": "z"}))
+                # once the gateway has refused it, the next answer on the stream carries the refusal along
+                await asyncio.to_thread(gw.wait_log, "denied POST api.github.com:443/messages/")
                 found = await session.call_tool("search_repos", {"query": "old"})
-                with pytest.raises(MCPError, match="timed out"):
-                    await session.call_tool("delete_repository", {"name": "z"}, read_timeout_seconds=1.0)
-                return names, found
+                with pytest.raises(MCPError) as e:
+                    await asyncio.wait_for(refused, 10)
+                return names, found, e.value
 
-    names, found = asyncio.run(run())
+    names, found, refused = asyncio.run(run())
+    assert refused.error.code == -32001 and "delete_repository is not allowed" in refused.error.message
     assert "delete_repository" not in names and "search_repos" in names
     assert found.content[0].text == "found: old"
     assert [c[0] for c in legacy.called] == ["search_repos"]

@@ -42,6 +42,18 @@ class McpSessions:
 
     def __init__(self) -> None:
         self.waiting: OrderedDict[SessionKey, OrderedDict[str | int | None, tuple[McpMessage, float]]] = OrderedDict()
+        # Refusals to be sent on a session's stream (HTTP+SSE), as whole SSE events.
+        self.refusals: OrderedDict[SessionKey, list[bytes]] = OrderedDict()
+
+    def refuse_later(self, key: SessionKey, events: list[bytes]) -> None:
+        queued = self.refusals.setdefault(key, [])
+        queued.extend(events)
+        del queued[:-MAX_CHILDREN]
+        if len(self.refusals) > self.MAX_SESSIONS:
+            self.refusals.popitem(last=False)
+
+    def take_refusals(self, key: SessionKey) -> list[bytes]:
+        return self.refusals.pop(key, []) if self.refusals else []
 
     def park(self, key: SessionKey, req: McpMessage, t0: float) -> None:
         ids = self.waiting.get(key)
@@ -81,10 +93,11 @@ class McpExchange:
     answer in another transaction of their session."""
 
     __slots__ = ("session", "version", "rule", "body", "pending", "done", "filtered", "unrecorded", "sessions",
-                 "where")
+                 "where", "legacy")
 
     def __init__(self, session: str | None, version: str | None, sessions: McpSessions | None = None,
-                 where: tuple[str, str, int] | None = None):
+                 where: tuple[str, str, int] | None = None, legacy: bool = False):
+        self.legacy = legacy  # the older HTTP+SSE transport: the session is named by the endpoint's URL
         self.session = session
         self.version = version
         self.sessions = sessions
@@ -125,6 +138,17 @@ class McpExchange:
         """HTTP+SSE: the stream's `endpoint` event names the session its POSTs will carry."""
         if self.session is None:
             self.session = session_of_endpoint(data.strip())
+
+    def refuse_on_stream(self, errors: tuple[tuple[str | int | None, int, str], ...]) -> bool:
+        """HTTP+SSE: the gateway's JSON-RPC errors for this POST's requests go on the session's stream (sent
+        before the next bytes the server sends there). False when there is no session to send them on."""
+        key = self._key()
+        if key is None:
+            return False
+        self.sessions.refuse_later(key, [  # type: ignore[union-attr]
+            b"event: message\r\ndata: " + json.dumps(mcp.rpc_error(i, code, text)).encode() + b"\r\n\r\n"
+            for i, code, text in errors])
+        return True
 
     def settle(self, answered_elsewhere: bool) -> None:
         """The transaction is over: requests it did not see answered wait no longer, unless its answer said they
@@ -278,6 +302,10 @@ class McpStream:
                 continue
             new = self.exchange.rewrite_json(data.encode(), now)
             out.append(mcp.replace_event_data(ev, new.decode()) if new is not None else ev)
+        if self.exchange.legacy is False and self.exchange.session is not None and self.exchange.sessions is not None:
+            key = self.exchange._key()
+            if key is not None:
+                out.extend(self.exchange.sessions.take_refusals(key))  # refusals of the session's POSTs (HTTP+SSE)
         return [b"".join(out)] if any(out) else []
 
     def _give_up(self, why: str) -> bytes:

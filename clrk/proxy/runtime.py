@@ -129,6 +129,10 @@ def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
     h = tx.req_h or {}
     if not req.stream and req.raw_content is None and has_body(h) and not request_is_buffered(h, False):
         flow.kill()
+    elif d.rpc_errors and tx.mcp is not None and tx.mcp.legacy and tx.mcp.refuse_on_stream(d.rpc_errors):
+        # The older HTTP+SSE transport: its clients read answers only from the session's stream, where the
+        # refusal now waits; the POST gets what the server would have said.
+        flow.response = http.Response.make(202, b"Accepted", {"content-type": "text/plain; charset=utf-8"})
     else:
         flow.response = deny_response(d, tx.genai.name if tx.genai is not None else None, tx.budget_denied)
         if req.method.upper() == "HEAD":

@@ -32,9 +32,10 @@ class McpTraffic:
         h = tx.req_h or {}
         if policy.mcp_host(tx.dst_name) or mcp.looks_like_mcp(h):
             # The session: Streamable HTTP's header, or the older transport's endpoint URL (`?session_id=`).
-            session = h.get("mcp-session-id") or (session_of_endpoint(flow.request.path) if "?" in flow.request.path else None)
+            session = h.get("mcp-session-id")
+            legacy = session is None and "?" in flow.request.path and (session := session_of_endpoint(flow.request.path)) is not None
             where = (tx.agent.ref if tx.agent is not None else "", tx.dst_name, tx.dst_port or 0)
-            tx.mcp = McpExchange(session, h.get("mcp-protocol-version"), self.rt.mcp_sessions, where)
+            tx.mcp = McpExchange(session, h.get("mcp-protocol-version"), self.rt.mcp_sessions, where, legacy)
             if "accept-encoding" in h:
                 # Answers are read (and listings filtered) as they pass: asked for uncompressed.
                 flow.request.headers["accept-encoding"] = "identity"
