@@ -27,10 +27,12 @@ class McpTraffic:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         policy = self.rt.policy
-        if tx is None or policy is None or tx.dst_name is None or flow.response or flow.error:
+        if tx is None or policy is None or tx.dst_name is None or tx.req_h is None or flow.response or flow.error:
             return
-        h = tx.req_h or {}
-        if policy.mcp_host(tx.dst_name) or mcp.looks_like_mcp(h):
+        h, host = tx.req_h, tx.dst_name
+        # Every request pays this: set and dict lookups, the wildcard scan only where an MCPRoute has one.
+        if (host in policy.mcp_hosts or "mcp-session-id" in h or "mcp-protocol-version" in h
+                or ((policy.mcp_any_host or policy.mcp_suffixes) and policy.mcp_host(host))):
             # The session: Streamable HTTP's header, or the older transport's endpoint URL (`?session_id=`).
             session = h.get("mcp-session-id")
             legacy = session is None and "?" in flow.request.path and (session := session_of_endpoint(flow.request.path)) is not None
