@@ -32,7 +32,6 @@ _FOLDED = {m.lower(): m for m in KNOWN_METHODS}
 JSON_TYPES = ("application/json",)
 SSE_TYPE = "text/event-stream"
 # JSON-RPC error codes the gateway answers with
-PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INTERNAL_ERROR = -32603
 POLICY_DENIED = -32001  # the contract's code for a call the policy refuses
@@ -146,11 +145,6 @@ def parse_body(body: bytes) -> McpBody:
             raise InvalidMessage("an empty JSON-RPC batch")
         return McpBody([message(d) for d in doc], batch=True)
     return McpBody([message(doc)])
-
-
-def looks_like_mcp(headers: dict[str, str]) -> bool:
-    """A request carrying the Streamable HTTP transport's own headers."""
-    return "mcp-session-id" in headers or "mcp-protocol-version" in headers
 
 
 def rpc_error(msg_id: str | int | None, code: int, text: str) -> dict:
