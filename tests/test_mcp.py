@@ -510,6 +510,31 @@ def test_a_listing_the_gateway_cannot_read_is_not_passed_on(gw, upstream, answer
     assert got["id"] == 32 and got["error"]["code"] == -32603 and got["error"]["message"].startswith("clrk: ")
 
 
+@pytest.mark.parametrize("sse", [True, False])
+def test_an_answer_too_long_to_hold_never_carries_a_listing_through(policy, sse):
+    """Past the bound an answer is not held: with a listing awaited, the listing becomes the gateway's error and
+    nothing more of the answer passes; with none, the answer passes on unread."""
+    from clrk.proxy.mcp import McpExchange, McpStream
+
+    for listing in (True, False):
+        ex = McpExchange("s", None)
+        ex.rule = policy.mcp_rules[0]
+        ex.request(mcp.parse_body(json.dumps({"jsonrpc": "2.0", "id": 9,
+                                              "method": "tools/list" if listing else "tools/call",
+                                              "params": {"name": "get_issue"}}).encode()), 0.0)
+        stream = McpStream(ex, None, sse=sse, limit=64)
+        head = (b"data: " if sse else b"") + b'{"jsonrpc":"2.0","id":9,"result":{"tools":[{"name":"delete_repository"}'
+        out = [*stream(head), *stream(b", " * 40), *stream(b"]}}" + (b"\n\n" if sse else b"")), *stream(b"")]
+        passed = b"".join(out)
+        assert b"" not in out
+        if listing:
+            assert b"delete_repository" not in passed
+            doc_ = json.loads(mcp.event_data(passed) if sse else passed)
+            assert doc_["id"] == 9 and doc_["error"]["code"] == -32603 and not ex.pending
+        else:
+            assert passed.endswith(b"]}}" + (b"\n\n" if sse else b"")) and b"delete_repository" in passed
+
+
 def _wait_children(gw: Gateway, host: str, n: int) -> list[dict]:
     def calls():
         rows = [r for r in gw.records(host=host) if r.get(A.MCP_METHOD_NAME) == "tools/call"]

@@ -259,14 +259,17 @@ class McpStream:
     event (each one read, a listing in it filtered), a JSON answer of unknown length is held whole (bounded) and
     passed on at its end. `inner` is the capture's own callable, fed what the upstream sent."""
 
-    __slots__ = ("exchange", "inner", "events", "json", "held", "failed")
+    __slots__ = ("exchange", "inner", "events", "held", "failed", "swallow", "limit")
 
-    def __init__(self, exchange: McpExchange, inner: Callable[[bytes], bytes] | None, sse: bool):
+    def __init__(self, exchange: McpExchange, inner: Callable[[bytes], bytes] | None, sse: bool,
+                 limit: int = EVENT_LIMIT):
         self.exchange = exchange
         self.inner = inner
-        self.events = mcp.SseEvents(EVENT_LIMIT) if sse else None
+        self.limit = limit
+        self.events = mcp.SseEvents(limit) if sse else None
         self.held = bytearray()
-        self.failed = False
+        self.failed = False  # no longer read: what comes is passed on as it is...
+        self.swallow = False  # ...or, when a listing could not be filtered, not at all
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         """What to pass on for `chunk` (b"": the end). Nothing to pass yet is [], never b"": mitmproxy writes an
@@ -274,12 +277,12 @@ class McpStream:
         if self.inner is not None:
             self.inner(chunk)
         if self.failed:
-            return chunk
+            return [] if self.swallow or not chunk else [chunk]
         now = time.time()
         if self.events is None:
             if chunk:
                 self.held += chunk
-                if len(self.held) > EVENT_LIMIT:
+                if len(self.held) > self.limit:
                     return self._give_up("a JSON answer longer than the limit")
                 return []
             body = bytes(self.held)
@@ -308,11 +311,18 @@ class McpStream:
                 out.extend(self.exchange.sessions.take_refusals(key))  # refusals of the session's POSTs (HTTP+SSE)
         return [b"".join(out)] if any(out) else []
 
-    def _give_up(self, why: str) -> bytes:
-        """What cannot be judged is not passed on while a listing may need filtering; else it is, unread."""
+    def _give_up(self, why: str) -> list[bytes]:
+        """What cannot be read is passed on unread, unless a listing awaits its answer: the listing is then the
+        gateway's JSON-RPC error and the rest of the answer is not passed on (it may hold the listing)."""
         self.failed = True
-        if self.exchange.wants_listing():
-            raise InvalidMessage(f"clrk: MCP answer not passed on: {why}")
+        refusal = self.exchange._unreadable(why, time.time())
+        if refusal is not None:
+            self.swallow = True
+            self.held.clear()
+            if self.events is not None:
+                self.events.rest()
+                return [b"event: message\r\ndata: " + refusal + b"\r\n\r\n"]
+            return [refusal]
         log.warning("clrk: MCP answer no longer read: %s", why)
         held = bytes(self.held) + (self.events.rest() if self.events is not None else b"")
         self.held.clear()
