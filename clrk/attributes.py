@@ -26,6 +26,21 @@ GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tok
 GEN_AI_RESPONSE_STREAM: Final = "gen_ai.response.stream"
 GEN_AI_USAGE_COST: Final = "gen_ai.usage.cost"  # USD (no semconv name yet; the contract's, as Langfuse/OpenLLMetry use)
 
+GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"  # MCP tools/call: the tool
+GEN_AI_PROMPT_NAME: Final = "gen_ai.prompt.name"  # MCP prompts/get: the prompt
+
+# --- MCP (OpenTelemetry MCP semantic conventions): on the child record of each JSON-RPC request/response pair ---
+MCP_METHOD_NAME: Final = "mcp.method.name"
+MCP_SESSION_ID: Final = "mcp.session.id"  # a fingerprint (sha256:<16 hex>) of the Mcp-Session-Id, never the id
+MCP_PROTOCOL_VERSION: Final = "mcp.protocol.version"
+MCP_RESOURCE_URI: Final = "mcp.resource.uri"
+JSONRPC_REQUEST_ID: Final = "jsonrpc.request.id"
+
+
+def is_mcp_child(row) -> bool:
+    """A child record of an MCP message (not a transaction): it names a method, or answers a request by id."""
+    return MCP_METHOD_NAME in row or JSONRPC_REQUEST_ID in row
+
 # --- HTTP / URL / server (OpenTelemetry HTTP semantic conventions) ---
 HTTP_REQUEST_METHOD: Final = "http.request.method"
 HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
@@ -96,6 +111,7 @@ REQUEST_BODY: Final = "request.body"
 RESPONSE_BODY: Final = "response.body"
 
 COMPONENT_EGRESS: Final = "egress-extproc"
+OPERATION_EXECUTE_TOOL: Final = "execute_tool"  # gen_ai.operation.name of an MCP tools/call
 
 # Column name -> DuckDB type, in storage order. `time`/`end_time` are epoch seconds in the proxy and
 # TIMESTAMPTZ in the store; headers are JSON text.
@@ -120,6 +136,13 @@ COLUMNS: Final[dict[str, str]] = {
     GEN_AI_RESPONSE_STREAM: "BOOLEAN",
     GEN_AI_USAGE_COST: "DOUBLE",
     CLRK_COST_SOURCE: "VARCHAR",
+    MCP_METHOD_NAME: "VARCHAR",
+    GEN_AI_TOOL_NAME: "VARCHAR",
+    GEN_AI_PROMPT_NAME: "VARCHAR",
+    MCP_RESOURCE_URI: "VARCHAR",
+    JSONRPC_REQUEST_ID: "VARCHAR",
+    MCP_SESSION_ID: "VARCHAR",
+    MCP_PROTOCOL_VERSION: "VARCHAR",
     HTTP_REQUEST_METHOD: "VARCHAR",
     HTTP_RESPONSE_STATUS_CODE: "INTEGER",
     URL_FULL: "VARCHAR",

@@ -2,7 +2,8 @@
 
 The order is the policy contract's: authenticate → destination agreement → EgressDenyPolicy →
 blockPrivateNetworks (IP-literal destinations; a name's addresses are judged when it is resolved, see
-`clrk.addresses`) → AIProviderRoute → EgressRoute → defaultPolicy. Every `Decision` carries the rule that made
+`clrk.addresses`) → MCPRoute (each JSON-RPC message of the body: `clrk.mcp`) → AIProviderRoute → EgressRoute →
+defaultPolicy. Every `Decision` carries the rule that made
 it and a reason a human can act on; both are recorded and the reason is what a denied agent reads.
 
 A provider call's model usually sits in its request body. `decide` is first called when the headers
@@ -16,11 +17,13 @@ import fnmatch
 from dataclasses import dataclass
 
 from clrk.addresses import literal, private, views
+from clrk.mcp import INVALID_REQUEST, POLICY_DENIED, McpBody
 from clrk.policy.compiled import (
     AgentIdentity,
     CompiledPolicy,
     GatewayConfig,
     HostRule,
+    McpRule,
     ProviderMatchRule,
     ProviderRule,
 )
@@ -66,6 +69,11 @@ class RequestFacts:
     protocol_problem: str | None = None
     # Why servers may read `path` differently (`clrk.hostnames.path_ambiguity`), for rules limited by path.
     path_ambiguity: str | None = None
+    # An MCP request (clrk.mcp): the body is still to come (`mcp_pending`), its messages once read, or why they
+    # cannot be read (`mcp_problem`: not JSON-RPC, a body too large or of unknown length...).
+    mcp_pending: bool = False
+    mcp: McpBody | None = None
+    mcp_problem: str | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +85,11 @@ class Decision:
     provider_rule: ProviderRule | None = None  # the AIProviderRoute rule that allowed a provider call
     host_rule: HostRule | None = None  # the EgressRoute or EgressDenyPolicy that decided, if one did
     answer: str | None = None  # what a denied client reads, when it must differ from the recorded reason
+    mcp_rule: McpRule | None = None  # the MCPRoute that decided an MCP request
+    # A denied MCP request is answered in JSON-RPC: (id, code, message) for each request of the body, and
+    # whether the body was a batch (the answer is then an array).
+    rpc_errors: tuple[tuple[str | int | None, int, str], ...] | None = None
+    rpc_batch: bool = False
 
     @property
     def action(self) -> str:
@@ -156,6 +169,13 @@ def decide(
             embedded = f" ({refused.matched})" if refused.matched != refused.address else ""
             return Decision(False, refused.rule, f"{_dest(req.host, req.port)}{embedded} is {refused.why}", 403)
 
+    if req.path is not None and policy.mcp_host(req.host):
+        for mr in policy.mcp_rules:
+            if mr.agents.matches(agent) and mr.server_for(req.host, req.port, req.path, ambiguous) is not None:
+                if req.mcp_pending:
+                    return None
+                return _judge_mcp(mr, req)
+
     provider_note = ""
     if req.provider is not None and req.path is not None:
         candidates = [r for r in policy.provider_rules if r.agents.matches(agent)]
@@ -181,3 +201,32 @@ def decide(
         what = f"{req.method} {what}{req.path or ''}"
     note = f" (its path is ambiguous: {req.path_ambiguity}; routes limited by path never allow such paths)" if ambiguous else ""
     return Decision(False, default_rule, f"{provider_note}no route allows {what} for agent {agent.ref} (deny-all){note}", 403)
+
+
+def _judge_mcp(mr: McpRule, req: RequestFacts) -> Decision:
+    """An MCP request to a server of `mr`: refused whole if it cannot be read or any message in it names a tool,
+    prompt or resource the route does not allow (a batch is not split: nothing of it reaches the server)."""
+    where = f"{req.method} {_dest(req.host, req.port)}{req.path}"
+    if req.path_ambiguity is not None:
+        reason = f"the path {req.path} is ambiguous ({req.path_ambiguity}) on an MCP server of {mr.ref}"
+        return Decision(False, mr.ref, reason, 403, mcp_rule=mr)
+    if req.mcp_problem is not None:
+        reason = f"{where}: {req.mcp_problem}"
+        return Decision(False, mr.ref, reason, 400, mcp_rule=mr, rpc_errors=((None, INVALID_REQUEST, f"clrk: {req.mcp_problem}"),))
+    body = req.mcp
+    if body is None:
+        return Decision(True, mr.ref, f"{where} allowed by {mr.ref}", mcp_rule=mr)
+    refused = next((m for m in body.messages if m.target_kind is not None and not mr.allows(m.target_kind, m.target or "")), None)
+    if refused is None:
+        return Decision(True, mr.ref, f"{where} allowed by {mr.ref}", mcp_rule=mr)
+    why = f"{refused.target_kind} {refused.target} is not allowed by MCPRoute {mr.namespace}/{mr.name}"
+    errors = []
+    for m in body.messages:
+        if m.kind != "request":
+            continue
+        if m is refused or (m.target_kind is not None and not mr.allows(m.target_kind, m.target or "")):
+            text = f"clrk: {m.target_kind} {m.target} is not allowed by MCPRoute {mr.namespace}/{mr.name}"
+        else:
+            text = f"clrk: not sent: its batch holds a call that is not allowed ({why})"
+        errors.append((m.id, POLICY_DENIED, text))
+    return Decision(False, mr.ref, why, 200, mcp_rule=mr, rpc_errors=tuple(errors), rpc_batch=body.batch)

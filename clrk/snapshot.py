@@ -50,4 +50,9 @@ class Snapshot(TypedDict):
     # a WebSocket session: (messages agent → upstream, messages upstream → agent, close code, closed by
     # "client" | "upstream" | "gateway", close reason)
     ws: NotRequired[tuple[int, int, int | None, str | None, str | None]]
+    # MCP: one entry per JSON-RPC request/response pair, each a child record ({"span", "t0", "t1", "method",
+    # "kind", "target", "id", "error", "req", "resp"}: clrk.proxy.mcp.McpExchange.children), and the session
+    # (Mcp-Session-Id, MCP-Protocol-Version)
+    mcp: NotRequired[list[dict]]
+    mcp_session: NotRequired[tuple[str | None, str | None]]
     incomplete: NotRequired[str]  # what the proxy could not encode (only on that failure path)

@@ -187,9 +187,14 @@ def _cells(r: dict) -> list[str]:
         dest += f"  error={r[A.ERROR_TYPE]}"
     if r.get(A.CLRK_DECISION) == "deny":
         dest += f"  ({r.get(A.CLRK_DECISION_REASON)})"
-    cells = [f"{(r.get(A.TIME) or '')[:23]}Z", agent, str(r.get(A.CLRK_DECISION) or "-"), str(r.get(A.HTTP_REQUEST_METHOD) or ""),
+    method, what = str(r.get(A.HTTP_REQUEST_METHOD) or ""), str(r.get(A.GEN_AI_REQUEST_MODEL) or "")
+    if A.is_mcp_child(r):  # an MCP message: its method and tool (or prompt, resource) where a model would be
+        from clrk.cli.feed import mcp_summary
+
+        method, what = "MCP", mcp_summary(r)
+    cells = [f"{(r.get(A.TIME) or '')[:23]}Z", agent, str(r.get(A.CLRK_DECISION) or "-"), method,
              str(r.get(A.HTTP_RESPONSE_STATUS_CODE) or "-"), f"{r.get(A.CLRK_DURATION_MS) or 0:.1f}",
-             str(r.get(A.GEN_AI_REQUEST_MODEL) or ""), tokens, usd, dest]
+             what, tokens, usd, dest]
     return [printable(c) for c in cells]
 
 
@@ -229,6 +234,7 @@ def cmd_records(args: argparse.Namespace) -> None:
         "host": args.host,
         "invocation": args.invocation,
         "decision": args.decision,
+        "mcp": args.mcp,
         "limit": args.limit,
     }
     rows = read_store(args.db, "query", query)
@@ -457,6 +463,8 @@ def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
     rec.add_argument("--host", help="destination host (or *.suffix)")
     rec.add_argument("--invocation", help="invocation.id")
     rec.add_argument("--decision", choices=["allow", "deny"], help="only allowed or only denied transactions")
+    rec.add_argument("--mcp", action="store_true",
+                     help="only MCP messages (one record per JSON-RPC request/response pair: server, method, tool, outcome)")
 
     dv = sub.add_parser("dev", help="the gateway with an in-process OTLP receiver and a live terminal UI")
     dv.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")

@@ -5,6 +5,7 @@ not up yet or restarts."""
 
 from __future__ import annotations
 
+from clrk import attributes as A
 from clrk import wire
 from clrk.recorder.store import SEQ
 
@@ -43,3 +44,10 @@ class RecordFeed:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def mcp_summary(r: dict) -> str:
+    """An MCP message's record in a few words: `tools/call search_repos`, `response #3`."""
+    method = r.get(A.MCP_METHOD_NAME) or f"response #{r.get(A.JSONRPC_REQUEST_ID, '')}"
+    target = r.get(A.GEN_AI_TOOL_NAME) or r.get(A.GEN_AI_PROMPT_NAME) or r.get(A.MCP_RESOURCE_URI)
+    return f"{method} {target}" if target else str(method)

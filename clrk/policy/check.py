@@ -51,7 +51,7 @@ def cross_reference_warnings(docs: list[SourcedDocument]) -> list[str]:
     out: list[str] = []
     for sd in docs:
         doc = sd.doc
-        if isinstance(doc, m.EgressRoute | m.EgressDenyPolicy | m.AIProviderRoute):
+        if isinstance(doc, m.EgressRoute | m.EgressDenyPolicy | m.AIProviderRoute | m.MCPRoute):
             out += _selector_warnings(sd, "spec.sourceAgents", doc.spec.source_agents, agents)
         elif isinstance(doc, m.CredentialInjectionPolicy):
             for j, ref in enumerate(doc.spec.target_refs):

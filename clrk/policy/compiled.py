@@ -131,6 +131,51 @@ class HostRule:
 
 
 @dataclass(frozen=True, slots=True)
+class McpNameRule:
+    """Which names of one kind (tools, prompts, resource URIs) an MCPRoute lets through: deny globs win
+    (compared without regard to case, as a deny must hold whatever the server makes of case); allow globs are
+    exact; no allow list allows every name."""
+
+    allow: tuple[str, ...] | None
+    deny: tuple[str, ...]
+
+    def allows(self, name: str) -> bool:
+        folded = name.lower()
+        if any(fnmatch.fnmatchcase(folded, d.lower()) for d in self.deny):
+            return False
+        return self.allow is None or any(fnmatch.fnmatchcase(name, a) for a in self.allow)
+
+
+@dataclass(frozen=True, slots=True)
+class McpRule:
+    """An MCPRoute ready for matching: its servers as (host rule, path prefix) and what it lets through."""
+
+    ref: str  # "MCPRoute/<namespace>/<name>"
+    name: str
+    namespace: str
+    servers: tuple[tuple[HostRule, str], ...]  # (host and port, path prefix)
+    agents: AgentSelector
+    names: Mapping[str, McpNameRule]  # "tool" | "prompt" | "resource" -> rule
+    capture_arguments: bool = True
+
+    def server_for(self, host: str, port: int, path: str | None, ambiguous: bool) -> tuple[HostRule, str] | None:
+        """The server entry whose host and port this request names, when its path is under the entry's prefix
+        (or, `ambiguous`, may be: such a path is judged as the server's and refused)."""
+        for hr, prefix in self.servers:
+            if not hr.matches_host(host) or port not in hr.ports:
+                continue
+            if ambiguous and prefix != "/":
+                return hr, prefix
+            p = path or "/"
+            if prefix == "/" or p == prefix.rstrip("/") or p.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+                return hr, prefix
+        return None
+
+    def allows(self, kind: str, name: str) -> bool:
+        return self.names[kind].allows(name)
+
+
+@dataclass(frozen=True, slots=True)
 class BackendTarget:
     """A Backend: where provider traffic of a route goes, and how its request is adjusted."""
 
@@ -283,6 +328,12 @@ class CompiledPolicy:
     # host; the Backends whose upstream it is)
     provider_names_by_host: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     provider_rules: tuple[ProviderRule, ...] = ()
+    mcp_rules: tuple[McpRule, ...] = ()
+    # Every host an MCPRoute names exactly, the suffixes of its `*.suffix` ones, and whether one says `*`: what
+    # `mcp_host` looks up, the one question ordinary traffic pays for.
+    mcp_hosts: frozenset[str] = frozenset()
+    mcp_suffixes: tuple[str, ...] = ()
+    mcp_any_host: bool = False
     # (target kind, target name) -> injections; namespaces checked by `injections_for`
     injections: Mapping[tuple[str, str], tuple[tuple[str | None, Injection], ...]] = field(default_factory=dict, repr=False)
     # Every name any gateway of this policy redacts beyond SENSITIVE_WORDS (what the recorder redacts again).
@@ -303,6 +354,10 @@ class CompiledPolicy:
             if port in g.ports:
                 return g
         return None
+
+    def mcp_host(self, host: str) -> bool:
+        """Whether an MCPRoute names a server on `host` (any port, any path)."""
+        return host in self.mcp_hosts or self.mcp_any_host or (bool(self.mcp_suffixes) and host.endswith(self.mcp_suffixes))
 
     def agent_still_valid(self, username: str, digest: bytes) -> AgentIdentity | None:
         """The agent an open tunnel authenticated as, under this policy: None when it is gone or its token
@@ -363,6 +418,14 @@ def read_secret(ref: m.SecretRef, base: Path, where: str, problems: list[str], e
         problems.append(f"{where}: secret file {path} is empty")
         return None
     return value
+
+
+def _server_rule(ref: str, name: str, namespace: str, host: str, port: int) -> HostRule:
+    """One MCPRoute server's host and port, matched as an EgressRoute hostname is."""
+    exact = frozenset() if host == "*" or host.startswith("*.") else frozenset({host})
+    return HostRule(ref=ref, name=name, exact_hosts=exact, wildcard_suffixes=(host[1:],) if host.startswith("*.") else (),
+                    any_host=host == "*", ports=frozenset({port}), methods=frozenset(), paths=(),
+                    agents=AgentSelector(frozenset(), frozenset(), ()), namespace=namespace)
 
 
 def _host_rule(sd: SourcedDocument, spec: m._HostRuleSpec, deny: m.DenyResponse | None) -> HostRule:
@@ -578,6 +641,18 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 )
             )
 
+    mcp_rules = []
+    for sd in by_kind.get("MCPRoute", []):
+        mr: m.MCPRoute = sd.doc  # type: ignore[assignment]
+        ref = f"MCPRoute/{mr.metadata.namespace}/{mr.metadata.name}"
+        servers = tuple(
+            (_server_rule(ref, mr.metadata.name, mr.metadata.namespace, srv.hostname, srv.port), srv.path)
+            for srv in mr.spec.servers)
+        judged = {kind: McpNameRule(tuple(n.allow) if n.allow is not None else None, tuple(n.deny))
+                 for kind, n in (("tool", mr.spec.tools), ("prompt", mr.spec.prompts), ("resource", mr.spec.resources))}
+        mcp_rules.append(McpRule(ref, mr.metadata.name, mr.metadata.namespace, servers,
+                                 AgentSelector.of(mr.spec.source_agents), judged, mr.spec.capture_arguments))
+
     redact_headers = set(SENSITIVE_HEADERS)
     redact_query = set(SENSITIVE_QUERY_PARAMS)
     injections: dict[tuple[str, str], tuple[tuple[str | None, Injection], ...]] = {}
@@ -624,6 +699,10 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
         provider_hosts=provider_hosts,
         provider_names_by_host=provider_names_by_host,
         provider_rules=tuple(provider_rules),
+        mcp_rules=tuple(mcp_rules),
+        mcp_hosts=frozenset(h for r in mcp_rules for hr, _ in r.servers for h in hr.exact_hosts),
+        mcp_suffixes=tuple(s for r in mcp_rules for hr, _ in r.servers for s in hr.wildcard_suffixes),
+        mcp_any_host=any(hr.any_host for r in mcp_rules for hr, _ in r.servers),
         injections=injections,
         redact_headers=frozenset(redact_headers),
         redact_query=frozenset(redact_query),

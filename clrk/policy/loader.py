@@ -144,7 +144,7 @@ def _validation_problems(file: str, index: int, raw: object, node: yaml.Node, er
         if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = ["kind"]
         if e["type"] == "union_tag_invalid":
-            msg = "unknown kind; expected one of EgressGateway, Agent, EgressRoute, EgressDenyPolicy, AIProviderRoute, Backend, CredentialInjectionPolicy, ModelPricing"
+            msg = "unknown kind; expected one of EgressGateway, Agent, EgressRoute, EgressDenyPolicy, AIProviderRoute, Backend, CredentialInjectionPolicy, ModelPricing, MCPRoute"
         elif e["type"] == "union_tag_not_found":
             msg = "missing 'kind'"
         elif e["type"] == "extra_forbidden":

@@ -659,12 +659,76 @@ class Backend(Spec):
     """What the document says."""
 
 
+# --------------------------------------------------------------------------- MCPRoute
+
+
+class McpServer(Spec):
+    hostname: Hostname
+    """The server's host name: exact or `*.suffix`, in normal form (as EgressRoute hostnames)."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 443
+    """The server's port (default 443)."""
+    path: str = "/"
+    """The MCP endpoint's path prefix, matching whole segments (`/mcp` covers `/mcp` and `/mcp/x`; default `/`: the whole host)."""
+
+    @field_validator("hostname")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _check_hostnames([v])[0]
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r} must be a path prefix starting with '/'")
+        return v
+
+
+class McpNames(Spec):
+    allow: list[str] | None = None
+    """Globs of the names (resources: URIs) agents may use; unset: every name. An empty list allows none."""
+    deny: list[str] = []
+    """Globs of the names refused even if `allow` matches them (deny wins; compared without regard to case)."""
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _globs(cls, v: list[str] | None) -> list[str] | None:
+        return _check_globs(v) if v is not None else v
+
+
+class MCPRouteSpec(Spec):
+    servers: list[McpServer] = Field(min_length=1)
+    """The MCP servers (host, port, endpoint path prefix) this route governs."""
+    source_agents: SourceAgents = SourceAgents()
+    """Which agents may use these servers (empty: every agent)."""
+    tools: McpNames = McpNames()
+    """Which tools agents may call (`tools/call`) and see (`tools/list` is filtered to them)."""
+    prompts: McpNames = McpNames()
+    """Which prompts agents may get (`prompts/get`) and see (`prompts/list` is filtered)."""
+    resources: McpNames = McpNames()
+    """Which resources (by URI) agents may read or subscribe to and see (`resources/list` is filtered)."""
+    capture_arguments: bool = True
+    """Record each call's arguments and result (bounded and redacted like bodies); false: names and outcomes only."""
+
+
+class MCPRoute(Spec):
+    """Allows agents to use MCP servers, and per server which tools, prompts and resources."""
+
+    api_version: Literal["clrk.apoxy.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    """Always clrk.apoxy.dev/v1alpha1."""
+    kind: Literal["MCPRoute"]
+    """The document's kind."""
+    metadata: Metadata
+    """Name, namespace and labels."""
+    spec: MCPRouteSpec
+    """What the document says."""
+
+
 # --------------------------------------------------------------------------- CredentialInjectionPolicy
 
 
 class TargetRef(Spec):
-    kind: Literal["AIProviderRoute", "EgressRoute", "EgressGateway"]
-    """The kind of document the credential goes with: an AIProviderRoute or EgressRoute (calls it allows), or an EgressGateway (provider calls through it that no route credential covers)."""
+    kind: Literal["AIProviderRoute", "EgressRoute", "MCPRoute", "EgressGateway"]
+    """The kind of document the credential goes with: an AIProviderRoute, EgressRoute or MCPRoute (calls it allows), or an EgressGateway (provider calls through it that no route credential covers)."""
     name: str
     """That document's name."""
     namespace: str | None = None
@@ -772,7 +836,8 @@ Document = Annotated[
     | AIProviderRoute
     | Backend
     | CredentialInjectionPolicy
-    | ModelPricing,
+    | ModelPricing
+    | MCPRoute,
     Field(discriminator="kind"),
 ]
 KINDS = (
@@ -784,4 +849,5 @@ KINDS = (
     Backend,
     CredentialInjectionPolicy,
     ModelPricing,
+    MCPRoute,
 )

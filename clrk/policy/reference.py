@@ -27,6 +27,8 @@ PURPOSE = {
     "Backend": "Where an AIProviderRoute sends calls: a host speaking a provider's API, with model rewrites.",
     "CredentialInjectionPolicy": "A provider key (or any credential) the gateway adds to the calls a route or gateway "
                                  "allows, so agents never hold it; redacted in every record.",
+    "MCPRoute": "Allows agents to use MCP servers (host, port, endpoint path) and, per server, which tools, prompts "
+                "and resources; a refused `tools/call` is answered by the gateway, listings are filtered (docs/MCP.md).",
     "ModelPricing": "Prices (USD per million tokens) that override or add to the bundled price data, for "
                     "`gen_ai.usage.cost` and dollar budgets (docs/COST.md).",
 }

@@ -26,6 +26,7 @@ from clrk.proxy.steps.capture import Capture
 from clrk.proxy.steps.credentials import Credentials
 from clrk.proxy.steps.egress import EgressControl
 from clrk.proxy.steps.failsafe import Failsafe
+from clrk.proxy.steps.mcp import McpTraffic
 from clrk.proxy.steps.passthrough import Passthrough
 from clrk.proxy.steps.policy import PolicyLoader
 from clrk.proxy.steps.providers import Providers
@@ -56,6 +57,7 @@ class Gateway:
       Passthrough      TLS Passthrough listeners: CONNECT decided at L4, ClientHello checked, bytes relayed
       Providers        model-provider calls recognised and parsed (gen_ai.* attributes, usage)
       WebSocketSessions  WebSocket sessions after the 101: bounded, judged per message, accounted, recorded
+      McpTraffic       MCP requests read before the decision; answers paired, listings filtered, one child each
       EgressControl    the decision; denials answered here; the last guard before any upstream connection;
                        where it allows a request, it runs once what an allow sets in motion:
         ProviderRouting  token budgets and Backends of the matched AIProviderRoute rule
@@ -75,6 +77,7 @@ class Gateway:
         self.passthrough = Passthrough(rt)
         self.providers = Providers(rt)
         self.websocket = WebSocketSessions(rt)
+        self.mcp = McpTraffic(rt)
         self.egress = EgressControl(rt)
         self.routing = ProviderRouting(rt)
         self.credentials = Credentials(rt)
@@ -84,7 +87,8 @@ class Gateway:
         self.failsafe = Failsafe(rt)
         # What an allow decision sets in motion runs where the decision is made, once per request.
         self.egress.then_allowed(self.routing.route, self.credentials.inject)
-        steps = (self.policy, self.auth, self.passthrough, self.providers, self.websocket, self.egress, self.capture,
+        self.egress.read_mcp = self.mcp.read_request
+        steps = (self.policy, self.auth, self.passthrough, self.providers, self.websocket, self.mcp, self.egress, self.capture,
                  self.upstream, self.recording, self.failsafe)
         self.steps: dict[str, tuple[Step, ...]] = {
             hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None))) for hook in TRAFFIC_HOOKS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import weakref
@@ -13,11 +14,13 @@ from clrk.decision import Decision
 from clrk.errors import JSON_HEADERS, error_body, no_retry_headers, seconds_until_utc_midnight
 from clrk.escape import printable
 from clrk.identity import AuthThrottle
+from clrk.mcp import rpc_error
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.providers.base import GenAiResult
 from clrk.proxy.budget import MAX_TOKENS, BudgetLedger
 from clrk.proxy.capture import has_body, request_is_buffered
+from clrk.proxy.mcp import McpSessions
 from clrk.proxy.sink import RecordSink
 from clrk.proxy.transaction import METADATA_KEY, Transaction, Tunnel, snapshot
 from clrk.snapshot import Snapshot
@@ -43,6 +46,7 @@ class Runtime:
         self.blocked: dict[str, str] = {}
         self.unsent: list[Snapshot] = []
         self.in_flight = 0  # transactions begun and not yet recorded (what a graceful stop waits for)
+        self.mcp_sessions = McpSessions()  # MCP requests waiting for an answer in another transaction
 
     def allow(self, client: connection.Client, host: str, port: int, agent: AgentIdentity) -> None:
         allowed = self.allowed.get(client.id)
@@ -125,6 +129,10 @@ def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
     h = tx.req_h or {}
     if not req.stream and req.raw_content is None and has_body(h) and not request_is_buffered(h, False):
         flow.kill()
+    elif d.rpc_errors and tx.mcp is not None and tx.mcp.legacy and tx.mcp.refuse_on_stream(d.rpc_errors):
+        # The older HTTP+SSE transport: its clients read answers only from the session's stream, where the
+        # refusal now waits; the POST gets what the server would have said.
+        flow.response = http.Response.make(202, b"Accepted", {"content-type": "text/plain; charset=utf-8"})
     else:
         flow.response = deny_response(d, tx.genai.name if tx.genai is not None else None, tx.budget_denied)
         if req.method.upper() == "HEAD":
@@ -141,6 +149,12 @@ def deny_response(d: Decision, provider: str | None = None, budget_exceeded: boo
     """The gateway's answer for a refusal: `{"error": "clrk: <reason>"}`, or `provider`'s error shape with that
     text. A budget refusal says when to come back (the UTC day's end) and that retrying sooner is useless."""
     headers = dict(JSON_HEADERS)
+    if d.rpc_errors is not None:
+        # An MCP request: answered in JSON-RPC, so the agent's MCP client reports the refusal as the call's error.
+        errors = [rpc_error(i, code, text) for i, code, text in d.rpc_errors]
+        doc = errors if d.rpc_batch else (errors[0] if errors else None)
+        return http.Response.make(d.status if doc is not None else 202, json.dumps(doc).encode() if doc is not None else b"",
+                                  headers)
     if d.status == 407:
         headers["proxy-authenticate"] = 'Basic realm="clrk"'
     if budget_exceeded:

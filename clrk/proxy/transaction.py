@@ -23,6 +23,7 @@ from clrk.policy.compiled import AgentIdentity, GatewayConfig
 from clrk.providers import ProviderParser
 from clrk.proxy.budget import Reservation
 from clrk.proxy.capture import BodyCapture
+from clrk.proxy.mcp import McpExchange
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
 from clrk.redact import Redactor
 from clrk.snapshot import Snapshot
@@ -58,6 +59,7 @@ class Transaction:
     req_capture: BodyCapture | None = None
     resp_capture: BodyCapture | None = None
     genai: ProviderParser | None = None  # set for model-provider calls
+    mcp: McpExchange | None = None  # set for MCP traffic (clrk.proxy.steps.mcp)
     upstream_response: bool = False  # False while the response (if any) is one the gateway made up
     request_rewritten: bool = False
     budget_pool: str | None = None
@@ -209,6 +211,12 @@ def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_
         raw["apr"] = (pr.route_name, pr.route_namespace) if pr is not None else None
     if resp is not None and resp.stream and tx.resp_capture is not None and tx.resp_capture.first_at:
         raw["first_chunk"] = tx.resp_capture.first_at
+    if tx.mcp is not None:
+        rule = tx.mcp.rule or (d.mcp_rule if d is not None else None)
+        elsewhere = resp is not None and tx.upstream_response and resp.status_code == 202  # answered on another stream
+        raw["mcp"] = tx.mcp.children(end, d is not None and not d.allow, limit, (rule.capture_arguments if rule else True)
+                                     and limit > 0, redactor, elsewhere)
+        raw["mcp_session"] = (tx.mcp.session, tx.mcp.version)
     if tx.budget_pool is not None:
         raw["budget"] = (tx.budget_pool, tx.budget_denied, tx.budget_max, tx.budget_used, tx.budget_charged)
         raw["budget_reserved"] = tx.budget_reserved  # a key of its own: a recorder of either version reads the tuple

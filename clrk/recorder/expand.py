@@ -14,6 +14,7 @@ stored as far as it can be (`salvage`), so that its ids, agent, decision and bud
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 
 from clrk import attributes as A
@@ -210,6 +211,55 @@ def _budget_cost(rec: dict, budget_cost) -> None:
     for key, value in zip((A.CLRK_BUDGET_DAILY_MAX_COST, A.CLRK_BUDGET_DAILY_COST, A.CLRK_BUDGET_COST), budget_cost, strict=True):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             rec[key] = float(value)
+
+
+_MCP_TARGET = {"tool": A.GEN_AI_TOOL_NAME, "prompt": A.GEN_AI_PROMPT_NAME, "resource": A.MCP_RESOURCE_URI}
+# What a child record shares with the transaction that carried it.
+_INHERITED = (A.TRACE_ID, A.URL_FULL, A.SERVER_ADDRESS, A.SERVER_PORT, A.CLRK_COMPONENT, A.CLRK_GATEWAY_NAME,
+              A.CLRK_DST_NAME, A.INVOCATION_ID, A.CLRK_DECISION, A.CLRK_DECISION_RULE, A.CLRK_DECISION_REASON,
+              A.AGENT_KIND, A.AGENT_NAMESPACE, A.AGENT_NAME, A.AGENT_UID, A.AGENT_REVISION)
+
+
+def session_fingerprint(session) -> str | None:
+    """What records say of an Mcp-Session-Id: a fingerprint that ties a session's records together; the id
+    itself may let whoever holds it act in the session, and is redacted like any session header."""
+    if not isinstance(session, (str, bytes)) or not session:
+        return None
+    raw = session.encode("utf-8", "surrogateescape") if isinstance(session, str) else session
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def mcp_rows(raw: Snapshot, parent: dict) -> list[dict]:
+    """The child records of a transaction's MCP messages: one per JSON-RPC request/response pair (and per lone
+    message), each a span under the transaction's."""
+    children = raw.get("mcp")
+    if not children:
+        return []
+    session, version = raw.get("mcp_session") or (None, None)
+    shared = {k: parent[k] for k in _INHERITED if k in parent}
+    shared[A.PARENT_SPAN_ID] = parent[A.SPAN_ID]
+    shared[A.MCP_SESSION_ID] = session_fingerprint(session)
+    shared[A.MCP_PROTOCOL_VERSION] = version if isinstance(version, str) else None
+    rows = []
+    for c in children:
+        escaped: list[str] = []
+        method = _text(c.get("method"), A.MCP_METHOD_NAME, escaped)
+        row = {**shared, A.TIME: c["t0"], A.END_TIME: c["t1"], A.SPAN_ID: c["span"], A.MCP_METHOD_NAME: method,
+               A.JSONRPC_REQUEST_ID: _text(c.get("id"), A.JSONRPC_REQUEST_ID, escaped),
+               A.CLRK_DURATION_MS: round((c["t1"] - c["t0"]) * 1000.0, 3), A.ERROR_TYPE: c.get("error")}
+        key = _MCP_TARGET.get(c.get("kind") or "")
+        if key is not None:
+            row[key] = _text(c.get("target"), key, escaped)
+        if method == "tools/call":
+            row[A.GEN_AI_OPERATION_NAME] = A.OPERATION_EXECUTE_TOOL
+        req, resp = c.get("req"), c.get("resp")
+        if req is not None or resp is not None:
+            row[A.REQUEST_BODY], row[A.RESPONSE_BODY], row[A.CLRK_BODY_B64] = _bodies(req, resp)
+            row[A.CLRK_BODY_BYTES] = len(req or b"") + len(resp or b"")
+        if escaped:
+            row[A.CLRK_RECORD_ESCAPED] = escaped
+        rows.append({k: v for k, v in row.items() if v is not None})
+    return rows
 
 
 # --------------------------------------------------------------------------- when the record cannot be built

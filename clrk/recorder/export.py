@@ -61,6 +61,10 @@ class PresetIds(IdGenerator):
 
 
 def span_name(row: Mapping) -> str:
+    if A.is_mcp_child(row):  # an MCP message's child record: "{mcp.method.name} {target}"
+        method = row.get(A.MCP_METHOD_NAME) or "response"  # an answer to a request no record of it carried
+        target = row.get(A.GEN_AI_TOOL_NAME) or row.get(A.GEN_AI_PROMPT_NAME) or row.get(A.MCP_RESOURCE_URI)
+        return f"{method} {target}" if target else method
     op = row.get(A.GEN_AI_OPERATION_NAME)
     if op:
         return f"{op} {row.get(A.GEN_AI_REQUEST_MODEL) or 'unknown'}"
@@ -278,7 +282,7 @@ class Exporter:
                 if p is None:
                     continue
                 sampled = row.get(A.CLRK_EXPORT_SAMPLED)
-                if p.metrics is not None:
+                if p.metrics is not None and not A.is_mcp_child(row):  # metrics count transactions, not their children
                     counted.add(row.get(A.CLRK_GATEWAY_NAME) or "")
                     try:
                         p.metrics.record(row, sampled if p.tracing else None)

@@ -30,7 +30,7 @@ from collections import deque
 
 from clrk import attributes as A
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
-from clrk.recorder.expand import expand, salvage
+from clrk.recorder.expand import expand, mcp_rows, salvage
 from clrk.recorder.export import Exporter
 from clrk.recorder.store import (
     Store,
@@ -111,7 +111,10 @@ class Recorder:
         rows = []
         for raw in raws:
             try:
-                rows.append(expand(raw, self.redactor))
+                row = expand(raw, self.redactor)
+                rows.append(row)
+                if "mcp" in raw:
+                    rows.extend(mcp_rows(raw, row))
                 continue
             except Exception as e:  # one malformed transaction must not cost the batch, nor its budget charge
                 why = f"recorder: the record could not be built ({type(e).__name__}: {str(e)[:200]})"

@@ -228,7 +228,7 @@ def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
 
 
 def records_sql(query: Mapping) -> tuple[str, list]:
-    """SQL for `clrk records` filters: agent, since, status, host, invocation, decision, limit (0 = all);
+    """SQL for `clrk records` filters: agent, since, status, host, invocation, decision, mcp, limit (0 = all);
     newest first. With `after_seq`: the records stored after that one, in the order they were stored."""
     where, params = [], []
     if query.get("agent"):
@@ -264,6 +264,8 @@ def records_sql(query: Mapping) -> tuple[str, list]:
     if query.get("decision"):
         where.append(f"{q(A.CLRK_DECISION)} = ?")
         params.append(str(query["decision"]))
+    if query.get("mcp"):
+        where.append(f"({q(A.MCP_METHOD_NAME)} IS NOT NULL OR {q(A.JSONRPC_REQUEST_ID)} IS NOT NULL)")
     if query.get("after_seq") is not None:
         where.append(f"{q(SEQ)} > ?")
         params.append(int(query["after_seq"]))

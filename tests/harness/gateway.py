@@ -161,15 +161,18 @@ def status_of(out: bytes) -> int:
 
 
 def h2_exchange(gw: Gateway, headers: list[tuple[str, str]], target: str = "allowed.test:443",
-                sni: str = "allowed.test") -> int | None:
-    """One HTTP/2 request with exactly these header fields (pseudo-headers included, unvalidated); its status,
-    or None when the stream or the connection was reset instead."""
+                sni: str = "allowed.test", body: bytes | None = None) -> int | None:
+    """One HTTP/2 request with exactly these header fields (pseudo-headers included, unvalidated) and `body` in
+    one DATA frame if given (no content-length unless the headers say one); its status, or None when the stream
+    or the connection was reset instead."""
     t = tunnel(gw, target, sni, alpn=["h2"])
     assert t.selected_alpn_protocol() == "h2"
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
                                                                normalize_outbound_headers=False))
     conn.initiate_connection()
-    conn.send_headers(1, headers, end_stream=True)
+    conn.send_headers(1, headers, end_stream=body is None)
+    if body is not None:
+        conn.send_data(1, body, end_stream=True)
     t.sendall(conn.data_to_send())
     t.settimeout(10)
     status = None

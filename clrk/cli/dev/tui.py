@@ -29,7 +29,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 
 from clrk import attributes as A
-from clrk.cli.feed import RecordFeed
+from clrk.cli.feed import RecordFeed, mcp_summary
 from clrk.cost import format_usd
 from clrk.escape import printable, printable_block
 from clrk.providers.sse import SseParser
@@ -50,7 +50,7 @@ clrk dev — keys
 
   1 2 3 4 5   records, otel-traces, otel-logs, spend, otel-metrics
   enter       the whole transaction (attributes, redacted headers, bodies, SSE as events)
-  /           filter by agent or invocation id (enter applies, empty clears)
+  /           filter by agent or invocation id; "mcp" for MCP messages, or a tool or method name (enter applies, empty clears)
   escape      close a view / the filter
   ?           this help
   q           quit (the gateway stops with it)
@@ -76,10 +76,12 @@ def record_row(r: dict) -> tuple:
     if r.get(A.GEN_AI_USAGE_INPUT_TOKENS) is not None or r.get(A.GEN_AI_USAGE_OUTPUT_TOKENS) is not None:
         tokens = f"{r.get(A.GEN_AI_USAGE_INPUT_TOKENS, '-')}/{r.get(A.GEN_AI_USAGE_OUTPUT_TOKENS, '-')}"
     decision = r.get(A.CLRK_DECISION, "-")
+    mcp = A.is_mcp_child(r)
     return (
         cell(_clock(t)), cell(_agent(r)),
         cell(decision, style="bold red" if decision == "deny" else "green"),
-        cell(r.get(A.HTTP_REQUEST_METHOD, "")), cell(r.get(A.SERVER_ADDRESS, "")), cell(r.get(A.GEN_AI_REQUEST_MODEL, "")),
+        cell("MCP" if mcp else r.get(A.HTTP_REQUEST_METHOD, "")), cell(r.get(A.SERVER_ADDRESS, "")),
+        cell(mcp_summary(r) if mcp else r.get(A.GEN_AI_REQUEST_MODEL, ""), style="red" if mcp and r.get(A.ERROR_TYPE) else ""),
         cell(r.get(A.HTTP_RESPONSE_STATUS_CODE, "-")), cell(tokens), cell(f"{r.get(A.CLRK_DURATION_MS, 0):.1f}"),
     )
 
@@ -88,6 +90,8 @@ def matches(filter_text: str, attrs: dict) -> bool:
     if not filter_text:
         return True
     f = filter_text.lower()
+    if A.is_mcp_child(attrs) and (f == "mcp" or f in mcp_summary(attrs).lower()):
+        return True  # "mcp": every MCP message; a tool, prompt or method name: those messages
     return f in _agent(attrs).lower() or f in str(attrs.get(A.INVOCATION_ID, "")).lower()
 
 

@@ -26,6 +26,8 @@ class Credentials:
         d = tx.decision
         if d.provider_rule is not None:
             injections = policy.injections_for("AIProviderRoute", d.provider_rule.route_name, d.provider_rule.route_namespace)
+        elif d.mcp_rule is not None:
+            injections = policy.injections_for("MCPRoute", d.mcp_rule.name, d.mcp_rule.namespace)
         elif d.host_rule is not None and not d.host_rule.deny:
             injections = policy.injections_for("EgressRoute", d.host_rule.name, d.host_rule.namespace)
         else:

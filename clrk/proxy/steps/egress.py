@@ -38,6 +38,7 @@ class EgressControl:
         self._allowed: tuple[Step, ...] = ()  # routing, then credentials (set by the Gateway: then_allowed)
         self._allowed_routing: tuple[Step, ...] = ()
         self._allowed_credentials: tuple[Step, ...] = ()
+        self.read_mcp: Step | None = None  # McpTraffic.read_request (set by the Gateway)
 
     def then_allowed(self, routing: Step, credentials: Step) -> None:
         """The steps an allow decision sets in motion, in order, each under its own error guard: the
@@ -88,6 +89,13 @@ class EgressControl:
             protocol_problem=protocol_problem,
             path_ambiguity=path_ambiguity(req.path),
         )
+        if tx.mcp is not None:
+            # An MCP request is judged on its messages: its body (any method's; HTTP/2 may send one without a
+            # length) is read first, bounded like a provider's.
+            if request_is_buffered(h, provider=True):
+                tx.facts.mcp_pending = True
+            else:
+                tx.facts.mcp_problem = "an MCP request body of unknown length or over 32 MiB cannot be judged"
         if tx.gateway is not None:
             inv = h.get(tx.gateway.invocation_header)
             if inv is not None:
@@ -104,6 +112,8 @@ class EgressControl:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         if tx is None or flow.response or flow.error:
             return None
+        if tx.mcp is not None and self.read_mcp is not None:
+            self.read_mcp(flow)  # an MCP request's messages, which the decision judges
         d = tx.decision
         if d is not None:
             # Allowed on the headers: a budgeted call was left to be routed now, with its body in (see _apply).
@@ -116,7 +126,9 @@ class EgressControl:
         assert policy is not None
         model = tx.genai.result.request_model if tx.genai else None
         facts = tx.facts
-        facts.model, facts.model_pending = model, False
+        if facts.mcp_pending:  # still waiting: its body was not read, so its messages cannot be judged
+            facts.mcp_problem = "the MCP request body could not be read"
+        facts.model, facts.model_pending, facts.mcp_pending = model, False, False
         d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
         assert d is not None
         return self._apply(flow, tx, d, "request", body_in=True)

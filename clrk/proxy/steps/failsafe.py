@@ -39,7 +39,8 @@ class Failsafe:
         if flow.response or flow.error:
             return
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        pending = tx is not None and tx.facts is not None and tx.facts.model_pending and tx.decision is None
+        pending = (tx is not None and tx.facts is not None and (tx.facts.model_pending or tx.facts.mcp_pending)
+                   and tx.decision is None)
         if tx is None or (tx.decision is None and not pending) or (tx.decision is not None and not tx.decision.allow):
             if flow.request.stream:
                 flow.kill()  # the body would already be on its way upstream
