@@ -9,7 +9,7 @@ from pathlib import Path
 
 from clrk import wire
 from clrk.cli.dev.receiver import DEFAULT_PORT, OtlpReceiver
-from clrk.launch import gateway_argv
+from clrk.launch import gateway_argv, gateway_env
 from clrk.proxy.budget import day_start, utc_day
 
 
@@ -30,7 +30,8 @@ class DevSession:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         # The gateway's own log goes to a file: the terminal belongs to the UI.
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=gateway_env(self.db))
         sock = wire.socket_path(self.db)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
