@@ -1,0 +1,222 @@
+"""Records on ClickHouse end to end: a real gateway whose `clrk_db` is a ClickHouse URL, a real
+clickhouse-server (the Debian package, an old release) on loopback, the official OpenAI SDK as the agent.
+Records land in the server and every reader (`clrk records`, `clrk spend`, `clrk status`, directly when no
+gateway runs) sees them; hostile values are stored verbatim; the budget ledger is rebuilt from ClickHouse
+at start; two gateways with their own recorders (native and HTTP) share one table; and the server killed
+mid-run costs no proxied request and no record: rows wait in the spool (on disk too, so a gateway stopped
+meanwhile keeps them), `clrk status` says so, and they are written once, in order, when it is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from clrk import attributes as A
+from clrk import storeref, wire
+from clrk.recorder.stores import ReadOnly
+from tests.harness import fake_provider
+from tests.harness.clickhouse import PASSWORD, ClickHouseServer, binary
+from tests.harness.gateway import Gateway, agent_docs, exchange, gateway_doc, status_of
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("clickhouse_driver", reason="scripts/setup-clickhouse installs the driver")
+pytestmark = pytest.mark.skipif(binary() is None, reason="clickhouse-server is not installed (scripts/setup-clickhouse)")
+
+CLRK = str(Path(sys.executable).parent / "clrk")
+OPENAI = "https://api.openai.com"
+TIGHT = 100  # tokens per day of the `tight-*` pool
+
+
+def docs(pki, upstream) -> list[dict]:
+    rules = [
+        {"matches": [{"provider": "openai", "models": ["tight-*"]}],
+         "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": TIGHT, "scope": "Route"}}]},
+        {"matches": [{"provider": "openai", "models": ["*"]}],
+         "filters": [{"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 10**9}}]},
+    ]
+    return [gateway_doc(aliases={"api.openai.com": upstream.address}, ca_bundle=str(pki[0])), *agent_docs(),
+            {"apiVersion": "clrk.apoxy.dev/v1alpha1", "kind": "AIProviderRoute",
+             "metadata": {"name": "llm", "namespace": "team-a"}, "spec": {"rules": rules}}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ClickHouseServer(tmp_path_factory.mktemp("clickhouse")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, pki, upstream, server):
+    fake_provider.install(upstream)
+    g = Gateway(tmp_path_factory.mktemp("ch-gw"), docs(pki, upstream), db=server.url()).start()
+    yield g
+    g.stop()
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def chat(gw: Gateway, model: str, inv: str, max_tokens: int = 5, **kw):
+    with gw.client() as http:
+        client = openai.OpenAI(base_url=f"{OPENAI}/v1", api_key="sk-agent-side-unused", http_client=http, max_retries=0)
+        return client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens,
+            extra_headers={"clrk-invocation-id": inv}, **kw)
+
+
+def clrk(*args: str, env: dict | None = None) -> str:
+    return subprocess.run([CLRK, *args], capture_output=True, text=True, check=True, timeout=60,
+                          env={**os.environ, **(env or {})}).stdout
+
+
+def status(gw: Gateway) -> dict:
+    with wire.BlockingClient(wire.socket_path(str(gw.db)), timeout=10) as c:
+        return c.request({"t": "status"})
+
+
+def wait_status(gw: Gateway, check, timeout: float = 30.0) -> dict:
+    """The recorder's status once `check` holds for it (the recorder's own word that the event happened)."""
+    deadline = time.monotonic() + timeout
+    while not check(st := status(gw)):
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    return st
+
+
+def in_clickhouse(server: ClickHouseServer, inv: str) -> list[tuple]:
+    return server.query(f"SELECT `span_id`, `_seq`, `time`, `gen_ai.request.model` FROM clrk.records "
+                        f"WHERE `invocation.id` = '{inv}' ORDER BY `_seq`")
+
+
+def test_records_land_in_clickhouse_and_every_reader_sees_them(gw, server):
+    i = tag()
+    r = chat(gw, f"fleet-cost40-{i}", i)
+    assert r.http_response.status_code == 200
+    rec = gw.wait_record(invocation=i)  # through the recorder
+    assert (rec[A.GEN_AI_USAGE_INPUT_TOKENS], rec[A.GEN_AI_USAGE_OUTPUT_TOKENS], rec[A.AGENT_NAME]) == (40, 5, "researcher")
+    assert len(in_clickhouse(server, i)) == 1  # in the server's table itself
+    url = server.url()
+    lines = clrk("records", "--json", "--invocation", i, env={"CLRK_DB": url}).splitlines()
+    assert [json.loads(x)[A.SPAN_ID] for x in lines] == [rec[A.SPAN_ID]]
+    spend = [json.loads(x) for x in clrk("spend", "--db", url, "--json", "--by", "model").splitlines()]
+    assert {"model": f"fleet-cost40-{i}", "input_tokens": 40, "output_tokens": 5}.items() <= \
+        next(s for s in spend if s["model"] == f"fleet-cost40-{i}").items()
+    st = json.loads(clrk("status", "--json", env={"CLRK_DB": url}))
+    assert st["store"] == storeref.display(url) and st["store_error"] is None and st["written"] >= 1
+    text = clrk("status", env={"CLRK_DB": url})
+    assert "clickhouse://clrk:***@127.0.0.1" in text
+    # The password is nowhere a local user or a log reader could see it.
+    secret = PASSWORD.encode()
+    for pid in (st["pid"], gw.proc.pid):
+        assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert PASSWORD not in gw.log() and PASSWORD not in text and PASSWORD not in json.dumps(st)
+
+
+HOSTILE_MODELS = ["o'brien\\\"; DROP TABLE clrk.records; --", "m`x`\\'\\\\", "' OR '1'='1", "{model:String}%_?"]
+
+
+def test_hostile_values_from_the_wire_are_stored_verbatim(gw, server):
+    i = tag()
+    for m in HOSTILE_MODELS:
+        assert chat(gw, m, i).http_response.status_code == 200
+    # a request line no polite client sends: quotes and backslashes raw in the path
+    path = "/v1/models/x'\\\"?q=');DROP/**/TABLE/**/clrk.records;--"
+    raw = (f"GET {path} HTTP/1.1\r\nHost: api.openai.com\r\nclrk-invocation-id: {i}\r\nConnection: close\r\n\r\n").encode()
+    assert status_of(exchange(gw, raw, target="api.openai.com:443", sni="api.openai.com")) < 500
+    rows = gw.wait_records(len(HOSTILE_MODELS) + 1, invocation=i)
+    assert sorted(r.get(A.GEN_AI_REQUEST_MODEL, "") for r in rows)[1:] == sorted(HOSTILE_MODELS)
+    assert OPENAI + path in [r[A.URL_FULL] for r in rows]
+    for m in HOSTILE_MODELS:  # and found again by the same value, through ClickHouse's literals
+        spend = [json.loads(x) for x in clrk("spend", "--db", server.url(), "--json", "--by", "model", "--model", m).splitlines()]
+        assert [(s["model"], s["requests"]) for s in spend] == [(m, 1)]
+    assert server.query("EXISTS TABLE clrk.records") == [(1,)]
+
+
+def test_two_gateways_with_their_own_recorders_share_one_table(gw, server, tmp_path, pki, upstream):
+    """The second speaks HTTP to the same server: its own recorder, one `clrk records` shows both."""
+    http_url = server.url(scheme="clickhouse+http")
+    assert wire.socket_path(http_url) != wire.socket_path(str(gw.db))
+    other = Gateway(tmp_path / "gw2", docs(pki, upstream), db=http_url).start()
+    try:
+        i = tag()
+        assert chat(gw, f"fleet-cost7-{i}", i).http_response.status_code == 200
+        assert chat(other, f"fleet-cost9-{i}", i).http_response.status_code == 200
+        other.wait_record(invocation=i, limit=0)
+        rows = gw.wait_records(2, invocation=i)  # gw's recorder reads what other's wrote
+        assert sorted(r[A.GEN_AI_USAGE_INPUT_TOKENS] for r in rows) == [7, 9]
+        assert status(other)["pid"] != status(gw)["pid"]
+        native = clrk("spend", "--db", server.url(), "--json", "--by", "day,agent,model")
+        over_http = clrk("spend", "--db", http_url, "--json", "--by", "day,agent,model")
+        assert native == over_http and f"fleet-cost9-{i}" in native
+    finally:
+        other.stop()
+
+
+def test_the_budget_ledger_is_rebuilt_from_clickhouse_at_start(gw):
+    i = tag()
+    assert chat(gw, f"tight-cost60-{i}", i).http_response.status_code == 200  # 65 of the day's 100 tokens
+    gw.wait_record(invocation=i)
+    gw.stop()
+    gw.start()
+    j = tag()
+    # 30 output tokens + the body's estimate fit a fresh day (100), not the 35 left of this one
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(gw, f"tight-cost1-{j}", j, max_tokens=30)
+    assert "token budget exceeded" in str(e.value)
+    assert gw.wait_record(invocation=j)[A.CLRK_BUDGET_DENIED] is True
+
+
+def test_clickhouse_killed_mid_run_costs_no_request_and_no_record(gw, server):
+    i = tag()
+    server.kill()
+    models = [f"fleet-cost{k + 1}-{i}" for k in range(6)]
+    for m in models:  # every proxied request is served while the store is away
+        assert chat(gw, m, i).http_response.status_code == 200
+    st = wait_status(gw, lambda s: s["store_error"] and s["unwritten"] >= len(models) and s["spooled"] >= len(models))
+    assert PASSWORD not in st["store_error"]
+    spool = storeref.local_dir(str(gw.db)) / "spool.msgpack"
+    assert spool.exists()
+    text = clrk("status", "--db", str(gw.db))
+    assert "the store cannot be written" in text and f"{st['unwritten']} records wait for it" in text
+    assert PASSWORD not in text
+    server.start()
+    wait_status(gw, lambda s: s["store_error"] is None and s["unwritten"] == 0)
+    rows = in_clickhouse(server, i)
+    assert [r[3] for r in rows] == models  # each once, in the order they were made
+    assert not spool.exists()
+
+
+def test_a_gateway_stopped_while_clickhouse_is_away_keeps_its_records_on_disk(gw, server):
+    i = tag()
+    server.kill()
+    models = [f"fleet-cost{k + 1}-{i}" for k in range(4)]
+    for m in models:
+        assert chat(gw, m, i).http_response.status_code == 200
+    wait_status(gw, lambda s: s["spooled"] >= len(models))
+    gw.stop()  # graceful: what it could not write stays in the spool
+    spool = storeref.local_dir(str(gw.db)) / "spool.msgpack"
+    assert spool.exists()
+    assert "wait in" in gw.log() and PASSWORD not in gw.log()
+    server.start()
+    gw.start()  # the next recorder for this store sends the spool first
+    wait_status(gw, lambda s: s["unwritten"] == 0 and s["store_error"] is None)
+    assert [r[3] for r in in_clickhouse(server, i)] == models
+    assert not spool.exists()
+    gw.stop()
+    reader = ReadOnly(str(gw.db))  # no gateway runs: straight from ClickHouse
+    try:
+        assert len(reader.read("query", {"invocation": i, "limit": 0})) == len(models)
+    finally:
+        reader.close()
+    lines = clrk("records", "--db", str(gw.db), "--json", "--invocation", i).splitlines()
+    assert len(lines) == len(models)
+    gw.start()
