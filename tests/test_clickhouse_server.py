@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from clrk import attributes as A
@@ -46,8 +48,17 @@ def docs(pki, upstream) -> list[dict]:
              "metadata": {"name": "llm", "namespace": "team-a"}, "spec": {"rules": rules}}]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def state_dir(tmp_path_factory):
+    """The stores' local directories (recorder socket, spool, logs) in this module's temp dir, for the
+    gateways (which inherit it) and the test alike."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLRK_STATE_DIR", str(tmp_path_factory.mktemp("ch-state")))
+        yield
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, state_dir):
     s = ClickHouseServer(tmp_path_factory.mktemp("clickhouse")).start()
     yield s
     s.stop()
@@ -119,6 +130,56 @@ def test_records_land_in_clickhouse_and_every_reader_sees_them(gw, server):
     for pid in (st["pid"], gw.proc.pid):
         assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert PASSWORD not in gw.log() and PASSWORD not in text and PASSWORD not in json.dumps(st)
+
+
+def test_clrk_tail_follows_the_clickhouse_store(gw, server):
+    i = tag()
+    tail = subprocess.Popen([CLRK, "tail", "--json", "--invocation", i], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "CLRK_DB": server.url()})
+    try:
+        assert "clrk tail: following the gateway writing clickhouse://clrk:***@" in tail.stderr.readline()
+        models = [f"fleet-cost{k + 2}-{i}" for k in range(3)]
+        for m in models:
+            assert chat(gw, m, i).http_response.status_code == 200
+        lines = [json.loads(tail.stdout.readline()) for _ in models]
+    finally:
+        tail.terminate()
+        tail.wait(10)
+    assert [r[A.GEN_AI_REQUEST_MODEL] for r in lines] == models  # in the order they were stored
+
+
+def test_clrk_dev_runs_on_the_clickhouse_store(gw, server, monkeypatch):
+    """`clrk dev`'s session: its gateway shares this host's recorder for the URL, its spend view reads it."""
+    from clrk.cli.dev.session import DevSession
+    from tests.harness.gateway import AGENT_TOKEN, OTHER_TOKEN, free_port
+
+    monkeypatch.setenv("CLRK_TEST_REVIEWER_TOKEN", OTHER_TOKEN)  # the test policy's token from the environment
+    port = free_port()
+    session = DevSession(str(gw.policies), server.url(), str(gw.certs), [port], otlp_port=free_port()).start()
+    try:
+        assert PASSWORD not in str(session.log_path) and "%" not in str(session.log_path)
+        wait_status(gw, lambda st: st["proxies"] == 2)  # one recorder for the store on this host
+        deadline = time.monotonic() + 30
+        while True:  # start() returned on the recorder being up (it was): wait for the dev gateway's port too
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, session.log_path.read_text()
+                time.sleep(0.05)
+        i = tag()
+        with httpx.Client(proxy=f"http://team-a.researcher:{AGENT_TOKEN}@127.0.0.1:{port}", verify=gw.ssl_context(),
+                          trust_env=False, timeout=30) as http:
+            client = openai.OpenAI(base_url=f"{OPENAI}/v1", api_key="unused", http_client=http, max_retries=0)
+            client.chat.completions.create(model=f"dev-cost3-{i}", messages=[{"role": "user", "content": "hi"}],
+                                           extra_headers={"clrk-invocation-id": i})
+        assert gw.wait_record(invocation=i)[A.GEN_AI_USAGE_INPUT_TOKENS] == 3
+        spend, budgets = session.read_spend()
+        assert any(s["model"] == f"dev-cost3-{i}" for s in spend) and budgets
+    finally:
+        session.stop()
+    wait_status(gw, lambda st: st["proxies"] == 1)
+    assert PASSWORD not in session.log_path.read_text()
 
 
 HOSTILE_MODELS = ["o'brien\\\"; DROP TABLE clrk.records; --", "m`x`\\'\\\\", "' OR '1'='1", "{model:String}%_?"]

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from clrk import wire
+from clrk import storeref, wire
 from clrk.cli.dev.receiver import DEFAULT_PORT, OtlpReceiver
 from clrk.launch import gateway_argv, gateway_env
 from clrk.proxy.budget import day_start, utc_day
@@ -20,7 +20,7 @@ class DevSession:
         # Where agents reach the gateway ("address:port" each): the policy's listeners unless --port says one.
         self.listening = listening or [f"{host or '127.0.0.1'}:{p}" for p in ports]
         self.otlp_port = otlp_port
-        self.log_path = Path(log_path or Path(db).with_name("clrk-dev.log"))
+        self.log_path = Path(log_path or storeref.local_dir(db) / "clrk-dev.log")  # beside the DuckDB file
         self.receiver: OtlpReceiver | None = None
         self.proc: subprocess.Popen | None = None
 
