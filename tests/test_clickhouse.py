@@ -16,17 +16,12 @@ from clrk import attributes as A
 from clrk import storeref, wire
 from clrk.recorder.spool import Spool
 from clrk.recorder.store import Store
+from tests.harness.fleet_records import HOSTILE, assert_same_answers, record
 
 chdb = pytest.importorskip("chdb", reason="scripts/setup-clickhouse installs chdb")
 from clrk.recorder.clickhouse import Chdb, ClickHouseStore, ddl, lit  # noqa: E402
 
 URL = "clickhouse://clrk:s3cr%27et%40pw@127.0.0.1:9000/clrk_test"
-HOSTILE = [
-    "o'brien", 'say "hi"', "back\\slash", "\\'; DROP TABLE records; --", "tab\tnew\nline\r", "nul\0byte",
-    "`backtick`", "percent%_under", "ünïcödé ✓", "?", "{x:String}", "' OR 1=1 --",
-]
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     conn = Chdb(str(tmp_path_factory.mktemp("chdb")))
@@ -44,60 +39,6 @@ def stores(engine, tmp_path):
     engine.command(f"DROP DATABASE IF EXISTS {db}")
 
 
-def _record(i: int, t: float, **kw) -> dict:
-    r = {A.TIME: t, A.END_TIME: t + 0.25, A.TRACE_ID: f"{i:032x}", A.SPAN_ID: f"{i:016x}",
-         A.HTTP_REQUEST_METHOD: "POST", A.HTTP_RESPONSE_STATUS_CODE: 200, A.SERVER_ADDRESS: "api.openai.com",
-         A.URL_FULL: "https://api.openai.com/v1/chat/completions", A.CLRK_DECISION: "allow",
-         A.REQUEST_HEADERS: {"content-type": "application/json", "authorization": A.REDACTED},
-         A.CLRK_REQ_TRUNCATED: False}
-    r.update(kw)
-    return r
-
-
-def _fleet_day(now: float) -> list[dict]:
-    """Provider calls of several agents, routes, models over two UTC days, priced and not, budgeted and
-    denied, plus plain HTTP and an unauthenticated denial (no agent)."""
-    rng = random.Random(15)
-    today = now // 86400 * 86400
-    rows = []
-    for i in range(120):
-        t = today + rng.uniform(-86400, now - today - 1)
-        agent = rng.choice([("team-a", "researcher"), ("team-b", "coder"), ("team-a", HOSTILE[i % len(HOSTILE)])])
-        model = rng.choice(["gpt-4o-mini", "claude-3-5-haiku", "o'model\\x", None])
-        kw = {A.AGENT_NAMESPACE: agent[0], A.AGENT_NAME: agent[1], A.GEN_AI_SYSTEM: "openai",
-              A.GEN_AI_REQUEST_MODEL: model, A.CLRK_APR_NAMESPACE: "team-a", A.CLRK_APR_NAME: rng.choice(["openai", "anthropic"]),
-              A.GEN_AI_USAGE_INPUT_TOKENS: rng.choice([None, rng.randrange(1, 5000)]),
-              A.GEN_AI_USAGE_OUTPUT_TOKENS: rng.choice([None, rng.randrange(1, 900)]),
-              A.GEN_AI_RESPONSE_FINISH_REASONS: rng.choice([None, ["stop"], ["length", "stop"]]),
-              A.GEN_AI_RESPONSE_STREAM: rng.choice([None, True, False])}
-        if rng.random() < 0.6:
-            kw[A.GEN_AI_USAGE_COST] = rng.choice([0.1, 0.2, 0.3, 1e-7, 3.3333e-5, 0.0])
-            kw[A.CLRK_COST_SOURCE] = "genai-prices 0.2.3"
-        elif rng.random() < 0.5:
-            kw[A.CLRK_COST_SOURCE] = "unknown"
-        if rng.random() < 0.5:
-            kw[A.CLRK_BUDGET_POOL] = rng.choice(["team-a/openai/daily", "team-b/o'pool"])
-            kw[A.CLRK_BUDGET_TOKENS] = rng.randrange(0, 6000)
-            kw[A.CLRK_BUDGET_DAILY_MAX] = rng.choice([None, 100_000, 200_000])
-            if rng.random() < 0.5:
-                kw[A.CLRK_BUDGET_COST] = rng.choice([0.25, 0.5, 1e-6])
-                kw[A.CLRK_BUDGET_DAILY_MAX_COST] = rng.choice([None, 5.0, 10.0])
-        if rng.random() < 0.1:
-            kw[A.CLRK_BUDGET_DENIED] = True
-            kw[A.HTTP_RESPONSE_STATUS_CODE] = 429
-        rows.append(_record(i, t, **kw))
-    rows.append(_record(900, now - 5, **{A.SERVER_ADDRESS: "example.org", A.URL_FULL: "https://example.org/'\"?q=1"}))
-    rows.append(_record(901, now - 4, **{A.CLRK_DECISION: "deny", A.HTTP_RESPONSE_STATUS_CODE: 407,
-                                         A.GEN_AI_SYSTEM: "openai", A.GEN_AI_USAGE_INPUT_TOKENS: 3}))
-    return rows
-
-
-def _canon(rows: list[dict]) -> list[dict]:
-    """Rows in a fixed order (ties in ORDER BY are the engine's business), floats to 1e-9 dollars."""
-    fix = [{k: (round(v, 9) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-    return sorted(fix, key=lambda r: repr(sorted(r.items())))
-
-
 def test_the_table_is_a_mergetree_partitioned_by_day_and_ordered_for_agent_and_time(stores, engine):
     ch, _ = stores
     db = ch.target.database
@@ -113,10 +54,10 @@ def test_the_table_is_a_mergetree_partitioned_by_day_and_ordered_for_agent_and_t
 
 def test_a_new_attribute_becomes_a_column_on_the_next_start(stores, engine):
     ch, _ = stores
-    ch.insert([_record(1, time.time())])
+    ch.insert([record(1, time.time())])
     engine.command(f"ALTER TABLE {ch.table} DROP COLUMN `{A.CLRK_WS_CLOSE_REASON}`")  # as if clrk were older
     again = ClickHouseStore(ch.url, conn=engine)
-    again.insert([_record(2, time.time(), **{A.CLRK_WS_CLOSE_REASON: "bye"})])
+    again.insert([record(2, time.time(), **{A.CLRK_WS_CLOSE_REASON: "bye"})])
     got = {r[A.SPAN_ID]: r for r in again.records({"limit": 0})}
     assert got[f"{2:016x}"][A.CLRK_WS_CLOSE_REASON] == "bye" and A.CLRK_WS_CLOSE_REASON not in got[f"{1:016x}"]
 
@@ -126,47 +67,23 @@ def test_a_ttl_is_set_when_asked(engine):
     ch = ClickHouseStore(URL.replace("clrk_test", db) + "?ttl_days=30", conn=engine)
     _, rows = engine.query(f"SELECT create_table_query FROM system.tables WHERE database = {lit(db)} AND name = 'records'")
     assert "TTL toDateTime(intDiv(time, 1000000)) + toIntervalDay(30)" in rows[0][0]
-    ch.insert([_record(1, time.time())])
+    ch.insert([record(1, time.time())])
     engine.command(f"DROP DATABASE {db}")
 
 
 def test_records_spend_and_budgets_equal_duckdbs_for_the_same_records(stores):
-    ch, duck = stores
-    now = time.time()
-    rows = _fleet_day(now)
-    for i in range(0, len(rows), 40):  # in batches, as the recorder writes
-        ch.insert([dict(r) for r in rows[i:i + 40]])
-        duck.insert([dict(r) for r in rows[i:i + 40]])
-    for query in ({"limit": 0}, {"limit": 10}, {"agent": "team-a/researcher", "limit": 0}, {"agent": "team-a.researcher"},
-                  {"status": 429, "limit": 0}, {"host": "*.openai.com", "limit": 0}, {"host": "example.org"},
-                  {"since": "1h", "limit": 0}, {"decision": "deny"}):
-        got, want = ch.records(query), duck.records(query)
-        assert len(got) == len(want) and _canon(got) == _canon(want), query
-    newest = duck.records({"limit": 5})
-    assert [r[A.SPAN_ID] for r in ch.records({"limit": 5})] == [r[A.SPAN_ID] for r in newest]  # newest first
-    for query in ({}, {"by": ["day"]}, {"by": ["agent"]}, {"by": ["model"], "usd": True}, {"by": ["route", "model"]},
-                  {"by": ["day", "agent"], "since": "2d"}, {"agent": "team-b/coder"}, {"model": "o'model\\x"},
-                  {"route": "team-a/openai", "by": ["agent"]}):
-        got, want = ch.spend(query), duck.spend(query)
-        assert got and sorted(got, key=repr) == sorted(want, key=repr), query  # to the last bit of every dollar
-        # the order is the same too, wherever DuckDB's is decided (no ties in its sort keys)
-        keys = [k for k in ("day", "cost_usd" if query.get("usd") else None, "total_tokens") if k and k in got[0]]
-        assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in want]
-    since = now // 86400 * 86400
-    assert _canon(ch.budgets(since)) == _canon(duck.budgets(since)) and ch.budgets(since)
-    (t1, c1), (t2, c2) = ch.totals(since), duck.totals(since)
-    assert t1 == t2 and t1 and c1.keys() == c2.keys() and all(abs(c1[k] - c2[k]) < 1e-9 for k in c1)
+    assert_same_answers(*stores)
 
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_hostile_values_are_stored_and_matched_verbatim(stores, value):
     ch, _ = stores
     t = time.time()
-    row = _record(7, t, **{A.AGENT_NAMESPACE: "ns", A.AGENT_NAME: value, A.GEN_AI_SYSTEM: "openai",
+    row = record(7, t, **{A.AGENT_NAMESPACE: "ns", A.AGENT_NAME: value, A.GEN_AI_SYSTEM: "openai",
                            A.GEN_AI_REQUEST_MODEL: value, A.URL_FULL: f"https://x.test/{value}",
                            A.SERVER_ADDRESS: value.lower(), A.INVOCATION_ID: value, A.CLRK_DECISION: value,
                            A.REQUEST_HEADERS: {value: value}, A.GEN_AI_RESPONSE_FINISH_REASONS: [value]})
-    other = _record(8, t, **{A.AGENT_NAMESPACE: "ns", A.AGENT_NAME: "plain", A.SERVER_ADDRESS: "plain.test"})
+    other = record(8, t, **{A.AGENT_NAMESPACE: "ns", A.AGENT_NAME: "plain", A.SERVER_ADDRESS: "plain.test"})
     ch.insert([row, other])
     for query in ({"agent": f"ns/{value}"}, {"invocation": value}, {"decision": value}, {"host": value}):
         got = ch.records(query)
@@ -182,9 +99,9 @@ def test_hostile_values_are_stored_and_matched_verbatim(stores, value):
 def test_a_value_that_fits_no_column_is_left_out_not_the_batch(stores):
     ch, _ = stores
     t = time.time()
-    bad = _record(1, t, **{A.HTTP_RESPONSE_STATUS_CODE: 99_999_999_999, A.CLRK_BUDGET_TOKENS: 2**70,
+    bad = record(1, t, **{A.HTTP_RESPONSE_STATUS_CODE: 99_999_999_999, A.CLRK_BUDGET_TOKENS: 2**70,
                            A.CLRK_BUDGET_POOL: "p"})
-    stored = ch.insert([bad, _record(2, t)])
+    stored = ch.insert([bad, record(2, t)])
     assert len(stored) == 2
     got = {r[A.SPAN_ID]: r for r in ch.records({"limit": 0})}
     assert A.HTTP_RESPONSE_STATUS_CODE not in got[f"{1:016x}"] and got[f"{2:016x}"][A.HTTP_RESPONSE_STATUS_CODE] == 200
@@ -195,12 +112,12 @@ def test_a_value_that_fits_no_column_is_left_out_not_the_batch(stores):
 def test_seq_orders_what_tail_follows_even_when_a_batch_is_retried(stores):
     ch, _ = stores
     t = time.time()
-    first = [_record(i, t - i) for i in range(3)]  # start times out of order: tail follows ingestion
+    first = [record(i, t - i) for i in range(3)]  # start times out of order: tail follows ingestion
     ch.insert(first)
     seqs = [r["_seq"] for r in first]
     ch.insert(first)  # a retried batch keeps its _seq (the recorder retries after a failure)
     assert [r["_seq"] for r in first] == seqs
-    ch.insert([_record(9, t - 100)])
+    ch.insert([record(9, t - 100)])
     after = ch.records({"after_seq": seqs[0]})
     assert [r["_seq"] for r in after] == sorted(r["_seq"] for r in after) and after[-1][A.SPAN_ID] == f"{9:016x}"
 
@@ -226,7 +143,7 @@ def test_an_unreachable_server_fails_reads_without_the_password(tmp_path):
     port = _closed_port()
     ch = ClickHouseStore(f"clickhouse://clrk:hunter2-secret@127.0.0.1:{port}/x?timeout=1")
     with pytest.raises(Exception) as e:
-        ch.insert([_record(1, time.time())])
+        ch.insert([record(1, time.time())])
     assert "hunter2" not in ch.error_text(e.value)
     from clrk.recorder.store import StoreError
     with pytest.raises(StoreError) as e:
@@ -266,7 +183,7 @@ def test_the_ddl_is_what_an_old_server_accepts_too():
 def test_text_that_is_not_utf8_is_left_out_of_its_row_not_the_batch(stores):
     ch, _ = stores
     t = time.time()
-    stored = ch.insert([_record(1, t, **{A.AGENT_NAME: "bad\udcff"}), _record(2, t, **{A.AGENT_NAME: "good"})])
+    stored = ch.insert([record(1, t, **{A.AGENT_NAME: "bad\udcff"}), record(2, t, **{A.AGENT_NAME: "good"})])
     assert len(stored) == 2
     got = {r[A.SPAN_ID]: r for r in ch.records({"limit": 0})}
     assert A.AGENT_NAME not in got[f"{1:016x}"] and "agent.name" in got[f"{1:016x}"][A.CLRK_RECORD_INCOMPLETE]

@@ -22,10 +22,13 @@ import pytest
 
 from clrk import attributes as A
 from clrk import storeref, wire
+from clrk.recorder.clickhouse import ClickHouseStore
+from clrk.recorder.store import Store, StoreError
 from clrk.recorder.stores import ReadOnly
 from tests.harness import fake_provider
 from tests.harness.clickhouse import PASSWORD, ClickHouseServer, binary
-from tests.harness.gateway import Gateway, agent_docs, exchange, gateway_doc, status_of
+from tests.harness.fleet_records import HOSTILE, assert_same_answers, record
+from tests.harness.gateway import Gateway, agent_docs, exchange, free_port, gateway_doc, status_of
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("clickhouse_driver", reason="scripts/setup-clickhouse installs the driver")
@@ -108,6 +111,66 @@ def in_clickhouse(server: ClickHouseServer, inv: str) -> list[tuple]:
                         f"WHERE `invocation.id` = '{inv}' ORDER BY `_seq`")
 
 
+# ------------------------------------------------------------------ the store alone, against the old server
+
+
+@pytest.fixture(params=["clickhouse", "clickhouse+http"])
+def on_server(request, server, tmp_path):
+    """A ClickHouseStore on a fresh database of the real server, over each protocol, and a DuckDB store."""
+    db = f"t_{uuid.uuid4().hex[:12]}"
+    ch = ClickHouseStore(server.url(database=db, scheme=request.param))
+    duck = Store(tmp_path / "clrk.duckdb")
+    yield ch, duck
+    ch.close()
+    duck.close()
+    server.query(f"DROP DATABASE IF EXISTS {db}")
+
+
+def test_the_old_server_answers_as_duckdb_does(on_server):
+    assert_same_answers(*on_server)
+
+
+def test_hostile_values_are_stored_verbatim_on_the_old_server(on_server):
+    ch, _ = on_server
+    t = time.time()
+    rows = [record(k, t, **{A.AGENT_NAMESPACE: "ns", A.AGENT_NAME: v, A.GEN_AI_SYSTEM: "openai", A.GEN_AI_REQUEST_MODEL: v,
+                            A.URL_FULL: f"https://x.test/{v}", A.INVOCATION_ID: v, A.REQUEST_HEADERS: {v: v}})
+            for k, v in enumerate(HOSTILE)]
+    ch.insert(rows)
+    for v in HOSTILE:
+        got = ch.records({"agent": f"ns/{v}", "invocation": v})
+        assert len(got) == 1 and (got[0][A.AGENT_NAME], got[0][A.GEN_AI_REQUEST_MODEL], got[0][A.REQUEST_HEADERS]) == \
+            (v, v, {v: v}) and got[0][A.URL_FULL] == f"https://x.test/{v}"
+        assert [s["requests"] for s in ch.spend({"model": v, "by": ["model"]})] == [1]
+    assert len(ch.records({"limit": 0})) == len(HOSTILE)
+
+
+def test_the_old_server_takes_new_columns_and_refuses_a_ttl_in_words(on_server, server):
+    ch, _ = on_server
+    ch.insert([record(1, time.time())])
+    server.query(f"ALTER TABLE {ch.table} DROP COLUMN `{A.CLRK_WS_CLOSE_REASON}`")  # a table an older clrk made
+    again = ClickHouseStore(ch.url)
+    again.insert([record(2, time.time(), **{A.CLRK_WS_CLOSE_REASON: "bye"})])
+    assert {r.get(A.CLRK_WS_CLOSE_REASON) for r in again.records({"limit": 0})} == {None, "bye"}
+    again.close()
+    ttl = ClickHouseStore(ch.url.replace(ch.target.database, ch.target.database + "_ttl") + "?ttl_days=30")
+    with pytest.raises(StoreError) as e:
+        ttl.insert([record(3, time.time())])
+    assert "ttl_days needs ClickHouse 19.6 or later" in str(e.value) and PASSWORD not in str(e.value)
+    server.query(f"DROP DATABASE IF EXISTS {ch.target.database}_ttl")
+
+
+def test_reading_an_unreachable_clickhouse_fails_in_words(tmp_path):
+    url = f"clickhouse://clrk:{PASSWORD.replace('%', '%25').replace('@', '%40').replace('/', '%2F').replace(':', '%3A')}" \
+          f"@127.0.0.1:{free_port()}/clrk?timeout=2"
+    r = subprocess.run([CLRK, "records"], capture_output=True, text=True, timeout=60, env={**os.environ, "CLRK_DB": url})
+    assert r.returncode == 1 and "clickhouse://clrk:***@127.0.0.1" in r.stderr, r.stderr
+    assert "p'w" not in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ a gateway
+
+
 def test_records_land_in_clickhouse_and_every_reader_sees_them(gw, server):
     i = tag()
     r = chat(gw, f"fleet-cost40-{i}", i)
@@ -151,7 +214,7 @@ def test_clrk_tail_follows_the_clickhouse_store(gw, server):
 def test_clrk_dev_runs_on_the_clickhouse_store(gw, server, monkeypatch):
     """`clrk dev`'s session: its gateway shares this host's recorder for the URL, its spend view reads it."""
     from clrk.cli.dev.session import DevSession
-    from tests.harness.gateway import AGENT_TOKEN, OTHER_TOKEN, free_port
+    from tests.harness.gateway import AGENT_TOKEN, OTHER_TOKEN
 
     monkeypatch.setenv("CLRK_TEST_REVIEWER_TOKEN", OTHER_TOKEN)  # the test policy's token from the environment
     port = free_port()
@@ -267,17 +330,26 @@ def test_a_gateway_stopped_while_clickhouse_is_away_keeps_its_records_on_disk(gw
     spool = storeref.local_dir(str(gw.db)) / "spool.msgpack"
     assert spool.exists()
     assert "wait in" in gw.log() and PASSWORD not in gw.log()
+    gw.start()  # while ClickHouse is still away: the gateway starts, its recorder loads the spool
+    wait_status(gw, lambda s: s["store_error"] and s["unwritten"] == len(models))
+    with pytest.raises(openai.APIStatusError) as e:  # today's usage cannot be read: budgeted routes wait (503)
+        chat(gw, f"fleet-cost1-late-{i}", i)
+    assert e.value.status_code == 503
     server.start()
-    gw.start()  # the next recorder for this store sends the spool first
+    gw.wait_log("budgeted routes serve again", timeout=30)
+    assert chat(gw, f"fleet-cost2-after-{i}", i).http_response.status_code == 200
+    gw.wait_records(len(models) + 2, invocation=i, timeout=30)  # a query is answered after a flush
     wait_status(gw, lambda s: s["unwritten"] == 0 and s["store_error"] is None)
-    assert [r[3] for r in in_clickhouse(server, i)] == models
+    got = [r[3] for r in in_clickhouse(server, i)]
+    assert got[:len(models)] == models  # the spool first, in order, once
+    assert sorted(got[len(models):]) == [f"fleet-cost1-late-{i}", f"fleet-cost2-after-{i}"]
     assert not spool.exists()
     gw.stop()
     reader = ReadOnly(str(gw.db))  # no gateway runs: straight from ClickHouse
     try:
-        assert len(reader.read("query", {"invocation": i, "limit": 0})) == len(models)
+        assert len(reader.read("query", {"invocation": i, "limit": 0})) == len(models) + 2
     finally:
         reader.close()
     lines = clrk("records", "--db", str(gw.db), "--json", "--invocation", i).splitlines()
-    assert len(lines) == len(models)
+    assert len(lines) == len(models) + 2
     gw.start()

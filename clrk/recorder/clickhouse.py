@@ -9,7 +9,7 @@ The table has the columns of `clrk.attributes.COLUMNS` under the same names, in 
 
 `ENGINE = MergeTree PARTITION BY` the UTC day `ORDER BY (_agent, time)`, `_agent` being a materialized
 `namespace/name` (not returned by `SELECT *`); `ttl_days=N` in the URL adds a TTL (ClickHouse 19.6+).
-Attributes added to clrk later become columns on the next start (`ADD COLUMN IF NOT EXISTS`).
+Attributes added to clrk later become columns on the next start (`ADD COLUMN`).
 
 Values are never spliced into SQL unescaped: inserts travel in the drivers' binary formats (chdb: JSON
 lines), and filter values in queries are written as literals by `lit`.
@@ -30,6 +30,9 @@ from clrk import storeref
 from clrk.recorder.store import SEQ, StoreError, exact_cost, records_sql, storable
 
 log = logging.getLogger("clrk.recorder")
+# The driver logs every failed connect with a traceback: at each retry of an outage, that would be five a
+# second. The recorder says what failed itself, once in a while (service.py), and `clrk status` always.
+logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
 
 _CH_TYPES = {
     "VARCHAR": "Nullable(String)",
@@ -407,12 +410,14 @@ class ClickHouseStore:
                     raise StoreError(f"{self.name}: this ClickHouse does not accept a TTL (ttl_days needs "
                                      f"ClickHouse 19.6 or later): {self.error_text(e)}") from e
                 raise
-        names, rows = conn.query(f"SELECT name FROM system.columns WHERE database = {lit(self.target.database)} "
-                                 f"AND table = {lit(self.target.table)}")
-        have = {r[0] for r in rows}
+        have = self._columns()
         for name, typ in COLUMNS.items():
             if name not in have:
-                conn.command(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {q(name)} {typ}")
+                try:  # (no IF NOT EXISTS: the old releases lack it)
+                    conn.command(f"ALTER TABLE {self.table} ADD COLUMN {q(name)} {typ}")
+                except Exception:
+                    if name not in self._columns():  # else another recorder of the fleet added it first
+                        raise
         if self.target.ttl_days:
             conn.command(f"ALTER TABLE {self.table} MODIFY {ttl_clause(self.target.ttl_days)}")
         self._ready = True
@@ -427,6 +432,11 @@ class ClickHouseStore:
             except Exception:
                 pass
         self._conn, self._ready = None, False
+
+    def _columns(self) -> set[str]:
+        _, rows = self._conn.query(f"SELECT name FROM system.columns WHERE database = {lit(self.target.database)} "
+                                   f"AND table = {lit(self.target.table)}")
+        return {r[0] for r in rows}
 
     def reopen(self) -> None:
         """A fresh connection after a failure."""
