@@ -188,3 +188,39 @@ def test_text_that_is_not_utf8_is_left_out_of_its_row_not_the_batch(stores):
     got = {r[A.SPAN_ID]: r for r in ch.records({"limit": 0})}
     assert A.AGENT_NAME not in got[f"{1:016x}"] and "agent.name" in got[f"{1:016x}"][A.CLRK_RECORD_INCOMPLETE]
     assert got[f"{2:016x}"][A.AGENT_NAME] == "good"
+
+
+def test_the_spool_file_is_bounded(tmp_path):
+    sp = Spool(tmp_path / "spool.msgpack", max_bytes=200)
+    assert sp.append([{"n": 1, "pad": "x" * 50}])
+    assert not sp.append([{"n": 2, "pad": "x" * 200}])  # would pass the bound: kept out (it waits in memory)
+    assert [r["n"] for r in sp.load()] == [1]
+
+
+def test_the_recorder_spools_each_row_once_and_the_next_recorder_loads_it(tmp_path, monkeypatch):
+    """ClickHouse away (a closed port): each flush appends only its new rows to the spool; past the memory
+    bound the oldest go (counted as dropped) and the spool's count follows; a new recorder for the same URL
+    starts from the spool."""
+    import asyncio
+
+    from clrk.recorder import service
+
+    monkeypatch.setenv("CLRK_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(service, "MAX_BUFFERED_ROWS", 4)
+    url = f"clickhouse://clrk:pw@127.0.0.1:{_closed_port()}/x?timeout=1"
+    rec = service.Recorder(url, str(tmp_path / "r.sock"), None)
+    batches = [[record(1, 1.0), record(2, 2.0), record(3, 3.0)], [record(4, 4.0), record(5, 5.0)]]
+    monkeypatch.setattr(rec, "_expand", lambda raws: batches.pop(0) if batches else [])
+    rec.buffer.append({})
+    asyncio.run(rec.flush())
+    assert rec.store_error and "pw" not in rec.store_error and (rec.spooled, len(rec.unwritten)) == (3, 3)
+    rec.buffer.append({})
+    asyncio.run(rec.flush())
+    assert (rec.spooled, len(rec.unwritten), rec.dropped) == (4, 4, 1)
+    asyncio.run(rec.flush())  # nothing new: nothing appended again
+    assert [r[A.SPAN_ID] for r in rec.spool.load()] == [f"{i:016x}" for i in range(1, 6)]
+    seqs = [r["_seq"] for r in rec.spool.load()]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    again = service.Recorder(url, str(tmp_path / "r2.sock"), None)
+    assert [r[A.SPAN_ID] for r in again.unwritten] == [f"{i:016x}" for i in range(2, 6)] and again.dropped == 1
+    assert again.spooled == 4

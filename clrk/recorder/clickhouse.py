@@ -449,10 +449,7 @@ class ClickHouseStore:
         given, so a batch retried after a failure lands in the order it was received."""
         if not rows:
             return rows
-        for r in rows:
-            if SEQ not in r:
-                r[SEQ] = self.next_seq  # type: ignore[index]
-                self.next_seq += 1
+        self.stamp(rows)
         try:
             tuples = [row_tuple(r) for r in rows]
         except (TypeError, ValueError, OverflowError):  # a value that fits no column: not the whole batch
@@ -467,8 +464,17 @@ class ClickHouseStore:
             except Exception:
                 self._drop_connection()
                 raise
-        self.next_seq = max(self.next_seq, time.time_ns() // 1000)
         return rows
+
+    def stamp(self, rows: list[Mapping]) -> None:
+        """Gives each row its `_seq` once: the first time the recorder tries to write it, so a row that waits
+        (in memory or the spool, across recorders) keeps its place in the order."""
+        # microseconds of ingestion, so the recorders of a fleet interleave by when they stored a row
+        self.next_seq = max(self.next_seq, time.time_ns() // 1000)
+        for r in rows:
+            if SEQ not in r:
+                r[SEQ] = self.next_seq  # type: ignore[index]
+                self.next_seq += 1
 
     @staticmethod
     def _mend(rows: list[Mapping]) -> tuple[list[Mapping], list[tuple]]:

@@ -60,7 +60,8 @@ class Recorder:
         self.buffer: deque[dict] = deque()  # raw transaction facts, expanded into records when written
         self.unwritten: list[dict] = []  # records the store refused, retried (bounded: MAX_BUFFERED_ROWS)
         if self.spool is not None:
-            self.unwritten = self.spool.load()[-MAX_BUFFERED_ROWS:]
+            spooled = self.spool.load()
+            self.unwritten = spooled[-MAX_BUFFERED_ROWS:]
             if self.unwritten:
                 log.warning("%d records spooled while %s was unreachable are sent first", len(self.unwritten),
                             self.db_name)
@@ -70,7 +71,8 @@ class Recorder:
         self.redact_headers: frozenset[str] = SENSITIVE_HEADERS
         self.redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
         self.redactor = Redactor()
-        self.dropped = 0  # records not stored: here, or at a proxy (`dropped_at_proxy` of these)
+        self.dropped = len(spooled) - len(self.unwritten) if self.spool is not None else 0  # records not stored:
+        # here (or in the spool, past the memory bound), or at a proxy (`dropped_at_proxy` of these)
         self.dropped_at_proxy = 0
         self.incomplete = 0  # records stored without some of their values (clrk.record.incomplete says which)
         self.written = 0
@@ -90,20 +92,23 @@ class Recorder:
             self.buffer.clear()
             rows = self.unwritten + await asyncio.to_thread(self._expand, raws)
             self.unwritten = []
+            self.store.stamp(rows)  # before anything can fail: a row keeps its place in the order for good
             try:
                 if self.store_error is not None:
                     await asyncio.to_thread(self.store.reopen)
                 stored = await asyncio.to_thread(self.store.insert, rows)
             except Exception as e:
-                spooled = min(self.spooled, len(rows))  # rows[:spooled] are on disk already
+                on_disk = min(self.spooled, len(rows))  # rows[:on_disk] are in the spool file already
                 self.unwritten = rows[-MAX_BUFFERED_ROWS:]
-                self.dropped += len(rows) - len(self.unwritten)
-                if self.spool is not None:
+                trimmed = len(rows) - len(self.unwritten)
+                self.dropped += trimmed
+                if self.spool is not None and on_disk < len(rows):
                     try:
-                        await asyncio.to_thread(self.spool.append, rows[spooled:])
-                        self.spooled = len(rows)
+                        if await asyncio.to_thread(self.spool.append, rows[on_disk:]):
+                            on_disk = len(rows)
                     except OSError as se:
                         log.error("cannot spool records to %s: %s", self.spool.path, se)
+                self.spooled = max(0, on_disk - trimmed)  # of `unwritten`, how many lead it on disk
                 error = self.store.error_text(e)
                 now = time.monotonic()
                 if self.store_error is None or now - self._last_store_log > 30:

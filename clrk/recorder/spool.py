@@ -15,23 +15,39 @@ import msgpack
 log = logging.getLogger("clrk.recorder")
 
 
+MAX_BYTES = 1 << 30  # past this the file takes no more: what does not fit waits in memory only
+
+
 class Spool:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_bytes: int = MAX_BYTES):
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._full_logged = False
 
     def exists(self) -> bool:
         return self.path.exists()
 
-    def append(self, rows: Iterable[Mapping]) -> None:
+    def append(self, rows: Iterable[Mapping]) -> bool:
+        """Appends `rows` (durably: fsynced); False when the file is at its bound and took none."""
         data = b"".join(msgpack.packb(dict(r), use_bin_type=True) for r in rows)
         if not data:
-            return
+            return True
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size + len(data) > self.max_bytes:
+            if not self._full_logged:
+                log.error("spool %s is full (%d bytes): further records wait in memory only", self.path, size)
+                self._full_logged = True
+            return False
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
+        return True
 
     def load(self) -> list[dict]:
         """The spooled records in the order they came; a torn last record (a crash mid-write) is left out."""
@@ -51,6 +67,7 @@ class Spool:
         return out
 
     def clear(self) -> None:
+        self._full_logged = False
         try:
             self.path.unlink()
         except FileNotFoundError:

@@ -125,6 +125,9 @@ class Store:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
 
+    def stamp(self, rows: list[Mapping]) -> None:
+        """Nothing: a DuckDB row gets its `_seq` as it is written (the ClickHouse store stamps earlier)."""
+
     # The reads the recorder serves; `clrk.recorder.clickhouse.ClickHouseStore` has the same.
     def records(self, query: Mapping) -> list[dict]:
         return self._read(fetch_records, query)
