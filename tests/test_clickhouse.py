@@ -68,6 +68,9 @@ def test_a_ttl_is_set_when_asked(engine):
     _, rows = engine.query(f"SELECT create_table_query FROM system.tables WHERE database = {lit(db)} AND name = 'records'")
     assert "TTL toDateTime(intDiv(time, 1000000)) + toIntervalDay(30)" in rows[0][0]
     ch.insert([record(1, time.time())])
+    ClickHouseStore(URL.replace("clrk_test", db) + "?ttl_days=7", conn=engine)  # a changed TTL is applied
+    _, rows = engine.query(f"SELECT create_table_query FROM system.tables WHERE database = {lit(db)} AND name = 'records'")
+    assert "toIntervalDay(7)" in rows[0][0] and "toIntervalDay(30)" not in rows[0][0]
     engine.command(f"DROP DATABASE {db}")
 
 

@@ -388,10 +388,10 @@ class ClickHouseStore:
         if conn is not None:
             self._prepare()
 
-    # What the recorder shows of a failure: the first line (old servers add a stack trace), no password.
     def error_text(self, e: BaseException) -> str:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return storeref.scrub(f"{type(e).__name__}: {text}"[:500], self.url)
+        """What the recorder shows of a failure: one line, without the server's stack trace, no password."""
+        text = " ".join(str(e).split("Stack trace:", 1)[0].split()) or type(e).__name__
+        return storeref.scrub(f"{type(e).__name__}: {text}"[:400], self.url)
 
     def _c(self):
         if self._conn is None:
@@ -418,8 +418,11 @@ class ClickHouseStore:
                 except Exception:
                     if name not in self._columns():  # else another recorder of the fleet added it first
                         raise
-        if self.target.ttl_days:
-            conn.command(f"ALTER TABLE {self.table} MODIFY {ttl_clause(self.target.ttl_days)}")
+        if self.target.ttl_days:  # changed only when it differs: a new TTL makes the server rewrite the parts
+            _, rows = conn.query(f"SELECT create_table_query FROM system.tables WHERE database = "
+                                 f"{lit(self.target.database)} AND name = {lit(self.target.table)}")
+            if not rows or f"toIntervalDay({self.target.ttl_days})" not in rows[0][0]:
+                conn.command(f"ALTER TABLE {self.table} MODIFY {ttl_clause(self.target.ttl_days)}")
         self._ready = True
 
     def _drop_connection(self) -> None:
