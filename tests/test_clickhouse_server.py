@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,11 +100,16 @@ def status(gw: Gateway) -> dict:
 
 def wait_status(gw: Gateway, check, timeout: float = 30.0) -> dict:
     """The recorder's status once `check` holds for it (the recorder's own word that the event happened)."""
-    deadline = time.monotonic() + timeout
-    while not check(st := status(gw)):
+    deadline, st = time.monotonic() + timeout, None
+    while True:
+        try:
+            st = status(gw)
+            if check(st):
+                return st
+        except (OSError, wire.WireError):  # a recorder being restarted
+            pass
         assert time.monotonic() < deadline, st
         time.sleep(0.05)
-    return st
 
 
 def in_clickhouse(server: ClickHouseServer, inv: str) -> list[tuple]:
@@ -317,6 +323,22 @@ def test_clickhouse_killed_mid_run_costs_no_request_and_no_record(gw, server):
     rows = in_clickhouse(server, i)
     assert [r[3] for r in rows] == models  # each once, in the order they were made
     assert not spool.exists()
+
+
+def test_a_recorder_killed_while_clickhouse_is_away_loses_nothing(gw, server):
+    """kill -9 of the recorder once its rows are in the spool: the proxy starts another, which sends them."""
+    i = tag()
+    server.kill()
+    models = [f"fleet-cost{k + 1}-{i}" for k in range(4)]
+    for m in models:
+        assert chat(gw, m, i).http_response.status_code == 200
+    st = wait_status(gw, lambda s: s["spooled"] == len(models) and s["unwritten"] == len(models))
+    os.kill(st["pid"], signal.SIGKILL)
+    wait_status(gw, lambda s: s["pid"] != st["pid"] and s["unwritten"] == len(models))  # loaded from the spool
+    assert chat(gw, f"fleet-cost9-late-{i}", i).http_response.status_code == 200
+    server.start()
+    wait_status(gw, lambda s: s["store_error"] is None and s["unwritten"] == 0 and s["written"] >= len(models) + 1)
+    assert [r[3] for r in in_clickhouse(server, i)] == [*models, f"fleet-cost9-late-{i}"]
 
 
 def test_a_gateway_stopped_while_clickhouse_is_away_keeps_its_records_on_disk(gw, server):
