@@ -227,3 +227,39 @@ def test_the_recorder_spools_each_row_once_and_the_next_recorder_loads_it(tmp_pa
     again = service.Recorder(url, str(tmp_path / "r2.sock"), None)
     assert [r[A.SPAN_ID] for r in again.unwritten] == [f"{i:016x}" for i in range(2, 6)] and again.dropped == 1
     assert again.spooled == 4
+
+
+class _AnswerLost:
+    """An engine whose next INSERT is written and then its answer lost, as when a connection is cut the
+    moment the server has the rows."""
+
+    def __init__(self, engine):
+        self.engine, self.cut_next = engine, False
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def insert(self, table, rows):
+        self.engine.insert(table, rows)
+        if self.cut_next:
+            self.cut_next = False
+            raise ConnectionResetError("connection reset by peer")
+
+
+def test_a_batch_whose_answer_was_lost_is_not_written_twice(engine):
+    db = f"t{random.getrandbits(40):x}"
+    conn = _AnswerLost(engine)
+    ch = ClickHouseStore(URL.replace("clrk_test", db), conn=conn)
+    t = time.time()
+    first = [record(i, t) for i in range(5)]
+    conn.cut_next = True
+    with pytest.raises(ConnectionResetError):
+        ch.insert(first)
+    later = [record(i, t) for i in range(5, 8)]
+    stored = ch.insert(first + later)  # the recorder's retry: the batch again, and what came since
+    assert [r[A.SPAN_ID] for r in stored] == [f"{i:016x}" for i in range(5, 8)]
+    got = sorted(r[A.SPAN_ID] for r in ch.records({"limit": 0}))
+    assert got == [f"{i:016x}" for i in range(8)]  # each once
+    ch.insert([record(9, t)])  # and after a success, no more checking
+    assert len(ch.records({"limit": 0})) == 9
+    engine.command(f"DROP DATABASE {db}")

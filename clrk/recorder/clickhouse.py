@@ -384,6 +384,7 @@ class ClickHouseStore:
         self._lock = threading.Lock()
         self._conn = self._given = conn
         self._ready = False
+        self._uncertain = False  # an INSERT failed: whether it was written is not known
         self.next_seq = time.time_ns() // 1000  # `_seq`: ingestion order across recorders (microseconds)
         if conn is not None:
             self._prepare()
@@ -459,15 +460,43 @@ class ClickHouseStore:
             rows, tuples = self._mend(rows)
         with self._lock:
             try:
-                self._c().insert(self.table, tuples)
+                if self._uncertain:  # the last INSERT failed after it was sent: it may have been written
+                    rows, tuples = self._not_yet_written(rows, tuples)
+                if tuples:
+                    self._c().insert(self.table, tuples)
             except (TypeError, ValueError, OverflowError, struct.error):  # the driver refused a value, not the server
                 self._drop_connection()  # it may have sent part of the batch: start clean
                 rows, tuples = self._mend_by_driver(rows)
-                self._c().insert(self.table, tuples)
+                self._insert_or_doubt(tuples)
             except Exception:
+                self._uncertain = True
                 self._drop_connection()
                 raise
+            self._uncertain = False
         return rows
+
+    def _insert_or_doubt(self, tuples: list[tuple]) -> None:
+        try:
+            self._c().insert(self.table, tuples)
+        except Exception:
+            self._uncertain = True
+            self._drop_connection()
+            raise
+
+    def _not_yet_written(self, rows: list[Mapping], tuples: list[tuple]) -> tuple[list[Mapping], list[tuple]]:
+        """The rows of a retried batch the server does not have yet. An INSERT whose answer was lost (the
+        connection cut as the server wrote it) may have landed; each row's (`_seq`, `span_id`) tells, so a
+        retry writes the rest only: nothing twice. One range query, on the first retry after a failure."""
+        seqs = [r[SEQ] for r in rows]
+        _, found = self._c().query(
+            f"SELECT {q(SEQ)}, {q(A.SPAN_ID)} FROM {self.table} WHERE {q(SEQ)} BETWEEN {min(seqs)} AND {max(seqs)}")
+        if not found:
+            return rows, tuples
+        have = {(int(s), sp) for s, sp in found}
+        keep = [k for k, r in enumerate(rows) if (r[SEQ], r.get(A.SPAN_ID)) not in have]
+        log.warning("%s: %d records of a batch whose answer was lost were written already; not again",
+                    self.name, len(rows) - len(keep))
+        return [rows[k] for k in keep], [tuples[k] for k in keep]
 
     def stamp(self, rows: list[Mapping]) -> None:
         """Gives each row its `_seq` once: the first time the recorder tries to write it, so a row that waits
