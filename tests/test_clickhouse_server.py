@@ -251,6 +251,25 @@ def test_clrk_dev_runs_on_the_clickhouse_store(gw, server, monkeypatch):
     assert PASSWORD not in session.log_path.read_text()
 
 
+def test_clrk_run_hands_the_url_to_the_gateway_in_its_environment(gw, server, monkeypatch):
+    from tests.harness.gateway import OTHER_TOKEN
+
+    monkeypatch.setenv("CLRK_TEST_REVIEWER_TOKEN", OTHER_TOKEN)
+    port = free_port()
+    run = subprocess.Popen([CLRK, "run", "--policies", str(gw.policies), "--certs", str(gw.certs), "--port", str(port)],
+                           env={**os.environ, "CLRK_DB": server.url()}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        assert "records in clickhouse://clrk:***@127.0.0.1" in run.stderr.readline()
+        wait_status(gw, lambda st: st["proxies"] == 2)  # it joined this host's recorder for the URL
+        cmdline = Path(f"/proc/{run.pid}/cmdline").read_bytes()  # clrk run became the gateway (execve)
+        assert b"clrk.proxy" in cmdline and PASSWORD.encode() not in cmdline and b"clickhouse" not in cmdline
+    finally:
+        run.terminate()
+        run.wait(60)
+    wait_status(gw, lambda st: st["proxies"] == 1)
+
+
 HOSTILE_MODELS = ["o'brien\\\"; DROP TABLE clrk.records; --", "m`x`\\'\\\\", "' OR '1'='1", "{model:String}%_?"]
 
 
