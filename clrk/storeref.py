@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
@@ -108,4 +109,8 @@ def local_dir(db: str | os.PathLike) -> Path:
     base = Path(os.environ.get("CLRK_STATE_DIR") or tempfile.gettempdir())
     d = base / f"clrk-ch-{digest}"
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(d)  # a shared temp dir: the name is guessable, so it must be ours and private
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{d} is not a private directory of this user (spool and socket of "
+                              f"{display(db)}); remove it or set CLRK_STATE_DIR")
     return d

@@ -263,3 +263,18 @@ def test_a_batch_whose_answer_was_lost_is_not_written_twice(engine):
     ch.insert([record(9, t)])  # and after a success, no more checking
     assert len(ch.records({"limit": 0})) == 9
     engine.command(f"DROP DATABASE {db}")
+
+
+def test_a_state_directory_someone_else_could_reach_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLRK_STATE_DIR", str(tmp_path))
+    d = storeref.local_dir(URL)
+    assert oct(d.stat().st_mode & 0o777) == "0o700"
+    d.chmod(0o777)  # as if another user had made it first, open to all
+    with pytest.raises(PermissionError) as e:
+        storeref.local_dir(URL)
+    assert "s3cr" not in str(e.value) and "CLRK_STATE_DIR" in str(e.value)
+    d.rmdir()
+    d.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    with pytest.raises(PermissionError):
+        storeref.local_dir(URL)
