@@ -10,6 +10,13 @@ Several source trees can be compared, interleaved round by round (e.g. a `git ar
 A config is `<tree>:<name>`, name one of: default (the gateway as the policy writes it without the new
 fields), nometrics (spec.otlp.metrics.enabled false), metrics+prom (a Prometheus endpoint too),
 ratio0.1 (spec.otlp.sampling.ratio 0.1). The base tree ignores the fields it does not know.
+
+A name ending in `@ch` stores into ClickHouse instead of DuckDB: `--clickhouse URL`, or `--clickhouse auto`
+to start a clickhouse-server on loopback for the run (tests/harness/clickhouse.py); the server's own CPU
+per record is reported beside the recorder's:
+
+    python bench/recorder_cpu.py --tree new=. --config new:nometrics --config new:nometrics@ch \
+        --config new:default@ch --clickhouse auto --rounds 3 --records 10000
 """
 
 from __future__ import annotations
@@ -96,17 +103,22 @@ def gateway_config(name: str, sink: str, prom_port: int) -> dict:
     return {"t": "config", "gateways": {"bench-gw": cfg}, "fallback": "", "redact_headers": [], "redact_query": []}
 
 
-def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int) -> float:
-    """Records per CPU second of one fresh recorder of `tree` under `config`."""
+def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int, clickhouse: str = "",
+             server_pid: int | None = None) -> tuple[float, float | None]:
+    """Records per CPU second of one fresh recorder of `tree` under `config`; with a ClickHouse store whose
+    server runs here, also the server's CPU seconds per record."""
     sys.path.insert(0, str(tree))
     from clrk import wire
 
+    config, _, store = config.partition("@")
     with tempfile.TemporaryDirectory() as d:
-        db = Path(d) / "clrk.duckdb"
-        sock = wire.socket_path(db)
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        proc = subprocess.Popen([sys.executable, "-O", "-m", "clrk.recorder", "--db", str(db), "--socket", sock],
+        db = clickhouse if store == "ch" else str(Path(d) / "clrk.duckdb")
+        sock = wire.socket_path(db) if store == "ch" else wire.socket_path(Path(db))
+        env = {**os.environ, "PYTHONPATH": str(tree), "CLRK_RECORDER_DB": db}  # a URL stays off the command line
+        on_argv = [] if store == "ch" else ["--db", db]  # an older tree knows only --db
+        proc = subprocess.Popen([sys.executable, "-O", "-m", "clrk.recorder", *on_argv, "--socket", sock],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree)
+        server_pid = server_pid if store == "ch" else None
         try:
             deadline = time.monotonic() + 60
             while not wire.recorder_ready(sock):
@@ -120,6 +132,7 @@ def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int) -
                 time.sleep(0.5)  # let the SDK set-up threads settle before counting
                 packed = [wire.pack_record(r) for r in raws]
                 before = cpu_seconds(proc.pid)
+                server_before = cpu_seconds(server_pid) if server_pid else 0.0
                 for i in range(0, len(packed), batch):
                     c.sock.sendall(wire.pack_rows(packed[i:i + batch]))
                 c.request({"t": "flush"})
@@ -132,6 +145,7 @@ def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int) -
                         break
                     last = now
                 used = last - before
+                server_used = cpu_seconds(server_pid) - server_before if server_pid else None
                 st = c.request({"t": "status"})
                 assert st["written"] == len(raws), st
         finally:
@@ -140,7 +154,7 @@ def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int) -
     sys.path.remove(str(tree))
     for mod in [m for m in sys.modules if m == "clrk" or m.startswith("clrk.")]:
         del sys.modules[mod]
-    return len(raws) / used
+    return len(raws) / used, (server_used / len(raws) if server_used is not None else None)
 
 
 def main() -> None:
@@ -150,7 +164,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--clickhouse", default="", help="URL of the ClickHouse for @ch configs, or auto")
     args = ap.parse_args()
+    server = None
+    if args.clickhouse == "auto":
+        sys.path.insert(0, str(HERE.parent))
+        from tests.harness.clickhouse import ClickHouseServer
+
+        server = ClickHouseServer(Path(tempfile.mkdtemp(prefix="clrk-bench-ch-"))).start()
+        args.clickhouse = server.url(database="bench")
     trees = dict(t.split("=", 1) for t in args.tree)
     configs = [c.split(":", 1) for c in args.config] or [[t, "default"] for t in trees]
     configs = [[t, "default"] for t in trees if [t, "default"] not in configs] + configs
@@ -158,20 +180,27 @@ def main() -> None:
     sink = subprocess.Popen([sys.executable, str(HERE / "otlp_sink.py"), str(sink_port)])
     raws = snapshots(args.records, 16)
     results: dict[str, list[float]] = {f"{t}:{c}": [] for t, c in configs}
+    server_cpu: dict[str, list[float]] = {f"{t}:{c}": [] for t, c in configs}
     try:
         time.sleep(0.5)
         for r in range(args.rounds):
             for t, c in configs:
-                rate = run_once(Path(trees[t]).resolve(), c, raws, f"http://127.0.0.1:{sink_port}", args.batch)
+                rate, per_record = run_once(Path(trees[t]).resolve(), c, raws, f"http://127.0.0.1:{sink_port}",
+                                            args.batch, args.clickhouse, server.proc.pid if server else None)
                 results[f"{t}:{c}"].append(rate)
+                if per_record is not None:
+                    server_cpu[f"{t}:{c}"].append(per_record)
                 print(f"round {r + 1} {t}:{c}: {rate:,.0f} records per CPU second", flush=True)
     finally:
         sink.terminate()
-    print("\n| tree:config | records per CPU second (median) | µs CPU per record | runs |")
-    print("|---|---:|---:|---|")
+        if server:
+            server.stop()
+    print("\n| tree:config | records per CPU second (median) | µs CPU per record | runs | server µs CPU per record |")
+    print("|---|---:|---:|---|---:|")
     for k, v in results.items():
         med = statistics.median(v)
-        print(f"| {k} | {med:,.0f} | {1e6 / med:.0f} | {', '.join(f'{x:,.0f}' for x in v)} |")
+        srv = f"{statistics.median(server_cpu[k]) * 1e6:.0f}" if server_cpu[k] else ""
+        print(f"| {k} | {med:,.0f} | {1e6 / med:.0f} | {', '.join(f'{x:,.0f}' for x in v)} | {srv} |")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from clrk import storeref
+
 
 def gateway_command() -> list[str]:
     """The gateway process (`clrk.proxy`: mitmdump with clrk's addon built in, under `python -O`)."""
     return [sys.executable, "-O", "-m", "clrk.proxy"]
+
+
+def gateway_env(db: str) -> dict[str, str]:
+    """The gateway's environment: a ClickHouse URL is handed over as CLRK_DB (it holds a password, and
+    command lines are readable by every local user), a DuckDB file on the command line as before."""
+    return {**os.environ, "CLRK_DB": db} if storeref.is_clickhouse(db) else dict(os.environ)
 
 
 def gateway_argv(policies: str, db: str, certs: str, ports: list[int], host: str, fallback: str, extra: list[str]) -> list[str]:
@@ -24,7 +33,7 @@ def gateway_argv(policies: str, db: str, certs: str, ports: list[int], host: str
         argv += ["--listen-host", host]
     argv += [
         "--set", f"clrk_policies={Path(policies).resolve()}",
-        "--set", f"clrk_db={Path(db).resolve()}",
+        *(() if storeref.is_clickhouse(db) else ("--set", f"clrk_db={Path(db).resolve()}")),
         "--set", f"clrk_certs={Path(certs).resolve()}",
         "--set", f"confdir={Path(certs).resolve()}",
     ]

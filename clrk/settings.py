@@ -11,7 +11,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLRK_", extra="ignore")
 
     policies: str = Field("policies", description="clrk: policy file or directory (env CLRK_POLICIES).")
-    db: str = Field("data/clrk.duckdb", description="clrk: DuckDB file for records (env CLRK_DB).")
+    db: str = Field("data/clrk.duckdb", description=(
+        "clrk: where records are stored: a DuckDB file, or ClickHouse for a fleet "
+        "(clickhouse://user:pass@host:9000/db, clickhouse+http://...:8123/db; env CLRK_DB)."))
     dev_otlp_fallback_endpoint: str = Field("", description=(
         "clrk: dev tee; every span and log record is also sent to this OTLP/HTTP base URL (empty = off)."))
     certs: str = Field("certs", description="clrk: directory of the gateway's CA (env CLRK_CERTS).")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgpack
 
-from clrk import escape
+from clrk import escape, storeref
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 512 * 1024 * 1024
@@ -119,7 +119,13 @@ async def read_message(reader: asyncio.StreamReader) -> dict | None:
 
 def socket_path(db_path: str | os.PathLike) -> str:
     """Where the recorder for `db_path` listens: beside the file, or in the temp dir when that path is too
-    long for a Unix socket (108 bytes)."""
+    long for a Unix socket (108 bytes); for a ClickHouse URL, in that store's private directory."""
+    if storeref.is_clickhouse(str(db_path)):
+        candidate = str(storeref.local_dir(str(db_path)) / "recorder.sock")
+        if len(candidate.encode()) < 100:
+            return candidate
+        digest = hashlib.sha256(storeref.key(str(db_path)).encode()).hexdigest()[:20]
+        return os.path.join(tempfile.gettempdir(), f"clrk-ch-{digest}.sock")
     db = Path(db_path).resolve()
     candidate = str(db) + ".sock"
     if len(candidate.encode()) < 100:

@@ -8,8 +8,9 @@ import os
 import sys
 
 from clrk import attributes as A
+from clrk import storeref
 from clrk.escape import json_line, printable
-from clrk.launch import gateway_argv
+from clrk.launch import gateway_argv, gateway_env
 from clrk.settings import Settings
 
 
@@ -44,12 +45,12 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
               file=sys.stderr)
     print(
         f"clrk: gateway on {', '.join(where)}, policies {args.policies}, "
-        f"records in {args.db}\nclrk: agents trust {cert} and set "
+        f"records in {storeref.display(args.db)}\nclrk: agents trust {cert} and set "
         f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@localhost:{where[0].rsplit(':', 1)[1]}  (clrk ca tells more)",
         file=sys.stderr,
         flush=True,
     )
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, gateway_env(args.db))
 
 
 def _listening(policy, host: str) -> list[str]:
@@ -124,11 +125,17 @@ def cmd_ca(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- records
 
 
+def _store_name(db: str) -> str:
+    """The store as the CLI names it: a DuckDB file's absolute path, a ClickHouse URL without its password."""
+    return storeref.display(db) if storeref.is_clickhouse(db) else os.path.abspath(db)
+
+
 def read_store(db: str, kind: str, query: dict) -> list[dict]:
     """Rows from the running gateway's recorder, or straight from the file when none runs.
     `kind` is "query" (records), "spend" or "budgets"."""
     from clrk import wire
-    from clrk.recorder.store import StoreError, fetch_budgets, fetch_records, fetch_spend, open_readonly
+    from clrk.recorder.store import StoreError
+    from clrk.recorder.stores import ReadOnly
 
     path = wire.socket_path(db)
     try:
@@ -139,17 +146,13 @@ def read_store(db: str, kind: str, query: dict) -> list[dict]:
     except wire.WireError as e:
         _die(str(e))
     try:
-        con = open_readonly(db)
+        reader = ReadOnly(db)
+        try:
+            return reader.read(kind, query)
+        finally:
+            reader.close()
     except StoreError as e:
         _die(str(e))
-    try:
-        if kind == "spend":
-            return fetch_spend(con, query)
-        if kind == "budgets":
-            return fetch_budgets(con, float(query.get("since") or 0))
-        return fetch_records(con, query)
-    finally:
-        con.close()
 
 
 def _line(r: dict, as_json: bool) -> str:
@@ -243,7 +246,7 @@ def cmd_records(args: argparse.Namespace) -> None:
     lines = [json_line(r) for r in rows] if args.json else _table_lines(rows, header=human)
     if human:  # on a terminal: which store, and how much of it (piped, the records only, one per line)
         shown = "all" if not args.limit else f"at most {args.limit} (--limit)"
-        out.write(printable(f"{len(rows)} records from {os.path.abspath(args.db)}, newest first, {shown}") + "\n")
+        out.write(printable(f"{len(rows)} records from {_store_name(args.db)}, newest first, {shown}") + "\n")
     for line in lines:
         out.write(line + "\n")
 
@@ -265,8 +268,9 @@ def cmd_tail(args: argparse.Namespace) -> None:
             rows = feed.poll()
             state = "following" if feed.connected else "waiting"
             if state != said:
-                print(f"clrk tail: following the gateway writing {args.db}; waiting for its next records (Ctrl-C to stop)"
-                      if feed.connected else f"clrk tail: waiting for a gateway writing {args.db} ...",
+                print(f"clrk tail: following the gateway writing {_store_name(args.db)}; waiting for its next records "
+                      "(Ctrl-C to stop)" if feed.connected else f"clrk tail: waiting for a gateway writing "
+                      f"{_store_name(args.db)} ...",
                       file=sys.stderr, flush=True)
                 said = state
             for r in rows:
@@ -314,14 +318,14 @@ def cmd_status(args: argparse.Namespace) -> None:
         with wire.BlockingClient(wire.socket_path(args.db), timeout=10) as c:
             st = c.request({"t": "status"})
     except (OSError, wire.WireError):
-        _die(f"no gateway is writing {args.db} (its recorder does not answer on {wire.socket_path(args.db)})")
+        _die(f"no gateway is writing {_store_name(args.db)} (its recorder does not answer on {wire.socket_path(args.db)})")
     st = {k: v for k, v in st.items() if k not in ("t", "id")}
     st.update(_memory(st["pid"]))
     if args.json:
         print(json.dumps(st))
     else:
         at_proxy = f" ({st['dropped_at_proxy']} of them by the proxy)" if st.get("dropped_at_proxy") else ""
-        print(f"recorder pid {st['pid']} for {args.db}: {st['written']} records written this run, "
+        print(f"recorder pid {st['pid']} for {_store_name(args.db)}: {st['written']} records written this run, "
               f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped{at_proxy}; "
               f"{st['proxies']} proxy process(es) connected")
         if st.get("recorder_rss_mb") is not None:
@@ -335,6 +339,9 @@ def cmd_status(args: argparse.Namespace) -> None:
                   "the store has them all)")
         if st.get("store_error"):
             print(f"the store cannot be written: {printable(st['store_error'])}")
+            if st.get("unwritten"):
+                on_disk = f", {st['spooled']} of them also on disk" if st.get("spooled") else ""
+                print(f"{st['unwritten']} records wait for it{on_disk}; they are written, in order, once it can be")
 
 
 # --------------------------------------------------------------------------- spend
@@ -446,7 +453,7 @@ def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
                          epilog="Everything after -- is passed to mitmdump as is, e.g. clrk run -- --set tcp_timeout=120 "
                                 "or -- --set termlog_verbosity=warn.")
     run.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
-    run.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    run.add_argument("--db", default=s.db, help="DuckDB file or ClickHouse URL (default: %(default)s)")
     run.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
     run.add_argument("--port", type=int, default=None, help="listen on this port only (default: the EgressGateway listeners)")
     run.add_argument("--host", default="", help="listen address with --port, or for a policy without listeners "
@@ -454,7 +461,7 @@ def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
     run.add_argument("--dev-otlp-fallback-endpoint", default=s.dev_otlp_fallback_endpoint, help=argparse.SUPPRESS)
 
     rec = sub.add_parser("records", help="print recorded transactions, newest first (works while the gateway runs)")
-    rec.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    rec.add_argument("--db", default=s.db, help="DuckDB file or ClickHouse URL (default: %(default)s)")
     rec.add_argument("--json", action="store_true", help="one JSON object per line, keys as in the record contract")
     rec.add_argument("--limit", type=int, default=100, help="at most N records (0 = all; default %(default)s)")
     rec.add_argument("--agent", help="agent name, or namespace/name")
@@ -469,14 +476,14 @@ def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
     dv = sub.add_parser("dev", help="the gateway with an in-process OTLP receiver and a live terminal UI")
     dv.add_argument("--policies", default=s.policies, help="policy file or directory (default: %(default)s)")
     dv.add_argument("--port", type=int, default=None, help="listen on this port only (default: the EgressGateway listeners)")
-    dv.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    dv.add_argument("--db", default=s.db, help="DuckDB file or ClickHouse URL (default: %(default)s)")
     dv.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
     dv.add_argument("--host", default="", help="listen address with --port, or for a policy without listeners "
                     "(default 127.0.0.1); declared listeners bind their own `address`")
     dv.add_argument("--otlp-port", type=int, default=14318, help="the in-process OTLP/HTTP receiver's port (default: %(default)s)")
 
     tl = sub.add_parser("tail", help="print records as the gateway stores them (one line each, or --json)")
-    tl.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    tl.add_argument("--db", default=s.db, help="DuckDB file or ClickHouse URL (default: %(default)s)")
     tl.add_argument("--json", action="store_true", help="one JSON object per line, keys as in the record contract")
     tl.add_argument("--agent", help="agent name, or namespace/name")
     tl.add_argument("--invocation", help="invocation.id")
@@ -489,11 +496,11 @@ def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
     ca.add_argument("--host", default="localhost", help="the gateway's host name as agents reach it (default: %(default)s)")
 
     stt = sub.add_parser("status", help="is a gateway writing this store; records written, waiting and dropped")
-    stt.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    stt.add_argument("--db", default=s.db, help="DuckDB file or ClickHouse URL (default: %(default)s)")
     stt.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("spend", help="tokens spent by provider calls, by day, agent, route and model (works while the gateway runs)")
-    sp.add_argument("--db", default=s.db, help="DuckDB file (default: %(default)s)")
+    sp.add_argument("--db", default=s.db, help="DuckDB file or ClickHouse URL (default: %(default)s)")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.add_argument("--by", default="day,agent,route,model", help="grouping, any of day,agent,route,model (default: all)")
     sp.add_argument("--since", help="e.g. 1h, 7d, or an ISO time")

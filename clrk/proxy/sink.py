@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from clrk import escape, wire
+from clrk import escape, storeref, wire
 from clrk.snapshot import Snapshot
 
 log = logging.getLogger("clrk.sink")
@@ -38,7 +38,8 @@ START_TIMEOUT = 20.0
 
 class RecordSink:
     def __init__(self, db_path: str):
-        self.db_path = str(Path(db_path).resolve())
+        self.db_path = db_path if storeref.is_clickhouse(db_path) else str(Path(db_path).resolve())
+        self.db_name = storeref.display(self.db_path)  # what logs may say (a URL's password is not in it)
         self.socket_path = wire.socket_path(self.db_path)
         self.pending: list[bytes] = []  # records, each msgpack-encoded
         self.dropped = 0
@@ -61,15 +62,17 @@ class RecordSink:
         await self._connect()
 
     def _spawn(self) -> None:
-        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        storeref.local_dir(self.db_path).mkdir(parents=True, exist_ok=True)
+        # The store travels in the environment, not on the command line: a ClickHouse URL holds a password,
+        # and every local user can read command lines.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clrk.recorder", "--db", self.db_path, "--socket", self.socket_path,
-             "--parent-pid", str(os.getpid())],
+            [sys.executable, "-m", "clrk.recorder", "--socket", self.socket_path, "--parent-pid", str(os.getpid())],
+            env={**os.environ, "CLRK_RECORDER_DB": self.db_path},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # the proxy decides when it stops, not the terminal's Ctrl-C
         )
-        log.info("started recorder %d for %s", self.proc.pid, self.db_path)
+        log.info("started recorder %d for %s", self.proc.pid, self.db_name)
 
     async def _connect(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -84,7 +87,7 @@ class RecordSink:
                     self._spawn()
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"the recorder for {self.db_path} did not start within {START_TIMEOUT:.0f}s (see its log above)"
+                        f"the recorder for {self.db_name} did not start within {START_TIMEOUT:.0f}s (see its log above)"
                     ) from None
                 await asyncio.sleep(0.05)
         self._writer.write(wire.pack({"t": "hello", "role": "proxy", "pid": os.getpid()}))

@@ -29,18 +29,13 @@ import time
 from collections import deque
 
 from clrk import attributes as A
+from clrk import storeref
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.recorder.expand import expand, mcp_rows, salvage
 from clrk.recorder.export import Exporter
-from clrk.recorder.store import (
-    Store,
-    StoreError,
-    budget_cost_totals,
-    budget_totals,
-    fetch_budgets,
-    fetch_records,
-    fetch_spend,
-)
+from clrk.recorder.spool import Spool
+from clrk.recorder.store import StoreError
+from clrk.recorder.stores import open_store
 from clrk.redact import Redactor
 from clrk.wire import WireError, pack, read_message, record_ids
 
@@ -56,16 +51,28 @@ class Recorder:
         self.db_path = db_path
         self.socket_path = socket_path
         self.parent_pid = parent_pid
-        self.store = Store(db_path)
+        self.store = open_store(db_path)
+        self.db_name = self.store.name  # for logs and status: a ClickHouse URL without its password
+        # ClickHouse is a server that can be away: what waits for it is also kept on disk (`Spool`), so a
+        # recorder stopped or killed meanwhile loses nothing; the next one sends it first.
+        self.spool = Spool(storeref.local_dir(db_path) / "spool.msgpack") if storeref.is_clickhouse(db_path) else None
         self.exporter = Exporter(store_stats=lambda: (self.written, self.dropped))
         self.buffer: deque[dict] = deque()  # raw transaction facts, expanded into records when written
-        self.unwritten: list[dict] = []  # records DuckDB refused, retried (bounded: MAX_BUFFERED_ROWS)
+        self.unwritten: list[dict] = []  # records the store refused, retried (bounded: MAX_BUFFERED_ROWS)
+        if self.spool is not None:
+            spooled = self.spool.load()
+            self.unwritten = spooled[-MAX_BUFFERED_ROWS:]
+            if self.unwritten:
+                log.warning("%d records spooled while %s was unreachable are sent first", len(self.unwritten),
+                            self.db_name)
         self.store_error: str | None = None
+        self.spooled = len(self.unwritten)  # of `unwritten`, how many the spool file holds
         self._last_store_log = 0.0
         self.redact_headers: frozenset[str] = SENSITIVE_HEADERS
         self.redact_query: frozenset[str] = SENSITIVE_QUERY_PARAMS
         self.redactor = Redactor()
-        self.dropped = 0  # records not stored: here, or at a proxy (`dropped_at_proxy` of these)
+        self.dropped = len(spooled) - len(self.unwritten) if self.spool is not None else 0  # records not stored:
+        # here (or in the spool, past the memory bound), or at a proxy (`dropped_at_proxy` of these)
         self.dropped_at_proxy = 0
         self.incomplete = 0  # records stored without some of their values (clrk.record.incomplete says which)
         self.written = 0
@@ -85,22 +92,36 @@ class Recorder:
             self.buffer.clear()
             rows = self.unwritten + await asyncio.to_thread(self._expand, raws)
             self.unwritten = []
+            self.store.stamp(rows)  # before anything can fail: a row keeps its place in the order for good
             try:
                 if self.store_error is not None:
                     await asyncio.to_thread(self.store.reopen)
                 stored = await asyncio.to_thread(self.store.insert, rows)
             except Exception as e:
+                on_disk = min(self.spooled, len(rows))  # rows[:on_disk] are in the spool file already
                 self.unwritten = rows[-MAX_BUFFERED_ROWS:]
-                self.dropped += len(rows) - len(self.unwritten)
+                trimmed = len(rows) - len(self.unwritten)
+                self.dropped += trimmed
+                if self.spool is not None and on_disk < len(rows):
+                    try:
+                        if await asyncio.to_thread(self.spool.append, rows[on_disk:]):
+                            on_disk = len(rows)
+                    except OSError as se:
+                        log.error("cannot spool records to %s: %s", self.spool.path, se)
+                self.spooled = max(0, on_disk - trimmed)  # of `unwritten`, how many lead it on disk
+                error = self.store.error_text(e)
                 now = time.monotonic()
                 if self.store_error is None or now - self._last_store_log > 30:
-                    log.error("cannot write to %s: %s; %d records wait in memory (at most %d), retrying",
-                              self.db_path, e, len(self.unwritten), MAX_BUFFERED_ROWS)
+                    log.error("cannot write to %s: %s; %d records wait (at most %d), retrying",
+                              self.db_name, error, len(self.unwritten), MAX_BUFFERED_ROWS)
                     self._last_store_log = now
-                self.store_error = str(e)
+                self.store_error = error
                 return
+            if self.spool is not None and (self.spooled or self.spool.exists()):
+                await asyncio.to_thread(self.spool.clear)
+                self.spooled = 0
             if self.store_error is not None:
-                log.warning("writing to %s again: %d records that waited are stored", self.db_path, len(rows))
+                log.warning("writing to %s again: %d records that waited are stored", self.db_name, len(rows))
                 self.store_error = None
             self.dropped += len(rows) - len(stored)
             self.incomplete += sum(1 for r in stored if A.CLRK_RECORD_INCOMPLETE in r)
@@ -194,23 +215,27 @@ class Recorder:
                         rows = await asyncio.to_thread(self._query, msg.get("query") or {})
                         writer.write(pack({"t": "ok", "id": msg.get("id"), "rows": rows}))
                     except Exception as e:
-                        writer.write(pack({"t": "error", "id": msg.get("id"), "message": str(e)}))
+                        writer.write(pack({"t": "error", "id": msg.get("id"), "message": self.store.error_text(e)}))
                 elif t in ("spend", "budgets"):
                     await self.flush()
                     try:
                         rows = await asyncio.to_thread(self._read, t, msg.get("query") or {})
                         writer.write(pack({"t": "ok", "id": msg.get("id"), "rows": rows}))
                     except Exception as e:
-                        writer.write(pack({"t": "error", "id": msg.get("id"), "message": str(e)}))
+                        writer.write(pack({"t": "error", "id": msg.get("id"), "message": self.store.error_text(e)}))
                 elif t == "budget_totals":
                     await self.flush()
-                    totals, cost_totals = await asyncio.to_thread(self._budget_totals, float(msg.get("since") or 0))
-                    writer.write(pack({"t": "ok", "id": msg.get("id"), "totals": totals, "cost_totals": cost_totals}))
+                    try:  # the proxy retries until the store answers (ClickHouse may be away)
+                        totals, cost_totals = await asyncio.to_thread(self._budget_totals, float(msg.get("since") or 0))
+                        writer.write(pack({"t": "ok", "id": msg.get("id"), "totals": totals, "cost_totals": cost_totals}))
+                    except Exception as e:
+                        writer.write(pack({"t": "error", "id": msg.get("id"), "message": self.store.error_text(e)}))
                 elif t == "status":
                     await self.flush()
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped,
                                        "dropped_at_proxy": self.dropped_at_proxy, "incomplete": self.incomplete,
                                        "seq": self.store.next_seq - 1, "unwritten": len(self.unwritten),
+                                       "spooled": self.spooled, "store": self.db_name,
                                        "export_dropped": self.exporter.dropped(),
                                        "store_error": self.store_error,
                                        "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid()}))
@@ -227,25 +252,13 @@ class Recorder:
             writer.close()
 
     def _read(self, what: str, query: dict) -> list[dict]:
-        cur = self.store.cursor()
-        try:
-            return fetch_spend(cur, query) if what == "spend" else fetch_budgets(cur, float(query.get("since") or 0))
-        finally:
-            cur.close()
+        return self.store.spend(query) if what == "spend" else self.store.budgets(float(query.get("since") or 0))
 
     def _budget_totals(self, since: float) -> tuple[dict[str, int], dict[str, float]]:
-        cur = self.store.cursor()
-        try:
-            return budget_totals(cur, since), budget_cost_totals(cur, since)
-        finally:
-            cur.close()
+        return self.store.totals(since)
 
     def _query(self, query: dict) -> list[dict]:
-        cur = self.store.cursor()
-        try:
-            return fetch_records(cur, query)
-        finally:
-            cur.close()
+        return self.store.records(query)
 
     async def run(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -260,14 +273,19 @@ class Recorder:
         # Ctrl-C in the gateway's terminal reaches the whole process group: the proxy then sends its last
         # rows and a shutdown; exiting on SIGINT here would lose them.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
-        log.info("recorder %d writing %s, listening on %s", os.getpid(), self.db_path, self.socket_path)
+        log.info("recorder %d writing %s, listening on %s", os.getpid(), self.db_name, self.socket_path)
         flusher = asyncio.create_task(self.flush_loop())
         await self.stop_event.wait()
         server.close()
         await flusher
         await self.flush()
         if self.buffer or self.unwritten:
-            log.error("%d records could not be written to %s at shutdown", len(self.buffer) + len(self.unwritten), self.db_path)
+            if self.spool is not None and not self.buffer and self.spooled >= len(self.unwritten):
+                log.warning("%d records could not be written to %s; they wait in %s for the next recorder",
+                            len(self.unwritten), self.db_name, self.spool.path)
+            else:
+                log.error("%d records could not be written to %s at shutdown", len(self.buffer) + len(self.unwritten),
+                          self.db_name)
         self.store.close()
         # Gone only now: while the socket exists, its recorder holds the file.
         with contextlib.suppress(FileNotFoundError):
@@ -280,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m clrk.recorder", description="clrk's store and export process")
-    p.add_argument("--db", required=True)
+    # A ClickHouse URL holds a password: the proxy hands it over in the environment, not on the command line.
+    p.add_argument("--db", default=os.environ.get("CLRK_RECORDER_DB"))
     p.add_argument("--socket", required=True)
     p.add_argument("--parent-pid", type=int, default=None)
     args = p.parse_args(argv)
+    if not args.db:
+        p.error("--db (or CLRK_RECORDER_DB) is required")
     # The timestamp as mitmproxy writes it in the same log: [HH:MM:SS.mmm], local time.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s.%(msecs)03d] clrk-recorder %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)

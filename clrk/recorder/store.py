@@ -61,6 +61,7 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.name = str(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._open()
@@ -123,6 +124,32 @@ class Store:
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
+
+    def stamp(self, rows: list[Mapping]) -> None:
+        """Nothing: a DuckDB row gets its `_seq` as it is written (the ClickHouse store stamps earlier)."""
+
+    # The reads the recorder serves; `clrk.recorder.clickhouse.ClickHouseStore` has the same.
+    def records(self, query: Mapping) -> list[dict]:
+        return self._read(fetch_records, query)
+
+    def spend(self, query: Mapping) -> list[dict]:
+        return self._read(fetch_spend, query)
+
+    def budgets(self, since: float) -> list[dict]:
+        return self._read(fetch_budgets, since)
+
+    def totals(self, since: float) -> tuple[dict[str, int], dict[str, float]]:
+        return self._read(budget_totals, since), self._read(budget_cost_totals, since)
+
+    def _read(self, fn, arg):
+        cur = self.con.cursor()
+        try:
+            return fn(cur, arg)
+        finally:
+            cur.close()
+
+    def error_text(self, e: BaseException) -> str:
+        return str(e)
 
     def close(self) -> None:
         with self._lock:
@@ -327,6 +354,7 @@ def spend_sql(query: Mapping) -> tuple[str, list]:
         f"count(*) FILTER (WHERE {q(A.CLRK_BUDGET_DENIED)}) AS budget_denied",
         f"coalesce(sum({q(A.GEN_AI_USAGE_COST)}), 0) AS cost_usd",
         f"count(*) FILTER (WHERE {q(A.CLRK_COST_SOURCE)} = 'unknown') AS unpriced",
+        *COST_PARTS_DUCKDB,
     ]
     where, params = [f"{q(A.GEN_AI_SYSTEM)} IS NOT NULL"], []
     if query.get("since"):
@@ -344,11 +372,28 @@ def spend_sql(query: Mapping) -> tuple[str, list]:
     return sql + " ORDER BY " + ", ".join(order), params
 
 
+# The dollars of `clrk spend`, summed so that every store gives the same number for the same calls (a float
+# sum depends on the order the engine adds in): whole micro-dollars are summed as integers, exactly; only
+# what is left of each cost below a micro-dollar is summed as floats, and that sum is too small to tip the
+# total's last bit. A single call's cost comes back exactly as recorded.
+_COST = q(A.GEN_AI_USAGE_COST)
+COST_PARTS_DUCKDB = (f"coalesce(sum(CAST(floor({_COST} * 1e6) AS BIGINT)), 0) AS _cost_micros",
+                     f"coalesce(sum({_COST} - floor({_COST} * 1e6) / 1e6), 0) AS _cost_rest")
+
+
+def exact_cost(row: dict) -> dict:
+    """`cost_usd` from the two parts of `COST_PARTS_*` (which leave the row)."""
+    micros, rest = row.pop("_cost_micros"), row.pop("_cost_rest")
+    row["cost_usd"] = int(micros) / 1e6 + float(rest)
+    return row
+
+
 def fetch_spend(cur: duckdb.DuckDBPyConnection, query: Mapping) -> list[dict]:
     sql, params = spend_sql(query)
     res = cur.execute(sql, params)
     names = [d[0] for d in res.description]
-    return [{k: (v.isoformat() if isinstance(v, dt.date) else v) for k, v in zip(names, row, strict=True)} for row in res.fetchall()]
+    return [exact_cost({k: (v.isoformat() if isinstance(v, dt.date) else v) for k, v in zip(names, row, strict=True)})
+            for row in res.fetchall()]
 
 
 def fetch_budgets(cur: duckdb.DuckDBPyConnection, since: float) -> list[dict]:
@@ -403,3 +448,4 @@ def open_readonly(path: str | Path, wait: float = 5.0) -> duckdb.DuckDBPyConnect
                 f"{path} is locked by a process that does not answer on the recorder socket: {e}. "
                 "Is an older clrk gateway running?"
             ) from e
+

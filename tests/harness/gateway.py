@@ -20,9 +20,9 @@ import h2.events
 import httpx
 import yaml
 
-from clrk import wire
+from clrk import storeref, wire
 from clrk.launch import gateway_command
-from clrk.recorder.store import fetch_records, open_readonly
+from clrk.recorder.stores import ReadOnly
 
 REPO = Path(__file__).resolve().parents[2]
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
@@ -251,12 +251,12 @@ def deny(name: str, hostnames: list[str], **spec) -> dict:
 class Gateway:
     def __init__(self, workdir: Path, docs: list[dict], *, fallback: str = "", env: dict | None = None,
                  mitmproxy_args: list[str] | None = None, wrapper: list[str] | None = None, entry: str = "clrk",
-                 listen_args: bool = True):
+                 listen_args: bool = True, db: str | None = None):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.policies = self.dir / "policies"
         self.policies.mkdir(exist_ok=True)
-        self.db = self.dir / "data" / "clrk.duckdb"
+        self.db = db or self.dir / "data" / "clrk.duckdb"  # or a ClickHouse URL
         self.certs = self.dir / "certs"
         self.port = free_port()
         self.fallback = fallback
@@ -281,13 +281,15 @@ class Gateway:
     def start(self, timeout: float = 30.0) -> Gateway:
         command = [MITMDUMP, "-s", str(REPO / "addons" / "clrk.py")] if self.entry == "mitmdump" else gateway_command()
         listen = ["--listen-host", "127.0.0.1", "-p", str(self.port)] if self.listen_args else []
-        argv = [*command, *listen, "--set", f"clrk_policies={self.policies}", "--set", f"clrk_db={self.db}",
-                "--set", f"clrk_certs={self.certs}"]
+        # a ClickHouse URL goes in the environment, as `clrk run` hands it over (it holds a password)
+        db = [] if storeref.is_clickhouse(str(self.db)) else ["--set", f"clrk_db={self.db}"]
+        argv = [*command, *listen, "--set", f"clrk_policies={self.policies}", *db, "--set", f"clrk_certs={self.certs}"]
         if self.fallback:
             argv += ["--set", f"clrk_dev_otlp_fallback_endpoint={self.fallback}"]
         argv = self.wrapper + argv + self.mitmproxy_args
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        env = {**self.env, "CLRK_DB": str(self.db)} if db == [] else self.env
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         sock = wire.socket_path(self.db)
         while time.monotonic() < deadline:
@@ -328,11 +330,11 @@ class Gateway:
         if self.proc is not None and self.proc.poll() is None:
             with wire.BlockingClient(sock) as c:
                 return c.request({"t": "query", "query": query})["rows"]
-        con = open_readonly(self.db)
+        reader = ReadOnly(str(self.db))
         try:
-            return fetch_records(con, query)
+            return reader.read("query", query)
         finally:
-            con.close()
+            reader.close()
 
     def wait_record(self, timeout: float = 10.0, **query) -> dict:
         """The newest record matching `query`, once there is one."""

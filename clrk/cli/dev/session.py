@@ -6,9 +6,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from clrk import wire
+from clrk import storeref, wire
 from clrk.cli.dev.receiver import DEFAULT_PORT, OtlpReceiver
-from clrk.launch import gateway_argv, stop_gateway
+from clrk.launch import gateway_argv, gateway_env, stop_gateway
 from clrk.proxy.budget import day_start, utc_day
 
 
@@ -19,7 +19,7 @@ class DevSession:
         # Where agents reach the gateway ("address:port" each): the policy's listeners unless --port says one.
         self.listening = listening or [f"{host or '127.0.0.1'}:{p}" for p in ports]
         self.otlp_port = otlp_port
-        self.log_path = Path(log_path or Path(db).with_name("clrk-dev.log"))
+        self.log_path = Path(log_path or storeref.local_dir(db) / "clrk-dev.log")  # beside the DuckDB file
         self.receiver: OtlpReceiver | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -29,7 +29,8 @@ class DevSession:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         # The gateway's own log goes to a file: the terminal belongs to the UI.
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=gateway_env(self.db))
         sock = wire.socket_path(self.db)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

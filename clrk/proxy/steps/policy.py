@@ -13,6 +13,7 @@ from pathlib import Path
 import certifi
 from mitmproxy import ctx, exceptions
 
+from clrk import storeref
 from clrk.cost import BUNDLED
 from clrk.cost import preload as preload_prices
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
@@ -109,7 +110,7 @@ class PolicyLoader:
         for b in bundles:
             pem += b"\n" + Path(b).read_bytes()
         digest = hashlib.sha256(pem).hexdigest()[:16]
-        out = Path(ctx.options.clrk_db).resolve().parent / f"clrk-upstream-trust-{digest}.pem"
+        out = storeref.local_dir(ctx.options.clrk_db) / f"clrk-upstream-trust-{digest}.pem"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".tmp")
