@@ -15,6 +15,7 @@ from mitmproxy import ctx, exceptions
 
 from clrk.cost import BUNDLED
 from clrk.cost import preload as preload_prices
+from clrk.escape import printable
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
 from clrk.proxy.ca import ensure_ca
@@ -27,6 +28,20 @@ log = logging.getLogger("clrk")
 RELOAD_POLL_SECONDS = 0.25
 MITMPROXY_DEFAULT_CONFDIR = "~/.mitmproxy"
 FORCED_OPTIONS = frozenset({"connection_strategy", "flow_detail", "confdir", "rawtcp"})  # see PolicyLoader._configure_mitmproxy
+
+
+def check_budget_store(url: str) -> None:
+    """A shared budget store the gateway can use, or the reason it cannot start (never a silent local ledger:
+    replicas would each allow the whole day)."""
+    import importlib.util
+    import urllib.parse
+
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise exceptions.OptionsError("clrk: clrk_budget_store must be a redis://host:port/db URL (or rediss://, "
+                                      f"unix://), not a {printable(scheme or 'scheme-less')[:20]} one")
+    if importlib.util.find_spec("redis") is None:
+        raise exceptions.OptionsError("clrk: clrk_budget_store needs the redis client: pip install 'clrk[fleet]'")
 
 
 class PolicyLoader:
@@ -61,6 +76,8 @@ class PolicyLoader:
                 raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} cannot be used: {e}") from None
             self._signature = self._current_signature()
             self._loaded_from = ctx.options.clrk_policies
+        if "clrk_budget_store" in updated and ctx.options.clrk_budget_store:
+            check_budget_store(ctx.options.clrk_budget_store)
         if "clrk_dev_otlp_fallback_endpoint" in updated and self.rt.sink is not None:
             self.rt.sink.send_config(export_config(self.rt.policy))
 
