@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+import time
 
 import pytest
 import redis
@@ -220,3 +221,29 @@ def test_a_silent_redis_times_out_admission(tmp_path, pool):
 def test_the_url_shown_has_no_password():
     assert safe_url("redis://user:s3cret@10.0.0.1:6380/2") == "redis://10.0.0.1:6380/2"
     assert "s3cret" not in safe_url("rediss://:s3cret@[::1]:6380/0")
+
+
+def test_a_new_utc_day_starts_from_zero_and_yesterdays_calls_are_not_charged_to_it(server, pool):
+    clock = Clock(time.time())
+
+    async def go():
+        a = SharedLedger(server.url, clock=clock)
+        res = await a.admit(pool, 100, 100, None, 0.0)
+        assert isinstance(await a.admit(pool, 100, 1, None, 0.0), Refusal)
+        clock.t += 86400
+        tomorrow = await a.admit(pool, 100, 100, None, 0.0)  # a new day: the whole pool again
+        assert not isinstance(tomorrow, Refusal) and tomorrow.day == res.day + dt.timedelta(days=1)
+        a.settle(res, 70)  # yesterday's reservation: released there, its usage not charged to the new day
+        await a._drain()
+        assert raw(server).hgetall(pool_key(res.day, pool)) == {}
+        assert raw(server).hgetall(pool_key(tomorrow.day, pool)) == {"r": "100"}
+        await a.close()
+    run(go())
+
+
+class Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

@@ -8,7 +8,7 @@ A pool's day is one hash, `clrk:budget:<YYYY-MM-DD>:<pool>`, fields u (tokens us
 and rc (dollars used and reserved); it expires an hour after its UTC day ends. Admission is one round trip,
 awaited on the event loop (never blocking it), within STORE_TIMEOUT. Settlement and the usage a realtime
 session reports are sent without waiting: queued (bounded by MAX_QUEUED, oldest dropped and counted),
-pipelined in batches, retried while Redis is away, in order.
+pipelined in batches (every SEND_INTERVAL), retried while Redis is away, in order.
 
 When Redis cannot be reached the gateway's `spec.budgetStore.onUnavailable` decides: failClosed (default)
 refuses budgeted calls with 503 `clrk: budget store unavailable`; failOpen admits them on this process's own
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime as dt
 import logging
 import time
 import urllib.parse
@@ -41,6 +42,7 @@ log = logging.getLogger("clrk")
 STORE_TIMEOUT = 0.5  # seconds an admission waits for Redis before the store counts as unavailable
 MAX_QUEUED = 100_000  # settlements waiting for Redis; past that the oldest are dropped (counted, logged)
 BATCH = 256  # settlements per pipelined round trip
+SEND_INTERVAL = 0.005  # settlements are sent this long after the first of a batch (or when BATCH are waiting)
 KEEP_AFTER_DAY = 3600  # a pool's day stays in Redis this long after the day ends (late settlements)
 
 # KEYS[1] the pool's day; ARGV: max tokens ("" = none), tokens, max USD ("" = none), USD, expire-at (unix s).
@@ -85,8 +87,8 @@ return {v[1] or '0', v[2] or '0'}
 """
 
 
-def pool_key(day, pool: str) -> str:
-    return f"clrk:budget:{day.isoformat()}:{pool}"
+def pool_key(day: dt.date | str, pool: str) -> str:
+    return f"clrk:budget:{day if isinstance(day, str) else day.isoformat()}:{pool}"
 
 
 def expire_at(day) -> int:
@@ -152,7 +154,22 @@ class SharedLedger:
         self._settle = client.register_script(SETTLE)
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._probe: asyncio.Task | None = None
+        self._day_bounds = (0.0, 0.0)
+        self._today: tuple[dt.date, str, str] = (dt.date.min, "", "")
+
+    def today(self) -> tuple[dt.date, str, str]:
+        """The UTC day, its ISO form and its keys' expiry (unix seconds, as text): two float compares a call."""
+        now = self.clock()
+        start, end = self._day_bounds
+        if not start <= now < end:
+            day = utc_day(now)
+            self._day_bounds = (day_start(day), day_start(day) + 86400)
+            self._today = (day, day.isoformat(), str(expire_at(day)))
+            keep = {day.isoformat(), (day - dt.timedelta(days=1)).isoformat()}
+            self.seen = {k: v for k, v in self.seen.items() if k[0] in keep}  # what was read of older days
+        return self._today
 
     # ---------------------------------------------------------------- what the steps read
 
@@ -164,7 +181,7 @@ class SharedLedger:
         self.local.load(day, totals, cost_totals)
 
     def _seen(self, pool: str) -> tuple[int, float]:
-        return self.seen.get((utc_day(self.clock()).isoformat(), pool), (0, 0.0))
+        return self.seen.get((self.today()[1], pool), (0, 0.0))
 
     def used_today(self, pool: str) -> int:
         return max(self._seen(pool)[0], self.local.used_today(pool) if not self.available else 0)
@@ -186,21 +203,21 @@ class SharedLedger:
         """Reserves on Redis what `BudgetLedger.admit` would; raises StoreUnavailable when Redis cannot answer."""
         if not self.available:
             raise StoreUnavailable(self.down_reason)
-        day = utc_day(self.clock())
+        day, iso, expiry = self.today()
         tokens = max(tokens, 1)
         cost = max(cost, 1e-9) if max_cost is not None else 0.0
         args = ("" if max_tokens is None else str(max_tokens), str(tokens),
-                "" if max_cost is None else repr(float(max_cost)), repr(cost), str(expire_at(day)))
+                "" if max_cost is None else repr(float(max_cost)), repr(cost), expiry)
         try:
             async with asyncio.timeout(STORE_TIMEOUT):
-                reply = await self._admit(keys=[pool_key(day, pool)], args=args)
+                reply = await self._admit(keys=[pool_key(iso, pool)], args=args)
         except Exception as e:  # timeout, connection refused or reset, a Redis error
             self._down(e)
             raise StoreUnavailable(self.down_reason) from None
         if int(reply[0]) == 1:
-            self._saw(day.isoformat(), pool, int(reply[1]), float(reply[2]))
+            self._saw(iso, pool, int(reply[1]), float(reply[2]))
             return Reservation(pool, tokens, day, cost, shared=True)
-        used, cost_used = self._saw(day.isoformat(), pool, int(reply[1]), float(reply[3]))
+        used, cost_used = self._saw(iso, pool, int(reply[1]), float(reply[3]))
         return Refusal(used, int(reply[2]), cost_used, float(reply[4]))
 
     def admit_local(self, pool: str, max_tokens: int | None, tokens: int, max_cost: float | None,
@@ -235,16 +252,18 @@ class SharedLedger:
         return self.used_today(res.pool)
 
     def _send(self, res: Reservation, r: int, rc: float, u: int, uc: float) -> None:
-        today = utc_day(self.clock())
+        today, iso, expiry = self.today()
         if res.day != today:  # the new day is not charged for yesterday's calls (as in BudgetLedger)
             u, uc = 0, 0.0
         if not (r or rc or u or uc):
             return
-        day = res.day.isoformat()
+        if res.day != today:
+            iso, expiry = res.day.isoformat(), str(expire_at(res.day))
+        day = iso
         if u or uc:  # what this gateway now knows the pool has used at least
             s = self.seen.get((day, res.pool), (0, 0.0))
             self.seen[(day, res.pool)] = (min(s[0] + u, MAX_TOKENS), s[1] + uc)
-        self.queue.append((pool_key(res.day, res.pool), (str(r), _num(rc), str(u), _num(uc), str(expire_at(res.day)))))
+        self.queue.append((pool_key(day, res.pool), (str(r), _num(rc), str(u), _num(uc), expiry)))
         if len(self.queue) > MAX_QUEUED:
             self.queue.popleft()
             self.dropped += 1
@@ -252,9 +271,16 @@ class SharedLedger:
                 log.error("clrk: budget store %s: %d settlement(s) lost so far (the queue for Redis is full)",
                           self.display, self.dropped)
             self._changed()
-        self._wake.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain_forever())
+        if len(self.queue) >= BATCH:
+            self._wake.set()
+        elif self._timer is None:  # a batch per SEND_INTERVAL: one round trip for every settlement made meanwhile
+            self._timer = asyncio.get_running_loop().call_later(SEND_INTERVAL, self._send_now)
+
+    def _send_now(self) -> None:
+        self._timer = None
+        self._wake.set()
 
     async def _drain_forever(self) -> None:
         while True:
