@@ -247,3 +247,46 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+def test_usage_charged_while_a_session_holds_its_reservation(server, pool):
+    """A realtime session's usage is charged as it arrives; the reservation stays until the session ends."""
+    async def go():
+        a = SharedLedger(server.url)
+        res = await a.admit(pool, 1000, 100, 1.0, 0.5)
+        assert a.charge(res, 40, 0.01) == 40  # what the gateway knows at once, before Redis answers
+        assert a.charge(res, 30, 0.02) == 70
+        await a._drain()
+        h = raw(server).hgetall(pool_key(res.day, pool))
+        assert (h["u"], h["r"], float(h["uc"]), float(h["rc"])) == ("70", "100", pytest.approx(0.03), 0.5)
+        a.settle(res, 0, 0.0)  # the session ends: its usage was charged already
+        await a._drain()
+        h = raw(server).hgetall(pool_key(res.day, pool))
+        assert h["u"] == "70" and "r" not in h and "rc" not in h
+        await a.close()
+    run(go())
+
+
+def test_fail_open_starts_from_what_redis_said_and_tells_redis_what_it_spent(tmp_path, pool):
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        async def go():
+            a = SharedLedger(server.url)
+            res = await a.admit(pool, 100, 60, None, 0.0)
+            a.settle(res, 60)
+            await a._drain()
+            server.stop()
+            with pytest.raises(StoreUnavailable):
+                await a.admit(pool, 100, 10, None, 0.0)
+            assert a.admit_local(pool, 100, 41, None, 0.0) is None  # 60 used, as Redis last said
+            local = a.admit_local(pool, 100, 40, None, 0.0)
+            assert local is not None and not local.shared
+            assert a.settle(local, 35) == 95
+            server.start()
+            while not a.available:
+                await asyncio.sleep(0.02)
+            assert raw(server).hgetall(pool_key(res.day, pool)) == {"u": "95"}
+            await a.close()
+        run(go())
+    finally:
+        server.stop()
