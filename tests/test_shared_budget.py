@@ -34,6 +34,7 @@ OPENAI = "https://api.openai.com"
 MAX_TOKENS = 1000
 MAX_USD = 5.0
 IN, OUT = 0.001, 0.01  # USD per token
+PASSWORD = "s3cret-redis-pw-5150"
 TOKENS_POOL = "AIProviderRoute/team-a/shared#openai:tok-*"
 OUTAGE_POOL = "AIProviderRoute/team-a/shared#openai:out-*"
 
@@ -64,7 +65,7 @@ def docs(pki, upstream, on_unavailable: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    s = RedisServer(tmp_path_factory.mktemp("redis"), password=PASSWORD).start()
     yield s
     s.stop()
 
@@ -203,7 +204,16 @@ def test_redis_away_fails_closed_or_open_as_each_gateway_says_then_shares_again(
     assert r.status_code == 200, r.text
     wait_for(lambda: int(shared_day(store, OUTAGE_POOL)["u"]) == before + 210 or None, "a's call shared again")
     st, text = status(a)
-    assert st["available"] is True and "shared" in text and "s3cret" not in text
+    assert st["available"] is True and "shared" in text
+
+
+def test_the_stores_password_is_nowhere(gws):
+    """Its URL carries it; logs, `clrk status` and records (after an outage, whose errors were logged) do not."""
+    for g in gws:
+        st, text = status(g)
+        assert st["url"].startswith("redis://127.0.0.1:") and PASSWORD not in json.dumps(st) + text
+        assert "budget store redis://127.0.0.1:" in g.log() and PASSWORD not in g.log()
+        assert PASSWORD not in json.dumps(g.records(), default=str)
 
 
 def test_a_restart_of_both_keeps_the_day(gws, store):
