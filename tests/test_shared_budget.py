@@ -230,3 +230,12 @@ def test_a_restart_of_both_keeps_the_day(gws, store):
         assert "and 0 of the day's 1000 are left" in clrk_message(r.json())
         rec = g.wait_record(invocation=i)
         assert rec[A.CLRK_BUDGET_DAILY_USED] == int(shared_day(store, TOKENS_POOL)["u"]) > MAX_TOKENS
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379/0", "127.0.0.1:6379"])
+def test_a_store_that_is_no_redis_url_stops_the_start(tmp_path, pki, upstream, url):
+    """Never a silent local ledger in its place: every replica would allow the whole day."""
+    g = Gateway(tmp_path, docs(pki, upstream, "failClosed"), env={"CLRK_BUDGET_STORE": url})
+    with pytest.raises(RuntimeError) as e:
+        g.start()
+    assert "clrk_budget_store must be a redis://host:port/db URL" in str(e.value)

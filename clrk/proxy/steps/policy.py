@@ -18,6 +18,7 @@ from clrk.cost import preload as preload_prices
 from clrk.escape import printable
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
+from clrk.proxy.budget_store import SharedLedger
 from clrk.proxy.ca import ensure_ca
 from clrk.proxy.listeners import Listeners
 from clrk.proxy.runtime import Runtime
@@ -66,6 +67,8 @@ class PolicyLoader:
             # Every time, not once: a `-v`, `--flow-detail`, the confdir's config.yaml or a later `set` must
             # not undo what clrk's security relies on.
             self._configure_mitmproxy()
+        if "clrk_budget_store" in updated:
+            self._budget_store(ctx.options.clrk_budget_store)
         if "clrk_policies" in updated and (self.rt.policy is None or ctx.options.clrk_policies != self._loaded_from):
             try:
                 policy = load_policy(ctx.options.clrk_policies)
@@ -76,10 +79,20 @@ class PolicyLoader:
                 raise exceptions.OptionsError(f"clrk: the policy in {ctx.options.clrk_policies} cannot be used: {e}") from None
             self._signature = self._current_signature()
             self._loaded_from = ctx.options.clrk_policies
-        if "clrk_budget_store" in updated and ctx.options.clrk_budget_store:
-            check_budget_store(ctx.options.clrk_budget_store)
         if "clrk_dev_otlp_fallback_endpoint" in updated and self.rt.sink is not None:
             self.rt.sink.send_config(export_config(self.rt.policy))
+
+    def _budget_store(self, url: str) -> None:
+        """The ledger budgets use, set before the first request can arrive: the shared one on Redis when a
+        store is named (clrk.proxy.budget_store). Named at start only: a change later needs a restart."""
+        current = self.rt.ledger
+        if url == (current.url if isinstance(current, SharedLedger) else ""):
+            return
+        if self.rt.policy is not None:  # already running
+            raise exceptions.OptionsError("clrk: clrk_budget_store is set at start; restart the gateway to change it")
+        if url:
+            check_budget_store(url)
+            self.rt.ledger = SharedLedger(url)
 
     def _configure_mitmproxy(self) -> None:
         changes: dict = {}

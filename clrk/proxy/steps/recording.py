@@ -49,15 +49,13 @@ class Recording:
         except Exception as e:  # keeps trying in the background; records wait (bounded) meanwhile
             log.error("clrk: the recorder is not available yet: %s", e)
             sink.reconnect_soon()
-        if ctx.options.clrk_budget_store:
-            self._share_budgets(sink, ctx.options.clrk_budget_store)
+        if isinstance(self.rt.ledger, SharedLedger):
+            self._share_budgets(sink, self.rt.ledger)
         self._budgets_task = asyncio.create_task(self._load_budgets(sink))
 
-    def _share_budgets(self, sink: RecordSink, url: str) -> None:
-        """Budgets on the shared store (clrk.proxy.budget_store) from now on; its state reported to the
-        recorder (for `clrk status`) when it changes, looked at once a second."""
-        ledger = SharedLedger(url)
-        self.rt.ledger = ledger
+    def _share_budgets(self, sink: RecordSink, ledger: SharedLedger) -> None:
+        """Budgets are on the shared store (clrk.proxy.budget_store, set up by PolicyLoader): its state is
+        reported to the recorder (for `clrk status`) when it changes, looked at once a second."""
         log.info("clrk: budgets are shared on %s", ledger.display)
 
         def state() -> dict:

@@ -66,10 +66,9 @@ class ProviderRouting:
         return self._route_call(flow, tx, rule)
 
     async def _apply_when_loaded(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
-        ledger = self.rt.ledger
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LEDGER_WAIT_SECONDS
-        while not ledger.loaded and loop.time() < deadline:
+        while not self.rt.ledger.loaded and loop.time() < deadline:
             await asyncio.sleep(0.02)
         pending = self._route_call(flow, tx, rule)
         if pending is not None:
