@@ -30,7 +30,7 @@ import datetime as dt
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,23 @@ redis.call('EXPIREAT', k, ARGV[5])
 local v = redis.call('HMGET', k, 'u', 'uc')
 return {v[1] or '0', v[2] or '0'}
 """
+
+
+async def bounded[T](call: Awaitable[T], seconds: float) -> T:
+    """`call`'s result, or TimeoutError after `seconds` — whatever the client does with a cancellation (it
+    runs as a task of its own: the caller stops waiting at the deadline even if the call does not stop)."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait((task,), timeout=seconds)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: not logged as never retrieved
 
 
 def pool_key(day: dt.date | str, pool: str) -> str:
@@ -209,8 +226,7 @@ class SharedLedger:
         args = ("" if max_tokens is None else str(max_tokens), str(tokens),
                 "" if max_cost is None else repr(float(max_cost)), repr(cost), expiry)
         try:
-            async with asyncio.timeout(STORE_TIMEOUT):
-                reply = await self._admit(keys=[pool_key(iso, pool)], args=args)
+            reply = await bounded(self._admit(keys=[pool_key(iso, pool)], args=args), STORE_TIMEOUT)
         except Exception as e:  # timeout, connection refused or reset, a Redis error
             self._down(e)
             raise StoreUnavailable(self.down_reason) from None
@@ -297,11 +313,7 @@ class SharedLedger:
         while self.queue:
             batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
             try:
-                async with asyncio.timeout(STORE_TIMEOUT * 4):
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        for key, args in batch:
-                            await self._settle(keys=[key], args=args, client=pipe)
-                        replies = await pipe.execute()
+                replies = await bounded(self._send_batch(batch), STORE_TIMEOUT * 4)
             except Exception as e:
                 self.queue.extendleft(reversed(batch))
                 return e
@@ -309,6 +321,12 @@ class SharedLedger:
                 _, _, day, pool = key.split(":", 3)
                 self._saw(day, pool, int(reply[0]), float(reply[1]))
         return None
+
+    async def _send_batch(self, batch: list[tuple[str, tuple[str, ...]]]) -> list:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, args in batch:
+                await self._settle(keys=[key], args=args, client=pipe)
+            return await pipe.execute()
 
     # ---------------------------------------------------------------- availability
 
@@ -331,8 +349,7 @@ class SharedLedger:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             try:
-                async with asyncio.timeout(STORE_TIMEOUT):
-                    await self.client.ping()
+                await bounded(self.client.ping(), STORE_TIMEOUT)
             except Exception:
                 continue
             if await self._drain() is None:
