@@ -207,6 +207,36 @@ def test_redis_away_fails_closed_or_open_as_each_gateway_says_then_shares_again(
     assert st["available"] is True and "shared" in text
 
 
+def test_redis_stopped_and_restarted_under_load_fails_no_call_and_loses_no_charge(gws, store):
+    """Calls keep coming through the failOpen gateway while Redis stops and starts again: every one is
+    served, and the shared day ends with every call's usage, whether admitted on Redis (settled after the
+    restart) or on the local ledger meanwhile."""
+    _, b = gws
+    wait_for(lambda: status(b)[0]["available"] or None, "b sharing budgets")
+    before = int(shared_day(store, OUTAGE_POOL).get("u", 0))
+    backs = b.log().count("is back: budgets are shared again")
+    n, statuses = 48, []
+
+    def one() -> None:
+        i = tag()
+        r = post(b, {"model": f"out-cost100-{i}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}, i)
+        statuses.append(r.status_code)
+
+    with ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(one) for _ in range(n)]
+        wait_for(lambda: len(statuses) >= 12 or None, "calls before the stop", timeout=30)
+        store.stop()
+        wait_for(lambda: len(statuses) >= 30 or None, "calls while Redis is away", timeout=30)
+        store.start()
+        for f in futures:
+            f.result(60)
+    assert statuses == [200] * n
+    wait_for(lambda: b.log().count("is back: budgets are shared again") > backs or None, "b sharing again", timeout=15)
+    wait_for(lambda: int(shared_day(store, OUTAGE_POOL).get("u", 0)) == before + n * 105 or None,
+             "every call's usage in the shared day", timeout=15)
+    assert status(b)[0]["dropped"] == 0
+
+
 def test_the_stores_password_is_nowhere(gws):
     """Its URL carries it; logs, `clrk status` and records (after an outage, whose errors were logged) do not."""
     for g in gws:
