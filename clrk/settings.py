@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     dev_otlp_fallback_endpoint: str = Field("", description=(
         "clrk: dev tee; every span and log record is also sent to this OTLP/HTTP base URL (empty = off)."))
     certs: str = Field("certs", description="clrk: directory of the gateway's CA (env CLRK_CERTS).")
+    budget_store: str = Field("", description=(
+        "clrk: shared budget ledger, redis://[user:password@]host:port/db (or rediss://, unix://); every gateway "
+        "naming the same Redis shares each pool's day (env CLRK_BUDGET_STORE; empty = this gateway's own ledger)."))
 
 
 def option_help(name: str) -> str:

@@ -14,12 +14,16 @@ import time
 
 import openai
 import pytest
+import redis
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from clrk import attributes as A
+from clrk.proxy.budget import utc_day
+from clrk.proxy.budget_store import pool_key
 from clrk.proxy.steps import websocket as ws_step
 from tests.harness.gateway import AGENT_TOKEN, Gateway, agent_docs, gateway_doc, read_all, tunnel
+from tests.harness.redis_server import RedisServer
 from tests.harness.util import new_invocation, wait_for
 from tests.harness.ws_upstream import WsUpstream
 
@@ -226,6 +230,27 @@ def test_gemini_live_setup_naming_a_model_no_rule_allows_ends_the_session(gw, ws
 
 
 def test_a_spent_budget_closes_the_session_with_1008(gw, wsup):
+    spend_the_realtime_pool(gw, wsup)
+
+
+def test_a_spent_shared_budget_closes_the_session_with_1008(tmp_path, pki, wsup, upstream):
+    """The same on a budget shared on Redis (clrk_budget_store): usage charged there as it is reported."""
+    store = RedisServer(tmp_path / "redis").start()
+    try:
+        g = Gateway(tmp_path / "gw", policy_docs(pki, wsup, raw_upstream=upstream.address),
+                    env={**ENV, "CLRK_BUDGET_STORE": store.url}).start()
+        try:
+            spend_the_realtime_pool(g, wsup)
+        finally:
+            g.stop()
+        keys = redis.Redis.from_url(store.url, decode_responses=True)
+        day = keys.hgetall(pool_key(utc_day(time.time()), "AIProviderRoute/team-a/realtime#openai:budget-rt*"))
+        assert day == {"u": "450"}  # charged as reported; the reservations released when the sessions ended
+    finally:
+        store.stop()
+
+
+def spend_the_realtime_pool(gw: Gateway, wsup) -> None:
     inv = new_invocation("budget")
     codes = []
     with open_ws(gw, f"wss://api.openai.com/v1/realtime?model=budget-rt-1&inv={inv}", inv) as ws:

@@ -342,6 +342,28 @@ def cmd_status(args: argparse.Namespace) -> None:
             if st.get("unwritten"):
                 on_disk = f", {st['spooled']} of them also on disk" if st.get("spooled") else ""
                 print(f"{st['unwritten']} records wait for it{on_disk}; they are written, in order, once it can be")
+        for bs in st.get("budget_stores") or ():
+            print(budget_store_line(bs))
+
+
+def budget_store_line(bs: dict) -> str:
+    """`clrk status`'s line for a proxy's shared budget store: in use, or unreachable and what is done meanwhile."""
+    import datetime as dt
+
+    url = printable(str(bs.get("url")))
+    queued = f"{bs.get('queued', 0)} settlement(s) waiting to be sent, {bs.get('dropped', 0)} lost"
+    if bs.get("available"):
+        return f"budget store {url}: shared ({queued})"
+    since = dt.datetime.fromtimestamp(float(bs.get("down_since") or 0), dt.UTC).strftime("%H:%M:%S UTC")
+    modes = []
+    for name, mode in (bs.get("gateways") or {}).items():
+        if mode == "failOpen":
+            modes.append(f"{printable(name)}: failOpen, budgeted calls admitted on this gateway's own ledger")
+        else:
+            modes.append(f"{printable(name)}: failClosed, budgeted calls refused (503)")
+    return (f"budget store {url}: UNAVAILABLE since {since} ({printable(str(bs.get('reason') or ''))}); "
+            f"{'; '.join(modes) or 'no gateway'}; {bs.get('fail_open_admissions', 0)} admitted locally, "
+            f"{bs.get('fail_closed_refusals', 0)} refused so far; {queued}")
 
 
 # --------------------------------------------------------------------------- spend

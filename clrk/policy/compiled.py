@@ -303,6 +303,7 @@ class GatewayConfig:
     passthrough_ports: frozenset[int] = frozenset()  # listeners in TLS Passthrough mode
     block_private: bool = True  # blockPrivateNetworks
     idle_timeout: int | None = None  # idleTimeoutSeconds (None: mitmproxy's tcp_timeout as set)
+    budget_fail_open: bool = False  # budgetStore.onUnavailable: failOpen (a local ledger while Redis is away)
     # What the recorder's exporter does for it beyond endpoint and headers: metrics, sampling, Prometheus
     # (plain data, sent to the recorder as is: `clrk.recorder.export.GatewayExport` reads it).
     telemetry: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -546,6 +547,7 @@ def compile_documents(docs: list[SourcedDocument], env: Mapping[str, str] | None
                 passthrough_ports=frozenset(li.port for li in g.spec.listeners if li.tls.mode == "Passthrough"),
                 block_private=g.spec.block_private_networks,
                 idle_timeout=g.spec.idle_timeout_seconds,
+                budget_fail_open=g.spec.budget_store.on_unavailable == "failOpen",
                 telemetry={
                     "metrics": g.spec.otlp.metrics.interval_seconds if g.spec.otlp.metrics.enabled else None,
                     "sampling": g.spec.otlp.sampling.model_dump(by_alias=False),

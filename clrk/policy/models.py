@@ -305,6 +305,11 @@ class Metrics(Spec):
     """A Prometheus scrape endpoint with the same instruments as the OTLP metrics (none by default)."""
 
 
+class BudgetStore(Spec):
+    on_unavailable: Literal["failClosed", "failOpen"] = "failClosed"
+    """When the shared budget store (clrk_budget_store) cannot be reached: failClosed refuses budgeted calls (503 `clrk: budget store unavailable`); failOpen admits them on this gateway's own ledger until the store is back."""
+
+
 class EgressGatewaySpec(Spec):
     default_policy: Literal["deny-all", "allow-all"] = "deny-all"
     """What happens to a request no rule allows or denies: deny-all (403) or allow-all."""
@@ -314,6 +319,8 @@ class EgressGatewaySpec(Spec):
     """Where records are exported as OTLP spans and logs, and what of the bodies they keep."""
     metrics: Metrics = Metrics()
     """Metrics served for scraping (Prometheus)."""
+    budget_store: BudgetStore = BudgetStore()
+    """What budgeted calls do while a shared budget store is unreachable (only with clrk_budget_store set)."""
     upstream_tls: UpstreamTLS = Field(default=UpstreamTLS(), alias="upstreamTLS")
     """How the gateway connects to upstreams."""
     invocation_header: str = Field(default="clrk-invocation-id", min_length=1)

@@ -62,6 +62,7 @@ class Reservation:
     tokens: int
     day: dt.date
     cost: float = 0.0  # USD held in the pool's dollar account (0 without a maxCostPerDay)
+    shared: bool = False  # held on the shared store (clrk.proxy.budget_store), not in this process's ledger
 
 
 class BudgetLedger:

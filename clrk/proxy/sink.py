@@ -46,6 +46,7 @@ class RecordSink:
         self.unreported = 0  # of `dropped`, not yet reported to the recorder
         self.proc: subprocess.Popen | None = None
         self.config: dict | None = None
+        self.budget_store: dict | None = None  # the shared budget store's state, for `clrk status`
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -93,6 +94,8 @@ class RecordSink:
         self._writer.write(wire.pack({"t": "hello", "role": "proxy", "pid": os.getpid()}))
         if self.config is not None:
             self._writer.write(wire.pack(self.config))
+        if self.budget_store is not None:
+            self._writer.write(wire.pack(self.budget_store))
         self._read_task = asyncio.create_task(self._read_replies(self._reader))
         if self.pending:
             self._ship()
@@ -206,6 +209,13 @@ class RecordSink:
         self.config = {"t": "config", **config}
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(wire.pack(self.config))
+
+    def send_budget_store(self, state: dict) -> None:
+        """The shared budget store's state (clrk.proxy.budget_store), which `clrk status` shows; sent again
+        after every reconnect."""
+        self.budget_store = {"t": "budget_store", "state": state}
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(wire.pack(self.budget_store))
 
     async def request(self, message: dict, timeout: float) -> dict:
         if self._writer is None:

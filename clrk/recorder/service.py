@@ -77,6 +77,7 @@ class Recorder:
         self.incomplete = 0  # records stored without some of their values (clrk.record.incomplete says which)
         self.written = 0
         self.proxies: set[asyncio.StreamWriter] = set()
+        self.budget_stores: dict[asyncio.StreamWriter, dict] = {}  # per proxy: its shared budget store, if any
         self.last_proxy_seen = time.monotonic()
         self.stop_event = asyncio.Event()
         self.flush_lock = asyncio.Lock()
@@ -189,6 +190,8 @@ class Recorder:
                     n = int(msg.get("n") or 0)
                     self.dropped += n
                     self.dropped_at_proxy += n
+                elif t == "budget_store":  # a proxy's shared budget store: in use, or what it does meanwhile
+                    self.budget_stores[writer] = msg.get("state") or {}
                 elif t == "hello":
                     role = msg.get("role")
                     if role == "proxy":
@@ -238,7 +241,8 @@ class Recorder:
                                        "spooled": self.spooled, "store": self.db_name,
                                        "export_dropped": self.exporter.dropped(),
                                        "store_error": self.store_error,
-                                       "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid()}))
+                                       "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid(),
+                                       "budget_stores": list(self.budget_stores.values())}))
                 elif t == "shutdown":
                     self.proxies.discard(writer)
                     if not self.proxies:
@@ -249,6 +253,7 @@ class Recorder:
             log.warning("dropping a %s connection: %s", role or "peer", e)
         finally:
             self.proxies.discard(writer)
+            self.budget_stores.pop(writer, None)
             writer.close()
 
     def _read(self, what: str, query: dict) -> list[dict]:

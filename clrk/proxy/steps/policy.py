@@ -16,8 +16,10 @@ from mitmproxy import ctx, exceptions
 from clrk import storeref
 from clrk.cost import BUNDLED
 from clrk.cost import preload as preload_prices
+from clrk.escape import printable
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
+from clrk.proxy.budget_store import SharedLedger
 from clrk.proxy.ca import ensure_ca
 from clrk.proxy.listeners import Listeners
 from clrk.proxy.runtime import Runtime
@@ -28,6 +30,20 @@ log = logging.getLogger("clrk")
 RELOAD_POLL_SECONDS = 0.25
 MITMPROXY_DEFAULT_CONFDIR = "~/.mitmproxy"
 FORCED_OPTIONS = frozenset({"connection_strategy", "flow_detail", "confdir", "rawtcp"})  # see PolicyLoader._configure_mitmproxy
+
+
+def check_budget_store(url: str) -> None:
+    """A shared budget store the gateway can use, or the reason it cannot start (never a silent local ledger:
+    replicas would each allow the whole day)."""
+    import importlib.util
+    import urllib.parse
+
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise exceptions.OptionsError("clrk: clrk_budget_store must be a redis://host:port/db URL (or rediss://, "
+                                      f"unix://), not a {printable(scheme or 'scheme-less')[:20]} one")
+    if importlib.util.find_spec("redis") is None:
+        raise exceptions.OptionsError("clrk: clrk_budget_store needs the redis client: pip install 'clrk[fleet]'")
 
 
 class PolicyLoader:
@@ -52,6 +68,8 @@ class PolicyLoader:
             # Every time, not once: a `-v`, `--flow-detail`, the confdir's config.yaml or a later `set` must
             # not undo what clrk's security relies on.
             self._configure_mitmproxy()
+        if "clrk_budget_store" in updated:
+            self._budget_store(ctx.options.clrk_budget_store)
         if "clrk_policies" in updated and (self.rt.policy is None or ctx.options.clrk_policies != self._loaded_from):
             try:
                 policy = load_policy(ctx.options.clrk_policies)
@@ -64,6 +82,18 @@ class PolicyLoader:
             self._loaded_from = ctx.options.clrk_policies
         if "clrk_dev_otlp_fallback_endpoint" in updated and self.rt.sink is not None:
             self.rt.sink.send_config(export_config(self.rt.policy))
+
+    def _budget_store(self, url: str) -> None:
+        """The ledger budgets use, set before the first request can arrive: the shared one on Redis when a
+        store is named (clrk.proxy.budget_store). Named at start only: a change later needs a restart."""
+        current = self.rt.ledger
+        if url == (current.url if isinstance(current, SharedLedger) else ""):
+            return
+        if self.rt.policy is not None:  # already running
+            raise exceptions.OptionsError("clrk: clrk_budget_store is set at start; restart the gateway to change it")
+        if url:
+            check_budget_store(url)
+            self.rt.ledger = SharedLedger(url)
 
     def _configure_mitmproxy(self) -> None:
         changes: dict = {}

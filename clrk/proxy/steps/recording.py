@@ -12,6 +12,7 @@ import time
 from mitmproxy import ctx, http
 
 from clrk.proxy.budget import day_start, utc_day
+from clrk.proxy.budget_store import SharedLedger
 from clrk.proxy.runtime import Runtime
 from clrk.proxy.sink import RecordSink
 from clrk.proxy.steps.policy import export_config
@@ -48,7 +49,36 @@ class Recording:
         except Exception as e:  # keeps trying in the background; records wait (bounded) meanwhile
             log.error("clrk: the recorder is not available yet: %s", e)
             sink.reconnect_soon()
+        if isinstance(self.rt.ledger, SharedLedger):
+            self._share_budgets(sink, self.rt.ledger)
         self._budgets_task = asyncio.create_task(self._load_budgets(sink))
+
+    def _share_budgets(self, sink: RecordSink, ledger: SharedLedger) -> None:
+        """Budgets are on the shared store (clrk.proxy.budget_store, set up by PolicyLoader): its state is
+        reported to the recorder (for `clrk status`) when it changes, looked at once a second."""
+        log.info("clrk: budgets are shared on %s", ledger.display)
+
+        def state() -> dict:
+            policy = self.rt.policy
+            return ledger.state({g.name: g.budget_fail_open for g in policy.gateways} if policy is not None else {})
+
+        last: dict = {}
+
+        def report() -> None:
+            nonlocal last
+            now = state()
+            if now != last:
+                sink.send_budget_store(now)
+                last = now
+
+        async def keep_reporting() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                report()
+
+        ledger.on_change = report
+        report()
+        self._report_task = asyncio.create_task(keep_reporting())
 
     def _graceful_stop(self, signame: str) -> None:
         if self._stopping:
@@ -115,6 +145,9 @@ class Recording:
         self.rt.finish(flow, tx)
 
     async def done(self) -> None:
+        if isinstance(self.rt.ledger, SharedLedger):
+            with contextlib.suppress(Exception):
+                await self.rt.ledger.close()
         if self.rt.sink is not None:
             with contextlib.suppress(Exception):
                 await self.rt.sink.stop()

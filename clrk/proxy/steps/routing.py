@@ -22,6 +22,7 @@ from clrk.cost import format_usd
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
 from clrk.providers.base import ProviderParser
+from clrk.proxy.budget_store import Refusal, SharedLedger, StoreUnavailable
 from clrk.proxy.capture import request_is_buffered
 from clrk.proxy.runtime import Runtime, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
@@ -62,18 +63,21 @@ class ProviderRouting:
             return None
         if rule.budget is not None and not self.rt.ledger.loaded:
             return self._apply_when_loaded(flow, tx, rule)
-        self._route_call(flow, tx, rule)
-        return None
+        return self._route_call(flow, tx, rule)
 
     async def _apply_when_loaded(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
-        ledger = self.rt.ledger
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LEDGER_WAIT_SECONDS
-        while not ledger.loaded and loop.time() < deadline:
+        while not self.rt.ledger.loaded and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        self._route_call(flow, tx, rule)
+        pending = self._route_call(flow, tx, rule)
+        if pending is not None:
+            await pending
 
-    def _route_call(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
+    def _route_call(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> Awaitable[None] | None:
+        """Admission, then the Backend; with a shared budget store (clrk.proxy.budget_store) the admission is a
+        round trip to it, and the awaitable that finishes the job is returned."""
+        waits = False
         try:
             if rule.budget is not None:
                 budget = rule.budget
@@ -84,19 +88,69 @@ class ProviderRouting:
                     # report its usage: a budget could not hold.
                     self._deny(flow, tx, Decision(False, rule.ref, "requests to a budgeted route need a "
                                                   "Content-Length body of at most 32 MiB", 413))
-                    return
+                    return None
                 refusal = self._unbudgetable(flow, tx, rule)
                 if refusal is not None:
                     self._deny(flow, tx, refusal)
-                    return
+                    return None
+                if isinstance(self.rt.ledger, SharedLedger):
+                    waits = True
+                    return self._admit_shared(flow, tx, rule, self.rt.ledger)
                 if not self._admit(flow, tx, rule):
+                    return None
+            self._admitted(flow, tx, rule)
+        finally:
+            if tx.genai is not None and not waits:
+                tx.genai.request_sent()  # the body has been read and possibly rewritten: let it go
+        return None
+
+    def _admitted(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> None:
+        backend = self._route(flow, tx, rule) if rule.backends else None
+        if tx.genai is not None:
+            self._mutate(flow.request, tx, backend, usage_needed=rule.budget is not None)
+
+    async def _admit_shared(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule, ledger: SharedLedger) -> None:
+        try:
+            priced = self._priced(flow, tx, rule)
+            if priced is None:
+                return
+            tokens, cost, rate = priced
+            budget = rule.budget
+            assert budget is not None and tx.budget_pool is not None
+            pool = tx.budget_pool
+            try:
+                got = await ledger.admit(pool, budget.max_tokens_per_day, tokens, budget.max_cost_per_day, cost)
+            except StoreUnavailable:
+                if tx.gateway is None or not tx.gateway.budget_fail_open:
+                    ledger.fail_closed += 1
+                    self._deny(flow, tx, Decision(False, rule.ref, "budget store unavailable", 503))
                     return
-            backend = self._route(flow, tx, rule) if rule.backends else None
-            if tx.genai is not None:
-                self._mutate(flow.request, tx, backend, usage_needed=rule.budget is not None)
+                res = ledger.admit_local(pool, budget.max_tokens_per_day, tokens, budget.max_cost_per_day, cost)
+                if res is None:
+                    local = ledger.local
+                    mx, mc = budget.max_tokens_per_day, budget.max_cost_per_day
+                    self._refuse_budget(flow, tx, rule, tokens, cost, rate, local.used_today(pool),
+                                        None if mx is None else local.left(pool, mx),
+                                        None if mc is None else local.left_cost(pool, mc))
+                    return
+                got = res
+            if isinstance(got, Refusal):
+                mx, mc = budget.max_tokens_per_day, budget.max_cost_per_day
+                self._refuse_budget(flow, tx, rule, tokens, cost, rate, got.used,
+                                    None if mx is None else mx - got.used - got.reserved,
+                                    None if mc is None else mc - got.used_cost - got.reserved_cost)
+                return
+            if flow.response is not None or flow.error is not None:  # the agent left while Redis answered
+                ledger.settle(got, 0, 0.0)
+                return
+            tx.reservation = got
+            tx.budget_used = ledger.used_today(pool)
+            if budget.max_cost_per_day is not None:
+                tx.budget_used_cost = ledger.used_cost_today(pool)
+            self._admitted(flow, tx, rule)
         finally:
             if tx.genai is not None:
-                tx.genai.request_sent()  # the body has been read and possibly rewritten: let it go
+                tx.genai.request_sent()
 
     @staticmethod
     def _unbudgetable(flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> Decision | None:
@@ -120,6 +174,26 @@ class ProviderRouting:
                                              "calls (serverContext: Refuse)", 403)
         return None
 
+    def _priced(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> tuple[int, float, float] | None:
+        """The call's estimate: tokens, their dollars (0 without a dollar limit) and the rate they are priced
+        at; None when the call is refused because a dollar limit cannot price it."""
+        budget = rule.budget
+        assert budget is not None and tx.budget_pool is not None
+        tokens = estimate(tx.genai, budget)
+        tx.budget_reserved = min(tokens, INT64_MAX)
+        cost, rate = 0.0, 0.0
+        if budget.max_cost_per_day is not None:
+            tx.budget_max_cost = budget.max_cost_per_day
+            tx.budget_used_cost = self.rt.ledger.used_cost_today(tx.budget_pool)
+            priced = self._admission_rate(tx, rule, tokens)
+            if isinstance(priced, str):
+                self._deny(flow, tx, Decision(False, rule.ref, f"a dollar budget cannot bound calls to {priced}: it has "
+                                                               "no known price (a ModelPricing entry can give it one)", 403))
+                return None
+            rate = priced
+            cost = tokens * rate
+        return tokens, cost, rate
+
     def _admit(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> bool:
         budget = rule.budget
         assert budget is not None
@@ -130,40 +204,41 @@ class ProviderRouting:
             tx.budget_used = None
             self._deny(flow, tx, Decision(False, rule.ref, "token budget ledger is not available yet; try again shortly", 503))
             return False
-        tokens = estimate(tx.genai, budget)
-        tx.budget_reserved = min(tokens, INT64_MAX)
-        cost, rate = 0.0, 0.0
-        if budget.max_cost_per_day is not None:
-            tx.budget_max_cost = budget.max_cost_per_day
-            tx.budget_used_cost = ledger.used_cost_today(pool)
-            priced = self._admission_rate(tx, rule, tokens)
-            if isinstance(priced, str):
-                self._deny(flow, tx, Decision(False, rule.ref, f"a dollar budget cannot bound calls to {priced}: it has "
-                                                               "no known price (a ModelPricing entry can give it one)", 403))
-                return False
-            rate = priced
-            cost = tokens * rate
+        priced = self._priced(flow, tx, rule)
+        if priced is None:
+            return False
+        tokens, cost, rate = priced
         tx.reservation = ledger.admit(pool, budget.max_tokens_per_day, tokens, budget.max_cost_per_day, cost)
         if tx.reservation is None:
-            tx.budget_denied = True
-            tx.budget_used = ledger.used_today(pool)
-            mx = budget.max_tokens_per_day
-            if mx is not None and ledger.left(pool, mx) < max(tokens, 1):
-                left = max(0, ledger.left(pool, mx))
-                more = (f"more than the whole day's {mx}" if tokens > mx else f"and {left} of the day's {mx} are left")
-                what = f"{tokens} tokens, {more}"
-            else:
-                mc = budget.max_cost_per_day
-                assert mc is not None
-                left_usd = max(0.0, ledger.left_cost(pool, mc))
-                more = (f"more than the whole day's ${mc:g}" if cost > mc
-                        else f"and {format_usd(left_usd)} of the day's ${mc:g} are left")
-                what = f"{format_usd(cost)} ({tokens} tokens at {format_usd(rate * 1e6)} per million), {more}"
-            self._deny(flow, tx, Decision(False, rule.ref, f"token budget exceeded for route {rule.route_name}: this "
-                                                           f"request may cost up to {what}", 429))
+            mx, mc = budget.max_tokens_per_day, budget.max_cost_per_day
+            self._refuse_budget(flow, tx, rule, tokens, cost, rate, ledger.used_today(pool),
+                                None if mx is None else ledger.left(pool, mx),
+                                None if mc is None else ledger.left_cost(pool, mc))
             return False
         tx.budget_used = ledger.used_today(pool)
         return True
+
+    def _refuse_budget(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule, tokens: int, cost: float,
+                       rate: float, used: int, left: int | None, left_cost: float | None) -> None:
+        """The 429 of a call that does not fit: what it may cost, and what the pool has left (tokens where
+        those are short, else dollars)."""
+        budget = rule.budget
+        assert budget is not None
+        tx.budget_denied = True
+        tx.budget_used = used
+        mx = budget.max_tokens_per_day
+        if mx is not None and left is not None and left < max(tokens, 1):
+            more = (f"more than the whole day's {mx}" if tokens > mx else f"and {max(0, left)} of the day's {mx} are left")
+            what = f"{tokens} tokens, {more}"
+        else:
+            mc = budget.max_cost_per_day
+            assert mc is not None
+            left_usd = max(0.0, left_cost or 0.0)
+            more = (f"more than the whole day's ${mc:g}" if cost > mc
+                    else f"and {format_usd(left_usd)} of the day's ${mc:g} are left")
+            what = f"{format_usd(cost)} ({tokens} tokens at {format_usd(rate * 1e6)} per million), {more}"
+        self._deny(flow, tx, Decision(False, rule.ref, f"token budget exceeded for route {rule.route_name}: this "
+                                                       f"request may cost up to {what}", 429))
 
     def _admission_rate(self, tx: Transaction, rule: ProviderRule, tokens: int) -> float | str:
         """USD per token a dollar budget reserves the call's estimate at: the dearest token price of every model

@@ -1,0 +1,390 @@
+"""Budgets shared on Redis (`clrk_budget_store` / CLRK_BUDGET_STORE = redis://host:port/db): every gateway
+naming the same Redis keeps one ledger per pool and UTC day there, with the mechanics and the bound of
+`clrk.proxy.budget` (admission keeps used + reserved ≤ max; settling replaces a reservation by its usage),
+made atomic across replicas by running each step as one Lua script (loaded once, then called by EVALSHA;
+reloaded by the client if a restarted Redis lost it).
+
+A pool's day is one hash, `clrk:budget:<YYYY-MM-DD>:<pool>`, fields u (tokens used), r (tokens reserved), uc
+and rc (dollars used and reserved); it expires an hour after its UTC day ends. Admission is one round trip,
+awaited on the event loop (never blocking it), within STORE_TIMEOUT. Settlement and the usage a realtime
+session reports are sent without waiting: queued (bounded by MAX_QUEUED, oldest dropped and counted),
+pipelined in batches (every SEND_INTERVAL), retried while Redis is away, in order.
+
+When Redis cannot be reached the gateway's `spec.budgetStore.onUnavailable` decides: failClosed (default)
+refuses budgeted calls with 503 `clrk: budget store unavailable`; failOpen admits them on this process's own
+ledger (`clrk.proxy.budget.BudgetLedger`), which starts from the usage it last read from Redis per pool and
+from its own records of the day; what those calls cost is queued for Redis too, so the shared day has it
+once Redis is back. A background probe finds Redis again; it is used for admission once what was queued
+meanwhile has reached it.
+
+A reservation whose admission times out after Redis applied it stays held until its day ends (the answer
+was lost, so nobody can release it): that errs toward spending less, never more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import logging
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from clrk.escape import printable
+from clrk.proxy.budget import MAX_TOKENS, BudgetLedger, Reservation, day_start, utc_day
+
+log = logging.getLogger("clrk")
+
+STORE_TIMEOUT = 0.5  # seconds an admission waits for Redis before the store counts as unavailable
+MAX_QUEUED = 100_000  # settlements waiting for Redis; past that the oldest are dropped (counted, logged)
+BATCH = 256  # settlements per pipelined round trip
+SEND_INTERVAL = 0.005  # settlements are sent this long after the first of a batch (or when BATCH are waiting)
+KEEP_AFTER_DAY = 3600  # a pool's day stays in Redis this long after the day ends (late settlements)
+
+# KEYS[1] the pool's day; ARGV: max tokens ("" = none), tokens, max USD ("" = none), USD, expire-at (unix s).
+# Returns {1, u, uc} when admitted (the usage before it), {0, u, r, uc, rc} when it does not fit: strings, since
+# Redis would truncate Lua numbers to integers.
+ADMIT = """
+local k = KEYS[1]
+local v = redis.call('HMGET', k, 'u', 'r', 'uc', 'rc')
+local u, r = tonumber(v[1]) or 0, tonumber(v[2]) or 0
+local uc, rc = tonumber(v[3]) or 0, tonumber(v[4]) or 0
+local no = {0, v[1] or '0', v[2] or '0', v[3] or '0', v[4] or '0'}
+if ARGV[1] ~= '' and u + r + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return no end
+if ARGV[3] ~= '' and uc + rc + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return no end
+redis.call('HINCRBY', k, 'r', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HINCRBYFLOAT', k, 'rc', ARGV[4]) end
+redis.call('EXPIREAT', k, ARGV[5])
+return {1, v[1] or '0', v[3] or '0'}
+"""
+
+# KEYS[1] the pool's day; ARGV: tokens reserved, USD reserved (both released), tokens used, USD used (both
+# charged), expire-at. A charge while the reservation is held (a realtime session's usage) releases nothing.
+# Returns {u, uc} after it.
+SETTLE = """
+local k = KEYS[1]
+if ARGV[1] ~= '0' then
+  if redis.call('HINCRBY', k, 'r', '-' .. ARGV[1]) <= 0 then redis.call('HDEL', k, 'r') end
+end
+if ARGV[2] ~= '0' then
+  if tonumber(redis.call('HINCRBYFLOAT', k, 'rc', '-' .. ARGV[2])) <= 1e-12 then redis.call('HDEL', k, 'rc') end
+end
+if ARGV[3] ~= '0' then
+  if (tonumber(redis.call('HGET', k, 'u')) or 0) + tonumber(ARGV[3]) >= 9.2e18 then
+    redis.call('HSET', k, 'u', '9223372036854775807')
+  else
+    redis.call('HINCRBY', k, 'u', ARGV[3])
+  end
+end
+if ARGV[4] ~= '0' then redis.call('HINCRBYFLOAT', k, 'uc', ARGV[4]) end
+redis.call('EXPIREAT', k, ARGV[5])
+local v = redis.call('HMGET', k, 'u', 'uc')
+return {v[1] or '0', v[2] or '0'}
+"""
+
+
+async def bounded[T](call: Awaitable[T], seconds: float) -> T:
+    """`call`'s result, or TimeoutError after `seconds` — whatever the client does with a cancellation (it
+    runs as a task of its own: the caller stops waiting at the deadline even if the call does not stop)."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait((task,), timeout=seconds)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: not logged as never retrieved
+
+
+def pool_key(day: dt.date | str, pool: str) -> str:
+    return f"clrk:budget:{day if isinstance(day, str) else day.isoformat()}:{pool}"
+
+
+def expire_at(day) -> int:
+    return int(day_start(day)) + 86400 + KEEP_AFTER_DAY
+
+
+def _num(v: float) -> str:
+    """A non-negative amount as a script argument ('0' for nothing: the scripts skip it)."""
+    return "0" if not v or v <= 0 else repr(float(v))
+
+
+def safe_url(url: str) -> str:
+    """The store's URL without its credentials (what logs and `clrk status` show)."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        host = u.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{u.port}" if u.port else "")
+        return printable(urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", "")))
+    except ValueError:
+        return "(an invalid URL)"
+
+
+@dataclass(slots=True)
+class Refusal:
+    """A pool's state when a reservation did not fit: what the refusal tells."""
+    used: int
+    reserved: int
+    used_cost: float
+    reserved_cost: float
+
+
+class StoreUnavailable(Exception):
+    pass
+
+
+class SharedLedger:
+    """The ledger on Redis, with `local` (a BudgetLedger) for failOpen. Its reading methods answer from what
+    this gateway last read from Redis (records and realtime sessions use them); admission asks Redis."""
+
+    shared = True
+
+    def __init__(self, url: str, clock: Callable[[], float] = time.time, client: Any = None):
+        self.url = url
+        self.display = safe_url(url)
+        self.clock = clock
+        self.local = BudgetLedger(clock)
+        self.available = True  # until an operation says otherwise
+        self.down_since: float | None = None
+        self.down_reason = ""
+        self.fail_open_used = 0  # admissions made on the local ledger while Redis was away
+        self.fail_closed = 0  # budgeted calls refused because Redis was away
+        self.dropped = 0  # settlements lost (the queue overflowed)
+        self.queue: collections.deque[tuple[str, tuple[str, ...]]] = collections.deque()
+        self.seen: dict[tuple[str, str], tuple[int, float]] = {}  # (day, pool) -> (tokens, USD) last read
+        self.on_change: Callable[[], None] | None = None  # told when availability or counters change
+        if client is None:
+            import redis.asyncio as aioredis  # the `fleet` extra; imported only when a store is named
+
+            client = aioredis.Redis.from_url(url, socket_timeout=STORE_TIMEOUT, socket_connect_timeout=STORE_TIMEOUT,
+                                             max_connections=256, health_check_interval=0)
+        self.client = client
+        self._admit = client.register_script(ADMIT)
+        self._settle = client.register_script(SETTLE)
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._probe: asyncio.Task | None = None
+        self._day_bounds = (0.0, 0.0)
+        self._today: tuple[dt.date, str, str] = (dt.date.min, "", "")
+
+    def today(self) -> tuple[dt.date, str, str]:
+        """The UTC day, its ISO form and its keys' expiry (unix seconds, as text): two float compares a call."""
+        now = self.clock()
+        start, end = self._day_bounds
+        if not start <= now < end:
+            day = utc_day(now)
+            self._day_bounds = (day_start(day), day_start(day) + 86400)
+            self._today = (day, day.isoformat(), str(expire_at(day)))
+            keep = {day.isoformat(), (day - dt.timedelta(days=1)).isoformat()}
+            self.seen = {k: v for k, v in self.seen.items() if k[0] in keep}  # what was read of older days
+        return self._today
+
+    # ---------------------------------------------------------------- what the steps read
+
+    @property
+    def loaded(self) -> bool:
+        return True  # Redis holds the day; the local ledger is needed only to fail open
+
+    def load(self, day, totals, cost_totals=None) -> None:
+        self.local.load(day, totals, cost_totals)
+
+    def _seen(self, pool: str) -> tuple[int, float]:
+        return self.seen.get((self.today()[1], pool), (0, 0.0))
+
+    def used_today(self, pool: str) -> int:
+        return max(self._seen(pool)[0], self.local.used_today(pool) if not self.available else 0)
+
+    def used_cost_today(self, pool: str) -> float:
+        return max(self._seen(pool)[1], self.local.used_cost_today(pool) if not self.available else 0.0)
+
+    def _saw(self, day: str, pool: str, used: int, cost: float) -> tuple[int, float]:
+        """Usage only grows within a day: keeps the largest figure read (replies may come out of order)."""
+        u0, c0 = self.seen.get((day, pool), (0, 0.0))
+        v = (max(u0, used), max(c0, cost))
+        self.seen[(day, pool)] = v
+        return v
+
+    # ---------------------------------------------------------------- admission
+
+    async def admit(self, pool: str, max_tokens: int | None, tokens: int, max_cost: float | None,
+                    cost: float) -> Reservation | Refusal:
+        """Reserves on Redis what `BudgetLedger.admit` would; raises StoreUnavailable when Redis cannot answer."""
+        if not self.available:
+            raise StoreUnavailable(self.down_reason)
+        day, iso, expiry = self.today()
+        tokens = max(tokens, 1)
+        cost = max(cost, 1e-9) if max_cost is not None else 0.0
+        args = ("" if max_tokens is None else str(max_tokens), str(tokens),
+                "" if max_cost is None else repr(float(max_cost)), repr(cost), expiry)
+        try:
+            reply = await bounded(self._admit(keys=[pool_key(iso, pool)], args=args), STORE_TIMEOUT)
+        except Exception as e:  # timeout, connection refused or reset, a Redis error
+            self._down(e)
+            raise StoreUnavailable(self.down_reason) from None
+        if int(reply[0]) == 1:
+            self._saw(iso, pool, int(reply[1]), float(reply[2]))
+            return Reservation(pool, tokens, day, cost, shared=True)
+        used, cost_used = self._saw(iso, pool, int(reply[1]), float(reply[3]))
+        return Refusal(used, int(reply[2]), cost_used, float(reply[4]))
+
+    def admit_local(self, pool: str, max_tokens: int | None, tokens: int, max_cost: float | None,
+                    cost: float) -> Reservation | None:
+        """failOpen: the local ledger, seeded with what was last read from Redis for the pool."""
+        u, c = self._seen(pool)
+        local = self.local
+        local._roll()
+        if u > local.used.get(pool, 0):
+            local.used[pool] = u
+        if c > local.used_cost.get(pool, 0.0):
+            local.used_cost[pool] = c
+        self.fail_open_used += 1
+        return local.admit(pool, max_tokens, tokens, max_cost, cost)
+
+    # ---------------------------------------------------------------- settlement (not awaited)
+
+    def charge(self, res: Reservation, tokens: int, cost: float = 0.0) -> int:
+        if not res.shared:
+            self.local.charge(res, tokens, cost)
+        self._send(res, 0, 0.0, max(tokens, 0), max(cost, 0.0))
+        return self.used_today(res.pool)
+
+    def settle(self, res: Reservation, actual: int | None, actual_cost: float | None = None) -> int:
+        tokens = res.tokens if actual is None else min(max(actual, 0), MAX_TOKENS)
+        cost = res.cost if actual_cost is None else max(actual_cost, 0.0)
+        if not res.shared:  # admitted while failing open: settled here, and its usage told to Redis
+            self.local.settle(res, actual, actual_cost)
+            self._send(res, 0, 0.0, tokens, cost)
+        else:
+            self._send(res, res.tokens, res.cost, tokens, cost)
+        return self.used_today(res.pool)
+
+    def _send(self, res: Reservation, r: int, rc: float, u: int, uc: float) -> None:
+        today, iso, expiry = self.today()
+        if res.day != today:  # the new day is not charged for yesterday's calls (as in BudgetLedger)
+            u, uc = 0, 0.0
+        if not (r or rc or u or uc):
+            return
+        if res.day != today:
+            iso, expiry = res.day.isoformat(), str(expire_at(res.day))
+        day = iso
+        if u or uc:  # what this gateway now knows the pool has used at least
+            s = self.seen.get((day, res.pool), (0, 0.0))
+            self.seen[(day, res.pool)] = (min(s[0] + u, MAX_TOKENS), s[1] + uc)
+        self.queue.append((pool_key(day, res.pool), (str(r), _num(rc), str(u), _num(uc), expiry)))
+        if len(self.queue) > MAX_QUEUED:
+            self.queue.popleft()
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.error("clrk: budget store %s: %d settlement(s) lost so far (the queue for Redis is full)",
+                          self.display, self.dropped)
+            self._changed()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain_forever())
+        if len(self.queue) >= BATCH:
+            self._wake.set()
+        elif self._timer is None:  # a batch per SEND_INTERVAL: one round trip for every settlement made meanwhile
+            self._timer = asyncio.get_running_loop().call_later(SEND_INTERVAL, self._send_now)
+
+    def _send_now(self) -> None:
+        self._timer = None
+        self._wake.set()
+
+    async def _drain_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.available:
+                failed = await self._drain()
+                if failed is not None:
+                    self._down(failed)
+
+    async def _drain(self) -> BaseException | None:
+        """Sends what is queued, in order, a pipelined batch per round trip; what made it fail (the batch back
+        at the head of the queue), or None once the queue is empty."""
+        while self.queue:
+            batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+            try:
+                replies = await bounded(self._send_batch(batch), STORE_TIMEOUT * 4)
+            except Exception as e:
+                self.queue.extendleft(reversed(batch))
+                return e
+            for (key, _), reply in zip(batch, replies, strict=True):
+                _, _, day, pool = key.split(":", 3)
+                self._saw(day, pool, int(reply[0]), float(reply[1]))
+        return None
+
+    async def _send_batch(self, batch: list[tuple[str, tuple[str, ...]]]) -> list:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, args in batch:
+                await self._settle(keys=[key], args=args, client=pipe)
+            return await pipe.execute()
+
+    # ---------------------------------------------------------------- availability
+
+    def _down(self, e: BaseException) -> None:
+        if not self.available:
+            return
+        self.available = False
+        self.down_since = self.clock()
+        self.down_reason = printable(f"{type(e).__name__}: {e}"[:200]) if str(e) else type(e).__name__
+        log.error("clrk: budget store %s unavailable (%s); budgeted calls follow spec.budgetStore.onUnavailable "
+                  "until it is back", self.display, self.down_reason)
+        self._changed()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._find_again())
+
+    async def _find_again(self) -> None:
+        """Pings Redis until it answers, then sends what was queued meanwhile; only then is it used again."""
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            try:
+                await bounded(self.client.ping(), STORE_TIMEOUT)
+            except Exception:
+                continue
+            if await self._drain() is None:
+                break
+        self.available = True
+        self.down_since = None
+        log.info("clrk: budget store %s is back: budgets are shared again", self.display)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            with contextlib.suppress(Exception):
+                self.on_change()
+
+    def state(self, fail_open: dict[str, bool]) -> dict:
+        """What `clrk status` shows: the store, whether it is in use, what each gateway does meanwhile."""
+        out: dict = {"url": self.display, "available": self.available, "queued": len(self.queue),
+                     "dropped": self.dropped, "fail_open_admissions": self.fail_open_used,
+                     "fail_closed_refusals": self.fail_closed}
+        if not self.available:
+            out["down_since"] = self.down_since
+            out["reason"] = self.down_reason
+            out["gateways"] = {name: ("failOpen" if fo else "failClosed") for name, fo in sorted(fail_open.items())}
+        return out
+
+    async def close(self) -> None:
+        """At a graceful stop: what is queued is sent if Redis answers (briefly), then the connections close."""
+        if self.available and self.queue:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self._drain()
+        if self.queue:
+            log.error("clrk: budget store %s: %d settlement(s) not sent at stop", self.display, len(self.queue))
+        for t in (self._worker, self._probe):
+            if t is not None:
+                t.cancel()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()

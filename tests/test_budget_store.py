@@ -1,0 +1,292 @@
+"""The shared budget ledger (clrk/proxy/budget_store.py) against a real redis-server, in process: the Lua
+scripts' arithmetic in tokens and dollars, the overshoot bound across two ledgers (two replicas) sharing one
+Redis, the keys' expiry, the scripts reloaded after Redis lost them, and settlements queued while Redis is
+away and sent when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import time
+
+import pytest
+import redis
+
+from clrk.proxy.budget import MAX_TOKENS, day_start, utc_day
+from clrk.proxy.budget_store import (
+    KEEP_AFTER_DAY,
+    Refusal,
+    SharedLedger,
+    StoreUnavailable,
+    pool_key,
+    safe_url,
+)
+from tests.harness.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def pool(request):
+    return f"AIProviderRoute/ns/{request.node.name}#openai:*"
+
+
+def raw(server) -> redis.Redis:
+    return redis.Redis.from_url(server.url, decode_responses=True)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_admission_and_settlement_arithmetic(server, pool):
+    async def go():
+        a = SharedLedger(server.url)
+        r1 = await a.admit(pool, 100, 60, None, 0.0)
+        assert r1.shared and r1.tokens == 60
+        no = await a.admit(pool, 100, 41, None, 0.0)  # 60 reserved + 41 > 100: refused, not clamped
+        assert no == Refusal(0, 60, 0.0, 0.0)
+        r2 = await a.admit(pool, 100, 40, None, 0.0)
+        assert isinstance(await a.admit(pool, 100, 0, None, 0.0), Refusal)  # never free: a full pool admits nothing
+        a.settle(r1, 10)  # the reservation gives way to the usage
+        a.settle(r2, None)  # usage unseen: the reservation is charged
+        await a._drain()
+        h = raw(server).hgetall(pool_key(r1.day, pool))
+        assert h == {"u": "50"}  # nothing reserved is left over
+        assert a.used_today(pool) == 50
+        r3 = await a.admit(pool, 100, 50, None, 0.0)
+        assert not isinstance(r3, Refusal)
+        await a.close()
+    run(go())
+
+
+def test_dollars_are_kept_beside_tokens(server, pool):
+    async def go():
+        a = SharedLedger(server.url)
+        r1 = await a.admit(pool, None, 100, 1.0, 0.75)
+        assert not isinstance(r1, Refusal) and r1.cost == 0.75
+        no = await a.admit(pool, None, 100, 1.0, 0.3)
+        assert isinstance(no, Refusal) and no.reserved_cost == pytest.approx(0.75)
+        a.settle(r1, 80, 0.125)
+        await a._drain()
+        h = raw(server).hgetall(pool_key(r1.day, pool))
+        assert float(h["uc"]) == 0.125 and "rc" not in h and h["u"] == "80"
+        assert a.used_cost_today(pool) == 0.125
+        tiny = await a.admit(pool, None, 1, 1.0, 0.0)  # a reservation of at least 1e-9 dollars
+        assert tiny.cost == 1e-9
+        a.settle(tiny, 0, 0.0)
+        await a._drain()
+        assert "rc" not in raw(server).hgetall(pool_key(r1.day, pool))
+        # both limits: a call is admitted only under each
+        assert isinstance(await a.admit(pool, 1000, 10, 1.0, 0.9), Refusal)
+        assert isinstance(await a.admit(pool, 50, 100, 1.0, 0.1), Refusal)
+        await a.close()
+    run(go())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_two_replicas_keep_the_bound(server, seed):
+    """Two ledgers on one Redis, admissions racing from both before any settles: exactly the reservations that
+    fit are admitted (in the order Redis ran them), and the day passes the max only by usage beyond them."""
+    rnd = random.Random(seed)
+    pool = f"race-{seed}-{rnd.random()}"
+    mx = rnd.randint(1, 5000)
+    asks = [(rnd.randint(1, 400), rnd.randint(0, 800)) for _ in range(80)]
+
+    async def go():
+        a, b = SharedLedger(server.url), SharedLedger(server.url)
+        got = await asyncio.gather(*[(a if k % 2 else b).admit(pool, mx, t, None, 0.0) for k, (t, _) in enumerate(asks)])
+        admitted = [(res, actual) for res, (_, actual) in zip(got, asks, strict=True) if not isinstance(res, Refusal)]
+        held = sum(r.tokens for r, _ in admitted)
+        assert held <= mx
+        assert all(r.reserved + t > mx - r.used for r, (t, _) in zip(got, asks, strict=True) if isinstance(r, Refusal))
+        assert all(mx - held < t for res, (t, _) in zip(got, asks, strict=True) if isinstance(res, Refusal))
+        for k, (res, actual) in enumerate(admitted):
+            (a if k % 2 else b).settle(res, actual)
+        await a._drain()
+        await b._drain()
+        h = raw(server).hgetall(pool_key(utc_day(a.clock()), pool))
+        used = sum(actual for _, actual in admitted)
+        assert int(h.get("u", 0)) == used and "r" not in h
+        assert used <= mx + sum(max(0, actual - r.tokens) for r, actual in admitted)
+        await a.close()
+        await b.close()
+    run(go())
+
+
+def test_keys_expire_after_their_day(server, pool):
+    async def go():
+        a = SharedLedger(server.url)
+        res = await a.admit(pool, 10, 1, None, 0.0)
+        ttl_at = raw(server).expiretime(pool_key(res.day, pool))
+        assert ttl_at == int(day_start(res.day + dt.timedelta(days=1))) + KEEP_AFTER_DAY
+        await a.close()
+    run(go())
+
+
+def test_a_settlement_of_a_day_long_gone_leaves_nothing_behind(server, pool):
+    """A reservation from a day whose key has expired: releasing it must not leave a key without expiry."""
+    async def go():
+        a = SharedLedger(server.url)
+        res = await a.admit(pool, 10, 3, None, 0.0)
+        raw(server).delete(pool_key(res.day, pool))
+        res.day = res.day - dt.timedelta(days=3)
+        a.settle(res, 2)
+        await a._drain()
+        assert not raw(server).exists(pool_key(res.day, pool))
+        await a.close()
+    run(go())
+
+
+def test_usage_is_capped_at_what_a_record_stores(server, pool):
+    async def go():
+        a = SharedLedger(server.url)
+        res = await a.admit(pool, None, 1, 1e12, 1.0)
+        a.settle(res, MAX_TOKENS)
+        r2 = await a.admit(pool, None, 1, 1e12, 1.0)
+        a.settle(r2, MAX_TOKENS)
+        await a._drain()
+        assert raw(server).hget(pool_key(res.day, pool), "u") == str(MAX_TOKENS)
+        await a.close()
+    run(go())
+
+
+def test_scripts_come_back_after_redis_forgot_them(server, pool):
+    async def go():
+        a = SharedLedger(server.url)
+        assert not isinstance(await a.admit(pool, 10, 1, None, 0.0), Refusal)
+        raw(server).script_flush()
+        r = await a.admit(pool, 10, 1, None, 0.0)
+        assert not isinstance(r, Refusal)
+        raw(server).script_flush()
+        a.settle(r, 1)
+        assert await a._drain() is None and a.available
+        await a.close()
+    run(go())
+
+
+def test_settlements_wait_for_redis_and_admission_says_it_is_away(tmp_path, pool):
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        async def go():
+            a = SharedLedger(server.url)
+            res = await a.admit(pool, 100, 30, None, 0.0)
+            server.stop()
+            with pytest.raises(StoreUnavailable):
+                await a.admit(pool, 100, 1, None, 0.0)
+            assert not a.available and a.down_reason
+            with pytest.raises(StoreUnavailable):  # no round trip while it is away
+                await a.admit(pool, 100, 1, None, 0.0)
+            a.settle(res, 12)
+            assert len(a.queue) == 1
+            server.start()
+            while not a.available:
+                await asyncio.sleep(0.02)
+            assert not a.queue
+            assert raw(server).hgetall(pool_key(res.day, pool)) == {"u": "12"}  # sent before admission resumed
+            await a.close()
+        run(go())
+    finally:
+        server.stop()
+
+
+def test_a_silent_redis_times_out_admission(tmp_path, pool):
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        async def go():
+            a = SharedLedger(server.url)
+            await a.admit(pool, 100, 1, None, 0.0)
+            server.pause()
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(StoreUnavailable):
+                await a.admit(pool, 100, 1, None, 0.0)
+            assert loop.time() - t0 < 2
+            server.resume()
+            while not a.available:
+                await asyncio.sleep(0.02)
+            await a.close()
+        run(go())
+    finally:
+        server.resume()
+        server.stop()
+
+
+def test_the_url_shown_has_no_password():
+    assert safe_url("redis://user:s3cret@10.0.0.1:6380/2") == "redis://10.0.0.1:6380/2"
+    assert "s3cret" not in safe_url("rediss://:s3cret@[::1]:6380/0")
+
+
+def test_a_new_utc_day_starts_from_zero_and_yesterdays_calls_are_not_charged_to_it(server, pool):
+    clock = Clock(time.time())
+
+    async def go():
+        a = SharedLedger(server.url, clock=clock)
+        res = await a.admit(pool, 100, 100, None, 0.0)
+        assert isinstance(await a.admit(pool, 100, 1, None, 0.0), Refusal)
+        clock.t += 86400
+        tomorrow = await a.admit(pool, 100, 100, None, 0.0)  # a new day: the whole pool again
+        assert not isinstance(tomorrow, Refusal) and tomorrow.day == res.day + dt.timedelta(days=1)
+        a.settle(res, 70)  # yesterday's reservation: released there, its usage not charged to the new day
+        await a._drain()
+        assert raw(server).hgetall(pool_key(res.day, pool)) == {}
+        assert raw(server).hgetall(pool_key(tomorrow.day, pool)) == {"r": "100"}
+        await a.close()
+    run(go())
+
+
+class Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_usage_charged_while_a_session_holds_its_reservation(server, pool):
+    """A realtime session's usage is charged as it arrives; the reservation stays until the session ends."""
+    async def go():
+        a = SharedLedger(server.url)
+        res = await a.admit(pool, 1000, 100, 1.0, 0.5)
+        assert a.charge(res, 40, 0.01) == 40  # what the gateway knows at once, before Redis answers
+        assert a.charge(res, 30, 0.02) == 70
+        await a._drain()
+        h = raw(server).hgetall(pool_key(res.day, pool))
+        assert (h["u"], h["r"], float(h["uc"]), float(h["rc"])) == ("70", "100", pytest.approx(0.03), 0.5)
+        a.settle(res, 0, 0.0)  # the session ends: its usage was charged already
+        await a._drain()
+        h = raw(server).hgetall(pool_key(res.day, pool))
+        assert h["u"] == "70" and "r" not in h and "rc" not in h
+        await a.close()
+    run(go())
+
+
+def test_fail_open_starts_from_what_redis_said_and_tells_redis_what_it_spent(tmp_path, pool):
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        async def go():
+            a = SharedLedger(server.url)
+            res = await a.admit(pool, 100, 60, None, 0.0)
+            a.settle(res, 60)
+            await a._drain()
+            server.stop()
+            with pytest.raises(StoreUnavailable):
+                await a.admit(pool, 100, 10, None, 0.0)
+            assert a.admit_local(pool, 100, 41, None, 0.0) is None  # 60 used, as Redis last said
+            local = a.admit_local(pool, 100, 40, None, 0.0)
+            assert local is not None and not local.shared
+            assert a.settle(local, 35) == 95
+            server.start()
+            while not a.available:
+                await asyncio.sleep(0.02)
+            assert raw(server).hgetall(pool_key(res.day, pool)) == {"u": "95"}
+            await a.close()
+        run(go())
+    finally:
+        server.stop()
