@@ -122,6 +122,14 @@ def test_anthropic_json_counts_cache_in_input():
         "claude-3-5-sonnet-latest", "claude-3-5-sonnet-20241022", 60, 6, 30, 20, ["end_turn"])
 
 
+def test_anthropic_input_with_cache_stays_within_what_a_record_holds():
+    """Each count is a valid int64; their sum (input = uncached + cache read + cache written) need not be."""
+    body = json.dumps({"usage": {"input_tokens": 2**63 - 50, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 20,
+                                 "output_tokens": 1}}).encode()
+    r = run("api.anthropic.com", "/v1/messages", 200, "application/json", [body], {"model": "claude-3-5-sonnet-latest"})
+    assert r.input_tokens == 2**63 - 1 and r.cache_read_tokens == 30
+
+
 def test_anthropic_stream_message_delta_is_cumulative():
     r = run("api.anthropic.com", "/v1/messages", 200, "text/event-stream", B.anthropic_message_stream(), {"model": "claude", "stream": True})
     assert (r.response_id, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.finish_reasons, r.stream) == (

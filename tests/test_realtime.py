@@ -97,6 +97,15 @@ def test_negative_counts_do_not_refund_the_budget():
     assert p.server_message(done("r", -1000, 5)) == 5
 
 
+def test_session_totals_stay_within_what_a_record_holds():
+    """Every report is a valid int64, but a session's sum of them need not be: the totals stop at the bound."""
+    p = realtime_parser("openai", "/v1/realtime?model=m")
+    for i in range(3):
+        p.server_message(done(f"r{i}", 2**63 - 10, 2**63 - 10, cached=2**63 - 10))
+    r = p.result
+    assert r.input_tokens == r.output_tokens == r.cache_read_tokens == 2**63 - 1
+
+
 class _Gateway:
     """What MessageCapture reads of a gateway: its capture settings and redactor."""
 

@@ -59,7 +59,9 @@ class AnthropicParser(ProviderParser):
             cache_read = raw.get("cache_read_input_tokens")
             cache_creation = raw.get("cache_creation_input_tokens")
             if "input_tokens" in raw:
-                r.input_tokens = raw["input_tokens"] + (cache_read or 0) + (cache_creation or 0)
+                # Anthropic counts cached input apart; the record's input is all of it (within what a count can be).
+                total = raw["input_tokens"] + (cache_read or 0) + (cache_creation or 0)
+                r.input_tokens = min(max(total, -(2**63)), 2**63 - 1)
             r.output_tokens = raw.get("output_tokens")
             r.cache_read_tokens = cache_read
             r.cache_creation_tokens = cache_creation

@@ -75,13 +75,18 @@ class RealtimeParser(ProviderParser):
         if input_tokens is None and output_tokens is None:
             return 0
         r.usage_visible = True
-        r.input_tokens = (r.input_tokens or 0) + (input_tokens or 0)
-        r.output_tokens = (r.output_tokens or 0) + (output_tokens or 0)
+        r.input_tokens = _count((r.input_tokens or 0) + (input_tokens or 0))
+        r.output_tokens = _count((r.output_tokens or 0) + (output_tokens or 0))
         if cached is not None:
-            r.cache_read_tokens = (r.cache_read_tokens or 0) + cached
+            r.cache_read_tokens = _count((r.cache_read_tokens or 0) + cached)
         if reasoning is not None:
-            r.reasoning_tokens = (r.reasoning_tokens or 0) + reasoning
-        return max(0, (input_tokens or 0)) + max(0, (output_tokens or 0))
+            r.reasoning_tokens = _count((r.reasoning_tokens or 0) + reasoning)
+        return _count(max(0, (input_tokens or 0)) + max(0, (output_tokens or 0)))
+
+
+def _count(n: int) -> int:
+    """A session's running total, within what a record's BIGINT holds (a hostile upstream may report anything)."""
+    return min(max(n, -(2**63)), 2**63 - 1)
 
 
 def _doc(data: bytes) -> Any:
