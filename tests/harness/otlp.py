@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
@@ -55,6 +56,14 @@ class OtlpReceiver:
                 with receiver.lock:
                     receiver.got.raw.append(body)
                     receiver.got.headers.append({k.lower(): v for k, v in self.headers.items()})
+                try:
+                    self._decode(body)
+                except DecodeError:  # a body cut short (an exporter stopped mid-send): what a collector answers
+                    self.send_response(400)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+
+            def _decode(self, body: bytes) -> None:
                 if self.path == "/v1/traces":
                     req = ExportTraceServiceRequest.FromString(body)
                     for rs in req.resource_spans:
