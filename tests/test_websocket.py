@@ -89,7 +89,7 @@ def gw(tmp_path_factory, pki, wsup, otlp, upstream):
 
 def open_ws(gw: Gateway, url: str, inv: str, **kw):
     return ws_connect(url, proxy=gw.proxy_url(), ssl=gw.ssl_context(), additional_headers={"clrk-invocation-id": inv},
-                      open_timeout=10, close_timeout=5, **kw)
+                      open_timeout=30, close_timeout=5, **kw)
 
 
 def reload_policy(gw: Gateway, docs: list[dict]) -> None:
