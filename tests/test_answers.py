@@ -24,7 +24,16 @@ from clrk import attributes as A
 from clrk.errors import seconds_until_utc_midnight
 from tests.harness import fake_provider
 from tests.harness.certs import make_upstream_pki
-from tests.harness.gateway import Gateway, agent_docs, free_port, gateway_doc, read_all, route, tunnel
+from tests.harness.gateway import (
+    Gateway,
+    agent_docs,
+    agent_env,
+    free_port,
+    gateway_doc,
+    read_all,
+    route,
+    tunnel,
+)
 from tests.harness.upstream import FakeUpstream
 from tests.harness.util import new_invocation
 
@@ -280,10 +289,7 @@ def test_http2_gets_the_same_json_answer(gw):
 
 @pytest.fixture
 def env(gw, monkeypatch):
-    monkeypatch.setenv("HTTPS_PROXY", gw.proxy_url())
-    monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca))
-    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.delenv(var, raising=False)
+    agent_env(gw, monkeypatch)
     return new_invocation()
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from clrk import attributes as A
 from tests.harness import fake_provider
-from tests.harness.gateway import Gateway, agent_docs, gateway_doc, route
+from tests.harness.gateway import Gateway, agent_docs, agent_env, gateway_doc, route
 from tests.harness.util import new_invocation
 
 CLRK = str(Path(sys.executable).parent / "clrk")
@@ -39,11 +39,7 @@ def gw(tmp_path_factory, pki, upstream, otlp):
 
 @pytest.fixture
 def env(gw, monkeypatch):
-    """What a user sets for an agent: the proxy with its credentials, and the gateway's CA."""
-    monkeypatch.setenv("HTTPS_PROXY", gw.proxy_url())
-    monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca))
-    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.delenv(var, raising=False)
+    agent_env(gw, monkeypatch)
     return new_invocation()
 
 

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import datetime as dt
 import logging
+import secrets
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -62,11 +63,20 @@ redis.call('EXPIREAT', k, ARGV[5])
 return {1, v[1] or '0', v[3] or '0'}
 """
 
-# KEYS[1] the pool's day; ARGV: tokens reserved, USD reserved (both released), tokens used, USD used (both
-# charged), expire-at. A charge while the reservation is held (a realtime session's usage) releases nothing.
-# Returns {u, uc} after it.
+# KEYS[1] the pool's day, KEYS[2] this ledger's applied mark; ARGV: tokens reserved, USD reserved (both
+# released), tokens used, USD used (both charged), expire-at, this settlement's number. A charge while the
+# reservation is held (a realtime session's usage) releases nothing. Returns {u, uc} after it.
+# Exactly once: a ledger numbers its settlements and sends them in order, so one numbered at or below the
+# mark was applied already — a batch resent because its answer was lost (Redis stopping mid-batch) changes
+# nothing twice.
 SETTLE = """
 local k = KEYS[1]
+local n = tonumber(ARGV[6])
+if n <= (tonumber(redis.call('GET', KEYS[2])) or 0) then
+  local v = redis.call('HMGET', k, 'u', 'uc')
+  return {v[1] or '0', v[2] or '0'}
+end
+redis.call('SET', KEYS[2], ARGV[6], 'EX', 172800)
 if ARGV[1] ~= '0' then
   if redis.call('HINCRBY', k, 'r', '-' .. ARGV[1]) <= 0 then redis.call('HDEL', k, 'r') end
 end
@@ -159,6 +169,10 @@ class SharedLedger:
         self.fail_closed = 0  # budgeted calls refused because Redis was away
         self.dropped = 0  # settlements lost (the queue overflowed)
         self.queue: collections.deque[tuple[str, tuple[str, ...]]] = collections.deque()
+        # Settlements are numbered, per ledger, in the order they are sent (see SETTLE): the mark's key is this
+        # ledger's own, so a restarted gateway starts a new count.
+        self._mark = f"clrk:budget:applied:{secrets.token_hex(8)}"
+        self._number = 0
         self.seen: dict[tuple[str, str], tuple[int, float]] = {}  # (day, pool) -> (tokens, USD) last read
         self.on_change: Callable[[], None] | None = None  # told when availability or counters change
         if client is None:
@@ -279,7 +293,8 @@ class SharedLedger:
         if u or uc:  # what this gateway now knows the pool has used at least
             s = self.seen.get((day, res.pool), (0, 0.0))
             self.seen[(day, res.pool)] = (min(s[0] + u, MAX_TOKENS), s[1] + uc)
-        self.queue.append((pool_key(day, res.pool), (str(r), _num(rc), str(u), _num(uc), expiry)))
+        self._number += 1
+        self.queue.append((pool_key(day, res.pool), (str(r), _num(rc), str(u), _num(uc), expiry, str(self._number))))
         if len(self.queue) > MAX_QUEUED:
             self.queue.popleft()
             self.dropped += 1
@@ -325,7 +340,7 @@ class SharedLedger:
     async def _send_batch(self, batch: list[tuple[str, tuple[str, ...]]]) -> list:
         async with self.client.pipeline(transaction=False) as pipe:
             for key, args in batch:
-                await self._settle(keys=[key], args=args, client=pipe)
+                await self._settle(keys=[key, self._mark], args=args, client=pipe)
             return await pipe.execute()
 
     # ---------------------------------------------------------------- availability

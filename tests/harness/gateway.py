@@ -370,3 +370,12 @@ class Gateway:
         """Returns once the gateway has logged the end of the client connection from 127.0.0.1:`client_port`
         (mitmproxy's "client disconnect"): from then on nothing more happens on that connection's behalf."""
         self.wait_log(f"[127.0.0.1:{client_port}] client disconnect", timeout)
+
+
+def agent_env(gw: Gateway, monkeypatch) -> None:
+    """What a user sets for an agent: the proxy with its credentials and the gateway's CA, and no other proxy
+    setting of the test process's environment in the way."""
+    monkeypatch.setenv("HTTPS_PROXY", gw.proxy_url())
+    monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca))
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
