@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -131,24 +129,9 @@ def test_a_dollar_budget_reached_by_concurrent_agents_holds_its_bound(gw, upstre
             break
         content += "!"
     reserved_usd = reserved * OUT
-    fake_provider.RELEASE.clear()
-    answers: list = []
     users = list(TOKENS)
-
-    def one(k: int) -> None:
-        answers.append(post(gw, body, inv, user=users[k % 2]))
-
-    with ThreadPoolExecutor(24) as ex:
-        try:
-            futures = [ex.submit(one, k) for k in range(24)]
-            deadline = time.monotonic() + 20
-            while sum(a.status_code == 429 for a in answers) + len(upstream.requests_with(f"usd-hold-cost2000-{t}")) < 24:
-                assert time.monotonic() < deadline, [a.status_code for a in answers]
-                time.sleep(0.02)
-        finally:
-            fake_provider.RELEASE.set()
-        for f in futures:
-            f.result(30)
+    answers = fake_provider.race_held([lambda k=k: post(gw, body, inv, user=users[k % 2]) for k in range(24)], upstream,
+                                      f"usd-hold-cost2000-{t}", timeout=20)
     statuses = [a.status_code for a in answers]
     admitted = statuses.count(200)
     assert admitted == int(MAX_USD // reserved_usd) and statuses.count(429) == 24 - admitted

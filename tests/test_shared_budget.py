@@ -109,19 +109,7 @@ def race(gws, upstream, model: str, n: int) -> tuple[list, str]:
     or refused."""
     inv = tag()
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
-    answers: list = []
-    fake_provider.RELEASE.clear()
-    with ThreadPoolExecutor(n) as ex:
-        try:
-            futures = [ex.submit(lambda k=k: answers.append(post(gws[k % 2], body, inv))) for k in range(n)]
-            deadline = time.monotonic() + 30
-            while sum(a.status_code == 429 for a in answers) + len(upstream.requests_with(model)) < n:
-                assert time.monotonic() < deadline, [a.status_code for a in answers]
-                time.sleep(0.02)
-        finally:
-            fake_provider.RELEASE.set()
-        for f in futures:
-            f.result(30)
+    answers = fake_provider.race_held([lambda k=k: post(gws[k % 2], body, inv) for k in range(n)], upstream, model)
     return answers, inv
 
 

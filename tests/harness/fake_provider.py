@@ -23,6 +23,28 @@ PACE = 0.6
 RELEASE = threading.Event()
 
 
+def race_held(calls: list, upstream, model: str, timeout: float = 30.0) -> list:
+    """Makes every call in `calls` (functions returning an httpx response) at once, with the provider holding
+    each one it receives until every call was either refused (429) or reached it: so each admission is
+    decided while all the others are reserved. Returns the answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    answers: list = []
+    RELEASE.clear()
+    with ThreadPoolExecutor(len(calls)) as ex:
+        try:
+            futures = [ex.submit(lambda c=c: answers.append(c())) for c in calls]
+            deadline = time.monotonic() + timeout
+            while sum(a.status_code == 429 for a in answers) + len(upstream.requests_with(model)) < len(calls):
+                assert time.monotonic() < deadline, [a.status_code for a in answers]
+                time.sleep(0.02)
+        finally:
+            RELEASE.set()
+        for f in futures:
+            f.result(30)
+    return answers
+
+
 def _stream(h, up, pieces: list[bytes], model: str) -> None:
     h.start_chunked(200, "text/event-stream")
     for i, piece in enumerate(pieces):
