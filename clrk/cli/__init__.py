@@ -38,7 +38,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
     ports = [args.port] if args.port else []
     cert = ensure_ca(args.certs)
     argv = gateway_argv(args.policies, args.db, args.certs, ports, args.host, args.dev_otlp_fallback_endpoint, extra)
-    where = [f"{args.host or '127.0.0.1'}:{args.port}"] if args.port else _listening(policy, args.host)
+    where = _listening(policy, args.host, args.port)
     if args.host and not args.port and policy.listeners:
         print(f"clrk: --host {args.host} is not used: the policy's listeners bind their own address (a listener's "
               "`address` in the EgressGateway; --host applies with --port, or to a policy without listeners)",
@@ -53,8 +53,11 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
     os.execve(argv[0], argv, gateway_env(args.db))
 
 
-def _listening(policy, host: str) -> list[str]:
-    """Where the gateway will listen: the policy's listeners (or mitmproxy's 8080), `host` overriding addresses."""
+def _listening(policy, host: str, port: int | None) -> list[str]:
+    """Where the gateway will listen ("address:port" each): `--port` alone if given, else the policy's listeners
+    (or mitmproxy's 8080), `host` overriding addresses only for a policy without listeners."""
+    if port:
+        return [f"{host or '127.0.0.1'}:{port}"]
     from clrk.proxy.listeners import wanted_modes
 
     return [m.split("@", 1)[1] for m in wanted_modes(policy, host, None)]
@@ -72,7 +75,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     policy = _checked_policy(args.policies)
     ports = [args.port] if args.port else []
     ensure_ca(args.certs)
-    where = [f"{args.host or '127.0.0.1'}:{args.port}"] if args.port else _listening(policy, args.host)
+    where = _listening(policy, args.host, args.port)
     try:
         session = DevSession(args.policies, args.db, args.certs, ports, otlp_port=args.otlp_port, host=args.host,
                              listening=where).start()
