@@ -15,6 +15,7 @@ long-double arithmetic only for pools with a dollar limit).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ INT64_MIN = -(2**63)
 LD_MANTISSA = 64  # bits of an x86-64 long double, the type of Redis's HINCRBYFLOAT arithmetic
 MARK_TTL = 172800  # an applied mark's EX (SETTLE)
 PREFIX = "clrk:budget:"
+KEEP_AFTER_DAY = 3600  # a pool's day is kept this long after the day ends (late settlements)
 
 _INT = re.compile(r"-?(0|[1-9][0-9]{0,18})\Z")
 _FLOAT = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]{1,3})?\Z")
@@ -293,3 +295,9 @@ def pool_key(day: str, pool: str) -> str:
 def key_day(key: str) -> str:
     """The UTC day (YYYY-MM-DD) of a pool key."""
     return key[len(PREFIX):].split(":", 1)[0]
+
+
+def day_expiry(day: str) -> str:
+    """EXPIREAT of a pool's day (YYYY-MM-DD): KEEP_AFTER_DAY after it ends, as text (a script argument)."""
+    start = dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC).timestamp()
+    return str(int(start) + 86400 + KEEP_AFTER_DAY)
