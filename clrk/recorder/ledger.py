@@ -39,7 +39,8 @@ from clrk.pools import PoolError, Pools, check_admit, check_key, check_settle, d
 log = logging.getLogger("clrk.recorder")
 
 GRACE = 2.0  # seconds after a proxy's last connection ends before its process is looked at
-SEED_WAIT = 0.3  # an admission arriving while the day's usage is being read waits this long for it
+ADOPT_WINDOW = 0.4  # after the recorder starts listening, seconds for proxies to (re)connect and say what they hold
+SEED_WAIT = 0.45  # an early admission waits this long for both (under the proxy's 0.5 s)
 MAX_ITEMS = 10_000  # settlements in one request
 
 
@@ -93,6 +94,8 @@ class RecorderLedger:
         self.holders: dict[str, Holder] = {}
         self.by_conn: dict[object, set[str]] = {}
         self.admissions = self.refusals = self.settlements = self.released = 0
+        self.opened = time.monotonic()  # when the recorder started listening (set by it)
+        self._ready = False
         self._last_sweep = clock()
 
     # ---------------------------------------------------------------- the day's usage from the store
@@ -124,14 +127,22 @@ class RecorderLedger:
                  len(set(totals) | set(costs)))
 
     async def ready(self) -> None:
-        """Returns once the day's usage is read; raises Unavailable if it is not within SEED_WAIT."""
-        if self.seeded.is_set():
+        """Returns once the day's usage is read and proxies had ADOPT_WINDOW to tell what they hold (after a
+        restart, an admission answered earlier could take what another proxy holds and has not said yet);
+        raises Unavailable if that is not so within SEED_WAIT."""
+        if self._ready:
             return
         self.seed_soon()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.seeded.wait()), SEED_WAIT)
-        except TimeoutError:
-            raise Unavailable(self.seed_error) from None
+        deadline = time.monotonic() + SEED_WAIT
+        while True:
+            now = time.monotonic()
+            if self.seeded.is_set() and now >= self.opened + ADOPT_WINDOW:
+                self._ready = True
+                return
+            if now >= deadline:
+                raise Unavailable(self.seed_error if not self.seeded.is_set()
+                                  else "the recorder is gathering what proxies hold")
+            await asyncio.sleep(0.01)
 
     # ---------------------------------------------------------------- requests
 

@@ -326,6 +326,7 @@ class Recorder:
         # Ctrl-C in the gateway's terminal reaches the whole process group: the proxy then sends its last
         # rows and a shutdown; exiting on SIGINT here would lose them.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
+        self.ledger.opened = time.monotonic()
         log.info("recorder %d writing %s, listening on %s", os.getpid(), self.db_name, self.socket_path)
         flusher = asyncio.create_task(self.flush_loop())
         await self.stop_event.wait()
