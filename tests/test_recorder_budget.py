@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ from clrk.proxy.budget_store import pool_key
 from tests.harness import fake_provider
 from tests.harness.gateway import Gateway
 from tests.harness.util import clrk_message, wait_for
-from tests.test_shared_budget import MAX_TOKENS, TOKENS_POOL, docs, post, tag
+from tests.test_shared_budget import CLRK, MAX_TOKENS, TOKENS_POOL, docs, post, tag
 
 POOL = "AIProviderRoute/team-a/shared#openai:{}-*"
 
@@ -85,6 +86,12 @@ def test_the_gateways_run_this_code_and_share_one_recorder(gws):
     assert a.db == b.db and a.port != b.port
     assert "budgets are shared on recorder" in a.log() + b.log()
     assert ledger(a)["proxies"] == 2
+    js = json.loads(subprocess.run([CLRK, "status", "--db", str(a.db), "--json"], capture_output=True, text=True,
+                                   check=True).stdout)
+    assert [bs["url"] for bs in js["budget_stores"]] == ["recorder", "recorder"]
+    assert js["budget_ledger"]["ready"] and js["budget_ledger"]["proxies"] == 2
+    text = subprocess.run([CLRK, "status", "--db", str(a.db)], capture_output=True, text=True, check=True).stdout
+    assert "budget store recorder: shared" in text and "budget ledger held by this recorder: " in text
 
 
 def test_both_gateways_share_one_token_pool_within_its_bound(gws, upstream):

@@ -1,4 +1,5 @@
-"""Budgets shared on Redis (`clrk_budget_store` / CLRK_BUDGET_STORE = redis://host:port/db): every gateway
+"""Budgets shared on Redis (`clrk_budget_store` / CLRK_BUDGET_STORE = redis://host:port/db), or held by this
+gateway's recorder (`recorder`: RecorderBackend, the same steps run by clrk.recorder.ledger): every gateway
 naming the same Redis keeps one ledger per pool and UTC day there, with the mechanics and the bound of
 `clrk.proxy.budget` (admission keeps used + reserved ≤ max; settling replaces a reservation by its usage),
 made atomic across replicas by running each step as one Lua script (loaded once, then called by EVALSHA;
