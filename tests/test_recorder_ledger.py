@@ -270,3 +270,21 @@ def test_pid_alive_sees_the_dead_and_the_zombie():
         assert not recorder_ledger.pid_alive(p.pid)
     finally:
         p.wait()
+
+
+def test_a_second_recorder_for_the_store_leaves_the_first_in_place(tmp_path):
+    """Proxies whose recorder died each start one; only one may serve the store (for ClickHouse nothing else
+    stops a second from taking the socket, and half the proxies, with it)."""
+    import sys
+
+    async def go():
+        db = str(tmp_path / "c.duckdb")
+        sink, a = await proxy(db)
+        first = (await sink.request({"t": "status"}, 10))["pid"]
+        second = subprocess.run([sys.executable, "-m", "clrk.recorder", "--socket", wire.socket_path(db)],
+                                env={**os.environ, "CLRK_RECORDER_DB": db}, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 3 and "another recorder serves this store" in second.stderr
+        assert (await sink.request({"t": "status"}, 10))["pid"] == first
+        assert not isinstance(await a.admit("p", 10, 1, None, 0.0), Refusal)
+        await stop((sink, a))
+    run(go())

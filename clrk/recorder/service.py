@@ -363,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s.%(msecs)03d] clrk-recorder %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     _quiet_otel_logs()
+    # One recorder per store: proxies whose recorder died each start one, and for ClickHouse nothing else
+    # (DuckDB's file lock) would stop a second from taking the socket over — and with it half the proxies,
+    # splitting a budget ledger held here in two.
+    if not _one_recorder(args.socket):
+        print("clrk-recorder: another recorder serves this store", file=sys.stderr, flush=True)
+        return 3
     try:
         rec = Recorder(args.db, args.socket, args.parent_pid)
     except StoreError as e:
@@ -370,6 +376,25 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     asyncio.run(rec.run())
     return 0
+
+
+_lock_fd: int | None = None
+
+
+def _one_recorder(socket_path: str) -> bool:
+    """Takes the store's recorder lock (a file beside the socket, held until this process ends); False if
+    another recorder holds it."""
+    import fcntl
+
+    global _lock_fd
+    fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _lock_fd = fd
+    return True
 
 
 class _OncePerMinute(logging.Filter):
