@@ -18,8 +18,10 @@ class Settings(BaseSettings):
         "clrk: dev tee; every span and log record is also sent to this OTLP/HTTP base URL (empty = off)."))
     certs: str = Field("certs", description="clrk: directory of the gateway's CA (env CLRK_CERTS).")
     budget_store: str = Field("", description=(
-        "clrk: shared budget ledger, redis://[user:password@]host:port/db (or rediss://, unix://); every gateway "
-        "naming the same Redis shares each pool's day (env CLRK_BUDGET_STORE; empty = this gateway's own ledger)."))
+        "clrk: shared budget ledger, redis://[user:password@]host:port/db (or rediss://, unix://): every gateway "
+        "naming the same Redis shares each pool's day; or `recorder`: held by the recorder of clrk_db, shared by "
+        "every proxy process on this host writing that store (env CLRK_BUDGET_STORE; empty = this process's own "
+        "ledger)."))
 
 
 def option_help(name: str) -> str:

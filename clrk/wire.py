@@ -5,7 +5,9 @@ Messages are maps with a type `t`:
   proxy -> recorder: {"t": "hello", "role": "proxy"|"cli", "pid": N}, {"t": "rows", "rows": [...]},
                      {"t": "config", "gateways": {...}, "fallback": URL}, {"t": "flush", "id": N},
                      {"t": "lost", "n": N} (records it could not ship), {"t": "shutdown"}
-  cli -> recorder:   {"t": "query", "id": N, "query": {...}}
+                     budget ledger (clrk_budget_store=recorder; clrk.recorder.ledger): {"t": "budget_adopt"},
+                     {"t": "budget_admit", "id": N}, {"t": "budget_settle", "id": N}, {"t": "budget_ping", "id": N}
+  cli -> recorder:   {"t": "query", "id": N, "query": {...}}, {"t": "budget_pools", "id": N}
   recorder -> peer:  {"t": "ok", "id": N, ...} / {"t": "error", "id": N, "message": str}
 """
 

@@ -347,6 +347,18 @@ def cmd_status(args: argparse.Namespace) -> None:
                 print(f"{st['unwritten']} records wait for it{on_disk}; they are written, in order, once it can be")
         for bs in st.get("budget_stores") or ():
             print(budget_store_line(bs))
+        if st.get("budget_ledger"):
+            print(budget_ledger_line(st["budget_ledger"]))
+
+
+def budget_ledger_line(bl: dict) -> str:
+    """`clrk status`'s line for the budget ledger the recorder holds (clrk_budget_store=recorder)."""
+    head = "budget ledger held by this recorder"
+    if not bl.get("ready"):
+        return f"{head}: NOT READY ({printable(str(bl.get('reason') or ''))}); budgeted calls follow onUnavailable"
+    return (f"{head}: {bl.get('pools', 0)} pool day(s), {bl.get('proxies', 0)} proxy process(es); "
+            f"{bl.get('admissions', 0)} admitted, {bl.get('refusals', 0)} refused, {bl.get('settlements', 0)} "
+            f"settled; {bl.get('released', 0)} pool day(s) released from processes gone")
 
 
 def budget_store_line(bs: dict) -> str:

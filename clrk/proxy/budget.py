@@ -63,6 +63,7 @@ class Reservation:
     day: dt.date
     cost: float = 0.0  # USD held in the pool's dollar account (0 without a maxCostPerDay)
     shared: bool = False  # held on the shared store (clrk.proxy.budget_store), not in this process's ledger
+    epoch: str = ""  # with the recorder as the store: whose ledger holds it (see clrk.recorder.ledger)
 
 
 class BudgetLedger:

@@ -1,4 +1,5 @@
-"""Budgets shared on Redis (`clrk_budget_store` / CLRK_BUDGET_STORE = redis://host:port/db): every gateway
+"""Budgets shared on Redis (`clrk_budget_store` / CLRK_BUDGET_STORE = redis://host:port/db), or held by this
+gateway's recorder (`recorder`: RecorderBackend, the same steps run by clrk.recorder.ledger): every gateway
 naming the same Redis keeps one ledger per pool and UTC day there, with the mechanics and the bound of
 `clrk.proxy.budget` (admission keeps used + reserved ≤ max; settling replaces a reservation by its usage),
 made atomic across replicas by running each step as one Lua script (loaded once, then called by EVALSHA;
@@ -33,9 +34,10 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from clrk.escape import printable
+from clrk.pools import KEEP_AFTER_DAY
 from clrk.proxy.budget import MAX_TOKENS, BudgetLedger, Reservation, day_start, utc_day
 
 log = logging.getLogger("clrk")
@@ -44,7 +46,6 @@ STORE_TIMEOUT = 0.5  # seconds an admission waits for Redis before the store cou
 MAX_QUEUED = 100_000  # settlements waiting for Redis; past that the oldest are dropped (counted, logged)
 BATCH = 256  # settlements per pipelined round trip
 SEND_INTERVAL = 0.005  # settlements are sent this long after the first of a batch (or when BATCH are waiting)
-KEEP_AFTER_DAY = 3600  # a pool's day stays in Redis this long after the day ends (late settlements)
 
 # KEYS[1] the pool's day; ARGV: max tokens ("" = none), tokens, max USD ("" = none), USD, expire-at (unix s).
 # Returns {1, u, uc} when admitted (the usage before it), {0, u, r, uc, rc} when it does not fit: strings, since
@@ -151,30 +152,26 @@ class StoreUnavailable(Exception):
     pass
 
 
-class SharedLedger:
-    """The ledger on Redis, with `local` (a BudgetLedger) for failOpen. Its reading methods answer from what
-    this gateway last read from Redis (records and realtime sessions use them); admission asks Redis."""
+RECORDER = "recorder"  # clrk_budget_store's value for the ledger held by this gateway's recorder
 
-    shared = True
 
-    def __init__(self, url: str, clock: Callable[[], float] = time.time, client: Any = None):
-        self.url = url
+class Backend(Protocol):
+    """Where a SharedLedger's pools are: one ADMIT per admission, numbered SETTLEs in batches, a ping to find
+    it again. Replies are the scripts' (see ADMIT, SETTLE)."""
+
+    display: str
+
+    async def admit(self, key: str, args: tuple[str, ...], mark: str) -> tuple[list, str]: ...
+    async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class RedisBackend:
+    """The pools on Redis: the scripts run there (EVALSHA), settlements pipelined."""
+
+    def __init__(self, url: str, client: Any = None):
         self.display = safe_url(url)
-        self.clock = clock
-        self.local = BudgetLedger(clock)
-        self.available = True  # until an operation says otherwise
-        self.down_since: float | None = None
-        self.down_reason = ""
-        self.fail_open_used = 0  # admissions made on the local ledger while Redis was away
-        self.fail_closed = 0  # budgeted calls refused because Redis was away
-        self.dropped = 0  # settlements lost (the queue overflowed)
-        self.queue: collections.deque[tuple[str, tuple[str, ...]]] = collections.deque()
-        # Settlements are numbered, per ledger, in the order they are sent (see SETTLE): the mark's key is this
-        # ledger's own, so a restarted gateway starts a new count.
-        self._mark = f"clrk:budget:applied:{secrets.token_hex(8)}"
-        self._number = 0
-        self.seen: dict[tuple[str, str], tuple[int, float]] = {}  # (day, pool) -> (tokens, USD) last read
-        self.on_change: Callable[[], None] | None = None  # told when availability or counters change
         if client is None:
             import redis.asyncio as aioredis  # the `fleet` extra; imported only when a store is named
 
@@ -183,12 +180,120 @@ class SharedLedger:
         self.client = client
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
+
+    async def admit(self, key: str, args: tuple[str, ...], mark: str) -> tuple[list, str]:
+        return await self._admit(keys=[key], args=args), ""
+
+    async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, args, _ in batch:
+                await self._settle(keys=[key, mark], args=args, client=pipe)
+            return await pipe.execute()
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class RecorderError(Exception):
+    """The recorder's answer to a ledger request was an error (it has not read the day's usage yet, ...)."""
+
+
+class RecorderBackend:
+    """The pools held by this gateway's recorder (clrk.recorder.ledger, the scripts in clrk.pools), shared by
+    every proxy process of the store; spoken to over the proxy's connection to it (RecordSink.request).
+
+    The recorder can be restarted (it is a process of its own), and a new one does not know what was
+    reserved before it. So each reservation carries the tag of the recorder ledger it is held in (`epoch`):
+    on every (re)connection this proxy tells the recorder what it still holds, under which tags (`hello`),
+    and a recorder adds to its pools what it does not hold already, then holds all of it under a new tag;
+    a settlement carrying a tag the recorder does not know releases nothing (it charges its usage only)."""
+
+    display = RECORDER
+
+    def __init__(self, ledger: SharedLedger):
+        self.ledger = ledger
+        self.sink: Any = None
+
+    def attach(self, sink) -> None:
+        self.sink = sink
+        sink.on_connect.append(self.hello)
+
+    def hello(self) -> list[dict]:
+        """What this proxy holds, for a recorder it has just connected to; the reservations are re-tagged."""
+        tag = secrets.token_hex(8)
+        held = []
+        for res in (self.ledger.live or {}).values():
+            held.append([res.epoch, pool_key(res.day, res.pool), res.tokens, res.cost, str(expire_at(res.day))])
+            res.epoch = tag
+        return [{"t": "budget_adopt", "ledger": self.ledger._mark, "tag": tag, "held": held}]
+
+    async def _request(self, message: dict, timeout: float) -> dict:
+        if self.sink is None:
+            raise ConnectionError("not connected to the recorder yet")
+        reply = await self.sink.request(message, timeout)
+        if reply.get("t") != "ok":
+            raise RecorderError(printable(str(reply.get("message") or "error"))[:200])
+        return reply
+
+    async def admit(self, key: str, args: tuple[str, ...], mark: str) -> tuple[list, str]:
+        reply = await self._request({"t": "budget_admit", "ledger": mark, "key": key, "args": list(args)},
+                                    STORE_TIMEOUT)
+        return reply["reply"], reply["epoch"]
+
+    async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list:
+        items = [[key, list(args), epoch] for key, args, epoch in batch]
+        reply = await self._request({"t": "budget_settle", "ledger": mark, "items": items}, STORE_TIMEOUT * 4)
+        return reply["replies"]
+
+    async def ping(self) -> None:
+        await self._request({"t": "budget_ping", "ledger": self.ledger._mark}, STORE_TIMEOUT)
+
+    async def close(self) -> None:
+        pass
+
+
+class SharedLedger:
+    """The ledger on Redis, with `local` (a BudgetLedger) for failOpen. Its reading methods answer from what
+    this gateway last read from Redis (records and realtime sessions use them); admission asks Redis."""
+
+    shared = True
+
+    def __init__(self, url: str, clock: Callable[[], float] = time.time, client: Any = None):
+        self.url = url
+        self.clock = clock
+        self.local = BudgetLedger(clock)
+        self.available = True  # until an operation says otherwise
+        self.down_since: float | None = None
+        self.down_reason = ""
+        self.fail_open_used = 0  # admissions made on the local ledger while Redis was away
+        self.fail_closed = 0  # budgeted calls refused because Redis was away
+        self.dropped = 0  # settlements lost (the queue overflowed)
+        self.queue: collections.deque[tuple[str, tuple[str, ...], str]] = collections.deque()  # key, args, epoch
+        # Settlements are numbered, per ledger, in the order they are sent (see SETTLE): the mark's key is this
+        # ledger's own, so a restarted gateway starts a new count.
+        self._mark = f"clrk:budget:applied:{secrets.token_hex(8)}"
+        self._number = 0
+        self.seen: dict[tuple[str, str], tuple[int, float]] = {}  # (day, pool) -> (tokens, USD) last read
+        self.on_change: Callable[[], None] | None = None  # told when availability or counters change
+        self.backend: Backend = RecorderBackend(self) if url == RECORDER else RedisBackend(url, client)
+        self.display = self.backend.display
+        # Reservations held on the store and not yet settled, when the store can forget them (the recorder:
+        # see RecorderBackend.hello); None on Redis, which does not.
+        self.live: dict[int, Reservation] | None = {} if isinstance(self.backend, RecorderBackend) else None
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._probe: asyncio.Task | None = None
         self._day_bounds = (0.0, 0.0)
         self._today: tuple[dt.date, str, str] = (dt.date.min, "", "")
+
+    def attach(self, sink) -> None:
+        """The proxy's connection to its recorder (clrk.proxy.sink.RecordSink): the store, when it is `recorder`."""
+        if isinstance(self.backend, RecorderBackend):
+            self.backend.attach(sink)
 
     def today(self) -> tuple[dt.date, str, str]:
         """The UTC day, its ISO form and its keys' expiry (unix seconds, as text): two float compares a call."""
@@ -240,13 +345,16 @@ class SharedLedger:
         args = ("" if max_tokens is None else str(max_tokens), str(tokens),
                 "" if max_cost is None else repr(float(max_cost)), repr(cost), expiry)
         try:
-            reply = await bounded(self._admit(keys=[pool_key(iso, pool)], args=args), STORE_TIMEOUT)
+            reply, epoch = await bounded(self.backend.admit(pool_key(iso, pool), args, self._mark), STORE_TIMEOUT)
         except Exception as e:  # timeout, connection refused or reset, a Redis error
             self._down(e)
             raise StoreUnavailable(self.down_reason) from None
         if int(reply[0]) == 1:
             self._saw(iso, pool, int(reply[1]), float(reply[2]))
-            return Reservation(pool, tokens, day, cost, shared=True)
+            res = Reservation(pool, tokens, day, cost, shared=True, epoch=epoch)
+            if self.live is not None:
+                self.live[id(res)] = res
+            return res
         used, cost_used = self._saw(iso, pool, int(reply[1]), float(reply[3]))
         return Refusal(used, int(reply[2]), cost_used, float(reply[4]))
 
@@ -274,6 +382,8 @@ class SharedLedger:
     def settle(self, res: Reservation, actual: int | None, actual_cost: float | None = None) -> int:
         tokens = res.tokens if actual is None else min(max(actual, 0), MAX_TOKENS)
         cost = res.cost if actual_cost is None else max(actual_cost, 0.0)
+        if self.live is not None:
+            self.live.pop(id(res), None)
         if not res.shared:  # admitted while failing open: settled here, and its usage told to Redis
             self.local.settle(res, actual, actual_cost)
             self._send(res, 0, 0.0, tokens, cost)
@@ -294,7 +404,8 @@ class SharedLedger:
             s = self.seen.get((day, res.pool), (0, 0.0))
             self.seen[(day, res.pool)] = (min(s[0] + u, MAX_TOKENS), s[1] + uc)
         self._number += 1
-        self.queue.append((pool_key(day, res.pool), (str(r), _num(rc), str(u), _num(uc), expiry, str(self._number))))
+        self.queue.append((pool_key(day, res.pool), (str(r), _num(rc), str(u), _num(uc), expiry, str(self._number)),
+                           res.epoch))
         if len(self.queue) > MAX_QUEUED:
             self.queue.popleft()
             self.dropped += 1
@@ -332,16 +443,15 @@ class SharedLedger:
             except Exception as e:
                 self.queue.extendleft(reversed(batch))
                 return e
-            for (key, _), reply in zip(batch, replies, strict=True):
+            for (key, *_), reply in zip(batch, replies, strict=True):
+                if reply is None:  # the recorder refused it as malformed (it never will take it)
+                    continue
                 _, _, day, pool = key.split(":", 3)
                 self._saw(day, pool, int(reply[0]), float(reply[1]))
         return None
 
-    async def _send_batch(self, batch: list[tuple[str, tuple[str, ...]]]) -> list:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, args in batch:
-                await self._settle(keys=[key, self._mark], args=args, client=pipe)
-            return await pipe.execute()
+    async def _send_batch(self, batch: list[tuple[str, tuple[str, ...], str]]) -> list:
+        return await self.backend.settle(batch, self._mark)
 
     # ---------------------------------------------------------------- availability
 
@@ -364,7 +474,7 @@ class SharedLedger:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             try:
-                await bounded(self.client.ping(), STORE_TIMEOUT)
+                await bounded(self.backend.ping(), STORE_TIMEOUT)
             except Exception:
                 continue
             if await self._drain() is None:
@@ -402,4 +512,4 @@ class SharedLedger:
             if t is not None:
                 t.cancel()
         with contextlib.suppress(Exception):
-            await self.client.aclose()
+            await self.backend.close()

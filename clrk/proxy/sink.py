@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from clrk import escape, storeref, wire
@@ -47,6 +48,8 @@ class RecordSink:
         self.proc: subprocess.Popen | None = None
         self.config: dict | None = None
         self.budget_store: dict | None = None  # the shared budget store's state, for `clrk status`
+        # called on every (re)connection, right after the hello: messages to send first (the budget ledger's)
+        self.on_connect: list[Callable[[], list[dict]]] = []
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -92,6 +95,9 @@ class RecordSink:
                     ) from None
                 await asyncio.sleep(0.05)
         self._writer.write(wire.pack({"t": "hello", "role": "proxy", "pid": os.getpid()}))
+        for hook in self.on_connect:
+            for message in hook():
+                self._writer.write(wire.pack(message))
         if self.config is not None:
             self._writer.write(wire.pack(self.config))
         if self.budget_store is not None:

@@ -31,8 +31,10 @@ from collections import deque
 from clrk import attributes as A
 from clrk import storeref
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
+from clrk.escape import printable
 from clrk.recorder.expand import expand, mcp_rows, salvage
 from clrk.recorder.export import Exporter
+from clrk.recorder.ledger import RecorderLedger
 from clrk.recorder.spool import Spool
 from clrk.recorder.store import StoreError
 from clrk.recorder.stores import open_store
@@ -81,6 +83,8 @@ class Recorder:
         self.last_proxy_seen = time.monotonic()
         self.stop_event = asyncio.Event()
         self.flush_lock = asyncio.Lock()
+        # budgets of gateways run with clrk_budget_store=recorder (clrk.recorder.ledger); idle otherwise
+        self.ledger = RecorderLedger(self._seed_totals)
 
     async def flush(self) -> None:
         """Writes every buffered row to DuckDB, then hands them to the exporters. Rows that cannot be written
@@ -177,13 +181,18 @@ class Recorder:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         role = None
+        pid = None
         try:
             while True:
                 msg = await read_message(reader)
                 if msg is None:
                     break
-                t = msg["t"]
-                if t == "rows":
+                if not isinstance(msg, dict):
+                    raise WireError("a frame that is not a message")
+                t = msg.get("t")
+                if t in ("budget_admit", "budget_settle", "budget_adopt", "budget_ping"):
+                    await self._budget(t, msg, writer, pid)
+                elif t == "rows":
                     self.buffer.extend(msg["rows"])
                     self._bound_buffer()
                 elif t == "lost":  # records a proxy could not encode or had to drop from its queue
@@ -194,6 +203,7 @@ class Recorder:
                     self.budget_stores[writer] = msg.get("state") or {}
                 elif t == "hello":
                     role = msg.get("role")
+                    pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
                     if role == "proxy":
                         self.proxies.add(writer)
                 elif t == "config":
@@ -242,7 +252,12 @@ class Recorder:
                                        "export_dropped": self.exporter.dropped(),
                                        "store_error": self.store_error,
                                        "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid(),
-                                       "budget_stores": list(self.budget_stores.values())}))
+                                       "budget_stores": list(self.budget_stores.values()),
+                                       **({"budget_ledger": self.ledger.state()} if self.ledger.holders
+                                          or self.ledger.seeded.is_set() else {})}))
+                elif t == "budget_pools":  # the budget ledger's pool days, as Redis would hold them (tests, debugging)
+                    writer.write(pack({"t": "ok", "id": msg.get("id"), "days": self.ledger.pools.state(),
+                                       **self.ledger.state()}))
                 elif t == "shutdown":
                     self.proxies.discard(writer)
                     if not self.proxies:
@@ -254,7 +269,40 @@ class Recorder:
         finally:
             self.proxies.discard(writer)
             self.budget_stores.pop(writer, None)
+            self.ledger.disconnected(writer)
             writer.close()
+
+    async def _budget(self, t: str, msg: dict, writer: asyncio.StreamWriter, pid: int | None) -> None:
+        """A request to the budget ledger: answered from memory, without waiting for a flush; whatever it
+        carries, an answer (an error for what is malformed), never the end of the recorder."""
+        try:
+            if t == "budget_adopt":
+                self.ledger.adopt(msg, writer, pid)
+                reply: dict = {}
+            else:
+                await self.ledger.ready()
+                if t == "budget_admit":
+                    reply = self.ledger.admit(msg, writer, pid)
+                elif t == "budget_settle":
+                    reply = self.ledger.settle(msg, writer, pid)
+                else:
+                    self.ledger._holder(msg.get("ledger"), writer, pid)
+                    reply = {}
+        except Exception as e:
+            if t == "budget_adopt":
+                log.warning("budget ledger: an adoption from pid %s is refused: %s", pid, printable(str(e))[:200])
+            writer.write(pack({"t": "error", "id": msg.get("id"), "message": f"budget ledger: {printable(str(e))[:200]}"}))
+            return
+        if "id" in msg:
+            writer.write(pack({"t": "ok", "id": msg.get("id"), **reply}))
+
+    async def _seed_totals(self, since: float) -> tuple[dict[str, int], dict[str, float]]:
+        """The day's usage per pool in the store (what the budget ledger starts from), once what is
+        buffered is written."""
+        await self.flush()
+        if self.store_error is not None:
+            raise StoreError(self.store_error)
+        return await asyncio.to_thread(self._budget_totals, since)
 
     def _read(self, what: str, query: dict) -> list[dict]:
         return self.store.spend(query) if what == "spend" else self.store.budgets(float(query.get("since") or 0))
@@ -278,6 +326,7 @@ class Recorder:
         # Ctrl-C in the gateway's terminal reaches the whole process group: the proxy then sends its last
         # rows and a shutdown; exiting on SIGINT here would lose them.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
+        self.ledger.opened = time.monotonic()
         log.info("recorder %d writing %s, listening on %s", os.getpid(), self.db_name, self.socket_path)
         flusher = asyncio.create_task(self.flush_loop())
         await self.stop_event.wait()
@@ -314,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s.%(msecs)03d] clrk-recorder %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     _quiet_otel_logs()
+    # One recorder per store: proxies whose recorder died each start one, and for ClickHouse nothing else
+    # (DuckDB's file lock) would stop a second from taking the socket over — and with it half the proxies,
+    # splitting a budget ledger held here in two.
+    if not _one_recorder(args.socket):
+        print("clrk-recorder: another recorder serves this store", file=sys.stderr, flush=True)
+        return 3
     try:
         rec = Recorder(args.db, args.socket, args.parent_pid)
     except StoreError as e:
@@ -321,6 +376,25 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     asyncio.run(rec.run())
     return 0
+
+
+_lock_fd: int | None = None
+
+
+def _one_recorder(socket_path: str) -> bool:
+    """Takes the store's recorder lock (a file beside the socket, held until this process ends); False if
+    another recorder holds it."""
+    import fcntl
+
+    global _lock_fd
+    fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _lock_fd = fd
+    return True
 
 
 class _OncePerMinute(logging.Filter):

@@ -23,10 +23,11 @@ PACE = 0.6
 RELEASE = threading.Event()
 
 
-def race_held(calls: list, upstream, model: str, timeout: float = 30.0) -> list:
+def race_held(calls: list, upstream, model: str, timeout: float = 30.0, while_held=None) -> list:
     """Makes every call in `calls` (functions returning an httpx response) at once, with the provider holding
     each one it receives until every call was either refused (429) or reached it: so each admission is
-    decided while all the others are reserved. Returns the answers."""
+    decided while all the others are reserved. `while_held`, if given, is called then, before the provider
+    lets them go. Returns the answers."""
     from concurrent.futures import ThreadPoolExecutor
 
     answers: list = []
@@ -38,6 +39,8 @@ def race_held(calls: list, upstream, model: str, timeout: float = 30.0) -> list:
             while sum(a.status_code == 429 for a in answers) + len(upstream.requests_with(model)) < len(calls):
                 assert time.monotonic() < deadline, [a.status_code for a in answers]
                 time.sleep(0.02)
+            if while_held is not None:
+                while_held()
         finally:
             RELEASE.set()
         for f in futures:

@@ -19,7 +19,7 @@ from clrk.cost import preload as preload_prices
 from clrk.escape import printable
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
-from clrk.proxy.budget_store import SharedLedger
+from clrk.proxy.budget_store import RECORDER, SharedLedger
 from clrk.proxy.ca import ensure_ca
 from clrk.proxy.listeners import Listeners
 from clrk.proxy.runtime import Runtime
@@ -38,10 +38,12 @@ def check_budget_store(url: str) -> None:
     import importlib.util
     import urllib.parse
 
+    if url == RECORDER:  # held by this gateway's recorder: nothing to install
+        return
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise exceptions.OptionsError("clrk: clrk_budget_store must be a redis://host:port/db URL (or rediss://, "
-                                      f"unix://), not a {printable(scheme or 'scheme-less')[:20]} one")
+                                      f"unix://) or `recorder`, not a {printable(scheme or 'scheme-less')[:20]} one")
     if importlib.util.find_spec("redis") is None:
         raise exceptions.OptionsError("clrk: clrk_budget_store needs the redis client: pip install 'clrk[fleet]'")
 
@@ -84,8 +86,9 @@ class PolicyLoader:
             self.rt.sink.send_config(export_config(self.rt.policy))
 
     def _budget_store(self, url: str) -> None:
-        """The ledger budgets use, set before the first request can arrive: the shared one on Redis when a
-        store is named (clrk.proxy.budget_store). Named at start only: a change later needs a restart."""
+        """The ledger budgets use, set before the first request can arrive: the shared one on Redis, or held by
+        the recorder, when a store is named (clrk.proxy.budget_store). Named at start only: a change later
+        needs a restart."""
         current = self.rt.ledger
         if url == (current.url if isinstance(current, SharedLedger) else ""):
             return

@@ -40,6 +40,8 @@ class Recording:
         loop.add_signal_handler(signal.SIGINT, self._graceful_stop, "SIGINT")
         sink = RecordSink(ctx.options.clrk_db)
         self.rt.sink = sink
+        if isinstance(self.rt.ledger, SharedLedger):
+            self.rt.ledger.attach(sink)  # before the first connection: its hello carries the ledger's
         sink.send_config(export_config(self.rt.policy))
         for rec in self.rt.unsent:
             sink.submit(rec)
