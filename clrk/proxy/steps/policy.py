@@ -19,6 +19,7 @@ from clrk.cost import preload as preload_prices
 from clrk.escape import printable
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
+from clrk.proxy import reuseport
 from clrk.proxy.budget_store import SharedLedger
 from clrk.proxy.ca import ensure_ca
 from clrk.proxy.listeners import Listeners
@@ -60,14 +61,19 @@ class PolicyLoader:
 
     def load(self, loader) -> None:
         s = Settings()
-        for name in Settings.model_fields:  # clrk_policies, clrk_db, clrk_dev_otlp_fallback_endpoint, clrk_certs
-            loader.add_option(f"clrk_{name}", str, getattr(s, name), option_help(name))
+        for name, f in Settings.model_fields.items():  # clrk_policies, clrk_db, ..., clrk_workers
+            loader.add_option(f"clrk_{name}", f.annotation, getattr(s, name), option_help(name))
+        # Set by the supervisor of `clrk run --workers N` (clrk/workers.py) on each worker's command line.
+        loader.add_option("clrk_worker", int, 0, "clrk: this gateway's worker index under `clrk run --workers`.")
+        loader.add_option("clrk_worker_restarts", int, 0, "clrk: how often the supervisor restarted this worker.")
 
     def configure(self, updated: set[str]) -> None:
         if FORCED_OPTIONS & updated:
             # Every time, not once: a `-v`, `--flow-detail`, the confdir's config.yaml or a later `set` must
             # not undo what clrk's security relies on.
             self._configure_mitmproxy()
+        if "clrk_workers" in updated:  # before mitmproxy opens a listener: every one of them is shared
+            reuseport.enabled = ctx.options.clrk_workers > 1
         if "clrk_budget_store" in updated:
             self._budget_store(ctx.options.clrk_budget_store)
         if "clrk_policies" in updated and (self.rt.policy is None or ctx.options.clrk_policies != self._loaded_from):
