@@ -8,7 +8,11 @@ worker processes on one machine share one store and one exporter: they are just 
 
 Lifecycle: the first proxy for a DB file spawns it (`python -m clrk.recorder`); it exits on a `shutdown`
 message when no other proxy is connected, or on its own once its parent is gone and no proxy has been
-connected for a few seconds. Rows received are written within FLUSH_INTERVAL; a `flush` request is
+connected for a few seconds (the parent of a worker's recorder is its supervisor, `clrk run --workers`:
+a dead worker's records stay and the others, or its restart, keep the recorder). Several proxies may spawn
+one at once (workers starting together): each recorder first takes an exclusive lock on a file beside the
+socket (`lock_store`), before it touches the socket or the store; one that finds it held exits with status 3,
+which its proxy takes as "another recorder is starting" and connects to that one. Rows received are written within FLUSH_INTERVAL; a `flush` request is
 answered only once everything received before it is in DuckDB.
 
 Nothing a transaction carries keeps its record out, nor another's: a record that cannot be built whole, or
@@ -21,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -44,6 +50,50 @@ log = logging.getLogger("clrk.recorder")
 FLUSH_INTERVAL = 0.2
 MAX_BUFFERED_ROWS = 200_000  # while DuckDB cannot be written; oldest rows go first past this
 ORPHAN_GRACE = 3.0
+HELD = 3  # exit status: another recorder holds this store (or the store cannot be opened); the proxy knows
+
+
+def lock_store(socket_path: str) -> int | None:
+    """The exclusive lock that makes this the one recorder of the store served on `socket_path` (a file
+    beside it, `<socket>.lock`, never removed: removing it would let two recorders lock two files). Its fd,
+    kept open for the process's life (the kernel releases it at exit, however it ends), or None when another
+    process holds it."""
+    fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class _Parent:
+    """Whether the process the recorder follows still runs: a pidfd (no pid-reuse race; it need not be this
+    process's parent: a worker's recorder follows the supervisor)."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.fd: int | None = None
+        self.gone = False
+        if pid is not None:
+            try:
+                self.fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self.gone = True
+            except OSError:  # no pidfd (old kernel): the parent test of before
+                self.fd = None
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return True
+        if self.gone:
+            return False
+        if self.fd is None:
+            return os.getppid() == self.pid
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        self.gone = bool(p.poll(0))  # readable once the process has exited
+        return not self.gone
 
 
 class Recorder:
@@ -51,6 +101,7 @@ class Recorder:
         self.db_path = db_path
         self.socket_path = socket_path
         self.parent_pid = parent_pid
+        self.parent = _Parent(parent_pid)
         self.store = open_store(db_path)
         self.db_name = self.store.name  # for logs and status: a ClickHouse URL without its password
         # ClickHouse is a server that can be away: what waits for it is also kept on disk (`Spool`), so a
@@ -77,6 +128,8 @@ class Recorder:
         self.incomplete = 0  # records stored without some of their values (clrk.record.incomplete says which)
         self.written = 0
         self.proxies: set[asyncio.StreamWriter] = set()
+        # per proxy connection, for `clrk status`: pid, worker index and restarts, connected since, records
+        self.proxy_info: dict[asyncio.StreamWriter, dict] = {}
         self.budget_stores: dict[asyncio.StreamWriter, dict] = {}  # per proxy: its shared budget store, if any
         self.last_proxy_seen = time.monotonic()
         self.stop_event = asyncio.Event()
@@ -172,8 +225,7 @@ class Recorder:
         if self.proxies:
             self.last_proxy_seen = time.monotonic()
             return False
-        parent_alive = self.parent_pid is None or os.getppid() == self.parent_pid
-        return not parent_alive and time.monotonic() - self.last_proxy_seen > ORPHAN_GRACE
+        return not self.parent.alive() and time.monotonic() - self.last_proxy_seen > ORPHAN_GRACE
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         role = None
@@ -186,6 +238,8 @@ class Recorder:
                 if t == "rows":
                     self.buffer.extend(msg["rows"])
                     self._bound_buffer()
+                    if (info := self.proxy_info.get(writer)) is not None:
+                        info["records"] += len(msg["rows"])
                 elif t == "lost":  # records a proxy could not encode or had to drop from its queue
                     n = int(msg.get("n") or 0)
                     self.dropped += n
@@ -196,6 +250,8 @@ class Recorder:
                     role = msg.get("role")
                     if role == "proxy":
                         self.proxies.add(writer)
+                        self.proxy_info[writer] = {"pid": msg.get("pid"), "worker": msg.get("worker"),
+                                                   "restarts": msg.get("restarts"), "since": time.time(), "records": 0}
                 elif t == "config":
                     self.redact_headers = self.redact_headers | frozenset(msg.get("redact_headers") or ())
                     self.redact_query = self.redact_query | frozenset(msg.get("redact_query") or ())
@@ -242,6 +298,8 @@ class Recorder:
                                        "export_dropped": self.exporter.dropped(),
                                        "store_error": self.store_error,
                                        "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid(),
+                                       "workers": sorted((dict(i) for w, i in self.proxy_info.items() if w in self.proxies),
+                                                         key=lambda i: (i["worker"] is None, i["worker"] or 0, i["since"])),
                                        "budget_stores": list(self.budget_stores.values())}))
                 elif t == "shutdown":
                     self.proxies.discard(writer)
@@ -253,6 +311,7 @@ class Recorder:
             log.warning("dropping a %s connection: %s", role or "peer", e)
         finally:
             self.proxies.discard(writer)
+            self.proxy_info.pop(writer, None)
             self.budget_stores.pop(writer, None)
             writer.close()
 
@@ -310,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.db:
         p.error("--db (or CLRK_RECORDER_DB) is required")
+    # Before the socket or the store is touched: one recorder per store, however many proxies spawn one.
+    if lock_store(args.socket) is None:
+        return HELD
     # The timestamp as mitmproxy writes it in the same log: [HH:MM:SS.mmm], local time.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s.%(msecs)03d] clrk-recorder %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
@@ -318,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = Recorder(args.db, args.socket, args.parent_pid)
     except StoreError as e:
         print(f"clrk-recorder: {e}", file=sys.stderr, flush=True)
-        return 3
+        return HELD
     asyncio.run(rec.run())
     return 0
 
