@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     budget_store: str = Field("", description=(
         "clrk: shared budget ledger, redis://[user:password@]host:port/db (or rediss://, unix://); every gateway "
         "naming the same Redis shares each pool's day (env CLRK_BUDGET_STORE; empty = this gateway's own ledger)."))
-    workers: int = Field(1, ge=1, description=(
+    workers: int = Field(1, description=(
         "clrk: gateway processes `clrk run` and `clrk dev` start, sharing the listening ports and one recorder "
         "(env CLRK_WORKERS; 1 = one process, no supervisor; the number of cores to use them all)."))
 

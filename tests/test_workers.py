@@ -193,6 +193,26 @@ def test_sigterm_stops_every_worker_and_the_recorder_with_every_record_stored(wg
     assert len(wgw.records(invocation=inv)) == 10  # read from the file: no gateway runs
 
 
+def test_clrk_dev_runs_the_same_supervisor(tmp_path, pki, upstream):
+    """`clrk dev --workers 2`: the session's child is the supervisor; its workers tee to the dev receiver."""
+    from clrk.cli.dev.session import DevSession
+
+    gw = Gateway(tmp_path, [gateway_doc(aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0])), *agent_docs(),
+                            route("r", ["allowed.test"])], listen_args=False)
+    os.environ.setdefault("CLRK_TEST_REVIEWER_TOKEN", "tok-reviewer-9876543210")
+    session = DevSession(str(gw.policies), str(gw.db), str(gw.certs), [gw.port], otlp_port=free_port(), workers=2).start()
+    try:
+        assert session.proc is not None and b"clrk.workers" in Path(f"/proc/{session.proc.pid}/cmdline").read_bytes()
+        workers_up(gw)
+        inv = new_invocation("dev")
+        assert [fresh_get(gw, inv) for _ in range(6)] == [200] * 6
+        assert session.receiver is not None
+        wait_for(lambda: len([sp for sp in session.receiver.spans if inv in str(sp)]) >= 6, "6 spans teed to clrk dev")
+    finally:
+        session.stop()
+    assert session.proc.returncode == 0 and not os.path.exists(wire.socket_path(gw.db))
+
+
 @pytest.mark.parametrize("holder", ["plain", "reuseport"])
 def test_a_port_in_use_stops_the_start_with_nothing_left_running(tmp_path, pki, upstream, holder):
     """Also when the holder itself set SO_REUSEPORT (another gateway's worker): joining it would take half its traffic."""

@@ -507,7 +507,13 @@ WORKERS_HELP = ("gateway processes sharing the ports and the recorder, e.g. the 
 
 def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
     """The command line; `s` gives the defaults (the environment's CLRK_* settings unless given)."""
-    s = s if s is not None else Settings()
+    if s is None:
+        from pydantic import ValidationError
+
+        try:
+            s = Settings()
+        except ValidationError as e:  # e.g. CLRK_WORKERS=many
+            _die("; ".join(f"CLRK_{str(err['loc'][0]).upper()}: {err['msg']}" for err in e.errors()), 2)
     p = argparse.ArgumentParser(prog="clrk", description="clrk: the egress gateway for AI agents")
     p.add_argument("--version", action="version", version=f"clrk {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
