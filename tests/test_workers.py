@@ -111,7 +111,9 @@ def test_clrk_run_becomes_the_supervisor_of_two_workers(wgw):
     pids = {w["pid"] for w in st["workers"]}
     assert all(Path(f"/proc/{p}/status").read_text().count(f"PPid:\t{wgw.proc.pid}\n") == 1 for p in pids)
     assert b"clrk.workers" in Path(f"/proc/{wgw.proc.pid}/cmdline").read_bytes()  # clrk run became it (execve)
-    assert wgw.log().count("proxy listening at 127.0.0.1") >= 4  # two listeners, each bound by both workers
+    lines = wgw.log().splitlines()
+    for i in (0, 1):  # two listeners, each bound by both workers; their lines say which worker speaks
+        assert len([line for line in lines if line.startswith(f"w{i} [") and "proxy listening at 127.0.0.1" in line]) == 2
 
 
 def test_connections_spread_over_both_workers(wgw):

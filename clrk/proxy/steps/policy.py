@@ -47,6 +47,25 @@ def check_budget_store(url: str) -> None:
         raise exceptions.OptionsError("clrk: clrk_budget_store needs the redis client: pip install 'clrk[fleet]'")
 
 
+def tag_log(worker: int) -> None:
+    """The workers of `clrk run --workers N` write to one terminal or file: each of their log lines starts with
+    `w<index>` (set once in the templates of mitmproxy's log formatter: nothing more per line), and goes out
+    whole, in one write — a block-buffered file or pipe would otherwise mix pieces of lines of several workers."""
+    import sys
+
+    from mitmproxy.log import MitmFormatter
+
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    for handler in logging.getLogger().handlers:
+        f = handler.formatter
+        if isinstance(f, MitmFormatter):
+            if not hasattr(f, "clrk_templates"):
+                f.clrk_templates = (f.with_client, f.without_client)  # type: ignore[attr-defined]
+            f.with_client, f.without_client = (f"w{worker} {t}" for t in f.clrk_templates)  # type: ignore[attr-defined]
+
+
 class PolicyLoader:
     """Declares clrk's options, loads the policy, reloads it when its files change."""
 
@@ -72,8 +91,10 @@ class PolicyLoader:
             # Every time, not once: a `-v`, `--flow-detail`, the confdir's config.yaml or a later `set` must
             # not undo what clrk's security relies on.
             self._configure_mitmproxy()
-        if "clrk_workers" in updated:  # before mitmproxy opens a listener: every one of them is shared
-            reuseport.enabled = ctx.options.clrk_workers > 1
+        if "clrk_workers" in updated or "clrk_worker" in updated:
+            reuseport.enabled = ctx.options.clrk_workers > 1  # before mitmproxy opens a listener: all are shared
+            if reuseport.enabled:
+                tag_log(ctx.options.clrk_worker)
         if "clrk_budget_store" in updated:
             self._budget_store(ctx.options.clrk_budget_store)
         if "clrk_policies" in updated and (self.rt.policy is None or ctx.options.clrk_policies != self._loaded_from):
