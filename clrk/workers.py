@@ -147,6 +147,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Starts the workers and keeps them running until SIGTERM/SIGINT; the exit status."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited SIG_IGN would reap the workers behind our back
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         for w in self.workers:
             self._start(w)

@@ -154,6 +154,23 @@ def test_a_policy_edit_reaches_every_worker(wgw):
     assert {r[A.CLRK_DECISION] for r in wgw.wait_records(30, invocation=inv)} == {"deny"}
 
 
+def test_a_listener_a_policy_edit_adds_is_shared_by_both_workers(wgw):
+    extra = free_port()
+    docs = wgw.docs(route("r", ["allowed.test"]))
+    docs[0]["spec"]["listeners"].append({"name": "added", "port": extra, "protocol": "TLS", "tls": {"mode": "Terminate"}})
+    wgw.write_policy(docs)
+
+    def bound_by() -> set[str]:
+        return {line[:2] for line in wgw.log().splitlines() if f"proxy listening at 127.0.0.1:{extra}." in line}
+
+    wait_for(lambda: bound_by() == {"w0", "w1"}, f"both workers listening on the added port {extra}")
+    assert "cannot listen" not in wgw.log()
+    inv = new_invocation("added")
+    assert [fresh_get(wgw, inv, port=extra) for _ in range(10)] == [200] * 10
+    wgw.write_policy(wgw.docs(route("r", ["allowed.test"])))
+    wait_for(lambda: wgw.log().count(f"proxy at 127.0.0.1:{extra} stopped") == 2, "both workers closing it again")
+
+
 def test_a_killed_worker_is_restarted_and_its_finished_records_are_kept(wgw):
     inv = new_invocation("before-kill")
     assert [fresh_get(wgw, inv) for _ in range(20)] == [200] * 20
