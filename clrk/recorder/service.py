@@ -11,7 +11,7 @@ message when no other proxy is connected, or on its own once its parent is gone 
 connected for a few seconds (the parent of a worker's recorder is its supervisor, `clrk run --workers`:
 a dead worker's records stay and the others, or its restart, keep the recorder). Several proxies may spawn
 one at once (workers starting together): each recorder first takes an exclusive lock on a file beside the
-socket (`lock_store`), before it touches the socket or the store; one that finds it held exits with status 3,
+socket (`clrk/recorder/lock.py`), before it touches the socket or the store; one that finds it held exits with status 3,
 which its proxy takes as "another recorder is starting" and connects to that one. Rows received are written within FLUSH_INTERVAL; a `flush` request is
 answered only once everything received before it is in DuckDB.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import select
@@ -39,6 +38,7 @@ from clrk import storeref
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.recorder.expand import expand, mcp_rows, salvage
 from clrk.recorder.export import Exporter
+from clrk.recorder.lock import HELD, lock_store
 from clrk.recorder.spool import Spool
 from clrk.recorder.store import StoreError
 from clrk.recorder.stores import open_store
@@ -50,21 +50,6 @@ log = logging.getLogger("clrk.recorder")
 FLUSH_INTERVAL = 0.2
 MAX_BUFFERED_ROWS = 200_000  # while DuckDB cannot be written; oldest rows go first past this
 ORPHAN_GRACE = 3.0
-HELD = 3  # exit status: another recorder holds this store (or the store cannot be opened); the proxy knows
-
-
-def lock_store(socket_path: str) -> int | None:
-    """The exclusive lock that makes this the one recorder of the store served on `socket_path` (a file
-    beside it, `<socket>.lock`, never removed: removing it would let two recorders lock two files). Its fd,
-    kept open for the process's life (the kernel releases it at exit, however it ends), or None when another
-    process holds it."""
-    fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 class _Parent:
