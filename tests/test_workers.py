@@ -172,29 +172,30 @@ def test_a_listener_a_policy_edit_adds_is_shared_by_both_workers(wgw):
 
 
 def test_a_killed_worker_is_restarted_and_its_finished_records_are_kept(wgw):
+    """The worker killed is the one that spawned the recorder (its parent): the recorder must stay all the same."""
     inv = new_invocation("before-kill")
     assert [fresh_get(wgw, inv) for _ in range(20)] == [200] * 20
-    st = by_index(status(wgw))
-    victim, other = st[1], st[0]
+    full = status(wgw)
+    st = by_index(full)
+    (k,) = [i for i, w in st.items() if w["pid"] == full["proxy_pid"]]  # the recorder's parent
+    victim, other = st[k], st[1 - k]
     os.kill(victim["pid"], signal.SIGKILL)
     # Connections the kernel had queued for it die with it, as those in flight do; once it is gone, the other
     # worker (and then both) serve every new connection.
-    wgw.wait_log("worker 1 was killed by SIGKILL")  # the supervisor reaped it: every thread gone, sockets closed
+    wgw.wait_log(f"worker {k} was killed by SIGKILL")  # the supervisor reaped it: every thread gone, sockets closed
     during = new_invocation("during-kill")
     codes = []
 
     def restarted() -> dict | None:
         codes.append(fresh_get(wgw, during))
-        try:
-            now = by_index(status(wgw))
-        except subprocess.CalledProcessError:
-            return None
-        w = now.get(1)
+        now = status(wgw)
+        w = by_index(now).get(k)
         return now if w is not None and w["pid"] != victim["pid"] and w["restarts"] == 1 else None
 
-    now = wait_for(restarted, "worker 1 restarted with a new pid", timeout=60)
+    now = wait_for(restarted, f"worker {k} restarted with a new pid", timeout=60)
     assert set(codes) == {200}, codes
-    assert now[0]["pid"] == other["pid"] and not alive(victim["pid"])
+    assert by_index(now)[1 - k]["pid"] == other["pid"] and not alive(victim["pid"])
+    assert now["pid"] == full["pid"]  # the same recorder throughout
     wgw.wait_records(20, invocation=inv)  # every record finished before the kill is in the store
     wgw.wait_records(len(codes), invocation=during)
 
