@@ -11,8 +11,9 @@ message when no other proxy is connected, or on its own once its parent is gone 
 connected for a few seconds (the parent of a worker's recorder is its supervisor, `clrk run --workers`:
 a dead worker's records stay and the others, or its restart, keep the recorder). Several proxies may spawn
 one at once (workers starting together): each recorder first takes an exclusive lock on a file beside the
-socket (`clrk/recorder/lock.py`), before it touches the socket or the store; one that finds it held exits with status 3,
-which its proxy takes as "another recorder is starting" and connects to that one. Rows received are written within FLUSH_INTERVAL; a `flush` request is
+socket (`clrk/recorder/lock.py`), before it touches the socket or the store; one that finds it held exits
+with status 3, which its proxy takes as "another recorder is starting" and connects to that one. Rows
+received are written within FLUSH_INTERVAL; a `flush` request is
 answered only once everything received before it is in DuckDB.
 
 Nothing a transaction carries keeps its record out, nor another's: a record that cannot be built whole, or
