@@ -223,6 +223,7 @@ def test_clrk_dev_runs_the_same_supervisor(tmp_path, pki, upstream):
     session = DevSession(str(gw.policies), str(gw.db), str(gw.certs), [gw.port], otlp_port=free_port(), workers=2).start()
     try:
         assert session.proc is not None and b"clrk.workers" in Path(f"/proc/{session.proc.pid}/cmdline").read_bytes()
+        assert session.status().startswith(f"proxy 127.0.0.1:{gw.port} (2 workers) | ")
         workers_up(gw)
         inv = new_invocation("dev")
         assert [fresh_get(gw, inv) for _ in range(6)] == [200] * 6

@@ -64,7 +64,8 @@ class DevSession:
         first = self.listening[0] if self.listening else "127.0.0.1:8080"
         address, port = first.rsplit(":", 1)
         host = "localhost" if address.strip("[]") in ("0.0.0.0", "::") else address  # a wildcard is reached locally
-        out = (f"proxy {', '.join(self.listening) or first} | "
+        workers = f" ({self.workers} workers)" if self.workers > 1 else ""
+        out = (f"proxy {', '.join(self.listening) or first}{workers} | "
                f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@{host}:{port}")
         r = self.receiver
         return out + (f" | OTLP {r.endpoint}" if r else "")
