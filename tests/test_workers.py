@@ -234,6 +234,23 @@ def test_clrk_dev_runs_the_same_supervisor(tmp_path, pki, upstream):
     assert session.proc.returncode == 0 and not os.path.exists(wire.socket_path(gw.db))
 
 
+def test_a_supervisor_killed_with_sigkill_leaves_nothing_running(tmp_path, pki, upstream):
+    """Its workers get SIGTERM from the kernel (PR_SET_PDEATHSIG): they stop gracefully, records flushed, ports freed."""
+    gw = Gateway(tmp_path, [gateway_doc(aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0])), *agent_docs(),
+                            route("r", ["allowed.test"])], listen_args=False)
+    gw.proc = _run(gw, "--workers", "2", "--port", str(gw.port))
+    st = workers_up(gw)
+    inv = new_invocation("orphans")
+    assert [fresh_get(gw, inv) for _ in range(6)] == [200] * 6
+    gw.proc.kill()
+    gw.proc.wait(30)
+    pids = [w["pid"] for w in st["workers"]] + [st["pid"]]
+    wait_for(lambda: not any(alive(p) for p in pids), "the workers and the recorder gone", timeout=60)
+    assert len(gw.records(invocation=inv)) == 6
+    assert probe([f"127.0.0.1:{gw.port}"]) is None  # the port is free again
+    gw._log.close()
+
+
 @pytest.mark.parametrize("holder", ["plain", "reuseport"])
 def test_a_port_in_use_stops_the_start_with_nothing_left_running(tmp_path, pki, upstream, holder):
     """Also when the holder itself set SO_REUSEPORT (another gateway's worker): joining it would take half its traffic."""
