@@ -13,6 +13,8 @@ What is measured (docs/PERFORMANCE.md states the targets):
   memory      peak RSS of the clrk proxy through a 1 GiB download and through 100k transactions.
   store       `clrk spend` and `clrk records --since 1h` over a store of 1M records, through the recorder.
   otlp        the throughput run with the OTLP endpoint refusing connections and answering in 2 s.
+  workers     `clrk run --workers 2` (a supervisor, two gateway processes sharing the port and one recorder)
+              against bare mitmdump and one clrk gateway, same calls and settings as throughput, at c = 16.
 
 Medians over rounds; tables go between the markers in docs/PERFORMANCE.md with the machine, the command and
 the date. `--smoke` runs everything small and briefly and writes nothing (CI runs it so the harness cannot
@@ -47,12 +49,14 @@ sys.path.insert(0, str(REPO))
 
 from clrk import wire  # noqa: E402
 from clrk.launch import gateway_command  # noqa: E402
+from clrk.workers import supervisor_argv  # noqa: E402
 from tests.harness.certs import make_upstream_pki  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TOKEN = "bench-token-0123456789"
 BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-SECTIONS = ("throughput", "sse", "memory", "store", "otlp")
+SECTIONS = ("throughput", "sse", "memory", "store", "otlp", "workers")
+WORKERS = 2  # the workers section: `clrk run --workers 2`
 
 
 def free_port() -> int:
@@ -166,7 +170,7 @@ def upstream_and_sink(tmp: Path) -> Iterator[Backing]:
 class Stack:
     """The processes under test: upstream, OTLP receivers, bare mitmdump, clrk gateways (one per OTLP case)."""
 
-    def __init__(self, tmp: Path, es: ExitStack, otlp_cases: bool, bare_optimized: bool = False):
+    def __init__(self, tmp: Path, es: ExitStack, otlp_cases: bool, bare_optimized: bool = False, workers: int = 1):
         self.tmp, self.es = tmp, es
         tmp.mkdir(parents=True, exist_ok=True)
         self.pids: dict[str, int] = {}
@@ -195,18 +199,20 @@ class Stack:
             endpoints["clrk otlp slow"] = f"http://127.0.0.1:{slow}"
         for name, endpoint in endpoints.items():
             self.gateways[name] = self._gateway(name, endpoint)
+        if workers > 1:  # the same gateway, as `clrk run --workers N` starts it
+            self.gateways[f"clrk x{workers}"] = self._gateway(f"clrk x{workers}", endpoints["clrk"], workers)
         for port in self.bares.values():
             wait_port(port)
         for name, (port, db) in self.gateways.items():
             wait_port(port)
             deadline = time.monotonic() + 30
-            while not wire.recorder_ready(wire.socket_path(db)):
+            while not wire.recorder_ready(wire.socket_path(db)) or connected(db) < (workers if " x" in name else 1):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the {name} gateway's recorder did not start; see {self.tmp}")
+                    raise RuntimeError(f"the {name} gateway's recorder (or its workers) did not start; see {self.tmp}")
                 time.sleep(0.05)
         self.url = f"https://localhost:{self.upstream_port}/v1/chat/completions"
 
-    def _gateway(self, name: str, endpoint: str) -> tuple[int, Path]:
+    def _gateway(self, name: str, endpoint: str, workers: int = 1) -> tuple[int, Path]:
         slug = name.replace(" ", "-")
         pol = self.tmp / f"policies-{slug}"
         pol.mkdir()
@@ -214,7 +220,8 @@ class Stack:
 
         db = self.tmp / f"data-{slug}" / "clrk.duckdb"
         port = free_port()
-        self._spawn(clrk_argv(port, pol, db, self.tmp / "certs"), slug)
+        argv = clrk_argv(port, pol, db, self.tmp / "certs")
+        self._spawn(supervisor_argv(workers, [f"127.0.0.1:{port}"], argv) if workers > 1 else argv, slug)
         return port, db
 
     def _spawn(self, argv: list[str], name: str) -> None:
@@ -272,6 +279,12 @@ spec:
   - matches: [{{provider: bench-llm}}]
     filters: [{{type: TokenBudget, tokenBudget: {{maxTokensPerDay: 1000000000000}}}}]
 """)
+
+
+def connected(db: Path) -> int:
+    """How many gateway processes are connected to the recorder of `db` (the workers of `clrk run --workers`)."""
+    with wire.BlockingClient(wire.socket_path(db)) as c:
+        return int(c.request({"t": "status"})["proxies"])
 
 
 def count_rows(db: Path) -> int:
@@ -630,6 +643,13 @@ def main() -> None:
                 warm_up(hey, stack, args.smoke)
                 sections["otlp"] = f"{stamp} c=8, {args.rounds} interleaved rounds, all four running.\n\n" + bench_throughput(
                     hey, stack, args.rounds, args.seconds, [8], ["bare", "clrk", "clrk otlp down", "clrk otlp slow"])
+        if "workers" in only:
+            with ExitStack() as es:
+                stack = Stack(Path(d) / "workers", es, otlp_cases=False, workers=WORKERS)
+                warm_up(hey, stack, args.smoke)
+                sections["workers"] = (f"{stamp} c=16, {args.rounds} interleaved rounds of {args.seconds:g} s; `clrk x{WORKERS}` "
+                                       f"is `clrk run --workers {WORKERS}`.\n\n") + bench_throughput(
+                    hey, stack, args.rounds, args.seconds, [16], ["bare", "clrk", f"clrk x{WORKERS}"])
         if "store" in only:
             sections["store"] = f"{stamp}\n\n" + bench_store(Path(d), store_rows)
     for name, body in sections.items():

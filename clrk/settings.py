@@ -22,6 +22,9 @@ class Settings(BaseSettings):
         "naming the same Redis shares each pool's day; or `recorder`: held by the recorder of clrk_db, shared by "
         "every proxy process on this host writing that store (env CLRK_BUDGET_STORE; empty = this process's own "
         "ledger)."))
+    workers: int = Field(1, description=(
+        "clrk: gateway processes `clrk run` and `clrk dev` start, sharing the listening ports and one recorder "
+        "(env CLRK_WORKERS; 1 = one process, no supervisor; the number of cores to use them all)."))
 
 
 def option_help(name: str) -> str:

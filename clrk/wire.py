@@ -2,7 +2,8 @@
 a Unix socket next to the DuckDB file (mode 0600: only the gateway's user may talk to it).
 
 Messages are maps with a type `t`:
-  proxy -> recorder: {"t": "hello", "role": "proxy"|"cli", "pid": N}, {"t": "rows", "rows": [...]},
+  proxy -> recorder: {"t": "hello", "role": "proxy"|"cli", "pid": N, ["worker": I, "restarts": R]} (a worker
+                     of `clrk run --workers`: its index and restart count), {"t": "rows", "rows": [...]},
                      {"t": "config", "gateways": {...}, "fallback": URL}, {"t": "flush", "id": N},
                      {"t": "lost", "n": N} (records it could not ship), {"t": "shutdown"}
                      budget ledger (clrk_budget_store=recorder; clrk.recorder.ledger): {"t": "budget_adopt"},

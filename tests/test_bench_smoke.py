@@ -21,7 +21,7 @@ def test_bench_smoke_runs_every_section():
     out = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--smoke", "--concurrency", "1,8"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for section in ("## throughput", "## otlp", "## sse", "## memory", "## store"):
+    for section in ("## throughput", "## otlp", "## sse", "## memory", "## store", "## workers"):
         assert section in out.stdout, section
     # The throughput tables' rows: concurrency | target | req/s | ratio | p50 | added | p99 | errors
     rows = [r for line in out.stdout.splitlines() if (r := line.split("|")) and len(r) == 10 and r[2].strip().startswith("clrk")]

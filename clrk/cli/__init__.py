@@ -12,6 +12,7 @@ from clrk import storeref
 from clrk.escape import json_line, printable
 from clrk.launch import gateway_argv, gateway_env
 from clrk.settings import Settings
+from clrk.workers import supervisor_argv
 
 
 def _die(msg: str, code: int = 1) -> None:
@@ -35,22 +36,34 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
     from clrk.proxy.ca import ensure_ca
 
     policy = _checked_policy(args.policies)
+    _check_workers(args)
     ports = [args.port] if args.port else []
     cert = ensure_ca(args.certs)
     argv = gateway_argv(args.policies, args.db, args.certs, ports, args.host, args.dev_otlp_fallback_endpoint, extra)
     where = _listening(policy, args.host, args.port)
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
+    if args.workers > 1:  # the supervisor (clrk/workers.py) takes this process's place and starts the workers
+        argv = supervisor_argv(args.workers, where, argv)
     if args.host and not args.port and policy.listeners:
         print(f"clrk: --host {args.host} is not used: the policy's listeners bind their own address (a listener's "
               "`address` in the EgressGateway; --host applies with --port, or to a policy without listeners)",
               file=sys.stderr)
     print(
-        f"clrk: gateway on {', '.join(where)}, policies {args.policies}, "
+        f"clrk: gateway on {', '.join(where)}{workers}, policies {args.policies}, "
         f"records in {storeref.display(args.db)}\nclrk: agents trust {cert} and set "
         f"HTTPS_PROXY=http://<namespace>.<agent>:<token>@localhost:{where[0].rsplit(':', 1)[1]}  (clrk ca tells more)",
         file=sys.stderr,
         flush=True,
     )
     os.execve(argv[0], argv, gateway_env(args.db))
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    if args.workers < 1:
+        _die(f"--workers {args.workers}: give 1 or more", 2)
+    if args.workers > 1 and args.port == 0:
+        _die(f"--workers {args.workers} cannot share port 0 (any free port: each worker would get its own); "
+             "give a fixed --port", 2)
 
 
 def _listening(policy, host: str, port: int | None) -> list[str]:
@@ -73,12 +86,13 @@ def cmd_dev(args: argparse.Namespace) -> None:
     from clrk.proxy.ca import ensure_ca
 
     policy = _checked_policy(args.policies)
+    _check_workers(args)
     ports = [args.port] if args.port else []
     ensure_ca(args.certs)
     where = _listening(policy, args.host, args.port)
     try:
         session = DevSession(args.policies, args.db, args.certs, ports, otlp_port=args.otlp_port, host=args.host,
-                             listening=where).start()
+                             listening=where, workers=args.workers).start()
     except (OSError, RuntimeError) as e:
         _die(str(e))
     assert session.receiver is not None
@@ -324,6 +338,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         _die(f"no gateway is writing {_store_name(args.db)} (its recorder does not answer on {wire.socket_path(args.db)})")
     st = {k: v for k, v in st.items() if k not in ("t", "id")}
     st.update(_memory(st["pid"]))
+    for w in st.get("workers") or ():
+        w["rss_mb"] = _rss_mb(w["pid"]) if isinstance(w.get("pid"), int) else None
     if args.json:
         print(json.dumps(st))
     else:
@@ -331,7 +347,13 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"recorder pid {st['pid']} for {_store_name(args.db)}: {st['written']} records written this run, "
               f"{st['buffered'] + st.get('unwritten', 0)} waiting, {st['dropped']} dropped{at_proxy}; "
               f"{st['proxies']} proxy process(es) connected")
-        if st.get("recorder_rss_mb") is not None:
+        workers = [w for w in st.get("workers") or () if w.get("worker") is not None]
+        if workers:  # clrk run --workers N: one line each
+            for line in worker_lines(workers):
+                print(line)
+            if st.get("recorder_rss_mb") is not None:
+                print(f"memory (RSS): recorder {st['recorder_rss_mb']} MB")
+        elif st.get("recorder_rss_mb") is not None:
             proxy = f"proxy (pid {st['proxy_pid']}) {st['proxy_rss_mb']} MB, " if st.get("proxy_rss_mb") is not None else ""
             print(f"memory (RSS): {proxy}recorder {st['recorder_rss_mb']} MB")
         if st.get("incomplete"):
@@ -359,6 +381,21 @@ def budget_ledger_line(bl: dict) -> str:
     return (f"{head}: {bl.get('pools', 0)} pool day(s), {bl.get('proxies', 0)} proxy process(es); "
             f"{bl.get('admissions', 0)} admitted, {bl.get('refusals', 0)} refused, {bl.get('settlements', 0)} "
             f"settled; {bl.get('released', 0)} pool day(s) released from processes gone")
+
+
+def worker_lines(workers: list[dict], now: float | None = None) -> list[str]:
+    """`clrk status`'s lines for the workers of `clrk run --workers N`: index, pid, restarts, RSS, records."""
+    import time
+
+    now = time.time() if now is None else now
+    out = []
+    for w in workers:
+        rss = f"{w['rss_mb']} MB" if w.get("rss_mb") is not None else "? MB"
+        restarts = f", restarted {w['restarts']}x" if w.get("restarts") else ""
+        up = max(0, int(now - float(w.get("since") or now)))
+        out.append(f"worker {w.get('worker')} pid {w.get('pid')}{restarts}: RSS {rss}, {w.get('records', 0)} records "
+                   f"received, connected {up // 3600}h{up // 60 % 60:02d}m{up % 60:02d}s")
+    return out
 
 
 def budget_store_line(bs: dict) -> str:
@@ -476,9 +513,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+WORKERS_HELP = ("gateway processes sharing the ports and the recorder, e.g. the number of cores; over 1, a supervisor "
+                "starts them and restarts one that dies (default: %(default)s, env CLRK_WORKERS)")
+
+
 def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
     """The command line; `s` gives the defaults (the environment's CLRK_* settings unless given)."""
-    s = s if s is not None else Settings()
+    if s is None:
+        from pydantic import ValidationError
+
+        try:
+            s = Settings()
+        except ValidationError as e:  # e.g. CLRK_WORKERS=many
+            _die("; ".join(f"CLRK_{str(err['loc'][0]).upper()}: {err['msg']}" for err in e.errors()), 2)
     p = argparse.ArgumentParser(prog="clrk", description="clrk: the egress gateway for AI agents")
     p.add_argument("--version", action="version", version=f"clrk {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -495,6 +542,7 @@ def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=None, help="listen on this port only (default: the EgressGateway listeners)")
     run.add_argument("--host", default="", help="listen address with --port, or for a policy without listeners "
                     "(default 127.0.0.1); declared listeners bind their own `address`")
+    run.add_argument("--workers", type=int, default=s.workers, help=WORKERS_HELP)
     run.add_argument("--dev-otlp-fallback-endpoint", default=s.dev_otlp_fallback_endpoint, help=argparse.SUPPRESS)
 
     rec = sub.add_parser("records", help="print recorded transactions, newest first (works while the gateway runs)")
@@ -517,6 +565,7 @@ def build_parser(s: Settings | None = None) -> argparse.ArgumentParser:
     dv.add_argument("--certs", default=s.certs, help="CA directory (default: %(default)s)")
     dv.add_argument("--host", default="", help="listen address with --port, or for a policy without listeners "
                     "(default 127.0.0.1); declared listeners bind their own `address`")
+    dv.add_argument("--workers", type=int, default=s.workers, help=WORKERS_HELP)
     dv.add_argument("--otlp-port", type=int, default=14318, help="the in-process OTLP/HTTP receiver's port (default: %(default)s)")
 
     tl = sub.add_parser("tail", help="print records as the gateway stores them (one line each, or --json)")

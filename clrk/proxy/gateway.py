@@ -18,7 +18,7 @@ import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from clrk.proxy import failures, limits
+from clrk.proxy import failures, limits, reuseport
 from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime
 from clrk.proxy.steps.auth import ProxyAuth
@@ -47,6 +47,8 @@ limits.install()
 failures.install()
 # mitmproxy keeps every WebSocket message on its flow; clrk's relay keeps none (steps/websocket.py).
 install_websocket_layer()
+# mitmproxy binds each listener for one process; `clrk run --workers N` shares them (SO_REUSEPORT).
+reuseport.install()
 
 class Gateway:
     """clrk inside mitmproxy. This is the one place the order of the steps is written; each is a file of

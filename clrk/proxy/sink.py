@@ -35,10 +35,13 @@ BATCH_INTERVAL = 0.05
 HIGH_WATER = 16 * 1024 * 1024
 MAX_PENDING = 100_000
 START_TIMEOUT = 20.0
+SPAWN_AFTER_HELD = 1.0  # seconds without spawning once a recorder found the store held by another
 
 
 class RecordSink:
-    def __init__(self, db_path: str):
+    def __init__(self, db_path: str, worker: tuple[int, int] | None = None):
+        """`worker`: (index, restarts) of a worker of `clrk run --workers N`, said in the hello (for `clrk
+        status`); its recorder then lives as long as the supervisor (this process's parent), not this worker."""
         self.db_path = db_path if storeref.is_clickhouse(db_path) else str(Path(db_path).resolve())
         self.db_name = storeref.display(self.db_path)  # what logs may say (a URL's password is not in it)
         self.socket_path = wire.socket_path(self.db_path)
@@ -46,6 +49,8 @@ class RecordSink:
         self.dropped = 0
         self.unreported = 0  # of `dropped`, not yet reported to the recorder
         self.proc: subprocess.Popen | None = None
+        self.worker = worker
+        self._no_spawn_before = 0.0  # after a recorder that found another one holding the store (status 3)
         self.config: dict | None = None
         self.budget_store: dict | None = None  # the shared budget store's state, for `clrk status`
         # called on every (re)connection, right after the hello: messages to send first (the budget ledger's)
@@ -67,10 +72,13 @@ class RecordSink:
 
     def _spawn(self) -> None:
         storeref.local_dir(self.db_path).mkdir(parents=True, exist_ok=True)
+        # Workers of one supervisor share one recorder, which must outlive any one of them: it follows the
+        # supervisor. Several workers may spawn at once; the recorder's lock lets one run (the others exit 3).
+        parent = os.getppid() if self.worker is not None else os.getpid()
         # The store travels in the environment, not on the command line: a ClickHouse URL holds a password,
         # and every local user can read command lines.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clrk.recorder", "--socket", self.socket_path, "--parent-pid", str(os.getpid())],
+            [sys.executable, "-m", "clrk.recorder", "--socket", self.socket_path, "--parent-pid", str(parent)],
             env={**os.environ, "CLRK_RECORDER_DB": self.db_path},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -88,13 +96,22 @@ class RecordSink:
                 if self.proc is None or self.proc.poll() is not None:
                     if self.proc is not None and self.proc.returncode not in (0, 3, None):
                         log.error("recorder exited with status %s; starting another", self.proc.returncode)
-                    self._spawn()
+                    if self.proc is not None and self.proc.returncode == 3 and self._no_spawn_before == 0.0:
+                        # another process holds the store (most often: another worker's recorder, starting):
+                        # wait for its socket a while instead of spawning again every 50 ms
+                        self._no_spawn_before = time.monotonic() + SPAWN_AFTER_HELD
+                    if time.monotonic() >= self._no_spawn_before:
+                        self._no_spawn_before = 0.0
+                        self._spawn()
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"the recorder for {self.db_name} did not start within {START_TIMEOUT:.0f}s (see its log above)"
                     ) from None
                 await asyncio.sleep(0.05)
-        self._writer.write(wire.pack({"t": "hello", "role": "proxy", "pid": os.getpid()}))
+        hello = {"t": "hello", "role": "proxy", "pid": os.getpid()}
+        if self.worker is not None:
+            hello.update(worker=self.worker[0], restarts=self.worker[1])
+        self._writer.write(wire.pack(hello))
         for hook in self.on_connect:
             for message in hook():
                 self._writer.write(wire.pack(message))

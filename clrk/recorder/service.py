@@ -8,7 +8,12 @@ worker processes on one machine share one store and one exporter: they are just 
 
 Lifecycle: the first proxy for a DB file spawns it (`python -m clrk.recorder`); it exits on a `shutdown`
 message when no other proxy is connected, or on its own once its parent is gone and no proxy has been
-connected for a few seconds. Rows received are written within FLUSH_INTERVAL; a `flush` request is
+connected for a few seconds (the parent of a worker's recorder is its supervisor, `clrk run --workers`:
+a dead worker's records stay and the others, or its restart, keep the recorder). Several proxies may spawn
+one at once (workers starting together): each recorder first takes an exclusive lock on a file beside the
+socket (`clrk/recorder/lock.py`), before it touches the socket or the store; one that finds it held exits
+with status 3, which its proxy takes as "another recorder is starting" and connects to that one. Rows
+received are written within FLUSH_INTERVAL; a `flush` request is
 answered only once everything received before it is in DuckDB.
 
 Nothing a transaction carries keeps its record out, nor another's: a record that cannot be built whole, or
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -35,6 +41,7 @@ from clrk.escape import printable
 from clrk.recorder.expand import expand, mcp_rows, salvage
 from clrk.recorder.export import Exporter
 from clrk.recorder.ledger import RecorderLedger
+from clrk.recorder.lock import HELD, lock_store
 from clrk.recorder.spool import Spool
 from clrk.recorder.store import StoreError
 from clrk.recorder.stores import open_store
@@ -48,11 +55,41 @@ MAX_BUFFERED_ROWS = 200_000  # while DuckDB cannot be written; oldest rows go fi
 ORPHAN_GRACE = 3.0
 
 
+class _Parent:
+    """Whether the process the recorder follows still runs: a pidfd (no pid-reuse race; it need not be this
+    process's parent: a worker's recorder follows the supervisor)."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.fd: int | None = None
+        self.gone = False
+        if pid is not None:
+            try:
+                self.fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self.gone = True
+            except OSError:  # no pidfd (old kernel): the parent test of before
+                self.fd = None
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return True
+        if self.gone:
+            return False
+        if self.fd is None:
+            return os.getppid() == self.pid
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        self.gone = bool(p.poll(0))  # readable once the process has exited
+        return not self.gone
+
+
 class Recorder:
     def __init__(self, db_path: str, socket_path: str, parent_pid: int | None):
         self.db_path = db_path
         self.socket_path = socket_path
         self.parent_pid = parent_pid
+        self.parent = _Parent(parent_pid)
         self.store = open_store(db_path)
         self.db_name = self.store.name  # for logs and status: a ClickHouse URL without its password
         # ClickHouse is a server that can be away: what waits for it is also kept on disk (`Spool`), so a
@@ -79,6 +116,8 @@ class Recorder:
         self.incomplete = 0  # records stored without some of their values (clrk.record.incomplete says which)
         self.written = 0
         self.proxies: set[asyncio.StreamWriter] = set()
+        # per proxy connection, for `clrk status`: pid, worker index and restarts, connected since, records
+        self.proxy_info: dict[asyncio.StreamWriter, dict] = {}
         self.budget_stores: dict[asyncio.StreamWriter, dict] = {}  # per proxy: its shared budget store, if any
         self.last_proxy_seen = time.monotonic()
         self.stop_event = asyncio.Event()
@@ -176,8 +215,7 @@ class Recorder:
         if self.proxies:
             self.last_proxy_seen = time.monotonic()
             return False
-        parent_alive = self.parent_pid is None or os.getppid() == self.parent_pid
-        return not parent_alive and time.monotonic() - self.last_proxy_seen > ORPHAN_GRACE
+        return not self.parent.alive() and time.monotonic() - self.last_proxy_seen > ORPHAN_GRACE
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         role = None
@@ -195,6 +233,8 @@ class Recorder:
                 elif t == "rows":
                     self.buffer.extend(msg["rows"])
                     self._bound_buffer()
+                    if (info := self.proxy_info.get(writer)) is not None:
+                        info["records"] += len(msg["rows"])
                 elif t == "lost":  # records a proxy could not encode or had to drop from its queue
                     n = int(msg.get("n") or 0)
                     self.dropped += n
@@ -206,6 +246,8 @@ class Recorder:
                     pid = msg.get("pid") if isinstance(msg.get("pid"), int) else None
                     if role == "proxy":
                         self.proxies.add(writer)
+                        self.proxy_info[writer] = {"pid": msg.get("pid"), "worker": msg.get("worker"),
+                                                   "restarts": msg.get("restarts"), "since": time.time(), "records": 0}
                 elif t == "config":
                     self.redact_headers = self.redact_headers | frozenset(msg.get("redact_headers") or ())
                     self.redact_query = self.redact_query | frozenset(msg.get("redact_query") or ())
@@ -252,6 +294,8 @@ class Recorder:
                                        "export_dropped": self.exporter.dropped(),
                                        "store_error": self.store_error,
                                        "buffered": len(self.buffer), "proxies": len(self.proxies), "pid": os.getpid(),
+                                       "workers": sorted((dict(i) for w, i in self.proxy_info.items() if w in self.proxies),
+                                                         key=lambda i: (i["worker"] is None, i["worker"] or 0, i["since"])),
                                        "budget_stores": list(self.budget_stores.values()),
                                        **({"budget_ledger": self.ledger.state()} if self.ledger.holders
                                           or self.ledger.seeded.is_set() else {})}))
@@ -268,6 +312,7 @@ class Recorder:
             log.warning("dropping a %s connection: %s", role or "peer", e)
         finally:
             self.proxies.discard(writer)
+            self.proxy_info.pop(writer, None)
             self.budget_stores.pop(writer, None)
             self.ledger.disconnected(writer)
             writer.close()
@@ -359,42 +404,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.db:
         p.error("--db (or CLRK_RECORDER_DB) is required")
+    # Before the socket or the store is touched: one recorder per store, however many proxies spawn one.
+    if lock_store(args.socket) is None:
+        return HELD
     # The timestamp as mitmproxy writes it in the same log: [HH:MM:SS.mmm], local time.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s.%(msecs)03d] clrk-recorder %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     _quiet_otel_logs()
-    # One recorder per store: proxies whose recorder died each start one, and for ClickHouse nothing else
-    # (DuckDB's file lock) would stop a second from taking the socket over — and with it half the proxies,
-    # splitting a budget ledger held here in two.
-    if not _one_recorder(args.socket):
-        print("clrk-recorder: another recorder serves this store", file=sys.stderr, flush=True)
-        return 3
     try:
         rec = Recorder(args.db, args.socket, args.parent_pid)
     except StoreError as e:
         print(f"clrk-recorder: {e}", file=sys.stderr, flush=True)
-        return 3
+        return HELD
     asyncio.run(rec.run())
     return 0
-
-
-_lock_fd: int | None = None
-
-
-def _one_recorder(socket_path: str) -> bool:
-    """Takes the store's recorder lock (a file beside the socket, held until this process ends); False if
-    another recorder holds it."""
-    import fcntl
-
-    global _lock_fd
-    fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return False
-    _lock_fd = fd
-    return True
 
 
 class _OncePerMinute(logging.Filter):

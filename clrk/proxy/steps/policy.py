@@ -19,6 +19,7 @@ from clrk.cost import preload as preload_prices
 from clrk.escape import printable
 from clrk.policy import CompiledPolicy, PolicyError, load_policy
 from clrk.policy.loader import policy_files
+from clrk.proxy import reuseport
 from clrk.proxy.budget_store import RECORDER, SharedLedger
 from clrk.proxy.ca import ensure_ca
 from clrk.proxy.listeners import Listeners
@@ -48,6 +49,25 @@ def check_budget_store(url: str) -> None:
         raise exceptions.OptionsError("clrk: clrk_budget_store needs the redis client: pip install 'clrk[fleet]'")
 
 
+def tag_log(worker: int) -> None:
+    """The workers of `clrk run --workers N` write to one terminal or file: each of their log lines starts with
+    `w<index>` (set once in the templates of mitmproxy's log formatter: nothing more per line), and goes out
+    whole, in one write — a block-buffered file or pipe would otherwise mix pieces of lines of several workers."""
+    import sys
+
+    from mitmproxy.log import MitmFormatter
+
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    for handler in logging.getLogger().handlers:
+        f = handler.formatter
+        if isinstance(f, MitmFormatter):
+            if not hasattr(f, "clrk_templates"):
+                f.clrk_templates = (f.with_client, f.without_client)  # type: ignore[attr-defined]
+            f.with_client, f.without_client = (f"w{worker} {t}" for t in f.clrk_templates)  # type: ignore[attr-defined]
+
+
 class PolicyLoader:
     """Declares clrk's options, loads the policy, reloads it when its files change."""
 
@@ -62,14 +82,21 @@ class PolicyLoader:
 
     def load(self, loader) -> None:
         s = Settings()
-        for name in Settings.model_fields:  # clrk_policies, clrk_db, clrk_dev_otlp_fallback_endpoint, clrk_certs
-            loader.add_option(f"clrk_{name}", str, getattr(s, name), option_help(name))
+        for name, f in Settings.model_fields.items():  # clrk_policies, clrk_db, ..., clrk_workers
+            loader.add_option(f"clrk_{name}", f.annotation, getattr(s, name), option_help(name))
+        # Set by the supervisor of `clrk run --workers N` (clrk/workers.py) on each worker's command line.
+        loader.add_option("clrk_worker", int, 0, "clrk: this gateway's worker index under `clrk run --workers`.")
+        loader.add_option("clrk_worker_restarts", int, 0, "clrk: how often the supervisor restarted this worker.")
 
     def configure(self, updated: set[str]) -> None:
         if FORCED_OPTIONS & updated:
             # Every time, not once: a `-v`, `--flow-detail`, the confdir's config.yaml or a later `set` must
             # not undo what clrk's security relies on.
             self._configure_mitmproxy()
+        if "clrk_workers" in updated or "clrk_worker" in updated:
+            reuseport.enabled = ctx.options.clrk_workers > 1  # before mitmproxy opens a listener: all are shared
+            if reuseport.enabled:
+                tag_log(ctx.options.clrk_worker)
         if "clrk_budget_store" in updated:
             self._budget_store(ctx.options.clrk_budget_store)
         if "clrk_policies" in updated and (self.rt.policy is None or ctx.options.clrk_policies != self._loaded_from):

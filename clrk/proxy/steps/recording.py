@@ -38,7 +38,8 @@ class Recording:
         # mitmproxy stops at once on SIGTERM/SIGINT; a gateway first lets what is in flight finish.
         loop.add_signal_handler(signal.SIGTERM, self._graceful_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self._graceful_stop, "SIGINT")
-        sink = RecordSink(ctx.options.clrk_db)
+        o = ctx.options
+        sink = RecordSink(o.clrk_db, (o.clrk_worker, o.clrk_worker_restarts) if o.clrk_workers > 1 else None)
         self.rt.sink = sink
         if isinstance(self.rt.ledger, SharedLedger):
             self.rt.ledger.attach(sink)  # before the first connection: its hello carries the ledger's
