@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -24,19 +25,23 @@ from clrk import wire
 from clrk.cli import worker_lines
 from clrk.launch import gateway_argv
 from clrk.workers import MAX_DELAY, MIN_DELAY, Backoff, probe, supervisor_argv, worker_argv
+from tests.harness import fake_provider
 from tests.harness.gateway import AGENT_TOKEN, REPO, Gateway, agent_docs, free_port, gateway_doc, route
 from tests.harness.util import new_invocation, wait_for
+from tests.test_shared_budget import MAX_TOKENS, TOKENS_POOL, post, tag
+from tests.test_shared_budget import docs as budget_docs
 
 CLRK = str(Path(sys.executable).parent / "clrk")
 
 
 def _docs(pki, upstream, port: int, pass_port: int, *routes: dict) -> list[dict]:
-    g = gateway_doc(aliases={"allowed.test": upstream.address}, ca_bundle=str(pki[0]))
+    """Two shared listeners, and test_shared_budget's budgeted AIProviderRoute (and prices) besides `routes`."""
+    g = gateway_doc(aliases={"allowed.test": upstream.address, "api.openai.com": upstream.address}, ca_bundle=str(pki[0]))
     g["spec"]["listeners"] = [
         {"name": "terminate", "port": port, "protocol": "TLS", "tls": {"mode": "Terminate"}},
         {"name": "passthrough", "port": pass_port, "protocol": "TLS", "tls": {"mode": "Passthrough"}},
     ]
-    return [g, *agent_docs(), *routes]
+    return [g, *agent_docs(), *budget_docs(pki, upstream, "failClosed")[-2:], *routes]
 
 
 def _run(gw: Gateway, *args: str) -> subprocess.Popen:
@@ -84,6 +89,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def wgw(tmp_path_factory, pki, upstream):
+    fake_provider.install(upstream)
     port, pass_port = free_port(), free_port()
     gw = Gateway(tmp_path_factory.mktemp("workers"), [], listen_args=False)
     gw.port, gw.pass_port = port, pass_port
@@ -127,6 +133,35 @@ def test_connections_spread_over_both_workers(wgw):
     text = subprocess.run([CLRK, "status", "--db", str(wgw.db)], capture_output=True, text=True, check=True).stdout
     for i in (0, 1):
         assert f"worker {i} pid {after[i]['pid']}: RSS " in text and f"{after[i]['records']} records received" in text
+
+
+def test_both_workers_share_one_token_budget_within_its_bound(wgw, upstream):
+    """24 calls at once, each on its own connection (so spread over both workers), against one pool: exactly
+    what fits is admitted, as by one gateway — not up to the pool on each worker."""
+    from clrk.proxy.budget import utc_day
+    from clrk.proxy.budget_store import pool_key
+
+    model = f"tok-hold-cost1000-{tag()}"
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    r = 50 + len(json.dumps(body).encode()) // 4
+    assert MAX_TOKENS % r
+    before = by_index(status(wgw))
+    inv = tag()
+    answers = fake_provider.race_held([lambda: post(wgw, body, inv) for _ in range(24)], upstream, model)
+    statuses = [a.status_code for a in answers]
+    admitted = statuses.count(200)
+    assert admitted == MAX_TOKENS // r and statuses.count(429) == 24 - admitted, statuses
+    wgw.wait_records(24, invocation=inv)
+    after = by_index(status(wgw))
+    assert all(after[i]["records"] > before[i]["records"] for i in (0, 1))  # both workers took calls
+    key = pool_key(utc_day(time.time()), TOKENS_POOL)
+
+    def settled() -> dict | None:
+        with wire.BlockingClient(wire.socket_path(wgw.db)) as c:
+            d = c.request({"t": "budget_pools"})["days"].get(key, {})
+        return d if d and "r" not in d else None
+
+    assert int(wait_for(settled, "every call settled in the recorder's ledger")["u"]) == admitted * 1005
 
 
 def test_a_passthrough_listener_is_shared_too(wgw, pki):
