@@ -149,6 +149,50 @@ def span_name(row: Mapping) -> str:
     return f"{row.get(A.HTTP_REQUEST_METHOD) or 'UNKNOWN'} {row.get(A.SERVER_ADDRESS) or ''}".strip()
 
 
+def _str_map(d: Mapping) -> bytes | None:
+    """A KeyValueList AnyValue of a dict (the headers: str to str at their fastest)."""
+    out = []
+    for k, v in d.items():
+        if type(k) is str and type(v) is str:
+            kb, vb = k.encode(), v.encode()
+            n = len(vb)
+            av = b"\x0a" + (_VARINTS[n] if n < 16384 else varint(n)) + vb
+            kv = _ld(b"\x0a", kb) + _ld(b"\x12", av)
+        else:
+            kv = key_value(str(k), v)
+            if kv is None:
+                return None
+        n = len(kv)
+        out.append((_VARINTS[n] if n < 16384 else varint(n)) + kv)
+    return _ld(b"\x32", b"\x0a" + b"\x0a".join(out) if out else b"")
+
+
+_SIDES = ((_ld(b"\x0a", b"request"), A.REQUEST_HEADERS, A.REQUEST_BODY),
+          (_ld(b"\x0a", b"response"), A.RESPONSE_HEADERS, A.RESPONSE_BODY))
+_HEADERS_KEY, _BODY_KEY = _ld(b"\x0a", b"headers"), _ld(b"\x0a", b"body")
+
+
+def body_value(row: Mapping) -> bytes | None:
+    """`any_value(log_body(row))`, without building the dict first."""
+    sides = []
+    for key, hk, bk in _SIDES:
+        fields = []
+        headers = row.get(hk)
+        if headers:
+            av = _str_map(headers) if isinstance(headers, Mapping) else any_value(dict(headers))
+            if av is None:
+                return None
+            fields.append(_ld(b"\x0a", _HEADERS_KEY + _ld(b"\x12", av)))
+        body = row.get(bk)
+        if body is not None:
+            av = any_value(body)
+            if av is None:
+                return None
+            fields.append(_ld(b"\x0a", _BODY_KEY + _ld(b"\x12", av)))
+        sides.append(_ld(b"\x0a", key + _ld(b"\x12", _ld(b"\x32", b"".join(fields)))))
+    return _ld(b"\x32", b"".join(sides))
+
+
 def log_body(row: Mapping) -> dict:
     """The captured transaction as the log record's body."""
     body: dict = {}
@@ -206,7 +250,7 @@ def encode(row: Mapping, observed_ns: int | None = None) -> tuple[bytes, bytes]:
         b"\x4a" + b"\x4a".join(parts) if parts else b"",
         status, _FLAGS_REMOTE if parent else _FLAGS_LOCAL,
     ))
-    body = any_value(log_body(row))
+    body = body_value(row)
     record = b"".join((
         b"\x09", end,
         _WARN if failed or row.get(A.CLRK_DECISION) == "deny" else _INFO,
