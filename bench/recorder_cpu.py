@@ -11,6 +11,12 @@ A config is `<tree>:<name>`, name one of: default (the gateway as the policy wri
 fields), nometrics (spec.otlp.metrics.enabled false), metrics+prom (a Prometheus endpoint too),
 ratio0.1 (spec.otlp.sampling.ratio 0.1). The base tree ignores the fields it does not know.
 
+The recorder's memory is reported too: resident once configured (idle), and its peak by the end; with
+`--paced N` the bench waits for the store every N records, as a proxy's traffic would, so the peak is the
+recorder's own rather than a backlog of everything sent at once:
+
+    python bench/recorder_cpu.py --tree base=/tmp/clrk-base --tree new=. --rounds 1 --records 100000 --paced 2048
+
 A name ending in `@ch` stores into ClickHouse instead of DuckDB: `--clickhouse URL`, or `--clickhouse auto`
 to start a clickhouse-server on loopback for the run (tests/harness/clickhouse.py); the server's own CPU
 per record is reported beside the recorder's:
@@ -114,7 +120,7 @@ def gateway_config(name: str, sink: str, prom_port: int) -> dict:
 
 
 def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int, clickhouse: str = "",
-             server_pid: int | None = None) -> tuple[float, float | None, tuple[float, float]]:
+             server_pid: int | None = None, paced: int = 0) -> tuple[float, float | None, tuple[float, float]]:
     """Records per CPU second of one fresh recorder of `tree` under `config`; with a ClickHouse store whose
     server runs here, also the server's CPU seconds per record; and the recorder's memory (MB resident once
     configured and idle, and at its peak by the end)."""
@@ -147,6 +153,8 @@ def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int, c
                 server_before = cpu_seconds(server_pid) if server_pid else 0.0
                 for i in range(0, len(packed), batch):
                     c.sock.sendall(wire.pack_rows(packed[i:i + batch]))
+                    if paced and (i // batch + 1) % max(1, paced // batch) == 0:
+                        c.request({"t": "flush"})  # as a proxy sends: at most `paced` records ahead of the store
                 c.request({"t": "flush"})
                 # The batch processors export in their own threads: wait until they are idle (CPU stops rising).
                 last = cpu_seconds(proc.pid)
@@ -178,6 +186,9 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--clickhouse", default="", help="URL of the ClickHouse for @ch configs, or auto")
+    ap.add_argument("--paced", type=int, default=0, help="wait for the store every N records (as a proxy's "
+                    "traffic would) instead of sending them all at once: the peak RSS is then the recorder's, not "
+                    "the backlog's")
     args = ap.parse_args()
     server = None
     if args.clickhouse == "auto":
@@ -200,7 +211,8 @@ def main() -> None:
         for r in range(args.rounds):
             for t, c in configs:
                 rate, per_record, mem = run_once(Path(trees[t]).resolve(), c, raws, f"http://127.0.0.1:{sink_port}",
-                                            args.batch, args.clickhouse, server.proc.pid if server else None)
+                                            args.batch, args.clickhouse, server.proc.pid if server else None,
+                                            args.paced)
                 results[f"{t}:{c}"].append(rate)
                 memory[f"{t}:{c}"].append(mem)
                 if per_record is not None:
