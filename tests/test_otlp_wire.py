@@ -183,6 +183,20 @@ def test_values_no_record_has_are_encoded_or_left_out_as_the_sdk_does(value, kep
     assert (A.SERVER_PORT in {kv.key for kv in spans.resource_spans[0].scope_spans[0].spans[0].attributes}) == kept
 
 
+def test_long_values_and_a_hostile_upstreams_bytes_encode_as_the_sdk_did():
+    """Lengths past one and two varint bytes (a 200 KiB body, a 20 KB header, a 17 KB URL), controls, NULs
+    and characters outside the BMP, as an upstream or agent can send them."""
+    red = Redactor()
+    row = expand(raw(path=b"/" + b"a" * 17000 + "/\u00e9\U0001f600\x00\x1b[31m".encode(),
+                     req_headers=[(b"x-long", b"v" * 20000), (b"x-ctl", b"\x00\x1b\x7f\xc3\xa9")],
+                     resp_body=(200 * 1024, ("\U0001f600" * 51200).encode(), True)), red)
+    assert len(row[A.RESPONSE_BODY]) == 51200 and len(row[A.URL_FULL]) > 16384
+    sdk_spans, sdk_logs = sdk_requests([row], "gw-\u00e9")
+    spans_bytes, logs_bytes = hand_requests([row], "gw-\u00e9")
+    assert ExportTraceServiceRequest.FromString(spans_bytes) == sdk_spans
+    assert ExportLogsServiceRequest.FromString(logs_bytes) == sdk_logs
+
+
 def test_a_pipeline_posts_the_same_to_a_real_receiver_with_its_headers():
     rx = OtlpReceiver()
     try:

@@ -103,7 +103,11 @@ class Store:
             sql, params = batch
             try:
                 with self._lock:
-                    self.con.execute(sql, params)
+                    cur = self.con.cursor()  # as the Arrow way and the reads: a connection of its own
+                    try:
+                        cur.execute(sql, params)
+                    finally:
+                        cur.close()
                 self.next_seq = seq + len(rows)
                 return rows
             except (duckdb.ConversionException, duckdb.OutOfRangeException, duckdb.TypeMismatchException,
