@@ -183,6 +183,19 @@ def test_values_no_record_has_are_encoded_or_left_out_as_the_sdk_does(value, kep
     assert (A.SERVER_PORT in {kv.key for kv in spans.resource_spans[0].scope_spans[0].spans[0].attributes}) == kept
 
 
+@pytest.mark.parametrize("trace_id,span_id,parent", [
+    ("0af7651916cd43dd", "b7ad6b7169203331", None),  # a salvaged record's 16-digit trace id
+    ("0" * 32, "0" * 16, "0" * 16),  # ids of zeros
+    ("0af7651916cd43dd8448eb211c80319c", "00000000000000ab", "00000000000000cd"),
+])
+def test_ids_a_salvaged_or_odd_record_carries_encode_as_the_sdk_did(trace_id, span_id, parent):
+    row = {**rows_of_every_kind()[0], A.TRACE_ID: trace_id, A.SPAN_ID: span_id, A.PARENT_SPAN_ID: parent}
+    sdk_spans, sdk_logs = sdk_requests([row], "gw-a")
+    spans_bytes, logs_bytes = hand_requests([row], "gw-a")
+    assert ExportTraceServiceRequest.FromString(spans_bytes) == sdk_spans
+    assert ExportLogsServiceRequest.FromString(logs_bytes) == sdk_logs
+
+
 def test_long_values_and_a_hostile_upstreams_bytes_encode_as_the_sdk_did():
     """Lengths past one and two varint bytes (a 200 KiB body, a 20 KB header, a 17 KB URL), controls, NULs
     and characters outside the BMP, as an upstream or agent can send them."""

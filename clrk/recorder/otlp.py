@@ -228,14 +228,17 @@ def encode(row: Mapping, observed_ns: int | None = None) -> tuple[bytes, bytes]:
                 continue
             if kv is not None:
                 parts.append(kv)
-    trace_id = bytes.fromhex(row[A.TRACE_ID])
-    span_id = bytes.fromhex(row[A.SPAN_ID])
-    if len(trace_id) != 16 or len(span_id) != 8:
-        raise ValueError("a trace id is 16 bytes and a span id 8")
+    # As the SDK had them: the hex as a number, in 16 and 8 bytes (a salvaged record's shorter id padded, a
+    # longer one refused).
+    trace_int, span_int = int(row[A.TRACE_ID], 16), int(row[A.SPAN_ID], 16)
+    trace_id, span_id = trace_int.to_bytes(16, "big"), span_int.to_bytes(8, "big")
     start_ns = int(row[A.TIME] * 1e9)
     end_ns = int((row.get(A.END_TIME) or row[A.TIME]) * 1e9)
     end = _pack_q(end_ns)
     parent = row.get(A.PARENT_SPAN_ID)
+    parent_int = int(parent, 16) if parent else 0
+    if not trace_int:
+        parent_int = 0  # the SDK takes a parent of trace id 0 or span id 0 for none
     error = row.get(A.ERROR_TYPE)
     failed = error is not None
     if failed:
@@ -244,11 +247,11 @@ def encode(row: Mapping, observed_ns: int | None = None) -> tuple[bytes, bytes]:
         status = _STATUS_UNSET
     span = b"".join((
         b"\x0a\x10", trace_id, b"\x12\x08", span_id,
-        _ld(b"\x22", bytes.fromhex(parent)) if parent else b"",
+        b"\x22\x08" + parent_int.to_bytes(8, "big") if parent_int else b"",
         _ld(b"\x2a", span_name(row).encode()), _KIND_CLIENT,
         b"\x39", _pack_q(start_ns), b"\x41", end,
         b"\x4a" + b"\x4a".join(parts) if parts else b"",
-        status, _FLAGS_REMOTE if parent else _FLAGS_LOCAL,
+        status, _FLAGS_REMOTE if parent_int else _FLAGS_LOCAL,
     ))
     body = body_value(row)
     record = b"".join((
@@ -256,7 +259,7 @@ def encode(row: Mapping, observed_ns: int | None = None) -> tuple[bytes, bytes]:
         _WARN if failed or row.get(A.CLRK_DECISION) == "deny" else _INFO,
         _ld(b"\x2a", body) if body is not None else b"",
         b"\x32" + b"\x32".join(parts) if parts else b"",
-        _LOG_FLAGS, b"\x4a\x10", trace_id, b"\x52\x08", span_id,
+        _LOG_FLAGS, b"\x4a\x10" + trace_id if trace_int else b"", b"\x52\x08" + span_id if span_int else b"",
         b"\x59", _pack_q(time.time_ns() if observed_ns is None else observed_ns),
         _EVENT,
     ))
