@@ -110,9 +110,10 @@ class Store:
                         cur.close()
                 self.next_seq = seq + len(rows)
                 return rows
-            except (duckdb.ConversionException, duckdb.OutOfRangeException, duckdb.TypeMismatchException,
-                    duckdb.InvalidInputException, duckdb.BinderException):
-                pass  # a value DuckDB would not cast: the Arrow way below says which (an INSERT is all or nothing)
+            except (duckdb.IOException, duckdb.FatalException, duckdb.OutOfMemoryException):
+                raise  # the store's trouble, not the batch's: the rows wait (`Recorder.flush`)
+            except (duckdb.Error, TypeError, ValueError, OverflowError):
+                pass  # a value DuckDB would not take: the Arrow way below says which (an INSERT is all or nothing)
         try:
             table = to_arrow(rows, seq)
         except Exception:  # one row's value does not fit its column: it must not hold the whole batch back
