@@ -11,6 +11,12 @@ A config is `<tree>:<name>`, name one of: default (the gateway as the policy wri
 fields), nometrics (spec.otlp.metrics.enabled false), metrics+prom (a Prometheus endpoint too),
 ratio0.1 (spec.otlp.sampling.ratio 0.1). The base tree ignores the fields it does not know.
 
+The recorder's memory is reported too: resident once configured (idle), and its peak by the end; with
+`--paced N` the bench waits for the store every N records, as a proxy's traffic would, so the peak is the
+recorder's own rather than a backlog of everything sent at once:
+
+    python bench/recorder_cpu.py --tree base=/tmp/clrk-base --tree new=. --rounds 1 --records 100000 --paced 2048
+
 A name ending in `@ch` stores into ClickHouse instead of DuckDB: `--clickhouse URL`, or `--clickhouse auto`
 to start a clickhouse-server on loopback for the run (tests/harness/clickhouse.py); the server's own CPU
 per record is reported beside the recorder's:
@@ -45,6 +51,16 @@ def free_port() -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime, every thread
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM): resident now and at its peak, MB."""
+    got = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            got[key] = int(value.split()[0]) / 1024
+    return got["VmRSS"], got["VmHWM"]
 
 
 def snapshots(n: int, seed: int) -> list[dict]:
@@ -104,9 +120,10 @@ def gateway_config(name: str, sink: str, prom_port: int) -> dict:
 
 
 def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int, clickhouse: str = "",
-             server_pid: int | None = None) -> tuple[float, float | None]:
+             server_pid: int | None = None, paced: int = 0) -> tuple[float, float | None, tuple[float, float]]:
     """Records per CPU second of one fresh recorder of `tree` under `config`; with a ClickHouse store whose
-    server runs here, also the server's CPU seconds per record."""
+    server runs here, also the server's CPU seconds per record; and the recorder's memory (MB resident once
+    configured and idle, and at its peak by the end)."""
     sys.path.insert(0, str(tree))
     from clrk import wire
 
@@ -130,11 +147,14 @@ def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int, c
                 c.send(gateway_config(config, sink, free_port()))
                 c.request({"t": "flush"})
                 time.sleep(0.5)  # let the SDK set-up threads settle before counting
+                idle_mb = memory_mb(proc.pid)[0]
                 packed = [wire.pack_record(r) for r in raws]
                 before = cpu_seconds(proc.pid)
                 server_before = cpu_seconds(server_pid) if server_pid else 0.0
                 for i in range(0, len(packed), batch):
                     c.sock.sendall(wire.pack_rows(packed[i:i + batch]))
+                    if paced and (i // batch + 1) % max(1, paced // batch) == 0:
+                        c.request({"t": "flush"})  # as a proxy sends: at most `paced` records ahead of the store
                 c.request({"t": "flush"})
                 # The batch processors export in their own threads: wait until they are idle (CPU stops rising).
                 last = cpu_seconds(proc.pid)
@@ -148,13 +168,14 @@ def run_once(tree: Path, config: str, raws: list[dict], sink: str, batch: int, c
                 server_used = cpu_seconds(server_pid) - server_before if server_pid else None
                 st = c.request({"t": "status"})
                 assert st["written"] == len(raws), st
+                peak_mb = memory_mb(proc.pid)[1]
         finally:
             proc.terminate()
             proc.wait(30)
     sys.path.remove(str(tree))
     for mod in [m for m in sys.modules if m == "clrk" or m.startswith("clrk.")]:
         del sys.modules[mod]
-    return len(raws) / used, (server_used / len(raws) if server_used is not None else None)
+    return len(raws) / used, (server_used / len(raws) if server_used is not None else None), (idle_mb, peak_mb)
 
 
 def main() -> None:
@@ -165,6 +186,9 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--clickhouse", default="", help="URL of the ClickHouse for @ch configs, or auto")
+    ap.add_argument("--paced", type=int, default=0, help="wait for the store every N records (as a proxy's "
+                    "traffic would) instead of sending them all at once: the peak RSS is then the recorder's, not "
+                    "the backlog's")
     args = ap.parse_args()
     server = None
     if args.clickhouse == "auto":
@@ -181,26 +205,32 @@ def main() -> None:
     raws = snapshots(args.records, 16)
     results: dict[str, list[float]] = {f"{t}:{c}": [] for t, c in configs}
     server_cpu: dict[str, list[float]] = {f"{t}:{c}": [] for t, c in configs}
+    memory: dict[str, list[tuple[float, float]]] = {f"{t}:{c}": [] for t, c in configs}
     try:
         time.sleep(0.5)
         for r in range(args.rounds):
             for t, c in configs:
-                rate, per_record = run_once(Path(trees[t]).resolve(), c, raws, f"http://127.0.0.1:{sink_port}",
-                                            args.batch, args.clickhouse, server.proc.pid if server else None)
+                rate, per_record, mem = run_once(Path(trees[t]).resolve(), c, raws, f"http://127.0.0.1:{sink_port}",
+                                            args.batch, args.clickhouse, server.proc.pid if server else None,
+                                            args.paced)
                 results[f"{t}:{c}"].append(rate)
+                memory[f"{t}:{c}"].append(mem)
                 if per_record is not None:
                     server_cpu[f"{t}:{c}"].append(per_record)
-                print(f"round {r + 1} {t}:{c}: {rate:,.0f} records per CPU second", flush=True)
+                print(f"round {r + 1} {t}:{c}: {rate:,.0f} records per CPU second, recorder RSS {mem[0]:.0f} MB "
+                      f"idle, {mem[1]:.0f} MB peak", flush=True)
     finally:
         sink.terminate()
         if server:
             server.stop()
-    print("\n| tree:config | records per CPU second (median) | µs CPU per record | runs | server µs CPU per record |")
-    print("|---|---:|---:|---|---:|")
+    print("\n| tree:config | records per CPU second (median) | µs CPU per record | runs | server µs CPU per record "
+          "| RSS idle MB | RSS peak MB |")
+    print("|---|---:|---:|---|---:|---:|---:|")
     for k, v in results.items():
         med = statistics.median(v)
         srv = f"{statistics.median(server_cpu[k]) * 1e6:.0f}" if server_cpu[k] else ""
-        print(f"| {k} | {med:,.0f} | {1e6 / med:.0f} | {', '.join(f'{x:,.0f}' for x in v)} | {srv} |")
+        idle, peak = (statistics.median(m[i] for m in memory[k]) for i in (0, 1))
+        print(f"| {k} | {med:,.0f} | {1e6 / med:.0f} | {', '.join(f'{x:,.0f}' for x in v)} | {srv} | {idle:.0f} | {peak:.0f} |")
 
 
 if __name__ == "__main__":

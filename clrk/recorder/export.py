@@ -1,14 +1,16 @@
 """Best-effort OTLP/HTTP export: one span and one log record per transaction, and metrics, per EgressGateway.
 
-Each gateway gets its own OTel SDK TracerProvider and LoggerProvider (resource `service.name=clrk-egress`)
-with batch processors and OTLP/HTTP protobuf exporters at `endpoint`/v1/traces and /v1/logs, and a
-MeterProvider (`clrk.recorder.metrics`) exporting to `endpoint`/v1/metrics and, if asked, a Prometheus
+Each gateway gets its own span and log record queues (the OTel SDK's batch processors: bounded, the oldest
+dropped first, exported every 500 ms or 512 at a time) feeding the SDK's OTLP/HTTP protobuf exporters at
+`endpoint`/v1/traces and /v1/logs (resource `service.name=clrk-egress`), and a MeterProvider (`clrk.recorder.metrics`) exporting to `endpoint`/v1/metrics and, if asked, a Prometheus
 endpoint. The dev fallback endpoint, when set, is one more set of processors on every gateway: a tee, not a
 replacement. Which spans and logs are exported is `spec.otlp.sampling` (`clrk.recorder.sampling`), decided
 before the rows are stored so each row says it (`clrk.export.sampled`); metrics count every row.
 
-This runs in the recorder process, never in the proxy: building an SDK span costs ~190 µs of Python, and a
-slow or dead endpoint only ever fills (bounded, dropping) SDK queues here.
+A row's span and log record are protobuf written by `clrk.recorder.otlp` straight from the stored row (the
+same bytes the SDK's span and log record objects gave, at a fraction of the CPU); the SDK exporters only
+send them. This runs in the recorder process, never in the proxy, and a slow or dead endpoint only ever
+fills (bounded, dropping) queues here.
 """
 
 from __future__ import annotations
@@ -19,21 +21,14 @@ import threading
 import time
 from collections.abc import Mapping
 
-from opentelemetry import trace as trace_api
-from opentelemetry._logs import SeverityNumber
-from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 
 from clrk import attributes as A
+from clrk.recorder import otlp
 from clrk.recorder.metrics import DEV_INTERVAL_S, GatewayMetrics, PrometheusEndpoint, otlp_reader
 from clrk.recorder.sampling import Sampler
 
@@ -46,42 +41,38 @@ SCHEDULE_DELAY_MS = 500
 EXPORT_TIMEOUT_S = 10.0
 
 
-class PresetIds(IdGenerator):
-    """Hands the SDK the ids the proxy already chose, so the span, the log record and the stored row agree."""
+class RowSpanExporter(OTLPSpanExporter):
+    """The SDK's OTLP/HTTP span exporter (endpoint, headers, timeout, compression, retries with backoff, the
+    OTEL_EXPORTER_OTLP_* settings) sending batches of spans already encoded by `clrk.recorder.otlp`."""
 
-    def __init__(self) -> None:
-        self.span_id = 0
-        self.trace_id = 0
+    def __init__(self, resource: bytes, scope: bytes, **kw) -> None:
+        super().__init__(**kw)
+        self._head = (resource, scope)
 
-    def generate_span_id(self) -> int:
-        return self.span_id
-
-    def generate_trace_id(self) -> int:
-        return self.trace_id
+    def export(self, items) -> SpanExportResult:  # type: ignore[override]
+        return SpanExportResult.SUCCESS if _send(self, items, self._head, "span") else SpanExportResult.FAILURE
 
 
-def span_name(row: Mapping) -> str:
-    if A.is_mcp_child(row):  # an MCP message's child record: "{mcp.method.name} {target}"
-        method = row.get(A.MCP_METHOD_NAME) or "response"  # an answer to a request no record of it carried
-        target = row.get(A.GEN_AI_TOOL_NAME) or row.get(A.GEN_AI_PROMPT_NAME) or row.get(A.MCP_RESOURCE_URI)
-        return f"{method} {target}" if target else method
-    op = row.get(A.GEN_AI_OPERATION_NAME)
-    if op:
-        return f"{op} {row.get(A.GEN_AI_REQUEST_MODEL) or 'unknown'}"
-    return f"{row.get(A.HTTP_REQUEST_METHOD) or 'UNKNOWN'} {row.get(A.SERVER_ADDRESS) or ''}".strip()
+class RowLogExporter(OTLPLogExporter):
+    """As `RowSpanExporter`, for log records."""
+
+    def __init__(self, resource: bytes, scope: bytes, **kw) -> None:
+        super().__init__(**kw)
+        self._head = (resource, scope)
+
+    def export(self, items) -> LogRecordExportResult:  # type: ignore[override]
+        return LogRecordExportResult.SUCCESS if _send(self, items, self._head, "log") else LogRecordExportResult.FAILURE
 
 
-def log_body(row: Mapping) -> dict:
-    """The captured transaction as the log record's body."""
-    body: dict = {}
-    for side, hk, bk in (("request", A.REQUEST_HEADERS, A.REQUEST_BODY), ("response", A.RESPONSE_HEADERS, A.RESPONSE_BODY)):
-        part = {}
-        if row.get(hk):
-            part["headers"] = dict(row[hk])
-        if row.get(bk) is not None:
-            part["body"] = row[bk]
-        body[side] = part
-    return body
+def _send(exporter, items: list[bytes], head: tuple[bytes, bytes], kind: str) -> bool:
+    if exporter._shutdown:
+        return False
+    data = otlp.request(head[0], "", head[1], items)  # oldest first, as the batch processor hands them
+    limit = exporter._max_request_size
+    if limit and limit > 0 and len(data) > limit:
+        log.warning("dropping a %s batch of %d bytes: more than the %d an export request may have", kind, len(data), limit)
+        return False
+    return exporter._client.export(data).success
 
 
 class Pipeline:
@@ -97,33 +88,25 @@ class Pipeline:
         self.sampler = Sampler(telemetry.get("sampling"))
         self.tracing = bool(targets)
         resource = Resource.create({"service.name": SERVICE_NAME, A.CLRK_GATEWAY_NAME: gateway})
-        self.ids = PresetIds()
-        # shutdown_on_exit=False: the SDK's atexit flush would retry a dead endpoint for its full timeout;
-        # Exporter.shutdown bounds that instead.
-        self.tracer_provider = TracerProvider(
-            resource=resource, id_generator=self.ids, sampler=ALWAYS_ON, shutdown_on_exit=False
-        )
-        self.logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
+        head = (otlp.resource_field(resource.attributes), otlp.scope_field("clrk"))
         self.processors: list = []
+        self.queues: list = []  # the processors' bounded queues of encoded spans and log records
         self.dropped = 0
         for endpoint, headers in targets:
             spans = BatchSpanProcessor(
-                OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces", headers=dict(headers), timeout=EXPORT_TIMEOUT_S),
+                RowSpanExporter(*head, endpoint=f"{endpoint}/v1/traces", headers=dict(headers), timeout=EXPORT_TIMEOUT_S),
                 max_queue_size=QUEUE_SIZE,
                 max_export_batch_size=min(512, QUEUE_SIZE),
                 schedule_delay_millis=SCHEDULE_DELAY_MS,
             )
             logs = BatchLogRecordProcessor(
-                OTLPLogExporter(endpoint=f"{endpoint}/v1/logs", headers=dict(headers), timeout=EXPORT_TIMEOUT_S),
+                RowLogExporter(*head, endpoint=f"{endpoint}/v1/logs", headers=dict(headers), timeout=EXPORT_TIMEOUT_S),
                 max_queue_size=QUEUE_SIZE,
                 max_export_batch_size=min(512, QUEUE_SIZE),
                 schedule_delay_millis=SCHEDULE_DELAY_MS,
             )
-            self.tracer_provider.add_span_processor(spans)
-            self.logger_provider.add_log_record_processor(logs)
             self.processors += [spans, logs]
-        self.tracer = self.tracer_provider.get_tracer("clrk")
-        self.logger = self.logger_provider.get_logger("clrk")
+            self.queues.append((spans._batch_processor, logs._batch_processor))
 
         readers = []
         interval = telemetry.get("metrics", 60.0)
@@ -149,53 +132,17 @@ class Pipeline:
 
     def export_stats(self) -> tuple[int, int]:
         """(spans and log records waiting in the export queues, dropped by them so far)."""
-        waiting = 0
-        for proc in self.processors:
-            q = getattr(getattr(proc, "_batch_processor", None), "_queue", None)
-            if q is not None:
-                waiting += len(q)
-        return waiting, self.dropped
-
-    def _count_drops(self) -> None:
-        """The SDK's queues drop their oldest item when full (and only log it): count what this emit pushes out.
-        (Reads the SDK's queue; without it nothing is counted, nothing breaks.)"""
-        for proc in self.processors:
-            q = getattr(getattr(proc, "_batch_processor", None), "_queue", None)
-            if q is not None and q.maxlen is not None and len(q) >= q.maxlen:
-                self.dropped += 1
+        return sum(len(sq._queue) + len(lq._queue) for sq, lq in self.queues), self.dropped
 
     def emit(self, row: Mapping) -> None:
-        self._count_drops()
-        attrs = {k: row[k] for k in A.ATTRIBUTE_KEYS if row.get(k) is not None}
-        trace_id = int(row[A.TRACE_ID], 16)
-        parent = row.get(A.PARENT_SPAN_ID)
-        if parent:
-            parent_ctx = trace_api.set_span_in_context(
-                NonRecordingSpan(SpanContext(trace_id, int(parent, 16), is_remote=True, trace_flags=TraceFlags(1)))
-            )
-        else:
-            parent_ctx = Context()
-        self.ids.trace_id = trace_id
-        self.ids.span_id = int(row[A.SPAN_ID], 16)
-        start_ns = int(row[A.TIME] * 1e9)
-        end_ns = int((row.get(A.END_TIME) or row[A.TIME]) * 1e9)
-        span = self.tracer.start_span(
-            span_name(row), context=parent_ctx, kind=SpanKind.CLIENT, attributes=attrs, start_time=start_ns
-        )
-        failed = row.get(A.ERROR_TYPE) is not None
-        if failed:
-            span.set_status(Status(StatusCode.ERROR, str(row[A.ERROR_TYPE])))
-        span.end(end_time=end_ns)
-        self.logger.emit(
-            timestamp=end_ns,
-            observed_timestamp=time.time_ns(),
-            context=trace_api.set_span_in_context(span),
-            severity_number=SeverityNumber.WARN if failed or row.get(A.CLRK_DECISION) == "deny" else SeverityNumber.INFO,
-            severity_text="WARN" if failed or row.get(A.CLRK_DECISION) == "deny" else "INFO",
-            body=log_body(row),
-            attributes=attrs,
-            event_name="clrk.transaction",
-        )
+        """Queues the row's span and log record (encoded once, whatever the number of targets). A full queue
+        drops its oldest item for the new one: counted here (the SDK's processor only logs it)."""
+        span, record = otlp.encode(row)
+        for sq, lq in self.queues:
+            for q, item in ((sq, span), (lq, record)):
+                if len(q._queue) >= q._max_queue_size:
+                    self.dropped += 1
+                q.emit(item)
 
     def close_listeners(self) -> None:
         """Frees the Prometheus port at once (its successor may need it); the rest winds down in `shutdown`."""
@@ -205,8 +152,8 @@ class Pipeline:
 
     def shutdown(self) -> None:
         self.close_listeners()
-        self.tracer_provider.shutdown()
-        self.logger_provider.shutdown()
+        for proc in self.processors:
+            proc.shutdown()
         if self.metrics is not None:
             self.metrics.shutdown()  # a last export: counts up to the end reach the backend
 

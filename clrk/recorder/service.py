@@ -52,6 +52,8 @@ log = logging.getLogger("clrk.recorder")
 
 FLUSH_INTERVAL = 0.2
 MAX_BUFFERED_ROWS = 200_000  # while DuckDB cannot be written; oldest rows go first past this
+FLUSH_CHUNK_ROWS = 512  # rows expanded, stored and exported together
+FLUSH_CHUNK_BYTES = 16 * 1024 * 1024  # ... and their captured bodies (a chunk holds at least one row)
 ORPHAN_GRACE = 3.0
 
 
@@ -82,6 +84,14 @@ class _Parent:
         p.register(self.fd, select.POLLIN)
         self.gone = bool(p.poll(0))  # readable once the process has exited
         return not self.gone
+
+
+def _body_bytes(raw) -> int:
+    """The captured body bytes a transaction's facts carry (0 for facts of another shape: `salvage` reads those)."""
+    try:
+        return len(raw["req_body"][1] or b"") + len(raw["resp_body"][1] or b"")
+    except Exception:
+        return 0
 
 
 class Recorder:
@@ -126,51 +136,86 @@ class Recorder:
         self.ledger = RecorderLedger(self._seed_totals)
 
     async def flush(self) -> None:
-        """Writes every buffered row to DuckDB, then hands them to the exporters. Rows that cannot be written
-        (disk full, file gone read-only) wait in a bounded spool and are retried every tick, the store
-        reopened first: DuckDB gives up on a database after some I/O errors."""
+        """Writes every buffered row to DuckDB, then hands them to the exporters, a chunk at a time (`_take`).
+        Rows that cannot be written (disk full, file gone read-only) wait in a bounded spool and are retried
+        every tick, the store reopened first: DuckDB gives up on a database after some I/O errors."""
         async with self.flush_lock:
-            if not self.buffer and not self.unwritten:
-                return
-            raws = list(self.buffer)
-            self.buffer.clear()
-            rows = self.unwritten + await asyncio.to_thread(self._expand, raws)
-            self.unwritten = []
-            self.store.stamp(rows)  # before anything can fail: a row keeps its place in the order for good
-            try:
-                if self.store_error is not None:
-                    await asyncio.to_thread(self.store.reopen)
-                stored = await asyncio.to_thread(self.store.insert, rows)
-            except Exception as e:
-                on_disk = min(self.spooled, len(rows))  # rows[:on_disk] are in the spool file already
-                self.unwritten = rows[-MAX_BUFFERED_ROWS:]
-                trimmed = len(rows) - len(self.unwritten)
-                self.dropped += trimmed
-                if self.spool is not None and on_disk < len(rows):
-                    try:
-                        if await asyncio.to_thread(self.spool.append, rows[on_disk:]):
-                            on_disk = len(rows)
-                    except OSError as se:
-                        log.error("cannot spool records to %s: %s", self.spool.path, se)
-                self.spooled = max(0, on_disk - trimmed)  # of `unwritten`, how many lead it on disk
-                error = self.store.error_text(e)
-                now = time.monotonic()
-                if self.store_error is None or now - self._last_store_log > 30:
-                    log.error("cannot write to %s: %s; %d records wait (at most %d), retrying",
-                              self.db_name, error, len(self.unwritten), MAX_BUFFERED_ROWS)
-                    self._last_store_log = now
-                self.store_error = error
-                return
-            if self.spool is not None and (self.spooled or self.spool.exists()):
-                await asyncio.to_thread(self.spool.clear)
-                self.spooled = 0
+            todo = len(self.buffer)  # the rows here now: later ones wait for the next flush, so a flush ends
+            while True:
+                if not self.buffer and not self.unwritten:
+                    return
+                raws = self._take(todo)
+                todo -= len(raws)
+                if not await self._write(raws):
+                    # The store refused them: the rest of this flush waits with them, one attempt a tick.
+                    rest = [self.buffer.popleft() for _ in range(min(todo, len(self.buffer)))]
+                    if rest:
+                        rows = await asyncio.to_thread(self._expand, rest)
+                        self.store.stamp(rows)
+                        await self._keep(self.unwritten + rows)
+                    return
+                if todo <= 0:
+                    return
+
+    def _take(self, most: int) -> list[dict]:
+        """The oldest buffered rows, at most `most`, FLUSH_CHUNK_ROWS or (past the first) FLUSH_CHUNK_BYTES of
+        bodies: a burst is written, and exported, a chunk at a time, so what the recorder (and DuckDB) holds at
+        once stays bounded."""
+        raws: list[dict] = []
+        size = 0
+        buffer = self.buffer
+        while buffer and len(raws) < most and len(raws) < FLUSH_CHUNK_ROWS:
+            size += _body_bytes(buffer[0])
+            if raws and size > FLUSH_CHUNK_BYTES:
+                break
+            raws.append(buffer.popleft())
+        return raws
+
+    async def _write(self, raws: list[dict]) -> bool:
+        """Expands, stores and exports `raws` (after the rows that wait); False if the store refused them."""
+        rows = self.unwritten + await asyncio.to_thread(self._expand, raws)
+        self.unwritten = []
+        self.store.stamp(rows)  # before anything can fail: a row keeps its place in the order for good
+        try:
             if self.store_error is not None:
-                log.warning("writing to %s again: %d records that waited are stored", self.db_name, len(rows))
-                self.store_error = None
-            self.dropped += len(rows) - len(stored)
-            self.incomplete += sum(1 for r in stored if A.CLRK_RECORD_INCOMPLETE in r)
-            self.written += len(stored)
-            await asyncio.to_thread(self.exporter.export, stored)
+                await asyncio.to_thread(self.store.reopen)
+            stored = await asyncio.to_thread(self.store.insert, rows)
+        except Exception as e:
+            await self._keep(rows)
+            error = self.store.error_text(e)
+            now = time.monotonic()
+            if self.store_error is None or now - self._last_store_log > 30:
+                log.error("cannot write to %s: %s; %d records wait (at most %d), retrying",
+                          self.db_name, error, len(self.unwritten), MAX_BUFFERED_ROWS)
+                self._last_store_log = now
+            self.store_error = error
+            return False
+        if self.spool is not None and (self.spooled or self.spool.exists()):
+            await asyncio.to_thread(self.spool.clear)
+            self.spooled = 0
+        if self.store_error is not None:
+            log.warning("writing to %s again: %d records that waited are stored", self.db_name, len(rows))
+            self.store_error = None
+        self.dropped += len(rows) - len(stored)
+        self.incomplete += sum(1 for r in stored if A.CLRK_RECORD_INCOMPLETE in r)
+        self.written += len(stored)
+        await asyncio.to_thread(self.exporter.export, stored)
+        return True
+
+    async def _keep(self, rows: list[dict]) -> None:
+        """`rows` (those waiting first) wait for the store: the newest MAX_BUFFERED_ROWS in memory, and in the
+        spool file if there is one."""
+        on_disk = min(self.spooled, len(rows))  # rows[:on_disk] are in the spool file already
+        self.unwritten = rows[-MAX_BUFFERED_ROWS:]
+        trimmed = len(rows) - len(self.unwritten)
+        self.dropped += trimmed
+        if self.spool is not None and on_disk < len(rows):
+            try:
+                if await asyncio.to_thread(self.spool.append, rows[on_disk:]):
+                    on_disk = len(rows)
+            except OSError as se:
+                log.error("cannot spool records to %s: %s", self.spool.path, se)
+        self.spooled = max(0, on_disk - trimmed)  # of `unwritten`, how many lead it on disk
 
     def _expand(self, raws: list[dict]) -> list[dict]:
         rows = []

@@ -1,7 +1,9 @@
 """The embedded DuckDB store: one `records` table whose columns are `clrk.attributes.COLUMNS`.
 
-Rows are inserted in batches as Arrow tables (a bulk insert costs microseconds per row where `executemany`
-costs about a millisecond). The schema is versioned in `clrk_schema`; attributes added later become
+Rows are inserted in batches, one INSERT per batch with a list parameter per column (`unnest`): a bulk insert
+costs microseconds per row where `executemany` costs about a millisecond. A batch with a value that does not
+have its column's Python type exactly goes the way it went before, as an Arrow table (`to_arrow`, `storable`):
+pyarrow, and the pandas it loads, are imported only then (they are ~80 MB of the recorder's memory). The schema is versioned in `clrk_schema`; attributes added later become
 columns through `_migrate`. Only the recorder process opens the file for writing; readers either ask the
 recorder over its socket or, when no gateway runs, open the file read-only.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -18,7 +21,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
 from clrk import attributes as A
 from clrk import escape
@@ -29,18 +31,7 @@ SCHEMA_VERSION = 1
 TABLE = "records"
 SEQ = "_seq"  # ingestion order, assigned by the recorder: what `clrk tail` follows (times are start times)
 
-_ARROW_TYPES = {
-    "VARCHAR": pa.string(),
-    "JSON": pa.string(),
-    "BIGINT": pa.int64(),
-    "INTEGER": pa.int32(),
-    "BOOLEAN": pa.bool_(),
-    "DOUBLE": pa.float64(),
-    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
-    "VARCHAR[]": pa.list_(pa.string()),
-}
 STORE_COLUMNS = {**A.COLUMNS, SEQ: "BIGINT"}
-ARROW_SCHEMA = pa.schema([pa.field(name, _ARROW_TYPES[t]) for name, t in STORE_COLUMNS.items()])
 _TIME_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "TIMESTAMPTZ")
 _JSON_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "JSON")
 _TIME_SET, _JSON_SET = frozenset(_TIME_COLUMNS), frozenset(_JSON_COLUMNS)
@@ -107,6 +98,22 @@ class Store:
         if not rows:
             return rows
         seq = self.next_seq
+        batch = columns(rows, seq)
+        if batch is not None:
+            sql, params = batch
+            try:
+                with self._lock:
+                    cur = self.con.cursor()  # as the Arrow way and the reads: a connection of its own
+                    try:
+                        cur.execute(sql, params)
+                    finally:
+                        cur.close()
+                self.next_seq = seq + len(rows)
+                return rows
+            except (duckdb.IOException, duckdb.FatalException, duckdb.OutOfMemoryException):
+                raise  # the store's trouble, not the batch's: the rows wait (`Recorder.flush`)
+            except (duckdb.Error, TypeError, ValueError, OverflowError):
+                pass  # a value DuckDB would not take: the Arrow way below says which (an INSERT is all or nothing)
         try:
             table = to_arrow(rows, seq)
         except Exception:  # one row's value does not fit its column: it must not hold the whole batch back
@@ -156,6 +163,101 @@ class Store:
             self.con.close()
 
 
+_I64, _I32 = (-(2**63), 2**63 - 1), (-(2**31), 2**31 - 1)
+
+
+def _fits(typ: str, v) -> bool:
+    """Whether a value has exactly the Python type its column takes (ints in range); anything else goes the
+    Arrow way, which decides as it always did."""
+    t = type(v)
+    if typ == "VARCHAR":
+        return t is str
+    if typ == "BIGINT":
+        return t is int and _I64[0] <= v <= _I64[1]
+    if typ == "INTEGER":
+        return t is int and _I32[0] <= v <= _I32[1]
+    if typ == "BOOLEAN":
+        return t is bool
+    if typ == "DOUBLE":
+        return t is float or (t is int and -(2**53) <= v <= 2**53)  # exactly a double
+    if typ == "TIMESTAMPTZ":
+        return (t is float and math.isfinite(v)) or t is int
+    if typ == "JSON":
+        return t in (str, dict, list)
+    if typ == "VARCHAR[]":
+        return t is list and all(x is None or type(x) is str for x in v)
+    return False
+
+
+_CAST = {"VARCHAR": "VARCHAR[]", "JSON": "VARCHAR[]", "BIGINT": "BIGINT[]", "INTEGER": "INTEGER[]",
+         "BOOLEAN": "BOOLEAN[]", "DOUBLE": "DOUBLE[]", "TIMESTAMPTZ": "BIGINT[]", "VARCHAR[]": "VARCHAR[][]"}
+_EPOCH = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
+
+
+def columns(rows: list[Mapping], first_seq: int) -> tuple[str, list] | None:
+    """The INSERT of a batch as one list parameter per column present (epoch-second times as microseconds
+    after the epoch, JSON columns as text); None when a value does not have its column's type exactly."""
+    cols: dict[str, list] = {}
+    n = len(rows)
+    for i, r in enumerate(rows):
+        for k, v in r.items():
+            if v is None:
+                continue
+            col = cols.get(k)
+            if col is None:
+                typ = STORE_COLUMNS.get(k)
+                if typ is None or k == SEQ:
+                    continue  # not a column: the Arrow way left it out too
+                col = cols[k] = [None] * n
+            col[i] = v
+    sel, params = [], []
+    for k, vals in cols.items():
+        typ = STORE_COLUMNS[k]
+        for v in vals:
+            if v is not None and not _fits(typ, v):
+                return None
+        if typ == "TIMESTAMPTZ":
+            try:
+                vals = [None if v is None else int(v * 1_000_000) for v in vals]
+            except (OverflowError, ValueError):
+                return None
+            sel.append(f"{_EPOCH} + to_microseconds(unnest(?::BIGINT[])) AS {q(k)}")
+        else:
+            if typ == "JSON":
+                try:
+                    vals = [v if v is None or type(v) is str else json.dumps(v, separators=(",", ":")) for v in vals]
+                except (TypeError, ValueError):
+                    return None
+            sel.append(f"unnest(?::{_CAST[typ]}) AS {q(k)}")
+        params.append(vals)
+    sel.append(f"unnest(?::BIGINT[]) AS {q(SEQ)}")
+    params.append(list(range(first_seq, first_seq + n)))
+    return f"INSERT INTO {TABLE} BY NAME SELECT {', '.join(sel)}", params
+
+
+_ARROW: dict = {}
+
+
+def _arrow():
+    """pyarrow and the store's Arrow schema, imported at the first batch that needs them."""
+    if not _ARROW:
+        import pyarrow as pa
+
+        types = {
+            "VARCHAR": pa.string(),
+            "JSON": pa.string(),
+            "BIGINT": pa.int64(),
+            "INTEGER": pa.int32(),
+            "BOOLEAN": pa.bool_(),
+            "DOUBLE": pa.float64(),
+            "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
+            "VARCHAR[]": pa.list_(pa.string()),
+        }
+        _ARROW["pa"] = pa
+        _ARROW["schema"] = pa.schema([pa.field(name, types[t]) for name, t in STORE_COLUMNS.items()])
+    return _ARROW["pa"], _ARROW["schema"]
+
+
 def _prepare(key: str, value):
     """A record value in its Arrow form: epoch seconds as microseconds, JSON columns as text."""
     if key in _TIME_SET:
@@ -165,8 +267,9 @@ def _prepare(key: str, value):
     return value
 
 
-def to_arrow(rows: Iterable[Mapping], first_seq: int = 0) -> pa.Table:
+def to_arrow(rows: Iterable[Mapping], first_seq: int = 0):
     """Record dicts (epoch-second times, header dicts) as an Arrow table of the store's schema."""
+    pa, schema = _arrow()
     prepared = []
     for i, r in enumerate(rows):
         r = dict(r)
@@ -180,7 +283,7 @@ def to_arrow(rows: Iterable[Mapping], first_seq: int = 0) -> pa.Table:
             if v is not None and not isinstance(v, str):
                 r[k] = json.dumps(v, separators=(",", ":"))
         prepared.append(r)
-    return pa.Table.from_pylist(prepared, schema=ARROW_SCHEMA)
+    return pa.Table.from_pylist(prepared, schema=schema)
 
 
 _BUDGET_COUNTS = frozenset({A.CLRK_BUDGET_TOKENS, A.CLRK_BUDGET_DAILY_USED, A.CLRK_BUDGET_DAILY_MAX})
@@ -219,7 +322,8 @@ def _fit(row: Mapping) -> tuple[dict | None, list[str]]:
         if key not in _SCHEMA_NAMES or value is None:
             continue
         try:
-            pa.array([_prepare(key, value)], type=ARROW_SCHEMA.field(key).type)
+            pa, schema = _arrow()
+            pa.array([_prepare(key, value)], type=schema.field(key).type)
             fixed[key] = value
         except Exception:
             if key in _BUDGET_COUNTS and isinstance(value, int) and not isinstance(value, bool):

@@ -1,0 +1,118 @@
+"""The DuckDB store's batch INSERT (one list parameter per column) against the Arrow insert it replaced: the
+same rows stored the same, to the value; values of another type still go the Arrow way (`storable`); and a
+recorder's ordinary batches never import pyarrow (nor the pandas it loads): ~80 MB of its memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clrk import attributes as A
+from clrk.recorder import store as S
+from clrk.recorder.expand import expand
+from clrk.redact import Redactor
+from tests.test_otlp_wire import raw, rows_of_every_kind
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def arrow_insert(store: S.Store, rows: list[dict]) -> list[dict]:
+    """What `Store.insert` did before: the batch as one Arrow table, or row by row through `storable`."""
+    seq = store.next_seq
+    try:
+        table = S.to_arrow(rows, seq)
+    except Exception:
+        rows = S.storable(rows)
+        table = S.to_arrow(rows, seq)
+    store.next_seq = seq + len(rows)
+    cur = store.con.cursor()
+    cur.register("clrk_batch", table)
+    cur.execute(f"INSERT INTO {S.TABLE} BY NAME SELECT * FROM clrk_batch")
+    cur.close()
+    return rows
+
+
+def table(store: S.Store) -> list[tuple]:
+    return store.con.execute(f"SELECT * FROM {S.TABLE} ORDER BY {S.q(S.SEQ)}").fetchall()
+
+
+def same_values(a: list[tuple], b: list[tuple]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        for va, vb in zip(ra, rb, strict=True):
+            if isinstance(va, float) and math.isnan(va):
+                assert isinstance(vb, float) and math.isnan(vb)
+            else:
+                assert (va, type(va)) == (vb, type(vb))
+
+
+def every_value_rows() -> list[dict]:
+    rows = rows_of_every_kind()
+    red = Redactor()
+    rows.append(expand(raw(ids=("6af7651916cd43dd8448eb211c80319c", "b8ad6b7169203331", None),
+                           ws=(3, 4, 1000, "client", "bye"), l4=12345, incomplete="proxy: cut short",
+                           budget_cost=(10.0, 0.25, 0.000125)), red))
+    # edge values each column type takes
+    rows.append({**rows[0], A.SPAN_ID: "0000000000000002", A.CLRK_DURATION_MS: float("nan"), A.GEN_AI_USAGE_COST: 0,
+                 A.CLRK_BUDGET_TOKENS: 2**63 - 1, A.SERVER_PORT: 2**31 - 1, A.URL_FULL: "https://x/\x00é😀",
+                 A.CLRK_RECORD_ESCAPED: [], A.REQUEST_HEADERS: {}, A.RESPONSE_HEADERS: '{"pre":"made"}',
+                 A.TIME: 1_765_000_000, A.END_TIME: 0.000001})
+    return rows
+
+
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York"])
+def test_the_same_rows_are_stored_the_same_as_through_arrow(tmp_path, tz):
+    rows = every_value_rows()
+    new, old = S.Store(tmp_path / "new.duckdb"), S.Store(tmp_path / "old.duckdb")
+    for st in (new, old):
+        st.con.execute(f"SET TimeZone = '{tz}'")
+    assert S.columns(rows, 1) is not None  # the fast way takes them all
+    assert new.insert(rows) == rows
+    assert arrow_insert(old, rows) == rows
+    assert new.insert(rows[:3]) == rows[:3] and arrow_insert(old, rows[:3]) == rows[:3]  # _seq goes on
+    same_values(table(new), table(old))
+    assert new.next_seq == old.next_seq == len(rows) + 3 + 1
+    headers = new.con.execute(f"SELECT {S.q(A.REQUEST_HEADERS)} FROM {S.TABLE} ORDER BY {S.q(S.SEQ)} LIMIT 1").fetchone()[0]
+    assert json.loads(headers)["authorization"] != "Bearer ghp_secret"  # redacted once, stored so
+
+
+@pytest.mark.parametrize("key,value", [
+    (A.HTTP_RESPONSE_STATUS_CODE, 99999999999), (A.HTTP_RESPONSE_STATUS_CODE, True), (A.CLRK_BUDGET_TOKENS, 2**64),
+    (A.SERVER_ADDRESS, 5), (A.GEN_AI_USAGE_COST, 2**60 + 1), (A.GEN_AI_USAGE_COST, "1.5"), (A.CLRK_RECORD_ESCAPED, ["a", 1]),
+    (A.CLRK_RECORD_ESCAPED, ("a",)), (A.END_TIME, float("inf")), (A.END_TIME, 1e300), (A.REQUEST_HEADERS, {"a": {1, 2}}),
+    (A.CLRK_BUDGET_DENIED, 1),
+])
+def test_a_value_of_another_type_is_stored_or_left_out_as_through_arrow(tmp_path, key, value):
+    rows = every_value_rows()[:3]
+    rows[1] = {**rows[1], key: value}
+    new, old = S.Store(tmp_path / "new.duckdb"), S.Store(tmp_path / "old.duckdb")
+    assert S.columns(rows, 1) is None or key == A.END_TIME
+    assert [r[A.SPAN_ID] for r in new.insert(rows)] == [r[A.SPAN_ID] for r in arrow_insert(old, rows)]
+    same_values(table(new), table(old))
+
+
+def test_ordinary_batches_import_no_pyarrow_and_no_pandas(tmp_path):
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO / "bench")!r})
+from recorder_cpu import snapshots
+from clrk.recorder.expand import expand
+from clrk.recorder.store import Store
+from clrk.redact import Redactor
+st = Store({str(tmp_path / "c.duckdb")!r})
+rows = [expand(r, Redactor()) for r in snapshots(2000, 3)]
+for i in range(0, len(rows), 512):
+    assert len(st.insert(rows[i:i + 512])) == len(rows[i:i + 512])
+assert st.con.execute("SELECT count(*) FROM records").fetchone()[0] == 2000
+print(sorted(m for m in ("pyarrow", "pandas", "numpy") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
