@@ -91,19 +91,32 @@ class Transaction:
         return self.resp_h
 
 
+_NAMES: dict[bytes, tuple[str, bool]] = {}  # header names seen: (lower-case text, valid token) (bounded below)
+_NAMES_MAX = 4096
+
+
+def _name(name: bytes) -> tuple[str, bool]:
+    """A header name's lower-case text and whether it is a valid token, judged once per distinct name (a
+    hostile flood of names stops being remembered past _NAMES_MAX, it is not refused)."""
+    known = (name.lower().decode("latin-1"), _TOKEN.fullmatch(name) is not None)
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = known
+    return known
+
+
 def header_index(fields) -> dict[str, str]:
     """Headers as {lower-case name: first value}: one pass, then dict lookups (mitmproxy's Headers scans all
     fields on every lookup)."""
     out: dict[str, str] = {}
+    names = _NAMES
     for name, value in fields:
-        key = name.lower().decode("latin-1")
-        if key not in out:
-            out[key] = value.decode("latin-1")
+        known = names.get(name) or _name(name)
+        if known[0] not in out:
+            out[known[0]] = value.decode("latin-1")
     return out
 
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_NAME_OK: dict[bytes, bool] = {}  # header names seen, and whether each is a valid token (bounded below)
 
 
 def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]:
@@ -114,22 +127,18 @@ def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]
     out: dict[str, str] = {}
     hosts: list[str] = []
     problem = None
+    names = _NAMES
     for name, value in fields:
-        ok = _NAME_OK.get(name)
-        if ok is None:
-            ok = _TOKEN.fullmatch(name) is not None
-            if len(_NAME_OK) < 4096:
-                _NAME_OK[name] = ok
-        key = name.lower().decode("latin-1")
-        text = value.decode("latin-1")
-        if not ok and problem is None:
-            problem = f"the header name {key[:64]!r} is not a valid token"
-        if ("\n" in text or "\r" in text) and problem is None:
-            problem = f"the header {key[:64]} has a line break in its value (obsolete line folding, or a bare CR)"
+        key, ok = names.get(name) or _name(name)
+        if problem is None:
+            if not ok:
+                problem = f"the header name {key[:64]!r} is not a valid token"
+            elif b"\n" in value or b"\r" in value:
+                problem = f"the header {key[:64]} has a line break in its value (obsolete line folding, or a bare CR)"
         if key == "host":
-            hosts.append(text)
+            hosts.append(value.decode("latin-1"))
         if key not in out:
-            out[key] = text
+            out[key] = value.decode("latin-1")
     return out, hosts, problem
 
 
