@@ -484,6 +484,27 @@ def test_a_provider_call_is_recognised_and_its_gzipped_body_read(g):
     assert f.request.raw_content == body  # the agent's bytes go on as they came
 
 
+def test_a_decision_left_pending_on_the_headers_is_finished_under_the_policy_in_force(g):
+    """A provider call is judged on its headers (who, where, deny rules) and finished on its model once the body
+    is in, without judging the headers twice; a policy swapped in between is applied whole."""
+    c = connect(g, "api.openai.com")
+    body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+    f = request(c, "/v1/chat/completions", "POST", body, {"content-type": "application/json"})
+    assert g.requestheaders(f) is None and f.response is None
+    assert f.metadata[METADATA_KEY].decision is None  # the model is in the body
+    deny = _doc("EgressDenyPolicy", "no-openai", {"hostnames": ["api.openai.com"],
+                                                 "denyResponse": {"statusCode": 451, "message": "not today"}})
+    g.rt.policy = compile_policy(*DOCS, deny, env={"K_OPENAI": OPENAI_KEY, "K_GEMINI": "AIza-STEP-SECRET"})
+    f.request.raw_content = body
+    assert g.request(f) is None
+    assert denied(f) == (451, "clrk: not today")
+    assert "authorization" not in f.request.headers
+    # Under an unchanged policy the same call is allowed on its model.
+    g.rt.policy = POLICY
+    f = send(g, request(c, "/v1/chat/completions", "POST", body, {"content-type": "application/json"}))
+    assert f.response is None and f.metadata[METADATA_KEY].decision.rule.startswith("AIProviderRoute/team-a/openai")
+
+
 def test_a_request_to_a_non_provider_host_is_not_parsed(g):
     f = send(g, request(connect(g, "allowed.test"), "/v1/chat/completions", "POST", b'{"model": "gpt-4o"}'))
     assert f.metadata[METADATA_KEY].genai is None

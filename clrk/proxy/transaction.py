@@ -19,7 +19,7 @@ from mitmproxy import http
 from clrk import attributes as A
 from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
-from clrk.policy.compiled import AgentIdentity, GatewayConfig
+from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
 from clrk.providers import ProviderParser
 from clrk.proxy.budget import Reservation
 from clrk.proxy.capture import BodyCapture
@@ -83,6 +83,9 @@ class Transaction:
     header_problem: str | None = None  # a framing problem of the request's header block (scan_request_headers)
     websocket: bool = False  # the request is a well-formed WebSocket handshake (a 101 answer may follow)
     resp_h: dict[str, str] | None = None  # header_index of the response as the upstream sent it
+    # The policy under which the decision on the headers was left pending (EgressControl): set only once its
+    # checks passed, so the request hook finishes it with the routes alone (`clrk.decision.decide_rules`).
+    pending_under: CompiledPolicy | None = None
 
     def response_headers(self, flow: http.HTTPFlow) -> dict[str, str]:
         if self.resp_h is None:

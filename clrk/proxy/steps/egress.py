@@ -14,7 +14,7 @@ from mitmproxy import http
 from mitmproxy.proxy import server_hooks
 
 from clrk.addresses import dial_form, literal, refusal, resolved
-from clrk.decision import AuthResult, Decision, RequestFacts, decide
+from clrk.decision import AuthResult, Decision, RequestFacts, decide, decide_rules
 from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_target
 from clrk.identity import invocation_from_baggage
 from clrk.policy import CompiledPolicy
@@ -105,6 +105,7 @@ class EgressControl:
         # makes the gateway read its body; None means the answer depends on the model in the body.
         d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), tx.facts)
         if d is None:
+            tx.pending_under = policy  # what remains of the decision is finished under this policy (request)
             return None
         return self._apply(flow, tx, d, "requestheaders", body_in=False)
 
@@ -129,7 +130,12 @@ class EgressControl:
         if facts.mcp_pending:  # still waiting: its body was not read, so its messages cannot be judged
             facts.mcp_problem = "the MCP request body could not be read"
         facts.model, facts.model_pending, facts.mcp_pending = model, False, False
-        d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
+        if tx.pending_under is policy and tx.agent is not None and tx.gateway is not None and tx.auth_failure is None:
+            # Left pending on the headers under this very policy, past every check that does not depend on the
+            # body: only the routes are left to judge, now with the model (and MCP messages) in.
+            d = decide_rules(policy, tx.gateway, tx.agent, facts)
+        else:  # the policy was replaced meanwhile (or the headers were never judged): the whole decision again
+            d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
         assert d is not None
         return self._apply(flow, tx, d, "request", body_in=True)
 
