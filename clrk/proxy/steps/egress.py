@@ -15,7 +15,7 @@ from mitmproxy.proxy import server_hooks
 
 from clrk.addresses import dial_form, literal, refusal, resolved
 from clrk.decision import AuthResult, Decision, RequestFacts, decide, decide_rules
-from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_target
+from clrk.hostnames import norm_host, path_facts, request_target
 from clrk.identity import invocation_from_baggage
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
@@ -77,7 +77,7 @@ class EgressControl:
         if "upgrade" in h or "http2-settings" in h:
             protocol_problem = websocket_problem(req, h)
             tx.websocket = protocol_problem is None
-        path = normalize_path(req.path)
+        path, ambiguity = path_facts(req.path)
         genai = tx.genai
         tx.facts = RequestFacts(
             tx.dst_name, tx.dst_port, req.method, path, sni, authority, authority_port,
@@ -87,7 +87,7 @@ class EgressControl:
             model_pending=genai is not None and request_is_buffered(h, provider=True),
             target_problem=target_problem,
             protocol_problem=protocol_problem,
-            path_ambiguity=path_ambiguity(req.path),
+            path_ambiguity=ambiguity,
         )
         if tx.mcp is not None:
             # An MCP request is judged on its messages: its body (any method's; HTTP/2 may send one without a
