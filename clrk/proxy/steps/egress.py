@@ -64,23 +64,25 @@ class EgressControl:
                 tunnel.sni = norm_host(client.sni)
             sni = tunnel.sni
         default_port = 443 if client.tls_established or req.scheme == "https" else 80
+        # Each of mitmproxy's Request properties decodes its bytes again when read: read once here.
+        target, method, req_authority = req.path, req.method, req.authority
         authority, authority_port, target_problem = request_target(
-            tx.dst_name, default_port, req.authority, tx.host_headers or (), req.path, req.method)
+            tx.dst_name, default_port, req_authority, tx.host_headers or (), target, method)
         target_problem = tx.header_problem or target_problem
-        if target_problem is None and req.authority and req.http_version.startswith("HTTP/1"):
+        if target_problem is None and req_authority and req.http_version.startswith("HTTP/1"):
             # An absolute-form request line in a tunnel, agreeing with it: sent on in origin-form, with a Host,
             # so the upstream is asked for exactly what was judged (and recorded).
             if not tx.host_headers:
-                req.headers["host"] = req.authority
+                req.headers["host"] = req_authority
             req.authority = ""
         protocol_problem = None
         if "upgrade" in h or "http2-settings" in h:
             protocol_problem = websocket_problem(req, h)
             tx.websocket = protocol_problem is None
-        path, ambiguity = path_facts(req.path)
+        path, ambiguity = path_facts(target)
         genai = tx.genai
         tx.facts = RequestFacts(
-            tx.dst_name, tx.dst_port, req.method, path, sni, authority, authority_port,
+            tx.dst_name, tx.dst_port, method, path, sni, authority, authority_port,
             provider=genai.name if genai else None,
             provider_names=policy.provider_names_by_host.get(tx.dst_name, ()),
             model=genai.result.request_model if genai else None,
@@ -178,6 +180,8 @@ class EgressControl:
         log.warning("clrk: cut %s %s: the upstream answered 101 without a WebSocket handshake",
                     flow.request.method, flow.request.host)
         flow.kill()
+
+    responseheaders.switch_only = True  # type: ignore[attr-defined]  # the Gateway calls it for a 101 only
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> Awaitable[None] | None:
         addr = data.server.address
