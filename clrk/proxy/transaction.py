@@ -136,7 +136,7 @@ def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]
         if problem is None:
             if not ok:
                 problem = f"the header name {key[:64]!r} is not a valid token"
-            elif b"\n" in value or b"\r" in value:
+            elif 10 in value or 13 in value:  # LF, CR (an int needle: a bytes one is first tried as an int, and fails)
                 problem = f"the header {key[:64]} has a line break in its value (obsolete line folding, or a bare CR)"
         if key == "host":
             hosts.append(value.decode("latin-1"))
@@ -162,7 +162,7 @@ def _body_summary(capture: BodyCapture | None, raw: bytes | None, wanted: bool, 
 def _redacted_target(path: bytes, redactor: Redactor) -> bytes:
     """The request target's bytes with sensitive query values replaced (latin-1 maps bytes to text and back
     losslessly); the same object when nothing is."""
-    if b"?" not in path:
+    if path.find(b"?") < 0:  # (find: `b"?" in path` first tries the needle as an int, and fails, every time)
         return path
     text = path.decode("latin-1")
     red = redactor.path(text)
