@@ -22,7 +22,7 @@ from clrk.identity import TraceContext
 from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
 from clrk.providers import ProviderParser
 from clrk.proxy.budget import Reservation
-from clrk.proxy.capture import BodyCapture
+from clrk.proxy.capture import BodyCapture, request_is_buffered
 from clrk.proxy.mcp import McpExchange
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
 from clrk.redact import Redactor
@@ -86,6 +86,15 @@ class Transaction:
     # The policy under which the decision on the headers was left pending (EgressControl): set only once its
     # checks passed, so the request hook finishes it with the routes alone (`clrk.decision.decide_rules`).
     pending_under: CompiledPolicy | None = None
+    provider_buffered: bool | None = None  # request_is_buffered(req_h, provider=True), once worked out
+
+    def buffered_as_provider(self) -> bool:
+        """Whether the request's body is read whole before it goes on, as a provider's or an MCP server's is
+        (`clrk.proxy.capture.request_is_buffered`): several steps ask, the headers as sent do not change."""
+        b = self.provider_buffered
+        if b is None:
+            b = self.provider_buffered = request_is_buffered(self.req_h or {}, provider=True)
+        return b
 
     def response_headers(self, flow: http.HTTPFlow) -> dict[str, str]:
         if self.resp_h is None:

@@ -19,7 +19,6 @@ from clrk.hostnames import norm_host, path_facts, request_target
 from clrk.identity import invocation_from_baggage
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
-from clrk.proxy.capture import request_is_buffered
 from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime, listener_port, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
@@ -86,7 +85,7 @@ class EgressControl:
             provider=genai.name if genai else None,
             provider_names=policy.provider_names_by_host.get(tx.dst_name, ()),
             model=genai.result.request_model if genai else None,
-            model_pending=genai is not None and request_is_buffered(h, provider=True),
+            model_pending=genai is not None and tx.buffered_as_provider(),
             target_problem=target_problem,
             protocol_problem=protocol_problem,
             path_ambiguity=ambiguity,
@@ -94,7 +93,7 @@ class EgressControl:
         if tx.mcp is not None:
             # An MCP request is judged on its messages: its body (any method's; HTTP/2 may send one without a
             # length) is read first, bounded like a provider's.
-            if request_is_buffered(h, provider=True):
+            if tx.buffered_as_provider():
                 tx.facts.mcp_pending = True
             else:
                 tx.facts.mcp_problem = "an MCP request body of unknown length or over 32 MiB cannot be judged"
@@ -163,7 +162,7 @@ class EgressControl:
     def _budget_waits_for_body(tx: Transaction, d: Decision) -> bool:
         """A budgeted call whose body the gateway reads whole: its estimate waits for that body."""
         rule = d.provider_rule
-        return rule is not None and rule.budget is not None and request_is_buffered(tx.req_h or {}, provider=True)
+        return rule is not None and rule.budget is not None and tx.buffered_as_provider()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
