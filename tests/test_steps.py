@@ -452,6 +452,35 @@ def test_a_101_nobody_asked_for_is_cut(g):
     assert f.error is not None and f.metadata[METADATA_KEY].error_type == "protocol_error"
 
 
+def test_what_acts_on_a_101_or_a_handshake_alone_is_not_called_for_other_requests(monkeypatch):
+    """The Gateway leaves out, per request, the step hooks marked for a 101 answer or a WebSocket handshake
+    alone (what ordinary requests pay for nothing); a 101 still reaches every one of them."""
+    import functools
+
+    from clrk.proxy.steps.websocket import WebSocketSessions
+
+    called: list[str] = []
+    for cls, hook in ((EgressControl, "responseheaders"), (WebSocketSessions, "responseheaders"), (WebSocketSessions, "request")):
+        orig = getattr(cls, hook)
+
+        @functools.wraps(orig)  # keeps the mark
+        def spy(self, flow, orig=orig, name=f"{cls.__name__}.{hook}"):
+            called.append(name)
+            return orig(self, flow)
+
+        monkeypatch.setattr(cls, hook, spy)
+    g = Gateway(Runtime())
+    g.rt.policy = POLICY
+    c = connect(g, "allowed.test")
+    f = send(g, request(c))
+    answer(g, f)
+    assert called == []
+    f = send(g, request(c))
+    f.response = tflow.tresp(status_code=101, headers=http.Headers(upgrade="h2c", connection="upgrade"), content=b"")
+    g.responseheaders(f)
+    assert called == ["WebSocketSessions.responseheaders", "EgressControl.responseheaders"] and f.error is not None
+
+
 @pytest.mark.parametrize("headers,problem", [
     ({"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
       "sec-websocket-key": base64.b64encode(b"k" * 16).decode()}, None),
