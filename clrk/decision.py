@@ -8,7 +8,8 @@ it and a reason a human can act on; both are recorded and the reason is what a d
 
 A provider call's model usually sits in its request body. `decide` is first called when the headers
 arrive; if the answer depends on the model and the body is yet to come (`model_pending`), it returns None
-and is called again with the model once the body is in.
+and is finished with the model once the body is in (`decide_rules`: the checks that do not depend on the
+body are not run again).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from clrk.addresses import literal, private, views
+from clrk.addresses import IPAddress, literal, private, views
 from clrk.mcp import INVALID_REQUEST, POLICY_DENIED, McpBody
 from clrk.policy.compiled import (
     AgentIdentity,
@@ -129,7 +130,16 @@ def decide(
         return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", auth.status, answer=auth.answer)
     if gateway is None:
         return Decision(False, RULE_NO_GATEWAY, "no EgressGateway listens on this port", 403)
+    ip = literal(req.host)
+    ips = views(ip) if ip is not None else ()
+    d = _checks(policy, gateway, agent, req, ip, ips)
+    return d if d is not None else _rules(policy, gateway, agent, req, ips)
 
+
+def _checks(policy: CompiledPolicy, gateway: GatewayConfig, agent: AgentIdentity, req: RequestFacts,
+            ip: IPAddress | None, ips: tuple) -> Decision | None:
+    """What denies a request whatever its body says: destination agreement, EgressDenyPolicy, private
+    networks. None when none does."""
     if req.sni is not None and req.sni != req.host:
         return Decision(
             False,
@@ -154,8 +164,6 @@ def decide(
 
     l4 = req.method is None  # a TLS Passthrough tunnel: no method or path to see
     ambiguous = req.path_ambiguity is not None
-    ip = literal(req.host)
-    ips = views(ip) if ip is not None else ()
     for rule in policy.deny_rules:
         # At L4 a deny rule limited to some methods or paths still denies: what the tunnel will carry is unknown.
         if rule.matches(agent, req.host, req.port, req.method, req.path, l4, ambiguous, ips):
@@ -168,7 +176,22 @@ def decide(
         if refused is not None:
             embedded = f" ({refused.matched})" if refused.matched != refused.address else ""
             return Decision(False, refused.rule, f"{_dest(req.host, req.port)}{embedded} is {refused.why}", 403)
+    return None
 
+
+def decide_rules(policy: CompiledPolicy, gateway: GatewayConfig, agent: AgentIdentity, req: RequestFacts) -> Decision | None:
+    """The routes of `decide`, after its checks (MCPRoute, AIProviderRoute, EgressRoute, defaultPolicy), or None
+    while the model or MCP messages of a body not read yet are needed. Called alone only to finish a decision
+    `decide` left pending on the request's headers, under the same policy, once its body is in: nothing the
+    checks read can have changed since (authentication, destination, deny rules and address ranges do not
+    depend on the body), so they are not run twice."""
+    ip = literal(req.host)
+    return _rules(policy, gateway, agent, req, views(ip) if ip is not None else ())
+
+
+def _rules(policy: CompiledPolicy, gateway: GatewayConfig, agent: AgentIdentity, req: RequestFacts,
+           ips: tuple) -> Decision | None:
+    ambiguous = req.path_ambiguity is not None
     if req.path is not None and policy.mcp_host(req.host):
         for mr in policy.mcp_rules:
             if mr.agents.matches(agent) and mr.server_for(req.host, req.port, req.path, ambiguous) is not None:

@@ -112,6 +112,26 @@ def path_ambiguity(path: str) -> str | None:
     return None
 
 
+_PATHS: dict[str, tuple[str, str | None]] = {}  # path_facts of the paths seen (bounded: PATHS_MAX)
+PATHS_MAX = 4096
+PATH_CACHED_MAX = 512  # longer paths are worked out every time, not remembered
+
+
+def path_facts(path: str) -> tuple[str, str | None]:
+    """(`normalize_path`, `path_ambiguity`) of a request target, worked out once per distinct path (neither
+    reads the query, so it is left out of the key); past PATHS_MAX paths the memory starts over, so a flood
+    of distinct paths costs what it did without it, and memory stays bounded."""
+    p = path.partition("?")[0]
+    known = _PATHS.get(p)
+    if known is None:
+        known = normalize_path(p), path_ambiguity(p)
+        if len(p) <= PATH_CACHED_MAX:
+            if len(_PATHS) >= PATHS_MAX:
+                _PATHS.clear()
+            _PATHS[p] = known
+    return known
+
+
 _NOT_IN_HOST = re.compile(r"[/@?#\\ \t]")
 
 

@@ -221,3 +221,21 @@ def test_path_ambiguity(path, why):
 
     got = path_ambiguity(path)
     assert (got is None) if why is None else (why in got)
+
+
+def test_path_facts_are_what_the_two_functions_say_and_their_memory_stays_bounded():
+    """`path_facts` (what EgressControl calls per request) remembers paths; remembered or not, its answer is
+    `normalize_path` and `path_ambiguity` of the path, whatever query follows it."""
+    from clrk import hostnames
+    from clrk.hostnames import normalize_path, path_ambiguity, path_facts
+
+    paths = ["/a/b", "/a/%7Eb", "/a/../b", "/a//b", "/a;x/b", "*", "http://x/y", "/a/ü", "/v1/chat/completions",
+             "/a/b#frag", "/" + "x" * 2000]
+    for path in paths:
+        for query in ("", "?q=/../..;%2f", "?"):
+            for _ in range(2):  # worked out, then remembered
+                assert path_facts(path + query) == (normalize_path(path + query), path_ambiguity(path + query))
+    for i in range(hostnames.PATHS_MAX * 2):  # a flood of distinct paths
+        assert path_facts(f"/flood/{i}/../x") == ("/flood/x", "it contains a dot segment ('.' or '..')")
+    assert len(hostnames._PATHS) <= hostnames.PATHS_MAX
+    assert all(len(p) <= hostnames.PATH_CACHED_MAX for p in hostnames._PATHS)

@@ -53,8 +53,19 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     ],
 )
 def test_classification(host, path, op, model):
-    p = parser_for(DEFAULT_HOSTS, host, path)
-    assert p.result.operation == op and p.result.request_model == model
+    for _ in range(2):  # worked out from the path, then remembered: the same answer, a fresh parser each time
+        p = parser_for(DEFAULT_HOSTS, host, path)
+        assert p.result.operation == op and p.result.request_model == model
+    assert parser_for(DEFAULT_HOSTS, host, path) is not p
+
+
+def test_what_parser_for_remembers_of_paths_stays_bounded():
+    import clrk.providers as P
+
+    for i in range(P.OPERATIONS_MAX * 2):
+        p = parser_for(DEFAULT_HOSTS, "generativelanguage.googleapis.com", f"/v1beta/models/m-{i}:generateContent")
+        assert p.result.request_model == f"m-{i}"
+    assert len(P._OPERATIONS) <= P.OPERATIONS_MAX
 
 
 def test_non_provider_hosts_are_not_classified_and_backends_are():

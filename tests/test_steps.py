@@ -452,6 +452,35 @@ def test_a_101_nobody_asked_for_is_cut(g):
     assert f.error is not None and f.metadata[METADATA_KEY].error_type == "protocol_error"
 
 
+def test_what_acts_on_a_101_or_a_handshake_alone_is_not_called_for_other_requests(monkeypatch):
+    """The Gateway leaves out, per request, the step hooks marked for a 101 answer or a WebSocket handshake
+    alone (what ordinary requests pay for nothing); a 101 still reaches every one of them."""
+    import functools
+
+    from clrk.proxy.steps.websocket import WebSocketSessions
+
+    called: list[str] = []
+    for cls, hook in ((EgressControl, "responseheaders"), (WebSocketSessions, "responseheaders"), (WebSocketSessions, "request")):
+        orig = getattr(cls, hook)
+
+        @functools.wraps(orig)  # keeps the mark
+        def spy(self, flow, orig=orig, name=f"{cls.__name__}.{hook}"):
+            called.append(name)
+            return orig(self, flow)
+
+        monkeypatch.setattr(cls, hook, spy)
+    g = Gateway(Runtime())
+    g.rt.policy = POLICY
+    c = connect(g, "allowed.test")
+    f = send(g, request(c))
+    answer(g, f)
+    assert called == []
+    f = send(g, request(c))
+    f.response = tflow.tresp(status_code=101, headers=http.Headers(upgrade="h2c", connection="upgrade"), content=b"")
+    g.responseheaders(f)
+    assert called == ["WebSocketSessions.responseheaders", "EgressControl.responseheaders"] and f.error is not None
+
+
 @pytest.mark.parametrize("headers,problem", [
     ({"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
       "sec-websocket-key": base64.b64encode(b"k" * 16).decode()}, None),
@@ -482,6 +511,27 @@ def test_a_provider_call_is_recognised_and_its_gzipped_body_read(g):
     assert genai.result.operation == "chat" and genai.result.request_model == "budget-a"
     assert (genai.max_output_tokens, genai.choices) == (7, 2)
     assert f.request.raw_content == body  # the agent's bytes go on as they came
+
+
+def test_a_decision_left_pending_on_the_headers_is_finished_under_the_policy_in_force(g):
+    """A provider call is judged on its headers (who, where, deny rules) and finished on its model once the body
+    is in, without judging the headers twice; a policy swapped in between is applied whole."""
+    c = connect(g, "api.openai.com")
+    body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+    f = request(c, "/v1/chat/completions", "POST", body, {"content-type": "application/json"})
+    assert g.requestheaders(f) is None and f.response is None
+    assert f.metadata[METADATA_KEY].decision is None  # the model is in the body
+    deny = _doc("EgressDenyPolicy", "no-openai", {"hostnames": ["api.openai.com"],
+                                                 "denyResponse": {"statusCode": 451, "message": "not today"}})
+    g.rt.policy = compile_policy(*DOCS, deny, env={"K_OPENAI": OPENAI_KEY, "K_GEMINI": "AIza-STEP-SECRET"})
+    f.request.raw_content = body
+    assert g.request(f) is None
+    assert denied(f) == (451, "clrk: not today")
+    assert "authorization" not in f.request.headers
+    # Under an unchanged policy the same call is allowed on its model.
+    g.rt.policy = POLICY
+    f = send(g, request(c, "/v1/chat/completions", "POST", body, {"content-type": "application/json"}))
+    assert f.response is None and f.metadata[METADATA_KEY].decision.rule.startswith("AIProviderRoute/team-a/openai")
 
 
 def test_a_request_to_a_non_provider_host_is_not_parsed(g):

@@ -24,6 +24,10 @@ REGISTRY: dict[str, type[ProviderParser]] = {
 DEFAULT_HOSTS: dict[str, str] = {host: p.name for p in REGISTRY.values() for host in p.hosts}
 
 
+_OPERATIONS: dict[tuple[str, str], tuple[str | None, str | None]] = {}  # (provider, path): its operation, model
+OPERATIONS_MAX = 4096  # past it the memory starts over (a flood of distinct paths stays bounded)
+
+
 def parser_for(provider_hosts: Mapping[str, str], host: str, path: str) -> ProviderParser | None:
     """A fresh parser when `host` serves a provider API, else None. `path` may carry a query string."""
     name = provider_hosts.get(host)
@@ -31,9 +35,15 @@ def parser_for(provider_hosts: Mapping[str, str], host: str, path: str) -> Provi
         return None
     cls = REGISTRY[name]
     path_only, _, query = path.partition("?")
-    op = cls.operation(path_only)
-    operation, model = op if op else (None, None)
-    return cls(operation, model, path_only, query)
+    known = _OPERATIONS.get((name, path_only))
+    if known is None:
+        op = cls.operation(path_only)  # a pure function of the path, worked out once per distinct one
+        known = op if op else (None, None)
+        if len(path_only) <= 512:
+            if len(_OPERATIONS) >= OPERATIONS_MAX:
+                _OPERATIONS.clear()
+            _OPERATIONS[(name, path_only)] = known
+    return cls(known[0], known[1], path_only, query)
 
 
 __all__ = ["DEFAULT_HOSTS", "NO_CHANGES", "REGISTRY", "GenAiResult", "ProviderParser", "RequestChanges", "parser_for"]

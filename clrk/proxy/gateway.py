@@ -18,6 +18,8 @@ import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mitmproxy import http
+
 from clrk.proxy import failures, limits, reuseport
 from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime
@@ -35,6 +37,7 @@ from clrk.proxy.steps.routing import ProviderRouting
 from clrk.proxy.steps.upstream import UpstreamFailure
 from clrk.proxy.steps.websocket import WebSocketSessions
 from clrk.proxy.steps.websocket import install as install_websocket_layer
+from clrk.proxy.transaction import METADATA_KEY, Transaction
 
 TRAFFIC_HOOKS = ("client_disconnected", "http_connect", "next_layer", "requestheaders", "request", "responseheaders",
                  "response", "error", "server_connect", "server_connected", "server_connect_error",
@@ -95,6 +98,10 @@ class Gateway:
         self.steps: dict[str, tuple[Step, ...]] = {
             hook: tuple(getattr(s, hook) for s in steps if callable(getattr(s, hook, None))) for hook in TRAFFIC_HOOKS
         }
+        # What an ordinary request does not reach is not called for it: a step's hook marked `switch_only` acts
+        # on a 101 answer alone, one marked `websocket_only` on a WebSocket handshake alone (Transaction.websocket).
+        self._not_switched = tuple(s for s in self.steps["responseheaders"] if not getattr(s, "switch_only", False))
+        self._not_websocket = tuple(s for s in self.steps["request"] if not getattr(s, "websocket_only", False))
 
     # Lifecycle: errors here must reach mitmproxy (an invalid policy at start-up stops the gateway).
 
@@ -132,5 +139,22 @@ def _traffic_hook(hook: str) -> Callable[[Gateway, Any], Awaitable[None] | None]
 # Traffic hooks: each runs the steps that have it, one guard per step.
 for _hook in TRAFFIC_HOOKS:
     setattr(Gateway, _hook, _traffic_hook(_hook))
+
+
+def _request(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+    return run_steps("request", self.steps["request"] if tx is not None and tx.websocket else self._not_websocket, flow)
+
+
+def _responseheaders(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    resp = flow.response
+    steps = self.steps["responseheaders"] if resp is None or resp.status_code == 101 else self._not_switched
+    return run_steps("responseheaders", steps, flow)
+
+
+_request.__name__, _request.__qualname__ = "request", "Gateway.request"
+_responseheaders.__name__, _responseheaders.__qualname__ = "responseheaders", "Gateway.responseheaders"
+Gateway.request = _request  # type: ignore[method-assign]
+Gateway.responseheaders = _responseheaders  # type: ignore[method-assign]
 
 addons = [Gateway()]

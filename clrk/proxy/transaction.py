@@ -19,10 +19,10 @@ from mitmproxy import http
 from clrk import attributes as A
 from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
-from clrk.policy.compiled import AgentIdentity, GatewayConfig
+from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
 from clrk.providers import ProviderParser
 from clrk.proxy.budget import Reservation
-from clrk.proxy.capture import BodyCapture
+from clrk.proxy.capture import BodyCapture, request_is_buffered
 from clrk.proxy.mcp import McpExchange
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
 from clrk.redact import Redactor
@@ -83,6 +83,18 @@ class Transaction:
     header_problem: str | None = None  # a framing problem of the request's header block (scan_request_headers)
     websocket: bool = False  # the request is a well-formed WebSocket handshake (a 101 answer may follow)
     resp_h: dict[str, str] | None = None  # header_index of the response as the upstream sent it
+    # The policy under which the decision on the headers was left pending (EgressControl): set only once its
+    # checks passed, so the request hook finishes it with the routes alone (`clrk.decision.decide_rules`).
+    pending_under: CompiledPolicy | None = None
+    provider_buffered: bool | None = None  # request_is_buffered(req_h, provider=True), once worked out
+
+    def buffered_as_provider(self) -> bool:
+        """Whether the request's body is read whole before it goes on, as a provider's or an MCP server's is
+        (`clrk.proxy.capture.request_is_buffered`): several steps ask, the headers as sent do not change."""
+        b = self.provider_buffered
+        if b is None:
+            b = self.provider_buffered = request_is_buffered(self.req_h or {}, provider=True)
+        return b
 
     def response_headers(self, flow: http.HTTPFlow) -> dict[str, str]:
         if self.resp_h is None:
@@ -91,19 +103,32 @@ class Transaction:
         return self.resp_h
 
 
+_NAMES: dict[bytes, tuple[str, bool]] = {}  # header names seen: (lower-case text, valid token) (bounded below)
+_NAMES_MAX = 4096
+
+
+def _name(name: bytes) -> tuple[str, bool]:
+    """A header name's lower-case text and whether it is a valid token, judged once per distinct name (a
+    hostile flood of names stops being remembered past _NAMES_MAX, it is not refused)."""
+    known = (name.lower().decode("latin-1"), _TOKEN.fullmatch(name) is not None)
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = known
+    return known
+
+
 def header_index(fields) -> dict[str, str]:
     """Headers as {lower-case name: first value}: one pass, then dict lookups (mitmproxy's Headers scans all
     fields on every lookup)."""
     out: dict[str, str] = {}
+    names = _NAMES
     for name, value in fields:
-        key = name.lower().decode("latin-1")
-        if key not in out:
-            out[key] = value.decode("latin-1")
+        known = names.get(name) or _name(name)
+        if known[0] not in out:
+            out[known[0]] = value.decode("latin-1")
     return out
 
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_NAME_OK: dict[bytes, bool] = {}  # header names seen, and whether each is a valid token (bounded below)
 
 
 def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]:
@@ -114,22 +139,18 @@ def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]
     out: dict[str, str] = {}
     hosts: list[str] = []
     problem = None
+    names = _NAMES
     for name, value in fields:
-        ok = _NAME_OK.get(name)
-        if ok is None:
-            ok = _TOKEN.fullmatch(name) is not None
-            if len(_NAME_OK) < 4096:
-                _NAME_OK[name] = ok
-        key = name.lower().decode("latin-1")
-        text = value.decode("latin-1")
-        if not ok and problem is None:
-            problem = f"the header name {key[:64]!r} is not a valid token"
-        if ("\n" in text or "\r" in text) and problem is None:
-            problem = f"the header {key[:64]} has a line break in its value (obsolete line folding, or a bare CR)"
+        key, ok = names.get(name) or _name(name)
+        if problem is None:
+            if not ok:
+                problem = f"the header name {key[:64]!r} is not a valid token"
+            elif 10 in value or 13 in value:  # LF, CR (an int needle: a bytes one is first tried as an int, and fails)
+                problem = f"the header {key[:64]} has a line break in its value (obsolete line folding, or a bare CR)"
         if key == "host":
-            hosts.append(text)
+            hosts.append(value.decode("latin-1"))
         if key not in out:
-            out[key] = text
+            out[key] = value.decode("latin-1")
     return out, hosts, problem
 
 
@@ -150,7 +171,7 @@ def _body_summary(capture: BodyCapture | None, raw: bytes | None, wanted: bool, 
 def _redacted_target(path: bytes, redactor: Redactor) -> bytes:
     """The request target's bytes with sensitive query values replaced (latin-1 maps bytes to text and back
     losslessly); the same object when nothing is."""
-    if b"?" not in path:
+    if path.find(b"?") < 0:  # (find: `b"?" in path` first tries the needle as an int, and fails, every time)
         return path
     text = path.decode("latin-1")
     red = redactor.path(text)

@@ -29,7 +29,8 @@ class Capture:
         if tx is None or flow.response or flow.error or tx.gateway is None:
             return
         h = tx.req_h or {}
-        if not request_is_buffered(h, provider=tx.genai is not None or tx.mcp is not None):
+        provider = tx.genai is not None or tx.mcp is not None
+        if not (tx.buffered_as_provider() if provider else request_is_buffered(h, provider=False)):
             cfg = tx.gateway.capture
             tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h.get("content-encoding"))
             flow.request.stream = tx.req_capture.feed

@@ -14,12 +14,11 @@ from mitmproxy import http
 from mitmproxy.proxy import server_hooks
 
 from clrk.addresses import dial_form, literal, refusal, resolved
-from clrk.decision import AuthResult, Decision, RequestFacts, decide
-from clrk.hostnames import norm_host, normalize_path, path_ambiguity, request_target
+from clrk.decision import AuthResult, Decision, RequestFacts, decide, decide_rules
+from clrk.hostnames import norm_host, path_facts, request_target
 from clrk.identity import invocation_from_baggage
 from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity, GatewayConfig
-from clrk.proxy.capture import request_is_buffered
 from clrk.proxy.dispatch import Step, run_steps
 from clrk.proxy.runtime import Runtime, listener_port, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
@@ -64,35 +63,37 @@ class EgressControl:
                 tunnel.sni = norm_host(client.sni)
             sni = tunnel.sni
         default_port = 443 if client.tls_established or req.scheme == "https" else 80
+        # Each of mitmproxy's Request properties decodes its bytes again when read: read once here.
+        target, method, req_authority = req.path, req.method, req.authority
         authority, authority_port, target_problem = request_target(
-            tx.dst_name, default_port, req.authority, tx.host_headers or (), req.path, req.method)
+            tx.dst_name, default_port, req_authority, tx.host_headers or (), target, method)
         target_problem = tx.header_problem or target_problem
-        if target_problem is None and req.authority and req.http_version.startswith("HTTP/1"):
+        if target_problem is None and req_authority and req.http_version.startswith("HTTP/1"):
             # An absolute-form request line in a tunnel, agreeing with it: sent on in origin-form, with a Host,
             # so the upstream is asked for exactly what was judged (and recorded).
             if not tx.host_headers:
-                req.headers["host"] = req.authority
+                req.headers["host"] = req_authority
             req.authority = ""
         protocol_problem = None
         if "upgrade" in h or "http2-settings" in h:
             protocol_problem = websocket_problem(req, h)
             tx.websocket = protocol_problem is None
-        path = normalize_path(req.path)
+        path, ambiguity = path_facts(target)
         genai = tx.genai
         tx.facts = RequestFacts(
-            tx.dst_name, tx.dst_port, req.method, path, sni, authority, authority_port,
+            tx.dst_name, tx.dst_port, method, path, sni, authority, authority_port,
             provider=genai.name if genai else None,
             provider_names=policy.provider_names_by_host.get(tx.dst_name, ()),
             model=genai.result.request_model if genai else None,
-            model_pending=genai is not None and request_is_buffered(h, provider=True),
+            model_pending=genai is not None and tx.buffered_as_provider(),
             target_problem=target_problem,
             protocol_problem=protocol_problem,
-            path_ambiguity=path_ambiguity(req.path),
+            path_ambiguity=ambiguity,
         )
         if tx.mcp is not None:
             # An MCP request is judged on its messages: its body (any method's; HTTP/2 may send one without a
             # length) is read first, bounded like a provider's.
-            if request_is_buffered(h, provider=True):
+            if tx.buffered_as_provider():
                 tx.facts.mcp_pending = True
             else:
                 tx.facts.mcp_problem = "an MCP request body of unknown length or over 32 MiB cannot be judged"
@@ -105,6 +106,7 @@ class EgressControl:
         # makes the gateway read its body; None means the answer depends on the model in the body.
         d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), tx.facts)
         if d is None:
+            tx.pending_under = policy  # what remains of the decision is finished under this policy (request)
             return None
         return self._apply(flow, tx, d, "requestheaders", body_in=False)
 
@@ -129,7 +131,12 @@ class EgressControl:
         if facts.mcp_pending:  # still waiting: its body was not read, so its messages cannot be judged
             facts.mcp_problem = "the MCP request body could not be read"
         facts.model, facts.model_pending, facts.mcp_pending = model, False, False
-        d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
+        if tx.pending_under is policy and tx.agent is not None and tx.gateway is not None and tx.auth_failure is None:
+            # Left pending on the headers under this very policy, past every check that does not depend on the
+            # body: only the routes are left to judge, now with the model (and MCP messages) in.
+            d = decide_rules(policy, tx.gateway, tx.agent, facts)
+        else:  # the policy was replaced meanwhile (or the headers were never judged): the whole decision again
+            d = decide(policy, tx.gateway, tx.auth_failure or AuthResult(tx.agent), facts)
         assert d is not None
         return self._apply(flow, tx, d, "request", body_in=True)
 
@@ -155,7 +162,7 @@ class EgressControl:
     def _budget_waits_for_body(tx: Transaction, d: Decision) -> bool:
         """A budgeted call whose body the gateway reads whole: its estimate waits for that body."""
         rule = d.provider_rule
-        return rule is not None and rule.budget is not None and request_is_buffered(tx.req_h or {}, provider=True)
+        return rule is not None and rule.budget is not None and tx.buffered_as_provider()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
@@ -172,6 +179,8 @@ class EgressControl:
         log.warning("clrk: cut %s %s: the upstream answered 101 without a WebSocket handshake",
                     flow.request.method, flow.request.host)
         flow.kill()
+
+    responseheaders.switch_only = True  # type: ignore[attr-defined]  # the Gateway calls it for a 101 only
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> Awaitable[None] | None:
         addr = data.server.address

@@ -23,7 +23,6 @@ from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
 from clrk.providers.base import ProviderParser
 from clrk.proxy.budget_store import Refusal, SharedLedger, StoreUnavailable
-from clrk.proxy.capture import request_is_buffered
 from clrk.proxy.runtime import Runtime, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
 
@@ -83,7 +82,7 @@ class ProviderRouting:
                 budget = rule.budget
                 tx.budget_pool = rule.pool + (f"/agent:{tx.agent.ref}" if budget.per_agent and tx.agent else "")
                 tx.budget_max = budget.max_tokens_per_day
-                if not request_is_buffered(tx.req_h or {}, provider=True):
+                if not tx.buffered_as_provider():
                     # A body the gateway does not read (chunked, or past 32 MiB) cannot be estimated nor made to
                     # report its usage: a budget could not hold.
                     self._deny(flow, tx, Decision(False, rule.ref, "requests to a budgeted route need a "

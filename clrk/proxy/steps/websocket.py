@@ -308,6 +308,8 @@ class WebSocketSessions:
             # what an upstream compresses unasked.
             del resp.headers["sec-websocket-extensions"]
 
+    responseheaders.switch_only = True  # type: ignore[attr-defined]  # the Gateway calls it for a 101 only
+
     def request(self, flow: http.HTTPFlow) -> None:
         """A realtime handshake whose URL names no model (Gemini Live names it in `setup`): the rules' model
         globs are judged once the session names it (`_judge`), not now against no model at all."""
@@ -316,6 +318,8 @@ class WebSocketSessions:
             return
         if tx.genai.result.request_model is None:
             tx.facts.model_later = True
+
+    request.websocket_only = True  # type: ignore[attr-defined]  # the Gateway calls it for handshakes only
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
