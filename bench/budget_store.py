@@ -1,10 +1,12 @@
-"""What a Redis-backed budget admission costs: the bench's budgeted chat completion (bench/bench.py) through
-two clrk gateways that differ only in their ledger — the local one, and a shared one on a redis-server of
-its own on loopback (CLRK_BUDGET_STORE) — measured interleaved (local, redis, local, redis, ...) with hey.
+"""What a shared budget admission costs: the bench's budgeted chat completion (bench/bench.py) through
+three clrk gateways that differ only in their ledger — the local one, a shared one on a redis-server of
+its own on loopback (CLRK_BUDGET_STORE=redis://...), and one held by the gateway's recorder
+(CLRK_BUDGET_STORE=recorder, what `clrk run --workers N` uses) — measured interleaved (local, redis,
+recorder, local, ...) with hey.
 
     .venv/bin/python bench/budget_store.py [--rounds 3] [--seconds 5] [--concurrency 1,8]
 
-Prints a table of medians (req/s, p50, p99) and the ratio redis / local; not a pass/fail check.
+Prints a table of medians (req/s, p50, p99) and each shared ledger's ratio to the local one; not a pass/fail check.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def main() -> None:
         es.callback(store.stop)
         ports: dict[str, int] = {}
         pids: dict[str, int] = {}
-        for name, env in (("local", {}), ("redis", {"CLRK_BUDGET_STORE": store.url})):
+        for name, env in (("local", {}), ("redis", {"CLRK_BUDGET_STORE": store.url}),
+                          ("recorder", {"CLRK_BUDGET_STORE": "recorder"})):
             ports[name] = port = free_port()
             db = tmp / f"data-{name}" / "clrk.duckdb"
             log = open(tmp / f"{name}.log", "wb")

@@ -321,6 +321,33 @@ def test_records_a_proxy_drops_are_counted_by_the_recorder(tmp_path, monkeypatch
     assert (flushed["written"], flushed["dropped"], st["dropped_at_proxy"]) == (3, 2, 2)
 
 
+def test_a_request_the_recorder_does_not_answer_in_time_ends_at_its_deadline_and_its_late_answer_is_ignored(tmp_path):
+    """RecordSink.request bounds itself (a budget admission held by the recorder relies on it): with the recorder
+    stopped (SIGSTOP) a request fails at its deadline and leaves nothing waiting; once the recorder runs again
+    its late answer to that request is dropped and the next request gets its own."""
+    import signal
+
+    from clrk.proxy import sink as sink_module
+
+    async def run() -> None:
+        s = sink_module.RecordSink(str(tmp_path / "c.duckdb"))
+        await s.start()
+        pid = (await s.request({"t": "status"}, 10))["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await s.request({"t": "status"}, 0.3)
+            assert 0.3 <= time.monotonic() - t0 < 2 and not s._replies
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        reply = await s.request({"t": "flush"}, 10)
+        assert reply["t"] == "ok" and "written" in reply and "pid" not in reply  # its own, not the late status answer
+        await s.stop()
+
+    asyncio.run(run())
+
+
 def test_a_record_msgpack_refuses_is_shipped_without_the_value_it_cannot_carry(tmp_path):
     """It used to be dropped whole (and with it its transaction's budget charge)."""
     from clrk.proxy.sink import RecordSink

@@ -160,6 +160,7 @@ class Backend(Protocol):
     it again. Replies are the scripts' (see ADMIT, SETTLE)."""
 
     display: str
+    timed: bool  # True when its calls end by themselves at their deadline (else SharedLedger bounds them)
 
     async def admit(self, key: str, args: tuple[str, ...], mark: str) -> tuple[list, str]: ...
     async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list: ...
@@ -169,6 +170,8 @@ class Backend(Protocol):
 
 class RedisBackend:
     """The pools on Redis: the scripts run there (EVALSHA), settlements pipelined."""
+
+    timed = False
 
     def __init__(self, url: str, client: Any = None):
         self.display = safe_url(url)
@@ -212,6 +215,7 @@ class RecorderBackend:
     a settlement carrying a tag the recorder does not know releases nothing (it charges its usage only)."""
 
     display = RECORDER
+    timed = True
 
     def __init__(self, ledger: SharedLedger):
         self.ledger = ledger
@@ -345,7 +349,9 @@ class SharedLedger:
         args = ("" if max_tokens is None else str(max_tokens), str(tokens),
                 "" if max_cost is None else repr(float(max_cost)), repr(cost), expiry)
         try:
-            reply, epoch = await bounded(self.backend.admit(pool_key(iso, pool), args, self._mark), STORE_TIMEOUT)
+            call = self.backend.admit(pool_key(iso, pool), args, self._mark)
+            # The recorder's requests carry their own deadline (RecordSink.request); a Redis call is bounded here.
+            reply, epoch = await (call if self.backend.timed else bounded(call, STORE_TIMEOUT))
         except Exception as e:  # timeout, connection refused or reset, a Redis error
             self._down(e)
             raise StoreUnavailable(self.down_reason) from None

@@ -241,13 +241,28 @@ class RecordSink:
             self._writer.write(wire.pack(self.budget_store))
 
     async def request(self, message: dict, timeout: float) -> dict:
+        """The recorder's reply to `message`, or TimeoutError after `timeout` seconds. One future and one timer
+        (not `asyncio.wait_for`'s task machinery): a budget admission held by the recorder is one of these per
+        budgeted call, on the proxy's thread."""
         if self._writer is None:
             raise ConnectionError("not connected to the recorder")
         self._next_id += 1
-        fut = asyncio.get_running_loop().create_future()
-        self._replies[self._next_id] = fut
-        self._writer.write(wire.pack(dict(message, id=self._next_id)))
-        return await asyncio.wait_for(fut, timeout)
+        rid = self._next_id
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._replies[rid] = fut
+        self._writer.write(wire.pack(dict(message, id=rid)))
+        timer = loop.call_later(timeout, self._expire, rid, timeout)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._replies.pop(rid, None)
+
+    def _expire(self, rid: int, timeout: float) -> None:
+        fut = self._replies.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(TimeoutError(f"the recorder did not answer within {timeout:g} s"))
 
     async def flush(self, timeout: float = 30.0) -> dict:
         """Ships everything queued and waits until the recorder has it in DuckDB."""
