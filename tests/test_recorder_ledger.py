@@ -88,8 +88,16 @@ def test_a_batch_resent_after_its_answer_was_lost_is_applied_once(tmp_path):
     run(go())
 
 
+@pytest.mark.parametrize("leases", [True, False])
 @pytest.mark.parametrize("seed", range(3))
-def test_two_proxies_keep_the_bound(tmp_path, seed):
+def test_two_proxies_keep_the_bound(tmp_path, seed, leases, monkeypatch):
+    """80 calls at once through two proxies: never more held than the pool; with leases off, a call is refused
+    only when what is held leaves less than it (with leases on, an unused lease can be what is held: the
+    sequential lease test below checks that claim step by step)."""
+    if not leases:
+        from clrk.proxy import budget_store
+
+        monkeypatch.setattr(budget_store, "LEASE_CALLS", 0)  # asks for none: the recorder grants none
     rnd = random.Random(seed)
     mx = rnd.randint(1, 5000)
     asks = [(rnd.randint(1, 400), rnd.randint(0, 800)) for _ in range(80)]
@@ -102,9 +110,13 @@ def test_two_proxies_keep_the_bound(tmp_path, seed):
                     if not isinstance(res, Refusal)]
         held = sum(r.tokens for _, r, _ in admitted)
         assert held <= mx
-        assert all(mx - held < t for res, (t, _) in zip(got, asks, strict=True) if isinstance(res, Refusal))
+        if not leases:
+            assert all(mx - held < t for res, (t, _) in zip(got, asks, strict=True) if isinstance(res, Refusal))
         for k, res, actual in admitted:
             (a if k % 2 else b).settle(res, actual)
+        for p in (a, b):
+            for k in list(p.leases):
+                p._end_lease(k)
         await a._drain()
         await b._drain()
         day = (await pools(sa))[key(a, "race")]
@@ -286,5 +298,151 @@ def test_a_second_recorder_for_the_store_leaves_the_first_in_place(tmp_path):
         assert second.returncode == 3 and second.stderr == ""  # quietly: another recorder serves this store
         assert (await sink.request({"t": "status"}, 10))["pid"] == first
         assert not isinstance(await a.admit("p", 10, 1, None, 0.0), Refusal)
+        await stop((sink, a))
+    run(go())
+
+
+# ------------------------------------------------------------------ leases
+
+
+def test_a_pool_far_from_its_limit_is_leased_so_most_calls_need_no_round_trip(tmp_path):
+    """200 calls of 100 tokens on a pool of 10^9: the first admission brings a lease of 32 such calls, the next
+    31 are admitted here from it, and so on; settled, then the lease given back at close: the pool holds the
+    usage of the 200 calls and nothing reserved."""
+    async def go():
+        sink, a = await proxy(str(tmp_path / "c.duckdb"))
+        for _ in range(200):
+            res = await a.admit("big", 10**9, 100, None, 0.0)
+            assert not isinstance(res, Refusal)
+            a.settle(res, 50)
+        assert a.leased >= 190 and a.state({})["leased_admissions"] == a.leased
+        status = (await sink.request({"t": "budget_pools"}, 10))
+        assert status["admissions"] <= 10 and status["leases"] == status["admissions"]
+        await a.close()
+        await a._drain()
+        assert (await pools(sink))[key(a, "big")] == {"u": str(200 * 50)}
+        await sink.stop()
+    run(go())
+
+
+def test_no_lease_near_the_end_of_a_pool_so_admission_stays_exact_there(tmp_path):
+    async def go():
+        sink, a = await proxy(str(tmp_path / "c.duckdb"))
+        got = [await a.admit("small", 1000, 77, None, 0.0) for _ in range(14)]
+        assert [isinstance(g, Refusal) for g in got].count(False) == 1000 // 77 and not a.leases and a.leased == 0
+        await stop((sink, a))
+    run(go())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_leases_keep_the_bound_across_two_proxies_and_a_refusal_means_the_pool_is_held(tmp_path, seed):
+    """Two proxies admitting and settling in a random order on a pool where leases are granted early: the
+    recorder never holds more than the pool (used + reserved ≤ max while nothing settles above its
+    reservation); a call is refused only when what is held — calls and both proxies' unused leases — leaves
+    less than it; at the end, with every call settled and the leases given back, nothing is reserved and the
+    usage is exactly what was charged."""
+    rnd = random.Random(seed)
+    mx = 4_000  # leases early (room for 64 calls of up to 60), refusals later (≈ 8,000 tokens asked in all)
+
+    async def go():
+        db = str(tmp_path / "c.duckdb")
+        proxies = [await proxy(db), await proxy(db)]
+        held: list[tuple[SharedLedger, object, int]] = []
+        used = refused = 0
+        for _ in range(500):
+            _, led = rnd.choice(proxies)
+            if held and rnd.random() < 0.45:
+                owner, res, actual = held.pop(rnd.randrange(len(held)))
+                owner.settle(res, actual)
+                used += actual
+                await owner._drain()  # what the next admission is judged on
+                continue
+            t = rnd.randint(1, 60)
+            res = await led.admit("race", mx, t, None, 0.0)
+            leases = sum(lease.res.tokens for _, p in proxies for lease in p.leases.values())
+            if isinstance(res, Refusal):
+                refused += 1
+                assert mx - used - sum(r.tokens for _, r, _ in held) - leases < t
+            else:
+                held.append((led, res, rnd.randint(res.tokens // 2, res.tokens)))  # never above its reservation
+            for _, p in proxies:
+                await p._drain()
+            day = (await pools(proxies[0][0])).get(key(led, "race"), {})
+            assert int(day.get("u", 0)) + int(day.get("r", 0)) <= mx
+            assert used + sum(r.tokens for _, r, _ in held) + leases <= mx  # what the proxies hold, as they see it
+        assert sum(p.leased for _, p in proxies) > 0 and refused > 0  # leases were in play, and the pool ran out
+        for owner, res, actual in held:
+            owner.settle(res, actual)
+            used += actual
+        for _, p in proxies:
+            await p.close()
+            await p._drain()
+        assert (await pools(proxies[0][0]))[key(proxies[0][1], "race")] == ({"u": str(used)} if used else {})
+        for s, _ in proxies:
+            await s.stop()
+    run(go())
+
+
+def test_a_lease_left_unused_is_given_back(tmp_path, monkeypatch):
+    from clrk.proxy import budget_store
+
+    monkeypatch.setattr(budget_store, "LEASE_IDLE", 0.2)
+
+    async def go():
+        sink, a = await proxy(str(tmp_path / "c.duckdb"))
+        res = await a.admit("idle", 10**9, 100, None, 0.0)
+        assert a.leases
+        assert int((await pools(sink))[key(a, "idle")]["r"]) > 100
+        async def ended() -> bool:
+            return not a.leases
+
+        await wait_until(ended, "the lease ended")
+        await a._drain()
+        assert (await pools(sink))[key(a, "idle")] == {"r": "100"}  # the call's own reservation only
+        a.settle(res, 7)
+        await stop((sink, a))
+    run(go())
+
+
+def test_a_budget_changed_by_a_reload_ends_the_lease_in_the_next_admission(tmp_path):
+    async def go():
+        sink, a = await proxy(str(tmp_path / "c.duckdb"))
+        await a.admit("rl", 10**9, 100, None, 0.0)
+        assert a.leases
+        await a.admit("rl", 10**9 - 1, 100, None, 0.0)  # other limits: not from the lease; its rest given back first
+        day = (await pools(sink))[key(a, "rl")]
+        lease = sum(lease.res.tokens for lease in a.leases.values())
+        assert int(day["r"]) == 200 + lease
+        await stop((sink, a))
+    run(go())
+
+
+@pytest.mark.parametrize("extra", [
+    {"lease": [2**62, 1.0]}, {"lease": [5, 1e300]}, {"lease": "x"}, {"lease": [True, 0.0]}, {"lease": [-5, 0.0]},
+    {"release": [10**9, 0.0, "t1"]}, {"release": [5, 0.0, "unknown-tag"]}, {"release": "x"}, {"release": [-1, 0.0, "t1"]},
+])
+def test_a_hostile_lease_or_release_is_ignored_and_the_call_admitted_as_asked(tmp_path, extra):
+    async def go():
+        db = str(tmp_path / "c.duckdb")
+        sink, a = await proxy(db)
+        _, _, ask = await raw_proxy(db, os.getpid())
+        k = key(a, "h")
+        reply = await ask({"t": "budget_admit", "key": k, "args": ["1000000", "10", "", "0.0", a.today()[2]], **extra})
+        assert reply["t"] == "ok" and reply["reply"][0] == 1 and "lease" not in reply
+        assert (await pools(sink))[k] == {"r": "10"}
+        await stop((sink, a))
+    run(go())
+
+
+def test_leases_granted_to_calls_admitted_at_once_are_joined_never_left_held(tmp_path):
+    """20 calls admitted at once each come back with a lease; one proxy keeps one lease per pool day, so the
+    others join it: what the recorder holds is exactly the calls and that lease."""
+    async def go():
+        sink, a = await proxy(str(tmp_path / "c.duckdb"))
+        got = await asyncio.gather(*[a.admit("many", 10**9, 100, None, 0.0) for _ in range(20)])
+        assert not any(isinstance(g, Refusal) for g in got)
+        await a._drain()
+        lease = sum(lease.res.tokens for lease in a.leases.values())
+        assert lease > 0 and int((await pools(sink))[key(a, "many")]["r"]) == 20 * 100 + lease
         await stop((sink, a))
     run(go())

@@ -46,6 +46,8 @@ STORE_TIMEOUT = 0.5  # seconds an admission waits for Redis before the store cou
 MAX_QUEUED = 100_000  # settlements waiting for Redis; past that the oldest are dropped (counted, logged)
 BATCH = 256  # settlements per pipelined round trip
 SEND_INTERVAL = 0.005  # settlements are sent this long after the first of a batch (or when BATCH are waiting)
+LEASE_CALLS = 32  # a lease asked of the recorder's ledger: this many calls like the one being admitted
+LEASE_IDLE = 1.0  # seconds a lease unused is kept before what is left of it is given back
 
 # KEYS[1] the pool's day; ARGV: max tokens ("" = none), tokens, max USD ("" = none), USD, expire-at (unix s).
 # Returns {1, u, uc} when admitted (the usage before it), {0, u, r, uc, rc} when it does not fit: strings, since
@@ -162,7 +164,10 @@ class Backend(Protocol):
     display: str
     timed: bool  # True when its calls end by themselves at their deadline (else SharedLedger bounds them)
 
-    async def admit(self, key: str, args: tuple[str, ...], mark: str) -> tuple[list, str]: ...
+    leases: bool  # True when an admission may come with a lease (the recorder's ledger)
+
+    async def admit(self, key: str, args: tuple[str, ...], mark: str, lease: tuple[int, float] | None = None,
+                    release: tuple[int, float, str] | None = None) -> tuple[list, str, tuple[int, float] | None]: ...
     async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
@@ -172,6 +177,7 @@ class RedisBackend:
     """The pools on Redis: the scripts run there (EVALSHA), settlements pipelined."""
 
     timed = False
+    leases = False
 
     def __init__(self, url: str, client: Any = None):
         self.display = safe_url(url)
@@ -184,8 +190,9 @@ class RedisBackend:
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
 
-    async def admit(self, key: str, args: tuple[str, ...], mark: str) -> tuple[list, str]:
-        return await self._admit(keys=[key], args=args), ""
+    async def admit(self, key: str, args: tuple[str, ...], mark: str, lease: tuple[int, float] | None = None,
+                    release: tuple[int, float, str] | None = None) -> tuple[list, str, tuple[int, float] | None]:
+        return await self._admit(keys=[key], args=args), "", None
 
     async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -216,6 +223,7 @@ class RecorderBackend:
 
     display = RECORDER
     timed = True
+    leases = True
 
     def __init__(self, ledger: SharedLedger):
         self.ledger = ledger
@@ -242,10 +250,19 @@ class RecorderBackend:
             raise RecorderError(printable(str(reply.get("message") or "error"))[:200])
         return reply
 
-    async def admit(self, key: str, args: tuple[str, ...], mark: str) -> tuple[list, str]:
-        reply = await self._request({"t": "budget_admit", "ledger": mark, "key": key, "args": list(args)},
-                                    STORE_TIMEOUT)
-        return reply["reply"], reply["epoch"]
+    async def admit(self, key: str, args: tuple[str, ...], mark: str, lease: tuple[int, float] | None = None,
+                    release: tuple[int, float, str] | None = None) -> tuple[list, str, tuple[int, float] | None]:
+        msg: dict = {"t": "budget_admit", "ledger": mark, "key": key, "args": list(args)}
+        if lease is not None:
+            msg["lease"] = [lease[0], lease[1]]
+        if release is not None:
+            msg["release"] = [release[0], release[1], release[2]]
+        reply = await self._request(msg, STORE_TIMEOUT)
+        granted = reply.get("lease")
+        if not (isinstance(granted, list) and len(granted) == 2 and isinstance(granted[0], int) and granted[0] > 0
+                and isinstance(granted[1], (int, float)) and granted[1] >= 0):
+            granted = None
+        return reply["reply"], reply["epoch"], (granted[0], float(granted[1])) if granted else None
 
     async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list:
         items = [[key, list(args), epoch] for key, args, epoch in batch]
@@ -257,6 +274,17 @@ class RecorderBackend:
 
     async def close(self) -> None:
         pass
+
+
+@dataclass(slots=True)
+class Lease:
+    """Part of a pool's day this proxy holds on the recorder's ledger beyond its calls' reservations: calls that
+    fit in it are admitted here, without a round trip (`res.tokens`/`res.cost` is what is left; it is in `live`,
+    so a new recorder is told of it like any reservation). Valid only under the limits it was granted for."""
+    res: Reservation
+    limits: tuple[int | None, float | None]
+    used_at: float
+    timer: asyncio.TimerHandle | None = None
 
 
 class SharedLedger:
@@ -293,6 +321,8 @@ class SharedLedger:
         self._probe: asyncio.Task | None = None
         self._day_bounds = (0.0, 0.0)
         self._today: tuple[dt.date, str, str] = (dt.date.min, "", "")
+        self.leases: dict[str, Lease] = {}  # pool day key -> what this proxy holds of it (the recorder's ledger)
+        self.leased = 0  # calls admitted from a lease
 
     def attach(self, sink) -> None:
         """The proxy's connection to its recorder (clrk.proxy.sink.RecordSink): the store, when it is `recorder`."""
@@ -341,18 +371,29 @@ class SharedLedger:
     async def admit(self, pool: str, max_tokens: int | None, tokens: int, max_cost: float | None,
                     cost: float) -> Reservation | Refusal:
         """Reserves on Redis what `BudgetLedger.admit` would; raises StoreUnavailable when Redis cannot answer."""
-        if not self.available:
-            raise StoreUnavailable(self.down_reason)
         day, iso, expiry = self.today()
         tokens = max(tokens, 1)
         cost = max(cost, 1e-9) if max_cost is not None else 0.0
+        key = pool_key(iso, pool)
+        release = None
+        if (lease := self.leases.get(key)) is not None:
+            res = self._from_lease(lease, tokens, cost, max_tokens, max_cost)
+            if res is not None:
+                return res
+            release = self._end_lease(key, send=False)  # given back within the admission below
+        if not self.available:
+            if release is not None:
+                self._send(release[3], release[0], release[1], 0, 0.0)
+            raise StoreUnavailable(self.down_reason)
         args = ("" if max_tokens is None else str(max_tokens), str(tokens),
                 "" if max_cost is None else repr(float(max_cost)), repr(cost), expiry)
+        want = (tokens * LEASE_CALLS, cost * LEASE_CALLS) if self.backend.leases and LEASE_CALLS > 0 else None
         try:
-            call = self.backend.admit(pool_key(iso, pool), args, self._mark)
+            call = self.backend.admit(key, args, self._mark, want, release[:3] if release is not None else None)
             # The recorder's requests carry their own deadline (RecordSink.request); a Redis call is bounded here.
-            reply, epoch = await (call if self.backend.timed else bounded(call, STORE_TIMEOUT))
+            reply, epoch, granted = await (call if self.backend.timed else bounded(call, STORE_TIMEOUT))
         except Exception as e:  # timeout, connection refused or reset, a Redis error
+            # The lease's remainder may or may not have been given back: kept held (errs toward spending less).
             self._down(e)
             raise StoreUnavailable(self.down_reason) from None
         if int(reply[0]) == 1:
@@ -360,9 +401,72 @@ class SharedLedger:
             res = Reservation(pool, tokens, day, cost, shared=True, epoch=epoch)
             if self.live is not None:
                 self.live[id(res)] = res
+                if granted is not None:
+                    self._add_lease(key, Reservation(pool, granted[0], day, granted[1] if max_cost is not None else 0.0,
+                                                     shared=True, epoch=epoch), (max_tokens, max_cost))
             return res
         used, cost_used = self._saw(iso, pool, int(reply[1]), float(reply[3]))
         return Refusal(used, int(reply[2]), cost_used, float(reply[4]))
+
+    # ---------------------------------------------------------------- leases (the recorder's ledger)
+
+    def _from_lease(self, lease: Lease, tokens: int, cost: float, max_tokens: int | None,
+                    max_cost: float | None) -> Reservation | None:
+        """The call's reservation taken from `lease`, or None when the lease does not cover it (or was granted
+        under other limits: a reload changed the budget)."""
+        left = lease.res
+        if lease.limits != (max_tokens, max_cost) or left.tokens < tokens or (max_cost is not None and left.cost < cost):
+            return None
+        left.tokens -= tokens
+        left.cost -= cost
+        lease.used_at = time.monotonic()
+        res = Reservation(left.pool, tokens, left.day, cost, shared=True, epoch=left.epoch)
+        if self.live is not None:
+            self.live[id(res)] = res
+        self.leased += 1
+        return res
+
+    def _add_lease(self, key: str, res: Reservation, limits: tuple[int | None, float | None]) -> None:
+        """A lease granted with an admission. Calls admitted at once may each bring one: a second one joins the
+        lease already held (same recorder, same limits), or is given back at once — never left held unused."""
+        lease = self.leases.get(key)
+        if lease is not None:
+            if lease.res.epoch == res.epoch and lease.limits == limits:
+                lease.res.tokens += res.tokens
+                lease.res.cost += res.cost
+                return
+            self._send(res, res.tokens, res.cost, 0, 0.0)
+            return
+        if self.live is None:
+            return
+        self.live[id(res)] = res
+        lease = self.leases[key] = Lease(res, limits, time.monotonic())
+        lease.timer = asyncio.get_running_loop().call_later(LEASE_IDLE, self._lease_idle, key, lease)
+
+    def _lease_idle(self, key: str, lease: Lease) -> None:
+        if self.leases.get(key) is not lease:
+            return
+        idle = time.monotonic() - lease.used_at
+        if idle >= LEASE_IDLE:
+            self._end_lease(key)
+        else:
+            lease.timer = asyncio.get_running_loop().call_later(LEASE_IDLE - idle, self._lease_idle, key, lease)
+
+    def _end_lease(self, key: str, send: bool = True) -> tuple[int, float, str, Reservation] | None:
+        """Ends the lease of `key`: what is left of it is given back — sent as a settlement that charges
+        nothing, or (send=False) returned as (tokens, USD, tag, reservation) for the caller to send."""
+        lease = self.leases.pop(key, None)
+        if lease is None:
+            return None
+        if lease.timer is not None:
+            lease.timer.cancel()
+        if self.live is not None:
+            self.live.pop(id(lease.res), None)
+        left = lease.res
+        if send:
+            self._send(left, max(left.tokens, 0), max(left.cost, 0.0), 0, 0.0)
+            return None
+        return max(left.tokens, 0), max(left.cost, 0.0), left.epoch, left
 
     def admit_local(self, pool: str, max_tokens: int | None, tokens: int, max_cost: float | None,
                     cost: float) -> Reservation | None:
@@ -500,6 +604,8 @@ class SharedLedger:
         out: dict = {"url": self.display, "available": self.available, "queued": len(self.queue),
                      "dropped": self.dropped, "fail_open_admissions": self.fail_open_used,
                      "fail_closed_refusals": self.fail_closed}
+        if self.backend.leases:
+            out["leased_admissions"] = self.leased
         if not self.available:
             out["down_since"] = self.down_since
             out["reason"] = self.down_reason
@@ -507,7 +613,10 @@ class SharedLedger:
         return out
 
     async def close(self) -> None:
-        """At a graceful stop: what is queued is sent if Redis answers (briefly), then the connections close."""
+        """At a graceful stop: leases are given back, what is queued is sent if the store answers (briefly), then
+        the connections close."""
+        for key in list(self.leases):
+            self._end_lease(key)
         if self.available and self.queue:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):

@@ -4,7 +4,8 @@ recorder, so N worker processes on a host keep one pool's bound as one process d
 
 Requests (clrk.wire messages from a proxy's RecordSink; clrk.proxy.budget_store.RecorderBackend):
   {"t": "budget_adopt", "ledger": L, "tag": T, "held": [[tag, key, tokens, usd, expire-at], ...]}  (no reply)
-  {"t": "budget_admit", "ledger": L, "key": K, "args": [...ADMIT]} -> {"reply": [...], "epoch": T}
+  {"t": "budget_admit", "ledger": L, "key": K, "args": [...ADMIT], "lease": [tokens, USD]?,
+   "release": [tokens, USD, tag]?} -> {"reply": [...], "epoch": T, "lease": [tokens, USD]?}  (LEASE_ROOM)
   {"t": "budget_settle", "ledger": L, "items": [[K, [...SETTLE], tag], ...]} -> {"replies": [[u, uc] | None]}
   {"t": "budget_ping", "ledger": L} -> {}
 Answered at once, on the event loop, between any two awaits of a flush (the pools are a few dicts).
@@ -42,6 +43,18 @@ GRACE = 2.0  # seconds after a proxy's last connection ends before its process i
 ADOPT_WINDOW = 0.4  # after the recorder starts listening, seconds for proxies to (re)connect and say what they hold
 SEED_WAIT = 0.45  # an early admission waits this long for both (under the proxy's 0.5 s)
 MAX_ITEMS = 10_000  # settlements in one request
+# Leases: an admission may ask for one (`"lease": [tokens, USD]`). Besides the call's own reservation the proxy
+# then holds more of the pool, to admit its next calls on its own (clrk.proxy.budget_store: no round trip per
+# call). Granted only while the pool is far from its limit — at least LEASE_ROOM times the call left after it —
+# and at most 1/LEASE_SHARE of what is left; so once a pool nears its end every call is admitted here, one by
+# one. A lease is a reservation like any other (held, released when its proxy dies, declared again after a
+# restart), so the bound is unchanged. An admission may also give back what is left of a lease first
+# (`"release": [tokens, USD, tag]`), in the same step, so a call its lease no longer covers is judged on the
+# pool without that remainder.
+LEASE_ROOM = 64
+LEASE_SHARE = 16
+MAX_LEASE_TOKENS = 2**53  # the most a lease may ask for (a larger ask is ignored, not trusted)
+MAX_LEASE_USD = 1e12
 
 
 class Unavailable(Exception):
@@ -94,6 +107,7 @@ class RecorderLedger:
         self.holders: dict[str, Holder] = {}
         self.by_conn: dict[object, set[str]] = {}
         self.admissions = self.refusals = self.settlements = self.released = 0
+        self.leases = 0  # admissions that came with a lease
         self.opened = time.monotonic()  # when the recorder started listening (set by it)
         self._ready = False
         self._last_sweep = clock()
@@ -198,13 +212,67 @@ class RecorderLedger:
         if key_day(key) < self.start_day:
             raise Unavailable("a day before this recorder started")
         self._sweep()
-        reply = self.pools.admit(key, args)
+        self._release(h, key, msg.get("release"))
+        granted = self._lease(key, args, msg.get("lease"))
+        if granted is not None:
+            reply = self.pools.admit(key, (args[0], str(int(args[1]) + granted[0]), args[2],
+                                           repr(float(args[3]) + granted[1]), args[4]))
+            if reply[0] != 1:  # the lease did not fit after all: the call alone
+                granted = None
+        if granted is None:
+            reply = self.pools.admit(key, args)
         if reply[0] == 1:
             self.admissions += 1
-            self._hold(h, key, int(args[1]), float(args[3]) if args[2] != "" else 0.0)
+            gt, gc = granted or (0, 0.0)
+            self._hold(h, key, int(args[1]) + gt, float(args[3]) + gc if args[2] != "" else 0.0)
         else:
             self.refusals += 1
-        return {"reply": reply, "epoch": self.epoch}
+        out = {"reply": reply, "epoch": self.epoch}
+        if granted is not None and reply[0] == 1:
+            self.leases += 1
+            out["lease"] = [granted[0], granted[1]]
+        return out
+
+    def _release(self, h: Holder, key: str, what: object) -> None:
+        """What is left of a lease, given back by its proxy before its next admission (ignored when malformed,
+        or held under a tag this recorder does not hold: as a settlement of it would be)."""
+        if what is None:
+            return
+        if not (isinstance(what, list) and len(what) == 3 and isinstance(what[0], int) and not isinstance(what[0], bool)
+                and isinstance(what[1], (int, float)) and not isinstance(what[1], bool) and isinstance(what[2], str)):
+            log.warning("budget ledger: a malformed lease release from pid %s is ignored", h.pid)
+            return
+        tokens, usd, tag = what[0], float(what[1]), what[2]
+        held = h.holds.get(key, [0, 0.0])
+        if not (tag == self.epoch or tag in h.tags) or not (0 <= tokens <= held[0] and 0.0 <= usd <= held[1] + 1e-9):
+            return  # not held here (a recorder before this one), or more than this proxy holds: nothing to release
+        self.pools.release(key, str(tokens), repr(usd) if usd > 0 else "0")
+        self._hold(h, key, -tokens, -usd)
+
+    def _lease(self, key: str, args: tuple[str, ...], want: object) -> tuple[int, float] | None:
+        """What of `want` (tokens, USD) the proxy may hold besides its call (`args`), or None: nothing asked,
+        nothing to spare (LEASE_ROOM), or a malformed ask (ignored: the call is admitted as asked)."""
+        if not (isinstance(want, list) and len(want) == 2 and isinstance(want[0], int) and not isinstance(want[0], bool)
+                and isinstance(want[1], (int, float)) and not isinstance(want[1], bool)):
+            return None
+        want_t, want_c = want[0], float(want[1])
+        if not (0 < want_t <= MAX_LEASE_TOKENS and 0.0 <= want_c <= MAX_LEASE_USD):
+            return None
+        u, r, uc, rc = (float(x or 0) for x in self.pools.hmget(key, "u", "r", "uc", "rc"))
+        call_t, call_c = int(args[1]), float(args[3])
+        grant_t = want_t
+        if args[0] != "":
+            room = float(args[0]) - u - r - call_t
+            if room < LEASE_ROOM * call_t:
+                return None
+            grant_t = min(want_t, int(room // LEASE_SHARE))
+        grant_c = 0.0
+        if args[2] != "":
+            room_c = float(args[2]) - uc - rc - call_c
+            if room_c < LEASE_ROOM * max(call_c, 1e-9):
+                return None
+            grant_c = min(want_c, room_c / LEASE_SHARE)
+        return (grant_t, grant_c) if grant_t > 0 else None
 
     def settle(self, msg: dict, conn: object, pid: int | None) -> dict:
         ledger = msg.get("ledger")
@@ -284,4 +352,4 @@ class RecorderLedger:
         return {"epoch": self.epoch, "ready": self.seeded.is_set(), "reason": None if self.seeded.is_set() else
                 self.seed_error, "pools": len(self.pools.hashes), "proxies": len(self.holders),
                 "admissions": self.admissions, "refusals": self.refusals, "settlements": self.settlements,
-                "released": self.released}
+                "released": self.released, "leases": self.leases}
