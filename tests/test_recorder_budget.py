@@ -32,12 +32,15 @@ POOL = "AIProviderRoute/team-a/shared#openai:{}-*"
 
 
 def budget_docs(pki, upstream) -> list[dict]:
-    """test_shared_budget's policy, failClosed, with two more pools of MAX_TOKENS (kill-*, rst-*)."""
+    """test_shared_budget's policy, failClosed, with two more pools of MAX_TOKENS (kill-*, rst-*) and a large
+    one (big-*)."""
     out = docs(pki, upstream, "failClosed")
     route = next(d for d in out if d["kind"] == "AIProviderRoute")
     for name in ("kill", "rst"):
         route["spec"]["rules"].insert(0, {"matches": [{"provider": "openai", "models": [f"{name}-*"]}], "filters": [
             {"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": MAX_TOKENS}}]})
+    route["spec"]["rules"].insert(0, {"matches": [{"provider": "openai", "models": ["big-*"]}], "filters": [
+        {"type": "TokenBudget", "tokenBudget": {"maxTokensPerDay": 10**9}}]})
     return out
 
 
@@ -109,6 +112,24 @@ def test_both_gateways_share_one_token_pool_within_its_bound(gws, upstream):
     assert int(d["u"]) == admitted * 1005 <= MAX_TOKENS + admitted * (1005 - r)
     rows = gws[1].wait_records(24, invocation=inv)  # one store: the calls of both gateways
     assert sum(1 for row in rows if row[A.CLRK_BUDGET_DENIED]) == 24 - admitted
+
+
+def test_far_from_its_limit_a_pool_is_leased_and_most_calls_need_no_round_trip(gws):
+    """40 calls through the two gateways on a pool of 10^9 tokens: most are admitted from a lease, without a
+    round trip to the recorder; every call's usage reaches the shared day once, and what is left of the leases
+    is given back (a second unused): nothing stays reserved."""
+    pool = POOL.format("big")
+    before = ledger(gws[0])
+    inv = tag()
+    statuses = [post(gws[k % 2], body(f"big-cost100-{tag()}"), inv).status_code for k in range(40)]
+    assert statuses == [200] * 40
+    after = ledger(gws[0])
+    asked = after["admissions"] - before["admissions"]
+    assert after["leases"] > before["leases"] and asked <= 10, asked
+    d = wait_for(lambda: (v := day(gws[0], pool)) and "r" not in v and v, "usage settled and leases given back")
+    assert int(d["u"]) == 40 * 105
+    rows = gws[1].wait_records(40, invocation=inv)
+    assert all(row[A.CLRK_BUDGET_POOL] == pool and not row[A.CLRK_BUDGET_DENIED] for row in rows)
 
 
 def test_a_gateway_killed_while_holding_reservations_frees_them_for_the_other(gws, upstream):

@@ -410,6 +410,16 @@ class SharedLedger:
 
     # ---------------------------------------------------------------- leases (the recorder's ledger)
 
+    def take_leased(self, pool: str, max_tokens: int | None, tokens: int, max_cost: float | None,
+                    cost: float) -> Reservation | None:
+        """`admit`'s answer when this process's lease of the pool covers the call (no round trip, nothing to
+        await), else None (then `admit`)."""
+        lease = self.leases.get(pool_key(self.today()[1], pool)) if self.leases else None
+        if lease is None:
+            return None
+        return self._from_lease(lease, max(tokens, 1), max(cost, 1e-9) if max_cost is not None else 0.0, max_tokens,
+                                max_cost)
+
     def _from_lease(self, lease: Lease, tokens: int, cost: float, max_tokens: int | None,
                     max_cost: float | None) -> Reservation | None:
         """The call's reservation taken from `lease`, or None when the lease does not cover it (or was granted

@@ -93,9 +93,13 @@ class ProviderRouting:
                     self._deny(flow, tx, refusal)
                     return None
                 if isinstance(self.rt.ledger, SharedLedger):
-                    waits = True
-                    return self._admit_shared(flow, tx, rule, self.rt.ledger)
-                if not self._admit(flow, tx, rule):
+                    priced = self._priced(flow, tx, rule)
+                    if priced is None:
+                        return None
+                    if not self._admit_leased(flow, tx, rule, self.rt.ledger, priced):
+                        waits = True
+                        return self._admit_shared(flow, tx, rule, self.rt.ledger, priced)
+                elif not self._admit(flow, tx, rule):
                     return None
             self._admitted(flow, tx, rule)
         finally:
@@ -108,11 +112,24 @@ class ProviderRouting:
         if tx.genai is not None:
             self._mutate(flow.request, tx, backend, usage_needed=rule.budget is not None)
 
-    async def _admit_shared(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule, ledger: SharedLedger) -> None:
+    def _admit_leased(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule, ledger: SharedLedger,
+                      priced: tuple[int, float, float]) -> bool:
+        """A call admitted from this process's lease of its pool (the recorder's ledger), with no round trip
+        and nothing to await; False when there is no lease that covers it (then `_admit_shared` asks)."""
+        budget, pool = rule.budget, tx.budget_pool
+        assert budget is not None and pool is not None
+        res = ledger.take_leased(pool, budget.max_tokens_per_day, priced[0], budget.max_cost_per_day, priced[1])
+        if res is None:
+            return False
+        tx.reservation = res
+        tx.budget_used = ledger.used_today(pool)
+        if budget.max_cost_per_day is not None:
+            tx.budget_used_cost = ledger.used_cost_today(pool)
+        return True
+
+    async def _admit_shared(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule, ledger: SharedLedger,
+                            priced: tuple[int, float, float]) -> None:
         try:
-            priced = self._priced(flow, tx, rule)
-            if priced is None:
-                return
             tokens, cost, rate = priced
             budget = rule.budget
             assert budget is not None and tx.budget_pool is not None
