@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import idna
 
+from clrk.memo import LIMIT, LONGEST, remember
+
 
 def canonical_ip(h: str) -> str | None:
     """The address an IP literal stands for, in its one canonical spelling, or None for a name. Every form
@@ -112,23 +114,17 @@ def path_ambiguity(path: str) -> str | None:
     return None
 
 
-_PATHS: dict[str, tuple[str, str | None]] = {}  # path_facts of the paths seen (bounded: PATHS_MAX)
-PATHS_MAX = 4096
-PATH_CACHED_MAX = 512  # longer paths are worked out every time, not remembered
+_PATHS: dict[str, tuple[str, str | None]] = {}  # path_facts of the paths seen (clrk.memo: bounded)
+PATHS_MAX, PATH_CACHED_MAX = LIMIT, LONGEST
 
 
 def path_facts(path: str) -> tuple[str, str | None]:
     """(`normalize_path`, `path_ambiguity`) of a request target, worked out once per distinct path (neither
-    reads the query, so it is left out of the key); past PATHS_MAX paths the memory starts over, so a flood
-    of distinct paths costs what it did without it, and memory stays bounded."""
+    reads the query, so it is left out of the key; the memory is bounded, `clrk.memo`)."""
     p = path.partition("?")[0]
     known = _PATHS.get(p)
     if known is None:
-        known = normalize_path(p), path_ambiguity(p)
-        if len(p) <= PATH_CACHED_MAX:
-            if len(_PATHS) >= PATHS_MAX:
-                _PATHS.clear()
-            _PATHS[p] = known
+        known = remember(_PATHS, p, len(p), (normalize_path(p), path_ambiguity(p)))
     return known
 
 

@@ -239,3 +239,20 @@ def test_path_facts_are_what_the_two_functions_say_and_their_memory_stays_bounde
         assert path_facts(f"/flood/{i}/../x") == ("/flood/x", "it contains a dot segment ('.' or '..')")
     assert len(hostnames._PATHS) <= hostnames.PATHS_MAX
     assert all(len(p) <= hostnames.PATH_CACHED_MAX for p in hostnames._PATHS)
+
+
+def test_header_names_are_judged_the_same_remembered_or_not_and_long_ones_are_never_kept():
+    """A hostile agent chooses its header names: thousands of distinct ones, each as long as a request head
+    allows, must not stay in the proxy's memory (a long name is judged every time, and the memory starts over)."""
+    from clrk import memo
+    from clrk.proxy import transaction
+
+    for _ in range(2):
+        assert transaction.scan_request_headers([(b"Host", b"a"), (b"X-Ok", b"1"), (b"Bad Name", b"2")]) == (
+            {"host": "a", "x-ok": "1", "bad name": "2"}, ["a"], "the header name 'bad name' is not a valid token")
+    for i in range(memo.LIMIT * 2):
+        long = b"X-" + b"a" * 4096 + str(i).encode()
+        assert transaction.header_index([(long, b"v")]) == {long.lower().decode(): "v"}
+        transaction.header_index([(f"X-Short-{i}".encode(), b"v")])
+    assert len(transaction._NAMES) <= memo.LIMIT
+    assert all(len(name) <= memo.LONGEST for name in transaction._NAMES)

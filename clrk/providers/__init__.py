@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from clrk.memo import LIMIT, remember
 from clrk.providers.anthropic import AnthropicParser
 from clrk.providers.base import NO_CHANGES, GenAiResult, ProviderParser, RequestChanges
 from clrk.providers.google_genai import GoogleGenAIParser
@@ -24,8 +25,8 @@ REGISTRY: dict[str, type[ProviderParser]] = {
 DEFAULT_HOSTS: dict[str, str] = {host: p.name for p in REGISTRY.values() for host in p.hosts}
 
 
-_OPERATIONS: dict[tuple[str, str], tuple[str | None, str | None]] = {}  # (provider, path): its operation, model
-OPERATIONS_MAX = 4096  # past it the memory starts over (a flood of distinct paths stays bounded)
+_OPERATIONS: dict[tuple[str, str], tuple[str | None, str | None]] = {}  # (provider, path): operation, model
+OPERATIONS_MAX = LIMIT  # bounded: clrk.memo
 
 
 def parser_for(provider_hosts: Mapping[str, str], host: str, path: str) -> ProviderParser | None:
@@ -36,13 +37,8 @@ def parser_for(provider_hosts: Mapping[str, str], host: str, path: str) -> Provi
     cls = REGISTRY[name]
     path_only, _, query = path.partition("?")
     known = _OPERATIONS.get((name, path_only))
-    if known is None:
-        op = cls.operation(path_only)  # a pure function of the path, worked out once per distinct one
-        known = op if op else (None, None)
-        if len(path_only) <= 512:
-            if len(_OPERATIONS) >= OPERATIONS_MAX:
-                _OPERATIONS.clear()
-            _OPERATIONS[(name, path_only)] = known
+    if known is None:  # a pure function of the path, worked out once per distinct one
+        known = remember(_OPERATIONS, (name, path_only), len(path_only), cls.operation(path_only) or (None, None))
     return cls(known[0], known[1], path_only, query)
 
 

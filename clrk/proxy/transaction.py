@@ -19,6 +19,7 @@ from mitmproxy import http
 from clrk import attributes as A
 from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
+from clrk.memo import remember
 from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
 from clrk.providers import ProviderParser
 from clrk.proxy.budget import Reservation
@@ -103,17 +104,13 @@ class Transaction:
         return self.resp_h
 
 
-_NAMES: dict[bytes, tuple[str, bool]] = {}  # header names seen: (lower-case text, valid token) (bounded below)
-_NAMES_MAX = 4096
+_NAMES: dict[bytes, tuple[str, bool]] = {}  # header names seen: (lower-case text, valid token) (clrk.memo: bounded)
 
 
 def _name(name: bytes) -> tuple[str, bool]:
-    """A header name's lower-case text and whether it is a valid token, judged once per distinct name (a
-    hostile flood of names stops being remembered past _NAMES_MAX, it is not refused)."""
-    known = (name.lower().decode("latin-1"), _TOKEN.fullmatch(name) is not None)
-    if len(_NAMES) < _NAMES_MAX:
-        _NAMES[name] = known
-    return known
+    """A header name's lower-case text and whether it is a valid token, judged once per distinct name (a long
+    name is judged every time: agents choose them, and one may be as long as a request head)."""
+    return remember(_NAMES, name, len(name), (name.lower().decode("latin-1"), _TOKEN.fullmatch(name) is not None))
 
 
 def header_index(fields) -> dict[str, str]:
