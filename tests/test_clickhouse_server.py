@@ -324,12 +324,19 @@ def test_the_budget_ledger_is_rebuilt_from_clickhouse_at_start(gw):
     assert gw.wait_record(invocation=j)[A.CLRK_BUDGET_DENIED] is True
 
 
+def calls_while_away(gw, server, i: str, n: int) -> list[str]:
+    """ClickHouse killed, then `n` provider calls through the gateway, each served (200) while the store is
+    away; their models, in the order made."""
+    server.kill()
+    models = [f"fleet-cost{k + 1}-{i}" for k in range(n)]
+    for m in models:
+        assert chat(gw, m, i).http_response.status_code == 200
+    return models
+
+
 def test_clickhouse_killed_mid_run_costs_no_request_and_no_record(gw, server):
     i = tag()
-    server.kill()
-    models = [f"fleet-cost{k + 1}-{i}" for k in range(6)]
-    for m in models:  # every proxied request is served while the store is away
-        assert chat(gw, m, i).http_response.status_code == 200
+    models = calls_while_away(gw, server, i, 6)
     st = wait_status(gw, lambda s: s["store_error"] and s["unwritten"] >= len(models) and s["spooled"] >= len(models))
     assert PASSWORD not in st["store_error"]
     spool = storeref.local_dir(str(gw.db)) / "spool.msgpack"
@@ -347,10 +354,7 @@ def test_clickhouse_killed_mid_run_costs_no_request_and_no_record(gw, server):
 def test_a_recorder_killed_while_clickhouse_is_away_loses_nothing(gw, server):
     """kill -9 of the recorder once its rows are in the spool: the proxy starts another, which sends them."""
     i = tag()
-    server.kill()
-    models = [f"fleet-cost{k + 1}-{i}" for k in range(4)]
-    for m in models:
-        assert chat(gw, m, i).http_response.status_code == 200
+    models = calls_while_away(gw, server, i, 4)
     st = wait_status(gw, lambda s: s["spooled"] == len(models) and s["unwritten"] == len(models))
     os.kill(st["pid"], signal.SIGKILL)
     wait_status(gw, lambda s: s["pid"] != st["pid"] and s["unwritten"] == len(models))  # loaded from the spool
@@ -362,10 +366,7 @@ def test_a_recorder_killed_while_clickhouse_is_away_loses_nothing(gw, server):
 
 def test_a_gateway_stopped_while_clickhouse_is_away_keeps_its_records_on_disk(gw, server):
     i = tag()
-    server.kill()
-    models = [f"fleet-cost{k + 1}-{i}" for k in range(4)]
-    for m in models:
-        assert chat(gw, m, i).http_response.status_code == 200
+    models = calls_while_away(gw, server, i, 4)
     wait_status(gw, lambda s: s["spooled"] >= len(models))
     gw.stop()  # graceful: what it could not write stays in the spool
     spool = storeref.local_dir(str(gw.db)) / "spool.msgpack"

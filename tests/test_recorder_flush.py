@@ -7,6 +7,8 @@ import asyncio
 import socket
 import uuid
 
+import pytest
+
 from clrk import attributes as A
 from clrk.recorder import service
 from tests.test_otlp_wire import raw
@@ -18,6 +20,14 @@ def burst(n: int, body: bytes = b'{"ok": true}') -> list[dict]:
 
 def recorder(tmp_path, db: str | None = None) -> service.Recorder:
     return service.Recorder(db or str(tmp_path / "c.duckdb"), str(tmp_path / "r.sock"), None)
+
+
+@pytest.fixture
+def rec(tmp_path):
+    """A recorder on a DuckDB file in tmp_path (not listening: its flush is driven by the test)."""
+    r = recorder(tmp_path)
+    yield r
+    r.store.close()
 
 
 def spy_batches(rec: service.Recorder) -> list[int]:
@@ -33,51 +43,39 @@ def spy_batches(rec: service.Recorder) -> list[int]:
     return sizes
 
 
-def test_a_burst_is_stored_in_chunks_in_the_order_received(tmp_path):
-    rec = recorder(tmp_path)
-    try:
-        sizes = spy_batches(rec)
-        rows = burst(1300)
-        rec.buffer.extend(rows)
-        asyncio.run(rec.flush())
-        assert sizes == [512, 512, 276] and rec.written == 1300 and not rec.buffer
-        stored = rec.store.con.execute(f'SELECT "{A.SPAN_ID}" FROM records ORDER BY _seq').fetchall()
-        assert [s for (s,) in stored] == [r["ids"][1] for r in rows]
-    finally:
-        rec.store.close()
+def test_a_burst_is_stored_in_chunks_in_the_order_received(rec):
+    sizes = spy_batches(rec)
+    rows = burst(1300)
+    rec.buffer.extend(rows)
+    asyncio.run(rec.flush())
+    assert sizes == [512, 512, 276] and rec.written == 1300 and not rec.buffer
+    stored = rec.store.con.execute(f'SELECT "{A.SPAN_ID}" FROM records ORDER BY _seq').fetchall()
+    assert [s for (s,) in stored] == [r["ids"][1] for r in rows]
 
 
-def test_big_bodies_make_smaller_chunks_and_one_body_past_the_bound_goes_alone(tmp_path):
-    rec = recorder(tmp_path)
-    try:
-        sizes = spy_batches(rec)
-        six = burst(5, b"x" * (6 * 1024 * 1024))
-        huge = burst(1, b"y" * (20 * 1024 * 1024))
-        rec.buffer.extend(six[:3] + huge + six[3:])
-        asyncio.run(rec.flush())
-        assert sizes == [2, 1, 1, 2] and rec.written == 6  # 16 MiB of bodies a chunk, at least one row
-    finally:
-        rec.store.close()
+def test_big_bodies_make_smaller_chunks_and_one_body_past_the_bound_goes_alone(rec):
+    sizes = spy_batches(rec)
+    six = burst(5, b"x" * (6 * 1024 * 1024))
+    huge = burst(1, b"y" * (20 * 1024 * 1024))
+    rec.buffer.extend(six[:3] + huge + six[3:])
+    asyncio.run(rec.flush())
+    assert sizes == [2, 1, 1, 2] and rec.written == 6  # 16 MiB of bodies a chunk, at least one row
 
 
-def test_a_flush_ends_on_the_rows_it_found_while_more_keep_coming(tmp_path):
-    rec = recorder(tmp_path)
-    try:
-        sizes = spy_batches(rec)
-        more = burst(2000)
-        rec.buffer.extend(burst(600))
-        expand = rec._expand
+def test_a_flush_ends_on_the_rows_it_found_while_more_keep_coming(rec):
+    sizes = spy_batches(rec)
+    more = burst(2000)
+    rec.buffer.extend(burst(600))
+    expand = rec._expand
 
-        def arriving(raws):  # a proxy keeps sending while each chunk is written
-            rec.buffer.extend(more[:300])
-            del more[:300]
-            return expand(raws)
+    def arriving(raws):  # a proxy keeps sending while each chunk is written
+        rec.buffer.extend(more[:300])
+        del more[:300]
+        return expand(raws)
 
-        rec._expand = arriving
-        asyncio.run(rec.flush())
-        assert sizes == [512, 88] and len(rec.buffer) == 600  # the 600 that came meanwhile: the next flush
-    finally:
-        rec.store.close()
+    rec._expand = arriving
+    asyncio.run(rec.flush())
+    assert sizes == [512, 88] and len(rec.buffer) == 600  # the 600 that came meanwhile: the next flush
 
 
 def test_a_store_that_fails_mid_burst_keeps_every_row_waiting_and_spooled(tmp_path, monkeypatch):

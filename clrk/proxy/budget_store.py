@@ -375,21 +375,22 @@ class SharedLedger:
         tokens = max(tokens, 1)
         cost = max(cost, 1e-9) if max_cost is not None else 0.0
         key = pool_key(iso, pool)
-        release = None
+        left = None  # what is left of a lease that does not cover this call: given back within its admission
         if (lease := self.leases.get(key)) is not None:
             res = self._from_lease(lease, tokens, cost, max_tokens, max_cost)
             if res is not None:
                 return res
-            release = self._end_lease(key, send=False)  # given back within the admission below
+            left = self._end_lease(key, send=False)
         if not self.available:
-            if release is not None:
-                self._send(release[3], release[0], release[1], 0, 0.0)
+            if left is not None:
+                self._send(left, left.tokens, left.cost, 0, 0.0)
             raise StoreUnavailable(self.down_reason)
         args = ("" if max_tokens is None else str(max_tokens), str(tokens),
                 "" if max_cost is None else repr(float(max_cost)), repr(cost), expiry)
         want = (tokens * LEASE_CALLS, cost * LEASE_CALLS) if self.backend.leases and LEASE_CALLS > 0 else None
         try:
-            call = self.backend.admit(key, args, self._mark, want, release[:3] if release is not None else None)
+            call = self.backend.admit(key, args, self._mark, want,
+                                      (left.tokens, left.cost, left.epoch) if left is not None else None)
             # The recorder's requests carry their own deadline (RecordSink.request); a Redis call is bounded here.
             reply, epoch, granted = await (call if self.backend.timed else bounded(call, STORE_TIMEOUT))
         except Exception as e:  # timeout, connection refused or reset, a Redis error
@@ -462,9 +463,9 @@ class SharedLedger:
         else:
             lease.timer = asyncio.get_running_loop().call_later(LEASE_IDLE - idle, self._lease_idle, key, lease)
 
-    def _end_lease(self, key: str, send: bool = True) -> tuple[int, float, str, Reservation] | None:
+    def _end_lease(self, key: str, send: bool = True) -> Reservation | None:
         """Ends the lease of `key`: what is left of it is given back — sent as a settlement that charges
-        nothing, or (send=False) returned as (tokens, USD, tag, reservation) for the caller to send."""
+        nothing, or (send=False) returned, for the caller to give back within its admission."""
         lease = self.leases.pop(key, None)
         if lease is None:
             return None
@@ -473,10 +474,11 @@ class SharedLedger:
         if self.live is not None:
             self.live.pop(id(lease.res), None)
         left = lease.res
+        left.tokens, left.cost = max(left.tokens, 0), max(left.cost, 0.0)
         if send:
-            self._send(left, max(left.tokens, 0), max(left.cost, 0.0), 0, 0.0)
+            self._send(left, left.tokens, left.cost, 0, 0.0)
             return None
-        return max(left.tokens, 0), max(left.cost, 0.0), left.epoch, left
+        return left
 
     def admit_local(self, pool: str, max_tokens: int | None, tokens: int, max_cost: float | None,
                     cost: float) -> Reservation | None:
