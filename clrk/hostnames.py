@@ -82,10 +82,17 @@ def normalize_path(path: str) -> str:
     return "/" + "/".join(out) + ("/" if trailing and out else "")
 
 
+_SLASHES = re.compile(r"/{2,}")
+_LOOSE: dict[str, str] = {}  # path -> its loose reading (clrk.memo: bounded; asked once per provider call)
+
+
 def loose_path(path: str) -> str:
     """The most forgiving reading a server may take of `path` (escapes decoded, dot segments resolved, repeated
     slashes collapsed): for questions answered fail-closed, such as "might the provider see a batch endpoint?"."""
-    return re.sub(r"/{2,}", "/", normalize_path(path))
+    known = _LOOSE.get(path)
+    if known is None:
+        known = remember(_LOOSE, path, len(path), _SLASHES.sub("/", normalize_path(path)))
+    return known
 
 
 def _unescape_unreserved(m: re.Match) -> str:

@@ -256,3 +256,25 @@ def test_header_names_are_judged_the_same_remembered_or_not_and_long_ones_are_ne
         transaction.header_index([(f"X-Short-{i}".encode(), b"v")])
     assert len(transaction._NAMES) <= memo.LIMIT
     assert all(len(name) <= memo.LONGEST for name in transaction._NAMES)
+
+
+def test_loose_path_is_the_same_remembered_or_not_and_its_memory_stays_bounded():
+    """`loose_path` (each provider parser asks it once per call) remembers paths: the answer is the same the second
+    time, a flood of distinct paths does not grow the memory past its limit, and long paths are never kept."""
+    import re
+
+    from clrk import hostnames, memo
+    from clrk.hostnames import loose_path, normalize_path
+
+    def worked_out(p: str) -> str:
+        return re.sub(r"/{2,}", "/", normalize_path(p))
+
+    paths = ["/v1//chat/completions", "/v1/%2e%2e/batches", "/a/./b//", "//x", "/v1/messages/batches?x=1",
+             "/" + "y" * 3000 + "//z", "/a/%7E/b"]
+    for p in paths:
+        first, second = loose_path(p), loose_path(p)
+        assert first == second == worked_out(p)
+    for i in range(memo.LIMIT * 2):
+        assert loose_path(f"/flood//{i}/../x") == "/flood/x"
+    assert len(hostnames._LOOSE) <= memo.LIMIT
+    assert all(len(p) <= memo.LONGEST for p in hostnames._LOOSE)
