@@ -26,6 +26,7 @@ worker options (`worker_argv`) — and nothing else: it proxies no byte.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import os
@@ -36,6 +37,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+from clrk import balance
 
 MIN_DELAY = 0.5  # seconds before restarting a worker that died
 MAX_DELAY = 30.0
@@ -146,15 +149,28 @@ class Supervisor:
         self.say = say or (lambda m: print(f"clrk: {m}", file=sys.stderr, flush=True))
         self.stopping = False
         self.status = 0
+        # Connections kept even across the workers (clrk/balance.py): the load file and the hand-over
+        # sockets live here, so a restarted worker takes over its slot and what was sent to it.
+        self.loads, self.pairs = balance.make_shared(workers)
 
     def _start(self, w: Worker) -> None:
         w.restart_at = None
-        w.proc = subprocess.Popen(worker_argv(self.gateway, len(self.workers), w.index, w.restarts), env=self.env,
-                                  stdin=subprocess.DEVNULL, process_group=0, preexec_fn=_in_child)
+        balance.set_slot(self.loads, w.index, 0)
+        value, fds = balance.env_value(self.loads, self.pairs, w.index)
+        env = dict(os.environ if self.env is None else self.env, **{balance.ENV: value})
+        w.proc = subprocess.Popen(worker_argv(self.gateway, len(self.workers), w.index, w.restarts), env=env,
+                                  stdin=subprocess.DEVNULL, process_group=0, preexec_fn=_in_child, pass_fds=fds)
         w.started = time.monotonic()
 
     def run(self) -> int:
         """Starts the workers and keeps them running until SIGTERM/SIGINT; the exit status."""
+        try:
+            return self._run()
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self.loads)
+
+    def _run(self) -> int:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited SIG_IGN would reap the workers behind our back
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         for w in self.workers:
@@ -181,6 +197,7 @@ class Supervisor:
             if w.proc is None or w.proc.poll() is None:
                 continue
             code, ran = w.proc.returncode, time.monotonic() - w.started
+            balance.set_slot(self.loads, w.index, -1)  # nothing is handed to it until it is back
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
             w.proc = None
             if code > 0 and w.restarts == 0 and ran < HEALTHY_AFTER:

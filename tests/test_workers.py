@@ -135,6 +135,41 @@ def test_connections_spread_over_both_workers(wgw):
         assert f"worker {i} pid {after[i]['pid']}: RSS " in text and f"{after[i]['records']} records received" in text
 
 
+def test_long_lived_connections_are_kept_even_across_the_workers(wgw):
+    """An agent's pool of keep-alive connections: 24 tunnels opened one after another and held open, one request
+    in each. Linux's SO_REUSEPORT hash alone splits 24 connections 16/8 or worse about one time in six (and
+    12/12 to 11/13 only about half the time); the workers hand new connections to whichever holds fewer
+    (clrk/balance.py), so the split is even to within two."""
+    before = by_index(status(wgw))
+    inv = new_invocation("even")
+    proxy = f"http://team-a.researcher:{AGENT_TOKEN}@127.0.0.1:{wgw.port}"
+    clients = [httpx.Client(proxy=proxy, verify=wgw.ssl_context(), trust_env=False, timeout=30) for _ in range(24)]
+    try:
+        for c in clients:  # each client's one connection stays open while the next ones are made
+            assert c.get("https://allowed.test/json/w", headers={"clrk-invocation-id": inv}).status_code == 200
+        wgw.wait_records(24, invocation=inv)
+        loads = worker_loads(wgw)  # what each worker counts as open, while all 24 are
+    finally:
+        for c in clients:
+            c.close()
+    after = by_index(status(wgw))
+    got = {i: after[i]["records"] - before[i]["records"] for i in (0, 1)}
+    assert sum(got.values()) == 24 and abs(got[0] - got[1]) <= 2, got
+    assert sum(loads) == 24 and abs(loads[0] - loads[1]) <= 2, loads
+
+
+def worker_loads(gw: Gateway) -> tuple[int, ...]:
+    """The open client connections each worker counts (the load file named in a worker's environment)."""
+    import struct
+
+    from clrk import balance
+
+    worker = next(w for w in status(gw)["workers"] if w["worker"] is not None)
+    env = dict(e.split("=", 1) for e in Path(f"/proc/{worker['pid']}/environ").read_text().split("\0") if "=" in e)
+    data = Path(env[balance.ENV].split(";")[0]).read_bytes()
+    return struct.unpack(f"{len(data) // 8}q", data)
+
+
 def test_both_workers_share_one_token_budget_within_its_bound(wgw, upstream):
     """24 calls at once, each on its own connection (so spread over both workers), against one pool: exactly
     what fits is admitted, as by one gateway — not up to the pool on each worker."""
@@ -396,3 +431,75 @@ def test_workers_must_be_at_least_one(tmp_path):
     run = subprocess.run([CLRK, "run", "--workers", "0", "--policies", str(REPO / "policies")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--workers 0" in run.stderr
+
+
+def test_a_new_connection_goes_to_the_worker_holding_fewer_comes_back_if_it_lacks_the_listener_and_never_to_a_dead_one(tmp_path):
+    """clrk/balance.py in process, with real sockets: worker 0 accepts every connection (the only one
+    listening), hands each to worker 1 while 1 holds fewer, and the bytes arrive whole at the worker serving it;
+    a connection handed to a worker without that listener comes back and is served by the first; a worker
+    whose slot says it is gone is handed nothing."""
+    import asyncio
+
+    from clrk import balance
+
+    path, pairs = balance.make_shared(2, str(tmp_path))
+    outs = [p[1] for p in pairs]
+    b0 = balance.Balancer(0, path, pairs[0][0], outs)
+    b1 = balance.Balancer(1, path, pairs[1][0], outs)
+    served: list[tuple[int, bytes]] = []
+
+    def handler(i: int):
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served.append((i, await reader.readexactly(5)))
+            await reader.read()  # held open until the client closes
+            writer.close()
+        return serve
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        b0.listen(loop, lsock, b0.counted(handler(0)))
+        other = socket.socket()  # worker 1 has "the same listener" (open): what the kernel would give it
+        b1.listeners[("127.0.0.1", port)] = (other, b1.counted(handler(1)))
+        loop.add_reader(b1.inbox.fileno(), b1._receive, loop)
+        clients = []
+
+        async def connect(tag: bytes, expect: int) -> None:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(tag)
+            await w.drain()
+            clients.append(w)
+            for _ in range(200):
+                if len(served) == expect:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"{tag!r} was not served: {served}")
+
+        for k in range(10):
+            await connect(b"c%03dx" % k, k + 1)
+        assert sorted(i for i, _ in served).count(1) == 5 and b0.count == 5 and b1.count == 5, (served, b0.count, b1.count)
+        assert b0.handed_over == 5 and b1.received == 5
+        assert balance.Balancer.loads(b0) == (5, 5)
+
+        clients[next(k for k, (i, _) in enumerate(served) if i == 1)].close()  # worker 1 now holds fewer (4)
+        for _ in range(200):
+            if b1.count == 4:
+                break
+            await asyncio.sleep(0.01)
+        other.close()  # and no longer listens there: the next one it is given comes back to worker 0
+        await connect(b"back!", 11)
+        assert served[-1] == (0, b"back!") and b0.count == 6 and b1.count == 4 and b0.handed_over == 6
+        assert balance.Balancer.loads(b0) == (6, 4)  # worker 1's slot is its own count again, not the sender's guess
+
+        balance.set_slot(path, 1, -1)  # worker 1 is gone
+        b1.count = 0
+        await connect(b"dead!", 12)
+        assert served[-1] == (0, b"dead!") and b0.handed_over == 6  # kept: nothing is handed to a worker gone
+        for w in clients:
+            w.close()
+        lsock.close()
+
+    asyncio.run(main())
+    assert [tag for _, tag in served[:10]] == [b"c%03dx" % k for k in range(10)]  # every byte reached its server

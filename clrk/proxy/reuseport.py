@@ -21,8 +21,11 @@ project pins; tests/test_workers.py fails if an upgrade moves the method.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from mitmproxy.proxy.mode_servers import AsyncioServerInstance
+
+from clrk import balance
 
 enabled = False  # True in a worker of `clrk run --workers N` (N > 1)
 
@@ -31,10 +34,52 @@ def _sharing(listen):
     async def listen_shared(self: AsyncioServerInstance, host: str, port: int):
         if not enabled or port == 0 or self.mode.transport_protocol != "tcp":
             return await listen(self, host, port)
-        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+        b = balance.balancer
+        if b is None:
+            return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+        # Connections kept even across the workers (clrk/balance.py): this worker accepts them itself, so
+        # it can hand one over before reading a byte of it. asyncio's Server still owns each socket (mitmproxy
+        # reads its addresses and closes it), it just does not accept on it.
+        loop = asyncio.get_running_loop()
+        handler = b.counted(self.handle_stream)
+        servers = []
+        for sock in _bind(host, port):
+            servers.append(await asyncio.start_server(handler, sock=sock, start_serving=False))
+            b.listen(loop, sock, handler)
+        return servers
 
     listen_shared.__wrapped__ = listen
     return listen_shared
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for (host, port) as asyncio.start_server binds them (every address the host names, IPv6
+    ones v6-only), each with SO_REUSEPORT."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, kind, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise OSError(e.errno, f"error while attempting to bind on address {addr!r}: {e.strerror}") from None
+            s.listen(100)
+            s.setblocking(False)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
 
 
 def install() -> None:

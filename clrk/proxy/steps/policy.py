@@ -13,7 +13,7 @@ from pathlib import Path
 import certifi
 from mitmproxy import ctx, exceptions
 
-from clrk import storeref
+from clrk import balance, storeref
 from clrk.cost import BUNDLED
 from clrk.cost import preload as preload_prices
 from clrk.escape import printable
@@ -97,6 +97,7 @@ class PolicyLoader:
             reuseport.enabled = ctx.options.clrk_workers > 1  # before mitmproxy opens a listener: all are shared
             if reuseport.enabled:
                 tag_log(ctx.options.clrk_worker)
+                balance.start(ctx.options.clrk_worker)  # connections kept even across workers (clrk/balance.py)
         if "clrk_budget_store" in updated:
             self._budget_store(ctx.options.clrk_budget_store)
         if "clrk_policies" in updated and (self.rt.policy is None or ctx.options.clrk_policies != self._loaded_from):
