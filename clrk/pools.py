@@ -53,6 +53,11 @@ def _is_float(s: object, *, empty: bool = False) -> bool:
     return v == v and abs(v) != float("inf")
 
 
+def _is_amount(v: object) -> bool:
+    """A number of dollars sent as a number: finite, not negative (NaN fails both compares)."""
+    return type(v) in (int, float) and 0 <= v < 1e300  # type: ignore[operator]
+
+
 def check_key(key: object) -> str:
     if not isinstance(key, str) or not key.startswith(PREFIX) or len(key) > 4096 or key.count(":") < 3:
         raise PoolError("not a budget pool key")
@@ -72,10 +77,17 @@ def check_admit(args: object) -> tuple[str, ...]:
 
 
 def check_settle(args: object) -> tuple[str, ...]:
-    """SETTLE's arguments: tokens and USD released, tokens and USD charged, expire-at, settlement number."""
+    """SETTLE's arguments: tokens and USD released, tokens and USD charged, expire-at, settlement number — as
+    strings (what Redis takes), or, from a proxy of this gateway, the amounts and the number as numbers (no
+    text made per call there): returned as the strings the proxy would have sent Redis."""
     if not isinstance(args, (list, tuple)) or len(args) != 6:
         raise PoolError("SETTLE takes 6 arguments")
     r, rc, u, uc, exp, n = args
+    if type(n) is int:
+        if not (type(r) is int and 0 <= r <= INT64_MAX and type(u) is int and 0 <= u <= INT64_MAX
+                and _is_amount(rc) and _is_amount(uc) and 0 < n <= INT64_MAX and _is_int(exp)):
+            raise PoolError("SETTLE: malformed arguments")
+        return str(r), repr(float(rc)) if rc > 0 else "0", str(u), repr(float(uc)) if uc > 0 else "0", exp, str(n)
     if not (_is_int(r) and int(r) >= 0 and _is_float(rc) and float(rc) >= 0 and _is_int(u) and int(u) >= 0
             and _is_float(uc) and float(uc) >= 0 and _is_int(exp) and _is_int(n)):
         raise PoolError("SETTLE: malformed arguments")

@@ -313,3 +313,106 @@ def test_fail_open_starts_from_what_redis_said_and_tells_redis_what_it_spent(tmp
         run(go())
     finally:
         server.stop()
+
+
+def test_settlements_of_a_pool_are_summed_and_a_resent_merged_batch_is_applied_once(server, pool):
+    """Settlements of one pool day waiting together are one item, numbered once when it is sent. A batch put
+    back at the head of the queue (what _drain does when its answer is lost: Redis may have applied it) goes
+    out again as it was — same numbers, nothing added to it — so Redis skips it; what was settled meanwhile
+    is an item of its own and counts."""
+    async def go():
+        a = SharedLedger(server.url)
+        rs = [await a.admit(pool, 10_000, 100, None, 0.0) for _ in range(5)]
+        late = await a.admit(pool, 10_000, 100, None, 0.0)
+        for r in rs:
+            a.settle(r, 10)
+        assert len(a.queue) == 1 and a.queued() == 5
+        sent = a.queue[0]
+        assert await a._drain() is None
+        assert sent.n == a._number and (sent.r, sent.u, sent.calls) == (500, 50, 5)
+        assert raw(server).hgetall(pool_key(rs[0].day, pool)) == {"u": "50", "r": "100"}
+        a.queue.extendleft([sent])  # the answer lost: back at the head, maybe applied
+        a.settle(late, 20)
+        assert len(a.queue) == 2 and a.queue[0] is sent and (sent.r, sent.u, sent.calls) == (500, 50, 5)
+        assert a.queue[1].n == 0
+        assert await a._drain() is None
+        assert raw(server).hgetall(pool_key(rs[0].day, pool)) == {"u": "70"}
+        assert raw(server).get(a._mark) == str(a._number) == str(sent.n + 1)
+        await a.close()
+    run(go())
+
+
+def test_a_batch_spanning_midnight_keeps_each_day_apart(server, pool):
+    """Yesterday's reservation settled after midnight releases on yesterday's key (no usage charged there or
+    to the new day), today's calls are summed on today's: two items of one batch, each applied once."""
+    clock = Clock(day_start(utc_day(time.time())) + 86400 - 0.5)
+
+    async def go():
+        a = SharedLedger(server.url, clock=clock)
+        old = await a.admit(pool, 1000, 300, None, 0.0)
+        old_used = await a.admit(pool, 1000, 100, None, 0.0)
+        a.settle(old_used, 40)  # before midnight: charged to its day
+        clock.t += 1
+        new = [await a.admit(pool, 1000, 50, None, 0.0) for _ in range(3)]
+        a.settle(old, 250)
+        for r in new:
+            a.settle(r, 5)
+        assert [(it.day, it.calls) for it in a.queue] == [(old.day.isoformat(), 2), (new[0].day.isoformat(), 3)]
+        assert await a._drain() is None
+        assert raw(server).hgetall(pool_key(old.day, pool)) == {"u": "40"}
+        assert raw(server).hgetall(pool_key(new[0].day, pool)) == {"u": "15"}
+        await a.close()
+    run(go())
+
+
+def test_fail_open_settlements_are_summed_while_redis_is_away_and_charged_once(tmp_path, pool):
+    """While Redis is away, what failOpen calls spend and a shared reservation's settlement wait as one item
+    of the pool's day (the queue does not grow per call); Redis has all of it once, when it is back."""
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        async def go():
+            a = SharedLedger(server.url)
+            shared = await a.admit(pool, 1000, 60, None, 0.0)
+            server.stop()
+            with pytest.raises(StoreUnavailable):
+                await a.admit(pool, 1000, 10, None, 0.0)
+            a.settle(shared, 30)
+            for _ in range(50):
+                local = a.admit_local(pool, 1000, 10, None, 0.0)
+                assert local is not None and not local.shared
+                a.settle(local, 7)
+            assert len(a.queue) == 1 and a.queued() == 51 and a.state({})["queued"] == 51
+            assert a.used_today(pool) == 30 + 350
+            server.start()
+            while a.queue or not a.available:
+                await asyncio.sleep(0.02)
+            assert raw(server).hgetall(pool_key(shared.day, pool)) == {"u": "380"}
+            assert raw(server).get(a._mark) == "1"  # 51 settlements, one item, one number
+            await a.close()
+        run(go())
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_drops_its_oldest_item_and_counts_every_call_it_held(server, monkeypatch):
+    from clrk.proxy import budget_store
+
+    monkeypatch.setattr(budget_store, "MAX_QUEUED", 2)
+
+    async def go():
+        a = SharedLedger(server.url)
+        res = {p: [await a.admit(p, None, 10, None, 0.0) for _ in range(4)] for p in ("q-a", "q-b", "q-c")}
+        a._down(ConnectionError("test: away"))  # nothing is sent meanwhile
+        a._probe.cancel()
+        for p in ("q-a", "q-b"):
+            for r in res[p][:3]:
+                a.settle(r, 1)
+        assert (len(a.queue), a.dropped) == (2, 0)
+        a.settle(res["q-c"][0], 1)  # a third pool day: q-a's item (3 calls) goes
+        assert (len(a.queue), a.dropped, a.queued()) == (2, 3, 4)
+        a.settle(res["q-a"][3], 1)  # q-a's item is gone: a new one, and the oldest left (q-b) goes in turn
+        assert [it.pool for it in a.queue] == ["q-c", "q-a"] and a.dropped == 6
+        a.queue.clear()
+        a._open.clear()
+        await a.close()
+    run(go())

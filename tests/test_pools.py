@@ -5,6 +5,7 @@ Then what the module adds of its own (release, charge, the arguments a hostile p
 
 from __future__ import annotations
 
+import random
 import time
 from fractions import Fraction
 
@@ -13,7 +14,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clrk.pools import INT64_MAX, PoolError, Pools, check_admit, check_settle, ld_text
+from clrk.pools import INT64_MAX, PoolError, Pools, check_admit, check_settle, ld_text, pool_key
 from clrk.proxy.budget_store import ADMIT, SETTLE
 from tests.harness.redis_server import RedisServer
 
@@ -141,3 +142,27 @@ def test_malformed_settle_arguments_are_refused(args):
 def test_what_a_proxy_sends_is_accepted():
     assert check_admit(["", "1", "5.0", "1e-09", FUTURE])
     assert check_settle(["60", "0.75", "10", "0.125", FUTURE, "1"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_settlements_summed_into_one_leave_the_pool_day_as_one_by_one(seed):
+    """What the proxy's queue relies on to send one item per pool day: SETTLE of the sums (numbered once)
+    leaves tokens exactly, and dollars to their last digits, as the settlements one after another."""
+    rnd = random.Random(seed)
+    exp = str(int(time.time()) + 86400)
+    one, summed = Pools(), Pools()
+    k = pool_key("2026-01-01", "p")
+    for p in (one, summed):
+        p.admit(k, ("", str(10**6), "", "0", exp))
+        p.hincrbyfloat(k, "rc", "5.5")
+    calls = [(rnd.randrange(0, 5000), rnd.choice([0.0, rnd.random() / 7]), rnd.randrange(0, 9000),
+              rnd.choice([0.0, rnd.random() / 3])) for _ in range(rnd.randrange(1, 40))]
+    for n, (r, rc, u, uc) in enumerate(calls, 1):
+        one.settle(k, "m", (str(r), repr(rc) if rc else "0", str(u), repr(uc) if uc else "0", exp, str(n)))
+    sums = [sum(c[i] for c in calls) for i in range(4)]
+    summed.settle(k, "m", (str(sums[0]), repr(sums[1]) if sums[1] else "0", str(sums[2]),
+                           repr(sums[3]) if sums[3] else "0", exp, str(len(calls))))
+    a, b = one.state().get(k, {}), summed.state().get(k, {})
+    assert {f: a.get(f) for f in ("u", "r")} == {f: b.get(f) for f in ("u", "r")}
+    for f in ("uc", "rc"):
+        assert float(a.get(f, 0)) == pytest.approx(float(b.get(f, 0)), rel=1e-12, abs=1e-12)

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -446,3 +447,107 @@ def test_leases_granted_to_calls_admitted_at_once_are_joined_never_left_held(tmp
         assert lease > 0 and int((await pools(sink))[key(a, "many")]["r"]) == 20 * 100 + lease
         await stop((sink, a))
     run(go())
+
+
+def _hold_timer(ledger: SharedLedger) -> None:
+    """Nothing is sent until the test drains (the batch timer of the settlements just made is cancelled)."""
+    if ledger._timer is not None:
+        ledger._timer.cancel()
+        ledger._timer = None
+
+
+def test_a_merged_batch_that_timed_out_is_resent_as_it_was_and_applied_once(tmp_path, monkeypatch):
+    """The recorder stops answering (SIGSTOP) while a batch is on its socket: the proxy's request times out and
+    the batch goes back at the head of its queue, though the recorder applies it once it runs again. Sent
+    again — as it was, under its number — it changes nothing; what was settled meanwhile is an item of its
+    own and counts once."""
+    from clrk.proxy import budget_store
+
+    monkeypatch.setattr(budget_store, "LEASE_CALLS", 0)  # every call reserved on the recorder: exact figures
+
+    async def go():
+        sink, a = await proxy(str(tmp_path / "c.duckdb"))
+        rs = [await a.admit("p", 10_000, 100, None, 0.0) for _ in range(4)]
+        late = await a.admit("p", 10_000, 100, None, 0.0)
+        for r in rs:
+            a.settle(r, 10)
+        _hold_timer(a)
+        sent = a.queue[0]
+        os.kill(sink.proc.pid, signal.SIGSTOP)
+        try:
+            assert await a._drain() is not None  # no answer in time
+            assert list(a.queue) == [sent] and sent.n == a._number and (sent.r, sent.u, sent.calls) == (400, 40, 4)
+            a.settle(late, 20)
+            _hold_timer(a)
+            assert len(a.queue) == 2 and a.queue[0] is sent and (sent.r, sent.u, sent.calls) == (400, 40, 4)
+        finally:
+            os.kill(sink.proc.pid, signal.SIGCONT)
+
+        async def applied():  # the recorder read the batch whose answer was lost, and applied it
+            return (await pools(sink)).get(key(a, "p")) == {"u": "40", "r": "100"}
+        await wait_until(applied, "the timed-out batch applied by the recorder")
+        assert await a._drain() is None
+        assert (await pools(sink))[key(a, "p")] == {"u": "60"}
+        st = await sink.request({"t": "budget_pools"}, 10)
+        assert st["settlements"] == 5  # 5 calls, each counted once (two items, one of them sent twice)
+        await stop((sink, a))
+    run(go())
+
+
+def test_settlements_under_two_recorder_epochs_are_never_summed(tmp_path, monkeypatch):
+    """A settlement made under the recorder before a restart (its tag unknown to the new one: usage only)
+    and one of a reservation the new recorder holds again (released there) wait in one queue for one pool
+    day: two items, each released where it is held."""
+    from clrk.proxy import budget_store
+
+    monkeypatch.setattr(budget_store, "LEASE_CALLS", 0)
+
+    async def go():
+        sink, a = await proxy(str(tmp_path / "c.duckdb"))
+        gone = await a.admit("p", 1000, 30, None, 0.0)
+        held = await a.admit("p", 1000, 60, None, 0.0)
+        kept = await a.admit("p", 1000, 20, None, 0.0)
+        first = gone.epoch
+        a.settle(gone, 5)
+        _hold_timer(a)
+        os.kill(sink.proc.pid, signal.SIGKILL)
+        sink.proc.wait()
+
+        async def retagged():  # the new recorder was told what this proxy holds, under a new tag
+            return held.epoch != first
+        with pytest.raises(StoreUnavailable):
+            await a.admit("p", 1000, 1, None, 0.0)  # the sink finds the recorder gone and starts a new one
+        await wait_until(retagged, "a new recorder and the proxy's hello")
+        a.settle(held, 50)
+        _hold_timer(a)
+        assert [(it.epoch, it.calls) for it in a.queue] == [(first, 1), (held.epoch, 1)]
+
+        async def drained():
+            return await a._drain() is None
+        await wait_until(drained, "the new recorder answering settlements")
+        # 30 released nowhere (the old recorder held it), 60 released here, 20 still held; usage 55
+        assert (await pools(sink))[key(a, "p")] == {"u": "55", "r": "20"}
+        a.settle(kept, 0)
+        await stop((sink, a))
+    run(go())
+
+
+def test_settlements_sent_as_numbers_are_checked_like_strings_and_counted_per_call():
+    """What a proxy sends now (amounts and number as numbers, and how many calls an item sums) and what a
+    hostile peer might send instead: a malformed item is refused alone (None), the others applied."""
+    led = RecorderLedger(lambda _ts: None)  # never seeded here: settle is called directly
+    day = utc_day(time.time()).isoformat()
+    k, exp = pool_key(day, "p"), str(int(time.time()) + 86400)
+    bad = [[0, 0, 1.5, 0, exp, 2], [True, 0, 1, 0, exp, 2], [0, float("nan"), 1, 0, exp, 2],
+           [0, -1.0, 1, 0, exp, 2], [0, 0, 2**63, 0, exp, 2], [0, 0, -1, 0, exp, 2], [0, 0, 1, float("inf"), exp, 2],
+           [0, 0, 1, 0, exp, 0], [0, 0, 1, 0, "x", 2], [0, 0, 1, 0, exp, 2.0], [0, 0, 1, "0", exp, 2],
+           [0, 0, 1, 1e300, exp, 2]]
+    items = [[k, args, led.epoch] for args in bad]
+    items += [[k, [0, 0, 1, 0, exp, 2], led.epoch, 0], [k, [0, 0, 1, 0, exp, 2], led.epoch, "3"],
+              [k, [0, 0, 1, 0, exp, 2], led.epoch, True], [k, [0, 0, 1, 0, exp, 2], led.epoch, 2, "x"]]
+    items += [[k, [0, 0, 3, 0.25, exp, 7], led.epoch, 6], [k, [0, 0, 3, 0.25, exp, 7], led.epoch, 6],
+              [k, ["0", "0", "4", "0", exp, "8"], led.epoch]]
+    out = led.settle({"ledger": "L", "items": items}, object(), None)["replies"]
+    assert out[:-3] == [None] * (len(items) - 3)
+    assert out[-3:] == [["3", "0.25"], ["3", "0.25"], ["7", "0.25"]]  # the second 7 is the first one again
+    assert led.pools.state()[k] == {"u": "7", "uc": "0.25"} and led.settlements == 7

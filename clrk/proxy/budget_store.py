@@ -154,6 +154,27 @@ class StoreUnavailable(Exception):
     pass
 
 
+class Settlement:
+    """One item of the settlement queue: what the settlements of one pool day made under one epoch release and
+    charge, summed (SETTLE is a sum: releasing or charging a then b leaves the pool day as a + b does — but for
+    the last digits of HINCRBYFLOAT's long double). Open (n == 0) while it waits: later settlements of the same
+    pool day and epoch are added to it, no tuple, no text per call. Numbered when it is taken into a batch, and
+    closed from then on: a batch that failed was maybe applied, so it is resent as it was, under its numbers."""
+
+    __slots__ = ("key", "pool", "day", "expiry", "epoch", "r", "rc", "u", "uc", "n", "calls")
+
+    def __init__(self, pool: str, day: str, expiry: str, epoch: str):
+        self.key = pool_key(day, pool)
+        self.pool, self.day, self.expiry, self.epoch = pool, day, expiry, epoch
+        self.r = self.u = self.n = self.calls = 0
+        self.rc = self.uc = 0.0
+
+    def script_args(self) -> tuple[str, ...]:
+        """SETTLE's arguments (Redis takes strings; a sum past int64 is capped, as the script caps usage)."""
+        return (str(min(self.r, MAX_TOKENS)), _num(self.rc), str(min(self.u, MAX_TOKENS)), _num(self.uc),
+                self.expiry, str(self.n))
+
+
 RECORDER = "recorder"  # clrk_budget_store's value for the ledger held by this gateway's recorder
 
 
@@ -168,7 +189,7 @@ class Backend(Protocol):
 
     async def admit(self, key: str, args: tuple[str, ...], mark: str, lease: tuple[int, float] | None = None,
                     release: tuple[int, float, str] | None = None) -> tuple[list, str, tuple[int, float] | None]: ...
-    async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list: ...
+    async def settle(self, batch: list[Settlement], mark: str) -> list: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -194,10 +215,10 @@ class RedisBackend:
                     release: tuple[int, float, str] | None = None) -> tuple[list, str, tuple[int, float] | None]:
         return await self._admit(keys=[key], args=args), "", None
 
-    async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list:
+    async def settle(self, batch: list[Settlement], mark: str) -> list:
         async with self.client.pipeline(transaction=False) as pipe:
-            for key, args, _ in batch:
-                await self._settle(keys=[key, mark], args=args, client=pipe)
+            for it in batch:
+                await self._settle(keys=[it.key, mark], args=it.script_args(), client=pipe)
             return await pipe.execute()
 
     async def ping(self) -> None:
@@ -264,8 +285,11 @@ class RecorderBackend:
             granted = None
         return reply["reply"], reply["epoch"], (granted[0], float(granted[1])) if granted else None
 
-    async def settle(self, batch: list[tuple[str, tuple[str, ...], str]], mark: str) -> list:
-        items = [[key, list(args), epoch] for key, args, epoch in batch]
+    async def settle(self, batch: list[Settlement], mark: str) -> list:
+        # Numbers, not SETTLE's strings: msgpack carries them as they are (clrk.recorder.ledger takes both); the
+        # fourth member is how many calls the item sums (the recorder's count of settlements).
+        items = [[it.key, [min(it.r, MAX_TOKENS), it.rc, min(it.u, MAX_TOKENS), it.uc, it.expiry, it.n], it.epoch,
+                  it.calls] for it in batch]
         reply = await self._request({"t": "budget_settle", "ledger": mark, "items": items}, STORE_TIMEOUT * 4)
         return reply["replies"]
 
@@ -303,7 +327,8 @@ class SharedLedger:
         self.fail_open_used = 0  # admissions made on the local ledger while Redis was away
         self.fail_closed = 0  # budgeted calls refused because Redis was away
         self.dropped = 0  # settlements lost (the queue overflowed)
-        self.queue: collections.deque[tuple[str, tuple[str, ...], str]] = collections.deque()  # key, args, epoch
+        self.queue: collections.deque[Settlement] = collections.deque()
+        self._open: dict[tuple[str, str, str], Settlement] = {}  # (pool, day, epoch) -> its item not yet sent
         # Settlements are numbered, per ledger, in the order they are sent (see SETTLE): the mark's key is this
         # ledger's own, so a restarted gateway starts a new count.
         self._mark = f"clrk:budget:applied:{secrets.token_hex(8)}"
@@ -514,33 +539,47 @@ class SharedLedger:
         return self.used_today(res.pool)
 
     def _send(self, res: Reservation, r: int, rc: float, u: int, uc: float) -> None:
-        today, iso, expiry = self.today()
+        today, day, expiry = self.today()
         if res.day != today:  # the new day is not charged for yesterday's calls (as in BudgetLedger)
+            if not (r or rc):
+                return
             u, uc = 0, 0.0
-        if not (r or rc or u or uc):
+            day, expiry = res.day.isoformat(), str(expire_at(res.day))
+        elif not (r or rc or u or uc):
             return
-        if res.day != today:
-            iso, expiry = res.day.isoformat(), str(expire_at(res.day))
-        day = iso
+        pool = res.pool
         if u or uc:  # what this gateway now knows the pool has used at least
-            s = self.seen.get((day, res.pool), (0, 0.0))
-            self.seen[(day, res.pool)] = (min(s[0] + u, MAX_TOKENS), s[1] + uc)
-        self._number += 1
-        self.queue.append((pool_key(day, res.pool), (str(r), _num(rc), str(u), _num(uc), expiry, str(self._number)),
-                           res.epoch))
-        if len(self.queue) > MAX_QUEUED:
-            self.queue.popleft()
-            self.dropped += 1
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.error("clrk: budget store %s: %d settlement(s) lost so far (the queue for Redis is full)",
-                          self.display, self.dropped)
-            self._changed()
+            s = self.seen.get((day, pool), (0, 0.0))
+            self.seen[(day, pool)] = (min(s[0] + u, MAX_TOKENS), s[1] + uc)
+        it = self._open.get((pool, day, res.epoch))
+        if it is None:
+            it = self._open[(pool, day, res.epoch)] = Settlement(pool, day, expiry, res.epoch)
+            self.queue.append(it)
+            if len(self.queue) > MAX_QUEUED:
+                self._drop()
+        it.r += r
+        it.rc += rc
+        it.u += u
+        it.uc += uc
+        it.calls += 1
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain_forever())
         if len(self.queue) >= BATCH:
             self._wake.set()
         elif self._timer is None:  # a batch per SEND_INTERVAL: one round trip for every settlement made meanwhile
             self._timer = asyncio.get_running_loop().call_later(SEND_INTERVAL, self._send_now)
+
+    def _drop(self) -> None:
+        """The queue is full (MAX_QUEUED pool days waiting): its oldest item is lost, with every call it sums."""
+        it = self.queue.popleft()
+        if it.n == 0 and self._open.get((it.pool, it.day, it.epoch)) is it:
+            del self._open[(it.pool, it.day, it.epoch)]
+        before = self.dropped
+        self.dropped += it.calls
+        if before == 0 or any(before < m <= self.dropped for m in (10, 100)) or before // 1000 != self.dropped // 1000:
+            log.error("clrk: budget store %s: %d settlement(s) lost so far (the queue for Redis is full)",
+                      self.display, self.dropped)
+        self._changed()
 
     def _send_now(self) -> None:
         self._timer = None
@@ -558,21 +597,30 @@ class SharedLedger:
     async def _drain(self) -> BaseException | None:
         """Sends what is queued, in order, a pipelined batch per round trip; what made it fail (the batch back
         at the head of the queue), or None once the queue is empty."""
-        while self.queue:
-            batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+        queue, opened = self.queue, self._open
+        while queue:
+            batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+            # Numbered in queue order as they are taken: items sent before (a failed batch, back at the head)
+            # keep their numbers, so the batch goes out in increasing numbers and a prefix of it applied
+            # before a failure is skipped when it comes again. Taken, an item is closed: nothing more is
+            # added to what may be in flight.
+            for it in batch:
+                if it.n == 0:
+                    self._number += 1
+                    it.n = self._number
+                    opened.pop((it.pool, it.day, it.epoch), None)
             try:
                 replies = await bounded(self._send_batch(batch), STORE_TIMEOUT * 4)
             except Exception as e:
-                self.queue.extendleft(reversed(batch))
+                queue.extendleft(reversed(batch))
                 return e
-            for (key, *_), reply in zip(batch, replies, strict=True):
+            for it, reply in zip(batch, replies, strict=True):
                 if reply is None:  # the recorder refused it as malformed (it never will take it)
                     continue
-                _, _, day, pool = key.split(":", 3)
-                self._saw(day, pool, int(reply[0]), float(reply[1]))
+                self._saw(it.day, it.pool, int(reply[0]), float(reply[1]))
         return None
 
-    async def _send_batch(self, batch: list[tuple[str, tuple[str, ...], str]]) -> list:
+    async def _send_batch(self, batch: list[Settlement]) -> list:
         return await self.backend.settle(batch, self._mark)
 
     # ---------------------------------------------------------------- availability
@@ -611,9 +659,13 @@ class SharedLedger:
             with contextlib.suppress(Exception):
                 self.on_change()
 
+    def queued(self) -> int:
+        """Settlements waiting to be sent (calls, however they are summed into items)."""
+        return sum(it.calls for it in self.queue)
+
     def state(self, fail_open: dict[str, bool]) -> dict:
         """What `clrk status` shows: the store, whether it is in use, what each gateway does meanwhile."""
-        out: dict = {"url": self.display, "available": self.available, "queued": len(self.queue),
+        out: dict = {"url": self.display, "available": self.available, "queued": self.queued(),
                      "dropped": self.dropped, "fail_open_admissions": self.fail_open_used,
                      "fail_closed_refusals": self.fail_closed}
         if self.backend.leases:
@@ -634,7 +686,7 @@ class SharedLedger:
                 async with asyncio.timeout(5):
                     await self._drain()
         if self.queue:
-            log.error("clrk: budget store %s: %d settlement(s) not sent at stop", self.display, len(self.queue))
+            log.error("clrk: budget store %s: %d settlement(s) not sent at stop", self.display, self.queued())
         for t in (self._worker, self._probe):
             if t is not None:
                 t.cancel()

@@ -6,7 +6,8 @@ Requests (clrk.wire messages from a proxy's RecordSink; clrk.proxy.budget_store.
   {"t": "budget_adopt", "ledger": L, "tag": T, "held": [[tag, key, tokens, usd, expire-at], ...]}  (no reply)
   {"t": "budget_admit", "ledger": L, "key": K, "args": [...ADMIT], "lease": [tokens, USD]?,
    "release": [tokens, USD, tag]?} -> {"reply": [...], "epoch": T, "lease": [tokens, USD]?}  (LEASE_ROOM)
-  {"t": "budget_settle", "ledger": L, "items": [[K, [...SETTLE], tag], ...]} -> {"replies": [[u, uc] | None]}
+  {"t": "budget_settle", "ledger": L, "items": [[K, [...SETTLE], tag, calls?], ...]} -> {"replies": [[u, uc] | None]}
+    (SETTLE's amounts and number as strings or numbers; `calls`: how many settlements the item sums)
   {"t": "budget_ping", "ledger": L} -> {}
 Answered at once, on the event loop, between any two awaits of a flush (the pools are a few dicts).
 
@@ -283,7 +284,10 @@ class RecorderLedger:
         replies: list = []
         for item in items:
             try:
-                if not (isinstance(item, list) and len(item) == 3 and isinstance(item[2], str)):
+                # [key, SETTLE's arguments, tag] or, from a proxy that sums a batch's settlements of one pool
+                # day, [key, args, tag, calls] (how many it sums: counted as that many settlements)
+                if not (isinstance(item, list) and len(item) in (3, 4) and isinstance(item[2], str)
+                        and (len(item) == 3 or (type(item[3]) is int and 0 < item[3] < 2**63))):
                     raise PoolError("malformed settlement")
                 key, args, tag = check_key(item[0]), check_settle(item[1]), item[2]
             except PoolError:
@@ -297,7 +301,7 @@ class RecorderLedger:
             applied = float(args[5]) > (float(mark) if mark is not None else 0.0)
             replies.append(self.pools.settle(key, ledger, args))
             if applied:
-                self.settlements += 1
+                self.settlements += item[3] if len(item) == 4 else 1
                 if held:
                     self._hold(h, key, -int(args[0]), -float(args[1]))
         return {"replies": replies}
