@@ -255,3 +255,42 @@ def test_a_dead_endpoint_fills_the_bounded_queue_and_counts_what_it_drops(monkey
         for proc in p.processors:
             proc._batch_processor._exporter.shutdown()  # do not wait out the retries at a dead port
         p.shutdown()
+
+
+def test_values_encoded_from_memory_are_what_the_sdk_sent_and_the_memory_stays_bounded():
+    """Repeated values (gateway, agent, host, decision, headers) are encoded once and then taken from memory:
+    a hit must give the bytes a miss gave, 1 and True on one key must not share an entry, a row whose keys come
+    in another order or with a None must encode as the SDK did; an agent spraying distinct hosts and header
+    values cannot grow the memory past its bound, and a long value is never kept."""
+    rows = rows_of_every_kind()
+    first = rows[0]
+    odd = [
+        {**first, A.SPAN_ID: "00000000000000a1", A.SERVER_PORT: True, A.HTTP_RESPONSE_STATUS_CODE: 1},
+        {**first, A.SPAN_ID: "00000000000000a2", A.SERVER_PORT: 1, A.HTTP_RESPONSE_STATUS_CODE: True,
+         A.CLRK_DECISION: None, A.AGENT_NAME: first[A.SERVER_ADDRESS]},
+        {**first, A.SPAN_ID: "00000000000000a3", A.AGENT_NAME: "\ud800", A.CLRK_DECISION_RULE: 7,
+         A.REQUEST_HEADERS: {"x-a": "1", "x-b": "\x7f\u00e9"}},
+        dict(reversed(list({**first, A.SPAN_ID: "00000000000000a4"}.items()))),
+    ]
+    batch = rows + odd + rows + odd  # the second half from memory
+    sdk_spans, sdk_logs = sdk_requests(batch, "gw-a")
+    spans_bytes, logs_bytes = hand_requests(batch, "gw-a")
+    assert ExportTraceServiceRequest.FromString(spans_bytes) == sdk_spans
+    assert ExportLogsServiceRequest.FromString(logs_bytes) == sdk_logs
+    half = len(batch) // 2
+    encoded = [otlp.encode(r, OBSERVED) for r in batch]
+    assert encoded[:half] == encoded[half:]
+
+    from clrk import memo
+    long_reason = "r" * (memo.LONGEST + 1)
+    flood = [{**first, A.SPAN_ID: f"{i + 1:016x}", A.SERVER_ADDRESS: f"h{i}.example", A.CLRK_DECISION_REASON: long_reason,
+              A.RESPONSE_HEADERS: {"x-request-id": f"req-{i}"}} for i in range(memo.LIMIT + 50)]
+    for r in flood:
+        otlp.encode(r, OBSERVED)
+    assert len(otlp._STR_SEEN) <= memo.LIMIT and len(otlp._HEADERS_SEEN) <= memo.LIMIT
+    assert (A.CLRK_DECISION_REASON, long_reason) not in otlp._STR_SEEN
+    sample = flood[-3:] + [flood[0]]  # kept, and long forgotten
+    sdk_spans, sdk_logs = sdk_requests(sample, "gw-a")
+    spans_bytes, logs_bytes = hand_requests(sample, "gw-a")
+    assert ExportTraceServiceRequest.FromString(spans_bytes) == sdk_spans
+    assert ExportLogsServiceRequest.FromString(logs_bytes) == sdk_logs

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,37 @@ print(sorted(m for m in ("pyarrow", "pandas", "numpy") if m in sys.modules))
                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_header_json_is_the_text_json_writes():
+    """Headers are written through orjson where its text is json's: every ASCII character (DEL and the controls
+    included), non-ASCII, a lone surrogate, keys that are not str, and values that are not str."""
+    values = [{chr(c) + "k": "v" + chr(c)} for c in range(0x80)] + [
+        {"\u00e9": "\u00fc"}, {"a": "\U0001f600"}, {"a": "\ud800"}, {"\udcff": "a"}, {1: "a"}, {None: "a"},
+        {"a": 1e-7}, {"a": 2**70}, {"a": float("inf")}, {"a": {"b": "c"}}, {"a": None}, {"a": True}, {}, ["a"],
+        {"a": "b", "c": "d\x7f"}, {"content-type": "application/json", "x-request-id": "abc", "(clrk)": "1 more"},
+    ]
+    for v in values:
+        assert S._json_text(v) == json.dumps(v, separators=(",", ":")), v
+
+
+_POOL = [None, "a", "", 0, 1, -1, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**53, 2**53 + 1, -(2**53) - 1,
+         2**63 - 1, 2**63, -(2**63), -(2**63) - 1, True, False, 0.5, -0.0, float("nan"), float("inf"), [], ["a", None],
+         ["a", 1], [b"a"], ("a",), {"a": "b"}, b"x", 1_765_000_000.25]
+
+
+@pytest.mark.parametrize("typ", sorted(set(A.COLUMNS.values())))
+def test_a_column_is_taken_whole_exactly_when_each_of_its_values_fits(typ):
+    """The whole-column type check against the value-by-value one (`_fits`) it stands for: random columns of
+    values of every kind, with the type's edges."""
+    key = next(k for k, t in A.COLUMNS.items() if t == typ)
+    rng = random.Random(typ)
+    for _ in range(3000):
+        vals = rng.choices(_POOL, k=rng.randint(1, 5))
+        fits = all(v is None or S._fits(typ, v) for v in vals)
+        if fits and typ == "JSON":  # and json can write it
+            try:
+                [json.dumps(v) for v in vals]
+            except TypeError:
+                fits = False
+        assert (S.columns([{key: v} for v in vals], 1) is not None) == fits, vals

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from clrk import attributes as A
+from clrk.memo import remember
 
 log = logging.getLogger("clrk.export")
 
@@ -116,6 +117,69 @@ def _attribute(key: str, v) -> bytes | None:
     return (_VARINTS[n] if n < 16384 else varint(n)) + kv
 
 
+# Attributes whose values repeat from record to record (the gateway, agent, decision, provider, model, method,
+# host): their encoded KeyValue is kept (`clrk.memo`: bounded, a flood of distinct values costs what it did
+# without it) instead of being encoded again for every record. A bool attribute has only two encodings.
+_REPEATED = frozenset({
+    A.GEN_AI_SYSTEM, A.GEN_AI_PROVIDER_NAME, A.GEN_AI_OPERATION_NAME, A.GEN_AI_REQUEST_MODEL, A.GEN_AI_RESPONSE_MODEL,
+    A.CLRK_COST_SOURCE, A.MCP_METHOD_NAME, A.MCP_PROTOCOL_VERSION, A.HTTP_REQUEST_METHOD, A.SERVER_ADDRESS,
+    A.CLRK_COMPONENT, A.CLRK_GATEWAY_NAME, A.CLRK_APR_NAME, A.CLRK_APR_NAMESPACE, A.CLRK_DST_NAME,
+    A.CLRK_BUDGET_POOL, A.CLRK_WS_CLOSED_BY, A.CLRK_DECISION, A.CLRK_DECISION_RULE, A.CLRK_DECISION_REASON,
+    A.AGENT_KIND, A.AGENT_NAMESPACE, A.AGENT_NAME, A.AGENT_UID, A.AGENT_REVISION, A.ERROR_TYPE,
+})
+_REPEATED_INTS = frozenset({A.HTTP_RESPONSE_STATUS_CODE, A.SERVER_PORT})
+_BOOLS = {k: (_attribute(k, False), _attribute(k, True)) for k in A.ATTRIBUTE_KEYS}
+_STR_SEEN: dict = {}  # (key, str value) -> its encoded attribute
+_INT_SEEN: dict = {}  # (key, int value) -> ... (apart: 1 == True would share a dict entry)
+_PLANS: dict = {}  # a row's key order -> (key, how its values are encoded) for its attributes, in their order
+
+
+def _plan(keys: tuple) -> tuple:
+    """The attributes of a row with these keys, in the order the SDK encoded them, each with how its value is
+    encoded: 1 looked up among the repeated strings, 2 among the repeated ints, 0 encoded as it comes."""
+    present = set(keys)
+    return tuple((k, 1 if k in _REPEATED else 2 if k in _REPEATED_INTS else 0)
+                 for k in A.ATTRIBUTE_KEYS if k in present)
+
+
+def attributes(row: Mapping) -> list[bytes]:
+    """The row's attributes, each a length-prefixed KeyValue (`_attribute`), in `A.ATTRIBUTE_KEYS` order."""
+    keys = tuple(row)
+    plan = _PLANS.get(keys)
+    if plan is None:  # rows come in a few shapes (the keys `expand` sets); a hostile mix is bounded
+        plan = remember(_PLANS, keys, 0, _plan(keys), limit=1024)
+    parts = []
+    for k, how in plan:
+        v = row[k]
+        if v is None:
+            continue
+        t = type(v)
+        if t is bool:
+            parts.append(_BOOLS[k][v])
+            continue
+        if how == 1 and t is str:
+            kv = _STR_SEEN.get((k, v))
+            if kv is None:
+                try:
+                    kv = remember(_STR_SEEN, (k, v), len(v), _attribute(k, v))
+                except UnicodeEncodeError:  # a lone surrogate: the SDK's encoder refuses the attribute too
+                    continue
+        elif how == 2 and t is int:
+            kv = _INT_SEEN.get((k, v))
+            if kv is None:
+                kv = _attribute(k, v)
+                if kv is not None:
+                    remember(_INT_SEEN, (k, v), 0, kv)
+        else:
+            try:
+                kv = _attribute(k, v)
+            except UnicodeEncodeError:  # a lone surrogate: the SDK's encoder refuses the attribute too
+                continue
+        if kv is not None:
+            parts.append(kv)
+    return parts
+
+
 def resource_field(attributes: Mapping) -> bytes:
     """Field 1 (resource) of a ResourceSpans / ResourceLogs."""
     kvs = [key_value(str(k), v) for k, v in attributes.items()]
@@ -149,19 +213,29 @@ def span_name(row: Mapping) -> str:
     return f"{row.get(A.HTTP_REQUEST_METHOD) or 'UNKNOWN'} {row.get(A.SERVER_ADDRESS) or ''}".strip()
 
 
+_HEADERS_SEEN: dict = {}  # (name, value) -> the header's encoded KeyValue: most repeat (content-type, host, ...)
+
+
 def _str_map(d: Mapping) -> bytes | None:
     """A KeyValueList AnyValue of a dict (the headers: str to str at their fastest)."""
     out = []
+    seen = _HEADERS_SEEN
     for k, v in d.items():
         if type(k) is str and type(v) is str:
+            kv = seen.get((k, v))
+            if kv is not None:  # already length-prefixed
+                out.append(kv)
+                continue
             kb, vb = k.encode(), v.encode()
             n = len(vb)
             av = b"\x0a" + (_VARINTS[n] if n < 16384 else varint(n)) + vb
             kv = _ld(b"\x0a", kb) + _ld(b"\x12", av)
-        else:
-            kv = key_value(str(k), v)
-            if kv is None:
-                return None
+            n = len(kv)
+            out.append(remember(seen, (k, v), len(k) + len(v), (_VARINTS[n] if n < 16384 else varint(n)) + kv))
+            continue
+        kv = key_value(str(k), v)
+        if kv is None:
+            return None
         n = len(kv)
         out.append((_VARINTS[n] if n < 16384 else varint(n)) + kv)
     return _ld(b"\x32", b"\x0a" + b"\x0a".join(out) if out else b"")
@@ -218,16 +292,7 @@ _WARN = b"\x10\x0d" + _ld(b"\x1a", b"WARN")
 
 def encode(row: Mapping, observed_ns: int | None = None) -> tuple[bytes, bytes]:
     """The row's span and log record, each as field 2 of its ScopeSpans / ScopeLogs."""
-    parts = []
-    for k in A.ATTRIBUTE_KEYS:
-        v = row.get(k)
-        if v is not None:
-            try:
-                kv = _attribute(k, v)
-            except UnicodeEncodeError:  # a lone surrogate: the SDK's encoder refuses the attribute too
-                continue
-            if kv is not None:
-                parts.append(kv)
+    parts = attributes(row)
     # As the SDK had them: the hex as a number, in 16 and 8 bytes (a salvaged record's shorter id padded, a
     # longer one refused).
     trace_int, span_int = int(row[A.TRACE_ID], 16), int(row[A.SPAN_ID], 16)

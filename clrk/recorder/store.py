@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import duckdb
+import orjson
 
 from clrk import attributes as A
 from clrk import escape
@@ -189,6 +190,46 @@ def _fits(typ: str, v) -> bool:
     return False
 
 
+_NONE = type(None)
+# The Python types a column's values may have (`_fits`), checked for a whole column at once: the set of the
+# types present is made in C; only a column with ints (ranges) or lists (items) looks at its values one by one.
+_TYPES = {typ: frozenset({_NONE, *ts}) for typ, ts in (
+    ("VARCHAR", (str,)), ("BIGINT", (int,)), ("INTEGER", (int,)), ("BOOLEAN", (bool,)), ("DOUBLE", (float, int)),
+    ("TIMESTAMPTZ", (float, int)), ("JSON", (str, dict, list)), ("VARCHAR[]", (list,)))}
+_STR_OR_NONE = frozenset({str, _NONE})
+_RANGES = {"BIGINT": _I64, "INTEGER": _I32, "DOUBLE": (-(2**53), 2**53)}  # a DOUBLE's ints: exactly a double
+
+
+def _column_fits(typ: str, vals: list) -> bool:
+    """Whether every value of a column `_fits` it (None for a row without it)."""
+    types = set(map(type, vals))
+    if not types <= _TYPES[typ]:
+        return False
+    if typ == "VARCHAR[]":
+        return all(v is None or set(map(type, v)) <= _STR_OR_NONE for v in vals)
+    if int in types and typ in _RANGES:
+        lo, hi = _RANGES[typ]
+        ints = [v for v in vals if type(v) is int]
+        return lo <= min(ints) and max(ints) <= hi
+    return True  # a time that is not finite: the conversion to microseconds refuses it (`columns`)
+
+
+def _json_text(v) -> str:
+    """A JSON column's text, as `json.dumps(v, separators=(",", ":"))` writes it. Headers (str to str) go through
+    orjson, whose bytes are the same when they are ASCII without DEL (json escapes the rest as \\u); any other
+    value, or such a header, takes json."""
+    if type(v) is dict and set(map(type, v.values())) <= _STR_ONLY:
+        try:
+            b = orjson.dumps(v)  # a key that is not str, or a lone surrogate, raises: json decides
+        except TypeError:
+            pass
+        else:
+            if b.isascii() and b"\x7f" not in b:
+                return b.decode()
+    return json.dumps(v, separators=(",", ":"))
+
+
+_STR_ONLY = frozenset({str})
 _CAST = {"VARCHAR": "VARCHAR[]", "JSON": "VARCHAR[]", "BIGINT": "BIGINT[]", "INTEGER": "INTEGER[]",
          "BOOLEAN": "BOOLEAN[]", "DOUBLE": "DOUBLE[]", "TIMESTAMPTZ": "BIGINT[]", "VARCHAR[]": "VARCHAR[][]"}
 _EPOCH = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
@@ -199,23 +240,24 @@ def columns(rows: list[Mapping], first_seq: int) -> tuple[str, list] | None:
     after the epoch, JSON columns as text); None when a value does not have its column's type exactly."""
     cols: dict[str, list] = {}
     n = len(rows)
+    ignored: list = [None] * n  # where the values of keys that are no column go (the Arrow way left them out too)
     for i, r in enumerate(rows):
         for k, v in r.items():
-            if v is None:
-                continue
-            col = cols.get(k)
-            if col is None:
+            try:
+                cols[k][i] = v
+            except KeyError:
+                if v is None:
+                    continue  # a column only once a row has a value for it
                 typ = STORE_COLUMNS.get(k)
-                if typ is None or k == SEQ:
-                    continue  # not a column: the Arrow way left it out too
-                col = cols[k] = [None] * n
-            col[i] = v
+                col = cols[k] = ignored if typ is None or k == SEQ else [None] * n
+                col[i] = v
     sel, params = [], []
     for k, vals in cols.items():
+        if vals is ignored:
+            continue
         typ = STORE_COLUMNS[k]
-        for v in vals:
-            if v is not None and not _fits(typ, v):
-                return None
+        if not _column_fits(typ, vals):
+            return None
         if typ == "TIMESTAMPTZ":
             try:
                 vals = [None if v is None else int(v * 1_000_000) for v in vals]
@@ -225,7 +267,7 @@ def columns(rows: list[Mapping], first_seq: int) -> tuple[str, list] | None:
         else:
             if typ == "JSON":
                 try:
-                    vals = [v if v is None or type(v) is str else json.dumps(v, separators=(",", ":")) for v in vals]
+                    vals = [v if v is None or type(v) is str else _json_text(v) for v in vals]
                 except (TypeError, ValueError):
                     return None
             sel.append(f"unnest(?::{_CAST[typ]}) AS {q(k)}")
