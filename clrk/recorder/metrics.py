@@ -14,6 +14,8 @@ docs/METRICS.md lists every instrument.
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +34,7 @@ from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
 from opentelemetry.semconv.metrics.http_metrics import HTTP_CLIENT_REQUEST_DURATION
 
 from clrk import attributes as A
+from clrk.recorder.histograms import HistogramFeed, plain
 
 log = logging.getLogger("clrk.export")
 
@@ -62,6 +65,29 @@ RECORDS_DROPPED = "clrk.records.dropped"
 KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"})
 _SAMPLED = {True: {A.CLRK_EXPORT_SAMPLED: True}, False: {A.CLRK_EXPORT_SAMPLED: False}}
 _INPUT, _OUTPUT = "input", "output"
+# The attribute names of each histogram, in the order its attribute sets are written; a group's key holds their
+# values (None: the attribute is absent).
+_HTTP_NAMES = (A.HTTP_REQUEST_METHOD, A.HTTP_RESPONSE_STATUS_CODE, A.ERROR_TYPE)
+_GEN_AI_NAMES = (A.GEN_AI_OPERATION_NAME, A.GEN_AI_PROVIDER_NAME, A.GEN_AI_REQUEST_MODEL, A.GEN_AI_RESPONSE_MODEL)
+_TOKEN_NAMES = (*_GEN_AI_NAMES, GEN_AI_TOKEN_TYPE)
+_ERROR_NAMES = (*_GEN_AI_NAMES, A.ERROR_TYPE)
+_MAX = sys.float_info.max
+
+
+def _attributes(names: tuple, key: tuple) -> dict:
+    return {n: v for n, v in zip(names, key, strict=True) if v is not None}
+
+
+class _Own:
+    """The key of one observation for the SDK's own path: unique, so it keeps its place among the groups."""
+
+    __slots__ = ("key", "names")
+
+    def __init__(self, names: tuple, key: tuple):
+        self.names, self.key = names, key
+
+    def attributes(self) -> dict:
+        return _attributes(self.names, self.key)
 
 
 class GatewayMetrics:
@@ -100,6 +126,17 @@ class GatewayMetrics:
             EXPORT_RECORDS, unit="{record}", description="Records whose span and log were exported, or not (sampling).")
         self._counts: dict[tuple, list[int]] = {}  # counter attributes -> [requests, bytes up, bytes down]
         self._exported = {True: 0, False: 0}
+        self._http: dict[tuple, list] = {}
+        self._duration: dict[tuple, list] = {}
+        self._tokens: dict[tuple, list] = {}
+        self._cost: dict[tuple, list] = {}
+        self._first_chunk: dict[tuple, list] = {}
+        self._pending = ((HistogramFeed(self.http_duration), _HTTP_NAMES, self._http),
+                         (HistogramFeed(self.token_usage), _TOKEN_NAMES, self._tokens),
+                         (HistogramFeed(self.cost), _GEN_AI_NAMES, self._cost),
+                         (HistogramFeed(self.time_to_first_chunk), _ERROR_NAMES, self._first_chunk),
+                         (HistogramFeed(self.operation_duration), _ERROR_NAMES, self._duration))
+        self._feeds = {id(pending): feed for feed, _, pending in self._pending}
         self._lock = threading.Lock()
         self.budgets: dict[str, tuple[int, int, int | None]] = {}  # pool -> (UTC day number, used, max)
         m.create_observable_gauge(BUDGET_USED, [self._observe_used], unit="{token}",
@@ -121,8 +158,9 @@ class GatewayMetrics:
 
     def record(self, row: Mapping, exported: bool | None) -> None:
         """Counts one stored transaction; `exported` is its sampling decision (None: the gateway exports no spans).
-        Histograms are recorded at once; counters are summed here per attribute set and handed to the SDK by
-        `commit` (once per batch: an SDK call costs microseconds, a dict update a fraction of one)."""
+        Counters are summed here per attribute set, histogram observations grouped per attribute set, and both
+        handed to the SDK by `commit` (once per batch: an SDK call costs microseconds, a dict update a fraction
+        of one)."""
         status = row.get(A.HTTP_RESPONSE_STATUS_CODE)
         error = row.get(A.ERROR_TYPE)
         decision = row.get(A.CLRK_DECISION)
@@ -139,12 +177,11 @@ class GatewayMetrics:
         seconds = (row.get(A.CLRK_DURATION_MS) or 0.0) / 1000.0
         if decision == "allow":
             method = row.get(A.HTTP_REQUEST_METHOD)
-            http = {A.HTTP_REQUEST_METHOD: method if method in KNOWN_METHODS else "_OTHER"}
-            if status is not None:
-                http[A.HTTP_RESPONSE_STATUS_CODE] = status
-            if error is not None:
-                http[A.ERROR_TYPE] = error
-            self.http_duration.record(seconds, http)
+            key = (method if method in KNOWN_METHODS else "_OTHER", status, error)
+            if status is not None and status.__class__ is not int:  # 200.0 == 200: its own series, as the SDK keeps it
+                self._first(self._http, _HTTP_NAMES, key, seconds)
+            else:
+                self._observe(self._http, _HTTP_NAMES, key, seconds)
             op = row.get(A.GEN_AI_OPERATION_NAME)
             if op is not None:
                 self._gen_ai(row, op, error, seconds)
@@ -182,31 +219,77 @@ class GatewayMetrics:
                 self.request_bytes.add(up, attrs)
             if down:
                 self.response_bytes.add(down, attrs)
+        for feed, names, pending in self._pending:
+            if pending:
+                self._hand(feed, names, pending)
         for sampled in (True, False):
             if self._exported[sampled]:
                 self.export_records.add(self._exported[sampled], _SAMPLED[sampled])
                 self._exported[sampled] = 0
 
+    @staticmethod
+    def _hand(feed: HistogramFeed, names: tuple, pending: dict) -> None:
+        """One batch's groups of one histogram to the SDK, in the order they were first seen (the order in which
+        the SDK meets new attribute sets decides which ones its cardinality limit keeps)."""
+        groups = list(pending.items())
+        pending.clear()
+        for key, values in groups:
+            try:
+                if key.__class__ is _Own:
+                    feed.instrument.record(values[0], key.attributes())
+                else:
+                    feed.add(key, _attributes(names, key), values)
+            except Exception:  # one bad group must not stop the others
+                log.exception("could not count a batch of records in the metrics")
+
     def _gen_ai(self, row: Mapping, op: str, error: str | None, seconds: float) -> None:
-        attrs = {A.GEN_AI_OPERATION_NAME: op}
-        for key in (A.GEN_AI_PROVIDER_NAME, A.GEN_AI_REQUEST_MODEL, A.GEN_AI_RESPONSE_MODEL):
-            v = row.get(key)
-            if v is not None:
-                attrs[key] = v
+        base = (op, row.get(A.GEN_AI_PROVIDER_NAME), row.get(A.GEN_AI_REQUEST_MODEL), row.get(A.GEN_AI_RESPONSE_MODEL))
         tokens_in, tokens_out = row.get(A.GEN_AI_USAGE_INPUT_TOKENS), row.get(A.GEN_AI_USAGE_OUTPUT_TOKENS)
         if tokens_in is not None:
-            self.token_usage.record(tokens_in, {**attrs, GEN_AI_TOKEN_TYPE: _INPUT})
+            self._observe(self._tokens, _TOKEN_NAMES, (*base, _INPUT), tokens_in)
         if tokens_out is not None:
-            self.token_usage.record(tokens_out, {**attrs, GEN_AI_TOKEN_TYPE: _OUTPUT})
+            self._observe(self._tokens, _TOKEN_NAMES, (*base, _OUTPUT), tokens_out)
         cost = row.get(A.GEN_AI_USAGE_COST)
         if cost is not None:
-            self.cost.record(cost, attrs)
+            self._observe(self._cost, _GEN_AI_NAMES, base, cost)
         first = row.get(A.CLRK_RESP_FIRST_CHUNK_MS)
+        with_error = (*base, error)
         if first is not None and row.get(A.GEN_AI_RESPONSE_STREAM):
-            self.time_to_first_chunk.record(first / 1000.0, attrs if error is None else {**attrs, A.ERROR_TYPE: error})
-        if error is not None:
-            attrs[A.ERROR_TYPE] = error
-        self.operation_duration.record(seconds, attrs)
+            self._observe(self._first_chunk, _ERROR_NAMES, with_error, first / 1000.0)
+        self._observe(self._duration, _ERROR_NAMES, with_error, seconds)
+
+    # Histogram observations wait in `pending` (key: attribute values -> values in arrival order) until `commit`
+    # hands each group to the SDK at once (clrk.recorder.histograms). Values and attributes the SDK would not
+    # take as they are keep its own path, one `Histogram.record` each at `commit`, in arrival order.
+
+    def _observe(self, pending: dict, names: tuple, key: tuple, value) -> None:
+        try:
+            values = pending.get(key)
+        except TypeError:  # an unhashable attribute value (a list): the SDK's path, which cleans it
+            values = None
+        if values is not None and (value.__class__ is float or value.__class__ is int) and 0 <= value <= _MAX:
+            values.append(value)
+        else:
+            self._first(pending, names, key, value)
+
+    def _first(self, pending: dict, names: tuple, key: tuple, value) -> None:
+        """A new group, or a value or attribute set for the SDK's own path (`_Own`, replayed by `commit`): a
+        value whose check raises in the SDK raises here, where it did (the row is then reported, its later
+        observations not made); one the SDK drops with a warning (negative, NaN, infinite) is handed to it to do
+        so; attribute values other than text (and an int status code) are left to the SDK to clean and key by
+        type (200.0 and True are not 200 to it)."""
+        feed = self._feeds[id(pending)]
+        if not plain(value):
+            if math.isfinite(value) and not value < 0:
+                feed.seen()
+            pending[_Own(names, key)] = [value]
+            return
+        feed.seen()
+        if not all(v is None or v.__class__ is str or (v.__class__ is int and n == A.HTTP_RESPONSE_STATUS_CODE)
+                             for n, v in zip(names, key, strict=True)):
+            pending[_Own(names, key)] = [value]  # not plain text: the SDK cleans and keys it by type
+        else:
+            pending[key] = [value]
 
     def _observe_used(self, options: CallbackOptions):
         today = int(time.time() // 86400)
