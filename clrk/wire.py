@@ -43,9 +43,9 @@ _record_packer = msgpack.Packer(use_bin_type=True)
 _ROWS_HEAD = b"\x82" + msgpack.packb("t") + msgpack.packb("rows") + msgpack.packb("rows")  # a 2-entry map
 
 
-def pack_record(record: dict) -> bytes:
-    """One record, encoded as it will sit in a rows message (see `pack_rows`)."""
-    return _record_packer.pack(record)
+# One record, encoded as it will sit in a rows message (see `pack_rows`): the packer's own method, bound once
+# (a Python function around it was one more call per record on the proxy's thread).
+pack_record = _record_packer.pack
 
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries
