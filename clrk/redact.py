@@ -20,9 +20,10 @@ unredacted is handed to the recorder process; the recorder redacts headers and U
 the record (a second line).
 
 Cost: each distinct name is judged once per Redactor, then it is one dict lookup. A body is scanned only when
-the pre-check (`may_hold_json_secrets`: one `find` per word) sees a quoted name with a sensitive word followed
-by a string, array or object, or the gateway has jsonPaths; it is rebuilt only when something is replaced.
-docs/PERFORMANCE.md has the numbers.
+the pre-check (`may_hold_json_secrets`: one search per word; the usage counts of model APIs, `"..._tokens":
+12`, passed over inside the regex engine) sees a quoted name with a sensitive word followed by a string, array
+or object, or the gateway has jsonPaths; it is rebuilt only when something is replaced. docs/PERFORMANCE.md
+has the numbers.
 
 Limits. The body scanner reads tokens (strings and brackets), not a parse tree, so JSON cut at maxBytes,
 NDJSON and SSE `data:` lines are covered as well as whole documents: a string cut off at the end of the
