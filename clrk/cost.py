@@ -32,7 +32,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,6 +75,11 @@ class ModelPrice:
     reasoning: Rate
     source: str
     max_rate: float  # the highest price of any token kind: what a dollar budget reserves output at
+    flat: bool = field(init=False, repr=False, compare=False)  # no rate tiered by input size (worked out once)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flat", all(type(r) is float for r in (
+            self.input, self.output, self.cache_read, self.cache_write, self.reasoning)))
 
     def highest_rate(self, input_tokens: int) -> float:
         """USD per token of the dearest kind of token for a call of this input size: what a dollar budget
@@ -86,10 +91,13 @@ class ModelPrice:
     def cost(self, input_tokens: int, output_tokens: int, cache_read: int = 0, cache_write: int = 0,
              reasoning: int = 0) -> float:
         """USD for this usage (counts as clrk records them: input includes the cache, output the reasoning)."""
-        uncached = max(input_tokens - cache_read - cache_write, 0)
-        visible = max(output_tokens - reasoning, 0)
-        if (type(self.input) is float and type(self.output) is float and type(self.cache_read) is float
-                and type(self.cache_write) is float and type(self.reasoning) is float):
+        uncached = input_tokens - cache_read - cache_write
+        if uncached < 0:
+            uncached = 0
+        visible = output_tokens - reasoning
+        if visible < 0:
+            visible = 0
+        if self.flat:
             usd = (uncached * self.input + cache_read * self.cache_read + cache_write * self.cache_write
                    + visible * self.output + reasoning * self.reasoning)
         else:
@@ -312,6 +320,18 @@ class PriceBook:
                 when: float | None = None, request_model: str | None = None) -> tuple[float | None, str]:
         """(USD, clrk.cost.source) of a call's usage by `model` (the one that answered; `request_model`, the
         one asked for, as `price_of_call` says); (None, "unknown") when the model has no known price."""
+        # Every priced call comes here: a price this book has looked up, still in force, is used without the
+        # checks `price` makes (its key passed them when it was stored) and without `_count`'s calls.
+        name = model or request_model
+        if type(name) is str and type(provider) is str:
+            hit = self._cache.get((provider, name))
+            if hit is not None and hit.price is not None and (time.time() if when is None else when) < hit.until:
+                return hit.price.cost(
+                    input_tokens if type(input_tokens) is int and input_tokens > 0 else 0,
+                    output_tokens if type(output_tokens) is int and output_tokens > 0 else 0,
+                    cache_read if type(cache_read) is int and cache_read > 0 else 0,
+                    cache_write if type(cache_write) is int and cache_write > 0 else 0,
+                    reasoning if type(reasoning) is int and reasoning > 0 else 0), hit.price.source
         price = self.price_of_call(provider, model, request_model, when)
         if price is None:
             return None, UNKNOWN

@@ -20,9 +20,10 @@ unredacted is handed to the recorder process; the recorder redacts headers and U
 the record (a second line).
 
 Cost: each distinct name is judged once per Redactor, then it is one dict lookup. A body is scanned only when
-the pre-check (`may_hold_json_secrets`: one `find` per word) sees a quoted name with a sensitive word followed
-by a string, array or object, or the gateway has jsonPaths; it is rebuilt only when something is replaced.
-docs/PERFORMANCE.md has the numbers.
+the pre-check (`may_hold_json_secrets`: one search per word; the usage counts of model APIs, `"..._tokens":
+12`, passed over inside the regex engine) sees a quoted name with a sensitive word followed by a string, array
+or object, or the gateway has jsonPaths; it is rebuilt only when something is replaced. docs/PERFORMANCE.md
+has the numbers.
 
 Limits. The body scanner reads tokens (strings and brackets), not a parse tree, so JSON cut at maxBytes,
 NDJSON and SSE `data:` lines are covered as well as whole documents: a string cut off at the end of the
@@ -57,6 +58,13 @@ _REDACTED_QUERY = quote(REDACTED)
 _WORDS_RE = re.compile("|".join(SENSITIVE_WORDS))
 _WORDS_BYTES = tuple(w.encode() for w in SENSITIVE_WORDS)
 _VALUE_AFTER_NAME = re.compile(rb'\s*:\s*["\[{]')  # after a name's closing quote: a string, array or object follows
+_OTHER_WORDS = tuple(w for w in _WORDS_BYTES if w != b"token")
+# "token" where the pre-check would look further, in C: not where the name it sits in ends in letters, digits or
+# underscores and is followed by a value that is no string, array or object (`"max_tokens": 5`, `"tokenCount":
+# 3`: every usage count of a model API), nor where it ends a usage breakdown's name (`prompt_tokens_details"`).
+# Either way the look further could only say no (`_VALUE_AFTER_NAME` needs `"`, `[` or `{` after the colon).
+_TOKEN_WORD = re.compile(rb'token(?![a-z0-9_]*"\s*:\s*[^\s"\[{]|s_?details")').search
+_COUNTS_TAILS = (b"s_details", b"sdetails")
 # Usage breakdowns of model APIs (prompt_tokens_details, promptTokensDetails, ...) hold counts and modality
 # labels, not secrets: JSON names are judged without this suffix, so they stay readable and cost no scan.
 _COUNTS_SUFFIXES = ("tokens_details", "tokensdetails")
@@ -81,24 +89,36 @@ def sensitive_json_name(name: str) -> bool:
 
 def may_hold_json_secrets(data: bytes) -> bool:
     """The cheap pre-check before a body is scanned: whether a sensitive word sits in a quoted name followed by
-    a string, array or object. One `find` per word over the lower-cased bytes, and per string that holds a
+    a string, array or object. Per word, a search over the lower-cased bytes, and per string that holds a
     word, one regex match to its closing quote and a look at what follows (each string is looked at once per
     word, however often the word repeats in it). May say yes for nothing (the scan then finds nothing);
     never says no for a plainly spelled name (one whose sensitive word is not written with \\u escapes)."""
     low = data.lower()
-    find = low.find
-    end_of_string = _REST_OF_STRING.match
     n = len(low)
-    for w in _WORDS_BYTES:
+    end_of_string = _REST_OF_STRING.match
+    value_after = _VALUE_AFTER_NAME.match
+    # "token" by a regex that passes over the names it could never flag (`"prompt_tokens": 12`), from the
+    # first occurrence a find sees (a find costs less than the regex over a body without the word)
+    i = low.find(b"token")
+    m = _TOKEN_WORD(low, i) if i != -1 else None
+    while m is not None:
+        i = m.start()
+        q = end_of_string(low, i).end()  # the closing quote of the string the word is in, if it is in one
+        if q >= n:
+            break  # no quote after it: nothing can follow as a value
+        if low[q] == _QUOTE and value_after(low, q + 1) is not None and low[i + 5:q] not in _COUNTS_TAILS:
+            return True
+        m = _TOKEN_WORD(low, q + 1)  # every other occurrence in this string has the same ending
+    find = low.find
+    for w in _OTHER_WORDS:
         i = find(w)
         while i != -1:
-            q = end_of_string(low, i).end()  # the closing quote of the string the word is in, if it is in one
+            q = end_of_string(low, i).end()
             if q >= n:
-                break  # no quote after it: nothing can follow as a value
-            if low[q] == _QUOTE and _VALUE_AFTER_NAME.match(low, q + 1) is not None and not (
-                    w == b"token" and low[i + 5:q] in (b"s_details", b"sdetails")):
+                break
+            if low[q] == _QUOTE and value_after(low, q + 1) is not None:
                 return True
-            i = find(w, q + 1)  # every other occurrence in this string has the same ending
+            i = find(w, q + 1)
     return False
 
 

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import msgpack
+import ormsgpack
 
 from clrk import escape, storeref
 
@@ -43,9 +44,20 @@ _record_packer = msgpack.Packer(use_bin_type=True)
 _ROWS_HEAD = b"\x82" + msgpack.packb("t") + msgpack.packb("rows") + msgpack.packb("rows")  # a 2-entry map
 
 
+# What ormsgpack would encode where msgpack refuses (dataclasses, datetimes, enums, UUIDs) goes back to msgpack.
+_ORMSGPACK_AS_MSGPACK = (ormsgpack.OPT_PASSTHROUGH_DATACLASS | ormsgpack.OPT_PASSTHROUGH_DATETIME
+                         | ormsgpack.OPT_PASSTHROUGH_ENUM | ormsgpack.OPT_PASSTHROUGH_UUID)
+
+
 def pack_record(record: dict) -> bytes:
-    """One record, encoded as it will sit in a rows message (see `pack_rows`)."""
-    return _record_packer.pack(record)
+    """One record, encoded as it will sit in a rows message (see `pack_rows`). Every record is encoded on the
+    proxy's thread: ormsgpack writes the same bytes as msgpack's packer about three times faster. What it
+    refuses (a key that is no str, a tuple subclass, an integer past 64 bits, a lone surrogate, nesting past
+    its depth) is encoded by msgpack, which packs it or raises its own error, as it always did."""
+    try:
+        return ormsgpack.packb(record, option=_ORMSGPACK_AS_MSGPACK)
+    except TypeError:
+        return _record_packer.pack(record)
 
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries

@@ -197,6 +197,50 @@ def test_an_unlisted_dated_id_of_the_model_asked_for_takes_its_price():
     assert cost_of("openai", None, 1000, 0, when=NOW, request_model="gpt-4o")[0] == pytest.approx(usd(1000 * 2.5))
 
 
+
+ODD_COUNTS = [1000, 0, -5, None, True, False, 2.0, "12", 2**63 - 1, 2**70]
+
+
+@pytest.mark.parametrize("model, request_model", [("gpt-4o-2024-08-06", None), (None, "gpt-4o"), ("", "gpt-4o-mini"),
+                                                   ("gpt-4o-mini-2031-01-01", "gpt-4o-mini"), ("llama-local", "gpt-4o")])
+def test_a_price_looked_up_before_costs_what_the_first_lookup_said(model, request_model):
+    """`cost_of` takes a short way for a price its book holds: the same dollars and source as the full lookup,
+    whatever the counts (odd ones included), for every way the model can be named."""
+    warm = PriceBook()
+    warm.cost_of("openai", model, 1, 1, when=NOW, request_model=request_model)
+    for counts in [(1000, 500, 200, 0, 0), *((v, v, v, v, v) for v in ODD_COUNTS), (10, 0, 50, 3, 0), (5, 9, 0, 0, 20)]:
+        cold = PriceBook()
+        assert warm.cost_of("openai", model, *counts, when=NOW, request_model=request_model) == cold.cost_of(
+            "openai", model, *counts, when=NOW, request_model=request_model), counts
+
+
+def test_a_reloaded_policy_prices_with_its_own_prices(tmp_path):
+    """Each policy has its own book: a reload that changes a ModelPricing entry is priced with the new entry at
+    once, though the old book has the model in its memory."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    (old / "p.yaml").write_text(PRICING)
+    (new / "p.yaml").write_text(PRICING.replace("inputPerMTok: 2.0, outputPerMTok: 8.0", "inputPerMTok: 4.0, outputPerMTok: 16.0"))
+    before = load_policy(old).pricing
+    assert before.cost_of("openai", "gpt-4o", 1000, 500, when=NOW) == (pytest.approx(usd(1000 * 2 + 500 * 8)), POLICY)
+    assert before.cost_of("openai", "gpt-4o", 1000, 500, when=NOW)[0] == pytest.approx(usd(1000 * 2 + 500 * 8))
+    after = load_policy(new).pricing
+    assert after.cost_of("openai", "gpt-4o", 1000, 500, when=NOW) == (pytest.approx(usd(1000 * 4 + 500 * 16)), POLICY)
+
+
+def test_a_price_past_the_time_it_holds_until_is_looked_up_again():
+    """A remembered price carries until when it holds (a dated price change, a time-of-day price): a call after
+    that is priced by a new lookup, not from memory."""
+    book = PriceBook()
+    right = book.cost_of("openai", "gpt-4o", 1000, 500, when=NOW)
+    stale = cost.flat_price("stale", 100.0, 100.0)
+    book._cache[("openai", "gpt-4o")] = cost._Resolved(stale, NOW + 10)
+    assert book.cost_of("openai", "gpt-4o", 1000, 500, when=NOW + 5)[1] == "stale"  # still in force
+    assert book.cost_of("openai", "gpt-4o", 1000, 500, when=NOW + 10) == right  # not any more
+    assert book._cache[("openai", "gpt-4o")].price.source == LIB
+
+
 # --------------------------------------------------------------------------- dollar budgets (the ledger)
 
 from hypothesis import given, settings  # noqa: E402

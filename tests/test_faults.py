@@ -281,3 +281,69 @@ def test_records_encoded_one_by_one_frame_as_one_rows_message():
         framed = wire.pack_rows([wire.pack_record(r) for r in records])
         assert framed == wire.pack({"t": "rows", "rows": records})
 
+
+
+# The proxy's record encoder (ormsgpack, with msgpack where it refuses) against msgpack's packer alone: the same
+# bytes for everything, or the same error. Snapshots hold str keys, tuples, bytes and scalars; the rest is what
+# a bug or a hostile value could put there.
+def _odd_values():
+    import collections
+    import dataclasses
+    import datetime
+    import enum
+    import uuid
+
+    from hypothesis import strategies as st
+
+    class Colour(enum.Enum):
+        RED = 1
+
+    class Level(enum.IntEnum):
+        HIGH = 2
+
+    @dataclasses.dataclass(frozen=True)
+    class Point:
+        x: int = 1
+
+    pair = collections.namedtuple("pair", "a b")
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.binary(max_size=40),
+        st.text(max_size=40), st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2),
+        st.binary(max_size=20).map(bytearray), st.sampled_from([Colour.RED, Level.HIGH, Point(), uuid.UUID(int=7),
+                                                                 datetime.datetime(2026, 1, 1), pair(1, "b")]))
+    keys = st.one_of(st.text(max_size=12), st.integers(-5, 5), st.binary(max_size=4), st.sampled_from(
+        [None, 1.5, Colour.RED, Level.HIGH, datetime.date(2026, 1, 1), uuid.UUID(int=1), (1, 2)]))
+    return st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.lists(inner, max_size=4).map(tuple),
+        st.dictionaries(keys, inner, max_size=4)), max_leaves=20)
+
+
+def _msgpack_alone(value):
+    import msgpack
+
+    try:
+        return msgpack.Packer(use_bin_type=True).pack(value)
+    except Exception as e:
+        return type(e)
+
+
+def test_records_are_encoded_as_msgpack_encodes_them():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from clrk import wire
+
+    @given(value=st.dictionaries(st.text(max_size=12), _odd_values(), max_size=6))
+    @settings(max_examples=1500, deadline=None)
+    def check(value):
+        try:
+            got = wire.pack_record(value)
+        except Exception as e:
+            got = type(e)
+        assert got == _msgpack_alone(value)
+
+    check()
+    deep: list = []
+    for _ in range(400):  # past ormsgpack's depth, within msgpack's
+        deep = [deep]
+    assert wire.pack_record({"d": deep}) == _msgpack_alone({"d": deep})

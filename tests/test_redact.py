@@ -201,6 +201,63 @@ def test_the_pre_check(body, may):
     assert may_hold_json_secrets(body) is may
 
 
+
+# The usage counts of model APIs (`"prompt_tokens": 12`) are passed over in C; what they sit next to is not.
+@pytest.mark.parametrize("body,may", [
+    (b'{"usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}', False),
+    (b'{"token": "x", "tokens": 3}', True), (b'{"tokens": 3, "token": "x"}', True),
+    (b'{"max_tokens": 5, "my_token": "x"}', True), (b'{"max_tokens": 5, "max_tokens": "x"}', True),  # a duplicate
+    (b'{"max_tokens": [1]}', True), (b'{"prompt_tokens": {"a": 1}}', True), (b'{"max_tokens"\n :\t"x"}', True),
+    (b'{"MAX_TOKENS": "x"}', True), (b'{"Max_Tokens": -1, "promptTokenCount": 7, "x": true}', False),
+    (b'{"tokenCount": "x"}', True), (b'{"token": null, "tokens": false, "token2": 1.5e3}', False),
+    (b'{"a\\"token": "x"}', True),  # after an escaped quote: still in the name
+    (b'{"my_token\\"x": 5, "b": "c"}', False), (b'{"my_token\\"x": "s"}', True),  # an escaped quote in the name
+    (b'{"token-id": "x"}', True), (b'{"token.x": 1}', False), (b'{"token x": "y"}', True),
+    (b'{"prompt_tokens_details": "x", "input_tokensdetails": ["y"]}', False),
+    (b'{"prompt_tokens_detailsx": "x"}', True), (b'{"prompt_tokens_details_": ["x"]}', True),
+    (b'{"prompt_tokens": 1, "api_key": "k"}', True),  # another word after the counts
+    (b'{"text": "say tokens: \\"x\\""}', False), (b'data: {"total_tokens": 9}\n\ndata: {"session": "s"}\n', True),
+])
+def test_the_pre_check_passes_over_usage_counts_and_nothing_else(body, may):
+    assert may_hold_json_secrets(body) is may
+
+
+def test_a_secret_beside_usage_counts_is_redacted():
+    body = b'{"usage": {"prompt_tokens": 12, "total_tokens": 15}, "tokens": 3, "token": "s3cr3t", "max_tokens": 5}'
+    assert DEFAULT.body(body, JSON) == body.replace(b'"s3cr3t"', b'"[REDACTED]"')
+    body = b'{"max_tokens": 5, "max_tokens": "s3cr3t"}'  # a duplicate name: every one is judged
+    assert DEFAULT.body(body, JSON) == b'{"max_tokens": 5, "max_tokens": "[REDACTED]"}'
+
+
+def _pre_check_as_it_was(data: bytes) -> bool:
+    """The pre-check before usage counts were passed over: one find per word, every string holding a word
+    looked at (the reference the faster one must agree with)."""
+    low = data.lower()
+    n = len(low)
+    for w in (x.encode() for x in SENSITIVE_WORDS):
+        i = low.find(w)
+        while i != -1:
+            q = re.compile(rb'[^"\\\n]*(?:\\.[^"\\\n]*)*').match(low, i).end()
+            if q >= n:
+                break
+            if low[q] == 0x22 and re.compile(rb'\s*:\s*["\[{]').match(low, q + 1) is not None and not (
+                    w == b"token" and low[i + 5:q] in (b"s_details", b"sdetails")):
+                return True
+            i = low.find(w, q + 1)
+    return False
+
+
+_PIECES = ['"', "token", "Tokens", "s", "_details", "details", "count", "key", "prompt_", ":", " ", "\n", "\t",
+           "\\", '\\"', "5", "-", "[", "{", "}", "]", ",", '"x"', "null", "true", "sdetails", "0", "e"]
+
+
+@given(pieces=st.lists(st.sampled_from(_PIECES), max_size=40))
+@settings(max_examples=2000, deadline=None)
+def test_the_pre_check_agrees_with_one_find_per_word(pieces):
+    body = "".join(pieces).encode()
+    assert may_hold_json_secrets(body) is _pre_check_as_it_was(body)
+
+
 def test_the_pre_check_stays_linear_on_a_word_repeated_in_one_long_string():
     body = b'{"text": "' + b'monkey \\"keys\\" ' * 4000 + b'", "n": 1}'  # 64 KB, 8000 words, 8000 escaped quotes
     start = time.perf_counter()

@@ -696,6 +696,35 @@ def test_every_transaction_is_recorded_once_and_leaves_its_flow(g):
     assert "agent-secret" not in repr(rec) and "s3cret" not in repr(rec)
 
 
+
+def test_a_secret_split_between_stream_pieces_is_redacted_beside_usage_counts(g):
+    """The record's body is redacted whole, not piece by piece: a name cut by a chunk boundary is still seen,
+    and the usage counts the pre-check passes over do not hide the secret next to them."""
+    c = connect(g, "allowed.test")
+    f = send(g, request(c, "/events"))
+    body = b'data: {"usage": {"prompt_tokens": 3, "total_tokens": 5}, "access_token": "s3cr3t-value"}\n\n'
+    f.response = tflow.tresp(status_code=200, headers=http.Headers(content_type="text/event-stream"), content=None)
+    g.responseheaders(f)
+    assert callable(f.response.stream)
+    cut = body.index(b"_token") + 3  # between "_to" and "ken"
+    for piece in (body[:cut], body[cut:], b""):
+        f.response.stream(piece)
+    g.response(f)
+    captured = g.rt.unsent[-1]["resp_body"][1]
+    assert captured == body.replace(b'"s3cr3t-value"', b'"[REDACTED]"')
+
+
+def test_a_reload_that_changes_what_is_captured_applies_to_the_next_record(g):
+    c = connect(g, "allowed.test")
+    assert answer(g, send(g, request(c, "/")), body=b'{"a": 1}')["resp_body"] == (8, b'{"a": 1}', False)
+    text_only = _doc("EgressGateway", "gw", {"otlp": {"captureBody": {"includeContentTypes": ["text/plain"]}}})
+    g.rt.policy = compile_policy(text_only, *DOCS[1:], env={"K_OPENAI": OPENAI_KEY, "K_GEMINI": "AIza-STEP-SECRET"})
+    assert answer(g, send(g, request(c, "/")), body=b'{"a": 1}')["resp_body"] == (8, None, False)
+    assert answer(g, send(g, request(c, "/")), body=b"hello", ctype="text/plain")["resp_body"] == (5, b"hello", False)
+    g.rt.policy = POLICY
+    assert answer(g, send(g, request(c, "/")), body=b'{"a": 1}')["resp_body"] == (8, b'{"a": 1}', False)
+
+
 def test_an_upstream_connection_refused_by_policy_is_recorded_as_policy_blocked(g):
     c = connect(g, "allowed.test")
     f = send(g, request(c))

@@ -96,25 +96,32 @@ class GenAiResult:
     parse_error: str | None = None
 
     def attributes(self) -> dict[str, Any]:
+        # Written out member by member (not a loop over (name, value) pairs): once per provider call, on the
+        # proxy's thread, and the pairs alone were nine tuples built each time.
         out: dict[str, Any] = {
             A.GEN_AI_SYSTEM: self.system,
             A.GEN_AI_PROVIDER_NAME: self.provider_name,
             A.GEN_AI_RESPONSE_STREAM: self.stream,
             A.CLRK_BODY_USAGE_VISIBLE: self.usage_visible,
         }
-        for key, value in (
-            (A.GEN_AI_OPERATION_NAME, self.operation),
-            (A.GEN_AI_REQUEST_MODEL, self.request_model),
-            (A.GEN_AI_RESPONSE_MODEL, self.response_model),
-            (A.GEN_AI_RESPONSE_ID, self.response_id),
-            (A.GEN_AI_USAGE_INPUT_TOKENS, self.input_tokens),
-            (A.GEN_AI_USAGE_OUTPUT_TOKENS, self.output_tokens),
-            (A.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, self.cache_read_tokens),
-            (A.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, self.cache_creation_tokens),
-            (A.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, self.reasoning_tokens),
-        ):
-            if value is not None:
-                out[key] = value
+        if self.operation is not None:
+            out[A.GEN_AI_OPERATION_NAME] = self.operation
+        if self.request_model is not None:
+            out[A.GEN_AI_REQUEST_MODEL] = self.request_model
+        if self.response_model is not None:
+            out[A.GEN_AI_RESPONSE_MODEL] = self.response_model
+        if self.response_id is not None:
+            out[A.GEN_AI_RESPONSE_ID] = self.response_id
+        if self.input_tokens is not None:
+            out[A.GEN_AI_USAGE_INPUT_TOKENS] = self.input_tokens
+        if self.output_tokens is not None:
+            out[A.GEN_AI_USAGE_OUTPUT_TOKENS] = self.output_tokens
+        if self.cache_read_tokens is not None:
+            out[A.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = self.cache_read_tokens
+        if self.cache_creation_tokens is not None:
+            out[A.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = self.cache_creation_tokens
+        if self.reasoning_tokens is not None:
+            out[A.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = self.reasoning_tokens
         if self.finish_reasons:
             out[A.GEN_AI_RESPONSE_FINISH_REASONS] = list(self.finish_reasons)
         return out

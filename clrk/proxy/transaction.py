@@ -20,7 +20,7 @@ from clrk import attributes as A
 from clrk.decision import AuthResult, Decision, RequestFacts
 from clrk.identity import TraceContext
 from clrk.memo import remember
-from clrk.policy.compiled import AgentIdentity, CompiledPolicy, GatewayConfig
+from clrk.policy.compiled import AgentIdentity, CaptureConfig, CompiledPolicy, GatewayConfig
 from clrk.providers import ProviderParser
 from clrk.proxy.budget import Reservation
 from clrk.proxy.capture import BodyCapture, request_is_buffered
@@ -151,7 +151,7 @@ def scan_request_headers(fields) -> tuple[dict[str, str], list[str], str | None]
     return out, hosts, problem
 
 
-def _body_summary(capture: BodyCapture | None, raw: bytes | None, wanted: bool, limit: int, redactor: Redactor,
+def _body_summary(capture: BodyCapture | None, raw: bytes | None, cfg: CaptureConfig | None, redactor: Redactor,
                   ctype: str | None) -> tuple:
     """(wire bytes, captured bytes or None, truncated) of one body, the captured bytes redacted. Buffered
     bodies (no capture object) are summarised here from the bytes mitmproxy holds: the cheap path every small
@@ -160,9 +160,22 @@ def _body_summary(capture: BodyCapture | None, raw: bytes | None, wanted: bool, 
         return capture.wire_bytes, redactor.body(capture.captured, ctype), capture.truncated
     if raw is None:
         return 0, None, False
-    if not wanted or limit <= 0:
+    limit = cfg.max_bytes if cfg is not None else 0
+    if limit <= 0 or not _wants(cfg, ctype):
         return len(raw), None, False
     return len(raw), redactor.body(raw[:limit], ctype), len(raw) > limit
+
+
+_WANTS: dict[str | None, tuple[CaptureConfig, bool]] = {}  # content type -> (the config that judged it, wanted)
+
+
+def _wants(cfg: CaptureConfig, ctype: str | None) -> bool:
+    """`cfg.wants(ctype)`, remembered per content type for the config that said it (one policy's gateways share
+    a few content types; a reload brings new configs, and their own answers)."""
+    hit = _WANTS.get(ctype)
+    if hit is not None and hit[0] is cfg:
+        return hit[1]
+    return remember(_WANTS, ctype, len(ctype) if ctype else 0, (cfg, cfg.wants(ctype)))[1]
 
 
 def _redacted_target(path: bytes, redactor: Redactor) -> bytes:
@@ -175,57 +188,69 @@ def _redacted_target(path: bytes, redactor: Redactor) -> bytes:
     return path if red is text else red.encode("latin-1")
 
 
+_SCHEMES = {b"https": "https", b"http": "http"}  # what Request.scheme decodes, without the decode
+
+
 def snapshot(tx: Transaction, flow: http.HTTPFlow, redactor: Redactor = DEFAULT_REDACTOR) -> Snapshot:
     """The raw facts of a finished transaction, for the recorder to turn into the record
     (`clrk.recorder.expand`), redacted by the transaction's gateway (`redactor` when it has none). On the
-    proxy's thread: no formatting, and no copies unless something is redacted."""
-    req = flow.request
+    proxy's thread: no formatting, and no copies unless something is redacted. mitmproxy's message fields are
+    read from `.data` (what its properties return, without a property call each)."""
+    req = flow.request.data
     resp = flow.response
-    end = (resp.timestamp_end if resp is not None and resp.timestamp_end else None) or time.time()
-    cfg = tx.gateway.capture if tx.gateway is not None else None
-    if tx.gateway is not None:
-        redactor = tx.gateway.redactor
-    limit = cfg.max_bytes if cfg is not None else 0
+    rsp = resp.data if resp is not None else None
+    end = (rsp.timestamp_end if rsp is not None else None) or time.time()
+    gw = tx.gateway
+    if gw is not None:
+        cfg = gw.capture
+        redactor = gw.redactor
+        gateway = gw.name
+    else:
+        cfg = gateway = None
     req_h = tx.req_h
     req_ctype = req_h.get("content-type") if req_h is not None else req.headers.get("content-type")
     resp_ctype = None
-    if resp is not None:
-        resp_ctype = tx.resp_h.get("content-type") if tx.resp_h is not None else resp.headers.get("content-type")
+    if rsp is not None:
+        resp_ctype = tx.resp_h.get("content-type") if tx.resp_h is not None else rsp.headers.get("content-type")
     d, a = tx.decision, tx.agent
+    trace = tx.trace
+    scheme = req.scheme
     raw: Snapshot = {
         "t0": tx.start,
         "t1": end,
-        "ids": (tx.trace.trace_id, tx.trace.span_id, tx.trace.parent_span_id),
-        "method": req.data.method,  # bytes as sent (the recorder decodes them: clrk.escape), no decode here
-        "scheme": req.scheme,
+        "ids": (trace.trace_id, trace.span_id, trace.parent_span_id),
+        "method": req.method,  # bytes as sent (the recorder decodes them: clrk.escape), no decode here
+        "scheme": _SCHEMES.get(scheme) or scheme.decode("utf-8", "surrogateescape"),
         "host": req.host,
         "port": req.port,
-        "path": _redacted_target(req.data.path, redactor),  # bytes as sent, the query redacted
-        "status": resp.status_code if resp is not None else None,
-        "gateway": tx.gateway.name if tx.gateway is not None else None,
+        "path": _redacted_target(req.path, redactor),  # bytes as sent, the query redacted
+        "status": rsp.status_code if rsp is not None else None,
+        "gateway": gateway,
         "dst": tx.dst_name,
         "inv": tx.invocation_id,  # one character per byte, like the header values it comes from
         "decision": (d.action, d.rule, d.reason) if d is not None else None,
         "agent": (a.kind, a.namespace, a.name, a.uid, a.revision) if a is not None else None,
         "rewritten": tx.request_rewritten,
         "req_headers": redactor.fields(req.headers.fields),
-        "resp_headers": redactor.fields(resp.headers.fields) if resp is not None else None,
-        "req_body": _body_summary(tx.req_capture, req.raw_content if not req.stream else None,
-                                  cfg is not None and cfg.wants(req_ctype), limit, redactor, req_ctype),
-        "resp_body": _body_summary(tx.resp_capture, resp.raw_content if resp is not None and not resp.stream else None,
-                                   cfg is not None and cfg.wants(resp_ctype), limit, redactor, resp_ctype),
+        "resp_headers": redactor.fields(rsp.headers.fields) if rsp is not None else None,
+        "req_body": _body_summary(tx.req_capture, req.content if not flow.request.stream else None, cfg, redactor,
+                                  req_ctype),
+        "resp_body": _body_summary(tx.resp_capture, rsp.content if rsp is not None and not resp.stream else None,
+                                   cfg, redactor, resp_ctype),
         "error": tx.error or (flow.error.msg if flow.error is not None else None),
         "error_type": tx.error_type,
         "upstream": tx.upstream_response,
     }
+    limit = cfg.max_bytes if cfg is not None else 0
     if tx.genai is not None:
         pr = d.provider_rule if d is not None else None
-        genai = raw["genai"] = tx.genai.result.attributes()
+        result = tx.genai.result
+        genai = raw["genai"] = result.attributes()
         if tx.cost_source is not None:
             genai[A.CLRK_COST_SOURCE] = tx.cost_source
             if tx.cost is not None:
                 genai[A.GEN_AI_USAGE_COST] = tx.cost
-        raw["genai_error"] = tx.genai.result.error_type
+        raw["genai_error"] = result.error_type
         raw["apr"] = (pr.route_name, pr.route_namespace) if pr is not None else None
     if resp is not None and resp.stream and tx.resp_capture is not None and tx.resp_capture.first_at:
         raw["first_chunk"] = tx.resp_capture.first_at
