@@ -120,17 +120,20 @@ class Balancer:
         return struct.unpack_from(f"{self.workers}q", self.map)
 
     def counted(self, handler: Handler) -> Handler:
-        """`handler` (mitmproxy's, which returns when the connection ends) with this worker's count around it."""
+        """`handler` (mitmproxy's, which returns when the connection ends), giving back the connection's place in
+        this worker's count when it does. The place is taken as the connection is accepted or received (`_serve`):
+        connections arriving together are counted before the next one is placed, not once each is served."""
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.count += 1
-            self._write()
             try:
                 await handler(reader, writer)
             finally:
-                self.count -= 1
-                self._write()
+                self._left()
 
         return serve
+
+    def _left(self) -> None:
+        self.count -= 1
+        self._write()
 
     def target(self) -> int | None:
         """The worker to hand a new connection to: the one holding the fewest, if it holds fewer than this one."""
@@ -161,6 +164,9 @@ class Balancer:
                 log.error("clrk: accepting a connection failed: %s", e)
                 return
             conn.setblocking(False)
+            # What other workers handed here first: counted, they are part of this worker's load (otherwise its
+            # own count, written as it serves what it accepted, would hide them from the sender).
+            self._receive(loop)
             j = self.target()
             if j is not None and self._send(j, conn, where, bounced=False):
                 n = SLOT.unpack_from(self.map, j * SLOT.size)[0]
@@ -218,14 +224,22 @@ class Balancer:
             self.received += 1
             self._serve(loop, conn, handler)
 
-    @staticmethod
-    def _serve(loop: asyncio.AbstractEventLoop, conn: socket.socket, handler: Handler) -> None:
-        """Serves an accepted socket as asyncio.start_server would (a StreamReader/Writer pair for `handler`)."""
+    def _serve(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, handler: Handler) -> None:
+        """Serves an accepted socket as asyncio.start_server would (a StreamReader/Writer pair for `handler`, which
+        is `counted`): counted from now."""
+        self.count += 1
+        self._write()
+
         def protocol() -> asyncio.StreamReaderProtocol:
             return asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), handler, loop=loop)
 
-        task = loop.create_task(loop.connect_accepted_socket(protocol, conn))
-        task.add_done_callback(_log_failure)
+        def done(task: asyncio.Task) -> None:
+            if task.cancelled() or task.exception() is not None:
+                self._left()  # never served: its handler will not give its place back
+                if not task.cancelled():
+                    log.error("clrk: serving an accepted connection failed: %s", task.exception())
+
+        loop.create_task(loop.connect_accepted_socket(protocol, conn)).add_done_callback(done)
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -503,3 +503,54 @@ def test_a_new_connection_goes_to_the_worker_holding_fewer_comes_back_if_it_lack
 
     asyncio.run(main())
     assert [tag for _, tag in served[:10]] == [b"c%03dx" % k for k in range(10)]  # every byte reached its server
+
+
+def test_a_burst_of_connections_the_kernel_splits_unevenly_ends_even(tmp_path):
+    """16 connections queued at once on two SO_REUSEPORT sockets of one port (as hey's, or an agent pool's, arrive)
+    before either worker accepts: each worker counts what it accepts and what it was handed as it places the
+    next one, so however the kernel split them, the workers end with 8 each."""
+    import asyncio
+
+    from clrk import balance
+
+    async def main() -> list[int]:
+        path, pairs = balance.make_shared(2, str(tmp_path))
+        bs = [balance.Balancer(i, path, pairs[i][0], [p[1] for p in pairs]) for i in range(2)]
+        served: list[int] = []
+
+        def handler(i: int):
+            async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                served.append(i)
+                await reader.read()
+                writer.close()
+            return serve
+
+        socks: list[socket.socket] = []
+        port = 0
+        for _ in bs:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", port))
+            port = s.getsockname()[1]
+            s.listen(64)
+            s.setblocking(False)
+            socks.append(s)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+        loop = asyncio.get_running_loop()
+        for i, b in enumerate(bs):
+            b.listen(loop, socks[i], b.counted(handler(i)))
+        for _ in range(300):
+            if len(served) == 16:
+                break
+            await asyncio.sleep(0.01)
+        counts = [b.count for b in bs]
+        assert sum(b.handed_over for b in bs) == sum(b.received for b in bs)
+        for c in clients:
+            c.close()
+        for s in socks:
+            s.close()
+        return [served.count(0), served.count(1), *counts]
+
+    for _ in range(3):  # the kernel's split differs from one try to the next
+        got = asyncio.run(main())
+        assert got[:2] == [8, 8] and got[2:] == [8, 8], got
