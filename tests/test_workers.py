@@ -554,3 +554,47 @@ def test_a_burst_of_connections_the_kernel_splits_unevenly_ends_even(tmp_path):
     for _ in range(3):  # the kernel's split differs from one try to the next
         got = asyncio.run(main())
         assert got[:2] == [8, 8] and got[2:] == [8, 8], got
+
+
+def test_a_connection_handed_to_a_worker_that_died_is_served_by_the_one_started_in_its_place(tmp_path):
+    """The hand-over sockets are the supervisor's: what was sent to worker 1 before it died waits in its inbox,
+    and the worker started in its place (a new Balancer on the same descriptors) serves it, bytes intact."""
+    import asyncio
+
+    from clrk import balance
+
+    path, pairs = balance.make_shared(2, str(tmp_path))
+    outs = [p[1] for p in pairs]
+    b0 = balance.Balancer(0, path, pairs[0][0], outs)
+    dead = balance.Balancer(1, path, pairs[1][0], outs)  # never reads its inbox: it died
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        b0.count = 3  # it holds more than worker 1's slot says (0): the next connection is handed over
+        b0.listen(loop, lsock, b0.counted(lambda r, w: None))
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"hello")
+        await w.drain()
+        for _ in range(200):
+            if b0.handed_over == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert b0.handed_over == 1 and dead.received == 0
+        got: asyncio.Future[bytes] = loop.create_future()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            got.set_result(await reader.readexactly(5))
+            writer.close()
+
+        replacement = balance.Balancer(1, path, pairs[1][0], outs)
+        replacement.listeners[("127.0.0.1", port)] = (lsock, replacement.counted(serve))  # it listens there too
+        replacement._receive(loop)  # what waited in the inbox
+        data = await asyncio.wait_for(got, 5)
+        w.close()
+        lsock.close()
+        return data
+
+    assert asyncio.run(main()) == b"hello"
