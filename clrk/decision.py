@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from clrk.addresses import IPAddress, literal, private, views
 from clrk.mcp import INVALID_REQUEST, POLICY_DENIED, McpBody
+from clrk.memo import remember
 from clrk.policy.compiled import (
     AgentIdentity,
     CompiledPolicy,
@@ -201,15 +202,12 @@ def _rules(policy: CompiledPolicy, gateway: GatewayConfig, agent: AgentIdentity,
 
     provider_note = ""
     if req.provider is not None and req.path is not None:
-        candidates = [r for r in policy.provider_rules if r.agents.matches(agent)]
+        candidates = policy.provider_rules_for(agent)
         if candidates and req.model is None and req.model_pending:
             return None
-        for pr in candidates:
-            if any(_provider_match(mt, req) and not (ambiguous and mt.endpoints) for mt in pr.matches):
-                what = f"{req.provider} {req.model or 'request'} to {req.path}"
-                if req.model is None and req.model_later:
-                    what += " (its model is judged when the session names it)"
-                return Decision(True, pr.ref, f"{what} allowed by {pr.ref}", provider_rule=pr)
+        allowed = _provider_allow(policy, agent, candidates, req, ambiguous)
+        if allowed is not None:
+            return allowed
         provider_note = f"no AIProviderRoute rule matches {req.provider} model {req.model or '(unknown)'} at {req.path}, and "
 
     for rule in policy.routes:
@@ -224,6 +222,28 @@ def _rules(policy: CompiledPolicy, gateway: GatewayConfig, agent: AgentIdentity,
         what = f"{req.method} {what}{req.path or ''}"
     note = f" (its path is ambiguous: {req.path_ambiguity}; routes limited by path never allow such paths)" if ambiguous else ""
     return Decision(False, default_rule, f"{provider_note}no route allows {what} for agent {agent.ref} (deny-all){note}", 403)
+
+
+def _provider_allow(policy: CompiledPolicy, agent: AgentIdentity, candidates: tuple[ProviderRule, ...],
+                    req: RequestFacts, ambiguous: bool) -> Decision | None:
+    """The allow of the first of `candidates` (the agent's AIProviderRoute rules) that matches the call, or None.
+    A pure function of the policy, the agent and the call's shape: remembered on the policy per shape (a reload
+    brings an empty memory), the agent kept with the answer so that its id is not reused while remembered;
+    bounded (`clrk.memo`: model and path are the agent's, so long ones are never kept)."""
+    key = (id(agent), req.provider, req.provider_names, req.model, req.path, ambiguous, req.model_later)
+    memo = policy.provider_answers
+    hit = memo.get(key)
+    if hit is not None and hit[0] is agent:
+        return hit[1]
+    d = None
+    for pr in candidates:
+        if any(_provider_match(mt, req) and not (ambiguous and mt.endpoints) for mt in pr.matches):
+            what = f"{req.provider} {req.model or 'request'} to {req.path}"
+            if req.model is None and req.model_later:
+                what += " (its model is judged when the session names it)"
+            d = Decision(True, pr.ref, f"{what} allowed by {pr.ref}", provider_rule=pr)
+            break
+    return remember(memo, key, len(req.path or "") + len(req.model or ""), (agent, d))[1]
 
 
 def _judge_mcp(mr: McpRule, req: RequestFacts) -> Decision:

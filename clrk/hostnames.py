@@ -167,18 +167,17 @@ def request_target(dst: str, default_port: int, authority: str, hosts: Sequence[
             return None, None, f"the request target {path[:200]!r} is not a path"
     elif path.startswith("//"):
         return None, None, f"the request path {path[:200]!r} begins with '//' (a reference to another host)"
+    if not authority and hosts:  # the usual HTTP/1.1 request: one Host field (no list of names to compare)
+        claim = _claim(hosts[0], dst, default_port)
+        if claim is None:
+            return None, None, f"{hosts[0][:200]!r} is not a host name"
+        return claim[0], claim[1], None
     names = [authority, *hosts] if authority else list(hosts)
     if not names:
         return None, None, "the request names no host (it has no Host header)"
     first: tuple[str, int] | None = None
     for name in names:
-        if name == dst:
-            claim: tuple[str, int] | None = (dst, default_port)
-        elif name.startswith(dst) and name[len(dst)] == ":" and (p := name[len(dst) + 1:]).isdigit() and p.isascii() \
-                and len(p) <= 5 and 0 < int(p) < 65536:
-            claim = (dst, int(p))  # the usual "host:port", without parsing
-        else:
-            claim = _authority(name, default_port)
+        claim = _claim(name, dst, default_port)
         if claim is None:
             return None, None, f"{name[:200]!r} is not a host name"
         if first is None:
@@ -187,3 +186,13 @@ def request_target(dst: str, default_port: int, authority: str, hosts: Sequence[
             return None, None, f"the request names two hosts: {names[0][:200]} and {name[:200]}"
     assert first is not None
     return first[0], first[1], None
+
+
+def _claim(name: str, dst: str, default_port: int) -> tuple[str, int] | None:
+    """(host, port) a Host value or authority names, or None when it is not one."""
+    if name == dst:
+        return dst, default_port
+    if name.startswith(dst) and name[len(dst)] == ":" and (p := name[len(dst) + 1:]).isdigit() and p.isascii() \
+            and len(p) <= 5 and 0 < int(p) < 65536:
+        return dst, int(p)  # the usual "host:port", without parsing
+    return _authority(name, default_port)

@@ -20,6 +20,7 @@ from clrk.addresses import CidrTable, IPAddress, IPNetwork, parse_network
 from clrk.attributes import SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS
 from clrk.cost import BUNDLED, POLICY, PriceBook, PriceOverride, flat_price
 from clrk.hostnames import canonical_ip
+from clrk.memo import remember
 from clrk.policy import models as m
 from clrk.policy.check import cross_reference_warnings
 from clrk.policy.loader import PolicyError, SourcedDocument, load_documents
@@ -346,6 +347,17 @@ class CompiledPolicy:
     pricing: PriceBook = field(default=BUNDLED, compare=False, repr=False)
     # References that lead nowhere (clrk.policy.check): the policy is in force with them, the gateway logs them.
     warnings: tuple[str, ...] = ()
+    # Answers worked out from this policy alone, per agent or per injection target (`provider_rules_for`,
+    # `injections_for`), for the request path to look up instead of working out again. They live on the policy,
+    # so a reload (a new policy, never an edited one) starts with none; `replace()` makes a fresh memory too.
+    _agent_rules: dict[int, tuple[AgentIdentity, tuple[ProviderRule, ...]]] = field(
+        init=False, default_factory=dict, compare=False, repr=False)
+    _injections: dict[tuple[str, str, str], tuple[Injection, ...]] = field(
+        init=False, default_factory=dict, compare=False, repr=False)
+    # What an agent's provider call of one shape (provider, its names, model, path...) gets from the
+    # AIProviderRoute rules: `clrk.decision` reads and fills it (Decisions are never changed once made).
+    provider_answers: dict[tuple, tuple[AgentIdentity, Any]] = field(
+        init=False, default_factory=dict, compare=False, repr=False)
 
     def gateway_for_port(self, port: int | None) -> GatewayConfig | None:
         """The gateway listening on `port`; with a single gateway, that one for every port."""
@@ -366,11 +378,25 @@ class CompiledPolicy:
         entry = self.agents.get(username)
         return entry[0] if entry is not None and entry[1] == digest else None
 
+    def provider_rules_for(self, agent: AgentIdentity) -> tuple[ProviderRule, ...]:
+        """The AIProviderRoute rules whose agent selector takes `agent`, in policy order: worked out once per
+        agent (a provider call asks on its headers and again on its body). Keyed by identity, the agent kept
+        with the answer (so its id cannot be reused while remembered); bounded (`clrk.memo`)."""
+        hit = self._agent_rules.get(id(agent))
+        if hit is not None and hit[0] is agent:
+            return hit[1]
+        rules = tuple(r for r in self.provider_rules if r.agents.matches(agent))
+        return remember(self._agent_rules, id(agent), 0, (agent, rules))[1]
+
     def injections_for(self, kind: str, name: str, namespace: str) -> tuple[Injection, ...]:
-        entries = self.injections.get((kind, name))
-        if not entries:
-            return ()
-        return tuple(inj for ns, inj in entries if ns is None or ns == namespace)
+        key = (kind, name, namespace)
+        known = self._injections.get(key)
+        if known is None:
+            entries = self.injections.get((kind, name))
+            known = tuple(inj for ns, inj in entries if ns is None or ns == namespace) if entries else ()
+            # Keys are names the policy declares (the caller passes a rule's or gateway's own), so few and short.
+            remember(self._injections, key, 0, known)
+        return known
 
     def listener_ports(self) -> list[int]:
         return sorted({p for g in self.gateways for p in g.ports})

@@ -159,27 +159,30 @@ class ProviderParser:
         """(gen_ai.operation.name, model named by the path) for an endpoint this provider serves, else None."""
         raise NotImplementedError
 
+    # Per-transaction state that starts as one immutable value: a class default until first set on the
+    # instance (a parser is made for every provider call, and each store in __init__ is paid by each call).
+    status: int | None = None
+    request_doc: dict | None = None  # the parsed request body, until the request has left
+    # Where each top-level member sits in a large body (whose request_doc holds only the small members).
+    request_spans: dict[str, tuple[int, int, int]] | None = None
+    request_bytes = b""  # the (decoded) body request_doc and request_spans were read from
+    request_size = 0
+    max_output_tokens: int | None = None  # what the request caps each generation's output at, if it says
+    choices = 1  # generations it asks for (n, best_of, candidateCount, prompts): the output multiplier
+    server_context: str | None = None  # the field naming input the provider holds (previous_response_id...)
+    max_input_tokens: int | None = None  # a cap the request puts on that held input, if it says
+    unbudgetable: str | None = None  # why no budget can hold this call (a job billed after the answer)
+    invalid: str | None = None  # a field the budget estimate needs that is no count the gateway can read
+    _sse: SseParser | None = None
+    _body_size = 0
+    _tail = b""
+    _done = False
+
     def __init__(self, operation: str | None, path_model: str | None, path: str, query: str):
         self.result = GenAiResult(self.system, self.provider_name, operation, request_model=path_model)
         self.path = path  # the request target's path, without its query
         self.query = query  # what follows its "?"
-        self.status: int | None = None
-        self.request_doc: dict | None = None  # the parsed request body, until the request has left
-        # Where each top-level member sits in a large body (whose request_doc holds only the small members).
-        self.request_spans: dict[str, tuple[int, int, int]] | None = None
-        self.request_bytes = b""  # the (decoded) body request_doc and request_spans were read from
-        self.request_size = 0
-        self.max_output_tokens: int | None = None  # what the request caps each generation's output at, if it says
-        self.choices = 1  # generations it asks for (n, best_of, candidateCount, prompts): the output multiplier
-        self.server_context: str | None = None  # the field naming input the provider holds (previous_response_id...)
-        self.max_input_tokens: int | None = None  # a cap the request puts on that held input, if it says
-        self.unbudgetable: str | None = None  # why no budget can hold this call (a job billed after the answer)
-        self.invalid: str | None = None  # a field the budget estimate needs that is no count the gateway can read
-        self._sse: SseParser | None = None
-        self._body = bytearray()
-        self._body_size = 0
-        self._tail = b""
-        self._done = False
+        self._body = bytearray()  # mutable: one per parser
 
     # ------------------------------------------------------------------ request
 

@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from clrk.hostnames import loose_path
+from clrk.memo import remember
 from clrk.providers.base import ProviderParser, as_int, loads, object_after_key
 from clrk.providers.shallow import Elided
 
@@ -35,11 +36,22 @@ _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
 _RESPONSE_EVENTS = frozenset({"response.created", "response.in_progress", "response.completed", "response.incomplete", "response.failed", "error"})
 
 
+_KINDS: dict[str, str] = {}  # path -> _path_kind (clrk.memo: bounded)
+
+
+def _path_kind(path: str) -> str:
+    """"thread" (an Assistants run: input held on a thread), "job" (billed after the answer) or "": read from
+    the path as the provider reads it (%-escapes, dot segments), a pure function of it."""
+    loose = loose_path(path).rstrip("/")
+    return "thread" if _THREAD_RUN.search(loose) else "job" if _JOBS.search(loose) else ""
+
+
 class OpenAIParser(ProviderParser):
     name = "openai"
     system = "openai"
     provider_name = "openai"
     hosts = ("api.openai.com",)
+    _first_chunk = True  # until the first stream chunk was read (a class default: one store less per call)
 
     @classmethod
     def operation(cls, path: str) -> tuple[str, str | None] | None:
@@ -52,7 +64,6 @@ class OpenAIParser(ProviderParser):
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self._responses_api = self.path.rstrip("/").endswith("/responses")
-        self._first_chunk = True
         self._finish: dict[int, str] = {}
 
     def on_request(self, doc: dict) -> None:
@@ -74,11 +85,13 @@ class OpenAIParser(ProviderParser):
             self.server_context = "conversation"
         elif isinstance(prompt, dict):
             self.server_context = "prompt"  # a stored prompt template, by id
-        path = loose_path(self.path).rstrip("/")  # as the provider reads it: %-escapes, dot segments
-        if _THREAD_RUN.search(path):
+        kind = _KINDS.get(self.path)
+        if kind is None:
+            kind = remember(_KINDS, self.path, len(self.path), _path_kind(self.path))
+        if kind == "thread":
             self.server_context = "thread"
             self.max_input_tokens = self.count(doc, "max_prompt_tokens")
-        elif _JOBS.search(path):
+        elif kind == "job":
             self.unbudgetable = "batch, fine-tuning and eval jobs are billed after this request is answered"
 
     def stream_usage_change(self) -> dict[str, Any]:

@@ -42,6 +42,10 @@ class Tunnel:
     port: int
     sni: str | None = None  # the client's TLS server name, normalised, once its handshake is done
     l4: Decision | None = None  # on a TLS Passthrough listener: the decision made on the CONNECT
+    # The last policy the agent was re-checked under, and the agent it gave (None: revoked): a policy is
+    # replaced whole, never changed, so the answer holds until `rt.policy` is another object.
+    checked_under: CompiledPolicy | None = None
+    checked_agent: AgentIdentity | None = None
 
 
 @dataclass(slots=True)

@@ -89,8 +89,12 @@ class ProxyAuth:
         if tunnel is not None:
             if "proxy-authorization" in h:
                 del req.headers["proxy-authorization"]
-            # Re-check on every request so that revoking an agent also closes its open tunnels' doors.
-            tx.agent = policy.agent_still_valid(tunnel.agent.username, tunnel.digest)
+            # Re-check on every request so that revoking an agent also closes its open tunnels' doors (under
+            # the policy it was last checked under, the answer is the one it gave).
+            if tunnel.checked_under is not policy:
+                tunnel.checked_agent = policy.agent_still_valid(tunnel.agent.username, tunnel.digest)
+                tunnel.checked_under = policy
+            tx.agent = tunnel.checked_agent
             if tx.agent is None:
                 tx.auth_failure = AuthResult(None, f"credentials of agent {tunnel.agent.ref} are no longer valid", AUTH_FAILED)
         else:

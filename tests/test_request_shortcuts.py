@@ -1,0 +1,180 @@
+"""The request side's shortcuts (what is remembered instead of worked out per request) give the answers the
+long way gives, and never an answer of a policy that has been replaced: a reload between a provider call's
+headers and its body, an agent revoked and reinstated mid-tunnel, agents that share an id's slot, hostile
+lengths, the one-draw trace ids' rare branch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+from mitmproxy import http
+
+from clrk import identity
+from clrk.decision import AuthResult, RequestFacts, decide
+from clrk.hostnames import request_target
+from clrk.memo import LONGEST
+from clrk.policy.compiled import AgentIdentity
+from clrk.proxy.gateway import Gateway
+from clrk.proxy.transaction import METADATA_KEY
+from tests.harness.util import compile_policy
+from tests.test_steps import DOCS, OPENAI_KEY, POLICY, _doc, connect, denied, request, send
+from tests.test_steps import g as _g
+
+ONLY_MINI = _doc("AIProviderRoute", "openai", {"rules": [
+    {"matches": [{"provider": "openai", "models": ["gpt-4o-mini"]}]}]}, ns="team-a")
+
+
+g = pytest.fixture(_g.__wrapped__, name="g")  # the step tests' gateway: the bench-like policy, a loaded ledger
+
+TEAM_A_ONLY = _doc("AIProviderRoute", "openai", {"sourceAgents": {"namespaces": ["team-a"]}, "rules": [
+    {"matches": [{"provider": "openai", "models": ["gpt-4o"]}]}]}, ns="team-a")
+
+
+def _call(c: http.HTTPFlow, model: str) -> http.HTTPFlow:
+    return request(c, "/v1/chat/completions", "POST", json.dumps({"model": model}).encode(),
+                   headers={"content-type": "application/json"})
+
+
+def _facts(model: str | None, path: str = "/v1/chat/completions") -> RequestFacts:
+    return RequestFacts("api.openai.com", 443, "POST", path, provider="openai",
+                        provider_names=POLICY.provider_names_by_host["api.openai.com"], model=model)
+
+
+def test_a_reload_between_headers_and_body_is_decided_by_the_new_policy(g: Gateway):
+    c = connect(g, "api.openai.com")
+    assert send(g, _call(c, "gpt-4o")).response is None  # allowed (and remembered) under POLICY
+    f = _call(c, "gpt-4o")
+    assert g.requestheaders(f) is None and f.metadata[METADATA_KEY].decision is None  # the model is pending
+    g.rt.policy = compile_policy(*[d for d in DOCS if d["metadata"]["name"] != "openai"], ONLY_MINI,
+                                 env={"K_OPENAI": OPENAI_KEY, "K_GEMINI": "x"})
+    f.request.raw_content = f.metadata["body"]
+    assert g.request(f) is None
+    status, text = denied(f)
+    assert status == 403 and "no AIProviderRoute rule matches openai model gpt-4o" in text
+    assert "authorization" not in f.request.headers  # no key went on a denied call
+    f2 = _call(c, "gpt-4o-mini")
+    assert send(g, f2).response is None and f2.request.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+
+
+def test_an_agent_revoked_mid_tunnel_then_reinstated_is_judged_under_each_policy(g: Gateway):
+    c = connect(g, "allowed.test")
+    assert send(g, request(c)).response is None
+    g.rt.policy = compile_policy(DOCS[0], DOCS[2])  # the agent is gone
+    assert denied(send(g, request(c)))[0] == 407
+    assert denied(send(g, request(c)))[0] == 407  # still refused: the remembered answer is the revocation
+    g.rt.policy = POLICY  # back (the same token)
+    assert send(g, request(c)).response is None
+    rekeyed = dict(DOCS[1], spec={"credentials": {"tokenSha256": "0" * 64}})
+    g.rt.policy = compile_policy(DOCS[0], rekeyed, DOCS[2])  # the same name, another token
+    assert denied(send(g, request(c)))[0] == 407
+
+
+def test_two_host_headers_are_refused_and_one_host_takes_the_short_path(g: Gateway):
+    c = connect(g, "allowed.test")
+    f = request(c)
+    f.request.headers.add("Host", "evil.test")
+    status, text = denied(send(g, f))
+    assert status == 403 and "2 Host headers" in text
+    f = request(c, host="allowed.test:443")
+    assert send(g, f).response is None
+    f = request(c, host="allowed.test:8443")
+    assert denied(send(g, f))[0] == 403
+
+
+@pytest.mark.parametrize("host,expect", [
+    ("ok.com:8443", ("ok.com", 8443, None)), ("ok.com:", ("ok.com", 443, None)), ("OK.COM", ("ok.com", 443, None)),
+    ("ok.com:0", "is not a host name"), ("ok.com:08443x", "is not a host name"), ("ok.comx", ("ok.comx", 443, None)),
+    ("", "is not a host name"), ("ok.com:\u0661", "is not a host name"), ("ok.com@evil.com", "is not a host name"),
+])
+def test_one_host_field_is_read_as_a_list_of_names_would_be(host, expect):
+    got = request_target("ok.com", 443, "", [host], "/x", "GET")
+    if isinstance(expect, tuple):
+        assert got == expect
+    else:
+        assert got[:2] == (None, None) and expect in got[2]
+
+
+def test_provider_answers_are_the_policy_s_and_per_agent():
+    p = compile_policy(DOCS[0], DOCS[1], TEAM_A_ONLY)
+    bot = p.agents["team-a.bot"][0]
+    d1 = decide(p, p.gateways[0], AuthResult(bot), _facts("gpt-4o"))
+    assert d1 is not None and d1.allow and d1.rule.endswith("#rules[0]")
+    assert decide(p, p.gateways[0], AuthResult(bot), _facts("gpt-4o")) is d1  # remembered
+    # Another agent (not in the selector's namespace), asked the same: its own answer, not bot's.
+    other = AgentIdentity("team-b", "bot", "Agent", None, None, {})
+    d2 = decide(p, p.gateways[0], AuthResult(other), _facts("gpt-4o"))
+    assert d2 is not None and not d2.allow and d2.rule == "EgressGateway/gw/defaultPolicy"
+    # A policy made from it (replace) starts with an empty memory: its own rules decide.
+    q = dataclasses.replace(p, provider_rules=())
+    assert q.provider_answers == {} and q.provider_rules_for(bot) == ()
+    d3 = decide(q, q.gateways[0], AuthResult(bot), _facts("gpt-4o"))
+    assert d3 is not None and not d3.allow
+
+
+def test_an_agent_s_answer_is_not_given_to_another_in_its_slot():
+    p = compile_policy(DOCS[0], DOCS[1], TEAM_A_ONLY)
+    bot = p.agents["team-a.bot"][0]
+    p.provider_rules_for(bot)
+    key = id(bot)
+    impostor = AgentIdentity("team-b", "bot", "Agent", None, None, {})
+    # What a reused id would look like: the memory's entry for `key` holds another agent than the one asking.
+    p._agent_rules[id(impostor)] = (bot, p.provider_rules)
+    assert p.provider_rules_for(impostor) == ()
+    assert p._agent_rules[key][0] is bot
+
+
+def test_long_models_and_paths_are_decided_but_never_kept():
+    p = POLICY
+    bot = p.agents["team-a.bot"][0]
+    before = len(p.provider_answers)
+    long_model = "budget-" + "x" * LONGEST
+    d = decide(p, p.gateways[0], AuthResult(bot), _facts(long_model))
+    assert d is not None and d.allow and d.rule.endswith("#rules[1]") and long_model in d.reason
+    d = decide(p, p.gateways[0], AuthResult(bot), _facts("gpt-4o" + "x" * LONGEST))
+    assert d is not None and not d.allow
+    d = decide(p, p.gateways[0], AuthResult(bot), _facts("gpt-4o", "/v1/chat/completions/" + "y" * LONGEST))
+    assert d is not None and d.allow and d.rule.endswith("#rules[0]")
+    assert len(p.provider_answers) == before
+
+
+def test_a_flood_of_models_keeps_the_memory_bounded():
+    p = compile_policy(*DOCS, env={"K_OPENAI": OPENAI_KEY, "K_GEMINI": "x"})
+    bot = p.agents["team-a.bot"][0]
+    for i in range(5000):
+        d = decide(p, p.gateways[0], AuthResult(bot), _facts(f"budget-{i}"))
+        assert d is not None and d.allow and d.rule.endswith("#rules[1]") and f"budget-{i}" in d.reason
+    assert len(p.provider_answers) <= 4096
+
+
+def test_trace_and_span_ids_from_one_draw():
+    seen = set()
+    for _ in range(200):
+        t = identity.trace_context(None)
+        assert re.fullmatch(r"[0-9a-f]{32}", t.trace_id) and t.trace_id != "0" * 32
+        assert re.fullmatch(r"[0-9a-f]{16}", t.span_id) and t.span_id != "0" * 16
+        assert t.parent_span_id is None and t.flags == "01"
+        seen.add(t.trace_id)
+    assert len(seen) == 200
+
+
+@pytest.mark.parametrize("draw", [0, 1 << 64, 1])  # all zero; a zero span; a zero trace
+def test_an_all_zero_trace_or_span_id_is_drawn_again(monkeypatch, draw):
+    draws = iter([draw])
+    real = identity.getrandbits
+    monkeypatch.setattr(identity, "getrandbits", lambda k: next(draws, None) if k == 192 else real(k))
+    t = identity.trace_context(None)
+    assert t.trace_id != "0" * 32 and t.span_id != "0" * 16
+    assert len(t.trace_id) == 32 and len(t.span_id) == 16
+
+
+def test_mcp_and_websocket_requests_still_get_their_steps(g: Gateway):
+    c = connect(g, "allowed.test")
+    f = request(c, headers={"mcp-protocol-version": "2025-06-18"})
+    assert g.requestheaders(f) is None and f.metadata[METADATA_KEY].mcp is not None
+    f = request(c, headers={"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
+                            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-extensions": "x"})
+    assert g.requestheaders(f) is None and f.metadata[METADATA_KEY].websocket
+    assert "sec-websocket-extensions" not in f.request.headers
