@@ -76,6 +76,7 @@ _TOKEN = re.compile(rb"(" + _STR + rb'")(\s*:)?|' + _STR + rb"\\?(?=\n|\Z)|[{}\[
 _PAIR = re.compile(r"(?:^|(?<=[&;]))([^&;=]*)=([^&;]*)")
 
 _QUOTE, _COMMA, _OBJ, _OBJ_END, _ARR_END = 0x22, 0x2C, 0x7B, 0x7D, 0x5D
+_FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 def sensitive_json_name(name: str) -> bool:
@@ -190,13 +191,14 @@ class Redactor:
     """What one gateway redacts: names by SENSITIVE_WORDS and explicit sets, JSON members by jsonPaths.
     Judgements are cached per distinct name as it appears on the wire."""
 
-    __slots__ = ("header_names", "query_names", "json_paths", "_h", "_q", "_k", "_root_states", "_root_full")
+    __slots__ = ("header_names", "query_names", "json_paths", "_h", "_safe_h", "_q", "_k", "_root_states", "_root_full")
 
     def __init__(self, headers: Iterable[str] = (), query_params: Iterable[str] = (), json_paths: Iterable[str] = ()):
         self.header_names = frozenset(SENSITIVE_HEADERS | {h.strip().lower() for h in headers})
         self.query_names = frozenset(SENSITIVE_QUERY_PARAMS | {q.strip().lower() for q in query_params})
         self.json_paths = tuple(parse_json_path(p) for p in json_paths)
         self._h: dict[bytes | str, bool] = {}
+        self._safe_h: set[bytes | str] = set()  # the names in _h judged not sensitive: `fields`' one test per field
         self._q: dict[str, bool] = {}
         self._k: dict[bytes, bool] = {}
         self._root_states = tuple((i, 0) for i, p in enumerate(self.json_paths) if p)
@@ -210,7 +212,11 @@ class Redactor:
         if s is None:
             n = (name.decode("latin-1") if isinstance(name, bytes) else name).strip().lower()
             s = n in self.header_names or _WORDS_RE.search(n) is not None
+            if len(self._h) >= CACHE_MAX:
+                self._safe_h.clear()  # starts over with _h (`_remember`): never a name _h does not hold
             _remember(self._h, name, s)
+            if not s and len(name) <= CACHE_NAME_MAX:
+                self._safe_h.add(name)
         return s
 
     def query_param(self, name: str) -> bool:
@@ -234,18 +240,20 @@ class Redactor:
 
     def fields(self, fields):
         """Header fields [(name, value), ...] with sensitive values replaced; the same object when none is."""
-        cache = self._h
+        safe = self._safe_h
+        for name, _ in fields:  # most header blocks: every name judged before, none sensitive
+            if name not in safe:
+                break
+        else:
+            return fields
+        header = self.header
         i = 0
         for name, _ in fields:
-            s = cache.get(name)
-            if s is None:
-                s = self.header(name)
-            if s:
+            if header(name):
                 break
             i += 1
         else:
             return fields
-        header = self.header
         out = list(fields[:i])
         for name, value in fields[i:]:
             out.append((name, REDACTED_BYTES) if header(name) else (name, value))
@@ -268,7 +276,8 @@ class Redactor:
         object when nothing is."""
         if not data:
             return data
-        if content_type is not None and content_type[:33].lower() == "application/x-www-form-urlencoded":
+        # (len first: most content types are shorter than this one, and need no slice and lower-cased copy)
+        if content_type is not None and len(content_type) >= 33 and content_type[:33].lower() == _FORM_TYPE:
             text = data.decode("latin-1")
             red = _redact_pairs(text, self.query_param)
             return data if red is text else red.encode("latin-1")

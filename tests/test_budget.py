@@ -201,3 +201,28 @@ def test_budget_settings_are_checked_at_load(tmp_path, budget, problem):
     with pytest.raises(PolicyError) as e:
         load_policy(tmp_path)
     assert problem in str(e.value)
+
+
+def test_settling_after_midnight_charges_no_one_day_for_the_other():
+    """A reservation made before midnight and settled after it frees its hold and charges nothing to the new
+    day; the next one settles into today (settle reads the day itself, without asking `_roll`, within one)."""
+    clock = Clock(day_start(dt.date(2026, 11, 30)) + 86400 - 1)
+    led = BudgetLedger(clock)
+    led.load(utc_day(clock.t), {"p": 10})
+    r = led.admit("p", 1000, 100, 5.0, 0.5)
+    clock.t += 2
+    assert led.settle(r, 40, 0.25) == 0 and led.used_today("p") == 0 and led.used_cost_today("p") == 0.0
+    assert led.reserved == {} and led.reserved_cost == {}
+    r2 = led.admit("p", 1000, 100)
+    assert led.settle(r2, None) == 100 and led.used_today("p") == 100
+
+
+def test_settled_usage_stops_at_what_a_record_stores():
+    from clrk.proxy.budget import MAX_TOKENS
+
+    led = BudgetLedger(Clock(T0))
+    led.load(utc_day(T0), {"p": MAX_TOKENS - 5})
+    r = led.admit("p", None, 1)
+    assert led.settle(r, 3) == MAX_TOKENS - 2
+    r = led.admit("p", None, 1)
+    assert led.settle(r, 2**70) == MAX_TOKENS and led.used_today("p") == MAX_TOKENS

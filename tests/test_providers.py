@@ -523,3 +523,60 @@ def test_an_upstreams_error_type_is_bounded(name, doc):
     p = parser_for(DEFAULT_HOSTS, host, path)
     p.on_error(doc)
     assert p.result.error_type == "x" * 64
+
+
+# --------------------------------------------------------------------------- the response's end, as fed
+
+
+def test_a_body_fed_as_bytes_bytearrays_or_views_reads_as_the_body_whole():
+    """A buffered response is kept as the bytes it came in (no copy); any other first piece is copied, so a
+    buffer its owner reuses after feed cannot change what is parsed; a second piece joins the first."""
+    body = B.openai_chat_json()
+    whole = run("api.openai.com", "/v1/chat/completions", 200, "application/json", [body]).attributes()
+    cut = len(body) // 3
+    for pieces in ([body[:cut], body[cut:]], [b"", body], [body, b""], [bytearray(body)], [memoryview(body)],
+                   [body[:cut], bytearray(body[cut:2 * cut]), memoryview(body[2 * cut:])],
+                   [bytearray(body[:cut]), body[cut:]]):
+        assert run("api.openai.com", "/v1/chat/completions", 200, "application/json", pieces).attributes() == whole
+    p = parser_for(DEFAULT_HOSTS, "api.openai.com", "/v1/chat/completions")
+    p.response_headers(200, "application/json")
+    reused = bytearray(body)
+    p.feed(reused)
+    reused[:] = b'{"usage": {"prompt_tokens": 999999}}' + b" " * (len(body) - 37)
+    assert p.end().attributes() == whole
+
+
+@pytest.mark.parametrize("responses_api", [False, True])
+@pytest.mark.parametrize("count", [0, 7, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**70, True, False, 3.0, "3",
+                                   None, [1], {"n": 1}])
+def test_usage_counts_read_as_as_int_reads_them(responses_api, count):
+    """The inline count check takes exactly what `as_int` takes: a plain int within 64 bits, nothing else."""
+    from clrk.providers.base import as_int
+
+    if responses_api:
+        path, usage = "/v1/responses", {"input_tokens": count, "output_tokens": count}
+        doc = {"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o", "usage": usage}
+    else:
+        path, usage = "/v1/chat/completions", {"prompt_tokens": count, "completion_tokens": count}
+        doc = {"id": "c", "model": "gpt-4o", "choices": [], "usage": usage}
+    r = run("api.openai.com", path, 200, "application/json", [json.dumps(doc).encode()])
+    assert r.parse_error is None
+    assert r.input_tokens == as_int(count) and r.output_tokens == as_int(count)
+    assert type(r.input_tokens) is type(as_int(count))  # never True for 1, nor 3.0 for 3
+    assert r.usage_visible is (as_int(count) is not None)
+
+
+@pytest.mark.parametrize("choices,reasons", [
+    ([{"index": 0, "finish_reason": "stop"}], ["stop"]),
+    ([{"finish_reason": "length"}], ["length"]),  # no index: 0
+    ([{"index": 2, "finish_reason": "c"}, {"index": 0, "finish_reason": "a"}, {"index": 1, "finish_reason": "b"}],
+     ["a", "b", "c"]),
+    ([{"index": 1, "finish_reason": "x"}, {"index": 1, "finish_reason": "y"}], ["y"]),  # one index, twice: the last
+    ([{"index": 0, "finish_reason": None}, {"index": 1, "finish_reason": 5}, "stop", None], []),
+    ([{"index": 2**64, "finish_reason": "big"}, {"index": True, "finish_reason": "t"}], ["t"]),  # neither is an index: 0
+    ([], []),
+])
+def test_finish_reasons_in_index_order_one_per_index(choices, reasons):
+    doc = {"id": "c", "model": "m", "choices": choices}
+    r = run("api.openai.com", "/v1/chat/completions", 200, "application/json", [json.dumps(doc).encode()])
+    assert r.finish_reasons == reasons and r.parse_error is None

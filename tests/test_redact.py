@@ -442,3 +442,79 @@ def test_the_proxy_hands_the_recorder_only_redacted_facts():
     shipped = wire.pack_record(raw)
     assert re.findall(rb"[A-Z]+-SECRET-\d", shipped) == []
     assert b"max_tokens" in shipped and b"3600" in raw["resp_body"][1] and b"page=2" in shipped
+
+
+def _fields_as_the_rule_says(r: Redactor, fields):
+    return [(n, R.encode() if r.header(n) else v) for n, v in fields]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from([
+    b"Accept", b"accept", b"Content-Type", b"X-Request-Id", b"Authorization", b"authorization", b"AUTHORIZATION",
+    b"x-api-key", b"X-My-Token", b"Set-Cookie", b"x-sessionid", b" Authorization", b"Authorization ",
+    b"x" * 300, b"x" * 300 + b"-key", b"\xff\xfe", b"", b"K\xc3\xa9y", b"x-kEy",
+]), st.binary(max_size=4)), max_size=8), min_size=1, max_size=6))
+def test_fields_redact_as_the_rule_says_whatever_names_were_seen_before(blocks):
+    """`fields` answers from the names it learnt were not sensitive; what it returns is what judging each name
+    says, block after block (names learnt in one reused in the next, cases apart, long names never learnt),
+    and the very same object only when nothing is redacted."""
+    r = Redactor(headers=["X-Request-Id"])
+    for fields in blocks:
+        fields = tuple(fields)
+        out = r.fields(fields)
+        assert list(out) == _fields_as_the_rule_says(r, fields)
+        assert (out is fields) is not any(r.header(n) for n, _ in fields)
+
+
+def test_fields_stay_right_and_bounded_past_the_name_cache():
+    r = Redactor()
+    for i in range(CACHE_MAX * 2 + 7):
+        r.fields(((f"x-h-{i}".encode(), b"v"),))
+        assert len(r._safe_h) <= CACHE_MAX and r._safe_h <= set(r._h)
+    sneaky = ((b"x-h-1", b"v"), (b"x-h-2", b"v"), (b"X-Goog-Api-Key", b"k"))
+    assert r.fields(sneaky) == [(b"x-h-1", b"v"), (b"x-h-2", b"v"), (b"X-Goog-Api-Key", R.encode())]
+    long_key = b"x" * 10_000 + b"-token"  # longer than a remembered name: judged every time
+    assert r.fields(((b"x-h-1", b"v"), (long_key, b"s"))) == [(b"x-h-1", b"v"), (long_key, R.encode())]
+    long_plain = ((b"y" * 10_000, b"v"),)
+    assert r.fields(long_plain) is long_plain and long_plain[0][0] not in r._safe_h
+
+
+@pytest.mark.parametrize("ctype,form", [
+    ("application/x-www-form-urlencoded", True),
+    ("APPLICATION/X-WWW-FORM-URLENCODED; charset=utf-8", True),
+    ("application/x-www-form-urlencodedX", True),  # the first 33 characters decide, as they always did
+    ("application/x-www-form-urlencode", False),  # one short
+    ("application/json", False),
+    ("", False),
+])
+def test_a_form_body_is_told_by_its_content_type(ctype, form):
+    data = b"client_secret=s3&grant_type=x"
+    red = DEFAULT.body(data, ctype)
+    assert (red == b"client_secret=%5BREDACTED%5D&grant_type=x") is form
+    if not form:
+        assert red is data  # not JSON either: nothing replaced
+
+
+def test_a_buffered_body_is_captured_whole_up_to_max_bytes_and_cut_past_it():
+    """The snapshot's summary of a buffered body: (its size, the captured bytes redacted, cut or not); the
+    content type asked of each gateway's own capture config (a reload's config answers anew)."""
+    from clrk.policy.compiled import CaptureConfig
+    from clrk.proxy.transaction import _body_summary
+
+    body = b'{"a": 1, "client_secret": "s3"}'
+    n = len(body)
+    wants = CaptureConfig(n, frozenset({"application/json"}), ())
+    assert _body_summary(None, body, wants, DEFAULT, "application/json") == (n, b'{"a": 1, "client_secret": "' + R.encode() + b'"}', False)
+    plain = b'{"a": 1, "b": "2"}'
+    got = _body_summary(None, plain, wants, DEFAULT, "application/json")
+    assert got == (len(plain), plain, False) and got[1] is plain
+    short = CaptureConfig(n - 3, frozenset({"application/json"}), ())
+    assert _body_summary(None, body, short, DEFAULT, "application/json") == (n, b'{"a": 1, "client_secret": "' + R.encode() + b'"', True)
+    assert _body_summary(None, body, short, DEFAULT, "text/plain") == (n, None, False)
+    other = CaptureConfig(n, frozenset({"text/plain"}), ())  # another config, the same content type: its own answer
+    assert _body_summary(None, body, other, DEFAULT, "application/json") == (n, None, False)
+    assert _body_summary(None, body, other, DEFAULT, "text/plain")[1] is not None
+    assert _body_summary(None, body, CaptureConfig(0, frozenset({"application/json"}), ()), DEFAULT,
+                         "application/json") == (n, None, False)
+    assert _body_summary(None, None, wants, DEFAULT, "application/json") == (0, None, False)
+    assert _body_summary(None, body, None, DEFAULT, "application/json") == (n, None, False)

@@ -174,6 +174,9 @@ class ProviderParser:
     unbudgetable: str | None = None  # why no budget can hold this call (a job billed after the answer)
     invalid: str | None = None  # a field the budget estimate needs that is no count the gateway can read
     _sse: SseParser | None = None
+    # The JSON body so far: the first piece as it came when it is bytes (a buffered response is one piece: no
+    # copy), a bytearray once a second piece is added (never grown in place while it is the class's b"").
+    _body: bytes | bytearray = b""
     _body_size = 0
     _tail = b""
     _done = False
@@ -182,7 +185,6 @@ class ProviderParser:
         self.result = GenAiResult(self.system, self.provider_name, operation, request_model=path_model)
         self.path = path  # the request target's path, without its query
         self.query = query  # what follows its "?"
-        self._body = bytearray()  # mutable: one per parser
 
     # ------------------------------------------------------------------ request
 
@@ -300,11 +302,19 @@ class ProviderParser:
                 return
             self._body_size += len(data)
             if self._body_size <= JSON_PARSE_LIMIT:
-                self._body += data
+                body = self._body
+                if type(body) is bytearray:
+                    body += data
+                elif not body and type(data) is bytes:
+                    self._body = data  # immutable: kept as it is
+                else:  # a second piece (or a first that is no bytes: a buffer its owner may reuse)
+                    grown = bytearray(body)
+                    grown += data
+                    self._body = grown
             else:
                 if self._body:  # crossed the limit: from now on only the tail is kept
                     self._tail = bytes(self._body[-TAIL_BYTES:])
-                    self._body = bytearray()
+                    self._body = b""
                 self._tail = (self._tail + data)[-TAIL_BYTES:]
         except Exception as e:  # a parser bug or hostile input must never break the flow
             self._fail(e)
@@ -339,13 +349,13 @@ class ProviderParser:
                         self.on_json(doc)
         except Exception as e:
             self._fail(e)
-        self._body = bytearray()
+        self._body = b""
         return self.result
 
     def _fail(self, e: Exception) -> None:
         self.result.parse_error = f"{type(e).__name__}: {e}"
         self._sse = None
-        self._body = bytearray()
+        self._body = b""
         self._body_size = 0
 
     # ------------------------------------------------------------------ provider hooks

@@ -112,13 +112,14 @@ class OpenAIParser(ProviderParser):
             return
         r = self.result
         if self._responses_api:
-            r.input_tokens = as_int(u.get("input_tokens"))
-            r.output_tokens = as_int(u.get("output_tokens"))
+            i, o = u.get("input_tokens"), u.get("output_tokens")
             in_details, out_details = u.get("input_tokens_details"), u.get("output_tokens_details")
         else:
-            r.input_tokens = as_int(u.get("prompt_tokens"))
-            r.output_tokens = as_int(u.get("completion_tokens"))
+            i, o = u.get("prompt_tokens"), u.get("completion_tokens")
             in_details, out_details = u.get("prompt_tokens_details"), u.get("completion_tokens_details")
+        # as_int's answer, without its call for the plain in-range int every parsed count is (once per call)
+        r.input_tokens = i if type(i) is int and -(2**63) <= i < 2**63 else as_int(i)
+        r.output_tokens = o if type(o) is int and -(2**63) <= o < 2**63 else as_int(o)
         if isinstance(in_details, dict):
             r.cache_read_tokens = as_int(in_details.get("cached_tokens"))
         if isinstance(out_details, dict):
@@ -126,18 +127,20 @@ class OpenAIParser(ProviderParser):
         r.usage_visible = r.input_tokens is not None or r.output_tokens is not None
 
     def _ids(self, doc: dict) -> None:
-        if isinstance(doc.get("id"), str):
-            self.result.response_id = doc["id"]
-        if isinstance(doc.get("model"), str):
-            self.result.response_model = doc["model"]
+        if isinstance(v := doc.get("id"), str):
+            self.result.response_id = v
+        if isinstance(v := doc.get("model"), str):
+            self.result.response_model = v
 
     def _choices(self, choices: Any) -> None:
         if not isinstance(choices, list):
             return
+        finish = self._finish
         for c in choices:
-            if isinstance(c, dict) and isinstance(c.get("finish_reason"), str):
-                self._finish[as_int(c.get("index")) or 0] = c["finish_reason"]
-        self.result.finish_reasons = [self._finish[i] for i in sorted(self._finish)]
+            if isinstance(c, dict) and isinstance(reason := c.get("finish_reason"), str):
+                finish[as_int(c.get("index")) or 0] = reason
+        # one index (most calls): its reason alone, without sorting
+        self.result.finish_reasons = list(finish.values()) if len(finish) == 1 else [finish[i] for i in sorted(finish)]
 
     def _response_object(self, resp: Any) -> None:
         if not isinstance(resp, dict):

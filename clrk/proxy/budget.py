@@ -77,8 +77,9 @@ class BudgetLedger:
         self.reserved_cost: dict[str, float] = {}
         self.loaded = False
 
-    def _roll(self) -> dt.date:
-        now = self.clock()
+    def _roll(self, now: float | None = None) -> dt.date:
+        if now is None:
+            now = self.clock()
         start, end = self._day_bounds
         if start <= now < end:  # on every admission and settlement: two float compares, no datetime
             return self.day
@@ -148,21 +149,28 @@ class BudgetLedger:
     def settle(self, res: Reservation, actual: int | None, actual_cost: float | None = None) -> int:
         """Replaces the reservation by the real usage (or charges the reservation when usage is unknown), and
         its dollars by the real cost (likewise); returns the pool's usage today."""
-        left = self.reserved.get(res.pool, 0) - res.tokens
+        pool = res.pool
+        reserved = self.reserved
+        left = reserved.get(pool, 0) - res.tokens
         if left > 0:
-            self.reserved[res.pool] = left
+            reserved[pool] = left
         else:
-            self.reserved.pop(res.pool, None)
+            reserved.pop(pool, None)
         if res.cost:
-            left_cost = self.reserved_cost.get(res.pool, 0.0) - res.cost
+            left_cost = self.reserved_cost.get(pool, 0.0) - res.cost
             if left_cost > 1e-12:  # float sums of reservations: what is left of nothing is nothing
-                self.reserved_cost[res.pool] = left_cost
+                self.reserved_cost[pool] = left_cost
             else:
-                self.reserved_cost.pop(res.pool, None)
-        today = self._roll()
+                self.reserved_cost.pop(pool, None)
+        now = self.clock()
+        start, end = self._day_bounds
+        today = self.day if start <= now < end else self._roll(now)  # `_roll`'s own test first: no call within the day
+        used = self.used
         if res.day == today:
-            self.used[res.pool] = min(self.used.get(res.pool, 0) + (res.tokens if actual is None else actual), MAX_TOKENS)
+            total = used.get(pool, 0) + (res.tokens if actual is None else actual)
+            used[pool] = total = total if total < MAX_TOKENS else MAX_TOKENS
             charge = res.cost if actual_cost is None else actual_cost
             if charge:  # kept for every pool, so a dollar limit added later today knows what was spent
-                self.used_cost[res.pool] = self.used_cost.get(res.pool, 0.0) + charge
-        return self.used.get(res.pool, 0)
+                self.used_cost[pool] = self.used_cost.get(pool, 0.0) + charge
+            return total
+        return used.get(pool, 0)

@@ -62,40 +62,49 @@ class Runtime:
 
     def finish(self, flow: http.HTTPFlow, tx: Transaction) -> None:
         """Ends the transaction: the provider parser's last word, the budget settled, the record shipped."""
-        if tx.recorded or self.policy is None:
+        policy = self.policy
+        if tx.recorded or policy is None:
             return
         tx.recorded = True
         if tx.counted:
             self.in_flight -= 1
-        if tx.genai is not None:
-            tx.genai.end()
-            r = tx.genai.result
-            if r.usage_visible:  # priced from what the provider reported (a cut stream: what it reported so far)
+        genai = tx.genai
+        seen = False  # usage the provider reported (a cut stream: what it reported so far)
+        if genai is not None:
+            r = genai.end()
+            if r.usage_visible:  # priced from it
+                seen = True
                 self.price(tx, r)
-        if tx.reservation is not None:
-            r = tx.genai.result if tx.genai is not None else None
-            status = flow.response.status_code if flow.response is not None and tx.upstream_response else None
-            if r is not None and r.usage_visible:
+        res = tx.reservation
+        if res is not None:
+            if seen:
                 # What an upstream reports, within what a record can store (and never a refund).
                 actual: int | None = min(max((r.input_tokens or 0) + (r.output_tokens or 0), 0), MAX_TOKENS)
-            elif status is None or status >= 400:
-                actual = 0  # not served (refused, failed, unreachable): nothing to charge
             else:
-                actual = None  # served but usage unseen: the reservation is charged
-            tx.budget_charged = tx.reservation.tokens if actual is None else actual
-            if r is not None and r.usage_visible and tx.cost is not None:
+                resp = flow.response
+                status = resp.status_code if resp is not None and tx.upstream_response else None
+                # not served (refused, failed, unreachable): nothing to charge; served but usage unseen: the
+                # reservation is charged
+                actual = 0 if status is None or status >= 400 else None
+            tx.budget_charged = res.tokens if actual is None else actual
+            if seen and tx.cost is not None:
                 actual_cost: float | None = tx.cost
             elif actual == 0:
                 actual_cost = 0.0
             else:  # served, but its usage or its model's price unseen: the reserved dollars are charged
                 actual_cost = None
-            res = tx.reservation
-            tx.budget_used = self.ledger.settle(res, actual, actual_cost)
+            ledger = self.ledger
+            tx.budget_used = ledger.settle(res, actual, actual_cost)
             tx.budget_charged_cost = res.cost if actual_cost is None else actual_cost
             if tx.budget_max_cost is not None:
-                tx.budget_used_cost = self.ledger.used_cost_today(res.pool)
+                tx.budget_used_cost = ledger.used_cost_today(res.pool)
             tx.reservation = None
-        self.submit(snapshot(tx, flow, self.policy.redactor))
+        rec = snapshot(tx, flow, policy.redactor)
+        sink = self.sink
+        if sink is not None:  # `submit`, without its call
+            sink.submit(rec)
+        else:
+            self.unsent.append(rec)
         # mitmproxy's flows are reference cycles, freed only by the collector: a transaction left on its flow
         # would wait for it too, and be traversed. Later hooks of this flow find no transaction: it is recorded.
         flow.metadata.pop(METADATA_KEY, None)

@@ -165,9 +165,13 @@ def _body_summary(capture: BodyCapture | None, raw: bytes | None, cfg: CaptureCo
     if raw is None:
         return 0, None, False
     limit = cfg.max_bytes if cfg is not None else 0
-    if limit <= 0 or not _wants(cfg, ctype):
+    if limit <= 0:
         return len(raw), None, False
-    return len(raw), redactor.body(raw[:limit], ctype), len(raw) > limit
+    hit = _WANTS.get(ctype)  # `_wants` inline: twice per record
+    if not (hit[1] if hit is not None and hit[0] is cfg else _wants(cfg, ctype)):
+        return len(raw), None, False
+    n = len(raw)
+    return n, redactor.body(raw[:limit] if n > limit else raw, ctype), n > limit
 
 
 _WANTS: dict[str | None, tuple[CaptureConfig, bool]] = {}  # content type -> (the config that judged it, wanted)
