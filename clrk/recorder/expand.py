@@ -286,7 +286,7 @@ def mcp_rows(raw: Snapshot, parent: dict) -> list[dict]:
                A.JSONRPC_REQUEST_ID: _text(c.get("id"), A.JSONRPC_REQUEST_ID, escaped),
                A.CLRK_DURATION_MS: round((c["t1"] - c["t0"]) * 1000.0, 3), A.ERROR_TYPE: c.get("error")}
         key = _MCP_TARGET.get(c.get("kind") or "")
-        if key is not None and len(escaped) == n:
+        if key is not None:
             row[key] = _text(c.get("target"), key, escaped)
         if method == "tools/call":
             row[A.GEN_AI_OPERATION_NAME] = A.OPERATION_EXECUTE_TOOL
