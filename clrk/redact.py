@@ -44,6 +44,7 @@ from urllib.parse import quote, unquote_plus
 
 from clrk import escape
 from clrk.attributes import REDACTED, SENSITIVE_HEADERS, SENSITIVE_QUERY_PARAMS, SENSITIVE_WORDS
+from clrk.memo import remember
 
 MAX_HEADER_VALUE = 8 * 1024  # characters of one header value kept in a record
 MAX_HEADERS_TOTAL = 64 * 1024  # characters of all of one side's header names and values kept in a record
@@ -400,11 +401,74 @@ def decode_headers(fields: Iterable[tuple[bytes, bytes]], redactor: Redactor) ->
     escaped (`clrk.escape`). Bounded like the bodies: a value past MAX_HEADER_VALUE is cut, and past
     MAX_HEADERS_TOTAL in all the remaining headers are left out (an agent's 2 MB header must not become a 2 MB
     record)."""
+    if type(fields) is list:
+        try:
+            return _known_headers(fields, redactor), False
+        except _Unusual:
+            pass  # decoded the general way below, from the start
     fields = [(bytes(k), bytes(v)) for k, v in fields]
     try:
         return _headers(fields, redactor, False), False
     except _NeedsEscape:
         return _headers(fields, redactor, True), True
+
+
+class _Unusual(Exception):
+    pass
+
+
+# Header names and values as decoded (UTF-8, names lower-cased, both cut as `_headers` cuts them), by their wire
+# bytes: most repeat from record to record (content-type, host, user-agent, accept). Bounded (`clrk.memo`):
+# short ones only, and the memory starts over past its limit, so a flood of distinct values holds < 1 MB.
+_NAMES: dict[bytes, str] = {}
+_VALUES: dict[bytes, str] = {}
+
+
+def _known_headers(fields: list, redactor: Redactor) -> dict[str, str]:
+    """`_headers(fields, redactor, False)` for fields that are [name bytes, value bytes] pairs of UTF-8, with the
+    decodings from memory; raises _Unusual for anything else (a pair of another shape or type, a byte UTF-8
+    does not take), which the general way then decodes from the start."""
+    names, values = _NAMES, _VALUES
+    header = redactor.header
+    out: dict[str, str] = {}
+    total = 0
+    left_out = 0
+    for pair in fields:
+        if (type(pair) is not list and type(pair) is not tuple) or len(pair) != 2:
+            raise _Unusual
+        raw_name, raw_value = pair
+        if type(raw_name) is not bytes or type(raw_value) is not bytes:
+            raise _Unusual
+        name = names.get(raw_name)
+        if name is None:
+            text, escaped = escape.text(raw_name.lower())
+            if escaped:
+                raise _Unusual
+            name = remember(names, raw_name, len(raw_name), _cut(text, 256), limit=1024, longest=128)
+        sensitive = header(raw_name)
+        if sensitive:
+            value = REDACTED
+        else:
+            value = values.get(raw_value)
+            if value is None:
+                text, escaped = escape.text(raw_value)
+                if escaped:
+                    raise _Unusual
+                value = remember(values, raw_value, len(raw_value), _cut(text, MAX_HEADER_VALUE), limit=2048,
+                                 longest=256)
+        if total + len(name) + len(value) > MAX_HEADERS_TOTAL:
+            left_out += 1
+            continue
+        if name in out:
+            if sensitive:
+                continue
+            value = _cut(f"{out[name]}, {value}", MAX_HEADER_VALUE)
+            total -= len(out[name])
+        total += len(name) + len(value)
+        out[name] = value
+    if left_out:
+        out["(clrk)"] = f"{left_out} more header field(s) not recorded: over {MAX_HEADERS_TOTAL} characters in all"
+    return out
 
 
 def _decode(data: bytes, force: bool) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
 import re
 import time
 
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import tflow
 
-from clrk import wire
+from clrk import redact, wire
 from clrk.attributes import REDACTED, SENSITIVE_WORDS
 from clrk.proxy.gateway import Gateway
 from clrk.redact import (
@@ -518,3 +519,62 @@ def test_a_buffered_body_is_captured_whole_up_to_max_bytes_and_cut_past_it():
                          "application/json") == (n, None, False)
     assert _body_summary(None, None, wants, DEFAULT, "application/json") == (0, None, False)
     assert _body_summary(None, body, None, DEFAULT, "application/json") == (n, None, False)
+
+
+# --------------------------------------------------------------------------- headers decoded from memory
+
+
+def _general_headers(fields, redactor):
+    """`decode_headers` the general way, without the memory of decoded names and values."""
+    fields = [(bytes(k), bytes(v)) for k, v in fields]
+    try:
+        return redact._headers(fields, redactor, False), False
+    except redact._NeedsEscape:
+        return redact._headers(fields, redactor, True), True
+
+
+def _outcome(fn, fields, redactor):
+    try:
+        return fn(fields, redactor)
+    except Exception as e:  # noqa: BLE001 - the same failure both ways
+        return type(e)
+
+
+def test_headers_from_memory_are_the_general_way_s_to_the_character():
+    """Random header lists of wire-like and hostile fields (undecodable bytes, backslashes, sensitive and
+    repeated names, values past the cuts and the total, fields of other shapes and types), cold and warm memory,
+    two redactors: `decode_headers` gives what the general way gives, or fails as it fails."""
+    names = [b"host", b"Content-Type", b"content-type", b"AUTHORIZATION", b"x-api-key", b"x-wallet-id", b"\xff\xfe",
+             b"caf\xc3\xa9", b"a\\b", b"", b"n" * 127, b"n" * 129, b"N" * 300, b"set-cookie", b"x-\x00-y"]
+    values = [b"", b"application/json", b"Bearer ghp_secret", b"\xc3", b"\x80abc", b"x\\y", b"\xe2\x82\xac", b"v" * 255,
+              b"v" * 257, b"w" * 8190, b"w" * 9000, b"y" * 40000, b"\x00\x1b[31m", b"k=v; sid=1"]
+    odd = [[b"a", "str"], [b"a"], [b"a", b"b", b"c"], (b"a", b"b"), [bytearray(b"a"), b"b"], [b"a", memoryview(b"b")],
+           [5, b"b"], b"ab", [None, b"b"]]
+    rng = random.Random(11)
+    redactors = [Redactor(), Redactor(headers=["x-wallet-id", "host"])]
+    fast = 0
+    for i in range(3000):
+        if i % 500 == 0:
+            redact._NAMES.clear()
+        if i % 700 == 0:
+            redact._VALUES.clear()
+        fields = [[rng.choice(names), rng.choice(values)] for _ in range(rng.randint(0, 8))]
+        if rng.random() < 0.1:
+            fields.insert(rng.randint(0, len(fields)), rng.choice(odd))
+        red = rng.choice(redactors)
+        want = _outcome(_general_headers, fields, red)
+        assert _outcome(redact.decode_headers, fields, red) == want, fields
+        assert _outcome(redact.decode_headers, fields, red) == want, fields  # warm
+        if not isinstance(want, type) and not want[1]:
+            fast += 1
+    assert fast > 500
+    assert len(redact._NAMES) <= 1024 and len(redact._VALUES) <= 2048
+
+
+def test_the_memory_of_header_values_stays_bounded_under_a_flood():
+    redact._VALUES.clear()
+    for i in range(20000):
+        h = headers_dict([[b"x-request-id", f"req-{i}".encode()], [b"x-big", b"z" * 300 + str(i).encode()]], DEFAULT)
+        assert h == {"x-request-id": f"req-{i}", "x-big": "z" * 300 + str(i)}
+    assert 0 < len(redact._VALUES) <= 2048
+    assert all(len(k) <= 256 for k in redact._VALUES)

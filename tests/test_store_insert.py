@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from clrk import attributes as A
@@ -151,3 +152,37 @@ def test_a_column_is_taken_whole_exactly_when_each_of_its_values_fits(typ):
             except TypeError:
                 fits = False
         assert (S.columns([{key: v} for v in vals], 1) is not None) == fits, vals
+
+
+def test_a_value_every_row_shares_is_one_scalar_parameter_and_stored_the_same(tmp_path):
+    """A column whose batch values are all equal goes as one scalar: stored as the list gave it, for every column
+    type and its edge values, mixed with None (then a list), with 1 and True, 0 and -0.0 (DOUBLE: a list)."""
+    base = every_value_rows()[0]
+    new, old = S.Store(tmp_path / "new.duckdb"), S.Store(tmp_path / "old.duckdb")
+    rng = random.Random(7)
+    scalars = 0
+    for key, typ in sorted(A.COLUMNS.items()):
+        if typ == "TIMESTAMPTZ" or key in (A.TRACE_ID, A.SPAN_ID):
+            continue
+        for _ in range(8):
+            pool = rng.sample(_POOL, 2)
+            n = rng.choice((1, 2, 5))
+            vals = [pool[0]] * n if rng.random() < 0.6 else rng.choices(pool, k=n)
+            rows = [{**base, A.SPAN_ID: f"{rng.getrandbits(64):016x}", key: v} for v in vals]
+            batch = S.columns(rows, new.next_seq)
+            if batch is not None and any(f" AS {S.q(key)}" in e and not e.startswith("unnest")
+                                         for e in batch[0].split(" SELECT ", 1)[1].split(", ")):
+                scalars += 1
+                assert typ != "DOUBLE" and len({(type(v), repr(v)) for v in vals}) == 1, vals
+            got = []
+            for st, ins in ((new, S.Store.insert), (old, arrow_insert)):
+                try:
+                    got.append([r[A.SPAN_ID] for r in ins(st, rows)])
+                except duckdb.Error as e:  # text that is no JSON in a JSON column: refused both ways
+                    got.append(type(e))
+            assert got[0] == got[1], (key, vals)
+    same_values(table(new), table(old))
+    assert scalars > 50
+    # the bench's batches: the gateway, component and scheme-like columns go once
+    sql, params = S.columns([{**base, A.SPAN_ID: f"{i:016x}"} for i in range(4)], 1)
+    assert f"?::VARCHAR AS {S.q(A.CLRK_GATEWAY_NAME)}" in sql and base[A.CLRK_GATEWAY_NAME] in params

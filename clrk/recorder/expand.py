@@ -21,6 +21,7 @@ from clrk import attributes as A
 from clrk import escape
 from clrk.errors import error_type
 from clrk.hostnames import norm_host
+from clrk.memo import remember
 from clrk.redact import Redactor, decode_headers, redact_url
 from clrk.snapshot import Snapshot
 
@@ -73,14 +74,44 @@ def _invocation(inv, escaped: list[str]) -> str | None:
     return _text(inv, A.INVOCATION_ID, escaped)
 
 
-def _url(raw: Snapshot, redactor: Redactor, escaped: list[str]) -> str:
-    host, port, scheme = norm_host(raw["host"]), raw["port"], raw["scheme"] or "https"
+# Hosts as `norm_host` writes them, and whole URLs by (redactor, host, port, scheme, path): an agent calls the
+# same few hosts and, often, paths again and again. Bounded (`clrk.memo`); a path that needed the escape is
+# never kept (its record must name the field in `clrk.record.escaped`).
+_HOSTS: dict[str, str] = {}
+_URLS: dict[tuple, str] = {}
+
+
+def _host(host) -> str:
+    if type(host) is str:
+        h = _HOSTS.get(host)
+        if h is None:
+            h = remember(_HOSTS, host, len(host), norm_host(host), limit=1024, longest=256)
+        return h
+    return norm_host(host)
+
+
+def _url(raw: Snapshot, redactor: Redactor, escaped: list[str], host: str) -> str:
+    port, scheme = raw["port"], raw["scheme"] or "https"
     if raw["method"] in ("CONNECT", b"CONNECT"):
         return f"{host}:{port}"
+    path = raw["path"]
+    key = None
+    if (type(path) is bytes or type(path) is str) and type(port) is int and type(scheme) is str:
+        key = (redactor, host, port, scheme, path)
+        url = _URLS.get(key)
+        if url is not None:
+            return url
+    n = len(escaped)
+    url = _full_url(host, port, scheme, path, redactor, escaped)
+    if key is not None and len(escaped) == n:
+        remember(_URLS, key, len(path) + len(host), url, limit=1024)
+    return url
+
+
+def _full_url(host: str, port, scheme: str, path, redactor: Redactor, escaped: list[str]) -> str:
     shown = f"[{host}]" if ":" in host else host
     if (scheme, port) not in (("https", 443), ("http", 80)):
         shown = f"{shown}:{port}"
-    path = raw["path"]
     if not isinstance(path, str):
         path, was_escaped = escape.text(path)
         if was_escaped:
@@ -97,28 +128,35 @@ def _headers(fields, redactor: Redactor, key: str, escaped: list[str]) -> dict[s
     return out
 
 
+# The usual methods' text, as `bytes(method).upper()` and `_text` make it.
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "CONNECT")}
+
+
 def expand(raw: Snapshot, redactor: Redactor) -> dict:
     """The record of one transaction from its raw facts. Raises on facts it cannot read (see `salvage`)."""
     escaped: list[str] = []
     t0, t1 = raw["t0"], raw["t1"]
     trace_id, span_id, parent = raw["ids"]
     method = raw["method"]
-    if not isinstance(method, str):
+    if type(method) is bytes and method in _METHODS:
+        method = _METHODS[method]
+    elif not isinstance(method, str):
         method = bytes(method).upper()  # as mitmproxy shows it: ASCII letters upper-cased, other bytes kept
+    host = _host(raw["host"])
     rec: dict = {
         A.TIME: t0,
         A.END_TIME: t1,
         A.TRACE_ID: trace_id,
         A.SPAN_ID: span_id,
         A.PARENT_SPAN_ID: parent,
-        A.HTTP_REQUEST_METHOD: _text(method, A.HTTP_REQUEST_METHOD, escaped),
-        A.URL_FULL: _url(raw, redactor, escaped),
-        A.SERVER_ADDRESS: norm_host(raw["host"]),
+        A.HTTP_REQUEST_METHOD: method if type(method) is str else _text(method, A.HTTP_REQUEST_METHOD, escaped),
+        A.URL_FULL: _url(raw, redactor, escaped, host),
+        A.SERVER_ADDRESS: host,
         A.SERVER_PORT: raw["port"],
         A.HTTP_RESPONSE_STATUS_CODE: raw["status"],
         A.CLRK_COMPONENT: A.COMPONENT_EGRESS,
-        A.CLRK_GATEWAY_NAME: _text(raw["gateway"], A.CLRK_GATEWAY_NAME, escaped),
-        A.CLRK_DST_NAME: _text(raw["dst"], A.CLRK_DST_NAME, escaped),
+        A.CLRK_GATEWAY_NAME: g if type(g := raw["gateway"]) is str else _text(g, A.CLRK_GATEWAY_NAME, escaped),
+        A.CLRK_DST_NAME: d if type(d := raw["dst"]) is str else _text(d, A.CLRK_DST_NAME, escaped),
         A.CLRK_DURATION_MS: round((t1 - t0) * 1000.0, 3),
         A.INVOCATION_ID: _invocation(raw["inv"], escaped),
         A.REQUEST_HEADERS: _headers(raw["req_headers"], redactor, A.REQUEST_HEADERS, escaped),
