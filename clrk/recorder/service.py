@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -306,6 +307,7 @@ class Recorder:
                                                 budgets)
                     except Exception:  # export is best effort: the store keeps working without it
                         log.exception("cannot set up OTLP export")
+                    _freeze()
                 elif t == "flush":
                     await self.flush()
                     writer.write(pack({"t": "ok", "id": msg.get("id"), "written": self.written, "dropped": self.dropped}))
@@ -436,6 +438,15 @@ class Recorder:
             os.unlink(self.socket_path)
         await asyncio.to_thread(self.exporter.shutdown, 5.0)
         log.info("recorder stopped: %d records written, %d dropped", self.written, self.dropped)
+
+
+def _freeze() -> None:
+    """What the recorder has built once configured (imports, the store, the export pipelines) lives until the next
+    configuration: frozen, the collector's full passes no longer walk it (bench/recorder_cpu.py: 88 → 83 µs per
+    record). Unfrozen first, so pipelines a new configuration replaced are collected, not kept frozen forever."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
