@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import quote, unquote_plus
 
 from clrk import escape
@@ -403,14 +403,14 @@ def decode_headers(fields: Iterable[tuple[bytes, bytes]], redactor: Redactor) ->
     record)."""
     if type(fields) is list:
         try:
-            return _known_headers(fields, redactor), False
+            return _headers(_known_headers(fields, redactor)), False
         except _Unusual:
             pass  # decoded the general way below, from the start
     fields = [(bytes(k), bytes(v)) for k, v in fields]
     try:
-        return _headers(fields, redactor, False), False
+        return _headers(_decoded_headers(fields, redactor, False)), False
     except _NeedsEscape:
-        return _headers(fields, redactor, True), True
+        return _headers(_decoded_headers(fields, redactor, True)), True
 
 
 class _Unusual(Exception):
@@ -424,15 +424,12 @@ _NAMES: dict[bytes, str] = {}
 _VALUES: dict[bytes, str] = {}
 
 
-def _known_headers(fields: list, redactor: Redactor) -> dict[str, str]:
-    """`_headers(fields, redactor, False)` for fields that are [name bytes, value bytes] pairs of UTF-8, with the
-    decodings from memory; raises _Unusual for anything else (a pair of another shape or type, a byte UTF-8
-    does not take), which the general way then decodes from the start."""
+def _known_headers(fields: list, redactor: Redactor) -> Iterator[tuple[str, bool, str]]:
+    """`_decoded_headers(fields, redactor, False)` for fields that are [name bytes, value bytes] pairs of UTF-8,
+    with the decodings from memory; raises _Unusual for anything else (a pair of another shape or type, a byte
+    UTF-8 does not take), which the general way then decodes from the start."""
     names, values = _NAMES, _VALUES
     header = redactor.header
-    out: dict[str, str] = {}
-    total = 0
-    left_out = 0
     for pair in fields:
         if (type(pair) is not list and type(pair) is not tuple) or len(pair) != 2:
             raise _Unusual
@@ -456,19 +453,7 @@ def _known_headers(fields: list, redactor: Redactor) -> dict[str, str]:
                     raise _Unusual
                 value = remember(values, raw_value, len(raw_value), _cut(text, MAX_HEADER_VALUE), limit=2048,
                                  longest=256)
-        if total + len(name) + len(value) > MAX_HEADERS_TOTAL:
-            left_out += 1
-            continue
-        if name in out:
-            if sensitive:
-                continue
-            value = _cut(f"{out[name]}, {value}", MAX_HEADER_VALUE)
-            total -= len(out[name])
-        total += len(name) + len(value)
-        out[name] = value
-    if left_out:
-        out["(clrk)"] = f"{left_out} more header field(s) not recorded: over {MAX_HEADERS_TOTAL} characters in all"
-    return out
+        yield name, sensitive, value
 
 
 def _decode(data: bytes, force: bool) -> str:
@@ -478,14 +463,20 @@ def _decode(data: bytes, force: bool) -> str:
     return s
 
 
-def _headers(fields: list[tuple[bytes, bytes]], redactor: Redactor, force: bool) -> dict[str, str]:
+def _decoded_headers(fields: list[tuple[bytes, bytes]], redactor: Redactor, force: bool) -> Iterator[tuple[str, bool, str]]:
+    for raw_name, raw_value in fields:
+        sensitive = redactor.header(raw_name)
+        yield (_cut(_decode(raw_name.lower(), force), 256), sensitive,
+               REDACTED if sensitive else _cut(_decode(raw_value, force), MAX_HEADER_VALUE))
+
+
+def _headers(decoded: Iterable[tuple[str, bool, str]]) -> dict[str, str]:
+    """One side's headers from (name, sensitive, value) of each field, bounded: repeated names joined (a
+    sensitive one's repeats dropped), past MAX_HEADERS_TOTAL characters in all the rest left out."""
     out: dict[str, str] = {}
     total = 0
     left_out = 0
-    for raw_name, raw_value in fields:
-        name = _cut(_decode(raw_name.lower(), force), 256)
-        sensitive = redactor.header(raw_name)
-        value = REDACTED if sensitive else _cut(_decode(raw_value, force), MAX_HEADER_VALUE)
+    for name, sensitive, value in decoded:
         if total + len(name) + len(value) > MAX_HEADERS_TOTAL:
             left_out += 1
             continue

@@ -528,9 +528,9 @@ def _general_headers(fields, redactor):
     """`decode_headers` the general way, without the memory of decoded names and values."""
     fields = [(bytes(k), bytes(v)) for k, v in fields]
     try:
-        return redact._headers(fields, redactor, False), False
+        return redact._headers(redact._decoded_headers(fields, redactor, False)), False
     except redact._NeedsEscape:
-        return redact._headers(fields, redactor, True), True
+        return redact._headers(redact._decoded_headers(fields, redactor, True)), True
 
 
 def _outcome(fn, fields, redactor):
