@@ -46,6 +46,19 @@ _MSG = 512  # bytes of a hand-over message: "<from worker> <bounced 0/1> <listen
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
 
 
+def server_socket(family: int, kind: int, proto: int, reuse_port: bool) -> socket.socket:
+    """A socket set up to be bound as a listener the way asyncio's are (SO_REUSEADDR, IPv6 v6-only), and
+    shared with the other workers (SO_REUSEPORT) when `reuse_port`: the supervisor's probe binds one plainly,
+    each worker its listeners shared (clrk/proxy/reuseport.py)."""
+    s = socket.socket(family, kind, proto)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return s
+
+
 def make_shared(workers: int, directory: str | None = None) -> tuple[str, list[tuple[socket.socket, socket.socket]]]:
     """The supervisor's side: the load file (every slot 0) and a (receiving, sending) datagram pair per worker."""
     d = directory or ("/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None)

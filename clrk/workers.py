@@ -107,10 +107,7 @@ def probe(listening: list[str]) -> str | None:
         except socket.gaierror as e:
             return f"cannot listen on {where}: {e}"
         for family, kind, proto, _, addr in infos:
-            with socket.socket(family, kind, proto) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            with balance.server_socket(family, kind, proto, reuse_port=False) as s:
                 try:
                     s.bind(addr)
                 except OSError as e:
