@@ -578,3 +578,20 @@ def test_the_memory_of_header_values_stays_bounded_under_a_flood():
         assert h == {"x-request-id": f"req-{i}", "x-big": "z" * 300 + str(i)}
     assert 0 < len(redact._VALUES) <= 2048
     assert all(len(k) <= 256 for k in redact._VALUES)
+
+
+def test_capture_wants_is_the_same_remembered_or_not_and_its_memory_stays_bounded():
+    """`CaptureConfig.wants` remembers content types (asked for every body): the same answers the second time,
+    per config, and a flood of distinct types an upstream chooses does not grow its memory past the limit."""
+    from clrk import memo
+    from clrk.policy.compiled import CaptureConfig
+
+    cfg = CaptureConfig(100, frozenset({"application/json"}), ("text/",))
+    cases = {"application/json": True, "Application/JSON; charset=utf-8": True, "text/event-stream": True,
+             "image/png": False, None: False, "": False, "application/json" + " " * 600: True}
+    for _ in range(2):
+        assert {t: cfg.wants(t) for t in cases} == cases
+    assert not CaptureConfig(0, frozenset({"application/json"}), ()).wants("application/json")
+    for i in range(memo.LIMIT * 2):
+        assert cfg.wants(f"x-flood/{i}") is False
+    assert len(cfg._seen) <= memo.LIMIT and all(t is None or len(t) <= memo.LONGEST for t in cfg._seen)

@@ -263,8 +263,17 @@ class CaptureConfig:
     max_bytes: int
     exact_types: frozenset[str]
     type_prefixes: tuple[str, ...]  # "text/" for "text/*"
+    # Answers of `wants` per content type (asked for every body; a few types recur): bounded (clrk.memo), and a
+    # reload builds new configs with memories of their own (`replace()` too: the field is not copied).
+    _seen: dict[str | None, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def wants(self, content_type: str | None) -> bool:
+        hit = self._seen.get(content_type)
+        if hit is not None:
+            return hit
+        return remember(self._seen, content_type, len(content_type) if content_type else 0, self._judge(content_type))
+
+    def _judge(self, content_type: str | None) -> bool:
         if not content_type or self.max_bytes == 0:
             return False
         media = content_type.split(";", 1)[0].strip().lower()

@@ -167,23 +167,10 @@ def _body_summary(capture: BodyCapture | None, raw: bytes | None, cfg: CaptureCo
     limit = cfg.max_bytes if cfg is not None else 0
     if limit <= 0:
         return len(raw), None, False
-    hit = _WANTS.get(ctype)  # `_wants` inline: twice per record
-    if not (hit[1] if hit is not None and hit[0] is cfg else _wants(cfg, ctype)):
+    if not cfg.wants(ctype):
         return len(raw), None, False
     n = len(raw)
     return n, redactor.body(raw[:limit] if n > limit else raw, ctype), n > limit
-
-
-_WANTS: dict[str | None, tuple[CaptureConfig, bool]] = {}  # content type -> (the config that judged it, wanted)
-
-
-def _wants(cfg: CaptureConfig, ctype: str | None) -> bool:
-    """`cfg.wants(ctype)`, remembered per content type for the config that said it (one policy's gateways share
-    a few content types; a reload brings new configs, and their own answers)."""
-    hit = _WANTS.get(ctype)
-    if hit is not None and hit[0] is cfg:
-        return hit[1]
-    return remember(_WANTS, ctype, len(ctype) if ctype else 0, (cfg, cfg.wants(ctype)))[1]
 
 
 def _redacted_target(path: bytes, redactor: Redactor) -> bytes:
