@@ -598,3 +598,64 @@ def test_a_connection_handed_to_a_worker_that_died_is_served_by_the_one_started_
         return data
 
     assert asyncio.run(main()) == b"hello"
+
+
+def test_a_malformed_hand_over_message_is_dropped_and_its_descriptors_closed(tmp_path):
+    """The inbox only hears from the supervisor's workers, but what arrives there is still read defensively: a
+    message without a descriptor, one that is not "<worker> <bounced> <host> <port>", and one carrying extra
+    descriptors neither stop the worker nor leak a descriptor; a good one after them is served."""
+    import array
+    import asyncio
+
+    from clrk import balance
+
+    path, pairs = balance.make_shared(2, str(tmp_path))
+    outs = [p[1] for p in pairs]
+    b1 = balance.Balancer(1, path, pairs[1][0], outs)
+    served: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(await reader.readexactly(2))
+        writer.close()
+
+    def fds_open() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        port = lsock.getsockname()[1]
+        b1.listeners[("127.0.0.1", port)] = (lsock, b1.counted(serve))
+        before = fds_open()
+        send = outs[1].sendmsg
+        send([b"no descriptor here"])
+        for junk in (b"\xff\xfe garbage", b"0 0 127.0.0.1 not-a-port", b"x"):
+            a, b = socket.socketpair()
+            send([junk], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [a.fileno()]))])
+            a.close()
+            b.close()
+        extra = [socket.socketpair() for _ in range(2)]
+        c = socket.create_connection(("127.0.0.1", port))
+        conn, _ = lsock.accept()
+        send([f"0 0 127.0.0.1 {port}".encode()],
+             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno(), extra[0][0].fileno(), extra[1][0].fileno()]))])
+        conn.close()
+        for x, y in extra:
+            x.close()
+            y.close()
+        b1._receive(loop)
+        c.sendall(b"ok")
+        for _ in range(200):
+            if served:
+                break
+            await asyncio.sleep(0.01)
+        assert served == [b"ok"] and b1.received == 1
+        c.close()
+        for _ in range(200):
+            if b1.count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert fds_open() <= before, "a descriptor that came with a hand-over was left open"
+        lsock.close()
+
+    asyncio.run(main())
