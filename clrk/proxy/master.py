@@ -26,12 +26,18 @@ from mitmproxy.tools import main as mitmproxy_main
 from mitmproxy.tools.dump import DumpMaster
 
 from clrk.proxy.gateway import Gateway
+from clrk.proxy.hookplan import PlannedAddonManager
 
 
 class GatewayMaster(DumpMaster):
     """mitmdump's master with `Gateway` registered as `mitmdump -s addons/clrk.py` would have it: once the
     command line and config.yaml are applied, sent a configure of every option, and placed where the first
-    `-s` script sits — before ScriptLoader, so clrk's hooks still run before any user script's."""
+    `-s` script sits — before ScriptLoader, so clrk's hooks still run before any user script's. Its events are
+    dispatched from a plan (`clrk.proxy.hookplan`), not by searching all of mitmdump's addons for each."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        PlannedAddonManager.adopt(self.addons)
 
     def add_gateway(self) -> Gateway:
         addons = self.addons
