@@ -124,13 +124,18 @@ def run_hey(hey: str, proxy: str, url: str, conc: int, seconds: float | None = N
     return Result(rps, float(p50.group(1)) * 1000 if p50 else 0.0, float(p99.group(1)) * 1000 if p99 else 0.0, errors)
 
 
-def bare_argv(port: int, confdir: Path, optimized: bool = False, noop: bool = False) -> list[str]:
+def bare_argv(port: int, confdir: Path, optimized: bool = False, noop: bool = False, script: bool = False) -> list[str]:
     """Bare mitmdump as it ships (the contract's baseline), under the `python -O` the clrk gateway runs with,
-    or (`noop`) started exactly as the gateway is, with a do-nothing addon in its place (`bench/noop_proxy.py`)."""
+    or (`noop`) started exactly as the gateway is, with a do-nothing addon in its place (`bench/noop_proxy.py`),
+    or (`script`) as mitmdump loads `-s addons/clrk.py`, with a do-nothing script (`bench/noop_addon.py`)."""
     python = [sys.executable, "-O"] if optimized or noop else []
     entry = str(REPO / "bench" / "noop_proxy.py") if noop else str(BIN / "mitmdump")
-    return [*python, entry, "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+    extra = ["-s", str(REPO / "bench" / "noop_addon.py")] if script else []
+    return [*python, entry, "-q", *extra, "--listen-host", "127.0.0.1", "-p", str(port),
             "--set", "ssl_insecure=true", "--set", f"confdir={confdir}"]
+
+
+SCRIPT_GATEWAY = [str(BIN / "mitmdump"), "-q", "-s", str(REPO / "addons" / "clrk.py")]  # the `-s` way to run clrk
 
 
 def clrk_argv(port: int, policies: Path, db: Path, certs: Path, command: list[str] | None = None) -> list[str]:
@@ -184,10 +189,11 @@ class Stack:
         # Bare mitmdump as it ships (the contract's baseline) and, to show clrk's own cost apart from what
         # -O takes off mitmproxy, under the same `python -O` the clrk gateway runs with.
         self.bares: dict[str, int] = {}
-        for name in ["bare", *(["bare -O", "noop -O"] if bare_optimized else [])]:
+        for name in ["bare", *(["bare -O", "noop -O", "noop -s"] if bare_optimized else [])]:
             self.bares[name] = port = free_port()
             slug = name.replace(" ", "-")
-            self._spawn(bare_argv(port, tmp / f"{slug}-certs", optimized=name != "bare", noop=name == "noop -O"), slug)
+            self._spawn(bare_argv(port, tmp / f"{slug}-certs", optimized=name in ("bare -O", "noop -O"), noop=name == "noop -O",
+                                  script=name == "noop -s"), slug)
         self.bare_port = self.bares["bare"]
         self.gateways: dict[str, tuple[int, Path]] = {}
         endpoints = {"clrk": f"http://127.0.0.1:{sink}"}
@@ -199,6 +205,8 @@ class Stack:
             endpoints["clrk otlp slow"] = f"http://127.0.0.1:{slow}"
         for name, endpoint in endpoints.items():
             self.gateways[name] = self._gateway(name, endpoint)
+        if bare_optimized:  # the contract's like for like: `mitmdump -s addons/clrk.py` against a do-nothing script
+            self.gateways["clrk -s"] = self._gateway("clrk -s", endpoints["clrk"], command=SCRIPT_GATEWAY)
         if workers > 1:  # the same gateway, as `clrk run --workers N` starts it
             self.gateways[f"clrk x{workers}"] = self._gateway(f"clrk x{workers}", endpoints["clrk"], workers)
         for port in self.bares.values():
@@ -212,7 +220,7 @@ class Stack:
                 time.sleep(0.05)
         self.url = f"https://localhost:{self.upstream_port}/v1/chat/completions"
 
-    def _gateway(self, name: str, endpoint: str, workers: int = 1) -> tuple[int, Path]:
+    def _gateway(self, name: str, endpoint: str, workers: int = 1, command: list[str] | None = None) -> tuple[int, Path]:
         slug = name.replace(" ", "-")
         pol = self.tmp / f"policies-{slug}"
         pol.mkdir()
@@ -220,7 +228,7 @@ class Stack:
 
         db = self.tmp / f"data-{slug}" / "clrk.duckdb"
         port = free_port()
-        argv = clrk_argv(port, pol, db, self.tmp / "certs")
+        argv = clrk_argv(port, pol, db, self.tmp / "certs", command)
         self._spawn(supervisor_argv(workers, [f"127.0.0.1:{port}"], argv) if workers > 1 else argv, slug)
         return port, db
 
@@ -335,11 +343,17 @@ def bench_throughput(hey, stack: Stack, rounds: int, seconds: float, concs: list
             ratio = "" if name == "bare" else f"**{m[0] / b[0]:.2f}**" if name in stack.gateways else f"{m[0] / b[0]:.2f}"
             added = "" if name == "bare" else f"{m[1] - b[1]:+.2f}"
             lines.append(f"| {c} | {name} | {m[0]:.0f} | {ratio} | {md(m[1])} | {added} | {md(m[2])} | {m[3]} |")
+    at = f"at c = {' / '.join(map(str, concs))}"
+    if "noop -s" in names and "clrk -s" in names:
+        like = " / ".join(f"{med[('clrk -s', c)][0] / med[('noop -s', c)][0]:.2f}" for c in concs)
+        lines += ["", f"**Like for like, loaded as a script** — `mitmdump -q -s addons/clrk.py` against `mitmdump -q -s "
+                      f"bench/noop_addon.py` (a do-nothing addon with Gateway's hooks), same interpreter, same flags: "
+                      f"**{like}** {at}."]
     if "noop -O" in names:
         like = " / ".join(f"{med[('clrk', c)][0] / med[('noop -O', c)][0]:.2f}" for c in concs)
-        lines += ["", f"**Like for like** — clrk against mitmdump started the same way (`python -O`, clrk's master, a "
-                      f"do-nothing addon with Gateway's hooks in its place; `bench/noop_proxy.py`): **{like}** at c = "
-                      f"{' / '.join(map(str, concs))}."]
+        lines += ["", f"**Like for like, as `clrk run` starts** — clrk against mitmdump started the same way (`python -O`, "
+                      f"clrk's master with its planned event dispatch, a do-nothing addon with Gateway's hooks in its "
+                      f"place; `bench/noop_proxy.py`): **{like}** {at}."]
     if "bare -O" in names:
         own = " / ".join(f"{med[('clrk', c)][0] / med[('bare -O', c)][0]:.2f}" for c in concs)
         lines += ["", f"clrk against bare mitmdump under the same `python -O`, no addon at all: {own} at c = "
@@ -632,7 +646,7 @@ def main() -> None:
                     return
                 if "throughput" in only:
                     sections["throughput"] = f"{stamp} Command: {cmd}.\n\n" + bench_throughput(
-                        hey, stack, args.rounds, args.seconds, concs, [*stack.bares, "clrk"])
+                        hey, stack, args.rounds, args.seconds, concs, [*stack.bares, "clrk", *(["clrk -s"] if "clrk -s" in stack.gateways else [])])
                 if "sse" in only:
                     sections["sse"] = f"{stamp}\n\n" + bench_sse(stack, args.rounds, 1 if args.smoke else None)
                 if "memory" in only:

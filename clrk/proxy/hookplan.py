@@ -31,7 +31,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import exceptions, hooks
+from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addonmanager import AddonManager, safecall
 
 # One entry per top-level addon with something to do: (addon, its hook), or (addon, None) for an addon walked
@@ -76,6 +76,13 @@ class PlannedAddonManager(AddonManager):
         if got is None:
             got = self._plans[name] = plan(chain, name)
         return got
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        """mitmproxy's: the event, then an `update` of its flow — made only when an addon has that hook."""
+        message = event.args()[0]
+        await self.trigger_event(event)
+        if isinstance(message, flow.Flow) and self._plan("update"):
+            await self.trigger_event(hooks.UpdateHook([message]))
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         entries = self._plan(event.name)
