@@ -194,6 +194,30 @@ def test_scripts_come_back_after_redis_forgot_them(server, pool):
     run(go())
 
 
+def test_a_settlement_batch_is_one_round_trip_and_a_flushed_script_is_loaded_again(server, pool):
+    """Settlements go as EVALSHA alone (no SCRIPT EXISTS before each pipelined batch); when Redis has forgotten
+    the script, it is loaded and the batch sent again, each settlement applied once."""
+    async def go():
+        r = raw(server)
+        a = SharedLedger(server.url)
+        reservations = [await a.admit(pool, 1000, 10, None, 0.0) for _ in range(4)]
+        r.config_resetstat()
+        for res in reservations[:2]:
+            a.settle(res, 3)
+            assert await a._drain() is None
+        stats = r.info("commandstats")
+        assert "cmdstat_script|exists" not in stats and "cmdstat_script" not in stats
+        assert stats["cmdstat_evalsha"]["calls"] == 2
+        r.script_flush()
+        for res in reservations[2:]:
+            a.settle(res, 3)
+        assert await a._drain() is None and a.available
+        h = r.hgetall(pool_key(reservations[0].day, pool))
+        assert h == {"u": "12"}  # four settlements of 3, the two re-sent after NOSCRIPT counted once
+        await a.close()
+    run(go())
+
+
 def test_settlements_wait_for_redis_and_admission_says_it_is_away(tmp_path, pool):
     server = RedisServer(tmp_path / "r").start()
     try:

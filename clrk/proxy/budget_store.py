@@ -216,9 +216,23 @@ class RedisBackend:
         return await self._admit(keys=[key], args=args), "", None
 
     async def settle(self, batch: list[Settlement], mark: str) -> list:
+        """One pipelined round trip of EVALSHA calls. redis-py's script objects would first send SCRIPT EXISTS
+        from every pipeline (a second round trip per batch); the script is loaded only when Redis says it has
+        forgotten it (restarted, or SCRIPT FLUSH), and the batch sent again: a settlement Redis applied is
+        marked as applied (`mark`), so sending it twice charges it once."""
+        from redis.exceptions import NoScriptError
+
+        try:
+            return await self._settle_batch(batch, mark)
+        except NoScriptError:
+            await self.client.script_load(SETTLE)
+            return await self._settle_batch(batch, mark)
+
+    async def _settle_batch(self, batch: list[Settlement], mark: str) -> list:
+        sha = self._settle.sha
         async with self.client.pipeline(transaction=False) as pipe:
             for it in batch:
-                await self._settle(keys=[it.key, mark], args=it.script_args(), client=pipe)
+                pipe.evalsha(sha, 2, it.key, mark, *it.script_args())
             return await pipe.execute()
 
     async def ping(self) -> None:
