@@ -83,6 +83,22 @@ def set_slot(path: str, index: int, value: int) -> None:
         f.write(SLOT.pack(value))
 
 
+def open_connections(pid: int, index: int) -> int | None:
+    """What worker `index` (process `pid`) counts as its open client connections, read from the load file named
+    in its environment (`clrk status`); None when that cannot be read (another user's process, no balancing)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+        prefix = ENV.encode() + b"="
+        value = next(e[len(prefix):] for e in env if e.startswith(prefix))
+        with open(value.split(b";", 1)[0].decode(), "rb") as f:
+            f.seek(index * SLOT.size)
+            (n,) = SLOT.unpack(f.read(SLOT.size))
+    except (OSError, StopIteration, UnicodeDecodeError, struct.error):
+        return None
+    return n if n >= 0 else None
+
+
 def env_value(path: str, pairs: list[tuple[socket.socket, socket.socket]], index: int) -> tuple[str, list[int]]:
     """CLRK_WORKER_BALANCE for worker `index`, and the descriptors it must inherit."""
     inbox = pairs[index][0].fileno()

@@ -149,6 +149,8 @@ def test_long_lived_connections_are_kept_even_across_the_workers(wgw):
             assert c.get("https://allowed.test/json/w", headers={"clrk-invocation-id": inv}).status_code == 200
         wgw.wait_records(24, invocation=inv)
         loads = worker_loads(wgw)  # what each worker counts as open, while all 24 are
+        shown = {w["worker"]: w["connections"] for w in status(wgw)["workers"]}  # and what `clrk status` says of it
+        text = subprocess.run([CLRK, "status", "--db", str(wgw.db)], capture_output=True, text=True, check=True).stdout
     finally:
         for c in clients:
             c.close()
@@ -156,6 +158,8 @@ def test_long_lived_connections_are_kept_even_across_the_workers(wgw):
     got = {i: after[i]["records"] - before[i]["records"] for i in (0, 1)}
     assert sum(got.values()) == 24 and abs(got[0] - got[1]) <= 2, got
     assert sum(loads) == 24 and abs(loads[0] - loads[1]) <= 2, loads
+    assert shown == {0: loads[0], 1: loads[1]}
+    assert f"worker 0 pid {after[0]['pid']}" in text and ": RSS " in text and f", {loads[1]} open connections, " in text
 
 
 def worker_loads(gw: Gateway) -> tuple[int, ...]:
@@ -412,9 +416,9 @@ def test_workers_share_one_budget_ledger_unless_the_operator_named_a_store(monke
 
 
 def test_status_has_a_line_per_worker():
-    lines = worker_lines([{"worker": 0, "pid": 11, "restarts": 0, "since": 100.0, "records": 7, "rss_mb": 90.5},
+    lines = worker_lines([{"worker": 0, "pid": 11, "restarts": 0, "since": 100.0, "records": 7, "rss_mb": 90.5, "connections": 3},
                           {"worker": 1, "pid": 12, "restarts": 2, "since": 3700.0, "records": 0, "rss_mb": None}], now=3761.0)
-    assert lines == ["worker 0 pid 11: RSS 90.5 MB, 7 records received, connected 1h01m01s",
+    assert lines == ["worker 0 pid 11: RSS 90.5 MB, 3 open connections, 7 records received, connected 1h01m01s",
                      "worker 1 pid 12, restarted 2x: RSS ? MB, 0 records received, connected 0h01m01s"]
 
 

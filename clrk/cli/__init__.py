@@ -339,7 +339,12 @@ def cmd_status(args: argparse.Namespace) -> None:
     st = {k: v for k, v in st.items() if k not in ("t", "id")}
     st.update(_memory(st["pid"]))
     for w in st.get("workers") or ():
-        w["rss_mb"] = _rss_mb(w["pid"]) if isinstance(w.get("pid"), int) else None
+        pid, index = w.get("pid"), w.get("worker")
+        w["rss_mb"] = _rss_mb(pid) if isinstance(pid, int) else None
+        if isinstance(pid, int) and isinstance(index, int):
+            from clrk.balance import open_connections
+
+            w["connections"] = open_connections(pid, index)
     if args.json:
         print(json.dumps(st))
     else:
@@ -384,7 +389,8 @@ def budget_ledger_line(bl: dict) -> str:
 
 
 def worker_lines(workers: list[dict], now: float | None = None) -> list[str]:
-    """`clrk status`'s lines for the workers of `clrk run --workers N`: index, pid, restarts, RSS, records."""
+    """`clrk status`'s lines for the workers of `clrk run --workers N`: index, pid, restarts, RSS, open client
+    connections, records."""
     import time
 
     now = time.time() if now is None else now
@@ -393,7 +399,8 @@ def worker_lines(workers: list[dict], now: float | None = None) -> list[str]:
         rss = f"{w['rss_mb']} MB" if w.get("rss_mb") is not None else "? MB"
         restarts = f", restarted {w['restarts']}x" if w.get("restarts") else ""
         up = max(0, int(now - float(w.get("since") or now)))
-        out.append(f"worker {w.get('worker')} pid {w.get('pid')}{restarts}: RSS {rss}, {w.get('records', 0)} records "
+        conns = f"{w['connections']} open connections, " if w.get("connections") is not None else ""
+        out.append(f"worker {w.get('worker')} pid {w.get('pid')}{restarts}: RSS {rss}, {conns}{w.get('records', 0)} records "
                    f"received, connected {up // 3600}h{up // 60 % 60:02d}m{up % 60:02d}s")
     return out
 
