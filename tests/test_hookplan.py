@@ -238,6 +238,39 @@ def test_a_managing_addon_is_walked_at_every_event():
     assert calls == ["s1.request", "s1.request", "s2.request"]
 
 
+class Broken:
+    """An addon whose hook lookup itself raises once it is registered (mitmproxy's registration reads every
+    attribute): mitmproxy reports it at every event and goes on."""
+    name = "broken"
+    armed = False
+
+    @property
+    def request(self):
+        if self.armed:
+            raise RuntimeError("no hook today")
+        return None
+
+
+def test_an_addon_whose_hook_lookup_raises_is_reported_each_time_as_mitmproxy_does():
+    async def run(planned: bool) -> tuple[list[str], list[str]]:
+        with fresh_master(planned) as m:
+            calls: list[str] = []
+            broken = Broken()
+            m.addons.add(broken)
+            broken.armed = True
+            m.addons.add(Addon(Spec("after", (("request", "sync"),)), calls))
+            errors = Errors()
+            logging.getLogger("mitmproxy.addonmanager").addHandler(errors)
+            try:
+                for _ in range(2):
+                    await m.addons.handle_lifecycle(HttpRequestHook(tflow.tflow()))
+            finally:
+                logging.getLogger("mitmproxy.addonmanager").removeHandler(errors)
+            return calls, errors.messages
+    got, expected = asyncio.run(run(True)), asyncio.run(run(False))
+    assert got == expected == (["after.request", "after.request"], ["Addon error: no hook today"] * 2)
+
+
 # mitmproxy's own tests of the asynchronous dispatch (test/mitmproxy/test_addonmanager.py), on the planned manager.
 
 class TAddon:

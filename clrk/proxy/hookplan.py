@@ -42,10 +42,14 @@ Plan = tuple[tuple[Any, Callable[..., Any] | None], ...]
 def plan(chain: list[Any], name: str) -> Plan:
     entries: list[tuple[Any, Callable[..., Any] | None]] = []
     for addon in chain:
-        if hasattr(addon, "addons"):
+        try:
+            if hasattr(addon, "addons"):
+                entries.append((addon, None))
+                continue
+            func = getattr(addon, name, None)
+        except Exception:  # a property that raises: walked as mitmproxy walks it, and reported there, every time
             entries.append((addon, None))
             continue
-        func = getattr(addon, name, None)
         if not func or isinstance(func, types.ModuleType):
             continue  # mitmproxy skips both (a module of the hook's name is an import, not a hook)
         entries.append((addon, func if callable(func) else None))
