@@ -339,3 +339,21 @@ def test_the_gateway_master_dispatches_from_a_plan_with_clrk_before_the_scripts(
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+@dataclass
+class CustomArgs(hooks.Hook):
+    flow: object
+
+    def args(self):
+        return ["rewritten"]
+
+
+def test_event_args_are_mitmproxys_and_a_hook_with_its_own_args_is_asked():
+    from clrk.proxy.hookplan import event_args
+
+    f = tflow.tflow()
+    for event in (HttpRequestHook(f), HttpResponseHook(f), hooks.RunningHook(), hooks.UpdateHook([f]), CustomArgs(f)):
+        for _ in range(2):  # the second time from the remembered field names
+            assert event_args(event) == event.args()
+    assert event_args(CustomArgs(f)) == ["rewritten"]

@@ -26,6 +26,7 @@ workers); `mitmdump -s addons/clrk.py` runs mitmproxy's own dispatch.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 from collections.abc import Callable
@@ -35,18 +36,24 @@ from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addonmanager import AddonManager, safecall
 
 # One entry per top-level addon with something to do: (addon, its hook), or (addon, None) for an addon walked
-# as mitmproxy walks it (one that manages sub-addons, or whose hook attribute mitmproxy would refuse).
+# as mitmproxy walks it (one whose hook attribute mitmproxy would refuse, or that manages sub-addons and has
+# the hook itself), or (addon, CHILDREN) for one that manages sub-addons without having the hook: walked when
+# it has any (mitmproxy's ScriptLoader has none unless scripts are loaded).
 Plan = tuple[tuple[Any, Callable[..., Any] | None], ...]
+
+
+def CHILDREN(*args: Any) -> None:  # a marker, never called
+    raise AssertionError("CHILDREN marks an entry; it is not a hook")
 
 
 def plan(chain: list[Any], name: str) -> Plan:
     entries: list[tuple[Any, Callable[..., Any] | None]] = []
     for addon in chain:
         try:
-            if hasattr(addon, "addons"):
-                entries.append((addon, None))
-                continue
             func = getattr(addon, name, None)
+            if hasattr(addon, "addons"):
+                entries.append((addon, CHILDREN if func is None else None))
+                continue
         except Exception:  # a property that raises: walked as mitmproxy walks it, and reported there, every time
             entries.append((addon, None))
             continue
@@ -83,7 +90,7 @@ class PlannedAddonManager(AddonManager):
 
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         """mitmproxy's: the event, then an `update` of its flow — made only when an addon has that hook."""
-        message = event.args()[0]
+        message = event_args(event)[0]
         await self.trigger_event(event)
         if isinstance(message, flow.Flow) and self._plan("update"):
             await self.trigger_event(hooks.UpdateHook([message]))
@@ -92,11 +99,14 @@ class PlannedAddonManager(AddonManager):
         entries = self._plan(event.name)
         if not entries:
             return
-        args = event.args()
+        args = event_args(event)
         for addon, func in entries:
             try:
                 if func is None:
                     await self.invoke_addon(addon, event)
+                elif func is CHILDREN:
+                    if addon.addons:
+                        await self.invoke_addon(addon, event)
                 else:
                     res = func(*args)
                     if res is not None and inspect.isawaitable(res):
@@ -111,3 +121,18 @@ class PlannedAddonManager(AddonManager):
                         raise
                 except exceptions.AddonHalt:  # pragma: no cover - handled above
                     return
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def event_args(event: hooks.Hook) -> list[Any]:
+    """`event.args()`: its dataclass fields' values, with the field names looked up once per event class
+    (`dataclasses.fields` builds them anew at every call). A class that writes its own `args` is asked."""
+    cls = type(event)
+    names = _FIELDS.get(cls)
+    if names is None:
+        if cls.args is not hooks.Hook.args:
+            return event.args()
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(event))
+    return [getattr(event, n) for n in names]
