@@ -259,6 +259,62 @@ def test_the_pre_check_agrees_with_one_find_per_word(pieces):
     assert may_hold_json_secrets(body) is _pre_check_as_it_was(body)
 
 
+# The other eight words are looked for together first (Aho-Corasick, in pieces past 8 KiB): that search only
+# decides whether the finds run, so the answer must be the one-find-per-word check's wherever a word sits.
+_OTHER = [w for w in SENSITIVE_WORDS if w != "token"]
+
+
+@pytest.mark.parametrize("word", _OTHER)
+def test_a_word_across_a_cut_between_the_pieces_is_seen(word):
+    piece, overlap = redact._PIECE, redact._PIECE_OVERLAP
+    for cut in (piece, 2 * piece - overlap):  # where the first and the second piece end
+        for k in range(1, len(word)):  # the word's first k letters before the cut, the rest after
+            name = word.upper()[:k] + word[k:]  # and spelled in another case
+            filler = b"a" * (cut - k - 2)  # the opening quote of the name sits right before the word
+            body = b'"' + filler + b'"' + name.encode() + b'": "s"}'
+            assert body[cut - k:cut + len(word) - k].lower() == word.encode()
+            assert may_hold_json_secrets(body) is True, (word, cut, k)
+            assert redact._any_other_word(body.lower())
+            assert SECRET_VALUE not in DEFAULT.body(b'{"' + filler + b'x' + name.encode() + b'": "' + SECRET_VALUE
+                                                    + b'"}', JSON)
+    # a word that would only be whole by joining bytes either side of a piece's end that no piece holds both
+    # of is no word: nothing is found in a large body without one
+    assert not redact._any_other_word(b"x" * (10 * piece))
+
+
+SECRET_VALUE = b"s3cr3t-value"
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 8 * 1024 - 1, 8 * 1024, 8 * 1024 + 1, 20_000, 100_000])
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_large_bodies_are_pre_checked_as_the_one_find_per_word_check_says(size, where):
+    rnd = random.Random(size)
+    filler = "".join(rnd.choice('abcdefghijklmnopqrstuvwxyz ,:"{}[]0123456789\\\n') for _ in range(size))
+    for word in _OTHER:
+        for fragment in (f'"x_{word}": "v"', f'"{word.title()}" :\n[', f'"{word}": 1', f'{word}', f'"{word}\\"": "v"'):
+            at = {"start": 0, "middle": size // 2, "end": size}[where]
+            body = (filler[:at] + fragment + filler[at:]).encode()
+            assert may_hold_json_secrets(body) is _pre_check_as_it_was(body), (word, fragment, size, where)
+    plain = filler.encode()
+    assert may_hold_json_secrets(plain) is _pre_check_as_it_was(plain)
+
+
+def test_a_body_full_of_words_is_pre_checked_quickly_in_bounded_memory():
+    import tracemalloc
+    for body in (b"key" * 350_000, b'{"a": "' + b"session " * 130_000 + b'"}', b'"keykey": 1, ' * 80_000,
+                 bytearray(b"Cookie" * 170_000)):
+        tracemalloc.start()
+        start = time.perf_counter()
+        may = may_hold_json_secrets(body)
+        took = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert may is _pre_check_as_it_was(bytes(body))
+        assert took < 0.5
+        # the lower-cased copy, and the lists of matches of one 8 KiB piece at most
+        assert peak < len(body) + 2 * 1024 * 1024, peak
+
+
 def test_the_pre_check_stays_linear_on_a_word_repeated_in_one_long_string():
     body = b'{"text": "' + b'monkey \\"keys\\" ' * 4000 + b'", "n": 1}'  # 64 KB, 8000 words, 8000 escaped quotes
     start = time.perf_counter()
