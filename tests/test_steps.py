@@ -17,7 +17,7 @@ import time
 
 import pytest
 import yaml
-from mitmproxy import exceptions, http, options
+from mitmproxy import exceptions, flow, http, options
 from mitmproxy.addons.dumper import Dumper
 from mitmproxy.addons.proxyserver import Proxyserver as ProxyServer
 from mitmproxy.proxy import server_hooks
@@ -761,3 +761,33 @@ def test_a_budgeted_call_never_admitted_is_denied_by_the_failsafe(g, monkeypatch
     f = send(gw, request(c, "/v1/chat/completions", "POST", b'{"model":"budget-a"}', {"content-type": "application/json"}))
     status, error = denied(f)
     assert status == 500 and "token budget" in error
+
+
+def test_a_running_gateway_records_a_transaction_in_the_loops_next_turn_and_a_late_error_records_it_once(g):
+    """Once running, the record is made after the response hook returns (mitmproxy then sends the answer): in
+    the event loop's next turn, once; an error hook of the same flow before that turn records it itself."""
+    async def run() -> None:
+        g.recording._loop = asyncio.get_running_loop()  # what Recording.running sets
+        c = connect(g, "allowed.test")
+        f = send(g, request(c, "/a"))
+        assert f.response is None and f.metadata[METADATA_KEY].decision.allow
+        f.response = tflow.tresp(status_code=200, headers=http.Headers(content_length="2"), content=None)
+        g.responseheaders(f)
+        f.response.raw_content = b"{}"
+        before = len(g.rt.unsent)
+        g.response(f)
+        assert len(g.rt.unsent) == before and METADATA_KEY in f.metadata  # not yet: the answer goes first
+        await asyncio.sleep(0)
+        assert len(g.rt.unsent) == before + 1 and METADATA_KEY not in f.metadata
+        assert g.rt.unsent[-1]["status"] == 200 and g.rt.in_flight == 0
+
+        f2 = send(g, request(c, "/b"))
+        f2.response = tflow.tresp(status_code=200, headers=http.Headers(content_length="2"), content=b"{}")
+        g.responseheaders(f2)
+        g.response(f2)
+        f2.error = flow.Error("client disconnected")
+        g.error(f2)  # as the answer is written: recorded here, with its error
+        assert len(g.rt.unsent) == before + 2 and g.rt.unsent[-1]["error"] == "client disconnected"
+        await asyncio.sleep(0)
+        assert len(g.rt.unsent) == before + 2  # the turn after finds it recorded
+    asyncio.run(run())
