@@ -129,6 +129,12 @@ def decide(
     agent = auth.agent
     if agent is None:
         return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", auth.status, answer=auth.answer)
+    return decide_agent(policy, gateway, agent, req)
+
+
+def decide_agent(policy: CompiledPolicy, gateway: GatewayConfig | None, agent: AgentIdentity,
+                 req: RequestFacts) -> Decision | None:
+    """`decide` for an authenticated agent (what the proxy calls per request: no AuthResult made for it)."""
     if gateway is None:
         return Decision(False, RULE_NO_GATEWAY, "no EgressGateway listens on this port", 403)
     ip = literal(req.host)

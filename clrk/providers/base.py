@@ -182,7 +182,7 @@ class ProviderParser:
     _done = False
 
     def __init__(self, operation: str | None, path_model: str | None, path: str, query: str):
-        self.result = GenAiResult(self.system, self.provider_name, operation, request_model=path_model)
+        self.result = GenAiResult(self.system, self.provider_name, operation, path_model)  # (positional: binds faster)
         self.path = path  # the request target's path, without its query
         self.query = query  # what follows its "?"
 

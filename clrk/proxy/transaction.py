@@ -46,6 +46,7 @@ class Tunnel:
     # replaced whole, never changed, so the answer holds until `rt.policy` is another object.
     checked_under: CompiledPolicy | None = None
     checked_agent: AgentIdentity | None = None
+    checked_gateway: GatewayConfig | None = None  # under that policy, the gateway of the tunnel's listener
 
 
 @dataclass(slots=True)

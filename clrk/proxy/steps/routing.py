@@ -231,7 +231,7 @@ class ProviderRouting:
                                 None if mx is None else ledger.left(pool, mx),
                                 None if mc is None else ledger.left_cost(pool, mc))
             return False
-        tx.budget_used = ledger.used_today(pool)
+        tx.budget_used = ledger.used.get(pool, 0)  # used_today(pool) without a second clock read: admit just rolled the day
         return True
 
     def _refuse_budget(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule, tokens: int, cost: float,
@@ -279,11 +279,10 @@ class ProviderRouting:
         refuse(flow, tx, d)
 
     def _route(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> BackendTarget:
-        backends = [b for b, w in rule.backends if w > 0]
-        weights = [w for _, w in rule.backends if w > 0]
-        backend = backends[0] if len(backends) == 1 else random.choices(backends, weights)[0]
-        req = flow.request
-        if (backend.host, backend.port) != (tx.dst_name, tx.dst_port):
+        backends = rule.live_backends
+        backend = backends[0] if len(backends) == 1 else random.choices(backends, rule.live_weights)[0]
+        if backend.host != tx.dst_name or backend.port != tx.dst_port:
+            req = flow.request
             req.host, req.port = backend.host, backend.port  # the Host header follows
             assert tx.agent is not None  # an allow decision has one
             self.rt.allow(flow.client_conn, backend.host, backend.port, tx.agent)
