@@ -163,8 +163,8 @@ def test_trace_and_span_ids_from_one_draw():
 @pytest.mark.parametrize("draw", [0, 1 << 64, 1])  # all zero; a zero span; a zero trace
 def test_an_all_zero_trace_or_span_id_is_drawn_again(monkeypatch, draw):
     draws = iter([draw])
-    real = identity.getrandbits
-    monkeypatch.setattr(identity, "getrandbits", lambda k: next(draws, None) if k == 192 else real(k))
+    real = identity.randbytes
+    monkeypatch.setattr(identity, "randbytes", lambda n: next(draws).to_bytes(24, "big") if n == 24 else real(n))
     t = identity.trace_context(None)
     assert t.trace_id != "0" * 32 and t.span_id != "0" * 16
     assert len(t.trace_id) == 32 and len(t.span_id) == 16
