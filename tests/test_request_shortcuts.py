@@ -178,3 +178,67 @@ def test_mcp_and_websocket_requests_still_get_their_steps(g: Gateway):
                             "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-extensions": "x"})
     assert g.requestheaders(f) is None and f.metadata[METADATA_KEY].websocket
     assert "sec-websocket-extensions" not in f.request.headers
+
+
+def test_requestheaders_skips_only_the_upgrade_step_and_keeps_the_order(g: Gateway):
+    every = g.steps["requestheaders"]
+    assert g._rh_first is every[0] and g._rh_rest == every[1:]
+    assert g._rh_no_upgrade == tuple(s for s in every[1:] if s != g.websocket.requestheaders)
+    assert g.failsafe.requestheaders in g._rh_no_upgrade and g._rh_no_upgrade[-1] == g.failsafe.requestheaders
+
+
+def test_an_upgrade_header_in_any_case_still_gets_the_websocket_step(g: Gateway):
+    c = connect(g, "allowed.test")
+    f = request(c)
+    for name, value in ((b"UPGRADE", b"websocket"), (b"Connection", b"Upgrade"), (b"Sec-WebSocket-Version", b"13"),
+                        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="), (b"Sec-WebSocket-Extensions", b"x")):
+        f.request.headers.fields += ((name, value),)
+    assert g.requestheaders(f) is None and f.metadata[METADATA_KEY].websocket
+    assert "sec-websocket-extensions" not in f.request.headers
+
+
+def test_a_first_step_that_raises_cannot_let_a_request_upstream(monkeypatch):
+    from clrk.proxy.steps.auth import ProxyAuth
+
+    def boom(self, flow):
+        raise RuntimeError("hostile input")
+
+    monkeypatch.setattr(ProxyAuth, "requestheaders", boom)
+    gw = _g.__wrapped__()
+    c = connect(gw, "allowed.test")
+    f = request(c, headers={"upgrade": "websocket", "sec-websocket-extensions": "x"})
+    send(gw, f)
+    status, text = denied(f)
+    assert status == 500 and "could not decide" in text  # the Failsafe, last, ran
+
+
+@pytest.mark.parametrize("upgrade", [False, True])
+def test_the_steps_after_a_first_step_that_waits_run_once_it_is_done(monkeypatch, upgrade):
+    import asyncio
+
+    from clrk.proxy.steps.auth import ProxyAuth
+
+    real = ProxyAuth.requestheaders
+    waited = []
+
+    async def wait():
+        await asyncio.sleep(0)
+        waited.append(True)
+
+    def waits(self, flow):
+        assert real(self, flow) is None
+        return wait()
+
+    monkeypatch.setattr(ProxyAuth, "requestheaders", waits)
+    gw = _g.__wrapped__()
+    c = connect(gw, "allowed.test")
+    extra = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
+             "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-extensions": "x"} if upgrade else {}
+    f = request(c, headers=extra)
+    pending = gw.requestheaders(f)
+    tx = f.metadata[METADATA_KEY]
+    assert pending is not None and tx.decision is None  # nothing after the first step ran yet
+    asyncio.run(pending)
+    assert waited and tx.decision is not None and tx.decision.allow and f.response is None
+    if upgrade:  # the WebSocket step ran too, after the wait
+        assert tx.websocket and "sec-websocket-extensions" not in f.request.headers

@@ -107,7 +107,10 @@ class EgressControl:
             inv = h.get(tx.gateway.invocation_header)
             if inv is not None:
                 del req.headers[tx.gateway.invocation_header]
-            tx.invocation_id = inv[:256] if inv else invocation_from_baggage(h.get("baggage"))
+            if inv:
+                tx.invocation_id = inv[:256]
+            elif "baggage" in h:
+                tx.invocation_id = invocation_from_baggage(h["baggage"])
         # Authentication, destination and deny policies are settled on the headers, so nothing unauthorised
         # makes the gateway read its body; None means the answer depends on the model in the body.
         d = _decide(policy, tx, tx.facts)
