@@ -242,3 +242,20 @@ def test_the_steps_after_a_first_step_that_waits_run_once_it_is_done(monkeypatch
     assert waited and tx.decision is not None and tx.decision.allow and f.response is None
     if upgrade:  # the WebSocket step ran too, after the wait
         assert tx.websocket and "sec-websocket-extensions" not in f.request.headers
+
+
+@pytest.mark.parametrize("h", [
+    {}, {"content-length": "0"}, {"content-length": ""}, {"content-length": "80"}, {"content-length": " 80"},
+    {"content-length": "-1"}, {"content-length": "+5"}, {"content-length": "1e3"}, {"content-length": "٣"},
+    {"content-length": str(32 * 1024 * 1024)}, {"content-length": str(32 * 1024 * 1024 + 1)}, {"content-length": "9" * 400},
+    {"transfer-encoding": "chunked"}, {"transfer-encoding": "chunked", "content-length": "5"},
+    {"transfer-encoding": "", "content-length": "0"}, {"content-length": "00"}, {"content-length": "5, 5"},
+])
+def test_buffered_as_provider_is_request_is_buffered(h):
+    from clrk.proxy.capture import request_is_buffered
+    from clrk.proxy.transaction import Transaction
+
+    tx = Transaction(0.0, identity.trace_context(None))
+    tx.req_h = h
+    assert tx.buffered_as_provider() is request_is_buffered(h, provider=True)
+    assert tx.buffered_as_provider() is request_is_buffered(h, provider=True)  # and once remembered

@@ -21,7 +21,7 @@ from mitmproxy import http
 from clrk.cost import format_usd
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
-from clrk.providers.base import ProviderParser
+from clrk.providers.base import NO_CHANGES, ProviderParser
 from clrk.proxy.budget_store import Refusal, SharedLedger, StoreUnavailable
 from clrk.proxy.runtime import Runtime, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
@@ -297,7 +297,7 @@ class ProviderRouting:
         assert genai is not None
         new_model = backend.rewrite_model(genai.result.request_model) if backend is not None else None
         changes = genai.request_changes(new_model, usage_needed or (backend is not None and backend.ensure_stream_usage))
-        if not changes:
+        if changes is NO_CHANGES or not changes:  # (the identity first: no __bool__ call for the usual answer)
             return
         if changes.path is not None:
             _, sep, query = req.path.partition("?")
