@@ -259,3 +259,27 @@ def test_buffered_as_provider_is_request_is_buffered(h):
     tx.req_h = h
     assert tx.buffered_as_provider() is request_is_buffered(h, provider=True)
     assert tx.buffered_as_provider() is request_is_buffered(h, provider=True)  # and once remembered
+
+
+def test_request_skips_only_the_encoded_body_step_and_keeps_the_order(g: Gateway):
+    every = g.steps["request"]
+    assert g._plain_body == tuple(s for s in every if s not in (g.capture.request, g.websocket.request))
+    assert g._plain_body[-1] == g.failsafe.request
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", None])
+def test_an_encoded_request_body_is_still_captured_and_a_plain_one_is_left_to_the_record(g: Gateway, encoding):
+    import gzip
+
+    c = connect(g, "allowed.test")
+    plain = b'{"hello": "world"}'
+    headers = {"content-type": "application/json"}
+    if encoding:
+        headers["content-encoding"] = encoding
+    f = send(g, request(c, "/upload", "POST", gzip.compress(plain) if encoding else plain, headers))
+    tx = f.metadata[METADATA_KEY]
+    assert f.response is None and tx.decision.allow
+    if encoding:
+        assert tx.req_capture is not None and bytes(tx.req_capture.captured) == plain
+    else:
+        assert tx.req_capture is None  # summarised from mitmproxy's bytes when the record is made

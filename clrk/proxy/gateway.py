@@ -102,6 +102,8 @@ class Gateway:
         # on a 101 answer alone, one marked `websocket_only` on a WebSocket handshake alone (Transaction.websocket).
         self._not_switched = tuple(s for s in self.steps["responseheaders"] if not getattr(s, "switch_only", False))
         self._not_websocket = tuple(s for s in self.steps["request"] if not getattr(s, "websocket_only", False))
+        # and one marked `encoded_only` on a request body sent with a Content-Encoding alone.
+        self._plain_body = tuple(s for s in self._not_websocket if not getattr(s, "encoded_only", False))
         # requestheaders: the first step (ProxyAuth) starts the Transaction; after it, a step marked `upgrade_only`
         # runs only for a request that carries an Upgrade header (or whose headers were not indexed).
         first, *rest = self.steps["requestheaders"]
@@ -161,7 +163,13 @@ def _requestheaders(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | Non
 
 def _request(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
     tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-    return run_steps("request", self.steps["request"] if tx is not None and tx.websocket else self._not_websocket, flow)
+    if tx is None or tx.websocket:
+        steps = self.steps["request"]
+    elif tx.req_h is not None and tx.req_h.get("content-encoding"):
+        steps = self._not_websocket
+    else:
+        steps = self._plain_body
+    return run_steps("request", steps, flow)
 
 
 def _responseheaders(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
