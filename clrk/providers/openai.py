@@ -61,8 +61,8 @@ class OpenAIParser(ProviderParser):
                 return op, None
         return None
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
+    def __init__(self, operation: str | None, path_model: str | None, path: str, query: str) -> None:
+        super().__init__(operation, path_model, path, query)  # (named, not *args: a parser is made per call)
         self._responses_api = self.path.rstrip("/").endswith("/responses")
         self._finish: dict[int, str] = {}
 
