@@ -283,3 +283,46 @@ def test_an_encoded_request_body_is_still_captured_and_a_plain_one_is_left_to_th
         assert tx.req_capture is not None and bytes(tx.req_capture.captured) == plain
     else:
         assert tx.req_capture is None  # summarised from mitmproxy's bytes when the record is made
+
+
+def _two_gateways(a: int, b: int):
+    from tests.test_steps import DOCS as STEP_DOCS
+
+    def gw(name: str, port: int) -> dict:
+        return _doc("EgressGateway", name, {"listeners": [
+            {"name": "l", "port": port, "protocol": "TLS", "tls": {"mode": "Terminate"}}]})
+
+    return compile_policy(gw("gw-a", a), gw("gw-b", b), STEP_DOCS[1], STEP_DOCS[2])
+
+
+def test_a_tunnel_s_gateway_is_the_one_its_listener_has_under_each_policy(g: Gateway):
+    g.rt.policy = first = _two_gateways(8080, 8081)
+    c = connect(g, "allowed.test")
+    c.client_conn.sockname = ("127.0.0.1", 8080)
+    f = send(g, request(c))
+    assert f.response is None and f.metadata[METADATA_KEY].gateway.name == "gw-a"
+    g.rt.policy = _two_gateways(8081, 8080)  # the listener's port now belongs to the other gateway
+    f = send(g, request(c))
+    assert f.response is None and f.metadata[METADATA_KEY].gateway.name == "gw-b"
+    g.rt.policy = _two_gateways(8082, 8081)  # no gateway listens there any more
+    status, text = denied(send(g, request(c)))
+    assert status == 403 and "no EgressGateway listens on this port" in text
+    g.rt.policy = first
+    f = send(g, request(c))
+    assert f.response is None and f.metadata[METADATA_KEY].gateway.name == "gw-a"
+
+
+def test_host_claims_remembered_give_the_same_answers_and_stay_bounded():
+    from clrk import hostnames
+
+    names = ["ok.com:8443", "ok.com:", "OK.COM", "ok.com:0", "", "ok.com@evil.com", "ok.com:\u0661", "x" * 600 + ":1"]
+    first = [request_target("ok.com", 443, "", [n], "/x", "GET") for n in names]
+    again = [request_target("ok.com", 443, "", [n], "/x", "GET") for n in names]
+    assert first == again and first[0] == ("ok.com", 8443, None) and first[3][:2] == (None, None)
+    assert ("x" * 600 + ":1", "ok.com", 443) not in hostnames._CLAIMS  # a long name is judged, never kept
+    assert request_target("ok.com", 80, "", ["ok.com:8443"], "/x", "GET") == ("ok.com", 8443, None)
+    assert request_target("ok.com", 80, "", ["OK.COM"], "/x", "GET") == ("ok.com", 80, None)  # the port is in the key
+    for i in range(hostnames.LIMIT + 10):  # a flood of distinct names: the memory starts over, never grows past it
+        request_target("ok.com", 443, "", [f"ok.com:{i % 65535 + 1}{'' if i < 65535 else 'x'}"], "/x", "GET")
+        request_target("ok.com", 443, "", [f"h{i}.test"], "/x", "GET")
+    assert len(hostnames._CLAIMS) <= hostnames.LIMIT
