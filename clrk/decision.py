@@ -129,6 +129,12 @@ def decide(
     agent = auth.agent
     if agent is None:
         return Decision(False, RULE_AUTH, auth.failure or "proxy authentication required", auth.status, answer=auth.answer)
+    return decide_agent(policy, gateway, agent, req)
+
+
+def decide_agent(policy: CompiledPolicy, gateway: GatewayConfig | None, agent: AgentIdentity,
+                 req: RequestFacts) -> Decision | None:
+    """`decide` for an authenticated agent (what the proxy calls per request: no AuthResult made for it)."""
     if gateway is None:
         return Decision(False, RULE_NO_GATEWAY, "no EgressGateway listens on this port", 403)
     ip = literal(req.host)
@@ -186,12 +192,11 @@ def decide_rules(policy: CompiledPolicy, gateway: GatewayConfig, agent: AgentIde
     `decide` left pending on the request's headers, under the same policy, once its body is in: nothing the
     checks read can have changed since (authentication, destination, deny rules and address ranges do not
     depend on the body), so they are not run twice."""
-    ip = literal(req.host)
-    return _rules(policy, gateway, agent, req, views(ip) if ip is not None else ())
+    return _rules(policy, gateway, agent, req, None)  # the addresses are worked out if the routes are reached
 
 
 def _rules(policy: CompiledPolicy, gateway: GatewayConfig, agent: AgentIdentity, req: RequestFacts,
-           ips: tuple) -> Decision | None:
+           ips: tuple | None) -> Decision | None:
     ambiguous = req.path_ambiguity is not None
     if req.path is not None and policy.mcp_host(req.host):
         for mr in policy.mcp_rules:
@@ -210,6 +215,9 @@ def _rules(policy: CompiledPolicy, gateway: GatewayConfig, agent: AgentIdentity,
             return allowed
         provider_note = f"no AIProviderRoute rule matches {req.provider} model {req.model or '(unknown)'} at {req.path}, and "
 
+    if ips is None:
+        ip = literal(req.host)
+        ips = views(ip) if ip is not None else ()
     for rule in policy.routes:
         if rule.matches(agent, req.host, req.port, req.method, req.path, False, ambiguous, ips):
             return Decision(True, rule.ref, f"{_dest(req.host, req.port)} allowed by {rule.ref}", host_rule=rule)

@@ -188,10 +188,22 @@ def request_target(dst: str, default_port: int, authority: str, hosts: Sequence[
     return first[0], first[1], None
 
 
+_CLAIMS: dict[tuple[str, str, int], tuple] = {}  # _claim's answers, () for None (clrk.memo: bounded)
+
+
 def _claim(name: str, dst: str, default_port: int) -> tuple[str, int] | None:
-    """(host, port) a Host value or authority names, or None when it is not one."""
+    """(host, port) a Host value or authority names, or None when it is not one: worked out once per distinct
+    (name, destination, default port), the same few on every request of a tunnel."""
     if name == dst:
         return dst, default_port
+    key = (name, dst, default_port)
+    known = _CLAIMS.get(key)
+    if known is None:
+        known = remember(_CLAIMS, key, len(name) + len(dst), _claim_of(name, dst, default_port) or ())
+    return known or None
+
+
+def _claim_of(name: str, dst: str, default_port: int) -> tuple[str, int] | None:
     if name.startswith(dst) and name[len(dst)] == ":" and (p := name[len(dst) + 1:]).isdigit() and p.isascii() \
             and len(p) <= 5 and 0 < int(p) < 65536:
         return dst, int(p)  # the usual "host:port", without parsing

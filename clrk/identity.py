@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from random import getrandbits
+from random import getrandbits, randbytes
 from urllib.parse import unquote, unquote_to_bytes
 
 from clrk.decision import AuthResult
@@ -178,8 +178,9 @@ def trace_context(traceparent: str | None) -> TraceContext:
         parts = traceparent.strip().lower().split("-")
         if len(parts) >= 4 and len(parts[0]) == 2 and parts[0] != "ff" and _is_hex(parts[1], 32) and _is_hex(parts[2], 16) and len(parts[3]) == 2:
             return TraceContext(parts[1], _span_id(), parts[2], parts[3])
-    # Trace and span id from one draw (one call and one formatting per request instead of two of each).
-    ids = f"{getrandbits(192):048x}"
+    # Trace and span id from one draw of 24 bytes (one call per request; bytes.hex is half the cost of formatting
+    # an int, from the same generator).
+    ids = randbytes(24).hex()
     trace, span = ids[:32], ids[32:]
     if trace == _ZERO_TRACE or span == _ZERO_SPAN:  # all-zero ids are invalid (W3C): 2**-64, drawn again
         return TraceContext(f"{getrandbits(128) or 1:032x}", _span_id(), None, "01")

@@ -163,8 +163,8 @@ def test_trace_and_span_ids_from_one_draw():
 @pytest.mark.parametrize("draw", [0, 1 << 64, 1])  # all zero; a zero span; a zero trace
 def test_an_all_zero_trace_or_span_id_is_drawn_again(monkeypatch, draw):
     draws = iter([draw])
-    real = identity.getrandbits
-    monkeypatch.setattr(identity, "getrandbits", lambda k: next(draws, None) if k == 192 else real(k))
+    real = identity.randbytes
+    monkeypatch.setattr(identity, "randbytes", lambda n: next(draws).to_bytes(24, "big") if n == 24 else real(n))
     t = identity.trace_context(None)
     assert t.trace_id != "0" * 32 and t.span_id != "0" * 16
     assert len(t.trace_id) == 32 and len(t.span_id) == 16
@@ -178,3 +178,151 @@ def test_mcp_and_websocket_requests_still_get_their_steps(g: Gateway):
                             "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-extensions": "x"})
     assert g.requestheaders(f) is None and f.metadata[METADATA_KEY].websocket
     assert "sec-websocket-extensions" not in f.request.headers
+
+
+def test_requestheaders_skips_only_the_upgrade_step_and_keeps_the_order(g: Gateway):
+    every = g.steps["requestheaders"]
+    assert g._rh_first is every[0] and g._rh_rest == every[1:]
+    assert g._rh_no_upgrade == tuple(s for s in every[1:] if s != g.websocket.requestheaders)
+    assert g.failsafe.requestheaders in g._rh_no_upgrade and g._rh_no_upgrade[-1] == g.failsafe.requestheaders
+
+
+def test_an_upgrade_header_in_any_case_still_gets_the_websocket_step(g: Gateway):
+    c = connect(g, "allowed.test")
+    f = request(c)
+    for name, value in ((b"UPGRADE", b"websocket"), (b"Connection", b"Upgrade"), (b"Sec-WebSocket-Version", b"13"),
+                        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="), (b"Sec-WebSocket-Extensions", b"x")):
+        f.request.headers.fields += ((name, value),)
+    assert g.requestheaders(f) is None and f.metadata[METADATA_KEY].websocket
+    assert "sec-websocket-extensions" not in f.request.headers
+
+
+def test_a_first_step_that_raises_cannot_let_a_request_upstream(monkeypatch):
+    from clrk.proxy.steps.auth import ProxyAuth
+
+    def boom(self, flow):
+        raise RuntimeError("hostile input")
+
+    monkeypatch.setattr(ProxyAuth, "requestheaders", boom)
+    gw = _g.__wrapped__()
+    c = connect(gw, "allowed.test")
+    f = request(c, headers={"upgrade": "websocket", "sec-websocket-extensions": "x"})
+    send(gw, f)
+    status, text = denied(f)
+    assert status == 500 and "could not decide" in text  # the Failsafe, last, ran
+
+
+@pytest.mark.parametrize("upgrade", [False, True])
+def test_the_steps_after_a_first_step_that_waits_run_once_it_is_done(monkeypatch, upgrade):
+    import asyncio
+
+    from clrk.proxy.steps.auth import ProxyAuth
+
+    real = ProxyAuth.requestheaders
+    waited = []
+
+    async def wait():
+        await asyncio.sleep(0)
+        waited.append(True)
+
+    def waits(self, flow):
+        assert real(self, flow) is None
+        return wait()
+
+    monkeypatch.setattr(ProxyAuth, "requestheaders", waits)
+    gw = _g.__wrapped__()
+    c = connect(gw, "allowed.test")
+    extra = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
+             "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-extensions": "x"} if upgrade else {}
+    f = request(c, headers=extra)
+    pending = gw.requestheaders(f)
+    tx = f.metadata[METADATA_KEY]
+    assert pending is not None and tx.decision is None  # nothing after the first step ran yet
+    asyncio.run(pending)
+    assert waited and tx.decision is not None and tx.decision.allow and f.response is None
+    if upgrade:  # the WebSocket step ran too, after the wait
+        assert tx.websocket and "sec-websocket-extensions" not in f.request.headers
+
+
+@pytest.mark.parametrize("h", [
+    {}, {"content-length": "0"}, {"content-length": ""}, {"content-length": "80"}, {"content-length": " 80"},
+    {"content-length": "-1"}, {"content-length": "+5"}, {"content-length": "1e3"}, {"content-length": "٣"},
+    {"content-length": str(32 * 1024 * 1024)}, {"content-length": str(32 * 1024 * 1024 + 1)}, {"content-length": "9" * 400},
+    {"transfer-encoding": "chunked"}, {"transfer-encoding": "chunked", "content-length": "5"},
+    {"transfer-encoding": "", "content-length": "0"}, {"content-length": "00"}, {"content-length": "5, 5"},
+])
+def test_buffered_as_provider_is_request_is_buffered(h):
+    from clrk.proxy.capture import request_is_buffered
+    from clrk.proxy.transaction import Transaction
+
+    tx = Transaction(0.0, identity.trace_context(None))
+    tx.req_h = h
+    assert tx.buffered_as_provider() is request_is_buffered(h, provider=True)
+    assert tx.buffered_as_provider() is request_is_buffered(h, provider=True)  # and once remembered
+
+
+def test_request_skips_only_the_encoded_body_step_and_keeps_the_order(g: Gateway):
+    every = g.steps["request"]
+    assert g._plain_body == tuple(s for s in every if s not in (g.capture.request, g.websocket.request))
+    assert g._plain_body[-1] == g.failsafe.request
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", None])
+def test_an_encoded_request_body_is_still_captured_and_a_plain_one_is_left_to_the_record(g: Gateway, encoding):
+    import gzip
+
+    c = connect(g, "allowed.test")
+    plain = b'{"hello": "world"}'
+    headers = {"content-type": "application/json"}
+    if encoding:
+        headers["content-encoding"] = encoding
+    f = send(g, request(c, "/upload", "POST", gzip.compress(plain) if encoding else plain, headers))
+    tx = f.metadata[METADATA_KEY]
+    assert f.response is None and tx.decision.allow
+    if encoding:
+        assert tx.req_capture is not None and bytes(tx.req_capture.captured) == plain
+    else:
+        assert tx.req_capture is None  # summarised from mitmproxy's bytes when the record is made
+
+
+def _two_gateways(a: int, b: int):
+    from tests.test_steps import DOCS as STEP_DOCS
+
+    def gw(name: str, port: int) -> dict:
+        return _doc("EgressGateway", name, {"listeners": [
+            {"name": "l", "port": port, "protocol": "TLS", "tls": {"mode": "Terminate"}}]})
+
+    return compile_policy(gw("gw-a", a), gw("gw-b", b), STEP_DOCS[1], STEP_DOCS[2])
+
+
+def test_a_tunnel_s_gateway_is_the_one_its_listener_has_under_each_policy(g: Gateway):
+    g.rt.policy = first = _two_gateways(8080, 8081)
+    c = connect(g, "allowed.test")
+    c.client_conn.sockname = ("127.0.0.1", 8080)
+    f = send(g, request(c))
+    assert f.response is None and f.metadata[METADATA_KEY].gateway.name == "gw-a"
+    g.rt.policy = _two_gateways(8081, 8080)  # the listener's port now belongs to the other gateway
+    f = send(g, request(c))
+    assert f.response is None and f.metadata[METADATA_KEY].gateway.name == "gw-b"
+    g.rt.policy = _two_gateways(8082, 8081)  # no gateway listens there any more
+    status, text = denied(send(g, request(c)))
+    assert status == 403 and "no EgressGateway listens on this port" in text
+    g.rt.policy = first
+    f = send(g, request(c))
+    assert f.response is None and f.metadata[METADATA_KEY].gateway.name == "gw-a"
+
+
+def test_host_claims_remembered_give_the_same_answers_and_stay_bounded():
+    from clrk import hostnames
+
+    names = ["ok.com:8443", "ok.com:", "OK.COM", "ok.com:0", "", "ok.com@evil.com", "ok.com:\u0661", "x" * 600 + ":1"]
+    first = [request_target("ok.com", 443, "", [n], "/x", "GET") for n in names]
+    again = [request_target("ok.com", 443, "", [n], "/x", "GET") for n in names]
+    assert first == again and first[0] == ("ok.com", 8443, None) and first[3][:2] == (None, None)
+    assert ("x" * 600 + ":1", "ok.com", 443) not in hostnames._CLAIMS  # a long name is judged, never kept
+    assert request_target("ok.com", 80, "", ["ok.com:8443"], "/x", "GET") == ("ok.com", 8443, None)
+    assert request_target("ok.com", 80, "", ["OK.COM"], "/x", "GET") == ("ok.com", 80, None)  # the port is in the key
+    for i in range(hostnames.LIMIT + 10):  # a flood of distinct names: the memory starts over, never grows past it
+        request_target("ok.com", 443, "", [f"ok.com:{i % 65535 + 1}{'' if i < 65535 else 'x'}"], "/x", "GET")
+        request_target("ok.com", 443, "", [f"h{i}.test"], "/x", "GET")
+    assert len(hostnames._CLAIMS) <= hostnames.LIMIT

@@ -234,8 +234,14 @@ class ProviderRule:
     # The TokenBudget pool: named by the route and what the rule matches, not by its position, so that
     # reordering or inserting rules keeps each pool's usage (and changing a rule's budget keeps it too).
     pool: str = field(init=False)
+    # The backends a call may be sent to (weight > 0) and their weights, as `random.choices` takes them: worked
+    # out once here instead of two list comprehensions per routed call.
+    live_backends: tuple[BackendTarget, ...] = field(init=False, repr=False, compare=False)
+    live_weights: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "live_backends", tuple(b for b, w in self.backends if w > 0))
+        object.__setattr__(self, "live_weights", tuple(w for _, w in self.backends if w > 0))
         parts = []
         for mt in self.matches:
             part = mt.provider

@@ -33,8 +33,8 @@ class AnthropicParser(ProviderParser):
             return "text_completion", None
         return None
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
+    def __init__(self, operation: str | None, path_model: str | None, path: str, query: str) -> None:
+        super().__init__(operation, path_model, path, query)  # (named, not *args: a parser is made per call)
         self._usage_raw: dict[str, int] = {}
 
     def on_request(self, doc: dict) -> None:

@@ -182,7 +182,7 @@ class ProviderParser:
     _done = False
 
     def __init__(self, operation: str | None, path_model: str | None, path: str, query: str):
-        self.result = GenAiResult(self.system, self.provider_name, operation, request_model=path_model)
+        self.result = GenAiResult(self.system, self.provider_name, operation, path_model)  # (positional: binds faster)
         self.path = path  # the request target's path, without its query
         self.query = query  # what follows its "?"
 
@@ -252,7 +252,10 @@ class ProviderParser:
         """What to change so that this request asks the upstream for `model` (None: the model it names) and,
         with `stream_usage`, reports its usage if it streams: values read from the request as parsed, which
         stays as it is. `NO_CHANGES` when nothing is to change."""
-        path, members = self.model_change(model) if model is not None else (None, {})
+        if model is None:  # most calls: no rewrite, so at most the stream's usage to switch on
+            usage = self.stream_usage_change() if stream_usage else None
+            return RequestChanges(None, {**usage}) if usage else NO_CHANGES
+        path, members = self.model_change(model)
         if stream_usage:
             usage = self.stream_usage_change()
             if usage:

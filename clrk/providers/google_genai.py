@@ -43,8 +43,8 @@ class GoogleGenAIParser(ProviderParser):
             return None
         return _OPS[m.group(2)], m.group(1)
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
+    def __init__(self, operation: str | None, path_model: str | None, path: str, query: str) -> None:
+        super().__init__(operation, path_model, path, query)  # (named, not *args: a parser is made per call)
         if self.path.endswith(":streamGenerateContent"):
             self.result.stream = True
 

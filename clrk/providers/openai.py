@@ -61,8 +61,8 @@ class OpenAIParser(ProviderParser):
                 return op, None
         return None
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
+    def __init__(self, operation: str | None, path_model: str | None, path: str, query: str) -> None:
+        super().__init__(operation, path_model, path, query)  # (named, not *args: a parser is made per call)
         self._responses_api = self.path.rstrip("/").endswith("/responses")
         self._finish: dict[int, str] = {}
 
@@ -71,8 +71,10 @@ class OpenAIParser(ProviderParser):
             self.result.request_model = doc["model"]
         if doc.get("stream") is True:
             self.result.stream = True
-        self.max_output_tokens = self.largest_count(doc, ("max_completion_tokens", "max_tokens", "max_output_tokens"))
-        choices = max(self.count(doc, "n") or 1, self.count(doc, "best_of") or 1)
+        # (`in` first: most requests name none of these, and each count is a call)
+        if "max_completion_tokens" in doc or "max_tokens" in doc or "max_output_tokens" in doc:
+            self.max_output_tokens = self.largest_count(doc, ("max_completion_tokens", "max_tokens", "max_output_tokens"))
+        choices = max(self.count(doc, "n") or 1, self.count(doc, "best_of") or 1) if "n" in doc or "best_of" in doc else 1
         prompt = doc.get("prompt")
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             choices *= len(prompt)  # a batch of prompts (strings or token lists): n choices each

@@ -19,28 +19,35 @@ def run_steps(hook: str, steps: Sequence[Step], arg: Any) -> Awaitable[None] | N
         try:
             pending = step(arg)
         except Exception:
-            _failed(hook, step)
+            failed(hook, step)
             continue
         if pending is not None:
             return _finish(hook, pending, step, steps[i + 1:], arg)
     return None
 
 
+def run_steps_after(hook: str, step: Step, steps: Sequence[Step], arg: Any, pending: Awaitable[None] | None) -> Awaitable[None] | None:
+    """`run_steps` of `steps`, after `step` (already run, under its own guard) returned `pending`."""
+    if pending is not None:
+        return _finish(hook, pending, step, steps, arg)
+    return run_steps(hook, steps, arg)
+
+
 async def _finish(hook: str, pending: Awaitable[None], step: Step, rest: Sequence[Step], arg: Any) -> None:
     try:
         await pending
     except Exception:
-        _failed(hook, step)
+        failed(hook, step)
     for step in rest:
         try:
             pending = step(arg)
             if pending is not None:
                 await pending
         except Exception:
-            _failed(hook, step)
+            failed(hook, step)
 
 
-def _failed(hook: str, step: Step) -> None:
+def failed(hook: str, step: Step) -> None:
     owner = getattr(step, "__self__", None)
     name = type(owner).__name__ if owner is not None else getattr(step, "__qualname__", repr(step))
     log.error("clrk: %s.%s raised; the following steps still run", name, hook, exc_info=True)

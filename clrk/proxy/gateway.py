@@ -21,7 +21,7 @@ from typing import Any
 from mitmproxy import http
 
 from clrk.proxy import failures, limits, reuseport
-from clrk.proxy.dispatch import Step, run_steps
+from clrk.proxy.dispatch import Step, failed, run_steps, run_steps_after
 from clrk.proxy.runtime import Runtime
 from clrk.proxy.steps.auth import ProxyAuth
 from clrk.proxy.steps.capture import Capture
@@ -102,6 +102,13 @@ class Gateway:
         # on a 101 answer alone, one marked `websocket_only` on a WebSocket handshake alone (Transaction.websocket).
         self._not_switched = tuple(s for s in self.steps["responseheaders"] if not getattr(s, "switch_only", False))
         self._not_websocket = tuple(s for s in self.steps["request"] if not getattr(s, "websocket_only", False))
+        # and one marked `encoded_only` on a request body sent with a Content-Encoding alone.
+        self._plain_body = tuple(s for s in self._not_websocket if not getattr(s, "encoded_only", False))
+        # requestheaders: the first step (ProxyAuth) starts the Transaction; after it, a step marked `upgrade_only`
+        # runs only for a request that carries an Upgrade header (or whose headers were not indexed).
+        first, *rest = self.steps["requestheaders"]
+        self._rh_first, self._rh_rest = first, tuple(rest)
+        self._rh_no_upgrade = tuple(s for s in rest if not getattr(s, "upgrade_only", False))
 
     # Lifecycle: errors here must reach mitmproxy (an invalid policy at start-up stops the gateway).
 
@@ -141,9 +148,28 @@ for _hook in TRAFFIC_HOOKS:
     setattr(Gateway, _hook, _traffic_hook(_hook))
 
 
+def _requestheaders(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    first = self._rh_first
+    try:
+        pending = first(flow)
+    except Exception:
+        failed("requestheaders", first)
+        pending = None
+    tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+    h = tx.req_h if tx is not None else None
+    rest = self._rh_no_upgrade if h is not None and "upgrade" not in h else self._rh_rest
+    return run_steps_after("requestheaders", first, rest, flow, pending)
+
+
 def _request(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
     tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-    return run_steps("request", self.steps["request"] if tx is not None and tx.websocket else self._not_websocket, flow)
+    if tx is None or tx.websocket:
+        steps = self.steps["request"]
+    elif tx.req_h is not None and tx.req_h.get("content-encoding"):
+        steps = self._not_websocket
+    else:
+        steps = self._plain_body
+    return run_steps("request", steps, flow)
 
 
 def _responseheaders(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -152,8 +178,10 @@ def _responseheaders(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | No
     return run_steps("responseheaders", steps, flow)
 
 
+_requestheaders.__name__, _requestheaders.__qualname__ = "requestheaders", "Gateway.requestheaders"
 _request.__name__, _request.__qualname__ = "request", "Gateway.request"
 _responseheaders.__name__, _responseheaders.__qualname__ = "responseheaders", "Gateway.responseheaders"
+Gateway.requestheaders = _requestheaders  # type: ignore[method-assign]
 Gateway.request = _request  # type: ignore[method-assign]
 Gateway.responseheaders = _responseheaders  # type: ignore[method-assign]
 

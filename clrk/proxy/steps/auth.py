@@ -77,28 +77,36 @@ class ProxyAuth:
         policy = self.rt.policy
         assert policy is not None
         req = flow.request
-        h, hosts, problem = scan_request_headers(req.headers.fields)
-        tx = Transaction(start=req.timestamp_start, trace=trace_context(h.get("traceparent")), req_h=h, counted=True,
-                         host_headers=hosts, header_problem=problem)
+        h, hosts, problem = scan_request_headers(req.data.headers.fields)
+        # Positional and then set: binding keywords among the Transaction's ~50 parameters costs more.
+        tx = Transaction(req.data.timestamp_start, trace_context(h.get("traceparent")))
+        tx.req_h, tx.host_headers, tx.counted = h, hosts, True
+        if problem is not None:
+            tx.header_problem = problem
         self.rt.in_flight += 1
         flow.metadata[METADATA_KEY] = tx
-        tx.tunnel = tunnel = self.rt.tunnels.get(flow.client_conn.id)
-        tx.gateway = policy.gateway_for_port(listener_port(flow.client_conn))
-        # Where the request goes: the CONNECT target for tunnelled traffic, the URL's host for plain HTTP.
-        tx.dst_name, tx.dst_port = (tunnel.host, tunnel.port) if tunnel else (norm_host(req.host), req.port)
+        client = flow.client_conn
+        tx.tunnel = tunnel = self.rt.tunnels.get(client.id)
         if tunnel is not None:
+            # Where the request goes: the CONNECT target.
+            tx.dst_name, tx.dst_port = tunnel.host, tunnel.port
             if "proxy-authorization" in h:
                 del req.headers["proxy-authorization"]
             # Re-check on every request so that revoking an agent also closes its open tunnels' doors (under
-            # the policy it was last checked under, the answer is the one it gave).
+            # the policy it was last checked under, the answer is the one it gave, and so is the gateway of
+            # the connection's listener).
             if tunnel.checked_under is not policy:
                 tunnel.checked_agent = policy.agent_still_valid(tunnel.agent.username, tunnel.digest)
+                tunnel.checked_gateway = policy.gateway_for_port(listener_port(client))
                 tunnel.checked_under = policy
+            tx.gateway = tunnel.checked_gateway
             tx.agent = tunnel.checked_agent
             if tx.agent is None:
                 tx.auth_failure = AuthResult(None, f"credentials of agent {tunnel.agent.ref} are no longer valid", AUTH_FAILED)
         else:
-            auth, pending = self._authenticate(policy, h.get("proxy-authorization"), flow.client_conn)
+            tx.gateway = policy.gateway_for_port(listener_port(client))
+            tx.dst_name, tx.dst_port = norm_host(req.host), req.port  # plain HTTP: the URL's host
+            auth, pending = self._authenticate(policy, h.get("proxy-authorization"), client)
             if "proxy-authorization" in h:
                 del req.headers["proxy-authorization"]
             tx.agent = auth.agent

@@ -45,6 +45,8 @@ class Capture:
             tx.req_capture = BodyCapture(cfg.max_bytes, cfg.wants(h.get("content-type")), h["content-encoding"])
             tx.req_capture.feed(flow.request.raw_content or b"")
 
+    request.encoded_only = True  # type: ignore[attr-defined]  # the Gateway calls it when req_h has content-encoding
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
         resp = flow.response

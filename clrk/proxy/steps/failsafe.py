@@ -39,13 +39,19 @@ class Failsafe:
         if flow.response or flow.error:
             return
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        pending = (tx is not None and tx.facts is not None and (tx.facts.model_pending or tx.facts.mcp_pending)
-                   and tx.decision is None)
-        if tx is None or (tx.decision is None and not pending) or (tx.decision is not None and not tx.decision.allow):
-            if flow.request.stream:
-                flow.kill()  # the body would already be on its way upstream
-            else:
-                self._deny(flow, tx)
+        if tx is not None:
+            d = tx.decision
+            if d is not None:
+                if d.allow:
+                    return
+            else:  # left pending until the body is in (a provider's model, MCP messages): decided on `request`
+                facts = tx.facts
+                if facts is not None and (facts.model_pending or facts.mcp_pending):
+                    return
+        if flow.request.stream:
+            flow.kill()  # the body would already be on its way upstream
+        else:
+            self._deny(flow, tx)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:

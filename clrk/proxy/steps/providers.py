@@ -21,9 +21,11 @@ class Providers:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-        if tx is None or self.rt.policy is None or tx.dst_name is None:
+        policy = self.rt.policy
+        if tx is None or policy is None or tx.dst_name is None:
             return
-        tx.genai = parser_for(self.rt.policy.provider_hosts, tx.dst_name, flow.request.path)
+        if tx.dst_name in policy.provider_hosts:  # (the path is decoded only for a provider's host)
+            tx.genai = parser_for(policy.provider_hosts, tx.dst_name, flow.request.path)
 
     def request(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)

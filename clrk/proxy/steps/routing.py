@@ -21,7 +21,7 @@ from mitmproxy import http
 from clrk.cost import format_usd
 from clrk.decision import Decision
 from clrk.policy.compiled import BackendTarget, BudgetConfig, ProviderRule
-from clrk.providers.base import ProviderParser
+from clrk.providers.base import NO_CHANGES, ProviderParser
 from clrk.proxy.budget_store import Refusal, SharedLedger, StoreUnavailable
 from clrk.proxy.runtime import Runtime, refuse
 from clrk.proxy.transaction import METADATA_KEY, Transaction
@@ -231,7 +231,7 @@ class ProviderRouting:
                                 None if mx is None else ledger.left(pool, mx),
                                 None if mc is None else ledger.left_cost(pool, mc))
             return False
-        tx.budget_used = ledger.used_today(pool)
+        tx.budget_used = ledger.used.get(pool, 0)  # used_today(pool) without a second clock read: admit just rolled the day
         return True
 
     def _refuse_budget(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule, tokens: int, cost: float,
@@ -279,11 +279,10 @@ class ProviderRouting:
         refuse(flow, tx, d)
 
     def _route(self, flow: http.HTTPFlow, tx: Transaction, rule: ProviderRule) -> BackendTarget:
-        backends = [b for b, w in rule.backends if w > 0]
-        weights = [w for _, w in rule.backends if w > 0]
-        backend = backends[0] if len(backends) == 1 else random.choices(backends, weights)[0]
-        req = flow.request
-        if (backend.host, backend.port) != (tx.dst_name, tx.dst_port):
+        backends = rule.live_backends
+        backend = backends[0] if len(backends) == 1 else random.choices(backends, rule.live_weights)[0]
+        if backend.host != tx.dst_name or backend.port != tx.dst_port:
+            req = flow.request
             req.host, req.port = backend.host, backend.port  # the Host header follows
             assert tx.agent is not None  # an allow decision has one
             self.rt.allow(flow.client_conn, backend.host, backend.port, tx.agent)
@@ -298,7 +297,7 @@ class ProviderRouting:
         assert genai is not None
         new_model = backend.rewrite_model(genai.result.request_model) if backend is not None else None
         changes = genai.request_changes(new_model, usage_needed or (backend is not None and backend.ensure_stream_usage))
-        if not changes:
+        if changes is NO_CHANGES or not changes:  # (the identity first: no __bool__ call for the usual answer)
             return
         if changes.path is not None:
             _, sep, query = req.path.partition("?")

@@ -299,6 +299,8 @@ class WebSocketSessions:
             if rp is not None:
                 tx.genai = rp
 
+    requestheaders.upgrade_only = True  # type: ignore[attr-defined]  # the Gateway calls it when "upgrade" in req_h
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         if resp is None or resp.status_code != 101:
