@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import types
-from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import exceptions, flow, hooks
@@ -39,15 +38,12 @@ from mitmproxy.addonmanager import AddonManager, safecall
 # as mitmproxy walks it (one whose hook attribute mitmproxy would refuse, or that manages sub-addons and has
 # the hook itself), or (addon, CHILDREN) for one that manages sub-addons without having the hook: walked when
 # it has any (mitmproxy's ScriptLoader has none unless scripts are loaded).
-Plan = tuple[tuple[Any, Callable[..., Any] | None], ...]
-
-
-def CHILDREN(*args: Any) -> None:  # a marker, never called
-    raise AssertionError("CHILDREN marks an entry; it is not a hook")
+Plan = tuple[tuple[Any, Any], ...]
+CHILDREN = object()
 
 
 def plan(chain: list[Any], name: str) -> Plan:
-    entries: list[tuple[Any, Callable[..., Any] | None]] = []
+    entries: list[tuple[Any, Any]] = []
     for addon in chain:
         try:
             func = getattr(addon, name, None)
@@ -90,16 +86,17 @@ class PlannedAddonManager(AddonManager):
 
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         """mitmproxy's: the event, then an `update` of its flow — made only when an addon has that hook."""
-        message = event_args(event)[0]
-        await self.trigger_event(event)
+        args = event_args(event)
+        await self._trigger(event, args)
+        message = args[0]
         if isinstance(message, flow.Flow) and self._plan("update"):
             await self.trigger_event(hooks.UpdateHook([message]))
 
     async def trigger_event(self, event: hooks.Hook) -> None:
+        await self._trigger(event, event_args(event))
+
+    async def _trigger(self, event: hooks.Hook, args: list[Any]) -> None:
         entries = self._plan(event.name)
-        if not entries:
-            return
-        args = event_args(event)
         for addon, func in entries:
             try:
                 if func is None:
@@ -116,11 +113,8 @@ class PlannedAddonManager(AddonManager):
             except exceptions.OptionsError:
                 raise
             except Exception:
-                try:
-                    with safecall():  # mitmproxy's own report of an addon's error
-                        raise
-                except exceptions.AddonHalt:  # pragma: no cover - handled above
-                    return
+                with safecall():  # mitmproxy's own report of an addon's error (it swallows what is neither above)
+                    raise
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}

@@ -89,13 +89,13 @@ class EgressControl:
         dst = tx.dst_name
         # Positional, in RequestFacts' field order (keywords cost twice as much to bind, on every request).
         if genai is None:
-            tx.facts = RequestFacts(dst, tx.dst_port, method, path, sni, authority, authority_port, None,
-                                    policy.provider_names_by_host.get(dst, ()), None, False, False,
-                                    target_problem, protocol_problem, ambiguity)
+            provider = model = None
+            pending = False
         else:
-            tx.facts = RequestFacts(dst, tx.dst_port, method, path, sni, authority, authority_port, genai.name,
-                                    policy.provider_names_by_host.get(dst, ()), genai.result.request_model,
-                                    tx.buffered_as_provider(), False, target_problem, protocol_problem, ambiguity)
+            provider, model, pending = genai.name, genai.result.request_model, tx.buffered_as_provider()
+        tx.facts = RequestFacts(dst, tx.dst_port, method, path, sni, authority, authority_port, provider,
+                                policy.provider_names_by_host.get(dst, ()), model, pending, False,
+                                target_problem, protocol_problem, ambiguity)
         if tx.mcp is not None:
             # An MCP request is judged on its messages: its body (any method's; HTTP/2 may send one without a
             # length) is read first, bounded like a provider's.
