@@ -48,8 +48,12 @@ def has_body(headers) -> bool:
 def request_is_buffered(headers, provider: bool) -> bool:
     """Whether a request body is left to mitmproxy to buffer (else it is streamed through the capture).
     Streaming a small body of known length buys nothing and costs a write per chunk; no body is buffered
-    trivially."""
-    return not has_body(headers) or _known_length_at_most(headers, PROVIDER_BUFFER_LIMIT if provider else BUFFER_LIMIT)
+    trivially. (no body, or a known length within the limit, and no Transfer-Encoding: asked for every request.)"""
+    if "transfer-encoding" in headers:
+        return False
+    cl = headers.get("content-length")
+    return (cl is None or cl == "" or cl == "0"
+            or (cl.isdigit() and int(cl) <= (PROVIDER_BUFFER_LIMIT if provider else BUFFER_LIMIT)))
 
 
 def response_is_buffered(headers) -> bool:

@@ -134,6 +134,36 @@ class Gateway:
         self.websocket.done()  # and open WebSocket sessions
         await self.recording.done()
 
+    # The three hooks that choose, per request, which of their steps it reaches; every other traffic hook runs
+    # all the steps that have it (below).
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        first = self._rh_first
+        try:
+            pending = first(flow)
+        except Exception:
+            failed("requestheaders", first)
+            pending = None
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        h = tx.req_h if tx is not None else None
+        rest = self._rh_no_upgrade if h is not None and "upgrade" not in h else self._rh_rest
+        return run_steps_after("requestheaders", first, rest, flow, pending)
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        tx: Transaction | None = flow.metadata.get(METADATA_KEY)
+        if tx is None or tx.websocket:
+            steps = self.steps["request"]
+        elif tx.req_h is not None and tx.req_h.get("content-encoding"):
+            steps = self._not_websocket
+        else:
+            steps = self._plain_body
+        return run_steps("request", steps, flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        resp = flow.response
+        steps = self.steps["responseheaders"] if resp is None or resp.status_code == 101 else self._not_switched
+        return run_steps("responseheaders", steps, flow)
+
 
 def _traffic_hook(hook: str) -> Callable[[Gateway, Any], Awaitable[None] | None]:
     def run(self: Gateway, arg: Any) -> Awaitable[None] | None:
@@ -145,44 +175,8 @@ def _traffic_hook(hook: str) -> Callable[[Gateway, Any], Awaitable[None] | None]
 
 # Traffic hooks: each runs the steps that have it, one guard per step.
 for _hook in TRAFFIC_HOOKS:
-    setattr(Gateway, _hook, _traffic_hook(_hook))
+    if _hook not in Gateway.__dict__:
+        setattr(Gateway, _hook, _traffic_hook(_hook))
 
-
-def _requestheaders(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
-    first = self._rh_first
-    try:
-        pending = first(flow)
-    except Exception:
-        failed("requestheaders", first)
-        pending = None
-    tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-    h = tx.req_h if tx is not None else None
-    rest = self._rh_no_upgrade if h is not None and "upgrade" not in h else self._rh_rest
-    return run_steps_after("requestheaders", first, rest, flow, pending)
-
-
-def _request(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
-    tx: Transaction | None = flow.metadata.get(METADATA_KEY)
-    if tx is None or tx.websocket:
-        steps = self.steps["request"]
-    elif tx.req_h is not None and tx.req_h.get("content-encoding"):
-        steps = self._not_websocket
-    else:
-        steps = self._plain_body
-    return run_steps("request", steps, flow)
-
-
-def _responseheaders(self: Gateway, flow: http.HTTPFlow) -> Awaitable[None] | None:
-    resp = flow.response
-    steps = self.steps["responseheaders"] if resp is None or resp.status_code == 101 else self._not_switched
-    return run_steps("responseheaders", steps, flow)
-
-
-_requestheaders.__name__, _requestheaders.__qualname__ = "requestheaders", "Gateway.requestheaders"
-_request.__name__, _request.__qualname__ = "request", "Gateway.request"
-_responseheaders.__name__, _responseheaders.__qualname__ = "responseheaders", "Gateway.responseheaders"
-Gateway.requestheaders = _requestheaders  # type: ignore[method-assign]
-Gateway.request = _request  # type: ignore[method-assign]
-Gateway.responseheaders = _responseheaders  # type: ignore[method-assign]
 
 addons = [Gateway()]

@@ -23,7 +23,7 @@ from clrk.memo import remember
 from clrk.policy.compiled import AgentIdentity, CaptureConfig, CompiledPolicy, GatewayConfig
 from clrk.providers import ProviderParser
 from clrk.proxy.budget import Reservation
-from clrk.proxy.capture import PROVIDER_BUFFER_LIMIT, BodyCapture
+from clrk.proxy.capture import BodyCapture, request_is_buffered
 from clrk.proxy.mcp import McpExchange
 from clrk.redact import DEFAULT as DEFAULT_REDACTOR
 from clrk.redact import Redactor
@@ -99,14 +99,7 @@ class Transaction:
         (`clrk.proxy.capture.request_is_buffered`): several steps ask, the headers as sent do not change."""
         b = self.provider_buffered
         if b is None:
-            # request_is_buffered(h, provider=True), written out (once per provider call; a test checks they agree)
-            h = self.req_h or {}
-            if "transfer-encoding" in h:
-                b = False
-            else:
-                cl = h.get("content-length")
-                b = cl is None or cl == "" or cl == "0" or (cl.isdigit() and int(cl) <= PROVIDER_BUFFER_LIMIT)
-            self.provider_buffered = b
+            b = self.provider_buffered = request_is_buffered(self.req_h or {}, True)
         return b
 
     def response_headers(self, flow: http.HTTPFlow) -> dict[str, str]:

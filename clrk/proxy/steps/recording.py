@@ -13,6 +13,7 @@ from mitmproxy import ctx, http
 
 from clrk.proxy.budget import day_start, utc_day
 from clrk.proxy.budget_store import SharedLedger
+from clrk.proxy.dispatch import failed
 from clrk.proxy.runtime import Runtime
 from clrk.proxy.sink import RecordSink
 from clrk.proxy.steps.policy import export_config
@@ -143,7 +144,7 @@ class Recording:
         try:
             self.rt.finish(flow, tx)
         except Exception:  # as the step's guard would: logged, never lost silently
-            log.error("clrk: Recording.response raised; the following steps still run", exc_info=True)
+            failed("response", self.response)
 
     def error(self, flow: http.HTTPFlow) -> None:
         tx: Transaction | None = flow.metadata.get(METADATA_KEY)
