@@ -308,12 +308,14 @@ def test_server_messages_on_the_stream_and_a_session_across_posts(gw, servers):
     assert result.content[0].text == "confirmed: accept"
 
     def rows():
+        # The client's answer is a POST of its own, whose 202 may reach the proxy after the stream that asked ended:
+        # wait for its record too, not only for the stream's.
         got = [r for r in gw.records(host="allowed.test") if A.is_mcp_child(r)]
-        methods = [r.get(A.MCP_METHOD_NAME) for r in got]
-        return got if "elicitation/create" in methods and any(
-            r.get(A.GEN_AI_TOOL_NAME) == "search_confirmed" for r in got) else None
+        asked = {r[A.JSONRPC_REQUEST_ID] for r in got if r.get(A.MCP_METHOD_NAME) == "elicitation/create"}
+        answered = any(A.MCP_METHOD_NAME not in r and r.get(A.JSONRPC_REQUEST_ID) in asked for r in got)
+        return got if answered and any(r.get(A.GEN_AI_TOOL_NAME) == "search_confirmed" for r in got) else None
 
-    got = wait_for(rows, "the children of the elicited call")
+    got = wait_for(rows, "the children of the elicited call and the client's answer")
     call = next(r for r in got if r.get(A.GEN_AI_TOOL_NAME) == "search_confirmed")
     session_rows = [r for r in got if r.get(A.MCP_SESSION_ID) == call[A.MCP_SESSION_ID]]
     methods = {r.get(A.MCP_METHOD_NAME) for r in session_rows}
