@@ -333,8 +333,14 @@ def test_clrk_records_and_the_dev_filter_show_mcp_calls(gw, servers):
     TUI's filter "mcp" (or a tool name) keeps them."""
     from clrk.cli.dev.tui import matches
 
-    asyncio.run(_session(gw, "other.test", lambda s: s.call_tool("get_issue", {"number": 7})))
-    wait_for(lambda: any(r.get(A.GEN_AI_TOOL_NAME) == "get_issue" for r in gw.records(host="other.test")), "get_issue")
+    async def work(session):  # its own calls, waited for by their arguments (not an earlier test's)
+        await session.call_tool("get_issue", {"number": 7301})
+        with pytest.raises(MCPError):
+            await session.call_tool("delete_repository", {"name": "n7301"})
+
+    asyncio.run(_session(gw, "other.test", work))
+    wait_for(lambda: sum("7301" in (r.get(A.REQUEST_BODY) or "") for r in gw.records(host="other.test")
+                         if r.get(A.GEN_AI_TOOL_NAME) in ("get_issue", "delete_repository")) == 2, "both calls' records")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     text = subprocess.run([CLRK, "records", "--db", str(gw.db), "--mcp", "--limit", "0"], capture_output=True,
                           text=True, check=True, env=env).stdout.splitlines()
@@ -576,14 +582,15 @@ def test_hostile_bodies_never_reach_the_server(gw, servers, body, code):
 @pytest.mark.parametrize("method", ["POST", "PUT", "GET"])
 def test_an_http2_body_without_a_length_is_judged_too(gw, servers, method):
     """HTTP/2 carries a body without content-length, on any method: it is read and judged all the same."""
-    before = len(servers[1].authorizations)
+    before, called = len(servers[1].authorizations), list(servers[1].called)
+    msg_id = {"POST": 77, "PUT": 78, "GET": 79}[method]  # each method's own record, not an earlier one's
     status = h2_exchange(gw, [(":method", method), (":scheme", "https"), (":authority", "other.test"), (":path", "/mcp"),
                               ("content-type", "application/json"), ("accept", ACCEPT)],
-                         "other.test:443", "other.test", body=json.dumps(_call("delete_repository", 77)).encode())
+                         "other.test:443", "other.test", body=json.dumps(_call("delete_repository", msg_id)).encode())
     assert status == 200  # the gateway's JSON-RPC refusal
-    assert len(servers[1].authorizations) == before and servers[1].called == []
+    assert len(servers[1].authorizations) == before and servers[1].called == called
     row = wait_for(lambda: next((r for r in gw.records(host="other.test")
-                                 if r.get(A.JSONRPC_REQUEST_ID) == "77" and r.get(A.HTTP_REQUEST_METHOD) is None
+                                 if r.get(A.JSONRPC_REQUEST_ID) == str(msg_id) and r.get(A.HTTP_REQUEST_METHOD) is None
                                  and r.get(A.CLRK_DECISION) == "deny"), None), "the refused HTTP/2 call")
     assert row[A.GEN_AI_TOOL_NAME] == "delete_repository"
 
