@@ -164,13 +164,14 @@ def test_source_agents_limit_a_route(gw):
     ],
 )
 def test_missing_or_wrong_proxy_credentials_get_407(gw, auth, reason):
-    before = len(gw.records(decision="deny"))
+    before = {r[A.SPAN_ID] for r in gw.records(decision="deny")}
     s, head = proxy_connect(gw.port, "allowed.test:443", basic(*auth.split(":", 1)) if auth is not None else None)
     s.close()
     assert head.startswith(b"HTTP/1.1 407"), head
     assert b'proxy-authenticate: basic realm="clrk"' in head.lower()
-    wait_for(lambda: len(gw.records(decision="deny")) > before, "the record of the refused CONNECT")
-    rec = gw.records(decision="deny", limit=1)[0]
+    # This CONNECT's own record: the first denial stored since, not merely the newest one (another's may follow).
+    rec = wait_for(lambda: next((r for r in reversed(gw.records(decision="deny")) if r[A.SPAN_ID] not in before), None),
+                   "the record of the refused CONNECT")
     assert rec[A.HTTP_RESPONSE_STATUS_CODE] == 407 and rec[A.CLRK_DECISION_RULE] == "authentication"
     assert reason in rec[A.CLRK_DECISION_REASON]
     assert AGENT_TOKEN not in json.dumps(rec) and OTHER_TOKEN not in json.dumps(rec)
