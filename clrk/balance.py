@@ -12,8 +12,9 @@ than it does, hands the new connection over: the socket's file descriptor is sen
 datagram socket (SCM_RIGHTS) before a byte of it is read, and that worker serves it as if it had accepted it.
 A connection is handed over at most once (the receiver serves what it receives); one that cannot be handed
 over (the peer's queue full, a send failing) is served where it was accepted. The sender adds the connection to
-the receiver's slot at once, so a burst of connections is not all handed to one worker before it has counted
-them; the receiver's own count overwrites that guess as soon as it changes (each slot's truth is its worker's).
+the receiver's slot just before sending it, so a burst of connections is not all handed to one worker before it
+has counted them; the receiver's own count overwrites that guess as soon as it changes (each slot's truth is its
+worker's), and, written before the send, the guess cannot land after the receiver has counted the connection.
 
 The supervisor (clrk/workers.py) makes the shared file and one datagram socket pair per worker, keeps them
 open across restarts (what was sent to a worker that died waits for the worker that replaces it), and marks
@@ -197,12 +198,19 @@ class Balancer:
             # own count, written as it serves what it accepted, would hide them from the sender).
             self._receive(loop)
             j = self.target()
-            if j is not None and self._send(j, conn, where, bounced=False):
-                n = SLOT.unpack_from(self.map, j * SLOT.size)[0]
-                if n >= 0:  # counted for it now; its own count replaces this as soon as it serves the connection
-                    SLOT.pack_into(self.map, j * SLOT.size, n + 1)
-                self.handed_over += 1
-                continue
+            if j is not None:
+                # Counted for it before it is sent: its own count, written as it serves the connection, replaces
+                # this. Written after, the guess could land once that worker (another process, on another core)
+                # had already counted the connection, and count it twice until its count next changed.
+                at = j * SLOT.size
+                n = SLOT.unpack_from(self.map, at)[0]
+                if n >= 0:
+                    SLOT.pack_into(self.map, at, n + 1)
+                if self._send(j, conn, where, bounced=False):
+                    self.handed_over += 1
+                    continue
+                if n >= 0 and SLOT.unpack_from(self.map, at)[0] == n + 1:  # not sent: the guess taken back
+                    SLOT.pack_into(self.map, at, n)
             self._serve(loop, conn, handler)
 
     def _send(self, j: int, conn: socket.socket, where: tuple[str, int], bounced: bool) -> bool:

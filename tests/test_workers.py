@@ -518,6 +518,56 @@ def test_a_new_connection_goes_to_the_worker_holding_fewer_comes_back_if_it_lack
     assert [tag for _, tag in served[:10]] == [b"c%03dx" % k for k in range(10)]  # every byte reached its server
 
 
+def test_a_handed_over_connection_is_counted_once_however_quickly_its_receiver_counts_it(tmp_path):
+    """The receiver is another process on another core: it may receive and count a handed-over connection the
+    moment it is sent. The sender's guess for the receiver's slot is written before the send, so it cannot land
+    after the receiver's own count and count the connection twice (a fresh-clone CI run once read 25 connections
+    open for 24 held, 13 + 12) until the receiver's count next changes."""
+    import asyncio
+
+    from clrk import balance
+
+    path, pairs = balance.make_shared(2, str(tmp_path))
+    outs = [p[1] for p in pairs]
+    b0 = balance.Balancer(0, path, pairs[0][0], outs)
+    b1 = balance.Balancer(1, path, pairs[1][0], outs)
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        other = socket.socket()  # worker 1 has the same listener
+        b1.listeners[("127.0.0.1", port)] = (other, b1.counted(hold))
+        send = b0._send
+
+        def sent_and_at_once_received(*args, **kwargs):  # worker 1 counts it before worker 0's next instruction
+            ok = send(*args, **kwargs)
+            b1._receive(loop)
+            return ok
+
+        b0._send = sent_and_at_once_received
+        b0.count = 1  # worker 0 holds one already: the next connection goes to worker 1
+        b0._write()
+        b0.listen(loop, lsock, b0.counted(hold))
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(200):
+            if b1.received:
+                break
+            await asyncio.sleep(0.01)
+        assert b0.handed_over == 1 and b1.received == 1 and b1.count == 1
+        assert balance.Balancer.loads(b0) == (1, 1)  # not (1, 2)
+        w.close()
+        lsock.close()
+        other.close()
+
+    asyncio.run(main())
+
+
 def test_a_burst_of_connections_the_kernel_splits_unevenly_ends_even(tmp_path):
     """16 connections queued at once on two SO_REUSEPORT sockets of one port (as hey's, or an agent pool's, arrive)
     before either worker accepts: each worker counts what it accepts and what it was handed as it places the
