@@ -40,15 +40,11 @@ def _known_length_at_most(headers, limit: int) -> bool:
     return cl is not None and cl.isdigit() and int(cl) <= limit and "transfer-encoding" not in headers
 
 
-def has_body(headers) -> bool:
-    cl = headers.get("content-length")
-    return "transfer-encoding" in headers or (cl is not None and cl not in ("", "0"))
-
-
 def request_is_buffered(headers, provider: bool) -> bool:
     """Whether a request body is left to mitmproxy to buffer (else it is streamed through the capture).
-    Streaming a small body of known length buys nothing and costs a write per chunk; no body is buffered
-    trivially. (no body, or a known length within the limit, and no Transfer-Encoding: asked for every request.)"""
+    Streaming a small body of known length buys nothing and costs a write per chunk; no body (no
+    Transfer-Encoding, no or a zero Content-Length) is buffered trivially. One pass over the headers: several
+    steps ask, for every provider call."""
     if "transfer-encoding" in headers:
         return False
     cl = headers.get("content-length")

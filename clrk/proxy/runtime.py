@@ -19,7 +19,7 @@ from clrk.policy import CompiledPolicy
 from clrk.policy.compiled import AgentIdentity
 from clrk.providers.base import GenAiResult
 from clrk.proxy.budget import MAX_TOKENS, BudgetLedger
-from clrk.proxy.capture import has_body, request_is_buffered
+from clrk.proxy.capture import request_is_buffered
 from clrk.proxy.mcp import McpSessions
 from clrk.proxy.sink import RecordSink
 from clrk.proxy.transaction import METADATA_KEY, Transaction, Tunnel, snapshot
@@ -136,7 +136,7 @@ def refuse(flow: http.HTTPFlow, tx: Transaction, d: Decision) -> None:
     tx.decision = d
     req = flow.request
     h = tx.req_h or {}
-    if not req.stream and req.raw_content is None and has_body(h) and not request_is_buffered(h, False):
+    if not req.stream and req.raw_content is None and not request_is_buffered(h, False):  # a body, large or unknown
         flow.kill()
     elif d.rpc_errors and tx.mcp is not None and tx.mcp.legacy and tx.mcp.refuse_on_stream(d.rpc_errors):
         # The older HTTP+SSE transport: its clients read answers only from the session's stream, where the
