@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -56,8 +57,9 @@ def status(gw: Gateway) -> dict:
     return json.loads(out.stdout)
 
 
-def workers_up(gw: Gateway, n: int = 2, timeout: float = 60.0) -> dict:
-    """The recorder's status once `n` workers are connected to it (each has started and said hello)."""
+def workers_up(gw: Gateway, n: int = 2, timeout: float = 60.0, log: Callable[[], str] | None = None) -> dict:
+    """The recorder's status once `n` workers are connected to it (each has started and said hello). If they
+    never are, the failure carries the end of the gateway's log (`log`, else the Gateway's): why is there."""
     def ready() -> dict | None:
         try:
             st = status(gw)
@@ -65,7 +67,10 @@ def workers_up(gw: Gateway, n: int = 2, timeout: float = 60.0) -> dict:
             return None
         return st if len([w for w in st["workers"] if w["worker"] is not None]) == n else None
 
-    return wait_for(ready, f"{n} workers connected to the recorder", timeout, interval=0.1)
+    try:
+        return wait_for(ready, f"{n} workers connected to the recorder", timeout, interval=0.1)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the gateway's log ends:\n{(log or gw.log)()[-4000:]}") from e
 
 
 def by_index(st: dict) -> dict[int, dict]:
@@ -307,7 +312,7 @@ def test_clrk_dev_runs_the_same_supervisor(tmp_path, pki, upstream):
     try:
         assert session.proc is not None and b"clrk.workers" in Path(f"/proc/{session.proc.pid}/cmdline").read_bytes()
         assert session.status().startswith(f"proxy 127.0.0.1:{gw.port} (2 workers) | ")
-        workers_up(gw)
+        workers_up(gw, log=lambda: session.log_path.read_text(errors="replace"))
         inv = new_invocation("dev")
         assert [fresh_get(gw, inv) for _ in range(6)] == [200] * 6
         assert session.receiver is not None
