@@ -33,7 +33,7 @@ def arrow_insert(store: S.Store, rows: list[dict]) -> list[dict]:
         rows = S.storable(rows)
         table = S.to_arrow(rows, seq)
     store.next_seq = seq + len(rows)
-    cur = store.con.cursor()
+    cur = store.cursor()
     cur.register("clrk_batch", table)
     cur.execute(f"INSERT INTO {S.TABLE} BY NAME SELECT * FROM clrk_batch")
     cur.close()

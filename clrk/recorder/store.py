@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -33,6 +34,26 @@ TABLE = "records"
 SEQ = "_seq"  # ingestion order, assigned by the recorder: what `clrk tail` follows (times are start times)
 
 STORE_COLUMNS = {**A.COLUMNS, SEQ: "BIGINT"}
+
+# How the recorder keeps DuckDB's memory in bounds (docs/PERFORMANCE.md, "Memory"). With DuckDB's defaults,
+# 100,000 ordinary records took a recorder from ≈ 92 MB to ≈ 185 (to ≈ 136 with these):
+# - ROW_GROUP_SIZE: a checkpoint rewrites the row group being filled whole, so what it holds at once grows with
+#   the group (DuckDB's default is 122,880 rows: a day's first 100k records are one group). An option of ATTACH,
+#   not kept in the file: readers are unaffected.
+# - CHECKPOINT_THRESHOLD: a checkpoint also holds everything appended since the last one (DuckDB's default
+#   waits for 16 MiB of write-ahead log).
+# - REOPEN_AFTER: what DuckDB keeps besides (blocks that are in the file, and more that it does not count) is
+#   given back only when the database is closed. So once a row group is complete and the process has grown by
+#   this much since the store was opened, the store is closed and opened again (`Store._refresh`), at a moment
+#   when that is cheap: its write-ahead log empty (tens of milliseconds; else seconds).
+# A lasting `memory_limit` is not the way, nor is a moment's one to make DuckDB drop its cache: after either,
+# records of 8–16 KiB bodies were written several times slower (docs/PERFORMANCE.md).
+CATALOG = "clrk_store"
+ROW_GROUP_SIZE = 4096
+CHECKPOINT_THRESHOLD = "4MB"
+REOPEN_AFTER = 16 << 20
+REOPEN_WAIT = 1.0  # seconds a reopen waits for the reads running
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _TIME_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "TIMESTAMPTZ")
 _JSON_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "JSON")
 _TIME_SET, _JSON_SET = frozenset(_TIME_COLUMNS), frozenset(_JSON_COLUMNS)
@@ -55,16 +76,36 @@ class Store:
         self.path = Path(path)
         self.name = str(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one write (or reopen) at a time
+        self.wal = Path(f"{self.path}.wal")
+        self._gate = threading.Condition()  # over the reads running and a reopen waiting for them
+        self._readers = 0
+        self._reopening = False  # no read starts meanwhile
+        self.rows = 0  # in the table, as this process wrote them (DuckDB fills row groups in that order)
+        self.reopen_due = False
+        self.reopens = 0  # by `_refresh`
+        self._opened_at = 0  # resident bytes once opened
         self._open()
 
     def _open(self) -> None:
+        con = duckdb.connect()
         try:
-            self.con = duckdb.connect(str(self.path))
+            # Attached rather than opened, for the row group size; the temporary directory is where opening the
+            # file would have put it (an in-memory database's default is `.tmp` in the working directory).
+            path = str(self.path).replace("'", "''")
+            con.execute(f"SET temp_directory = '{path}.tmp'")
+            con.execute(f"ATTACH '{path}' AS {CATALOG} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
         except duckdb.IOException as e:
+            con.close()
             raise StoreError(f"cannot open {self.path} for writing: {e}") from e
+        con.execute(f"USE {CATALOG}")
+        con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+        self.con = con
         self._migrate()
-        self.next_seq = (self.con.execute(f"SELECT max({q(SEQ)}) FROM {TABLE}").fetchone()[0] or 0) + 1
+        top, self.rows = con.execute(f"SELECT max({q(SEQ)}), count(*) FROM {TABLE}").fetchone()
+        self.next_seq = (top or 0) + 1
+        self._opened_at = _resident()
+        self.reopen_due = False
 
     def reopen(self) -> None:
         """A fresh connection after a failed write (DuckDB invalidates a database after some I/O errors)."""
@@ -89,7 +130,8 @@ class Store:
             con.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({cols})")
             con.execute("INSERT INTO clrk_schema VALUES (?)", [SCHEMA_VERSION])
         # Attributes added since the table was created become new (nullable) columns.
-        have = {r[0] for r in con.execute(f"SELECT column_name FROM duckdb_columns() WHERE table_name = '{TABLE}'").fetchall()}
+        have = {r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND table_name = ?",
+                                          [CATALOG, TABLE]).fetchall()}
         for name, typ in STORE_COLUMNS.items():
             if name not in have:
                 con.execute(f"ALTER TABLE {TABLE} ADD COLUMN {q(name)} {typ}")
@@ -98,18 +140,21 @@ class Store:
         """Inserts a batch; returns the rows written (see `storable` for a batch with a value that fits no column)."""
         if not rows:
             return rows
+        if self.reopen_due and self._checkpointed():
+            self._refresh()
         seq = self.next_seq
         batch = columns(rows, seq)
         if batch is not None:
             sql, params = batch
             try:
                 with self._lock:
-                    cur = self.con.cursor()  # as the Arrow way and the reads: a connection of its own
+                    cur = self.cursor()  # as the Arrow way and the reads: a connection of its own
                     try:
                         cur.execute(sql, params)
                     finally:
                         cur.close()
-                self.next_seq = seq + len(rows)
+                    self.next_seq = seq + len(rows)
+                    self._written(len(rows))
                 return rows
             except (duckdb.IOException, duckdb.FatalException, duckdb.OutOfMemoryException):
                 raise  # the store's trouble, not the batch's: the rows wait (`Recorder.flush`)
@@ -122,16 +167,52 @@ class Store:
             table = to_arrow(rows, seq)
         self.next_seq = seq + len(rows)
         with self._lock:
-            cur = self.con.cursor()
+            cur = self.cursor()
             try:
                 cur.register("clrk_batch", table)
                 cur.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM clrk_batch")
             finally:
                 cur.close()
+            self._written(len(rows))
         return rows
 
+    def _written(self, n: int) -> None:
+        """After a write of `n` rows (under `_lock`): once they complete a row group, and the process has grown
+        by REOPEN_AFTER since the store was opened, the next write reopens it first (`_refresh`)."""
+        before, self.rows = self.rows, self.rows + n
+        if before // ROW_GROUP_SIZE != self.rows // ROW_GROUP_SIZE and _resident() - self._opened_at >= REOPEN_AFTER:
+            self.reopen_due = True
+
+    def _checkpointed(self) -> bool:
+        """Whether everything written is in the file, its write-ahead log empty. Closing the store otherwise
+        checkpoints it, which with 8–16 KiB bodies rereads every row group: seconds, not milliseconds."""
+        try:
+            return self.wal.stat().st_size == 0
+        except OSError:  # no log at all
+            return True
+
+    def _refresh(self) -> None:
+        """Closes and reopens the store, which gives back what DuckDB kept. Reads that are running are waited
+        for (REOPEN_WAIT at most, else the next write tries again), and none starts meanwhile. Done before a
+        write, not after: a failure here is the write's, and its rows wait (`Recorder.flush`) instead of being
+        taken for unwritten when they were."""
+        with self._lock, self._gate:
+            self._reopening = True
+            try:
+                if not self._gate.wait_for(lambda: not self._readers, REOPEN_WAIT):
+                    return
+                self.con.close()
+                self._open()
+                self.reopens += 1
+            finally:
+                self._reopening = False
+                self._gate.notify_all()
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        return self.con.cursor()
+        """A connection of its own to the store (a new cursor starts in DuckDB's in-memory catalog)."""
+        cur = self.con.cursor()
+        cur.execute(f"USE {CATALOG}")
+        return cur
 
     def stamp(self, rows: list[Mapping]) -> None:
         """Nothing: a DuckDB row gets its `_seq` as it is written (the ClickHouse store stamps earlier)."""
@@ -150,11 +231,19 @@ class Store:
         return self._read(budget_totals, since), self._read(budget_cost_totals, since)
 
     def _read(self, fn, arg):
-        cur = self.con.cursor()
+        with self._gate:
+            self._gate.wait_for(lambda: not self._reopening)
+            self._readers += 1
         try:
-            return fn(cur, arg)
+            cur = self.cursor()
+            try:
+                return fn(cur, arg)
+            finally:
+                cur.close()
         finally:
-            cur.close()
+            with self._gate:
+                self._readers -= 1
+                self._gate.notify_all()
 
     def error_text(self, e: BaseException) -> str:
         return str(e)
@@ -162,6 +251,15 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self.con.close()
+
+
+def _resident() -> int:
+    """This process's resident memory, bytes (one small read of /proc); 0 where there is no /proc."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
 
 
 _I64, _I32 = (-(2**63), 2**63 - 1), (-(2**31), 2**31 - 1)
