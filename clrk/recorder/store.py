@@ -108,13 +108,9 @@ class Store:
         self.reopen_due = False
 
     def reopen(self) -> None:
-        """A fresh connection after a failed write (DuckDB invalidates a database after some I/O errors)."""
-        with self._lock:
-            try:
-                self.con.close()
-            except Exception:
-                pass
-            self._open()
+        """A fresh connection after a failed write (DuckDB invalidates a database after some I/O errors). Reads
+        that are running are waited for as by `_refresh`, but not past REOPEN_WAIT: the store is broken."""
+        self._reopen(must=True)
 
     def _migrate(self) -> None:
         con = self.con
@@ -196,14 +192,22 @@ class Store:
         for (REOPEN_WAIT at most, else the next write tries again), and none starts meanwhile. Done before a
         write, not after: a failure here is the write's, and its rows wait (`Recorder.flush`) instead of being
         taken for unwritten when they were."""
+        if self._reopen(must=False):
+            self.reopens += 1
+
+    def _reopen(self, must: bool) -> bool:
         with self._lock, self._gate:
             self._reopening = True
             try:
-                if not self._gate.wait_for(lambda: not self._readers, REOPEN_WAIT):
-                    return
-                self.con.close()
+                if not self._gate.wait_for(lambda: not self._readers, REOPEN_WAIT) and not must:
+                    return False
+                try:
+                    self.con.close()
+                except Exception:
+                    if not must:
+                        raise
                 self._open()
-                self.reopens += 1
+                return True
             finally:
                 self._reopening = False
                 self._gate.notify_all()
