@@ -95,14 +95,16 @@ class Store:
             path = str(self.path).replace("'", "''")
             con.execute(f"SET temp_directory = '{path}.tmp'")
             con.execute(f"ATTACH '{path}' AS {CATALOG} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
-        except duckdb.IOException as e:
-            con.close()
-            raise StoreError(f"cannot open {self.path} for writing: {e}") from e
-        con.execute(f"USE {CATALOG}")
-        con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
-        self.con = con
-        self._migrate()
-        top, self.rows = con.execute(f"SELECT max({q(SEQ)}), count(*) FROM {TABLE}").fetchone()
+            con.execute(f"USE {CATALOG}")
+            con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+            self.con = con
+            self._migrate()
+            top, self.rows = con.execute(f"SELECT max({q(SEQ)}), count(*) FROM {TABLE}").fetchone()
+        except BaseException as e:
+            con.close()  # the database with it: nothing is left holding the file
+            if isinstance(e, duckdb.IOException):
+                raise StoreError(f"cannot open {self.path} for writing: {e}") from e
+            raise
         self.next_seq = (top or 0) + 1
         self._opened_at = _resident()
         self.reopen_due = False
