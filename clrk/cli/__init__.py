@@ -11,6 +11,7 @@ from clrk import attributes as A
 from clrk import storeref
 from clrk.escape import json_line, printable
 from clrk.launch import gateway_argv, gateway_env
+from clrk.procstat import resident
 from clrk.settings import Settings
 from clrk.workers import supervisor_argv
 
@@ -305,14 +306,8 @@ def cmd_tail(args: argparse.Namespace) -> None:
 
 def _rss_mb(pid: int) -> float | None:
     """Resident memory of process `pid` in MB (Linux /proc), or None."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        pass
-    return None
+    rss = resident(pid)
+    return None if rss is None else round(rss / 2**20, 1)
 
 
 def _memory(recorder_pid: int) -> dict:

@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -26,6 +25,7 @@ import orjson
 
 from clrk import attributes as A
 from clrk import escape
+from clrk.procstat import resident
 
 log = logging.getLogger("clrk.recorder")
 
@@ -53,7 +53,6 @@ ROW_GROUP_SIZE = 4096
 CHECKPOINT_THRESHOLD = "4MB"
 REOPEN_AFTER = 16 << 20
 REOPEN_WAIT = 1.0  # seconds a reopen waits for the reads running
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 _TIME_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "TIMESTAMPTZ")
 _JSON_COLUMNS = tuple(k for k, t in A.COLUMNS.items() if t == "JSON")
 _TIME_SET, _JSON_SET = frozenset(_TIME_COLUMNS), frozenset(_JSON_COLUMNS)
@@ -106,7 +105,7 @@ class Store:
                 raise StoreError(f"cannot open {self.path} for writing: {e}") from e
             raise
         self.next_seq = (top or 0) + 1
-        self._opened_at = _resident()
+        self._opened_at = resident() or 0
         self.reopen_due = False
 
     def reopen(self) -> None:
@@ -178,7 +177,7 @@ class Store:
         """After a write of `n` rows (under `_lock`): once they complete a row group, and the process has grown
         by REOPEN_AFTER since the store was opened, the next write reopens it first (`_refresh`)."""
         before, self.rows = self.rows, self.rows + n
-        if before // ROW_GROUP_SIZE != self.rows // ROW_GROUP_SIZE and _resident() - self._opened_at >= REOPEN_AFTER:
+        if before // ROW_GROUP_SIZE != self.rows // ROW_GROUP_SIZE and (resident() or 0) - self._opened_at >= REOPEN_AFTER:
             self.reopen_due = True
 
     def _checkpointed(self) -> bool:
@@ -257,15 +256,6 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self.con.close()
-
-
-def _resident() -> int:
-    """This process's resident memory, bytes (one small read of /proc); 0 where there is no /proc."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return 0
 
 
 _I64, _I32 = (-(2**63), 2**63 - 1), (-(2**31), 2**31 - 1)
